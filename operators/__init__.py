@@ -1,0 +1,6 @@
+"""The plugin's operators: thin adapters that read the form and call the fairbalance library."""
+
+from .balance_report import BalanceReport
+from .colored_digits import CreateColoredDigits
+
+OPERATORS = [CreateColoredDigits, BalanceReport]

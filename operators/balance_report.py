@@ -1,0 +1,73 @@
+"""Operator: entropy and balance of a label field over the current view."""
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fairbalance import balance
+
+from ._common import categorical_fields, field_dropdown
+
+
+class BalanceReport(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="balance_report",
+            label="fairbalance: balance report",
+            description="Counts, entropy, normalized entropy and imbalance ratio of a label field",
+            icon="balance",
+            dynamic=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        inputs.view_target(ctx)
+        fields = categorical_fields(ctx.dataset)
+        if not fields:
+            inputs.view(
+                "no_fields",
+                types.Error(
+                    label="No label field",
+                    description="Add a Classification field first, e.g. with 'compute pseudo-labels'",
+                ),
+            )
+            return types.Property(inputs)
+        field_dropdown(inputs, "label_field", fields, "Label field", "Classes or clusters to count", default=fields[0])
+        field_dropdown(
+            inputs, "attribute_field", fields, "Attribute field (optional)",
+            "A second field for the clusters x attribute table (majority, purity)", required=False,
+        )
+        inputs.str("run_key", required=False, label="Save as run (optional)",
+                   description="Store this report on the dataset under this run key, e.g. to compare before/after")
+        inputs.bool("overwrite", default=False, label="Overwrite an existing run with this key")
+        return types.Property(inputs, view=types.View(label="Balance report"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        report = balance.balance_report(
+            ctx.target_view(),
+            p["label_field"],
+            attribute_field=p.get("attribute_field") or None,
+            run_key=p.get("run_key") or None,
+            overwrite=bool(p.get("overwrite", False)),
+        )
+        out = report.to_dict()
+        out["table"] = [
+            {"label": k, "count": v, "percent": round(100 * report.proportions[k], 2)} for k, v in report.counts.items()
+        ]
+        out["summary"] = report.format()
+        return out
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.float("entropy", label="Entropy (nats)")
+        outputs.float("normalized_entropy", label="Normalized entropy (1 = balanced)")
+        outputs.float("imbalance_ratio", label="Imbalance ratio (largest / smallest)")
+        outputs.int("num_classes", label="Classes")
+        table = types.TableView()
+        table.add_column("label", label="Class")
+        table.add_column("count", label="Count")
+        table.add_column("percent", label="%")
+        outputs.list("table", types.Object(), label="Counts", view=table)
+        outputs.str("summary", label="Report", view=types.CodeView(language="text"))
+        return types.Property(outputs, view=types.View(label="Balance report"))

@@ -1,0 +1,67 @@
+"""Operator: build the Colored Digits benchmark dataset."""
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fairbalance import datasets
+
+from ._common import progress_callback
+
+
+class CreateColoredDigits(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="create_colored_digits",
+            label="fairbalance: create Colored Digits dataset",
+            description="Build a colour-biased digits dataset (Colored MNIST protocol) for trying fairbalance",
+            icon="palette",
+            dynamic=False,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        inputs.str("name", default="colored-digits", required=True, label="Dataset name")
+        ratio = types.Dropdown(label="Bias-conflicting ratio")
+        for r in (0.005, 0.01, 0.02, 0.05):
+            ratio.add_choice(r, label=f"{r:.1%}")
+        inputs.enum("conflict_ratio", ratio.values(), default=0.01, view=ratio)
+        inputs.int("train_per_class", default=500, min=1, label="Train images per class")
+        inputs.int("test_per_class", default=100, min=1, label="Test images per class")
+        inputs.int("num_classes", default=10, min=2, max=10, label="Classes")
+        inputs.int("image_size", default=32, min=8, label="Image size (px)")
+        inputs.int("seed", default=0, label="Seed")
+        inputs.bool("overwrite", default=False, label="Overwrite an existing dataset of that name")
+        return types.Property(inputs, view=types.View(label="Create Colored Digits"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        dataset = datasets.colored_digits(
+            name=p["name"],
+            num_classes=int(p.get("num_classes", 10)),
+            train_per_class=int(p.get("train_per_class", 500)),
+            test_per_class=int(p.get("test_per_class", 100)),
+            conflict_ratio=float(p.get("conflict_ratio", 0.01)),
+            image_size=int(p.get("image_size", 32)),
+            seed=int(p.get("seed", 0)),
+            overwrite=bool(p.get("overwrite", False)),
+            progress=progress_callback(ctx, "Writing images"),
+        )
+        conflicting = len(dataset.match_tags("train").match({"bias_aligned": False}))
+        return {
+            "dataset": dataset.name,
+            "num_samples": len(dataset),
+            "num_train": len(dataset.match_tags("train")),
+            "num_test": len(dataset.match_tags("test")),
+            "train_bias_conflicting": conflicting,
+        }
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("dataset", label="Dataset")
+        outputs.int("num_train", label="Train samples")
+        outputs.int("num_test", label="Test samples")
+        outputs.int("train_bias_conflicting", label="Bias-conflicting train samples")
+        return types.Property(outputs, view=types.View(label="Colored Digits created"))

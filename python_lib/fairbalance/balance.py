@@ -1,0 +1,197 @@
+"""Entropy and balance of a label field, as in Suayama & Nakamura (natural log).
+
+``H = -sum_c P_c ln P_c``; the normalized entropy ``H / ln |C|`` is 1 for a
+perfectly balanced field. The optional cross-table of clusters x attribute
+reproduces the paper's Table I (majority class and purity per cluster).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from fairbalance import validation
+
+
+def entropy(counts: Mapping[object, float] | Sequence[float]) -> float:
+    """Shannon entropy (natural log) of a distribution given as counts or proportions."""
+    values = np.asarray(list(counts.values()) if isinstance(counts, Mapping) else counts, dtype=float)
+    if values.size == 0:
+        return 0.0
+    if np.any(values < 0) or not np.all(np.isfinite(values)):
+        raise ValueError("counts must be finite and non-negative")
+    total = values.sum()
+    if total <= 0:
+        return 0.0
+    p = values[values > 0] / total
+    return float(-(p * np.log(p)).sum())
+
+
+def normalized_entropy(counts: Mapping[object, float] | Sequence[float]) -> float:
+    """Entropy divided by ``ln |C|`` (1.0 = perfectly balanced); 0 for one class."""
+    n = sum(1 for v in (counts.values() if isinstance(counts, Mapping) else counts) if v > 0)
+    return entropy(counts) / math.log(n) if n > 1 else 0.0
+
+
+@dataclass
+class CrossTableRow:
+    cluster: str
+    count: int
+    counts: dict[str, int]
+    majority: str
+    purity: float
+
+
+@dataclass
+class BalanceReport:
+    """Counts, proportions and entropy of one label field over a view."""
+
+    label_field: str
+    num_samples: int
+    num_missing: int
+    counts: dict[str, int]
+    proportions: dict[str, float]
+    entropy: float
+    normalized_entropy: float
+    max_entropy: float
+    imbalance_ratio: float
+    attribute_field: str | None = None
+    cross_table: list[CrossTableRow] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.counts)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["num_classes"] = self.num_classes
+        return d
+
+    def format(self) -> str:
+        """A plain-text table for terminals and logs."""
+        lines = [
+            f"{self.label_field}: {self.num_samples} samples, {self.num_classes} classes"
+            + (f", {self.num_missing} without a label" if self.num_missing else ""),
+            f"  entropy {self.entropy:.3f} (max ln|C| = {self.max_entropy:.3f}, "
+            f"normalized {self.normalized_entropy:.3f}), imbalance ratio {self.imbalance_ratio:.2f}",
+        ]
+        width = max((len(k) for k in self.counts), default=5)
+        for label, count in self.counts.items():
+            lines.append(f"  {label:<{width}}  {count:>7d}  {100 * self.proportions[label]:6.2f}%")
+        if self.cross_table:
+            lines.append(f"  {self.label_field} x {self.attribute_field}:")
+            for row in self.cross_table:
+                lines.append(
+                    f"  {row.cluster:<{width}}  n={row.count:<6d} majority={row.majority} "
+                    f"purity={row.purity:.2f}"
+                )
+        return "\n".join(lines)
+
+
+def _label_path(samples, field_name: str) -> str:
+    """The path holding the class value: ``<field>.label`` for Classification fields."""
+    import fiftyone as fo
+
+    validation.require_fields(samples, [field_name])
+    f = samples.get_field(field_name)
+    if isinstance(f, fo.EmbeddedDocumentField):
+        if issubclass(f.document_type, fo.Classification):
+            return f"{field_name}.label"
+        raise ValueError(
+            f"Field '{field_name}' holds {f.document_type.__name__} labels; "
+            "balance needs a Classification field or a plain str/int/bool field"
+        )
+    if isinstance(f, (fo.StringField, fo.IntField, fo.BooleanField)):
+        return field_name
+    raise ValueError(
+        f"Field '{field_name}' has type {type(f).__name__}; "
+        "balance needs a Classification field or a plain str/int/bool field"
+    )
+
+
+def _sorted_counts(raw: Mapping) -> dict[str, int]:
+    def key(item):
+        label = item[0]
+        return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+    return dict(sorted(((str(k), int(v)) for k, v in raw.items()), key=key))
+
+
+def balance_report(
+    samples,
+    label_field: str,
+    attribute_field: str | None = None,
+    run_key: str | None = None,
+    overwrite: bool = False,
+) -> BalanceReport:
+    """Entropy, normalized entropy, counts and imbalance ratio of ``label_field``.
+
+    Uses database aggregations (no Python loop over samples). With
+    ``attribute_field`` (e.g. a ground-truth attribute), also returns the
+    clusters x attribute cross-table with each cluster's majority and purity.
+    With ``run_key``, the report is saved as a run (a snapshot to compare
+    before/after balancing); nothing is written to the samples.
+    """
+    from fairbalance import runs
+
+    run = None
+    if run_key is not None:
+        run = runs.prepare(
+            samples, run_key, "balance_report",
+            {"label_field": label_field, "attribute_field": attribute_field}, [], overwrite,
+        )
+    report = _compute_report(samples, label_field, attribute_field)
+    if run is not None:
+        run.write(lambda: None)
+        run.save_results(report.to_dict())
+    return report
+
+
+def _compute_report(samples, label_field: str, attribute_field: str | None) -> BalanceReport:
+    validation.require_nonempty(samples)
+    path = _label_path(samples, label_field)
+    raw = samples.count_values(path)
+    missing = int(raw.pop(None, 0))
+    if not raw:
+        raise ValueError(f"Field '{label_field}' has no values in this view; compute it first")
+    counts = _sorted_counts(raw)
+    total = sum(counts.values())
+    ent = entropy(counts)
+    max_ent = math.log(len(counts)) if len(counts) > 1 else 0.0
+    report = BalanceReport(
+        label_field=label_field,
+        num_samples=total + missing,
+        num_missing=missing,
+        counts=counts,
+        proportions={k: v / total for k, v in counts.items()},
+        entropy=ent,
+        normalized_entropy=ent / max_ent if max_ent > 0 else 0.0,
+        max_entropy=max_ent,
+        imbalance_ratio=max(counts.values()) / min(counts.values()),
+        attribute_field=attribute_field,
+    )
+    if attribute_field is not None:
+        report.cross_table = _cross_table(samples, path, _label_path(samples, attribute_field))
+    return report
+
+
+def _cross_table(samples, label_path: str, attribute_path: str) -> list[CrossTableRow]:
+    pipeline = [
+        {"$group": {"_id": {"c": f"${label_path}", "a": f"${attribute_path}"}, "n": {"$sum": 1}}},
+    ]
+    table: dict[str, dict[str, int]] = {}
+    for doc in samples._aggregate(pipeline=pipeline):
+        c, a = doc["_id"].get("c"), doc["_id"].get("a")
+        if c is None or a is None:
+            continue
+        table.setdefault(str(c), {})[str(a)] = int(doc["n"])
+    rows = []
+    for cluster in _sorted_counts({k: 0 for k in table}):
+        counts = _sorted_counts(table[cluster])
+        n = sum(counts.values())
+        majority = max(counts, key=counts.get)
+        rows.append(CrossTableRow(cluster, n, counts, majority, counts[majority] / n))
+    return rows

@@ -1,0 +1,25 @@
+"""Process-wide settings read from the environment."""
+
+from __future__ import annotations
+
+import os
+
+
+def cache_dir() -> str:
+    """Where fairbalance keeps derived files (gloss embeddings, adapted WordNet).
+
+    ``FAIRBALANCE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fairbalance``, else
+    ``~/.cache/fairbalance``.
+    """
+    path = os.environ.get("FAIRBALANCE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fairbalance"
+    )
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def data_dir() -> str:
+    """Where generated image files go by default (``FAIRBALANCE_DATA_DIR`` or ``~/fairbalance``)."""
+    path = os.environ.get("FAIRBALANCE_DATA_DIR") or os.path.join(os.path.expanduser("~"), "fairbalance")
+    os.makedirs(path, exist_ok=True)
+    return path

@@ -1,0 +1,169 @@
+"""Record every computation as a FiftyOne run on the dataset, like the Brain does.
+
+A run stores its method, full config (model, parameters, seed) and the fields
+it wrote. Reusing a run key is refused unless ``overwrite=True``; with
+overwrite, the fields the old run wrote are removed before the new values are
+written, so old and new outputs never mix.
+
+Typical use inside a capability::
+
+    run = runs.prepare(samples, run_key, "sa_features", config, fields, overwrite)
+    ... compute, without writing ...
+    run.write(lambda: writeback.set_values(...))   # cleanup old, write, register
+    run.save_results({...})
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from fairbalance import validation
+
+CONFIG_PREFIX = "fairbalance."
+
+
+def _jsonable(value: Any) -> Any:
+    """Make numpy/torch scalars, paths and dataclasses JSON-friendly."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        return _jsonable(value.to_dict())
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def validate_run_key(run_key: str) -> None:
+    if not run_key or not isinstance(run_key, str) or not run_key.replace("_", "a").isalnum() or run_key[0].isdigit():
+        raise validation.FairBalanceError(
+            f"Invalid run key {run_key!r}: use letters, digits and underscores, not starting with a digit"
+        )
+
+
+def list_runs(samples, method: str | None = None) -> list[str]:
+    """Run keys recorded by fairbalance on this dataset (optionally of one method)."""
+    keys = []
+    for key in samples._root_dataset.list_runs():
+        cfg = samples._root_dataset.get_run_info(key).config
+        m = getattr(cfg, "method", None)
+        if isinstance(m, str) and m.startswith(CONFIG_PREFIX) and (method is None or m == CONFIG_PREFIX + method):
+            keys.append(key)
+    return keys
+
+
+def get_run_config(samples, run_key: str) -> dict:
+    """The stored config of a run as a plain dict."""
+    info = samples._root_dataset.get_run_info(run_key)
+    return {k: v for k, v in info.config.serialize().items() if not k.startswith("_")}
+
+
+def load_run_results(samples, run_key: str) -> dict:
+    """The stored results of a run as a plain dict (empty if none)."""
+    results = samples._root_dataset.load_run_results(run_key, cache=False)
+    if results is None:
+        return {}
+    return {k: v for k, v in results.serialize().items() if not k.startswith("_") and k != "cls"}
+
+
+def delete_run(samples, run_key: str, cleanup: bool = True) -> None:
+    """Delete a run and, with ``cleanup``, the fields it wrote."""
+    dataset = samples._root_dataset
+    if cleanup:
+        _delete_fields(dataset, get_run_config(dataset, run_key).get("fields_written", []))
+    dataset.delete_run(run_key)
+
+
+def _delete_fields(dataset, fields: Iterable[str]) -> None:
+    schema = dataset.get_field_schema()
+    for f in fields:
+        if f in schema:
+            dataset.delete_sample_field(f)
+
+
+@dataclass
+class PreparedRun:
+    """A run whose key has been checked; nothing is written until :meth:`write`."""
+
+    samples: Any
+    run_key: str
+    method: str
+    config: dict
+    fields: list[str]
+    overwrite: bool
+    started: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat())
+
+    @property
+    def dataset(self):
+        return self.samples._root_dataset
+
+    def write(self, writer: Callable[[], Any]) -> Any:
+        """Remove the old run's outputs (if overwriting), call ``writer``, register the run."""
+        dataset = self.dataset
+        if dataset.has_run(self.run_key):
+            old_fields = get_run_config(dataset, self.run_key).get("fields_written", [])
+            _delete_fields(dataset, [f for f in old_fields if f not in self.fields])
+            dataset.delete_run(self.run_key)
+        out = writer()
+        cfg = dataset.init_run(
+            method=CONFIG_PREFIX + self.method,
+            fields_written=list(self.fields),
+            started_at=self.started,
+            completed_at=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+            **_jsonable(self.config),
+        )
+        dataset.register_run(self.run_key, cfg, overwrite=True, cleanup=False)
+        return out
+
+    def save_results(self, results: dict) -> None:
+        """Store JSON-serializable results with the run."""
+        payload = _jsonable(results)
+        json.dumps(payload)  # fail loudly on anything that is not JSON
+        dataset = self.dataset
+        dataset.save_run_results(self.run_key, dataset.init_run_results(self.run_key, **payload), overwrite=True)
+
+
+def prepare(
+    samples,
+    run_key: str,
+    method: str,
+    config: dict,
+    fields: Iterable[str],
+    overwrite: bool = False,
+) -> PreparedRun:
+    """Check that ``run_key`` may be (re)used before any work starts."""
+    validate_run_key(run_key)
+    fields = list(fields)
+    for f in fields:
+        validation.require_field_name(f)
+    dataset = samples._root_dataset
+    if dataset.has_run(run_key):
+        if not overwrite:
+            raise validation.FairBalanceError(
+                f"Run '{run_key}' already exists on dataset '{dataset.name}'; pass overwrite=True to replace it"
+            )
+        method_old = getattr(dataset.get_run_info(run_key).config, "method", None)
+        if method_old != CONFIG_PREFIX + method:
+            raise validation.FairBalanceError(
+                f"Run '{run_key}' was made by {method_old!r}, not {CONFIG_PREFIX + method!r}; use another key"
+            )
+    else:
+        owners = {f: key for key in list_runs(dataset) for f in get_run_config(dataset, key).get("fields_written", [])}
+        schema = dataset.get_field_schema()
+        clash = {f: owners.get(f, "none") for f in fields if f in schema}
+        if clash and not overwrite:
+            desc = ", ".join(f"'{f}' (run: {k})" for f, k in clash.items())
+            raise validation.FairBalanceError(
+                f"Field(s) {desc} already exist; choose other field names or pass overwrite=True"
+            )
+    return PreparedRun(samples, run_key, method, dict(config), fields, overwrite)

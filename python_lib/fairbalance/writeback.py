@@ -1,0 +1,40 @@
+"""Bulk write-back of computed values, keyed by sample id.
+
+All values are validated (one per sample of the view, same ids) before the
+first write, and each field is written with one ``set_values`` call, so a bad
+input leaves the dataset as it was.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from fairbalance import validation
+
+
+def set_values_by_id(
+    samples,
+    values: Mapping[str, Mapping[str, Any]],
+    ids: Sequence[str] | None = None,
+    progress=None,
+) -> None:
+    """Write ``{field: {sample_id: value}}`` onto ``samples`` in bulk.
+
+    ``ids`` (default: the ids of ``samples``) lists the samples that must
+    receive a value for every field; extra or missing ids are an error before
+    anything is written. Fields are created as needed by FiftyOne's type
+    inference.
+    """
+    validation.require_nonempty(samples)
+    expected = set(samples.values("id")) if ids is None else set(ids)
+    for field_name, by_id in values.items():
+        validation.require_field_name(field_name)
+        got = set(by_id)
+        if got != expected:
+            missing = len(expected - got)
+            extra = len(got - expected)
+            raise validation.FairBalanceError(
+                f"Values for '{field_name}' do not match the view: {missing} sample(s) missing, {extra} unknown id(s)"
+            )
+    for field_name, by_id in values.items():
+        samples.set_values(field_name, dict(by_id), key_field="id", progress=progress)
