@@ -1,3 +1,25 @@
-"""fairbalance: find hidden imbalance and bias in image datasets and repair it."""
+"""fairbalance: find hidden imbalance and bias in image datasets and repair it.
+
+Public API (each function takes a FiftyOne collection, validates its inputs
+before doing any work, writes results in bulk and records a FiftyOne run):
+
+- :func:`colored_digits`: the Colored Digits benchmark dataset
+- :func:`balance_report`, :func:`entropy`, :func:`normalized_entropy`
+"""
+
+from fairbalance.balance import BalanceReport, balance_report, entropy, normalized_entropy
+from fairbalance.datasets import colored_digits
+from fairbalance.models import ModelNotFoundError
+from fairbalance.validation import FairBalanceError
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "BalanceReport",
+    "FairBalanceError",
+    "ModelNotFoundError",
+    "balance_report",
+    "colored_digits",
+    "entropy",
+    "normalized_entropy",
+]

@@ -281,6 +281,13 @@ def load_clip(
 # --------------------------------------------------------------------------- transformers captioners
 
 
+def _dtype_kwarg(module, since: str, dtype: torch.dtype) -> dict:
+    """``dtype=`` where the library has renamed ``torch_dtype`` (transformers 4.56, diffusers 0.42)."""
+    from packaging.version import Version
+
+    return {"dtype" if Version(module.__version__) >= Version(since) else "torch_dtype": dtype}
+
+
 def _pretrained_source(model: str, kind: str, how: str) -> tuple[str, ModelSpec]:
     family = "transformers" if kind == "Captioning model" else "diffusers"
     path = os.path.expanduser(model)
@@ -320,9 +327,11 @@ def load_captioner(
         processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
         auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
         try:
-            net = auto.from_pretrained(path, local_files_only=True, torch_dtype=dt)
-        except ValueError:
-            net = transformers.AutoModelForVision2Seq.from_pretrained(path, local_files_only=True, torch_dtype=dt)
+            net = auto.from_pretrained(path, local_files_only=True, **_dtype_kwarg(transformers, "4.56", dt))
+        except ValueError:  # older transformers: BLIP-style models live under Vision2Seq
+            net = transformers.AutoModelForVision2Seq.from_pretrained(
+                path, local_files_only=True, **_dtype_kwarg(transformers, "4.56", dt)
+            )
         return Captioner(spec, net.eval().to(dev), processor, dev, dt)
 
     return _cached(("captioner", spec, str(dev), str(dt)), build)
@@ -346,7 +355,9 @@ def load_diffusion_pipeline(
     path, spec = _pretrained_source(model, "Diffusion pipeline", how)
 
     def build():
-        pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dt, local_files_only=True, **kwargs)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(
+            path, local_files_only=True, **_dtype_kwarg(diffusers, "0.42", dt), **kwargs
+        )
         pipe = pipe.to(dev)
         pipe.set_progress_bar_config(disable=True)
         pipe.fairbalance_spec = spec

@@ -1,0 +1,86 @@
+import math
+
+import fiftyone as fo
+import pytest
+
+from fairbalance import balance, runs
+from fairbalance.validation import FairBalanceError
+
+
+@pytest.mark.parametrize(
+    "percent, expected",
+    [
+        ([45.80, 20.56, 15.60, 18.10], 1.282),  # Suayama & Nakamura, Table II (A)
+        ([27.95, 22.15, 25.80, 24.10], 1.383),  # Table II (F)
+        ([21.13, 50.68, 15.49, 9.09, 3.61], 1.300),  # Table IV (A)
+    ],
+)
+def test_entropy_reproduces_paper(percent, expected):
+    assert balance.entropy(percent) == pytest.approx(expected, abs=5e-4)
+
+
+def test_entropy_edge_cases():
+    assert balance.entropy([10]) == 0.0
+    assert balance.entropy([]) == 0.0
+    assert balance.entropy({"a": 5, "b": 5}) == pytest.approx(math.log(2))
+    assert balance.normalized_entropy([3, 3, 3]) == pytest.approx(1.0)
+    assert balance.normalized_entropy([7]) == 0.0
+    with pytest.raises(ValueError):
+        balance.entropy([1, -1])
+
+
+def test_balance_report_counts_and_cross_table(digits_dataset):
+    train = digits_dataset.match_tags("train")
+    report = balance.balance_report(train, "ground_truth", attribute_field="color")
+    assert report.num_classes == 10
+    assert sum(report.counts.values()) == len(train) == 300
+    assert report.normalized_entropy == pytest.approx(1.0)
+    assert report.imbalance_ratio == 1.0
+    assert list(report.counts)[:3] == ["0", "1", "2"]  # numeric labels in numeric order
+    rows = {r.cluster: r for r in report.cross_table}
+    # 5% conflicting: the class colour is the majority of every class
+    assert rows["0"].majority == "red" and rows["3"].majority == "blue"
+    assert all(r.purity >= 0.9 for r in report.cross_table)
+    assert sum(r.count for r in report.cross_table) == 300
+    assert "entropy" in report.format()
+
+
+def test_balance_report_imbalanced_and_missing(make_dataset):
+    ds = make_dataset()
+    labels = ["a"] * 6 + ["b"] * 3 + ["c"] * 1 + [None] * 2
+    ds.add_samples(
+        [fo.Sample(filepath=f"/x/{i}.png", y=fo.Classification(label=l) if l else None, flag=i % 2 == 0)
+         for i, l in enumerate(labels)]
+    )
+    report = balance.balance_report(ds, "y")
+    assert report.counts == {"a": 6, "b": 3, "c": 1}
+    assert report.num_missing == 2 and report.num_samples == 12
+    assert report.imbalance_ratio == 6.0
+    assert report.entropy == pytest.approx(balance.entropy([6, 3, 1]))
+    assert balance.balance_report(ds, "flag").counts == {"False": 6, "True": 6}
+
+
+def test_balance_report_bad_input(make_dataset, digits_dataset):
+    with pytest.raises(FairBalanceError, match="not found"):
+        balance.balance_report(digits_dataset, "nope")
+    with pytest.raises(FairBalanceError, match="empty"):
+        balance.balance_report(digits_dataset.limit(0), "ground_truth")
+    with pytest.raises(ValueError, match="Classification"):
+        balance.balance_report(digits_dataset, "metadata")
+    ds = make_dataset()
+    ds.add_sample(fo.Sample(filepath="/x/1.png"))
+    ds.add_sample_field("y", fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
+    with pytest.raises(ValueError, match="no values"):
+        balance.balance_report(ds, "y")
+
+
+def test_balance_report_saved_as_run(digits_copy):
+    report = balance.balance_report(digits_copy, "color", run_key="before")
+    assert runs.get_run_config(digits_copy, "before")["method"] == "fairbalance.balance_report"
+    saved = runs.load_run_results(digits_copy, "before")
+    assert saved["counts"] == report.counts
+    assert saved["entropy"] == pytest.approx(report.entropy)
+    with pytest.raises(FairBalanceError, match="already exists"):
+        balance.balance_report(digits_copy, "color", run_key="before")
+    balance.balance_report(digits_copy.match_tags("test"), "color", run_key="before", overwrite=True)
+    assert sum(runs.load_run_results(digits_copy, "before")["counts"].values()) == 100

@@ -1,0 +1,85 @@
+import fiftyone as fo
+import pytest
+
+from fairbalance import runs, writeback
+from fairbalance.validation import FairBalanceError
+
+
+def _write(samples, field, value):
+    ids = samples.values("id")
+    return lambda: writeback.set_values_by_id(samples, {field: {i: value for i in ids}})
+
+
+def test_run_records_config_fields_and_results(digits_copy):
+    run = runs.prepare(digits_copy, "scores", "demo_method", {"model": "m", "seed": 7, "k": 3}, ["score"])
+    run.write(_write(digits_copy, "score", 1.5))
+    run.save_results({"mean": 1.5, "per_class": {"0": 1}})
+    cfg = runs.get_run_config(digits_copy, "scores")
+    assert cfg["method"] == "fairbalance.demo_method"
+    assert cfg["model"] == "m" and cfg["seed"] == 7 and cfg["k"] == 3
+    assert cfg["fields_written"] == ["score"]
+    assert runs.load_run_results(digits_copy, "scores") == {"mean": 1.5, "per_class": {"0": 1}}
+    assert runs.list_runs(digits_copy) == ["scores"]
+    assert runs.list_runs(digits_copy, "other") == []
+    assert digits_copy.count_values("score") == {1.5: len(digits_copy)}
+
+
+def test_same_key_refused_then_replaced_not_mixed(digits_copy):
+    runs.prepare(digits_copy, "r", "m", {"v": 1}, ["old_field"]).write(_write(digits_copy, "old_field", 1))
+    with pytest.raises(FairBalanceError, match="already exists"):
+        runs.prepare(digits_copy, "r", "m", {"v": 2}, ["new_field"])
+    run = runs.prepare(digits_copy, "r", "m", {"v": 2}, ["new_field"], overwrite=True)
+    assert digits_copy.has_field("old_field")  # nothing removed before the new values exist
+    run.write(_write(digits_copy, "new_field", 2))
+    assert not digits_copy.has_field("old_field")
+    assert runs.get_run_config(digits_copy, "r")["v"] == 2
+    with pytest.raises(FairBalanceError, match="was made by"):
+        runs.prepare(digits_copy, "r", "another_method", {}, ["x"], overwrite=True)
+
+
+def test_rerun_same_field_is_idempotent(digits_copy):
+    for value in (1, 2):
+        runs.prepare(digits_copy, "r", "m", {}, ["f"], overwrite=True).write(_write(digits_copy, "f", value))
+    assert digits_copy.count_values("f") == {2: len(digits_copy)}
+    assert len(runs.list_runs(digits_copy)) == 1
+
+
+def test_existing_field_needs_overwrite(digits_copy):
+    with pytest.raises(FairBalanceError, match="already exist"):
+        runs.prepare(digits_copy, "r", "m", {}, ["ground_truth"])
+    runs.prepare(digits_copy, "a", "m", {}, ["f"]).write(_write(digits_copy, "f", 1))
+    with pytest.raises(FairBalanceError, match="run: a"):
+        runs.prepare(digits_copy, "b", "m", {}, ["f"])
+
+
+@pytest.mark.parametrize("key", ["", "1abc", "a-b", "a.b", None])
+def test_invalid_run_keys(digits_copy, key):
+    with pytest.raises(FairBalanceError):
+        runs.prepare(digits_copy, key, "m", {}, [])
+
+
+@pytest.mark.parametrize("field", ["", "a.b", "_private", "id", "filepath"])
+def test_invalid_field_names(digits_copy, field):
+    with pytest.raises(FairBalanceError):
+        runs.prepare(digits_copy, "r", "m", {}, [field])
+
+
+def test_delete_run_cleans_up_fields(digits_copy):
+    runs.prepare(digits_copy, "r", "m", {}, ["f"]).write(_write(digits_copy, "f", 1))
+    runs.delete_run(digits_copy, "r")
+    assert not digits_copy.has_field("f") and runs.list_runs(digits_copy) == []
+
+
+def test_writeback_validates_before_writing(digits_copy):
+    ids = digits_copy.values("id")
+    partial = {"a": {i: 1 for i in ids}, "b": {i: 2 for i in ids[:-1]}}
+    with pytest.raises(FairBalanceError, match="1 sample\\(s\\) missing"):
+        writeback.set_values_by_id(digits_copy, partial)
+    assert not digits_copy.has_field("a") and not digits_copy.has_field("b")
+    extra = {"a": {**{i: 1 for i in ids}, "ffffffffffffffffffffffff": 1}}
+    with pytest.raises(FairBalanceError, match="unknown id"):
+        writeback.set_values_by_id(digits_copy, extra)
+    view = digits_copy.match_tags("test")
+    labels = {i: fo.Classification(label="x") for i in view.values("id")}
+    writeback.set_values_by_id(view, {"lab": labels})
+    assert digits_copy.count_values("lab.label") == {"x": len(view), None: len(digits_copy) - len(view)}
