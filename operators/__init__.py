@@ -2,5 +2,7 @@
 
 from .balance_report import BalanceReport
 from .colored_digits import CreateColoredDigits
+from .pseudo_labels import ComputePseudoLabels
+from .sa_features import ComputeSAFeatures
 
-OPERATORS = [CreateColoredDigits, BalanceReport]
+OPERATORS = [CreateColoredDigits, ComputeSAFeatures, ComputePseudoLabels, BalanceReport]

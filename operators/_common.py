@@ -40,7 +40,7 @@ def run_key_input(inputs, default):
     inputs.str(
         "run_key",
         default=default,
-        required=True,
+        required=False,
         label="Run key",
         description="Name of the run recorded on the dataset (letters, digits, underscores)",
     )

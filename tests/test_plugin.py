@@ -76,3 +76,32 @@ def test_balance_report_operator_reports_bad_input(digits_dataset):
             ctx={"dataset": digits_dataset.name, "view": digits_dataset.limit(0),
                  "params": {"label_field": "color", "view_target": "CURRENT_VIEW"}},
         )
+
+
+def test_sa_and_pseudo_label_operators_match_sdk(digits_dataset, tiny_clip):
+    from fairbalance import compute_pseudo_labels, compute_sa_features
+
+    op_ds = digits_dataset.clone()
+    sdk_ds = digits_dataset.clone()
+    try:
+        params = {"attribute": "colors", "attribute_values": "red, blue", "num_related_texts": 4,
+                  "model": tiny_clip, "pretrained": "", "run_key": "sa", "features_field": "sa_features"}
+        result = foo.execute_operator(f"{PLUGIN}/compute_sa_features", ctx={"dataset": op_ds.name, "params": params})
+        assert result.error is None, result.error
+        sdk = compute_sa_features(sdk_ds, "colors", ["red", "blue"], num_related_texts=4, model=tiny_clip,
+                                  pretrained=None, run_key="sa", num_workers=0)
+        assert result.result["related_texts"] == sdk.related_texts
+        import numpy as np
+
+        assert np.allclose(np.stack(op_ds.values("sa_features")), np.stack(sdk_ds.values("sa_features")), atol=1e-6)
+
+        params = {"features_field": "sa_features", "label_field": "cl", "method": "xmeans", "kmax": 6,
+                  "criterion": "bic", "run_key": "pl"}
+        result = foo.execute_operator(f"{PLUGIN}/compute_pseudo_labels", ctx={"dataset": op_ds.name, "params": params})
+        assert result.error is None, result.error
+        sdk = compute_pseudo_labels(sdk_ds, label_field="cl", kmax=6, criterion="bic", run_key="pl")
+        assert result.result["counts"] == sdk.counts
+        assert op_ds.values("cl.label") == sdk_ds.values("cl.label")
+    finally:
+        op_ds.delete()
+        sdk_ds.delete()

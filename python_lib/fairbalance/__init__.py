@@ -4,12 +4,17 @@ Public API (each function takes a FiftyOne collection, validates its inputs
 before doing any work, writes results in bulk and records a FiftyOne run):
 
 - :func:`colored_digits`: the Colored Digits benchmark dataset
+- :func:`compute_sa_features`: CLIP features for a text-specified sensitive attribute
+- :func:`compute_pseudo_labels`: X-means pseudo-labels of those features
 - :func:`balance_report`, :func:`entropy`, :func:`normalized_entropy`
 """
 
 from fairbalance.balance import BalanceReport, balance_report, entropy, normalized_entropy
 from fairbalance.datasets import colored_digits
+from fairbalance.clustering import xmeans
 from fairbalance.models import ModelNotFoundError
+from fairbalance.pseudo_labels import compute_pseudo_labels
+from fairbalance.sa_features import compute_sa_features, get_related_texts
 from fairbalance.validation import FairBalanceError
 
 __version__ = "0.1.0"
@@ -20,6 +25,10 @@ __all__ = [
     "ModelNotFoundError",
     "balance_report",
     "colored_digits",
+    "compute_pseudo_labels",
+    "compute_sa_features",
+    "get_related_texts",
+    "xmeans",
     "entropy",
     "normalized_entropy",
 ]

@@ -127,7 +127,7 @@ class PreparedRun:
 
     def save_results(self, results: dict) -> None:
         """Store JSON-serializable results with the run."""
-        payload = _jsonable(results)
+        payload = {k: v for k, v in _jsonable(results).items() if k != "run_key"}
         json.dumps(payload)  # fail loudly on anything that is not JSON
         dataset = self.dataset
         dataset.save_run_results(self.run_key, dataset.init_run_results(self.run_key, **payload), overwrite=True)

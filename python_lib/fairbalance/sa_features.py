@@ -1,0 +1,144 @@
+"""Sensitive-attribute (SA) features from a text-specified attribute (Suayama & Nakamura, III-A/B).
+
+``f_j = (cos(TE(w_i), VE(x_j)))_{i=1..k}``: the cosine similarities of each
+image's CLIP embedding to k related texts, stored per sample as a vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from fairbalance import embeddings, models, related_texts, runs, validation, writeback
+
+
+@dataclass
+class SAFeaturesResult:
+    """What a :func:`compute_sa_features` call chose and wrote."""
+
+    run_key: str
+    query: str | None
+    related_texts: list[dict]
+    num_samples: int
+    num_encoded: int
+    features_field: str
+    embeddings_field: str
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compute_sa_features(
+    samples,
+    attribute: str | None = None,
+    attribute_values: list[str] | None = None,
+    related_texts_override: list[str] | None = None,
+    num_related_texts: int = 20,
+    exclude_words: list[str] | None = None,
+    prompt_template: str = "a photo of a {}",
+    model: str = "ViT-B-32",
+    pretrained: str | None = "openai",
+    embeddings_field: str = "clip_embedding",
+    features_field: str = "sa_features",
+    run_key: str = "sa_features",
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str | None = None,
+    skip_failures: bool = False,
+    overwrite: bool = False,
+    progress=None,
+) -> SAFeaturesResult:
+    """Compute and store SA features for every sample of ``samples``.
+
+    Args:
+        attribute: the sensitive attribute, e.g. ``"races"``
+        attribute_values: optional values, e.g. ``["white person", "black person"]``
+        related_texts_override: use these texts instead of choosing from WordNet
+            (the paper's "ideal related texts")
+        num_related_texts: k, the number of WordNet related texts (>= 2)
+        exclude_words: drop candidate texts containing any of these words
+        prompt_template: how each related text is phrased for the image
+            comparison (the paper: "a photo of a yellow race, which means ...")
+        model, pretrained: the CLIP model (see :func:`fairbalance.models.load_clip`)
+        embeddings_field: where CLIP image embeddings are kept; samples that
+            already have one from the same model are not encoded again
+        features_field: the k-vector field to write
+        skip_failures: leave unreadable images without features instead of failing
+    """
+    validation.require_nonempty(samples)
+    validation.require_image_collection(samples)
+    validation.require_field_name(embeddings_field)
+    if related_texts_override is None:
+        related_texts.attribute_query(attribute, attribute_values)  # validates the attribute text
+        validation.require_positive_int("num_related_texts", num_related_texts, minimum=2)
+    else:
+        related_texts_override = [t.strip() for t in related_texts_override if t and t.strip()]
+        if len(related_texts_override) < 2:
+            raise validation.FairBalanceError("Pass at least 2 non-empty related texts")
+    if "{}" not in prompt_template:
+        raise validation.FairBalanceError("prompt_template must contain '{}' where the related text goes")
+
+    clip = models.load_clip(model, pretrained, device=device)
+    embeddings.check_field(samples, embeddings_field, clip)
+    config = {
+        "model": clip.spec.to_dict(),
+        "attribute": attribute,
+        "attribute_values": attribute_values,
+        "related_texts_override": related_texts_override,
+        "num_related_texts": num_related_texts,
+        "exclude_words": exclude_words,
+        "prompt_template": prompt_template,
+        "embeddings_field": embeddings_field,
+        "features_field": features_field,
+        "skip_failures": skip_failures,
+    }
+    run = runs.prepare(samples, run_key, "sa_features", config, [features_field], overwrite)
+
+    if related_texts_override is None:
+        query, chosen = related_texts.select(
+            clip, attribute, attribute_values, num_related_texts, exclude_words, progress=False
+        )
+    else:
+        query, chosen = None, [related_texts.RelatedText(t, None) for t in related_texts_override]
+
+    new, failures = embeddings.compute_missing(
+        samples, embeddings_field, clip, batch_size, num_workers, skip_failures, progress
+    )
+    ids, stored, _ = (embeddings.load(samples, embeddings_field)
+                      if samples._root_dataset.has_field(embeddings_field) else ([], None, []))
+    by_id = dict(zip(ids, stored)) if ids else {}
+    by_id.update(new)
+    target_ids = [i for i in samples.values("id") if i in by_id]
+    if not target_ids:
+        raise validation.FairBalanceError("No image could be encoded; nothing written")
+    image_emb = embeddings.normalize(np.stack([by_id[i] for i in target_ids]))
+    text_emb = clip.encode_text([prompt_template.format(r.text) for r in chosen]).numpy()
+    features = image_emb @ text_emb.T
+
+    def write():
+        embeddings.write(samples, embeddings_field, new, clip)
+        values = {i: features[j].astype(np.float32) for j, i in enumerate(target_ids)}
+        writeback.set_values_by_id(samples.select(target_ids), {features_field: values}, ids=target_ids)
+        if failures:  # samples that could not be loaded get no stale features
+            samples.select(list(failures)).set_field(features_field, None).save()
+
+    run.write(write)
+    result = SAFeaturesResult(
+        run_key=run_key,
+        query=query,
+        related_texts=[{"text": r.text, "score": r.score, "synset": r.synset} for r in chosen],
+        num_samples=len(target_ids),
+        num_encoded=len(new),
+        features_field=features_field,
+        embeddings_field=embeddings_field,
+        failures=failures,
+    )
+    run.save_results({k: v for k, v in result.to_dict().items() if k != "run_key"})
+    return result
+
+
+def get_related_texts(samples, run_key: str = "sa_features") -> list[dict]:
+    """The related texts (and scores) chosen by an SA-features run."""
+    return runs.load_run_results(samples, run_key).get("related_texts", [])
