@@ -91,7 +91,7 @@ class BalanceReport:
         return "\n".join(lines)
 
 
-def _label_path(samples, field_name: str) -> str:
+def label_path(samples, field_name: str) -> str:
     """The path holding the class value: ``<field>.label`` for Classification fields."""
     import fiftyone as fo
 
@@ -152,7 +152,7 @@ def balance_report(
 
 def _compute_report(samples, label_field: str, attribute_field: str | None) -> BalanceReport:
     validation.require_nonempty(samples)
-    path = _label_path(samples, label_field)
+    path = label_path(samples, label_field)
     raw = samples.count_values(path)
     missing = int(raw.pop(None, 0))
     if not raw:
@@ -174,13 +174,13 @@ def _compute_report(samples, label_field: str, attribute_field: str | None) -> B
         attribute_field=attribute_field,
     )
     if attribute_field is not None:
-        report.cross_table = _cross_table(samples, path, _label_path(samples, attribute_field))
+        report.cross_table = _cross_table(samples, path, label_path(samples, attribute_field))
     return report
 
 
-def _cross_table(samples, label_path: str, attribute_path: str) -> list[CrossTableRow]:
+def _cross_table(samples, label_key: str, attribute_key: str) -> list[CrossTableRow]:
     pipeline = [
-        {"$group": {"_id": {"c": f"${label_path}", "a": f"${attribute_path}"}, "n": {"$sum": 1}}},
+        {"$group": {"_id": {"c": f"${label_key}", "a": f"${attribute_key}"}, "n": {"$sum": 1}}},
     ]
     table: dict[str, dict[str, int]] = {}
     for doc in samples._aggregate(pipeline=pipeline):

@@ -1,0 +1,154 @@
+"""Classifier training, prediction and evaluation written back to the dataset.
+
+``train_classifier`` (vanilla CE, GCE, or debiased by weights / JTT-style
+upweighting of a hard tag) records a run with the checkpoint;
+``apply_classifier`` writes ``fo.Classification`` predictions with confidence
+and logits (so ``evaluate_classifications`` and the Brain's hardness work on
+them); ``evaluate_classifier`` reports accuracy, bias-aligned/conflicting
+accuracy and worst-group accuracy over (class x attribute) groups.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from fairbalance import config as fb_config
+from fairbalance import runs, training, validation, writeback
+from fairbalance.balance import label_path
+from fairbalance.training import TrainedClassifier, load_classifier
+
+
+def train_classifier(
+    samples,
+    label_field: str = "ground_truth",
+    run_key: str | None = "classifier",
+    output_dir: str | None = None,
+    overwrite: bool = False,
+    **kwargs,
+) -> TrainedClassifier:
+    """Train (see :func:`fairbalance.training.train_classifier` for options), save, record a run."""
+    dataset = samples._root_dataset
+    run = None
+    if run_key is not None:
+        run = runs.prepare(samples, run_key, "train_classifier", {"label_field": label_field, **kwargs}, [], overwrite)
+    clf = training.train_classifier(samples, label_field, **kwargs)
+    if run is not None:
+        folder = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "checkpoints", dataset.name, run_key))
+        run.config.update({"checkpoint": folder, "train_config": asdict(clf.config)})
+        run.write(lambda: clf.save(folder))
+        run.save_results({"history": clf.history, "num_skipped": clf.num_skipped, "checkpoint": folder})
+    return clf
+
+
+def _as_classifier(model) -> TrainedClassifier:
+    if isinstance(model, TrainedClassifier):
+        return model
+    if isinstance(model, str):
+        return load_classifier(model)
+    raise validation.FairBalanceError("model must be a TrainedClassifier or a checkpoint folder")
+
+
+def apply_classifier(
+    samples,
+    model,
+    predictions_field: str = "predictions",
+    batch_size: int = 256,
+    device: str | None = None,
+    num_workers: int = 0,
+    store_logits: bool = True,
+    run_key: str | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Predict every sample of ``samples`` and store ``fo.Classification`` (label, confidence, logits)."""
+    import fiftyone as fo
+
+    validation.require_nonempty(samples)
+    validation.require_image_collection(samples)
+    validation.require_field_name(predictions_field)
+    clf = _as_classifier(model)
+    ids, paths = samples.values(["id", "filepath"])
+    run = None
+    if run_key is not None:
+        run = runs.prepare(samples, run_key, "apply_classifier",
+                           {"model": asdict(clf.config), "predictions_field": predictions_field}, [predictions_field],
+                           overwrite)
+    logits = training.predict(clf, paths, device=device, batch_size=batch_size, num_workers=num_workers)
+    probs = torch.softmax(logits, dim=1)
+    conf, pred = probs.max(dim=1)
+    values = {
+        i: fo.Classification(
+            label=clf.classes[int(p)], confidence=float(c), logits=l.tolist() if store_logits else None
+        )
+        for i, p, c, l in zip(ids, pred, conf, logits)
+    }
+    write = lambda: writeback.set_values_by_id(samples, {predictions_field: values}, ids=ids)  # noqa: E731
+    run.write(write) if run is not None else write()
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    num_samples: int
+    aligned_accuracy: float | None = None
+    conflicting_accuracy: float | None = None
+    worst_group_accuracy: float | None = None
+    worst_group: str | None = None
+    group_accuracy: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_classifier(
+    samples,
+    predictions_field: str = "predictions",
+    label_field: str = "ground_truth",
+    attribute_field: str | None = None,
+    aligned_field: str | None = None,
+    run_key: str | None = None,
+    overwrite: bool = False,
+) -> Evaluation:
+    """Accuracy; split by a bool bias-aligned field; worst-group accuracy over (class x attribute)."""
+    validation.require_nonempty(samples)
+    paths = [label_path(samples, predictions_field), label_path(samples, label_field)]
+    if attribute_field:
+        paths.append(label_path(samples, attribute_field))
+    if aligned_field:
+        validation.require_fields(samples, [aligned_field])
+        paths.append(aligned_field)
+    cols = samples.values(paths)
+    keep = [j for j in range(len(cols[0])) if cols[0][j] is not None and cols[1][j] is not None]
+    if not keep:
+        raise validation.FairBalanceError(f"No sample has both '{predictions_field}' and '{label_field}'")
+    pred = np.array([str(cols[0][j]) for j in keep])
+    true = np.array([str(cols[1][j]) for j in keep])
+    correct = pred == true
+    ev = Evaluation(float(correct.mean()), len(keep))
+    col = 2
+    if attribute_field:
+        attr = np.array([str(cols[col][j]) for j in keep])
+        col += 1
+        groups = {}
+        for g in sorted(set(zip(true, attr))):
+            mask = (true == g[0]) & (attr == g[1])
+            groups[f"{g[0]}|{g[1]}"] = float(correct[mask].mean())
+        ev.group_accuracy = groups
+        ev.worst_group = min(groups, key=groups.get)
+        ev.worst_group_accuracy = groups[ev.worst_group]
+    if aligned_field:
+        aligned = np.array([cols[col][j] for j in keep])
+        if (aligned == True).any():  # noqa: E712
+            ev.aligned_accuracy = float(correct[aligned == True].mean())  # noqa: E712
+        if (aligned == False).any():  # noqa: E712
+            ev.conflicting_accuracy = float(correct[aligned == False].mean())  # noqa: E712
+    if run_key is not None:
+        run = runs.prepare(samples, run_key, "evaluate_classifier",
+                           {"predictions_field": predictions_field, "label_field": label_field,
+                            "attribute_field": attribute_field, "aligned_field": aligned_field}, [], overwrite)
+        run.write(lambda: None)
+        run.save_results(ev.to_dict())
+    return ev

@@ -1,0 +1,139 @@
+"""Loss-based hardness: which samples a deliberately biased classifier gets wrong.
+
+DiffuBias / DiffInject step 1: train a biased classifier with GCE (q=0.7),
+compute every sample's cross-entropy under it (eval mode, no augmentation)
+and tag the top-K as likely bias-conflicting (ranked per class, as DiffuBias
+does, or globally).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fairbalance import config as fb_config
+from fairbalance import runs, training, validation, writeback
+
+
+@dataclass
+class HardnessResult:
+    run_key: str
+    loss_field: str
+    rank_field: str
+    tag: str
+    num_tagged: int
+    num_samples: int
+    num_skipped: int
+    checkpoint: str
+    per_class_tagged: dict[str, int]
+    train_history: list[dict]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _top_k(losses: np.ndarray, labels: np.ndarray, k: int, per_class: bool) -> np.ndarray:
+    """Indices of the k highest losses, split over classes in proportion to their size when per_class."""
+    if not per_class:
+        return np.argsort(-losses, kind="stable")[:k]
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.floor(k * counts / counts.sum()).astype(int)
+    for j in np.argsort(-(k * counts / counts.sum() - quota), kind="stable")[: k - quota.sum()]:
+        quota[j] += 1  # largest remainders get the leftover slots
+    picked = []
+    for c, n in zip(classes, quota):
+        idx = np.flatnonzero(labels == c)
+        picked.extend(idx[np.argsort(-losses[idx], kind="stable")[:n]])
+    return np.array(picked, dtype=int)
+
+
+def compute_hardness(
+    samples,
+    label_field: str = "ground_truth",
+    loss_field: str = "bias_loss",
+    tag: str = "bias_conflicting",
+    top_k: int | float = 100,
+    per_class: bool = True,
+    q: float = 0.7,
+    backbone: str = "resnet18",
+    pretrained: bool = True,
+    image_size: int = 32,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str | None = None,
+    num_workers: int = 0,
+    run_key: str = "hardness",
+    output_dir: str | None = None,
+    overwrite: bool = False,
+    progress=None,
+) -> HardnessResult:
+    """Train a GCE-biased classifier, store per-sample CE loss and rank, tag the top-K.
+
+    ``top_k``: a count, or a fraction of the labelled samples when < 1. The
+    rank field (``<loss_field>_rank``, 1 = hardest, per class when
+    ``per_class``) and the checkpoint (``output_dir``, default under
+    ``$FAIRBALANCE_DATA_DIR/checkpoints``) are kept with the run. Rerunning
+    with ``overwrite=True`` replaces the previous tags, never accumulates.
+    """
+    validation.require_nonempty(samples)
+    rank_field = f"{loss_field}_rank"
+    if not tag or not isinstance(tag, str):
+        raise validation.FairBalanceError("tag must be a non-empty string")
+    ids, paths, labels, classes, skipped = training._labels(samples, label_field, None)
+    k = int(math.ceil(top_k * len(ids))) if isinstance(top_k, float) and 0 < top_k < 1 else top_k
+    if isinstance(k, float) and not k.is_integer():
+        raise validation.FairBalanceError("top_k must be an integer count or a fraction in (0, 1)")
+    k = validation.require_positive_int("top_k", int(k))
+    if k > len(ids):
+        raise validation.FairBalanceError(f"top_k={k} is larger than the {len(ids)} labelled samples of the view")
+    if len(classes) < 2:
+        raise validation.FairBalanceError(f"'{label_field}' has only one class in this view")
+    dataset = samples._root_dataset
+    output_dir = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "checkpoints", dataset.name, run_key))
+    params = {
+        "label_field": label_field, "loss_field": loss_field, "rank_field": rank_field, "tag": tag,
+        "top_k": top_k, "per_class": per_class, "q": q, "backbone": backbone, "pretrained": pretrained,
+        "image_size": image_size, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
+        "checkpoint": output_dir,
+    }
+    run = runs.prepare(samples, run_key, "hardness", params, [loss_field, rank_field], overwrite)
+    old_tag = runs.get_run_config(dataset, run_key).get("tag") if dataset.has_run(run_key) else None
+
+    clf = training.train_classifier(
+        samples.select(ids), label_field, classes=classes, loss="gce", q=q, backbone=backbone,
+        pretrained=pretrained, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+        device=device, num_workers=num_workers, progress=progress,
+    )
+    logits = training.predict(clf, paths, device=device, num_workers=num_workers)
+    losses = F.cross_entropy(logits, torch.as_tensor(labels), reduction="none").numpy()
+    hard = _top_k(losses, labels, k, per_class)
+
+    ranks = np.empty(len(ids), dtype=int)
+    groups = [np.flatnonzero(labels == c) for c in np.unique(labels)] if per_class else [np.arange(len(ids))]
+    for idx in groups:
+        ranks[idx[np.argsort(-losses[idx], kind="stable")]] = np.arange(1, len(idx) + 1)
+
+    def write():
+        clf.save(output_dir)
+        view = samples.select(ids)
+        writeback.set_values_by_id(view, {
+            loss_field: {i: float(v) for i, v in zip(ids, losses)},
+            rank_field: {i: int(r) for i, r in zip(ids, ranks)},
+        }, ids=ids)
+        for t in {old_tag, tag} - {None}:
+            dataset.untag_samples(t)
+        dataset.select([ids[j] for j in hard]).tag_samples(tag)
+
+    run.write(write)
+    per_class_tagged = {classes[c]: int(n) for c, n in zip(*np.unique(labels[hard], return_counts=True))}
+    result = HardnessResult(run_key, loss_field, rank_field, tag, len(hard), len(ids), skipped, output_dir,
+                            per_class_tagged, clf.history)
+    run.save_results(result.to_dict())
+    return result
