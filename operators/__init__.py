@@ -1,8 +1,17 @@
 """The plugin's operators: thin adapters that read the form and call the fairbalance library."""
 
 from .balance_report import BalanceReport
+from .classifier import ApplyClassifier, ComputeHardnessTags, TrainClassifier
 from .colored_digits import CreateColoredDigits
 from .pseudo_labels import ComputePseudoLabels
 from .sa_features import ComputeSAFeatures
 
-OPERATORS = [CreateColoredDigits, ComputeSAFeatures, ComputePseudoLabels, BalanceReport]
+OPERATORS = [
+    CreateColoredDigits,
+    ComputeSAFeatures,
+    ComputePseudoLabels,
+    BalanceReport,
+    ComputeHardnessTags,
+    TrainClassifier,
+    ApplyClassifier,
+]

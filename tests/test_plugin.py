@@ -105,3 +105,32 @@ def test_sa_and_pseudo_label_operators_match_sdk(digits_dataset, tiny_clip):
     finally:
         op_ds.delete()
         sdk_ds.delete()
+
+
+def test_hardness_train_apply_operators_match_sdk(digits_dataset):
+    from fairbalance.hardness import compute_hardness
+
+    op_ds, sdk_ds = digits_dataset.clone(), digits_dataset.clone()
+    fast = {"backbone": "mlp", "image_size": 16, "epochs": 2, "batch_size": 64, "seed": 0}
+    try:
+        params = {"label_field": "ground_truth", "top_k": 12, "run_key": "hard", **fast}
+        res = foo.execute_operator(f"{PLUGIN}/compute_hardness_tags", ctx={"dataset": op_ds.name, "params": params})
+        assert res.error is None, res.error
+        sdk = compute_hardness(sdk_ds, top_k=12, run_key="hard", **fast)
+        assert res.result["num_tagged"] == sdk.num_tagged == 12
+        assert op_ds.values("bias_loss") == pytest.approx(sdk_ds.values("bias_loss"), rel=1e-5)
+        tagged = lambda ds: sorted(ds.match_tags("bias_conflicting").values("filepath"))  # noqa: E731
+        assert tagged(op_ds) == tagged(sdk_ds)  # clones share files, not ids
+
+        params = {"label_field": "ground_truth", "hard_tag": "bias_conflicting", "upweight": 10.0,
+                  "run_key": "debiased", **fast}
+        res = foo.execute_operator(f"{PLUGIN}/train_classifier", ctx={"dataset": op_ds.name, "params": params})
+        assert res.error is None, res.error
+        res = foo.execute_operator(f"{PLUGIN}/apply_classifier", ctx={
+            "dataset": op_ds.name, "params": {"classifier_run": "debiased", "attribute_field": "color"}})
+        assert res.error is None, res.error
+        assert op_ds.count("predictions") == len(op_ds)
+        assert 0 <= res.result["worst_group_accuracy"] <= res.result["accuracy"] <= 1
+    finally:
+        op_ds.delete()
+        sdk_ds.delete()
