@@ -1,5 +1,6 @@
 """The plugin's operators: thin adapters that read the form and call the fairbalance library."""
 
+from .audit import AuditBalance
 from .balance_report import BalanceReport
 from .classifier import ApplyClassifier, ComputeHardnessTags, TrainClassifier
 from .colored_digits import CreateColoredDigits
@@ -11,6 +12,7 @@ OPERATORS = [
     ComputeSAFeatures,
     ComputePseudoLabels,
     BalanceReport,
+    AuditBalance,
     ComputeHardnessTags,
     TrainClassifier,
     ApplyClassifier,

@@ -3,6 +3,8 @@
 import fiftyone as fo
 import fiftyone.operators.types as types
 
+from fairbalance.balance import categorical_fields  # noqa: F401  (re-exported for the operators)
+
 
 def progress_callback(ctx, label):
     """A FiftyOne ``progress`` callable that forwards to ``ctx.set_progress``."""
@@ -11,21 +13,6 @@ def progress_callback(ctx, label):
         ctx.set_progress(progress=pb.progress, label=f"{label} ({pb.progress:.0%})")
 
     return fo.report_progress(report, dt=0.5)
-
-
-def categorical_fields(dataset):
-    """Fields a balance can be computed on: Classification labels and str/int/bool fields."""
-    if dataset is None:
-        return []
-    names = []
-    for name, field in dataset.get_field_schema().items():
-        if name in ("id", "filepath", "tags", "metadata", "created_at", "last_modified_at"):
-            continue
-        if isinstance(field, fo.EmbeddedDocumentField) and issubclass(field.document_type, fo.Classification):
-            names.append(name)
-        elif isinstance(field, (fo.StringField, fo.IntField, fo.BooleanField)):
-            names.append(name)
-    return names
 
 
 def field_dropdown(inputs, name, choices, label, description, required=True, default=None):

@@ -1,3 +1,5 @@
 """The plugin's panels."""
 
-PANELS = []
+from .balance_panel import BalancePanel
+
+PANELS = [BalancePanel]

@@ -17,13 +17,13 @@ def test_plugin_discovered_and_manifest_complete():
     assert PLUGIN in plugins
     manifest = yaml.safe_load(open(f"{REPO_ROOT}/fiftyone.yml"))
     assert manifest["py_entry"] == "fiftyone_plugin/__init__.py"
-    registered = {op.name for op in foo.list_operators() if op.plugin_name == PLUGIN}
-    declared = set(manifest.get("operators", [])) | set(manifest.get("panels", []))
-    assert registered == declared, "every operator/panel must be listed in fiftyone.yml"
     from fiftyone.plugins.context import build_plugin_contexts
 
     errors = [e for ctx in build_plugin_contexts() if ctx.name == PLUGIN for e in ctx.errors]
     assert errors == []
+    registered = {op.name for op in foo.list_operators() if op.plugin_name == PLUGIN}
+    declared = set(manifest.get("operators", [])) | set(manifest.get("panels", []))
+    assert registered == declared, "every operator/panel must be listed in fiftyone.yml"
 
 
 def test_create_colored_digits_operator_matches_sdk():
@@ -134,3 +134,16 @@ def test_hardness_train_apply_operators_match_sdk(digits_dataset):
     finally:
         op_ds.delete()
         sdk_ds.delete()
+
+
+def test_audit_operator_runs_the_chain(digits_dataset, tiny_clip):
+    ds = digits_dataset.clone()
+    try:
+        res = foo.execute_operator(f"{PLUGIN}/audit_balance", ctx={"dataset": ds.name, "params": {
+            "attribute": "colors", "model": tiny_clip, "pretrained": ""}})
+        assert res.error is None, res.error
+        assert res.result["num_clusters"] == len(ds.distinct("sa_cluster.label"))
+        assert len(res.result["related_texts"]) == 20
+        assert balance.balance_report(ds, "sa_cluster").entropy == pytest.approx(res.result["entropy"])
+    finally:
+        ds.delete()

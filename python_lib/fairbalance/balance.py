@@ -195,3 +195,91 @@ def _cross_table(samples, label_key: str, attribute_key: str) -> list[CrossTable
         majority = max(counts, key=counts.get)
         rows.append(CrossTableRow(cluster, n, counts, majority, counts[majority] / n))
     return rows
+
+
+def balance_summary(
+    samples,
+    label_field: str,
+    attribute_field: str | None = None,
+    generated_field: str = "generated",
+    sa_run_key: str | None = None,
+) -> dict:
+    """Everything the Balance panel shows, from aggregations only (fast on 100k samples).
+
+    ``before`` covers the original samples (``generated`` not True), ``after``
+    the whole view (original + generated) when generated samples exist. With
+    ``attribute_field``, a clusters x attribute heat map of row proportions.
+    ``related_texts`` lists the texts chosen by the newest SA-features run.
+    """
+    from fiftyone import ViewField as F
+
+    from fairbalance import runs
+
+    has_generated = samples._root_dataset.has_field(generated_field) and len(
+        samples.match(F(generated_field) == True)  # noqa: E712
+    ) > 0
+    original = samples.match(F(generated_field) != True) if has_generated else samples  # noqa: E712
+    before = _compute_report(original, label_field, attribute_field)
+    after = _compute_report(samples, label_field, None) if has_generated else None
+    out = {
+        "label_field": label_field,
+        "attribute_field": attribute_field,
+        "before": _brief(before),
+        "after": _brief(after) if after else None,
+        "classes": list((after or before).counts),
+        "heatmap": None,
+        "related_texts": [],
+    }
+    if attribute_field and before.cross_table:
+        attrs = sorted({a for row in before.cross_table for a in row.counts})
+        out["heatmap"] = {
+            "x": attrs,
+            "y": [row.cluster for row in before.cross_table],
+            "z": [[row.counts.get(a, 0) / row.count for a in attrs] for row in before.cross_table],
+            "purity": {row.cluster: row.purity for row in before.cross_table},
+        }
+    keys = [sa_run_key] if sa_run_key else runs.list_runs(samples, "sa_features")[-1:]
+    for key in keys:
+        out["related_texts"] = runs.load_run_results(samples, key).get("related_texts", [])
+    return out
+
+
+def _brief(report: BalanceReport) -> dict:
+    return {
+        "counts": report.counts,
+        "num_samples": report.num_samples,
+        "num_missing": report.num_missing,
+        "entropy": report.entropy,
+        "normalized_entropy": report.normalized_entropy,
+        "max_entropy": report.max_entropy,
+        "imbalance_ratio": report.imbalance_ratio,
+    }
+
+
+def categorical_fields(samples) -> list[str]:
+    """Top-level fields a balance can be computed on: Classification labels and str/int/bool fields."""
+    import fiftyone as fo
+
+    if samples is None:
+        return []
+    reserved = ("id", "filepath", "tags", "metadata", "created_at", "last_modified_at")
+    names = []
+    for name, f in samples.get_field_schema().items():
+        if name in reserved:
+            continue
+        if isinstance(f, fo.EmbeddedDocumentField) and issubclass(f.document_type, fo.Classification):
+            names.append(name)
+        elif isinstance(f, (fo.StringField, fo.IntField, fo.BooleanField)):
+            names.append(name)
+    return names
+
+
+def summary_bar_traces(summary: dict) -> list[dict]:
+    """Plotly bar traces of a :func:`balance_summary`: original, and original + generated if any."""
+    classes = summary["classes"]
+    traces = [{"type": "bar", "name": "original", "x": classes,
+               "y": [summary["before"]["counts"].get(c, 0) for c in classes]}]
+    if summary.get("after"):
+        traces.append({"type": "bar", "name": "original + generated", "x": classes,
+                       "y": [summary["after"]["counts"].get(c, 0) for c in classes]})
+    return traces

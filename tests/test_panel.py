@@ -1,0 +1,67 @@
+"""The Balance panel's callbacks, executed through FiftyOne's operator executor."""
+
+import fiftyone as fo
+import fiftyone.operators as foo
+import pytest
+
+from fairbalance import balance
+
+PANEL = "@fairbalance/fairbalance/balance_panel"
+
+
+def _call(dataset, method, view=None, state=None, **params):
+    ctx = {"dataset": dataset.name, "params": {"__method__": method, "panel_id": "test-panel",
+                                                "panel_state": state or {}, **params}}
+    if view is not None:
+        ctx["view"] = view
+    result = foo.execute_operator(PANEL, ctx=ctx)
+    assert result.error is None, result.error
+    return result.result
+
+
+def test_panel_on_load_and_view_change(digits_copy):
+    summary = _call(digits_copy, "on_load", state={"label_field": "color"})
+    assert summary["label_field"] == "color"
+    sdk = balance.balance_report(digits_copy, "color")
+    assert summary["before"]["counts"] == sdk.counts
+    assert summary["before"]["entropy"] == pytest.approx(sdk.entropy)
+    assert summary["after"] is None
+    test = digits_copy.match_tags("test")
+    changed = _call(digits_copy, "on_change_view", view=test, state={"label_field": "color"})
+    assert changed["before"]["num_samples"] == len(test)
+
+
+def test_panel_heatmap_and_field_change(digits_copy):
+    summary = _call(digits_copy, "on_change_attribute", state={"label_field": "ground_truth"}, value="color")
+    hm = summary["heatmap"]
+    assert hm["y"] == [str(c) for c in range(10)] and "red" in hm["x"]
+    assert all(abs(sum(row) - 1) < 1e-9 for row in hm["z"])
+    changed = _call(digits_copy, "on_change_field", value="color")
+    assert changed["label_field"] == "color"
+
+
+def test_panel_click_filters_view(digits_copy):
+    result = _call(digits_copy, "on_click_bar", state={"label_field": "ground_truth"}, x="3")
+    assert result == {"filtered_to": "3", "num_samples": len(digits_copy.match({"ground_truth.label": "3"}))}
+
+
+def test_panel_before_after_with_generated(digits_copy, tmp_path):
+    gen = [fo.Sample(filepath=str(tmp_path / f"g{i}.png"), generated=True,
+                     ground_truth=fo.Classification(label="0")) for i in range(30)]
+    digits_copy.add_samples(gen)
+    summary = _call(digits_copy, "on_load", state={"label_field": "ground_truth"})
+    assert summary["after"]["counts"]["0"] == summary["before"]["counts"]["0"] + 30
+    assert summary["after"]["num_samples"] == summary["before"]["num_samples"] + 30
+    traces = balance.summary_bar_traces(summary)
+    assert [t["name"] for t in traces] == ["original", "original + generated"]
+
+
+def test_panel_edge_cases(make_dataset, digits_copy):
+    ds = make_dataset()
+    ds.add_sample(fo.Sample(filepath="/x/1.png"))
+    assert _call(ds, "on_load") is None  # no label field: the panel explains what to do
+    one = make_dataset()
+    one.add_samples([fo.Sample(filepath=f"/x/{i}.png", y=fo.Classification(label="a")) for i in range(3)])
+    summary = _call(one, "on_load")
+    assert summary["before"]["entropy"] == 0.0 and summary["before"]["counts"] == {"a": 3}
+    assert _call(digits_copy, "on_change_view", view=digits_copy.limit(0)) is None
