@@ -118,3 +118,11 @@ def test_resolve_device_and_dtype():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             models.resolve_device("cuda")
+
+
+def test_trimmed_text_encoding_is_exact(tiny_clip):
+    clip = models.load_clip(tiny_clip, pretrained=None, device="cpu")
+    texts = ["a", "yellow race, which means an Asian race", "x " * 30, "entity"]
+    fast = clip.encode_text(texts, batch_size=2)
+    full = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenizer(texts)).float(), dim=-1)
+    assert torch.allclose(fast, full, atol=1e-5)

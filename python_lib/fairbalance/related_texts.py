@@ -56,7 +56,7 @@ def _cache_path(clip: ClipModel) -> str:
     return os.path.join(config.cache_dir(), "gloss_embeddings", f"{digest}.npy")
 
 
-def gloss_embeddings(clip: ClipModel, batch_size: int = 512, progress=None) -> np.ndarray:
+def gloss_embeddings(clip: ClipModel, batch_size: int = 256, progress=None) -> np.ndarray:
     """L2-normalized CLIP text embeddings of all WordNet ``W_h+`` texts (disk-cached per model)."""
     path = _cache_path(clip)
     texts, _ = wordnet_candidates()
@@ -67,9 +67,10 @@ def gloss_embeddings(clip: ClipModel, batch_size: int = 512, progress=None) -> n
     import fiftyone.core.utils as fou
 
     chunks = []
+    step = 32 * batch_size  # large chunks: encode_text groups texts of similar length inside each
     with fou.ProgressBar(total=len(texts), progress=progress) as pb:
-        for i in range(0, len(texts), batch_size):
-            chunk = texts[i : i + batch_size]
+        for i in range(0, len(texts), step):
+            chunk = texts[i : i + step]
             chunks.append(clip.encode_text(chunk, batch_size=batch_size).numpy().astype(np.float16))
             pb.update(len(chunk))
     emb = np.concatenate(chunks)
