@@ -1,0 +1,122 @@
+import os
+
+import fiftyone as fo
+import numpy as np
+import pytest
+from PIL import Image
+
+from fairbalance import runs
+from fairbalance.diffusion import (
+    filter_generated, generate_balanced, load_conditional_diffusion, plan_counts, sample_images,
+    train_conditional_diffusion,
+)
+from fairbalance.validation import FairBalanceError
+
+TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def three_colors():
+    from fairbalance import datasets
+
+    ds = datasets.colored_digits("fb-diff-tests", num_classes=3, train_per_class=20, test_per_class=2,
+                                 persistent=False, overwrite=True)
+    yield ds
+    ds.delete()
+
+
+@pytest.fixture(scope="module")
+def trained(three_colors, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("diff") / "model")
+    return train_conditional_diffusion(three_colors, "color", output_dir=folder, epochs=1, **TINY)
+
+
+def test_plan_counts():
+    counts = {"a": 50, "b": 30, "c": 20}
+    assert plan_counts(counts, "equal", total=2000) == {"a": 666, "b": 666, "c": 666}
+    assert plan_counts(counts, "equal", per_class=5) == {"a": 5, "b": 5, "c": 5}
+    assert plan_counts(counts, "fill") == {"a": 0, "b": 20, "c": 30}
+    with pytest.raises(FairBalanceError, match="smaller than the 3 clusters"):
+        plan_counts(counts, "equal", total=2)
+
+
+def test_train_saves_model_mapping_and_run(three_colors, trained):
+    model = load_conditional_diffusion(trained)
+    assert model.classes == sorted(three_colors.distinct("color.label"))
+    assert model.null_class == 3 and model.unet.config.num_class_embeds == 4
+    res = runs.load_run_results(three_colors, "conditional_diffusion")
+    assert res["steps"] == 3 and res["model_dir"] == trained  # 66 images / 32 per batch
+    imgs = sample_images(model, [0, 1], [7, 8], num_inference_steps=3)
+    assert imgs.shape == (2, 16, 16, 3) and imgs.dtype == np.uint8
+    again = sample_images(model, [1, 0], [8, 7], num_inference_steps=3)
+    assert np.array_equal(imgs[0], again[1])  # per-image seeds: batch order does not matter
+
+
+def test_training_resumes_after_interruption(three_colors, tmp_path):
+    folder = str(tmp_path / "m")
+    train_conditional_diffusion(three_colors, "color", output_dir=folder, epochs=1, run_key="d1", **TINY)
+    train_conditional_diffusion(three_colors, "color", output_dir=folder, epochs=2, run_key="d1", **TINY)
+    res = runs.load_run_results(three_colors, "d1")
+    assert res["resumed_from_step"] == 3 and res["steps"] == 6
+    with pytest.raises(FairBalanceError, match="another configuration"):
+        train_conditional_diffusion(three_colors, "color", output_dir=folder, epochs=1, run_key="d1",
+                                    image_size=8, block_out_channels=(16, 32), batch_size=32)
+
+
+def test_generate_balanced_equal_fill_idempotent(three_colors, trained, tmp_path):
+    ds = three_colors.clone()
+    try:
+        out = str(tmp_path / "gen")
+        res = generate_balanced(ds, "color", model=trained, per_class=3, num_inference_steps=2, output_dir=out)
+        assert res["added"] == {c: 3 for c in res["planned"]}
+        gen = ds.match_tags("generated")
+        assert len(gen) == 9 and all(os.path.isfile(p) for p in gen.values("filepath"))
+        s = gen.first()
+        assert s.generated and s.generation["guidance_scale"] == 3.0 and s.generation["model"] == trained
+        assert Image.open(s.filepath).size == (16, 16)
+        again = generate_balanced(ds, "color", model=trained, per_class=3, num_inference_steps=2, output_dir=out)
+        assert sum(again["added"].values()) == 0 and len(ds.match_tags("generated")) == 9
+        # an interrupted run (files and samples of cluster 0 deleted) resumes
+        first = gen.match({"color.label": sorted(res["planned"])[0]})
+        for p in first.values("filepath"):
+            os.remove(p)
+        ds.delete_samples(first)
+        resumed = generate_balanced(ds, "color", model=trained, per_class=3, num_inference_steps=2, output_dir=out)
+        assert sum(resumed["added"].values()) == 3 and len(ds.match_tags("generated")) == 9
+        fill = generate_balanced(ds, "color", model=trained, mode="fill", num_inference_steps=2,
+                                 output_dir=str(tmp_path / "fill"), run_key="fill")
+        real = ds.match({"generated": {"$ne": True}}).count_values("color.label")
+        assert fill["planned"] == {c: max(real.values()) - n for c, n in real.items()}
+    finally:
+        ds.delete()
+
+
+def test_generate_bad_input(three_colors, trained):
+    with pytest.raises(FairBalanceError, match="trained on 'color'"):
+        generate_balanced(three_colors, "ground_truth", model=trained, per_class=1)
+    with pytest.raises(FairBalanceError, match="smaller than"):
+        generate_balanced(three_colors, "color", model=trained, total=2)
+    with pytest.raises(Exception, match="No conditional diffusion model"):
+        generate_balanced(three_colors, "color", model="/nonexistent", per_class=1)
+    one = three_colors.match({"color.label": "red"})
+    with pytest.raises(FairBalanceError, match="single cluster"):
+        train_conditional_diffusion(one, "color", epochs=1, **TINY)
+
+
+def test_filter_generated_scores_and_tags(three_colors, trained, tiny_clip, tmp_path):
+    from fairbalance.sa_features import compute_sa_features
+
+    ds = three_colors.clone()
+    try:
+        compute_sa_features(ds, "colors", model=tiny_clip, pretrained=None, num_related_texts=3, num_workers=0)
+        generate_balanced(ds, "color", model=trained, per_class=4, num_inference_steps=2,
+                          output_dir=str(tmp_path / "g"))
+        res = filter_generated(ds, "color", bottom_fraction=0.25)
+        gen = ds.match_tags("generated")
+        assert res["num_scored"] == 12 and ds.count("generation_score") == 12
+        assert 3 <= res["num_tagged"] <= 4 and len(ds.match_tags("low_quality")) == res["num_tagged"]
+        assert all(-1 <= v <= 1 for v in gen.values("generation_score"))
+        res2 = filter_generated(ds, "color", threshold=2.0, bottom_fraction=None, overwrite=True)
+        assert res2["num_tagged"] == 12  # retagging replaces
+    finally:
+        ds.delete()
