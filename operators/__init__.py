@@ -4,6 +4,7 @@ from .audit import AuditBalance
 from .balance_report import BalanceReport
 from .classifier import ApplyClassifier, ComputeHardnessTags, TrainClassifier
 from .colored_digits import CreateColoredDigits
+from .diffusion import FilterGenerated, GenerateBalanced, TrainConditionalDiffusion
 from .pseudo_labels import ComputePseudoLabels
 from .sa_features import ComputeSAFeatures
 
@@ -13,6 +14,9 @@ OPERATORS = [
     ComputePseudoLabels,
     BalanceReport,
     AuditBalance,
+    TrainConditionalDiffusion,
+    GenerateBalanced,
+    FilterGenerated,
     ComputeHardnessTags,
     TrainClassifier,
     ApplyClassifier,

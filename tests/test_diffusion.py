@@ -120,3 +120,22 @@ def test_filter_generated_scores_and_tags(three_colors, trained, tiny_clip, tmp_
         assert res2["num_tagged"] == 12  # retagging replaces
     finally:
         ds.delete()
+
+
+def test_diffusion_operators(three_colors, tmp_path):
+    import fiftyone.operators as foo
+
+    ds = three_colors.clone()
+    try:
+        res = foo.execute_operator("@fairbalance/fairbalance/train_conditional_diffusion", ctx={
+            "dataset": ds.name, "params": {"label_field": "color", "image_size": 16, "epochs": 1, "batch_size": 32,
+                                           "run_key": "cd"}})
+        assert res.error is None, res.error
+        assert res.result["steps"] == 3
+        res = foo.execute_operator("@fairbalance/fairbalance/generate_balanced", ctx={
+            "dataset": ds.name, "params": {"label_field": "color", "diffusion_run": "cd", "mode": "equal",
+                                           "total": 6, "num_inference_steps": 2}})
+        assert res.error is None, res.error
+        assert res.result["num_added"] == 6 and len(ds.match_tags("generated")) == 6
+    finally:
+        ds.delete()

@@ -1,0 +1,174 @@
+"""Operators: train the conditional diffusion model, generate balanced samples, filter them."""
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fairbalance import runs
+from fairbalance.balance import balance_report
+from fairbalance.diffusion import filter_generated, generate_balanced, train_conditional_diffusion
+
+from ._common import categorical_fields, field_dropdown, progress_callback
+
+
+def _cluster_field(ctx, inputs):
+    fields = categorical_fields(ctx.dataset)
+    if not fields:
+        inputs.view("no_fields", types.Error(label="No label field", description="Compute pseudo-labels first"))
+        return False
+    default = "sa_cluster" if "sa_cluster" in fields else fields[0]
+    field_dropdown(inputs, "label_field", fields, "Cluster field", "The condition of the diffusion model",
+                   default=default)
+    return True
+
+
+class TrainConditionalDiffusion(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="train_conditional_diffusion",
+            label="fairbalance: train conditional diffusion on clusters",
+            description="A class-conditional diffusion model with the pseudo-labels as conditions (resumable)",
+            icon="auto_awesome",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        inputs.view_target(ctx)
+        if not _cluster_field(ctx, inputs):
+            return types.Property(inputs)
+        inputs.int("image_size", default=32, min=8, label="Image size (px)")
+        inputs.int("epochs", default=20, min=1, label="Epochs")
+        inputs.int("batch_size", default=64, min=1, label="Batch size")
+        inputs.float("lr", default=2e-4, min=0, label="Learning rate")
+        inputs.float("cond_drop_prob", default=0.1, min=0, max=1, label="Condition drop probability (CFG)")
+        inputs.int("seed", default=0, label="Seed")
+        inputs.str("run_key", default="conditional_diffusion", required=False, label="Run key")
+        return types.Property(inputs, view=types.View(label="Train conditional diffusion"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        key = p.get("run_key") or "conditional_diffusion"
+        folder = train_conditional_diffusion(
+            ctx.target_view(), p["label_field"], image_size=int(p.get("image_size", 32)),
+            epochs=int(p.get("epochs", 20)), batch_size=int(p.get("batch_size", 64)), lr=float(p.get("lr", 2e-4)),
+            cond_drop_prob=float(p.get("cond_drop_prob", 0.1)), seed=int(p.get("seed", 0)), run_key=key,
+            progress=progress_callback(ctx, "Training steps"),
+        )
+        res = runs.load_run_results(ctx.dataset, key)
+        return {"model_dir": folder, "steps": res["steps"], "final_loss": res["final_loss"],
+                "cluster_sizes": res["cluster_sizes"]}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("model_dir", label="Model folder")
+        outputs.int("steps", label="Training steps")
+        outputs.float("final_loss", label="Final loss")
+        return types.Property(outputs, view=types.View(label="Diffusion model trained"))
+
+
+class GenerateBalanced(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="generate_balanced",
+            label="fairbalance: generate balanced samples",
+            description="Generate the same number per cluster (or fill up to the largest) and add them",
+            icon="library_add",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        inputs.view_target(ctx)
+        if not _cluster_field(ctx, inputs):
+            return types.Property(inputs)
+        keys = runs.list_runs(ctx.dataset, "conditional_diffusion")
+        if not keys:
+            inputs.view("no_model", types.Error(label="No diffusion model", description="Train one first"))
+            return types.Property(inputs)
+        field_dropdown(inputs, "diffusion_run", keys, "Diffusion model", "A 'train conditional diffusion' run",
+                       default=keys[-1])
+        mode = types.RadioGroup()
+        mode.add_choice("equal", label="Equal number per cluster (the paper's rule)")
+        mode.add_choice("fill", label="Fill every cluster up to the largest")
+        inputs.enum("mode", mode.values(), default="equal", view=mode, label="Mode")
+        inputs.int("total", default=2000, min=1, label="Total images (equal mode)")
+        inputs.float("guidance_scale", default=3.0, min=0, label="Guidance scale")
+        inputs.int("num_inference_steps", default=50, min=1, label="Sampling steps")
+        inputs.int("seed", default=0, label="Seed")
+        return types.Property(inputs, view=types.View(label="Generate balanced samples"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        view = ctx.target_view()
+        field = p["label_field"]
+        before = balance_report(view, field)
+        model_dir = runs.get_run_config(ctx.dataset, p["diffusion_run"])["model_dir"]
+        res = generate_balanced(
+            view, field, model=model_dir, mode=p.get("mode", "equal"),
+            total=int(p.get("total", 2000)) if p.get("mode", "equal") == "equal" else None,
+            guidance_scale=float(p.get("guidance_scale", 3.0)),
+            num_inference_steps=int(p.get("num_inference_steps", 50)), seed=int(p.get("seed", 0)),
+            progress=progress_callback(ctx, "Generating"),
+        )
+        after = balance_report(ctx.dataset, field)
+        ctx.ops.reload_dataset()
+        return {**res, "entropy_before": before.entropy, "entropy_after": after.entropy,
+                "num_added": sum(res["added"].values())}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.int("num_added", label="Samples added")
+        outputs.float("entropy_before", label="Entropy of the clusters before")
+        outputs.float("entropy_after", label="Entropy after (original + generated)")
+        outputs.str("output_dir", label="Image folder")
+        return types.Property(outputs, view=types.View(label="Generated"))
+
+
+class FilterGenerated(foo.Operator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="filter_generated",
+            label="fairbalance: filter generated samples",
+            description="Score generated images by CLIP similarity to their cluster and tag the worst",
+            icon="filter_alt",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        inputs.view_target(ctx)
+        if not _cluster_field(ctx, inputs):
+            return types.Property(inputs)
+        inputs.str("embeddings_field", default="clip_embedding", required=False, label="Embeddings field")
+        inputs.float("bottom_fraction", default=0.1, min=0, max=1, label="Tag the bottom fraction")
+        inputs.str("tag", default="low_quality", required=False, label="Tag")
+        inputs.bool("overwrite", default=True, label="Replace a previous filtering")
+        return types.Property(inputs, view=types.View(label="Filter generated samples"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        res = filter_generated(
+            ctx.target_view(), p["label_field"], embeddings_field=p.get("embeddings_field") or "clip_embedding",
+            bottom_fraction=float(p.get("bottom_fraction", 0.1)), tag=p.get("tag") or "low_quality",
+            overwrite=bool(p.get("overwrite", True)), progress=progress_callback(ctx, "Scoring"),
+        )
+        ctx.ops.reload_dataset()
+        return res
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.int("num_scored", label="Generated samples scored")
+        outputs.int("num_tagged", label="Tagged")
+        outputs.float("mean_score", label="Mean similarity to the cluster")
+        return types.Property(outputs, view=types.View(label="Filtered"))
