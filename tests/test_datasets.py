@@ -100,3 +100,18 @@ def test_num_conflicting():
     assert datasets.num_conflicting(100, 0.01) == 1
     assert datasets.num_conflicting(10, 0.005) == 1
     assert datasets.num_conflicting(10, 0.0) == 0
+
+
+def test_colored_digits_color_distribution():
+    ds = datasets.colored_digits("fb-colordist", num_classes=4, train_per_class=100, test_per_class=5,
+                                 color_distribution=[0.7, 0.1, 0.1, 0.1], persistent=False)
+    try:
+        counts = ds.match_tags("train").count_values("color.label")
+        assert counts["red"] > 240 and all(counts[c] < 70 for c in ("green", "yellow", "blue"))
+        # colour is independent of the digit: every digit appears in the dominant colour
+        assert len(ds.match_tags("train").match({"color.label": "red"}).distinct("ground_truth.label")) == 4
+        assert ds.info["colored_digits"]["color_distribution"] == pytest.approx([0.7, 0.1, 0.1, 0.1])
+    finally:
+        ds.delete()
+    with pytest.raises(FairBalanceError, match="color_distribution"):
+        datasets.colored_digits("fb-never", num_classes=3, color_distribution=[1, 2], persistent=False)

@@ -97,7 +97,7 @@ def _render(digit: np.ndarray, rgb: np.ndarray, size: int, augment: bool, rng: n
     return Image.fromarray(img, mode="RGB")
 
 
-def _plan_split(pool, n_per_class, n_conflict, cfg, rng, unbiased):
+def _plan_split(pool, n_per_class, n_conflict, cfg, rng, unbiased, color_probs=None):
     """(source index, class, colour id, augmented) for every image of a split, shuffled."""
     plan = []
     for c, sources in pool.items():
@@ -106,6 +106,8 @@ def _plan_split(pool, n_per_class, n_conflict, cfg, rng, unbiased):
         seen = set()
         if unbiased:
             colors = rng.integers(0, cfg.num_classes, size=n_per_class)
+        elif color_probs is not None:
+            colors = rng.choice(cfg.num_classes, size=n_per_class, p=color_probs)
         else:
             colors = np.full(n_per_class, c)
             conflict_at = rng.choice(n_per_class, size=n_conflict, replace=False)
@@ -128,6 +130,7 @@ def colored_digits(
     image_size: int = 32,
     color_std: float = 0.05,
     seed: int = 0,
+    color_distribution: list[float] | None = None,
     persistent: bool = True,
     overwrite: bool = False,
     progress=None,
@@ -142,6 +145,12 @@ def colored_digits(
     ``train``/``test`` tag. Source digits of the two splits are disjoint;
     a source reused within a split is augmented (small rotation and shift).
     The same arguments give the same files and labels.
+
+    ``color_distribution`` (one weight per class colour) instead draws every
+    training image's colour from that distribution, independently of its
+    digit: an *implicit* imbalance in the colour attribute with no class
+    correlation (the setting of Suayama & Nakamura); ``conflict_ratio`` is
+    then unused.
     """
     import fiftyone as fo
     import fiftyone.core.utils as fou
@@ -151,6 +160,12 @@ def colored_digits(
         num_classes, train_per_class, test_per_class, conflict_ratio, image_size, color_std, seed=seed
     )
     cfg.validate()
+    color_probs = None
+    if color_distribution is not None:
+        w = np.asarray(color_distribution, dtype=float)
+        if w.shape != (num_classes,) or np.any(w < 0) or w.sum() <= 0:
+            raise validation.FairBalanceError(f"color_distribution needs {num_classes} non-negative weights")
+        color_probs = w / w.sum()
     if fo.dataset_exists(name):
         if not overwrite:
             raise validation.FairBalanceError(f"Dataset '{name}' already exists; pass overwrite=True to rebuild it")
@@ -163,7 +178,7 @@ def colored_digits(
     plans = {
         "train": _plan_split(
             {c: p[0] for c, p in pools.items()}, train_per_class,
-            num_conflicting(train_per_class, conflict_ratio), cfg, rng, unbiased=False,
+            num_conflicting(train_per_class, conflict_ratio), cfg, rng, unbiased=False, color_probs=color_probs,
         ),
         "test": _plan_split(
             {c: p[1] for c, p in pools.items()}, test_per_class, 0, cfg, rng, unbiased=True,
@@ -207,7 +222,10 @@ def colored_digits(
 
     dataset = fo.Dataset(name, persistent=persistent)
     dataset.add_samples(samples, progress=False)
-    dataset.info["colored_digits"] = {**asdict(cfg), "output_dir": output_dir}
+    dataset.info["colored_digits"] = {
+        **asdict(cfg), "output_dir": output_dir,
+        "color_distribution": None if color_probs is None else color_probs.tolist(),
+    }
     dataset.classes["ground_truth"] = [str(c) for c in range(num_classes)]
     dataset.classes["color"] = [n for n, _ in CLASS_COLORS[:num_classes]]
     dataset.save()
