@@ -2,6 +2,7 @@
 
 from .audit import AuditBalance
 from .balance_report import BalanceReport
+from .captions import ComputeCaptions, FilterCaptions, GenerateFromCaptions
 from .classifier import ApplyClassifier, ComputeHardnessTags, TrainClassifier
 from .colored_digits import CreateColoredDigits
 from .diffusion import FilterGenerated, GenerateBalanced, TrainConditionalDiffusion
@@ -17,6 +18,9 @@ OPERATORS = [
     TrainConditionalDiffusion,
     GenerateBalanced,
     FilterGenerated,
+    ComputeCaptions,
+    FilterCaptions,
+    GenerateFromCaptions,
     ComputeHardnessTags,
     TrainClassifier,
     ApplyClassifier,
