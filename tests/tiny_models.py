@@ -152,7 +152,7 @@ def build_stable_diffusion(path: str, seed: int = 0) -> str:
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=8, sample_size=16,
     )
-    scheduler = DDIMScheduler(num_train_timesteps=50, beta_schedule="scaled_linear", clip_sample=False)
+    scheduler = DDIMScheduler(num_train_timesteps=50, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
