@@ -48,4 +48,16 @@ fi
     echo "[setup] WordNet unavailable: install Debian's wordnet-base or run 'python -m nltk.downloader wordnet'" >&2
     exit 1
 }
+# Chromium + chromedriver for the browser test (Debian packages; optional:
+# the test is skipped with its reason printed when they are missing).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+        echo "[setup] installing Debian's chromium and chromium-driver for the browser test"
+        (apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1; }) \
+            || echo "[setup] chromium could not be installed; the browser test will be skipped" >&2
+    else
+        echo "[setup] chromium/chromedriver missing; the browser test will be skipped" >&2
+    fi
+fi
 echo "[setup] done"
