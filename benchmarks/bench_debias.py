@@ -15,7 +15,7 @@ import argparse
 import statistics
 import time
 
-import fiftyone as fo
+
 
 from fairbalance import datasets
 from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
@@ -47,7 +47,7 @@ def main():
         prec, van, deb, van_c, deb_c = [], [], [], [], []
         for seed in args.seeds:
             t0 = time.time()
-            ds = datasets.colored_digits(f"fb-bench-debias", train_per_class=args.train_per_class, test_per_class=100,
+            ds = datasets.colored_digits("fb-bench-debias", train_per_class=args.train_per_class, test_per_class=100,
                                          conflict_ratio=ratio, seed=seed, persistent=False, overwrite=True)
             train, test = ds.match_tags("train"), ds.match_tags("test")
             n_conf = len(train.match({"bias_aligned": False}))

@@ -1,6 +1,5 @@
 import os
 
-import fiftyone as fo
 import numpy as np
 import pytest
 from PIL import Image

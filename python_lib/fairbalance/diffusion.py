@@ -16,7 +16,6 @@ interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance import config as fb_config
-from fairbalance import images, models, runs, training, validation
+from fairbalance import models, runs, training, validation, writeback
 
 LABELS_FILE = "fairbalance_labels.json"
 STATE_DIR = "training_state"
@@ -329,13 +328,7 @@ def generate_balanced(
     real = samples.match(Fv("generated") != True) if samples._root_dataset.has_field("generated") else samples  # noqa
     counts = {c: real.count_values(path).get(c, 0) for c in diff.classes}
     plan = plan_counts(counts, mode, total, per_class)
-    target = target_dataset if target_dataset is not None else samples._root_dataset
-    if isinstance(target, str):
-        target = fo.load_dataset(target) if fo.dataset_exists(target) else fo.Dataset(target, persistent=True)
-    output_dir = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "generated", target.name, run_key))
-    os.makedirs(output_dir, exist_ok=True)
-    if not os.access(output_dir, os.W_OK):
-        raise validation.FairBalanceError(f"Output folder {output_dir} is not writable")
+    target, output_dir = writeback.generation_target(samples, target_dataset, output_dir, run_key)
     provenance = {"model": diff.folder, "guidance_scale": guidance_scale, "num_inference_steps": num_inference_steps,
                   "scheduler": scheduler, "mode": mode, "run_key": run_key}
     existing = set(target.values("filepath")) if len(target) else set()

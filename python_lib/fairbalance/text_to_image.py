@@ -8,8 +8,7 @@ import warnings
 
 import torch
 
-from fairbalance import config as fb_config
-from fairbalance import models, runs, validation
+from fairbalance import models, runs, validation, writeback
 
 
 def _prompt_seed(seed: int, source_id: str, prompt: str, k: int) -> int:
@@ -64,7 +63,6 @@ def generate_from_captions(
     """
     import fiftyone as fo
     import fiftyone.core.utils as fou
-    from PIL import Image
 
     validation.require_nonempty(samples)
     validation.require_fields(samples, [caption_field] + ([label_field] if label_field else []))
@@ -76,17 +74,7 @@ def generate_from_captions(
     prompts = [(r[0], c, r[2] if label_field else None) for r in rows for c in (r[1] or []) if c and c.strip()]
     if not prompts:
         raise validation.FairBalanceError(f"No captions in '{caption_field}'; nothing to generate")
-    dataset = samples._root_dataset
-    target = target_dataset if target_dataset is not None else dataset
-    if isinstance(target, str):
-        target = fo.load_dataset(target) if fo.dataset_exists(target) else fo.Dataset(target, persistent=True)
-    output_dir = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "generated", target.name, run_key))
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as e:
-        raise validation.FairBalanceError(f"Cannot create output folder {output_dir}: {e}") from e
-    if not os.access(output_dir, os.W_OK):
-        raise validation.FairBalanceError(f"Output folder {output_dir} is not writable")
+    target, output_dir = writeback.generation_target(samples, target_dataset, output_dir, run_key)
 
     kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     pipe = models.load_diffusion_pipeline(model, device=device, **kwargs)

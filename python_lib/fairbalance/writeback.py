@@ -38,3 +38,29 @@ def set_values_by_id(
             )
     for field_name, by_id in values.items():
         samples.set_values(field_name, dict(by_id), key_field="id", progress=progress)
+
+
+def generation_target(samples, target_dataset, output_dir: str | None, run_key: str):
+    """Where generated samples go: ``(dataset, writable image folder)``.
+
+    ``target_dataset``: None (the samples' own dataset), a dataset, or a name
+    (loaded, or created persistent). The folder defaults to
+    ``$FAIRBALANCE_DATA_DIR/generated/<dataset>/<run_key>``.
+    """
+    import os
+
+    import fiftyone as fo
+
+    from fairbalance import config
+
+    target = target_dataset if target_dataset is not None else samples._root_dataset
+    if isinstance(target, str):
+        target = fo.load_dataset(target) if fo.dataset_exists(target) else fo.Dataset(target, persistent=True)
+    folder = os.path.abspath(output_dir or os.path.join(config.data_dir(), "generated", target.name, run_key))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise validation.FairBalanceError(f"Cannot create output folder {folder}: {e}") from e
+    if not os.access(folder, os.W_OK):
+        raise validation.FairBalanceError(f"Output folder {folder} is not writable")
+    return target, folder
