@@ -97,12 +97,26 @@ def test_balance_panel_and_operator_in_chromium(app_server, browser_dataset):  #
         assert execute, "operator form did not open"
         assert d.find_elements(By.XPATH, "//*[normalize-space(text())='Compute pseudo-labels']")
         d.save_screenshot(os.path.join(shots, "3-operator-form.png"))
-        click(execute[0])
-        assert _wait(lambda: d.find_elements(By.CSS_SELECTOR, "[data-cy='sa_cluster-field']"), 120), \
-            "the new field did not appear in the sidebar"
-        d.save_screenshot(os.path.join(shots, "4-new-field.png"))
-        browser_dataset.reload()
+
+        def written():
+            browser_dataset.reload()
+            return browser_dataset.has_field("sa_cluster") and browser_dataset.count("sa_cluster") > 0
+
+        time.sleep(2)  # let the form finish resolving before pressing Execute
+        for _ in range(4):  # a click that lands while the form re-renders is lost: press again
+            buttons = d.find_elements(By.XPATH, "//button[normalize-space(.)='Execute']")
+            if not buttons or written():
+                break
+            click(buttons[0])
+            if _wait(lambda: written() or not d.find_elements(By.XPATH, "//button[normalize-space(.)='Execute']"), 20):
+                break
+        assert _wait(written, 300, 2), "the operator started from the browser wrote nothing"
         assert browser_dataset.count("sa_cluster") == len(browser_dataset)
+        field = "[data-cy='sa_cluster-field']"
+        if not _wait(lambda: d.find_elements(By.CSS_SELECTOR, field), 60):
+            d.refresh()  # the App reloads the dataset on completion; a slow machine may miss the push
+        assert _wait(lambda: d.find_elements(By.CSS_SELECTOR, field), 120), "the new field is not in the sidebar"
+        d.save_screenshot(os.path.join(shots, "4-new-field.png"))
     finally:
         d.save_screenshot(os.path.join(shots, "last.png"))
         d.quit()
