@@ -37,6 +37,16 @@ def test_sklearn_and_pyclustering_backends_agree(blobs):
     assert adjusted_rand_score(ours.labels, ref.labels) > 0.99
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_pyclustering_backend_is_deterministic_for_every_seed(seed):
+    """pyclustering reads random_state=0 as "unseeded"; seed 0 must still give the same clusters every run."""
+    if not clustering.pyclustering_available():
+        pytest.skip("pyclustering's C core is not available on this platform")
+    x = np.random.default_rng(0).uniform(size=(600, 2))  # no true clusters: the splits depend on the seed
+    runs = {tuple(clustering.xmeans(x, kmax=20, backend="pyclustering", seed=seed).labels) for _ in range(4)}
+    assert len(runs) == 1
+
+
 def test_xmeans_respects_kmax(blobs):
     x, _ = blobs
     result = clustering.xmeans(x, kmax=3, criterion="bic", backend="sklearn")

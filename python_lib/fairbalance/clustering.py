@@ -119,7 +119,10 @@ def _xmeans_pyclustering(x, kmax, kinit, seed) -> ClusteringResult:
 
     inst = xmeans(
         x, initial_centers=initial_centers(x, kinit, seed).tolist(), kmax=kmax, ccore=True,
-        criterion=splitting_type.BAYESIAN_INFORMATION_CRITERION, random_state=seed,
+        criterion=splitting_type.BAYESIAN_INFORMATION_CRITERION,
+        # pyclustering reads random_state 0 as "unseeded" (`random_state or -1`), which made seed=0
+        # runs differ; shift so that every seed, 0 included, is a real seed of the C core.
+        random_state=seed + 1,
     )
     inst.process()
     labels = np.empty(len(x), dtype=int)
