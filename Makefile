@@ -20,7 +20,7 @@ demo: setup
 	$(PY) -m fairbalance.demo $(DEMO_ARGS)
 
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info python_lib/*.egg-info

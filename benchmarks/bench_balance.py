@@ -44,9 +44,11 @@ def main():
     ap.add_argument("--train-per-class", type=int, default=300)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--total", type=int, default=500)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--classifier-epochs", type=int, default=10)
     ap.add_argument("--clip-model", default=None)
     ap.add_argument("--clip-pretrained", default="openai")
     ap.add_argument("--seed", type=int, default=0)
@@ -72,16 +74,22 @@ def main():
         print(table.format())
 
         model = train_conditional_diffusion(train, "sa_cluster", output_dir=f"{tmp}/model", epochs=args.epochs,
-                                            image_size=args.image_size, seed=args.seed)
+                                            image_size=args.image_size, lr=args.lr, seed=args.seed, progress=False)
         print(f"diffusion trained ({time.time() - t0:.0f} s)")
         res = generate_balanced(train, "sa_cluster", model=model, total=args.total, guidance_scale=args.guidance,
                                 num_inference_steps=args.steps, output_dir=f"{tmp}/gen", seed=args.seed)
         print(f"generated {sum(res['added'].values())} images: {res['added']} ({time.time() - t0:.0f} s)")
 
         # independent colour classifier, trained on real images only
+        # (class-weighted, so the rare colours are not under-predicted)
         real_train = ds.match_tags("train").match({"generated": {"$ne": True}})
+        freq = real_train.count_values("color.label")
+        ids, colours = real_train.values(["id", "color.label"])
+        writeback.set_values_by_id(real_train, {"color_weight": {
+            i: len(ids) / (len(freq) * freq[c]) for i, c in zip(ids, colours)}})
         clf = train_classifier(real_train, "color", run_key=None, backbone="cnn", pretrained=False,
-                               image_size=args.image_size, epochs=5, seed=args.seed)
+                               image_size=args.image_size, epochs=args.classifier_epochs, seed=args.seed,
+                               weight_field="color_weight")
         apply_classifier(test, clf, "color_estimate")
         acc = evaluate_classifier(test, "color_estimate", "color").accuracy
         gen = ds.match_tags("generated")
@@ -97,6 +105,18 @@ def main():
             total = sum(counts.values())
             print(f"{label:<24}" + "".join(f"{100 * counts.get(n, 0) / total:8.1f}%" for n in names)
                   + f"{abs(balance.entropy([counts.get(n, 0) for n in names])):9.3f}")
+        # conditioning fidelity: does each cluster generate its own (majority) colour?
+        print("\nper cluster: majority colour of its real images -> estimated colours of its generated images")
+        real_lab, real_col = real_train.values(["sa_cluster.label", "color.label"])
+        gen_lab, gen_col = gen.values(["sa_cluster.label", "color_estimate.label"])
+        hits = 0
+        for c in sorted(set(real_lab), key=int):
+            maj = max(names, key=lambda n: sum(1 for l, v in zip(real_lab, real_col) if l == c and v == n))
+            got = [v for l, v in zip(gen_lab, gen_col) if l == c]
+            hits += sum(v == maj for v in got)
+            shares = ", ".join(f"{n} {100 * got.count(n) / len(got):.0f}%" for n in names if got.count(n))
+            print(f"  cluster {c:>2} ({maj:<6}) -> {shares}")
+        print(f"generated images with their cluster's colour: {100 * hits / max(1, len(gen_lab)):.1f}%")
         print(f"total time {time.time() - t0:.0f} s")
         ds.delete()
 

@@ -103,6 +103,9 @@ class GenerateBalanced(foo.Operator):
         inputs.float("guidance_scale", default=3.0, min=0, label="Guidance scale")
         inputs.int("num_inference_steps", default=50, min=1, label="Sampling steps")
         inputs.int("seed", default=0, label="Seed")
+        inputs.bool("overwrite", default=False, label="Replace images of another model or setting",
+                    description="The image folder of this run already holds images of another model or sampler "
+                                "setting: delete them (and their samples) first")
         return types.Property(inputs, view=types.View(label="Generate balanced samples"))
 
     def execute(self, ctx):
@@ -116,16 +119,18 @@ class GenerateBalanced(foo.Operator):
             total=int(p.get("total", 2000)) if p.get("mode", "equal") == "equal" else None,
             guidance_scale=float(p.get("guidance_scale", 3.0)),
             num_inference_steps=int(p.get("num_inference_steps", 50)), seed=int(p.get("seed", 0)),
-            progress=progress_callback(ctx, "Generating"),
+            overwrite=bool(p.get("overwrite", False)), progress=progress_callback(ctx, "Generating"),
         )
         after = balance_report(ctx.dataset, field)
         ctx.ops.reload_dataset()
         return {**res, "entropy_before": before.entropy, "entropy_after": after.entropy,
-                "num_added": sum(res["added"].values())}
+                "num_added": sum(res["added"].values()),
+                "added_per_cluster": ", ".join(f"{c}: {n}" for c, n in res["added"].items())}
 
     def resolve_output(self, ctx):
         outputs = types.Object()
         outputs.int("num_added", label="Samples added")
+        outputs.str("added_per_cluster", label="Added per cluster")
         outputs.float("entropy_before", label="Entropy of the clusters before")
         outputs.float("entropy_after", label="Entropy after (original + generated)")
         outputs.str("output_dir", label="Image folder")

@@ -90,6 +90,32 @@ def test_generate_balanced_equal_fill_idempotent(three_colors, trained, tmp_path
         ds.delete()
 
 
+def test_generate_refuses_a_folder_of_another_setting(three_colors, trained, tmp_path):
+    ds = three_colors.clone()
+    try:
+        out = str(tmp_path / "gen")
+        generate_balanced(ds, "color", model=trained, per_class=2, num_inference_steps=2, output_dir=out)
+        before = sorted(ds.match_tags("generated").values("generation.guidance_scale"))
+        with pytest.raises(FairBalanceError, match="already holds"):
+            generate_balanced(ds, "color", model=trained, per_class=2, num_inference_steps=2, output_dir=out,
+                              guidance_scale=1.0)
+        assert sorted(ds.match_tags("generated").values("generation.guidance_scale")) == before  # nothing written
+        res = generate_balanced(ds, "color", model=trained, per_class=2, num_inference_steps=2, output_dir=out,
+                                guidance_scale=1.0, overwrite=True)
+        gen = ds.match_tags("generated")
+        assert sum(res["added"].values()) == 6 and len(gen) == 6
+        assert set(gen.values("generation.guidance_scale")) == {1.0}
+        # files that no manifest explains are refused too
+        foreign = tmp_path / "foreign"
+        foreign.mkdir()
+        Image.new("RGB", (16, 16)).save(foreign / "cluster0_seed0_00000.png")
+        with pytest.raises(FairBalanceError, match="unknown run"):
+            generate_balanced(ds, "color", model=trained, per_class=1, num_inference_steps=2,
+                              output_dir=str(foreign), run_key="g2")
+    finally:
+        ds.delete()
+
+
 def test_generate_bad_input(three_colors, trained):
     with pytest.raises(FairBalanceError, match="trained on 'color'"):
         generate_balanced(three_colors, "ground_truth", model=trained, per_class=1)

@@ -2,7 +2,9 @@
 
 Training: a diffusers ``UNet2DModel`` with a class embedding for every
 cluster plus one "null" class for classifier-free guidance (labels are
-dropped to it with probability ``cond_drop_prob``), the DDPM noise schedule,
+dropped to it with probability ``cond_drop_prob``), the DDPM cosine noise
+schedule with v-prediction (with epsilon-prediction the few training steps a
+CPU affords left global colour to the initial noise instead of the class),
 EMA weights, AMP on GPU, and periodic checkpoints that a rerun resumes from.
 ``accelerate`` runs the loop, so several GPUs work unchanged.
 
@@ -27,6 +29,7 @@ from fairbalance import config as fb_config
 from fairbalance import models, runs, training, validation, writeback
 
 LABELS_FILE = "fairbalance_labels.json"
+GENERATION_FILE = "fairbalance_generation.json"
 STATE_DIR = "training_state"
 MIN_IMAGES_PER_CLUSTER = 10
 
@@ -44,6 +47,7 @@ class DiffusionTrainConfig:
     layers_per_block: int = 1
     num_train_timesteps: int = 1000
     ema_decay: float = 0.999
+    prediction_type: str = "v_prediction"
     seed: int = 0
     checkpoint_every: int = 500
 
@@ -150,7 +154,8 @@ def train_conditional_diffusion(
     data = torch.utils.data.TensorDataset(x, torch.as_tensor(y))
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen, drop_last=False)
     unet = _build_unet(cfg)
-    scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="squaredcos_cap_v2")
+    scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="squaredcos_cap_v2",
+                              prediction_type=cfg.prediction_type)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     unet, opt, loader = accelerator.prepare(unet, opt, loader)
@@ -191,7 +196,8 @@ def train_conditional_diffusion(
                 noisy = scheduler.add_noise(xb, noise, t)
                 with accelerator.autocast():
                     pred = unet(noisy, t, class_labels=labels).sample
-                loss = F.mse_loss(pred.float(), noise.float())
+                target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(xb, noise, t)
+                loss = F.mse_loss(pred.float(), target.float())
                 accelerator.backward(loss)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -219,6 +225,7 @@ class ConditionalDiffusionModel:
     null_class: int
     config: dict
     folder: str
+    step: int = 0
 
 
 def load_conditional_diffusion(folder: str, device=None) -> ConditionalDiffusionModel:
@@ -231,7 +238,8 @@ def load_conditional_diffusion(folder: str, device=None) -> ConditionalDiffusion
     with open(path) as f:
         meta = json.load(f)
     unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet")).to(models.resolve_device(device)).eval()
-    return ConditionalDiffusionModel(unet, meta["classes"], meta["null_class"], meta["config"], os.path.abspath(folder))
+    return ConditionalDiffusionModel(unet, meta["classes"], meta["null_class"], meta["config"], os.path.abspath(folder),
+                                     int(meta.get("step", 0)))
 
 
 @torch.inference_mode()
@@ -300,6 +308,7 @@ def generate_balanced(
     batch_size: int = 64,
     device: str | None = None,
     run_key: str = "generate_balanced",
+    overwrite: bool = False,
     progress=None,
 ) -> dict:
     """Generate images per cluster and add them as samples with provenance.
@@ -308,7 +317,9 @@ def generate_balanced(
     ``generation`` (model, guidance, steps, sampler, seed, mode) and the tag
     ``generated``; files go to ``output_dir``. Image ``i`` of cluster ``c``
     always has the same seed, so a rerun adds nothing twice and an
-    interrupted run continues where it stopped. Returns the counts added.
+    interrupted run continues where it stopped. An ``output_dir`` that holds
+    images of another model or sampler setting is refused; ``overwrite=True``
+    deletes those images and their samples first. Returns the counts added.
     """
     import fiftyone as fo
     from PIL import Image
@@ -331,6 +342,9 @@ def generate_balanced(
     target, output_dir = writeback.generation_target(samples, target_dataset, output_dir, run_key)
     provenance = {"model": diff.folder, "guidance_scale": guidance_scale, "num_inference_steps": num_inference_steps,
                   "scheduler": scheduler, "mode": mode, "run_key": run_key}
+    _claim_output_dir(output_dir, target, {
+        "model": diff.folder, "model_step": diff.step, "label_field": label_field, "guidance_scale": guidance_scale,
+        "num_inference_steps": num_inference_steps, "scheduler": scheduler}, overwrite)
     existing = set(target.values("filepath")) if len(target) else set()
     jobs = []
     for ci, c in enumerate(diff.classes):
@@ -366,6 +380,40 @@ def generate_balanced(
     run.write(lambda: None)
     run.save_results(result)
     return result
+
+
+def _claim_output_dir(folder: str, target, setting: dict, overwrite: bool) -> None:
+    """Make ``folder`` hold images of ``setting`` only: refuse another setting's images unless ``overwrite``.
+
+    Reruns reuse existing files by name, so a folder written by another model
+    (or the same folder after more training) must not be mixed in silently.
+    """
+    import glob
+
+    manifest = os.path.join(folder, GENERATION_FILE)
+    previous = None
+    if os.path.isfile(manifest):
+        with open(manifest) as f:
+            previous = json.load(f)
+    images_there = glob.glob(os.path.join(folder, "cluster*_seed*.png"))
+    if previous == setting:
+        return
+    if previous is not None or images_there:
+        if not overwrite:
+            what = f"images of {previous}" if previous else f"{len(images_there)} images of an unknown run"
+            raise validation.FairBalanceError(
+                f"{folder} already holds {what}; pass overwrite=True to replace them or choose another output_dir")
+        stale = [p for p in images_there]
+        if len(target):
+            from fiftyone import ViewField as Fv
+
+            target.delete_samples(target.match(Fv("filepath").is_in(stale)))
+        for p in stale:
+            os.remove(p)
+    tmp = manifest + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(setting, f, indent=1)
+    os.replace(tmp, manifest)
 
 
 def filter_generated(

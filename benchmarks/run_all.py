@@ -1,0 +1,52 @@
+"""Run every benchmark with the settings quoted in the README, one after another (``make bench``).
+
+Each benchmark prints its own table and ratios against its in-process
+baseline. ``requery`` is left out unless asked for: its first run builds the
+WordNet gloss cache of the CLIP model (about 44 min on a 2-core CPU).
+Usage: python benchmarks/run_all.py [--only balance debias ...] [--with-requery]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+BENCHMARKS = {
+    "writeback": ["bench_writeback.py"],
+    "xmeans": ["bench_sa.py", "xmeans", "--n", "22000"],
+    "embed": ["bench_sa.py", "embed", "--images", "120"],
+    "t2i": ["bench_t2i.py"],
+    "debias": ["bench_debias.py"],
+    "balance": ["bench_balance.py", "--epochs", "40", "--image-size", "16", "--train-per-class", "200",
+                "--total", "2000", "--steps", "20", "--guidance", "2"],
+    "requery": ["bench_sa.py", "requery", "--n", "100000"],
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None)
+    ap.add_argument("--with-requery", action="store_true")
+    args = ap.parse_args()
+    names = args.only or [n for n in BENCHMARKS if n != "requery" or args.with_requery]
+    failed = []
+    for name in names:
+        cmd = [sys.executable, os.path.join(HERE, BENCHMARKS[name][0]), *BENCHMARKS[name][1:]]
+        print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call(cmd)
+        print(f"=== {name}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {time.time() - t0:.0f} s", flush=True)
+        if rc:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
