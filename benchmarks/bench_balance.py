@@ -10,7 +10,7 @@ entropy of the colour for the original set, the generated set, and both.
 Features: with ``--clip-model`` weights on disk, the SA features of
 ``compute_sa_features``; otherwise (no CLIP weights offline) each image's
 mean stroke colour, clustered by the same X-means. Usage:
-    python benchmarks/bench_balance.py [--epochs 15] [--total 500] [--clip-model ViT-B-32 --clip-pretrained openai]
+    python benchmarks/bench_balance.py [--epochs 40] [--image-size 32] [--total 2000] [--clip-model ViT-B-32 --clip-pretrained openai]
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ def colour_features(view) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--colors", type=float, nargs="+", default=[0.55, 0.2, 0.12, 0.08, 0.05])
-    ap.add_argument("--train-per-class", type=int, default=300)
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--train-per-class", type=int, default=200)
+    ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--total", type=int, default=500)
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--total", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--classifier-epochs", type=int, default=10)
     ap.add_argument("--clip-model", default=None)
     ap.add_argument("--clip-pretrained", default="openai")
