@@ -10,7 +10,8 @@ entropy of the colour for the original set, the generated set, and both.
 Features: with ``--clip-model`` weights on disk, the SA features of
 ``compute_sa_features``; otherwise (no CLIP weights offline) each image's
 mean stroke colour, clustered by the same X-means. Usage:
-    python benchmarks/bench_balance.py [--epochs 40] [--image-size 32] [--total 2000] [--clip-model ViT-B-32 --clip-pretrained openai]
+    python benchmarks/bench_balance.py [--epochs 40] [--image-size 32] [--total 2000]
+                                       [--clip-model ViT-B-32 --clip-pretrained openai]
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def main():
         est = gen.count_values("color_estimate.label")
         both = {c: orig.get(c, 0) + est.get(c, 0) for c in names}
         print(f"\ncolour classifier accuracy on the real test split: {100 * acc:.1f}%")
-        print(f"{'dataset':<24}" + "".join(f"{n:>9}" for n in names) + f"{'entropy':>9}  (max ln {k} = {math.log(k):.3f})")
+        print(f"{'dataset':<24}" + "".join(f"{n:>9}" for n in names)
+              + f"{'entropy':>9}  (max ln {k} = {math.log(k):.3f})")
         for label, counts in (("(A) original", orig), ("(B) generated", est), ("(C) original+generated", both)):
             total = sum(counts.values())
             print(f"{label:<24}" + "".join(f"{100 * counts.get(n, 0) / total:8.1f}%" for n in names)
@@ -111,8 +113,8 @@ def main():
         gen_lab, gen_col = gen.values(["sa_cluster.label", "color_estimate.label"])
         hits = 0
         for c in sorted(set(real_lab), key=int):
-            maj = max(names, key=lambda n: sum(1 for l, v in zip(real_lab, real_col) if l == c and v == n))
-            got = [v for l, v in zip(gen_lab, gen_col) if l == c]
+            maj = max(names, key=lambda n: sum(1 for cl, v in zip(real_lab, real_col) if cl == c and v == n))
+            got = [v for cl, v in zip(gen_lab, gen_col) if cl == c]
             hits += sum(v == maj for v in got)
             shares = ", ".join(f"{n} {100 * got.count(n) / len(got):.0f}%" for n in names if got.count(n))
             print(f"  cluster {c:>2} ({maj:<6}) -> {shares}")

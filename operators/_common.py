@@ -1,4 +1,4 @@
-"""Small helpers shared by the operators: progress, field choices, run keys."""
+"""Small helpers shared by the operators: config, progress, field choices, run keys, result panels."""
 
 import fiftyone as fo
 import fiftyone.operators.types as types
@@ -32,3 +32,43 @@ def run_key_input(inputs, default):
         description="Name of the run recorded on the dataset (letters, digits, underscores)",
     )
     inputs.bool("overwrite", default=False, label="Overwrite", description="Replace an existing run with this key")
+
+
+def operator_config(name, label, description, icon, dynamic=True, delegated="optional"):
+    """The ``OperatorConfig`` of a fairbalance operator.
+
+    ``delegated``: ``None`` (runs in the App only; quick), ``"optional"`` (the
+    user may schedule it), ``"default"`` (heavy: scheduled unless the user
+    chooses to run it now).
+    """
+    import fiftyone.operators as foo
+
+    if delegated not in (None, "optional", "default"):
+        raise ValueError("delegated must be None, 'optional' or 'default'")
+    flags = {} if delegated is None else {
+        "allow_immediate_execution": True, "allow_delegated_execution": True,
+        **({"default_choice_to_delegated": True} if delegated == "default" else {}),
+    }
+    return foo.OperatorConfig(name=name, label=label, description=description, icon=icon, dynamic=dynamic, **flags)
+
+
+def result_view(title, *rows):
+    """An operator's output panel from ``(name, kind, label[, columns])`` rows.
+
+    ``kind``: ``int``, ``float``, ``str``, ``text`` (a monospaced block) or
+    ``table`` (a list of dicts; ``columns`` maps each key to its heading).
+    """
+    outputs = types.Object()
+    for name, kind, label, *columns in rows:
+        if kind == "table":
+            table = types.TableView()
+            for key, heading in columns[0].items():
+                table.add_column(key, label=heading)
+            outputs.list(name, types.Object(), label=label, view=table)
+        elif kind == "text":
+            outputs.str(name, label=label, view=types.CodeView(language="text"))
+        elif kind in ("int", "float", "str"):
+            getattr(outputs, kind)(name, label=label)
+        else:
+            raise ValueError(f"unknown output kind {kind!r}")
+    return types.Property(outputs, view=types.View(label=title))

@@ -7,20 +7,16 @@ from fairbalance.balance import balance_report
 from fairbalance.pseudo_labels import compute_pseudo_labels
 from fairbalance.sa_features import compute_sa_features
 
-from ._common import progress_callback
+from ._common import operator_config, progress_callback, result_view
 
 
 class AuditBalance(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="audit_balance",
-            label="fairbalance: audit hidden imbalance",
-            description="Type an attribute; get SA features, X-means pseudo-labels and their balance in one go",
-            icon="troubleshoot",
-            dynamic=False,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
+        return operator_config(
+            "audit_balance", "fairbalance: audit hidden imbalance",
+            "Type an attribute; get SA features, X-means pseudo-labels and their balance in one go",
+            "troubleshoot", dynamic=False,
         )
 
     def resolve_input(self, ctx):
@@ -48,13 +44,11 @@ class AuditBalance(foo.Operator):
                 "summary": report.format()}
 
     def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.int("num_clusters", label="Pseudo-label clusters")
-        outputs.float("normalized_entropy", label="Normalized entropy (1 = balanced)")
-        outputs.float("imbalance_ratio", label="Imbalance ratio")
-        table = types.TableView()
-        table.add_column("text", label="Related text")
-        table.add_column("score", label="Score")
-        outputs.list("related_texts", types.Object(), label="Related texts", view=table)
-        outputs.str("summary", label="Report", view=types.CodeView(language="text"))
-        return types.Property(outputs, view=types.View(label="Audit"))
+        return result_view(
+            "Audit",
+            ("num_clusters", "int", "Pseudo-label clusters"),
+            ("normalized_entropy", "float", "Normalized entropy (1 = balanced)"),
+            ("imbalance_ratio", "float", "Imbalance ratio"),
+            ("related_texts", "table", "Related texts", {"text": "Related text", "score": "Score"}),
+            ("summary", "text", "Report"),
+        )

@@ -5,18 +5,16 @@ import fiftyone.operators.types as types
 
 from fairbalance import balance
 
-from ._common import categorical_fields, field_dropdown
+from ._common import categorical_fields, field_dropdown, operator_config, result_view
 
 
 class BalanceReport(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="balance_report",
-            label="fairbalance: balance report",
-            description="Counts, entropy, normalized entropy and imbalance ratio of a label field",
-            icon="balance",
-            dynamic=True,
+        return operator_config(
+            "balance_report", "fairbalance: balance report",
+            "Counts, entropy, normalized entropy and imbalance ratio of a label field",
+            "balance", delegated=None,
         )
 
     def resolve_input(self, ctx):
@@ -59,15 +57,12 @@ class BalanceReport(foo.Operator):
         return out
 
     def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.float("entropy", label="Entropy (nats)")
-        outputs.float("normalized_entropy", label="Normalized entropy (1 = balanced)")
-        outputs.float("imbalance_ratio", label="Imbalance ratio (largest / smallest)")
-        outputs.int("num_classes", label="Classes")
-        table = types.TableView()
-        table.add_column("label", label="Class")
-        table.add_column("count", label="Count")
-        table.add_column("percent", label="%")
-        outputs.list("table", types.Object(), label="Counts", view=table)
-        outputs.str("summary", label="Report", view=types.CodeView(language="text"))
-        return types.Property(outputs, view=types.View(label="Balance report"))
+        return result_view(
+            "Balance report",
+            ("entropy", "float", "Entropy (nats)"),
+            ("normalized_entropy", "float", "Normalized entropy (1 = balanced)"),
+            ("imbalance_ratio", "float", "Imbalance ratio (largest / smallest)"),
+            ("num_classes", "int", "Classes"),
+            ("table", "table", "Counts", {"label": "Class", "count": "Count", "percent": "%"}),
+            ("summary", "text", "Report"),
+        )

@@ -7,7 +7,7 @@ import fiftyone.operators.types as types
 from fairbalance.captions import compute_captions, filter_captions
 from fairbalance.text_to_image import generate_from_captions
 
-from ._common import categorical_fields, field_dropdown, progress_callback, run_key_input
+from ._common import categorical_fields, field_dropdown, operator_config, progress_callback, result_view, run_key_input
 
 
 def _list_fields(dataset):
@@ -20,11 +20,10 @@ def _list_fields(dataset):
 class ComputeCaptions(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="compute_captions", label="fairbalance: caption samples",
-            description="Several diverse captions per image from an image-to-text model (BLIP, GIT, ...)",
-            icon="subtitles", dynamic=True, allow_immediate_execution=True, allow_delegated_execution=True,
-            default_choice_to_delegated=True,
+        return operator_config(
+            "compute_captions", "fairbalance: caption samples",
+            "Several diverse captions per image from an image-to-text model (BLIP, GIT, ...)",
+            "subtitles", delegated="default",
         )
 
     def resolve_input(self, ctx):
@@ -55,10 +54,10 @@ class ComputeCaptions(foo.Operator):
 class FilterCaptions(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="filter_captions", label="fairbalance: filter captions",
-            description="Keep captions containing one of the top-F frequent non-stopword words",
-            icon="filter_list", dynamic=True,
+        return operator_config(
+            "filter_captions", "fairbalance: filter captions",
+            "Keep captions containing one of the top-F frequent non-stopword words",
+            "filter_list", delegated=None,
         )
 
     def resolve_input(self, ctx):
@@ -90,22 +89,22 @@ class FilterCaptions(foo.Operator):
                 "dropped_text": "\n".join(res.dropped_examples)}
 
     def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.str("top_words_text", label="Top-F words")
-        outputs.int("num_kept", label="Captions kept")
-        outputs.int("num_dropped", label="Captions dropped")
-        outputs.str("dropped_text", label="Some dropped captions", view=types.CodeView(language="text"))
-        return types.Property(outputs, view=types.View(label="Captions filtered"))
+        return result_view(
+            "Captions filtered",
+            ("top_words_text", "str", "Top-F words"),
+            ("num_kept", "int", "Captions kept"),
+            ("num_dropped", "int", "Captions dropped"),
+            ("dropped_text", "text", "Some dropped captions"),
+        )
 
 
 class GenerateFromCaptions(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="generate_from_captions", label="fairbalance: generate images from captions",
-            description="Text-to-image (Stable Diffusion family) from each sample's captions; label copied",
-            icon="image", dynamic=True, allow_immediate_execution=True, allow_delegated_execution=True,
-            default_choice_to_delegated=True,
+        return operator_config(
+            "generate_from_captions", "fairbalance: generate images from captions",
+            "Text-to-image (Stable Diffusion family) from each sample's captions; label copied",
+            "image", delegated="default",
         )
 
     def resolve_input(self, ctx):
@@ -133,7 +132,8 @@ class GenerateFromCaptions(foo.Operator):
         res = generate_from_captions(
             ctx.target_view(), p["caption_field"], model=p.get("model") or "runwayml/stable-diffusion-v1-5",
             label_field=p.get("label_field") or None, images_per_caption=int(p.get("images_per_caption", 1)),
-            guidance_scale=float(p.get("guidance_scale", 7.5)), num_inference_steps=int(p.get("num_inference_steps", 30)),
+            guidance_scale=float(p.get("guidance_scale", 7.5)),
+            num_inference_steps=int(p.get("num_inference_steps", 30)),
             seed=int(p.get("seed", 0)), safety_checker=bool(p.get("safety_checker", True)),
             progress=progress_callback(ctx, "Generating"),
         )

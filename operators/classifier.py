@@ -7,7 +7,7 @@ from fairbalance import runs
 from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
 from fairbalance.hardness import compute_hardness
 
-from ._common import categorical_fields, field_dropdown, progress_callback, run_key_input
+from ._common import categorical_fields, field_dropdown, operator_config, progress_callback, result_view, run_key_input
 
 
 def _training_inputs(inputs, epochs_default):
@@ -47,14 +47,10 @@ def _label_field_input(ctx, inputs):
 class ComputeHardnessTags(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="compute_hardness_tags",
-            label="fairbalance: tag likely bias-conflicting samples",
-            description="Train a deliberately biased (GCE) classifier and tag the samples with the highest loss",
-            icon="local_offer",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
+        return operator_config(
+            "compute_hardness_tags", "fairbalance: tag likely bias-conflicting samples",
+            "Train a deliberately biased (GCE) classifier and tag the samples with the highest loss",
+            "local_offer",
         )
 
     def resolve_input(self, ctx):
@@ -90,26 +86,22 @@ class ComputeHardnessTags(foo.Operator):
         return result.to_dict()
 
     def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.int("num_tagged", label="Samples tagged")
-        outputs.str("tag", label="Tag")
-        outputs.str("loss_field", label="Loss field")
-        outputs.str("checkpoint", label="Biased model checkpoint")
-        return types.Property(outputs, view=types.View(label="Hardness tags computed"))
+        return result_view(
+            "Hardness tags computed",
+            ("num_tagged", "int", "Samples tagged"),
+            ("tag", "str", "Tag"),
+            ("loss_field", "str", "Loss field"),
+            ("checkpoint", "str", "Biased model checkpoint"),
+        )
 
 
 class TrainClassifier(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="train_classifier",
-            label="fairbalance: train a classifier",
-            description="Vanilla (CE), biased (GCE) or debiased (upweight a hard tag) image classifier",
-            icon="model_training",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            default_choice_to_delegated=True,
+        return operator_config(
+            "train_classifier", "fairbalance: train a classifier",
+            "Vanilla (CE), biased (GCE) or debiased (upweight a hard tag) image classifier",
+            "model_training", delegated="default",
         )
 
     def resolve_input(self, ctx):
@@ -147,24 +139,21 @@ class TrainClassifier(foo.Operator):
                 "final_train_accuracy": clf.history[-1]["train_accuracy"]}
 
     def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.str("run_key", label="Run key (use it in 'apply classifier')")
-        outputs.str("checkpoint", label="Checkpoint")
-        outputs.float("final_train_accuracy", label="Final train accuracy")
-        return types.Property(outputs, view=types.View(label="Classifier trained"))
+        return result_view(
+            "Classifier trained",
+            ("run_key", "str", "Run key (use it in 'apply classifier')"),
+            ("checkpoint", "str", "Checkpoint"),
+            ("final_train_accuracy", "float", "Final train accuracy"),
+        )
 
 
 class ApplyClassifier(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="apply_classifier",
-            label="fairbalance: apply a classifier",
-            description="Predict with a trained classifier and evaluate (accuracy, conflicting, worst group)",
-            icon="online_prediction",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
+        return operator_config(
+            "apply_classifier", "fairbalance: apply a classifier",
+            "Predict with a trained classifier and evaluate (accuracy, conflicting, worst group)",
+            "online_prediction",
         )
 
     def resolve_input(self, ctx):
@@ -195,9 +184,10 @@ class ApplyClassifier(foo.Operator):
         return ev.to_dict()
 
     def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.float("accuracy", label="Accuracy")
-        outputs.float("conflicting_accuracy", label="Accuracy on bias-conflicting samples")
-        outputs.float("worst_group_accuracy", label="Worst-group accuracy")
-        outputs.str("worst_group", label="Worst group (class|attribute)")
-        return types.Property(outputs, view=types.View(label="Predictions written"))
+        return result_view(
+            "Predictions written",
+            ("accuracy", "float", "Accuracy"),
+            ("conflicting_accuracy", "float", "Accuracy on bias-conflicting samples"),
+            ("worst_group_accuracy", "float", "Worst-group accuracy"),
+            ("worst_group", "str", "Worst group (class|attribute)"),
+        )

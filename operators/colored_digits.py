@@ -5,20 +5,16 @@ import fiftyone.operators.types as types
 
 from fairbalance import datasets
 
-from ._common import progress_callback
+from ._common import operator_config, progress_callback, result_view
 
 
 class CreateColoredDigits(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="create_colored_digits",
-            label="fairbalance: create Colored Digits dataset",
-            description="Build a colour-biased digits dataset (Colored MNIST protocol) for trying fairbalance",
-            icon="palette",
-            dynamic=False,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
+        return operator_config(
+            "create_colored_digits", "fairbalance: create Colored Digits dataset",
+            "Build a colour-biased digits dataset (Colored MNIST protocol) for trying fairbalance",
+            "palette", dynamic=False,
         )
 
     def resolve_input(self, ctx):
@@ -59,9 +55,10 @@ class CreateColoredDigits(foo.Operator):
         }
 
     def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.str("dataset", label="Dataset")
-        outputs.int("num_train", label="Train samples")
-        outputs.int("num_test", label="Test samples")
-        outputs.int("train_bias_conflicting", label="Bias-conflicting train samples")
-        return types.Property(outputs, view=types.View(label="Colored Digits created"))
+        return result_view(
+            "Colored Digits created",
+            ("dataset", "str", "Dataset"),
+            ("num_train", "int", "Train samples"),
+            ("num_test", "int", "Test samples"),
+            ("train_bias_conflicting", "int", "Bias-conflicting train samples"),
+        )

@@ -7,7 +7,7 @@ from fairbalance import runs
 from fairbalance.balance import balance_report
 from fairbalance.diffusion import filter_generated, generate_balanced, train_conditional_diffusion
 
-from ._common import categorical_fields, field_dropdown, progress_callback
+from ._common import categorical_fields, field_dropdown, operator_config, progress_callback, result_view
 
 
 def _cluster_field(ctx, inputs):
@@ -24,15 +24,10 @@ def _cluster_field(ctx, inputs):
 class TrainConditionalDiffusion(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="train_conditional_diffusion",
-            label="fairbalance: train conditional diffusion on clusters",
-            description="A class-conditional diffusion model with the pseudo-labels as conditions (resumable)",
-            icon="auto_awesome",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            default_choice_to_delegated=True,
+        return operator_config(
+            "train_conditional_diffusion", "fairbalance: train conditional diffusion on clusters",
+            "A class-conditional diffusion model with the pseudo-labels as conditions (resumable)",
+            "auto_awesome", delegated="default",
         )
 
     def resolve_input(self, ctx):
@@ -63,25 +58,21 @@ class TrainConditionalDiffusion(foo.Operator):
                 "cluster_sizes": res["cluster_sizes"]}
 
     def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.str("model_dir", label="Model folder")
-        outputs.int("steps", label="Training steps")
-        outputs.float("final_loss", label="Final loss")
-        return types.Property(outputs, view=types.View(label="Diffusion model trained"))
+        return result_view(
+            "Diffusion model trained",
+            ("model_dir", "str", "Model folder"),
+            ("steps", "int", "Training steps"),
+            ("final_loss", "float", "Final loss"),
+        )
 
 
 class GenerateBalanced(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="generate_balanced",
-            label="fairbalance: generate balanced samples",
-            description="Generate the same number per cluster (or fill up to the largest) and add them",
-            icon="library_add",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            default_choice_to_delegated=True,
+        return operator_config(
+            "generate_balanced", "fairbalance: generate balanced samples",
+            "Generate the same number per cluster (or fill up to the largest) and add them",
+            "library_add", delegated="default",
         )
 
     def resolve_input(self, ctx):
@@ -128,26 +119,23 @@ class GenerateBalanced(foo.Operator):
                 "added_per_cluster": ", ".join(f"{c}: {n}" for c, n in res["added"].items())}
 
     def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.int("num_added", label="Samples added")
-        outputs.str("added_per_cluster", label="Added per cluster")
-        outputs.float("entropy_before", label="Entropy of the clusters before")
-        outputs.float("entropy_after", label="Entropy after (original + generated)")
-        outputs.str("output_dir", label="Image folder")
-        return types.Property(outputs, view=types.View(label="Generated"))
+        return result_view(
+            "Generated",
+            ("num_added", "int", "Samples added"),
+            ("added_per_cluster", "str", "Added per cluster"),
+            ("entropy_before", "float", "Entropy of the clusters before"),
+            ("entropy_after", "float", "Entropy after (original + generated)"),
+            ("output_dir", "str", "Image folder"),
+        )
 
 
 class FilterGenerated(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="filter_generated",
-            label="fairbalance: filter generated samples",
-            description="Score generated images by CLIP similarity to their cluster and tag the worst",
-            icon="filter_alt",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
+        return operator_config(
+            "filter_generated", "fairbalance: filter generated samples",
+            "Score generated images by CLIP similarity to their cluster and tag the worst",
+            "filter_alt", delegated="default",
         )
 
     def resolve_input(self, ctx):
@@ -172,8 +160,9 @@ class FilterGenerated(foo.Operator):
         return res
 
     def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.int("num_scored", label="Generated samples scored")
-        outputs.int("num_tagged", label="Tagged")
-        outputs.float("mean_score", label="Mean similarity to the cluster")
-        return types.Property(outputs, view=types.View(label="Filtered"))
+        return result_view(
+            "Filtered",
+            ("num_scored", "int", "Generated samples scored"),
+            ("num_tagged", "int", "Tagged"),
+            ("mean_score", "float", "Mean similarity to the cluster"),
+        )

@@ -6,7 +6,7 @@ import fiftyone.operators.types as types
 
 from fairbalance.pseudo_labels import compute_pseudo_labels
 
-from ._common import field_dropdown, run_key_input
+from ._common import field_dropdown, operator_config, result_view, run_key_input
 
 
 def _vector_fields(dataset):
@@ -18,14 +18,10 @@ def _vector_fields(dataset):
 class ComputePseudoLabels(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="compute_pseudo_labels",
-            label="fairbalance: compute pseudo-labels",
-            description="Cluster the SA features with X-means (at most kmax clusters) into a label field",
-            icon="scatter_plot",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
+        return operator_config(
+            "compute_pseudo_labels", "fairbalance: compute pseudo-labels",
+            "Cluster the SA features with X-means (at most kmax clusters) into a label field",
+            "scatter_plot",
         )
 
     def resolve_input(self, ctx):
@@ -77,14 +73,12 @@ class ComputePseudoLabels(foo.Operator):
         return out
 
     def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.int("num_clusters", label="Clusters found")
-        outputs.float("entropy", label="Entropy of the clusters (nats)")
-        outputs.float("normalized_entropy", label="Normalized entropy (1 = balanced)")
-        outputs.str("criterion", label="Splitting criterion used")
-        outputs.str("backend", label="Implementation")
-        table = types.TableView()
-        table.add_column("cluster", label="Cluster")
-        table.add_column("count", label="Samples")
-        outputs.list("table", types.Object(), label="Cluster sizes", view=table)
-        return types.Property(outputs, view=types.View(label="Pseudo-labels computed"))
+        return result_view(
+            "Pseudo-labels computed",
+            ("num_clusters", "int", "Clusters found"),
+            ("entropy", "float", "Entropy of the clusters (nats)"),
+            ("normalized_entropy", "float", "Normalized entropy (1 = balanced)"),
+            ("criterion", "str", "Splitting criterion used"),
+            ("backend", "str", "Implementation"),
+            ("table", "table", "Cluster sizes", {"cluster": "Cluster", "count": "Samples"}),
+        )

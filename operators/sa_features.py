@@ -5,7 +5,7 @@ import fiftyone.operators.types as types
 
 from fairbalance.sa_features import compute_sa_features
 
-from ._common import progress_callback, run_key_input
+from ._common import operator_config, progress_callback, result_view, run_key_input
 
 
 def _split(text):
@@ -15,14 +15,10 @@ def _split(text):
 class ComputeSAFeatures(foo.Operator):
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="compute_sa_features",
-            label="fairbalance: compute sensitive-attribute features",
-            description="CLIP similarities of every image to the WordNet texts closest to an attribute you type",
-            icon="text_fields",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
+        return operator_config(
+            "compute_sa_features", "fairbalance: compute sensitive-attribute features",
+            "CLIP similarities of every image to the WordNet texts closest to an attribute you type",
+            "text_fields",
         )
 
     def resolve_input(self, ctx):
@@ -77,13 +73,12 @@ class ComputeSAFeatures(foo.Operator):
         return out
 
     def resolve_output(self, ctx):
-        outputs = types.Object()
-        outputs.str("query", label="Query text (W_SA)")
-        outputs.int("num_samples", label="Samples with features")
-        outputs.int("num_encoded", label="Images encoded now (others reused stored embeddings)")
-        outputs.int("num_failures", label="Images that could not be loaded")
-        table = types.TableView()
-        table.add_column("text", label="Related text")
-        table.add_column("score", label="Similarity to the query")
-        outputs.list("related_texts", types.Object(), label="Related texts chosen", view=table)
-        return types.Property(outputs, view=types.View(label="SA features computed"))
+        return result_view(
+            "SA features computed",
+            ("query", "str", "Query text (W_SA)"),
+            ("num_samples", "int", "Samples with features"),
+            ("num_encoded", "int", "Images encoded now (others reused stored embeddings)"),
+            ("num_failures", "int", "Images that could not be loaded"),
+            ("related_texts", "table", "Related texts chosen",
+             {"text": "Related text", "score": "Similarity to the query"}),
+        )

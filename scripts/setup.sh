@@ -33,18 +33,18 @@ fi
 
 # WordNet 3.0 for the sensitive-attribute step: NLTK's data if present, else
 # Debian's wordnet-base files (fairbalance adapts them for NLTK's reader).
-if ! "$PY" -m fairbalance.resources check-wordnet >/dev/null 2>&1; then
+if ! "$PY" -m fairbalance check-wordnet >/dev/null 2>&1; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
         echo "[setup] installing Debian's wordnet-base"
         (apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null 2>&1 \
             || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends wordnet-base >/dev/null 2>&1; }) \
             || echo "[setup] apt-get could not install wordnet-base" >&2
     fi
-    if ! "$PY" -m fairbalance.resources check-wordnet >/dev/null 2>&1; then
+    if ! "$PY" -m fairbalance check-wordnet >/dev/null 2>&1; then
         "$PY" -m nltk.downloader -q wordnet >/dev/null 2>&1 || true
     fi
 fi
-"$PY" -m fairbalance.resources check-wordnet || {
+"$PY" -m fairbalance check-wordnet || {
     echo "[setup] WordNet unavailable: install Debian's wordnet-base or run 'python -m nltk.downloader wordnet'" >&2
     exit 1
 }

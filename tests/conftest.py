@@ -1,7 +1,7 @@
 """Test environment: a private MongoDB directory, offline hub, the plugin on FiftyOne's path.
 
-Set before FiftyOne is imported: tests run on a real mongod with their own
-database directory (removed at exit), never touch the network for models,
+Set before FiftyOne is imported: tests run on a real mongod of their own
+(a free port, a temporary database directory, both gone at exit), never touch the network for models,
 and find the plugin through FiftyOne's own discovery.
 """
 
@@ -15,8 +15,60 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TMP = tempfile.mkdtemp(prefix="fairbalance-tests-")
 atexit.register(shutil.rmtree, _TMP, ignore_errors=True)  # runs after FiftyOne stops mongod
 
+
+
+def _start_private_mongod():
+    """Our own mongod on a free port, stopped at exit; its URI, or None when no mongod is found.
+
+    FiftyOne's database service attaches to any DB service already running on
+    the machine, whatever its database directory: another test session, or
+    the user's own App and datasets. A mongod of our own keeps tests apart.
+    """
+    import importlib.util
+    import socket
+    import subprocess
+    import time
+
+    spec = importlib.util.find_spec("fiftyone")
+    exe = os.path.join(spec.submodule_search_locations[0], "db", "bin", "mongod") if spec else ""
+    if not os.access(exe, os.X_OK):
+        exe = shutil.which("mongod")
+    if not exe:
+        return None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dbpath, log = os.path.join(_TMP, "db"), os.path.join(_TMP, "mongod.log")
+    os.makedirs(dbpath)
+    proc = subprocess.Popen([exe, "--dbpath", dbpath, "--port", str(port), "--bind_ip", "127.0.0.1",
+                             "--logpath", log], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def stop():
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    atexit.register(stop)  # registered after the rmtree, so it runs before it
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mongod exited with {proc.returncode}; see {log}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return f"mongodb://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"mongod did not start on port {port} within 60 s; see {log}")
+
+
 if not os.environ.get("FIFTYONE_DATABASE_URI"):
-    os.environ["FIFTYONE_DATABASE_DIR"] = os.path.join(_TMP, "db")
+    _uri = _start_private_mongod()
+    if _uri:
+        os.environ["FIFTYONE_DATABASE_URI"] = _uri
+    else:
+        os.environ["FIFTYONE_DATABASE_DIR"] = os.path.join(_TMP, "db")
 os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
 os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
 os.environ["FIFTYONE_SHOW_PROGRESS_BARS"] = "false"

@@ -8,7 +8,7 @@ WordNet 3.0 documentation: the files are copied once into fairbalance's own
 NLTK data folder (in :func:`fairbalance.config.cache_dir`) together with a
 generated ``lexnames``. Nothing is downloaded at run time.
 
-CLI: ``python -m fairbalance.resources check-wordnet``.
+CLI: ``python -m fairbalance check-wordnet``.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def wordnet_version() -> str:
 
 def _main(argv: list[str]) -> int:
     if argv[:1] != ["check-wordnet"]:
-        print("usage: python -m fairbalance.resources check-wordnet", file=sys.stderr)
+        print("usage: python -m fairbalance check-wordnet", file=sys.stderr)
         return 2
     try:
         wn = load_wordnet()
