@@ -37,19 +37,25 @@ class HardnessResult:
         return asdict(self)
 
 
-def _top_k(losses: np.ndarray, labels: np.ndarray, k: int, per_class: bool) -> np.ndarray:
-    """Indices of the k highest losses, split over classes in proportion to their size when per_class."""
+def loss_ranks(losses: np.ndarray, labels: np.ndarray, per_class: bool) -> np.ndarray:
+    """Rank of every loss, 1 = highest; within its class when ``per_class`` (ties keep sample order)."""
+    ranks = np.empty(len(losses), dtype=int)
+    groups = [np.flatnonzero(labels == c) for c in np.unique(labels)] if per_class else [np.arange(len(losses))]
+    for idx in groups:
+        ranks[idx[np.argsort(-losses[idx], kind="stable")]] = np.arange(1, len(idx) + 1)
+    return ranks
+
+
+def top_k(ranks: np.ndarray, labels: np.ndarray, k: int, per_class: bool) -> np.ndarray:
+    """Indices of the k hardest samples from :func:`loss_ranks`; per class, k is split over the
+    classes in proportion to their size (largest remainders get the leftover slots)."""
     if not per_class:
-        return np.argsort(-losses, kind="stable")[:k]
-    classes, counts = np.unique(labels, return_counts=True)
-    quota = np.floor(k * counts / counts.sum()).astype(int)
-    for j in np.argsort(-(k * counts / counts.sum() - quota), kind="stable")[: k - quota.sum()]:
-        quota[j] += 1  # largest remainders get the leftover slots
-    picked = []
-    for c, n in zip(classes, quota):
-        idx = np.flatnonzero(labels == c)
-        picked.extend(idx[np.argsort(-losses[idx], kind="stable")[:n]])
-    return np.array(picked, dtype=int)
+        return np.flatnonzero(ranks <= k)
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    share = k * counts / counts.sum()
+    quota = np.floor(share).astype(int)
+    quota[np.argsort(-(share - quota), kind="stable")[: k - quota.sum()]] += 1
+    return np.flatnonzero(ranks <= quota[inverse])
 
 
 def compute_hardness(
@@ -113,12 +119,8 @@ def compute_hardness(
     )
     logits = training.predict(clf, paths, device=device, num_workers=num_workers)
     losses = F.cross_entropy(logits, torch.as_tensor(labels), reduction="none").numpy()
-    hard = _top_k(losses, labels, k, per_class)
-
-    ranks = np.empty(len(ids), dtype=int)
-    groups = [np.flatnonzero(labels == c) for c in np.unique(labels)] if per_class else [np.arange(len(ids))]
-    for idx in groups:
-        ranks[idx[np.argsort(-losses[idx], kind="stable")]] = np.arange(1, len(idx) + 1)
+    ranks = loss_ranks(losses, labels, per_class)
+    hard = top_k(ranks, labels, k, per_class)
 
     def write():
         clf.save(output_dir)
