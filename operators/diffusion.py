@@ -129,6 +129,21 @@ class GenerateBalanced(foo.Operator):
         )
 
 
+def parse_cluster_texts(text):
+    """``"cluster: text"`` lines -> ``{cluster: text}``; None when empty."""
+    from fairbalance.validation import FairBalanceError
+
+    out = {}
+    for line in (text or "").splitlines():
+        if not line.strip():
+            continue
+        cluster, sep, value = line.partition(":")
+        if not sep or not cluster.strip() or not value.strip():
+            raise FairBalanceError(f"Cluster texts: expected 'cluster: text', got {line!r}")
+        out[cluster.strip()] = value.strip()
+    return out or None
+
+
 class FilterGenerated(foo.Operator):
     @property
     def config(self):
@@ -146,6 +161,9 @@ class FilterGenerated(foo.Operator):
         inputs.str("embeddings_field", default="clip_embedding", required=False, label="Embeddings field")
         inputs.float("bottom_fraction", default=0.1, min=0, max=1, label="Tag the bottom fraction")
         inputs.str("tag", default="low_quality", required=False, label="Tag")
+        inputs.str("texts", required=False, label="Cluster texts (optional)", view=types.TextFieldView(
+            multiline=True, placeholder="0: a photo of an old man\n1: a photo of a young woman"),
+            description="One 'cluster: text' per line to score against texts instead of cluster centroids")
         inputs.bool("overwrite", default=True, label="Replace a previous filtering")
         return types.Property(inputs, view=types.View(label="Filter generated samples"))
 
@@ -154,7 +172,8 @@ class FilterGenerated(foo.Operator):
         res = filter_generated(
             ctx.target_view(), p["label_field"], embeddings_field=p.get("embeddings_field") or "clip_embedding",
             bottom_fraction=float(p.get("bottom_fraction", 0.1)), tag=p.get("tag") or "low_quality",
-            overwrite=bool(p.get("overwrite", True)), progress=progress_callback(ctx, "Scoring"),
+            texts=parse_cluster_texts(p.get("texts")), overwrite=bool(p.get("overwrite", True)),
+            progress=progress_callback(ctx, "Scoring"),
         )
         ctx.ops.reload_dataset()
         return res

@@ -143,6 +143,28 @@ def test_filter_generated_scores_and_tags(three_colors, trained, tiny_clip, tmp_
         assert all(-1 <= v <= 1 for v in gen.values("generation_score"))
         res2 = filter_generated(ds, "color", threshold=2.0, bottom_fraction=None, overwrite=True)
         assert res2["num_tagged"] == 12  # retagging replaces
+        centroid_scores = gen.values("generation_score")
+        texts = {c: f"a {c} handwritten digit" for c in ds.distinct("color.label")}
+        with pytest.raises(FairBalanceError, match="missing"):
+            filter_generated(ds, "color", texts={"red": "a red digit"}, overwrite=True)
+        with pytest.raises(FairBalanceError, match="method must be 'clip'"):
+            filter_generated(ds, "color", method="dino", overwrite=True)
+        res3 = filter_generated(ds, "color", texts=texts, bottom_fraction=0.5, overwrite=True)
+        assert res3["num_scored"] == 12 and 6 <= res3["num_tagged"] <= 7
+        assert gen.values("generation_score") != centroid_scores  # scored against the texts now
+        assert runs.get_run_config(ds, "filter_generated")["score_method"] == "clip"
+        # the operator takes the same texts as "cluster: text" lines and gives the same scores
+        import fiftyone.operators as foo
+
+        sdk_scores = gen.values("generation_score")
+        lines = "\n".join(f"{c}: {t}" for c, t in texts.items())
+        res4 = foo.execute_operator("@fairbalance/fairbalance/filter_generated", ctx={
+            "dataset": ds.name, "params": {"label_field": "color", "texts": lines, "bottom_fraction": 0.5}})
+        assert res4.error is None, res4.error
+        assert res4.result["num_tagged"] == res3["num_tagged"] and gen.values("generation_score") == sdk_scores
+        with pytest.raises(Exception, match="expected 'cluster: text'"):
+            foo.execute_operator("@fairbalance/fairbalance/filter_generated", ctx={
+                "dataset": ds.name, "params": {"label_field": "color", "texts": "no colon here"}})
     finally:
         ds.delete()
 

@@ -424,6 +424,8 @@ def filter_generated(
     tag: str = "low_quality",
     threshold: float | None = None,
     bottom_fraction: float | None = 0.1,
+    method: str = "clip",
+    texts: dict[str, str] | None = None,
     batch_size: int = 64,
     device: str | None = None,
     run_key: str = "filter_generated",
@@ -433,10 +435,12 @@ def filter_generated(
     """Score generated images by CLIP similarity to their cluster and tag the worst (Clustered DreamBooth).
 
     The condition of cluster c is the centroid of the stored CLIP embeddings
-    of the *real* samples of c (same model as ``embeddings_field``); each
-    generated image is scored by cosine similarity to it, stored in
-    ``score_field``, and tagged ``tag`` when below ``threshold`` or in the
-    ``bottom_fraction``. Retagging replaces the previous tags.
+    of the *real* samples of c (same model as ``embeddings_field``), or, with
+    ``texts`` (cluster -> text, e.g. a caption that describes the cluster),
+    the CLIP embedding of that text. Each generated image is scored by cosine
+    similarity to its condition, stored in ``score_field``, and tagged
+    ``tag`` when below ``threshold`` or in the ``bottom_fraction``.
+    Retagging replaces the previous tags. ``method``: only ``"clip"``.
     """
     from fiftyone import ViewField as Fv
 
@@ -447,6 +451,8 @@ def filter_generated(
     validation.require_fields(samples, [label_field, embeddings_field, "generated"])
     if (threshold is None) == (bottom_fraction is None):
         raise validation.FairBalanceError("pass exactly one of threshold or bottom_fraction")
+    if method != "clip":
+        raise validation.FairBalanceError(f"method must be 'clip', not {method!r}")
     spec = embeddings.stored_model(samples, embeddings_field)
     if spec is None:
         raise validation.FairBalanceError(f"'{embeddings_field}' was not written by fairbalance; no model recorded")
@@ -455,16 +461,29 @@ def filter_generated(
     real = samples.match(Fv("generated") != True)  # noqa: E712
     if len(gen) == 0:
         raise validation.FairBalanceError("The view has no generated samples")
+    if texts is not None:
+        texts = {str(c): t for c, t in texts.items()}
+        lacking = sorted(set(gen.distinct(path)) - set(texts))
+        if lacking or not all(isinstance(t, str) and t.strip() for t in texts.values()):
+            raise validation.FairBalanceError(
+                f"texts must give a non-empty text for every cluster of the generated samples; missing: {lacking}")
     clip = models.load_clip(spec["model"], spec["pretrained"], device=device)
     new, _ = embeddings.compute_missing(gen, embeddings_field, clip, batch_size, progress=progress)
     run = runs.prepare(samples, run_key, "filter_generated", {
         "label_field": label_field, "embeddings_field": embeddings_field, "threshold": threshold,
-        "bottom_fraction": bottom_fraction, "tag": tag, "model": spec}, [score_field], overwrite)
+        "bottom_fraction": bottom_fraction, "tag": tag, "model": spec, "score_method": method,
+        "texts": sorted(texts.items()) if texts is not None else None},
+        [score_field], overwrite)
     centroids = {}
-    for c in real.distinct(path):
-        _, emb, _ = embeddings.load(real.match(Fv(path) == c), embeddings_field)
-        if len(emb):
-            centroids[c] = embeddings.normalize(emb.mean(0, keepdims=True))[0]
+    if texts is not None:
+        names = sorted(texts)
+        for c, vec in zip(names, clip.encode_text([texts[c] for c in names]).numpy()):
+            centroids[c] = vec
+    else:
+        for c in real.distinct(path):
+            _, emb, _ = embeddings.load(real.match(Fv(path) == c), embeddings_field)
+            if len(emb):
+                centroids[c] = embeddings.normalize(emb.mean(0, keepdims=True))[0]
     gids, glabels, gstored = gen.values(["id", path, embeddings_field])
     scores = {}
     for i, c, e in zip(gids, glabels, gstored):
