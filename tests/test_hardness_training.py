@@ -6,7 +6,7 @@ from PIL import Image
 
 from fairbalance import runs, training
 from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
-from fairbalance.hardness import compute_hardness, loss_ranks, top_k
+from fairbalance.hardness import compute_hardness, hardest, loss_ranks
 from fairbalance.validation import FairBalanceError
 
 FAST = dict(backbone="mlp", pretrained=False, image_size=16, epochs=3, batch_size=64)
@@ -33,8 +33,8 @@ def test_top_k_per_class_and_global():
     labels = np.array([0, 0, 0, 0, 0, 1, 1, 1])
     assert list(loss_ranks(losses, labels, per_class=False)) == [2, 3, 4, 5, 6, 1, 7, 8]
     assert list(loss_ranks(losses, labels, per_class=True)) == [1, 2, 3, 4, 5, 1, 2, 3]
-    assert list(top_k(loss_ranks(losses, labels, False), labels, 3, per_class=False)) == [0, 1, 5]
-    picked = top_k(loss_ranks(losses, labels, True), labels, 4, per_class=True)  # quotas 5:3 of 4 -> 3 and 1
+    assert list(hardest(loss_ranks(losses, labels, False), labels, 3, per_class=False)) == [0, 1, 5]
+    picked = hardest(loss_ranks(losses, labels, True), labels, 4, per_class=True)  # quotas 5:3 of 4 -> 3 and 1
     assert list(picked) == [0, 1, 2, 5]
 
 

@@ -8,6 +8,9 @@
 3. Hardness: a GCE-biased classifier tags the likely bias-conflicting samples.
 4. Vanilla vs. debiased (JTT upweighting of the tagged samples) classifiers,
    evaluated on the unbiased test split and written back as predictions.
+5. Repair: a Colored Digits set with a hidden colour imbalance (55/20/12/8/5%);
+   a class-conditional diffusion model trained on its clusters generates the
+   same number per cluster, and the entropy before/after is printed.
 Needs no GPU, network or weights it cannot find.
 """
 
@@ -17,23 +20,49 @@ import argparse
 
 from fairbalance import balance, datasets, models
 from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
+from fairbalance.diffusion import generate_balanced, train_conditional_diffusion
 from fairbalance.hardness import compute_hardness
 from fairbalance.pseudo_labels import compute_pseudo_labels
 from fairbalance.sa_features import compute_sa_features
 
 
-def _audit(dataset, clip_model: str, pretrained: str | None) -> None:
+def _audit(dataset, clip_model: str, pretrained: str | None) -> str | None:
+    """SA features + pseudo-labels; the label field, or None when the CLIP weights are not here."""
     print(f"\n== Audit: SA features for 'colors' with CLIP {clip_model}/{pretrained}")
     try:
         models.load_clip(clip_model, pretrained)
     except models.ModelNotFoundError as e:
         print(f"  skipped: {e}")
-        return
+        return None
     sa = compute_sa_features(dataset, "colors", model=clip_model, pretrained=pretrained, overwrite=True)
     for r in sa.related_texts[:5]:
         print(f"  related text {r['score']:.3f}  {r['text'][:90]}")
     pl = compute_pseudo_labels(dataset, overwrite=True)
     print(balance.balance_report(dataset, pl.label_field, attribute_field="color").format())
+    return pl.label_field
+
+
+def _repair(name: str, args, have_clip: bool) -> None:
+    """Step 5: generate the same number of images per cluster of an implicitly imbalanced set."""
+    seed = args.seed
+    dataset = datasets.colored_digits(
+        name=name, num_classes=5, train_per_class=args.balance_per_class, test_per_class=20,
+        color_distribution=[0.55, 0.2, 0.12, 0.08, 0.05], seed=seed, overwrite=True,
+    )
+    train = dataset.match_tags("train")
+    print(f"\n== Repair: '{name}', {len(train)} training images with a hidden colour imbalance")
+    field = _audit(train, args.clip_model, args.clip_pretrained or None) if have_clip else None
+    if field is None:
+        field = "color"
+        print("  conditions: the 'color' labels (with CLIP weights, the X-means clusters of the SA features)")
+    before = balance.balance_report(train, field)
+    model = train_conditional_diffusion(train, field, image_size=16, epochs=args.balance_epochs, lr=1e-3, seed=seed)
+    res = generate_balanced(train, field, model=model, total=args.balance_total, guidance_scale=2.0,
+                            num_inference_steps=20, seed=seed, overwrite=True)
+    after = balance.balance_report(dataset.match_tags("train"), field)
+    print(f"  generated {sum(res['added'].values())} images: {res['added']} (tag 'generated', field 'generation')")
+    print(f"  entropy of '{field}': {before.entropy:.3f} -> {after.entropy:.3f} "
+          f"(max ln {len(after.counts)} = {after.max_entropy:.3f})")
 
 
 def main(argv=None) -> int:
@@ -43,6 +72,10 @@ def main(argv=None) -> int:
     parser.add_argument("--train-per-class", type=int, default=500)
     parser.add_argument("--test-per-class", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=20, help="classifier epochs (0 skips training)")
+    parser.add_argument("--balance-epochs", type=int, default=40,
+                        help="conditional diffusion epochs for the repair step (0 skips it)")
+    parser.add_argument("--balance-per-class", type=int, default=200, help="repair set: images per digit")
+    parser.add_argument("--balance-total", type=int, default=2000, help="repair step: images generated in all")
     parser.add_argument("--clip-model", default="ViT-B-32")
     parser.add_argument("--clip-pretrained", default="openai")
     parser.add_argument("--seed", type=int, default=0)
@@ -61,7 +94,7 @@ def main(argv=None) -> int:
         print(balance.balance_report(view, "ground_truth", attribute_field="color").format())
         print(balance.balance_report(view, "color").format())
 
-    _audit(dataset, args.clip_model, args.clip_pretrained or None)
+    have_clip = _audit(dataset, args.clip_model, args.clip_pretrained or None) is not None
 
     if args.epochs > 0:
         common = dict(backbone="mlp", pretrained=False, image_size=32, seed=args.seed)
@@ -81,7 +114,12 @@ def main(argv=None) -> int:
             print(f"  {name:<8} test accuracy {100 * ev.accuracy:5.1f}%  bias-conflicting "
                   f"{100 * ev.conflicting_accuracy:5.1f}%  worst group {100 * ev.worst_group_accuracy:5.1f}%")
 
-    print(f"\nDataset '{dataset.name}' is persistent: open it with `fiftyone app launch {dataset.name}`.")
+    if args.balance_epochs > 0:
+        _repair(f"{args.name}-imbalanced", args, have_clip)
+        print(f"\nDatasets '{dataset.name}' and '{args.name}-imbalanced' are persistent: open them with "
+              f"`fiftyone app launch` and the Balance panel.")
+    else:
+        print(f"\nDataset '{dataset.name}' is persistent: open it with `fiftyone app launch {dataset.name}`.")
     return 0
 
 

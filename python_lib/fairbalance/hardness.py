@@ -46,7 +46,7 @@ def loss_ranks(losses: np.ndarray, labels: np.ndarray, per_class: bool) -> np.nd
     return ranks
 
 
-def top_k(ranks: np.ndarray, labels: np.ndarray, k: int, per_class: bool) -> np.ndarray:
+def hardest(ranks: np.ndarray, labels: np.ndarray, k: int, per_class: bool) -> np.ndarray:
     """Indices of the k hardest samples from :func:`loss_ranks`; per class, k is split over the
     classes in proportion to their size (largest remainders get the leftover slots)."""
     if not per_class:
@@ -120,7 +120,7 @@ def compute_hardness(
     logits = training.predict(clf, paths, device=device, num_workers=num_workers)
     losses = F.cross_entropy(logits, torch.as_tensor(labels), reduction="none").numpy()
     ranks = loss_ranks(losses, labels, per_class)
-    hard = top_k(ranks, labels, k, per_class)
+    hard = hardest(ranks, labels, k, per_class)
 
     def write():
         clf.save(output_dir)
