@@ -18,6 +18,8 @@ def test_demo_runs_end_to_end(capsys):
         assert ds.count("vanilla_predictions") == ds.count("debiased_predictions") == 50
         assert "== Repair: 'fb-demo-test-imbalanced', 50 training images" in out
         assert "conditions: the 'color' labels" in out and "generated 10 images" in out
+        before, after = map(float, out.split("counted by their condition): ")[1].split(" (")[0].split(" -> "))
+        assert after > before  # 2 per colour added to 50 imbalanced images
         repaired = fo.load_dataset("fb-demo-test-imbalanced")
         assert len(repaired.match_tags("generated")) == 10 and repaired.has_run("generate_balanced")
     finally:

@@ -59,9 +59,10 @@ def _repair(name: str, args, have_clip: bool) -> None:
     model = train_conditional_diffusion(train, field, image_size=16, epochs=args.balance_epochs, lr=1e-3, seed=seed)
     res = generate_balanced(train, field, model=model, total=args.balance_total, guidance_scale=2.0,
                             num_inference_steps=20, seed=seed, overwrite=True)
-    after = balance.balance_report(dataset.match_tags("train"), field)
+    after = balance.balance_report(dataset.match_tags(["train", "generated"]), field)  # real train + generated
     print(f"  generated {sum(res['added'].values())} images: {res['added']} (tag 'generated', field 'generation')")
-    print(f"  entropy of '{field}': {before.entropy:.3f} -> {after.entropy:.3f} "
+    print(f"  entropy of '{field}' (generated images counted by their condition): "
+          f"{before.entropy:.3f} -> {after.entropy:.3f} "
           f"(max ln {len(after.counts)} = {after.max_entropy:.3f})")
 
 
