@@ -60,6 +60,12 @@ def test_training_resumes_after_interruption(three_colors, tmp_path):
     with pytest.raises(FairBalanceError, match="another configuration"):
         train_conditional_diffusion(three_colors, "color", output_dir=folder, epochs=1, run_key="d1",
                                     image_size=8, block_out_channels=(16, 32), batch_size=32)
+    fewer = three_colors.match_tags("train")  # same settings, other images: no silent resume
+    with pytest.raises(FairBalanceError, match="another configuration"):
+        train_conditional_diffusion(fewer, "color", output_dir=folder, epochs=2, run_key="d1", **TINY)
+    train_conditional_diffusion(fewer, "color", output_dir=folder, epochs=1, run_key="d1", overwrite=True, **TINY)
+    res = runs.load_run_results(three_colors, "d1")
+    assert res["resumed_from_step"] == 0  # started over on the new data
 
 
 def test_generate_balanced_equal_fill_idempotent(three_colors, trained, tmp_path):

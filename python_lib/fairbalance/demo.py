@@ -56,7 +56,8 @@ def _repair(name: str, args, have_clip: bool) -> None:
         field = "color"
         print("  conditions: the 'color' labels (with CLIP weights, the X-means clusters of the SA features)")
     before = balance.balance_report(train, field)
-    model = train_conditional_diffusion(train, field, image_size=16, epochs=args.balance_epochs, lr=1e-3, seed=seed)
+    model = train_conditional_diffusion(train, field, image_size=16, epochs=args.balance_epochs, lr=1e-3, seed=seed,
+                                        overwrite=True)  # resumes only when the data and settings are the same
     res = generate_balanced(train, field, model=model, total=args.balance_total, guidance_scale=2.0,
                             num_inference_steps=20, seed=seed, overwrite=True)
     after = balance.balance_report(dataset.match_tags(["train", "generated"]), field)  # real train + generated

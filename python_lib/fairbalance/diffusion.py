@@ -17,6 +17,7 @@ interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -50,6 +51,7 @@ class DiffusionTrainConfig:
     prediction_type: str = "v_prediction"
     seed: int = 0
     checkpoint_every: int = 500
+    data_fingerprint: str = ""  # of the training images and labels: resume only on the same data
 
     @property
     def null_class(self) -> int:
@@ -102,7 +104,8 @@ def train_conditional_diffusion(
     Images are resized to ``image_size`` (mixed sizes are fine). Clusters with
     fewer than 10 images are trained anyway, with a warning in the run results.
     With ``resume``, a rerun continues from the last checkpoint in
-    ``output_dir`` (refused if that folder holds a different configuration).
+    ``output_dir`` (refused if that folder holds a different configuration
+    or was trained on other images or labels; ``overwrite=True`` starts over).
     """
     import warnings
 
@@ -119,9 +122,10 @@ def train_conditional_diffusion(
     small = {classes[c]: int(n) for c, n in enumerate(counts) if n < MIN_IMAGES_PER_CLUSTER}
     if small:
         warnings.warn(f"clusters with fewer than {MIN_IMAGES_PER_CLUSTER} images: {small}")
+    fingerprint = hashlib.sha1("\n".join(sorted(f"{p}\t{classes[c]}" for p, c in zip(paths, y))).encode())
     cfg = DiffusionTrainConfig(label_field, classes, image_size, epochs, batch_size, lr, cond_drop_prob,
                                tuple(block_out_channels), layers_per_block, seed=seed,
-                               checkpoint_every=checkpoint_every)
+                               checkpoint_every=checkpoint_every, data_fingerprint=fingerprint.hexdigest())
     validation.require_positive_int("epochs", epochs)
     validation.require_positive_int("batch_size", batch_size)
     dataset = samples._root_dataset
@@ -137,8 +141,8 @@ def train_conditional_diffusion(
             k: v for k, v in asdict(cfg).items() if k != "epochs"}
         if not same and not overwrite:
             raise validation.FairBalanceError(
-                f"{output_dir} holds a diffusion model with another configuration; pass overwrite=True or "
-                "choose another output_dir"
+                f"{output_dir} holds a diffusion model with another configuration or other training data; "
+                "pass overwrite=True or choose another output_dir"
             )
         if not (resume and same):
             import shutil
