@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--conflict-ratio", type=float, default=0.01)
     parser.add_argument("--train-per-class", type=int, default=500)
     parser.add_argument("--test-per-class", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=20, help="classifier epochs (0 skips training)")
+    parser.add_argument("--epochs", type=int, default=30, help="classifier epochs (0 skips training)")
     parser.add_argument("--balance-epochs", type=int, default=40,
                         help="conditional diffusion epochs for the repair step (0 skips it)")
     parser.add_argument("--balance-per-class", type=int, default=200, help="repair set: images per digit")
