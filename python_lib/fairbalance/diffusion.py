@@ -262,13 +262,14 @@ def sample_images(model: ConditionalDiffusionModel, labels: list[int], seeds: li
     null = torch.full_like(cond, model.null_class)
     step_gens = [torch.Generator().manual_seed(s + 1) for s in seeds]  # per-image noise: batch-independent
     for t in sched.timesteps:
-        eps = model.unet(torch.cat([x, x]), t, class_labels=torch.cat([cond, null])).sample
-        eps_c, eps_u = eps.chunk(2)
-        eps = eps_u + guidance_scale * (eps_c - eps_u)
+        # the model's prediction (v or epsilon, as trained; the scheduler config says which), guided
+        pred = model.unet(torch.cat([x, x]), t, class_labels=torch.cat([cond, null])).sample
+        pred_c, pred_u = pred.chunk(2)
+        pred = pred_u + guidance_scale * (pred_c - pred_u)
         if scheduler == "ddim":
-            x = sched.step(eps, t, x, eta=0.0).prev_sample
+            x = sched.step(pred, t, x, eta=0.0).prev_sample
         else:
-            x = sched.step(eps, t, x, generator=step_gens).prev_sample
+            x = sched.step(pred, t, x, generator=step_gens).prev_sample
     img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return img
 
