@@ -18,6 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 BENCHMARKS = {
     "writeback": ["bench_writeback.py"],
+    "panel": ["bench_panel.py"],
     "xmeans": ["bench_sa.py", "xmeans", "--n", "22000"],
     "embed": ["bench_sa.py", "embed", "--images", "120"],
     "t2i": ["bench_t2i.py"],
