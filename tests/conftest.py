@@ -1,4 +1,4 @@
-"""Test environment: a private MongoDB directory, offline hub, the plugin on FiftyOne's path.
+"""Test environment: a private mongod, offline hub, the plugin on FiftyOne's path.
 
 Set before FiftyOne is imported: tests run on a real mongod of their own
 (a free port, a temporary database directory, both gone at exit), never touch the network for models,
@@ -13,8 +13,7 @@ import tempfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TMP = tempfile.mkdtemp(prefix="fairbalance-tests-")
-atexit.register(shutil.rmtree, _TMP, ignore_errors=True)  # runs after FiftyOne stops mongod
-
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)  # registered first, so it runs last
 
 
 def _start_private_mongod():
@@ -29,6 +28,8 @@ def _start_private_mongod():
     import subprocess
     import time
 
+    # FiftyOne's own DatabaseService.find_mongod() would import fiftyone, which reads its config
+    # (the database URI) at import time, so the binary is located the same way without importing it
     spec = importlib.util.find_spec("fiftyone")
     exe = os.path.join(spec.submodule_search_locations[0], "db", "bin", "mongod") if spec else ""
     if not os.access(exe, os.X_OK):

@@ -153,6 +153,8 @@ def test_filter_generated_scores_and_tags(three_colors, trained, tiny_clip, tmp_
         texts = {c: f"a {c} handwritten digit" for c in ds.distinct("color.label")}
         with pytest.raises(FairBalanceError, match="missing"):
             filter_generated(ds, "color", texts={"red": "a red digit"}, overwrite=True)
+        with pytest.raises(FairBalanceError, match=r"empty: \['red'\]"):
+            filter_generated(ds, "color", texts={**texts, "red": "  "}, overwrite=True)
         with pytest.raises(FairBalanceError, match="method must be 'clip'"):
             filter_generated(ds, "color", method="dino", overwrite=True)
         res3 = filter_generated(ds, "color", texts=texts, bottom_fraction=0.5, overwrite=True)

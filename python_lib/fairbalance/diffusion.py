@@ -408,12 +408,11 @@ def _claim_output_dir(folder: str, target, setting: dict, overwrite: bool) -> No
             what = f"images of {previous}" if previous else f"{len(images_there)} images of an unknown run"
             raise validation.FairBalanceError(
                 f"{folder} already holds {what}; pass overwrite=True to replace them or choose another output_dir")
-        stale = [p for p in images_there]
         if len(target):
             from fiftyone import ViewField as Fv
 
-            target.delete_samples(target.match(Fv("filepath").is_in(stale)))
-        for p in stale:
+            target.delete_samples(target.match(Fv("filepath").is_in(images_there)))
+        for p in images_there:
             os.remove(p)
     tmp = manifest + ".tmp"
     with open(tmp, "w") as f:
@@ -469,9 +468,11 @@ def filter_generated(
     if texts is not None:
         texts = {str(c): t for c, t in texts.items()}
         lacking = sorted(set(gen.distinct(path)) - set(texts))
-        if lacking or not all(isinstance(t, str) and t.strip() for t in texts.values()):
+        empty = sorted(c for c, t in texts.items() if not (isinstance(t, str) and t.strip()))
+        if lacking or empty:
             raise validation.FairBalanceError(
-                f"texts must give a non-empty text for every cluster of the generated samples; missing: {lacking}")
+                "texts must give a non-empty text for every cluster of the generated samples; "
+                f"missing: {lacking}, empty: {empty}")
     clip = models.load_clip(spec["model"], spec["pretrained"], device=device)
     new, _ = embeddings.compute_missing(gen, embeddings_field, clip, batch_size, progress=progress)
     run = runs.prepare(samples, run_key, "filter_generated", {
