@@ -4,13 +4,14 @@ from .audit import AuditBalance
 from .balance_report import BalanceReport
 from .captions import ComputeCaptions, FilterCaptions, GenerateFromCaptions
 from .classifier import ApplyClassifier, ComputeHardnessTags, TrainClassifier
-from .colored_digits import CreateColoredDigits
+from .colored_digits import CreateColoredDigits, CreateColoredMnist
 from .diffusion import FilterGenerated, GenerateBalanced, TrainConditionalDiffusion
 from .pseudo_labels import ComputePseudoLabels
 from .sa_features import ComputeSAFeatures
 
 OPERATORS = [
     CreateColoredDigits,
+    CreateColoredMnist,
     ComputeSAFeatures,
     ComputePseudoLabels,
     BalanceReport,

@@ -1,9 +1,10 @@
-"""Operator: build the Colored Digits benchmark dataset."""
+"""Operators: build the Colored Digits and Colored MNIST benchmark datasets."""
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fairbalance import datasets
+from fairbalance.colored_mnist import colored_mnist
 
 from ._common import operator_config, progress_callback, result_view
 
@@ -59,6 +60,55 @@ class CreateColoredDigits(foo.Operator):
             "Colored Digits created",
             ("dataset", "str", "Dataset"),
             ("num_train", "int", "Train samples"),
+            ("num_test", "int", "Test samples"),
+            ("train_bias_conflicting", "int", "Bias-conflicting train samples"),
+        )
+
+
+class CreateColoredMnist(foo.Operator):
+    @property
+    def config(self):
+        return operator_config(
+            "create_colored_mnist", "fairbalance: create Colored MNIST dataset",
+            "Build Colored MNIST (LfF protocol) from 5,000 real MNIST digits: biased train, unbiased val/test",
+            "palette", dynamic=False,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        inputs.str("name", default="colored-mnist", required=True, label="Dataset name")
+        ratio = types.Dropdown(label="Bias-conflicting ratio")
+        for r in (0.005, 0.01, 0.02, 0.05):
+            ratio.add_choice(r, label=f"{r:.1%}")
+        inputs.enum("conflict_ratio", ratio.values(), default=0.01, view=ratio)
+        inputs.int("num_val", default=200, min=0, label="Validation images (unbiased)")
+        inputs.int("num_test", default=1000, min=1, label="Test images (unbiased)")
+        inputs.int("seed", default=0, min=0, label="Seed")
+        inputs.bool("overwrite", default=False, label="Overwrite an existing dataset of that name")
+        return types.Property(inputs, view=types.View(label="Create Colored MNIST"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        casts = {"conflict_ratio": float, "num_val": int, "num_test": int, "seed": int, "overwrite": bool}
+        kwargs = {k: cast(p[k]) for k, cast in casts.items() if p.get(k) is not None}
+        dataset = colored_mnist(
+            name=p["name"], persistent=True, progress=progress_callback(ctx, "Writing images"), **kwargs
+        )
+        train = dataset.match_tags("train")
+        return {
+            "dataset": dataset.name,
+            "num_train": len(train),
+            "num_val": len(dataset.match_tags("val")),
+            "num_test": len(dataset.match_tags("test")),
+            "train_bias_conflicting": len(train.match({"bias_aligned": False})),
+        }
+
+    def resolve_output(self, ctx):
+        return result_view(
+            "Colored MNIST created",
+            ("dataset", "str", "Dataset"),
+            ("num_train", "int", "Train samples"),
+            ("num_val", "int", "Validation samples"),
             ("num_test", "int", "Test samples"),
             ("train_bias_conflicting", "int", "Bias-conflicting train samples"),
         )

@@ -4,6 +4,7 @@ Public API (each function takes a FiftyOne collection, validates its inputs
 before doing any work, writes results in bulk and records a FiftyOne run):
 
 - :func:`colored_digits`: the Colored Digits benchmark dataset
+- :func:`colored_mnist`: Colored MNIST (LfF protocol) on 5,000 real MNIST digits
 - :func:`compute_sa_features`: CLIP features for a text-specified sensitive attribute
 - :func:`compute_pseudo_labels`: X-means pseudo-labels of those features
 - :func:`balance_report`, :func:`entropy`, :func:`normalized_entropy`
@@ -11,6 +12,7 @@ before doing any work, writes results in bulk and records a FiftyOne run):
 
 from fairbalance.balance import BalanceReport, balance_report, entropy, normalized_entropy
 from fairbalance.datasets import colored_digits
+from fairbalance.colored_mnist import colored_mnist  # the function shadows its module as an attribute
 from fairbalance.clustering import xmeans
 from fairbalance.models import ModelNotFoundError
 from fairbalance.pseudo_labels import compute_pseudo_labels
@@ -25,6 +27,7 @@ __all__ = [
     "ModelNotFoundError",
     "balance_report",
     "colored_digits",
+    "colored_mnist",
     "compute_pseudo_labels",
     "compute_sa_features",
     "get_related_texts",
