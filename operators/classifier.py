@@ -12,26 +12,31 @@ from ._common import categorical_fields, field_dropdown, operator_config, progre
 
 def _training_inputs(inputs, epochs_default):
     backbone = types.Dropdown()
-    backbone.add_choice("resnet18", label="ResNet-18 (torchvision; ImageNet weights if on disk)")
+    backbone.add_choice("auto", label="Auto: LfF's 3x100 MLP up to 32 px, ResNet-18 above")
+    backbone.add_choice("resnet18", label="ResNet-18 (torchvision)")
     backbone.add_choice("cnn", label="Small CNN (tiny images)")
     backbone.add_choice("mlp", label="3x100 MLP (LfF's Colored MNIST model)")
-    inputs.enum("backbone", backbone.values(), default="resnet18", view=backbone, label="Backbone")
-    inputs.int("image_size", default=32, min=8, label="Image size (px)")
+    inputs.enum("backbone", backbone.values(), default="auto", view=backbone, label="Backbone")
+    inputs.bool("pretrained", default=False, label="ImageNet weights (ResNet-18; must be on disk)")
+    inputs.int("image_size", required=False, min=8, label="Image size (px)",
+               description="Leave empty to train at the images' native size")
+    norm = types.Dropdown()
+    norm.add_choice("none", label="Pixels in [0, 1]")
+    norm.add_choice("dataset", label="Normalised with the training images' statistics")
+    norm.add_choice("imagenet", label="Normalised with ImageNet statistics (pretrained ResNet)")
+    inputs.enum("normalize", norm.values(), default="none", view=norm, label="Input normalisation")
     inputs.int("epochs", default=epochs_default, min=1, label="Epochs")
-    inputs.int("batch_size", default=128, min=1, label="Batch size")
+    inputs.int("batch_size", default=256, min=1, label="Batch size")
     inputs.float("lr", default=1e-3, min=0, label="Learning rate")
     inputs.int("seed", default=0, label="Seed")
 
 
-def _training_params(p):
-    return {
-        "backbone": p.get("backbone", "resnet18"),
-        "image_size": int(p.get("image_size", 32)),
-        "epochs": int(p.get("epochs", 10)),
-        "batch_size": int(p.get("batch_size", 128)),
-        "lr": float(p.get("lr", 1e-3)),
-        "seed": int(p.get("seed", 0)),
-    }
+TRAINING_PARAMS = ("backbone", "pretrained", "image_size", "normalize", "epochs", "batch_size", "lr", "seed")
+
+
+def _given(p, names):
+    """Only the values the user set, so the library's defaults apply to the rest."""
+    return {n: p[n] for n in names if p.get(n) not in (None, "")}
 
 
 def _label_field_input(ctx, inputs):
@@ -58,7 +63,10 @@ class ComputeHardnessTags(foo.Operator):
         inputs.view_target(ctx)
         if not _label_field_input(ctx, inputs):
             return types.Property(inputs)
-        inputs.int("top_k", default=100, min=1, label="Top-K samples to tag")
+        inputs.float("top_k", required=False, min=0, label="How many to tag (optional)",
+                     description="Empty: the samples the biased model gets wrong (its error set; needs no bias "
+                                 "labels). A number >= 1: that many highest-loss samples; below 1: that fraction "
+                                 "of the view (0.01 = 1%)")
         inputs.bool("per_class", default=True, label="Rank per class (as DiffuBias)")
         inputs.float("q", default=0.7, min=0.01, max=1.0, label="GCE q")
         inputs.str("tag", default="bias_conflicting", required=False, label="Tag")
@@ -69,18 +77,15 @@ class ComputeHardnessTags(foo.Operator):
 
     def execute(self, ctx):
         p = ctx.params
+        top_k = p.get("top_k")
+        if top_k is not None:
+            top_k = int(top_k) if float(top_k) >= 1 else float(top_k)
         result = compute_hardness(
             ctx.target_view(),
             label_field=p["label_field"],
-            loss_field=p.get("loss_field") or "bias_loss",
-            tag=p.get("tag") or "bias_conflicting",
-            top_k=int(p.get("top_k", 100)),
-            per_class=bool(p.get("per_class", True)),
-            q=float(p.get("q", 0.7)),
-            run_key=p.get("run_key") or "hardness",
-            overwrite=bool(p.get("overwrite", False)),
+            top_k=top_k,
             progress=progress_callback(ctx, "Training the biased classifier"),
-            **_training_params(p),
+            **_given(p, ("loss_field", "tag", "per_class", "q", "run_key", "overwrite") + TRAINING_PARAMS),
         )
         ctx.ops.reload_dataset()
         return result.to_dict()
@@ -100,7 +105,7 @@ class TrainClassifier(foo.Operator):
     def config(self):
         return operator_config(
             "train_classifier", "fairbalance: train a classifier",
-            "Vanilla (CE), biased (GCE) or debiased (upweight a hard tag) image classifier",
+            "Vanilla, LfF, JTT or real + generated samples; predictions via 'apply classifier'",
             "model_training", delegated="default",
         )
 
@@ -109,34 +114,38 @@ class TrainClassifier(foo.Operator):
         inputs.view_target(ctx)
         if not _label_field_input(ctx, inputs):
             return types.Property(inputs)
-        loss = types.RadioGroup()
-        loss.add_choice("ce", label="Cross-entropy (vanilla)")
-        loss.add_choice("gce", label="Generalized cross-entropy (biased)")
-        inputs.enum("loss", loss.values(), default="ce", view=loss, label="Loss")
+        method = types.RadioGroup()
+        method.add_choice("vanilla", label="Vanilla (cross-entropy)")
+        method.add_choice("lff", label="LfF: Learning from Failure (a biased and a debiased model together)")
+        method.add_choice("jtt", label="JTT: upweight the samples of a tag (the hardness tags)")
+        method.add_choice("synthetic", label="Real + generated samples (those carrying the class label)")
+        method.add_choice("biased", label="Biased (generalized cross-entropy)")
+        inputs.enum("method", method.values(), default="vanilla", view=method, label="Method")
         tags = ctx.dataset.distinct("tags") if ctx.dataset is not None else []
-        field_dropdown(inputs, "hard_tag", tags, "Upweight samples tagged (optional)",
-                       "JTT-style debiasing: the hard set from 'tag likely bias-conflicting samples'", required=False)
-        inputs.float("upweight", default=20.0, min=1.0, label="Upweight factor (lambda)")
-        _training_inputs(inputs, 10)
+        if ctx.params.get("method") == "jtt":
+            field_dropdown(inputs, "hard_tag", tags, "Upweight samples tagged",
+                           "The tag of 'tag likely bias-conflicting samples'", default="bias_conflicting"
+                           if "bias_conflicting" in tags else None)
+            inputs.float("upweight", default=50.0, min=1.0, label="Upweight factor (lambda)")
+        field_dropdown(inputs, "val_tag", tags, "Validation tag (optional)",
+                       "Keep the epoch with the best accuracy on the samples with this tag (e.g. an unbiased "
+                       "validation split)", required=False, default="val" if "val" in tags else None)
+        _training_inputs(inputs, 100)
         run_key_input(inputs, "classifier")
         return types.Property(inputs, view=types.View(label="Train classifier"))
 
     def execute(self, ctx):
         p = ctx.params
-        clf = train_classifier(
-            ctx.target_view(),
-            label_field=p["label_field"],
-            loss=p.get("loss", "ce"),
-            hard_tag=p.get("hard_tag") or None,
-            upweight=float(p.get("upweight", 20.0)) if p.get("hard_tag") else 1.0,
-            run_key=p.get("run_key") or "classifier",
-            overwrite=bool(p.get("overwrite", False)),
-            progress=progress_callback(ctx, "Training"),
-            **_training_params(p),
-        )
-        key = p.get("run_key") or "classifier"
+        val = ctx.dataset.match_tags(p["val_tag"]) if p.get("val_tag") else None
+        given = _given(p, ("method", "hard_tag", "upweight", "run_key", "overwrite") + TRAINING_PARAMS)
+        clf = train_classifier(ctx.target_view(), label_field=p["label_field"], val_samples=val,
+                               progress=progress_callback(ctx, "Training"), **given)
+        key = given.get("run_key", "classifier")
+        last = clf.history[-1]
         return {"run_key": key, "checkpoint": runs.get_run_config(ctx.dataset, key)["checkpoint"],
-                "final_train_accuracy": clf.history[-1]["train_accuracy"]}
+                "final_train_accuracy": round(last["train_accuracy"], 4), "best_epoch": clf.best_epoch,
+                "model_selection": clf.config.model_selection,
+                "num_generated_used": clf.num_generated_used}
 
     def resolve_output(self, ctx):
         return result_view(
@@ -144,6 +153,9 @@ class TrainClassifier(foo.Operator):
             ("run_key", "str", "Run key (use it in 'apply classifier')"),
             ("checkpoint", "str", "Checkpoint"),
             ("final_train_accuracy", "float", "Final train accuracy"),
+            ("model_selection", "str", "Model selection"),
+            ("best_epoch", "int", "Epoch kept"),
+            ("num_generated_used", "int", "Generated samples used"),
         )
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fairbalance import models as fb_models
 from fairbalance import runs, training
 from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
 from fairbalance.hardness import compute_hardness, hardest, loss_ranks
@@ -52,7 +53,7 @@ def test_hardness_tags_conflicting_samples(digits_copy):
     cfg = runs.get_run_config(digits_copy, "hardness")
     assert cfg["q"] == 0.7 and cfg["top_k"] == 40 and cfg["seed"] == 0
     clf = training.load_classifier(result.checkpoint)
-    assert clf.config.loss == "gce" and clf.classes == [str(c) for c in range(10)]
+    assert clf.config.method == "biased" and clf.classes == [str(c) for c in range(10)]
     # retagging replaces, never accumulates
     compute_hardness(train, top_k=10, seed=1, overwrite=True, **FAST)
     assert len(digits_copy.match_tags("bias_conflicting")) == 10
@@ -101,19 +102,113 @@ def test_apply_and_evaluate_write_back(digits_copy):
     assert test.values("pred.label") == test.values("pred2.label")
 
 
-def test_debiased_weights(digits_copy):
+def test_jtt_weights_reach_the_loss(digits_copy):
     train = digits_copy.match_tags("train")
-    train.match({"bias_aligned": False}).tag_samples("hard")
-    up = training.train_classifier(train, hard_tag="hard", upweight=20.0, seed=0, **FAST)
-    over = training.train_classifier(train, hard_tag="hard", upweight=20.0, mode="oversample", seed=0, **FAST)
-    assert up.config.upweight == 20.0 and over.config.mode == "oversample"
-    with pytest.raises(FairBalanceError, match="No sample of the view is tagged"):
-        training.train_classifier(train, hard_tag="missing-tag", **FAST)
+    conflicting = train.match({"bias_aligned": False})
+    conflicting.tag_samples("hard")
+    plain = training.train_classifier(train, seed=0, **FAST)
+    up = training.train_classifier(train, method="jtt", hard_tag="hard", upweight=20.0, seed=0, **FAST)
+    assert up.config.upweight == 20.0 and up.config.method == "jtt"
+    # same seed and data: only the weights differ, and they change what is learned
+    assert not all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(),
+                                                        up.model.state_dict().values()))
+    # upweighting the conflicting samples lowers their loss relative to vanilla training
+    paths = conflicting.values("filepath")
+    labels = torch.tensor([int(v) for v in conflicting.values("ground_truth.label")])
+    loss = lambda clf: torch.nn.functional.cross_entropy(training.predict(clf, paths), labels)  # noqa: E731
+    assert loss(up) < loss(plain)
+    with pytest.raises(FairBalanceError, match="No labelled sample of the view is tagged"):
+        training.train_classifier(train, method="jtt", hard_tag="missing-tag", **FAST)
+    with pytest.raises(FairBalanceError, match="needs hard_tag"):
+        training.train_classifier(train, method="jtt", **FAST)
+    with pytest.raises(FairBalanceError, match="jtt' only"):
+        training.train_classifier(train, hard_tag="hard", **FAST)
     train.set_values("w", [1.0] * len(train))
     training.train_classifier(train, weight_field="w", **FAST)
     train.limit(1).set_values("w", [-1.0])
     with pytest.raises(FairBalanceError, match="non-negative"):
         training.train_classifier(train, weight_field="w", **FAST)
+
+
+def test_lff_relative_difficulty_weights():
+    y = torch.tensor([0, 0, 1, 1])
+    weights = training._LfFWeights(y, 2, alpha=0.5)
+    w = weights(torch.arange(4), torch.tensor([1.0, 0.1, 2.0, 2.0]), torch.tensor([1.0, 0.1, 0.5, 2.0]))
+    # first visit: the losses themselves, divided by their class maximum, then CE_b / (CE_b + CE_d)
+    expected = torch.tensor([1.0 / 2, 0.1 / 0.2, 1.0 / (1.0 + 0.25), 0.5])
+    assert torch.allclose(w, expected, atol=1e-6)
+    w2 = weights(torch.tensor([0]), torch.tensor([3.0]), torch.tensor([1.0]))  # EMA: 0.5*1 + 0.5*3 = 2 vs 1
+    assert torch.allclose(w2, torch.tensor([(2.0 / 2.0) / (2.0 / 2.0 + 1.0 / 1.0)]))
+
+
+def test_lff_trains_and_records(digits_copy):
+    train, test = digits_copy.match_tags("train"), digits_copy.match_tags("test")
+    clf = train_classifier(train, method="lff", run_key="lff", seed=0, val_samples=test, **FAST)
+    assert clf.config.method == "lff" and all("mean_lff_weight" in h for h in clf.history)
+    assert all(0 < h["mean_lff_weight"] < 1 for h in clf.history)
+    res = runs.load_run_results(digits_copy, "lff")
+    assert res["model_selection"] == "best_val_accuracy"
+    best = max(clf.history, key=lambda h: h["val_accuracy"])
+    assert res["best_epoch"] == best["epoch"]
+    apply_classifier(test, clf, "pred")
+    ev = evaluate_classifier(test, "pred")
+    assert ev.accuracy == pytest.approx(best["val_accuracy"])  # the kept model is the best epoch's
+
+
+def test_synthetic_uses_generated_samples_that_carry_the_label(digits_copy):
+    train = digits_copy.match_tags("train")
+    fake = [fo.Sample(filepath=s.filepath, tags=["train", "generated"], generated=True,
+                      ground_truth=fo.Classification(label=s.ground_truth.label)) for s in train.limit(40)]
+    fake += [fo.Sample(filepath=s.filepath, tags=["train", "generated"], generated=True) for s in train.limit(5)]
+    digits_copy.add_samples(fake)
+    view = digits_copy.match_tags("train")
+    vanilla = training.train_classifier(view, seed=0, **FAST)
+    assert vanilla.num_generated_excluded == 40 and vanilla.num_generated_used == 0
+    synth = training.train_classifier(view, method="synthetic", seed=0, **FAST)
+    assert synth.num_generated_used == 40 and synth.num_skipped == 5  # unlabelled ones are skipped, counted
+    capped = training.train_classifier(view, method="synthetic", max_synthetic_fraction=0.05, seed=0, **FAST)
+    cap = int(0.05 * len(view.match({"generated": {"$ne": True}})))  # 5% of the 300 real samples
+    assert capped.num_generated_used == cap == 15 and capped.num_generated_excluded == 40 - cap
+    with pytest.raises(FairBalanceError, match="needs generated samples"):
+        training.train_classifier(train.match({"generated": {"$ne": True}}), method="synthetic", **FAST)
+
+
+def test_input_handling_and_bad_input(digits_copy, tmp_path, monkeypatch):
+    train = digits_copy.match_tags("train")
+    clf = training.train_classifier(train, backbone="auto", epochs=1, normalize="dataset")
+    assert clf.config.image_size == [32, 32] and clf.config.backbone == "mlp"  # native size, LfF's MLP
+    assert clf.config.mean is not None and len(clf.config.std) == 3
+    folder = clf.save(str(tmp_path / "clf"))
+    paths = train.limit(5).values("filepath")
+    assert torch.allclose(training.predict(clf, paths), training.predict(training.load_classifier(folder), paths))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    with pytest.raises(fb_models.ModelNotFoundError, match="pretrained=True"):
+        training.train_classifier(train, backbone="resnet18", pretrained=True, epochs=1)
+    for bad, match in (({"method": "magic"}, "method must be"), ({"normalize": "z"}, "normalize must be"),
+                       ({"lr": float("nan")}, "lr must be"), ({"ema": 1.0}, "ema must be")):
+        with pytest.raises(FairBalanceError, match=match):
+            training.train_classifier(train, **{**FAST, **bad})
+    (tmp_path / "clf" / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(fb_models.ModelNotFoundError, match="corrupt"):
+        training.load_classifier(folder)
+
+
+def test_top_k_counts_fractions_and_error_set(digits_copy):
+    from fairbalance.hardness import resolve_top_k
+
+    assert resolve_top_k(None, 300) is None
+    assert resolve_top_k(1.0, 300) == 300 and resolve_top_k(0.01, 300) == 3 and resolve_top_k(1, 300) == 1
+    for bad in (0, -1, 0.0, 1.5, float("nan"), True, 301):
+        with pytest.raises(FairBalanceError):
+            resolve_top_k(bad, 300)
+    train = digits_copy.match_tags("train")
+    result = compute_hardness(train, epochs=3, **{k: v for k, v in FAST.items() if k != "epochs"})
+    clf = training.load_classifier(result.checkpoint)
+    wrong = training.predict(clf, train.values("filepath")).argmax(1).numpy() != np.array(
+        [int(v) for v in train.values("ground_truth.label")])
+    tagged = set(digits_copy.match_tags("bias_conflicting").values("id"))
+    assert tagged == {i for i, w in zip(train.values("id"), wrong) if w}  # the biased model's error set
+    assert runs.get_run_config(digits_copy, "hardness")["selection"] == "error_set"
 
 
 def test_mixed_image_sizes_and_modes(make_dataset, tmp_path):
@@ -123,14 +218,16 @@ def test_mixed_image_sizes_and_modes(make_dataset, tmp_path):
         img = Image.new("RGB" if i % 2 else "L", size, color=(i * 30, 10, 10) if i % 2 else i * 30)
         img.save(tmp_path / f"{i}.png")
         ds.add_sample(fo.Sample(filepath=str(tmp_path / f"{i}.png"), y=fo.Classification(label=str(i % 2))))
+    with pytest.raises(FairBalanceError, match="8 different sizes"):
+        training.train_classifier(ds, "y", **{k: v for k, v in FAST.items() if k != "image_size"})
     clf = training.train_classifier(ds, "y", **FAST)
     apply_classifier(ds, clf, "p")
     assert ds.count("p") == 8
 
 
 def test_resnet18_backbone_runs(digits_copy):
-    clf = training.train_classifier(digits_copy.limit(32), backbone="resnet18", pretrained=True, image_size=32,
+    clf = training.train_classifier(digits_copy.limit(32), backbone="resnet18", image_size=32,
                                     epochs=1, batch_size=16)
-    assert clf.config.backbone == "resnet18"
+    assert clf.config.backbone == "resnet18" and clf.config.pretrained_weights is None
     logits = training.predict(clf, digits_copy.limit(4).values("filepath"))
     assert logits.shape == (4, 10)

@@ -122,7 +122,7 @@ def test_hardness_train_apply_operators_match_sdk(digits_dataset):
         tagged = lambda ds: sorted(ds.match_tags("bias_conflicting").values("filepath"))  # noqa: E731
         assert tagged(op_ds) == tagged(sdk_ds)  # clones share files, not ids
 
-        params = {"label_field": "ground_truth", "hard_tag": "bias_conflicting", "upweight": 10.0,
+        params = {"label_field": "ground_truth", "method": "jtt", "hard_tag": "bias_conflicting", "upweight": 10.0,
                   "run_key": "debiased", **fast}
         res = foo.execute_operator(f"{PLUGIN}/train_classifier", ctx={"dataset": op_ds.name, "params": params})
         assert res.error is None, res.error

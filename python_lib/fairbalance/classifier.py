@@ -1,7 +1,7 @@
 """Classifier training, prediction and evaluation written back to the dataset.
 
-``train_classifier`` (vanilla CE, GCE, or debiased by weights / JTT-style
-upweighting of a hard tag) records a run with the checkpoint;
+``train_classifier`` (vanilla, biased GCE, JTT, LfF, or real + generated
+samples) records a run with the checkpoint;
 ``apply_classifier`` writes ``fo.Classification`` predictions with confidence
 and logits (so ``evaluate_classifications`` and the Brain's hardness work on
 them); ``evaluate_classifier`` reports accuracy, bias-aligned/conflicting
@@ -25,22 +25,62 @@ from fairbalance.training import TrainedClassifier, load_classifier
 def train_classifier(
     samples,
     label_field: str = "ground_truth",
+    method: str = "vanilla",
+    val_samples=None,
+    backbone: str = "auto",
+    pretrained: bool = False,
+    image_size: int | None = None,
+    normalize: str = "none",
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    q: float = 0.7,
+    ema: float = 0.7,
+    hard_tag: str | None = None,
+    upweight: float = 50.0,
+    weight_field: str | None = None,
+    synthetic_weight: float = 1.0,
+    max_synthetic_fraction: float | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    num_workers: int = 0,
     run_key: str | None = "classifier",
     output_dir: str | None = None,
     overwrite: bool = False,
-    **kwargs,
+    progress=None,
 ) -> TrainedClassifier:
-    """Train (see :func:`fairbalance.training.train_classifier` for options), save, record a run."""
+    """Train a classifier with a debiasing ``method``, save it and record a run.
+
+    ``method``: ``vanilla``, ``biased`` (GCE), ``jtt`` (upweight ``hard_tag``
+    by ``upweight``), ``lff`` (Learning from Failure) or ``synthetic`` (real +
+    generated samples that carry the label); see :mod:`fairbalance.training`
+    for the recipe. The run (``run_key``; None trains without recording)
+    holds the full config, the history, the selected epoch and the
+    checkpoint folder (``output_dir``, default under
+    ``$FAIRBALANCE_DATA_DIR/checkpoints``), which is checked before training.
+    """
     dataset = samples._root_dataset
-    run = None
+    params = dict(label_field=label_field, method=method, backbone=backbone, pretrained=pretrained,
+                  image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr,
+                  weight_decay=weight_decay, q=q, ema=ema, hard_tag=hard_tag, upweight=upweight,
+                  weight_field=weight_field, synthetic_weight=synthetic_weight,
+                  max_synthetic_fraction=max_synthetic_fraction, seed=seed)
+    run = folder = None
     if run_key is not None:
-        run = runs.prepare(samples, run_key, "train_classifier", {"label_field": label_field, **kwargs}, [], overwrite)
-    clf = training.train_classifier(samples, label_field, **kwargs)
-    if run is not None:
         folder = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "checkpoints", dataset.name, run_key))
+        recorded = {("training_method" if k == "method" else k): v for k, v in params.items()}
+        run = runs.prepare(samples, run_key, "train_classifier", recorded, [], overwrite)
+        validation.require_writable_dir(folder)
+    clf = training.train_classifier(samples, val_samples=val_samples, device=device, num_workers=num_workers,
+                                    progress=progress, **params)
+    if run is not None:
         run.config.update({"checkpoint": folder, "train_config": asdict(clf.config)})
         run.write(lambda: clf.save(folder))
-        run.save_results({"history": clf.history, "num_skipped": clf.num_skipped, "checkpoint": folder})
+        run.save_results({"history": clf.history, "best_epoch": clf.best_epoch, "num_skipped": clf.num_skipped,
+                          "num_generated_used": clf.num_generated_used,
+                          "num_generated_excluded": clf.num_generated_excluded,
+                          "model_selection": clf.config.model_selection, "checkpoint": folder})
     return clf
 
 

@@ -2,8 +2,9 @@
 
 DiffuBias / DiffInject step 1: train a biased classifier with GCE (q=0.7),
 compute every sample's cross-entropy under it (eval mode, no augmentation)
-and tag the top-K as likely bias-conflicting (ranked per class, as DiffuBias
-does, or globally).
+and tag the likely bias-conflicting samples: by default the biased model's
+error set (JTT), which needs no bias labels; or the top-K losses (ranked per
+class, as DiffuBias does, or globally).
 """
 
 from __future__ import annotations
@@ -58,19 +59,38 @@ def hardest(ranks: np.ndarray, labels: np.ndarray, k: int, per_class: bool) -> n
     return np.flatnonzero(ranks <= quota[inverse])
 
 
+def resolve_top_k(top_k, num_samples: int) -> int | None:
+    """``None`` (the error set), a count (int >= 1), or a fraction of the samples (float in (0, 1])."""
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, float, np.integer, np.floating)):
+        raise validation.FairBalanceError(f"top_k must be None, a count or a fraction, not {top_k!r}")
+    if isinstance(top_k, (float, np.floating)):
+        if not (np.isfinite(top_k) and 0 < top_k <= 1):
+            raise validation.FairBalanceError(
+                f"top_k={top_k!r}: a float is a fraction of the view and must be in (0, 1]; pass an int for a count")
+        return max(1, int(math.ceil(top_k * num_samples - 1e-9)))
+    if top_k < 1:
+        raise validation.FairBalanceError(f"top_k must be >= 1, got {top_k}")
+    if top_k > num_samples:
+        raise validation.FairBalanceError(f"top_k={top_k} is larger than the {num_samples} labelled samples of the view")
+    return int(top_k)
+
+
 def compute_hardness(
     samples,
     label_field: str = "ground_truth",
     loss_field: str = "bias_loss",
     tag: str = "bias_conflicting",
-    top_k: int | float = 100,
+    top_k: int | float | None = None,
     per_class: bool = True,
     q: float = 0.7,
-    backbone: str = "resnet18",
-    pretrained: bool = True,
-    image_size: int = 32,
+    backbone: str = "auto",
+    pretrained: bool = False,
+    image_size: int | None = None,
+    normalize: str = "none",
     epochs: int = 10,
-    batch_size: int = 128,
+    batch_size: int = 256,
     lr: float = 1e-3,
     seed: int = 0,
     device: str | None = None,
@@ -80,11 +100,14 @@ def compute_hardness(
     overwrite: bool = False,
     progress=None,
 ) -> HardnessResult:
-    """Train a GCE-biased classifier, store per-sample CE loss and rank, tag the top-K.
+    """Train a GCE-biased classifier, store per-sample CE loss and rank, tag the hard samples.
 
-    ``top_k``: a count, or a fraction of the labelled samples when < 1. The
-    rank field (``<loss_field>_rank``, 1 = hardest, per class when
-    ``per_class``) and the checkpoint (``output_dir``, default under
+    ``top_k``: ``None`` (default) tags the biased model's error set, the
+    samples it misclassifies (JTT's rule: needs no bias labels); an int tags
+    that many highest-loss samples; a float in (0, 1] that fraction of the
+    view (``0.01`` = 1%). Only real samples are ranked (generated ones are
+    left out). The rank field (``<loss_field>_rank``, 1 = hardest, per class
+    when ``per_class``) and the checkpoint (``output_dir``, default under
     ``$FAIRBALANCE_DATA_DIR/checkpoints``) are kept with the run. Rerunning
     with ``overwrite=True`` replaces the previous tags, never accumulates.
     """
@@ -92,35 +115,41 @@ def compute_hardness(
     rank_field = f"{loss_field}_rank"
     if not tag or not isinstance(tag, str):
         raise validation.FairBalanceError("tag must be a non-empty string")
-    ids, paths, labels, classes, skipped = training._labels(samples, label_field, None)
-    k = int(math.ceil(top_k * len(ids))) if isinstance(top_k, float) and 0 < top_k < 1 else top_k
-    if isinstance(k, float) and not k.is_integer():
-        raise validation.FairBalanceError("top_k must be an integer count or a fraction in (0, 1)")
-    k = validation.require_positive_int("top_k", int(k))
-    if k > len(ids):
-        raise validation.FairBalanceError(f"top_k={k} is larger than the {len(ids)} labelled samples of the view")
-    if len(classes) < 2:
+    data = training.labelled_samples(samples, label_field)
+    data = data.subset(np.flatnonzero(~data.generated))
+    if not len(data.ids):
+        raise validation.FairBalanceError("The view has no real (non-generated) labelled samples")
+    ids, paths, labels, classes = data.ids, data.filepaths, data.labels, data.classes
+    k = resolve_top_k(top_k, len(ids))
+    if len(set(labels.tolist())) < 2:
         raise validation.FairBalanceError(f"'{label_field}' has only one class in this view")
     dataset = samples._root_dataset
     output_dir = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "checkpoints", dataset.name, run_key))
+    validation.require_writable_dir(output_dir)
     params = {
         "label_field": label_field, "loss_field": loss_field, "rank_field": rank_field, "tag": tag,
-        "top_k": top_k, "per_class": per_class, "q": q, "backbone": backbone, "pretrained": pretrained,
-        "image_size": image_size, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-        "checkpoint": output_dir,
+        "top_k": top_k, "selection": "error_set" if k is None else "top_k", "per_class": per_class, "q": q,
+        "backbone": backbone, "pretrained": pretrained, "image_size": image_size, "normalize": normalize,
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "checkpoint": output_dir,
     }
     run = runs.prepare(samples, run_key, "hardness", params, [loss_field, rank_field], overwrite)
-    old_tag = runs.get_run_config(dataset, run_key).get("tag") if dataset.has_run(run_key) else None
+    old_tag, old_tagged = None, []
+    if dataset.has_run(run_key):  # overwrite: its tags go, on the samples it tagged and nowhere else
+        old_tag = runs.get_run_config(dataset, run_key).get("tag")
+        old_tagged = runs.load_run_results(dataset, run_key).get("tagged_ids") or []
 
     clf = training.train_classifier(
-        samples.select(ids), label_field, classes=classes, loss="gce", q=q, backbone=backbone,
-        pretrained=pretrained, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        device=device, num_workers=num_workers, progress=progress,
+        samples.select(ids), label_field, method="biased", classes=classes, q=q, backbone=backbone,
+        pretrained=pretrained, image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size,
+        lr=lr, seed=seed, device=device, num_workers=num_workers, progress=progress,
     )
     logits = training.predict(clf, paths, device=device, num_workers=num_workers)
     losses = F.cross_entropy(logits, torch.as_tensor(labels), reduction="none").numpy()
     ranks = loss_ranks(losses, labels, per_class)
-    hard = hardest(ranks, labels, k, per_class)
+    if k is None:
+        hard = np.flatnonzero(logits.argmax(1).numpy() != labels)
+    else:
+        hard = hardest(ranks, labels, k, per_class)
 
     def write():
         clf.save(output_dir)
@@ -129,13 +158,15 @@ def compute_hardness(
             loss_field: {i: float(v) for i, v in zip(ids, losses)},
             rank_field: {i: int(r) for i, r in zip(ids, ranks)},
         }, ids=ids)
-        for t in {old_tag, tag} - {None}:
-            dataset.untag_samples(t)
-        dataset.select([ids[j] for j in hard]).tag_samples(tag)
+        if old_tag and old_tagged:
+            dataset.select(old_tagged).untag_samples(old_tag)
+        view.untag_samples(tag)
+        if len(hard):
+            dataset.select([ids[j] for j in hard]).tag_samples(tag)
 
     run.write(write)
     per_class_tagged = {classes[c]: int(n) for c, n in zip(*np.unique(labels[hard], return_counts=True))}
-    result = HardnessResult(run_key, loss_field, rank_field, tag, len(hard), len(ids), skipped, output_dir,
-                            per_class_tagged, clf.history)
-    run.save_results(result.to_dict())
+    result = HardnessResult(run_key, loss_field, rank_field, tag, len(hard), len(ids), data.num_unlabelled,
+                            output_dir, per_class_tagged, clf.history)
+    run.save_results({**result.to_dict(), "tagged_ids": [ids[j] for j in hard]})
     return result

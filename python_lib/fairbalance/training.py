@@ -1,16 +1,34 @@
-"""Image classifiers on FiftyOne views: vanilla (CE), biased (GCE) and debiased (JTT-style).
+"""Image classifiers on FiftyOne views, and the debiasing recipes that train them.
 
-Generalized Cross Entropy (Zhang & Sabuncu 2018), as used by LfF/DiffuBias to
-train a deliberately *biased* model: ``L = (1 - p_y^q) / q``; its gradient is
-``p_y^q * grad CE``, so easy (bias-aligned) samples dominate. ``q -> 0`` is CE.
+Methods (``method=``):
 
-Debiased training reweights samples: a per-sample weight field, or the JTT
-rule (upweight the samples of a "hard" tag by ``lambda``), either in the loss
-(``mode="upweight"``) or by sampling with replacement (``mode="oversample"``).
+- ``vanilla``: cross-entropy on the real samples.
+- ``biased``: Generalized Cross Entropy (Zhang & Sabuncu 2018), ``L = (1 - p_y^q) / q``,
+  whose gradient is ``p_y^q * grad CE``: easy (bias-aligned) samples dominate,
+  so the model learns the bias on purpose (LfF, DiffuBias, DiffInject step 1).
+- ``jtt``: Just Train Twice: the samples of a "hard" tag (the error set of a
+  biased model, :func:`fairbalance.compute_hardness_tags`) weigh ``upweight``.
+- ``lff``: Learning from Failure (Nam et al. 2020): a GCE-biased and a debiased
+  model trained together; each sample weighs ``CE_b / (CE_b + CE_d)`` of the
+  two models' per-sample losses (EMA over epochs, normalised per class).
+- ``synthetic``: cross-entropy on the real samples plus the generated ones
+  (``generated == True``) that carry the class label (DiffuBias' and
+  DiffInject's last step), optionally down-weighted or capped.
+
+Only ``synthetic`` trains on generated samples; the other methods leave them
+out (counted in ``num_generated_excluded``), so every method can be compared
+on the same view.
+
+Inputs are the images at their native size (all must share it; or pass
+``image_size``) in [0, 1], optionally normalised with the training images'
+per-channel statistics (``normalize="dataset"``) or ImageNet's; the choice is
+stored with the model, which normalises its own inputs. With ``val_samples``
+the epoch with the best validation accuracy is kept (model selection).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -24,8 +42,12 @@ from torch import nn
 
 from fairbalance import images, models, validation
 
-BACKBONES = ("resnet18", "cnn", "mlp")
+METHODS = ("vanilla", "biased", "jtt", "lff", "synthetic")
+BACKBONES = ("auto", "resnet18", "cnn", "mlp")
+NORMALIZATIONS = ("none", "dataset", "imagenet")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TORCHVISION_RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ImageNet-1K checkpoint name
+AUTO_MLP_MAX_SIDE = 32  # backbone="auto": LfF's MLP up to this size (Colored MNIST), ResNet-18 above
 
 
 def gce_loss(logits: torch.Tensor, targets: torch.Tensor, q: float = 0.7) -> torch.Tensor:
@@ -42,46 +64,98 @@ class TrainConfig:
 
     label_field: str
     classes: list[str]
-    backbone: str = "resnet18"
-    pretrained: bool = True
-    image_size: int = 32
-    loss: str = "ce"
+    method: str = "vanilla"
+    backbone: str = "auto"
+    pretrained: bool = False
+    image_size: list[int] | None = None  # [height, width]; None = the images' native size
+    normalize: str = "none"
+    mean: list[float] | None = None
+    std: list[float] | None = None
     q: float = 0.7
-    epochs: int = 10
-    batch_size: int = 128
+    ema: float = 0.7
+    epochs: int = 100
+    batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
     weight_field: str | None = None
     hard_tag: str | None = None
-    upweight: float = 1.0
-    mode: str = "upweight"
+    upweight: float = 50.0
+    synthetic_weight: float = 1.0
+    max_synthetic_fraction: float | None = None
+    model_selection: str = "last_epoch"
     num_workers: int = 0
     pretrained_weights: str | None = None
 
     def validate(self) -> None:
+        if self.method not in METHODS:
+            raise validation.FairBalanceError(f"method must be one of {METHODS}, not {self.method!r}")
         if self.backbone not in BACKBONES:
-            raise validation.FairBalanceError(f"backbone must be one of {BACKBONES}")
-        if self.loss not in ("ce", "gce"):
-            raise validation.FairBalanceError("loss must be 'ce' or 'gce'")
-        if self.mode not in ("upweight", "oversample"):
-            raise validation.FairBalanceError("mode must be 'upweight' or 'oversample'")
-        if not 0 < self.q <= 1:
-            raise validation.FairBalanceError("q must be in (0, 1]")
-        for name in ("epochs", "batch_size", "image_size"):
+            raise validation.FairBalanceError(f"backbone must be one of {BACKBONES}, not {self.backbone!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise validation.FairBalanceError(f"normalize must be one of {NORMALIZATIONS}, not {self.normalize!r}")
+        if not (isinstance(self.q, (int, float)) and 0 < self.q <= 1):
+            raise validation.FairBalanceError(f"q must be in (0, 1], got {self.q!r}")
+        if not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
+            raise validation.FairBalanceError(f"ema must be in [0, 1), got {self.ema!r}")
+        for name in ("epochs", "batch_size"):
             validation.require_positive_int(name, getattr(self, name))
-        if self.upweight <= 0:
-            raise validation.FairBalanceError("upweight must be > 0")
+        for name in ("lr", "upweight", "synthetic_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
+                raise validation.FairBalanceError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (np.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise validation.FairBalanceError("weight_decay must be a finite number >= 0")
+        cap = self.max_synthetic_fraction
+        if cap is not None and not (isinstance(cap, (int, float)) and 0 < cap <= 10):
+            raise validation.FairBalanceError("max_synthetic_fraction must be in (0, 10] (synthetic per real sample)")
+        if self.method == "jtt" and not self.hard_tag:
+            raise validation.FairBalanceError("method='jtt' needs hard_tag: the tag of compute_hardness_tags")
+        if self.method != "jtt" and self.hard_tag:
+            raise validation.FairBalanceError(f"hard_tag is used by method='jtt' only, not {self.method!r}")
         if len(self.classes) < 2:
             raise validation.FairBalanceError(
                 f"'{self.label_field}' has {len(self.classes)} class(es) in this view; a classifier needs at least 2"
             )
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, int(self.image_size[0]), int(self.image_size[1]))
 
-def build_backbone(name: str, num_classes: int, image_size: int, pretrained: bool = True) -> tuple[nn.Module, str | None]:
-    """A torchvision ResNet-18 (ImageNet weights if on disk), a small CNN, or LfF's 3x100 MLP."""
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` inside the model, so a saved model normalises its own inputs."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def resolve_backbone(name: str, image_size: Sequence[int]) -> str:
+    """``auto``: LfF's MLP for small images (<= 32 px, Colored MNIST), ResNet-18 otherwise."""
+    if name != "auto":
+        return name
+    return "mlp" if max(image_size) <= AUTO_MLP_MAX_SIDE else "resnet18"
+
+
+def resnet18_weights_path() -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", TORCHVISION_RESNET18_FILE)
+
+
+def build_backbone(name: str, num_classes: int, input_shape: Sequence[int], pretrained: bool = False
+                   ) -> tuple[nn.Module, str | None]:
+    """A torchvision ResNet-18 (ImageNet weights with ``pretrained``), a small CNN, or LfF's 3x100 MLP.
+
+    ``pretrained=True`` without the weights on disk is an error, never a silent random start.
+    """
+    if pretrained and name != "resnet18":
+        raise validation.FairBalanceError(f"pretrained weights exist only for backbone 'resnet18', not {name!r}")
     if name == "mlp":
-        d = 3 * image_size * image_size
+        d = int(np.prod(input_shape))
         return nn.Sequential(nn.Flatten(), nn.Linear(d, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
                              nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, num_classes)), None
     if name == "cnn":
@@ -96,63 +170,119 @@ def build_backbone(name: str, num_classes: int, image_size: int, pretrained: boo
     net = torchvision.models.resnet18(weights=None)
     source = None
     if pretrained:
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", TORCHVISION_RESNET18_FILE)
-        if os.path.isfile(path):
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            source = path
+        path = resnet18_weights_path()
+        if not os.path.isfile(path):
+            raise models.ModelNotFoundError(
+                f"pretrained=True: torchvision's ImageNet ResNet-18 weights are not on disk ({path}). Download them "
+                "once with torchvision.models.resnet18(weights='IMAGENET1K_V1') on a machine with network access "
+                "and copy the file there, or pass pretrained=False to train from random weights."
+            )
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        source = path
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     return net, source
 
 
-class _Tensors(torch.utils.data.Dataset):
-    def __init__(self, x, y, w):
-        self.x, self.y, self.w = x, y, w
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i], self.w[i], i
+def build_model(config: TrainConfig) -> tuple[nn.Module, str | None]:
+    """Normalisation (when configured) + backbone, as trained and as loaded."""
+    net, source = build_backbone(config.backbone, len(config.classes), config.input_shape, config.pretrained)
+    if config.mean is not None:
+        net = nn.Sequential(Normalize(config.mean, config.std), net)
+    return net, source
 
 
-def image_transform(image_size: int):
-    """Resize + tensor + [-1, 1] normalisation; no augmentation (the bias must stay visible)."""
+def image_transform(image_size: Sequence[int] | int | None, scale: str = "unit"):
+    """Resize (when a size is given) + tensor in [0, 1] (``scale="unit"``) or [-1, 1] (``"symmetric"``).
+
+    No augmentation: the bias must stay visible to the biased model.
+    """
     import torchvision.transforms as T
 
-    return T.Compose([T.Resize((image_size, image_size)), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    steps = []
+    if image_size is not None:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+        steps.append(T.Resize(size))
+    steps.append(T.ToTensor())
+    if scale == "symmetric":
+        steps.append(T.Normalize([0.5] * 3, [0.5] * 3))
+    elif scale != "unit":
+        raise ValueError(f"scale must be 'unit' or 'symmetric', not {scale!r}")
+    return T.Compose(steps)
 
 
-def load_images(filepaths: Sequence[str], image_size: int, num_workers: int = 0, progress=None) -> torch.Tensor:
-    """All images of a view as one float tensor (n x 3 x s x s); errors name the bad files."""
+def native_size(filepaths: Sequence[str]) -> list[int]:
+    """The ``[height, width]`` all images share; an error naming the sizes when they differ."""
+    from PIL import Image
+
+    validation.require_image_files(filepaths)
+    sizes = {}
+    for p in filepaths:
+        with Image.open(p) as img:
+            sizes.setdefault((img.height, img.width), p)
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w} ({p})" for (h, w), p in list(sizes.items())[:3])
+        raise validation.FairBalanceError(
+            f"The images have {len(sizes)} different sizes ({shown}); pass image_size to resize them to one")
+    return list(next(iter(sizes)))
+
+
+def load_images(filepaths: Sequence[str], image_size: Sequence[int] | int, num_workers: int = 0, progress=None,
+                scale: str = "unit") -> torch.Tensor:
+    """All images of a view as one float tensor (n x 3 x h x w); errors name the bad files."""
     import fiftyone.core.utils as fou
 
-    out = torch.empty(len(filepaths), 3, image_size, image_size)
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    out = torch.empty(len(filepaths), 3, int(h), int(w))
     with fou.ProgressBar(total=len(filepaths), progress=progress) as pb:
-        for idx, batch in images.iter_batches(filepaths, image_transform(image_size), batch_size=256,
+        for idx, batch in images.iter_batches(filepaths, image_transform((h, w), scale), batch_size=256,
                                               num_workers=num_workers):
             out[idx] = batch
             pb.update(len(idx))
     return out
 
 
-def _labels(samples, label_field: str, classes: list[str] | None):
-    """(ids, filepaths, class indices) of the samples that have a label; raise when none do."""
+def class_order(labels) -> list[str]:
+    """Classes sorted numerically when they are integers, else alphabetically."""
+    return sorted(set(labels), key=lambda c: (0, int(c)) if c.lstrip("-").isdigit() else (1, c))
+
+
+@dataclass
+class LabelledSamples:
+    """The labelled samples of a view: ids, files, class indices, and which are generated."""
+
+    ids: list[str]
+    filepaths: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    generated: np.ndarray
+    num_unlabelled: int
+
+    def subset(self, keep: np.ndarray) -> "LabelledSamples":
+        keep = np.asarray(keep)
+        return LabelledSamples([self.ids[j] for j in keep], [self.filepaths[j] for j in keep], self.labels[keep],
+                               self.classes, self.generated[keep], self.num_unlabelled)
+
+
+def labelled_samples(samples, label_field: str, classes: list[str] | None = None) -> LabelledSamples:
+    """The samples of ``samples`` that have a ``label_field`` label; an error when none do."""
     from fairbalance.balance import label_path
 
     path = label_path(samples, label_field)
-    ids, paths, labels = samples.values(["id", "filepath", path])
-    keep = [j for j, l in enumerate(labels) if l is not None]
+    fields = ["id", "filepath", path]
+    has_generated = samples._root_dataset.has_sample_field("generated")
+    ids, paths, labels, *rest = samples.values(fields + (["generated"] if has_generated else []))
+    generated = rest[0] if has_generated else [False] * len(ids)
+    keep = [j for j, lab in enumerate(labels) if lab is not None]
     if not keep:
         raise validation.FairBalanceError(f"No sample in the view has a '{label_field}' label")
     labels = [str(labels[j]) for j in keep]
-    if classes is None:
-        classes = sorted(set(labels), key=lambda c: (0, int(c)) if c.lstrip("-").isdigit() else (1, c))
+    classes = class_order(labels) if classes is None else list(classes)
     unknown = sorted(set(labels) - set(classes))
     if unknown:
         raise validation.FairBalanceError(f"Labels {unknown} are not among the classes {classes}")
     index = {c: i for i, c in enumerate(classes)}
-    return ([ids[j] for j in keep], [paths[j] for j in keep], np.array([index[l] for l in labels]),
-            classes, len(ids) - len(keep))
+    return LabelledSamples([ids[j] for j in keep], [paths[j] for j in keep], np.array([index[lab] for lab in labels]),
+                           classes, np.array([bool(generated[j]) for j in keep]), len(ids) - len(keep))
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -170,16 +300,25 @@ class TrainedClassifier:
     config: TrainConfig
     history: list[dict] = field(default_factory=list)
     num_skipped: int = 0
+    num_generated_used: int = 0
+    num_generated_excluded: int = 0
+    best_epoch: int | None = None
 
     @property
     def classes(self) -> list[str]:
         return self.config.classes
 
     def save(self, folder: str) -> str:
+        """Write ``model.pt`` and ``config.json`` atomically (temp file + rename, config last)."""
         os.makedirs(folder, exist_ok=True)
-        torch.save(self.model.state_dict(), os.path.join(folder, "model.pt"))
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump({"config": asdict(self.config), "history": self.history}, f, indent=1)
+        tmp = os.path.join(folder, "model.pt.tmp")
+        torch.save(self.model.state_dict(), tmp)
+        os.replace(tmp, os.path.join(folder, "model.pt"))
+        tmp = os.path.join(folder, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"config": asdict(self.config), "history": self.history, "best_epoch": self.best_epoch}, f,
+                      indent=1)
+        os.replace(tmp, os.path.join(folder, "config.json"))
         return folder
 
 
@@ -188,113 +327,286 @@ def load_classifier(folder: str) -> TrainedClassifier:
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise models.ModelNotFoundError(f"No classifier checkpoint in {folder} (config.json missing)")
-    with open(cfg_path) as f:
-        saved = json.load(f)
-    config = TrainConfig(**saved["config"])
-    net, _ = build_backbone(config.backbone, len(config.classes), config.image_size, pretrained=False)
-    net.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True))
-    return TrainedClassifier(net.eval(), config, saved.get("history", []))
+    try:
+        with open(cfg_path) as f:
+            saved = json.load(f)
+        config = TrainConfig(**saved["config"])
+        net, _ = build_model(dataclass_replace(config, pretrained=False))
+        net.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True))
+    except Exception as e:  # truncated/corrupt files: one clear message naming the folder
+        raise models.ModelNotFoundError(
+            f"The classifier checkpoint in {folder} is corrupt or incomplete ({type(e).__name__}: {e}); "
+            "train it again") from e
+    return TrainedClassifier(net.eval(), config, saved.get("history", []), best_epoch=saved.get("best_epoch"))
 
 
-def _sample_weights(samples, ids, config: TrainConfig) -> np.ndarray:
-    w = np.ones(len(ids), dtype=np.float64)
+def dataclass_replace(config: TrainConfig, **changes) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(config, **changes)
+
+
+def _sample_weights(samples, data: LabelledSamples, config: TrainConfig) -> np.ndarray:
+    """Per-sample loss weights: ``weight_field`` x JTT upweighting x synthetic weight."""
+    w = np.ones(len(data.ids), dtype=np.float64)
     if config.weight_field:
         validation.require_fields(samples, [config.weight_field])
         by_id = dict(zip(*samples.values(["id", config.weight_field])))
-        w *= np.array([1.0 if by_id.get(i) is None else float(by_id[i]) for i in ids])
+        w *= np.array([1.0 if by_id.get(i) is None else float(by_id[i]) for i in data.ids])
         if np.any(w < 0) or not np.all(np.isfinite(w)):
             raise validation.FairBalanceError(f"'{config.weight_field}' must hold finite non-negative weights")
-    if config.hard_tag:
+    if config.method == "jtt":
         hard = set(samples.match_tags(config.hard_tag).values("id"))
-        if not hard:
-            raise validation.FairBalanceError(f"No sample of the view is tagged '{config.hard_tag}'")
-        w *= np.array([config.upweight if i in hard else 1.0 for i in ids])
+        if not hard & set(data.ids):
+            raise validation.FairBalanceError(
+                f"No labelled sample of the view is tagged '{config.hard_tag}': run compute_hardness_tags first")
+        w *= np.array([config.upweight if i in hard else 1.0 for i in data.ids])
+    if config.method == "synthetic":
+        w[data.generated] *= config.synthetic_weight
     return w
+
+
+def select_training_samples(data: LabelledSamples, config: TrainConfig, rng: np.random.Generator
+                            ) -> tuple[LabelledSamples, int]:
+    """Real samples, plus the generated ones for ``synthetic`` (capped); and how many generated are left out."""
+    real = np.flatnonzero(~data.generated)
+    gen = np.flatnonzero(data.generated)
+    if not len(real):
+        raise validation.FairBalanceError("The view has no real (non-generated) labelled samples")
+    if config.method != "synthetic":
+        return data.subset(real), len(gen)
+    if not len(gen):
+        raise validation.FairBalanceError(
+            f"method='synthetic' needs generated samples (generated=True) with a '{config.label_field}' label in "
+            "the view; generate them with mode='cells' so they carry the class label")
+    if config.max_synthetic_fraction is not None:
+        cap = int(config.max_synthetic_fraction * len(real))
+        if len(gen) > cap:
+            gen = np.sort(rng.choice(gen, size=cap, replace=False))
+    keep = np.concatenate([real, gen])
+    return data.subset(keep), len(np.flatnonzero(data.generated)) - len(gen)
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return mean.tolist(), std.tolist()
+
+
+@torch.no_grad()
+def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, dev, batch_size: int = 1024) -> float:
+    net.eval()
+    correct = 0
+    for b in range(0, len(y), batch_size):
+        correct += int((net(x[b:b + batch_size].to(dev)).argmax(1).cpu() == y[b:b + batch_size]).sum())
+    return correct / max(1, len(y))
+
+
+class _LfFWeights:
+    """LfF's per-sample relative difficulty: EMA of both models' CE, normalised by the class maximum."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, alpha: float):
+        self.labels, self.num_classes, self.alpha = labels, num_classes, alpha
+        self.loss_b = torch.zeros(len(labels))
+        self.loss_d = torch.zeros(len(labels))
+        self.seen = torch.zeros(len(labels), dtype=torch.bool)
+
+    def _update(self, store, idx, loss):
+        old = store[idx]
+        store[idx] = torch.where(self.seen[idx], self.alpha * old + (1 - self.alpha) * loss, loss)
+
+    def __call__(self, idx: torch.Tensor, ce_b: torch.Tensor, ce_d: torch.Tensor) -> torch.Tensor:
+        self._update(self.loss_b, idx, ce_b)
+        self._update(self.loss_d, idx, ce_d)
+        self.seen[idx] = True
+        lb, ld = self.loss_b[idx].clone(), self.loss_d[idx].clone()
+        for c in self.labels[idx].unique():
+            in_c = self.labels == c
+            at = self.labels[idx] == c
+            lb[at] /= self.loss_b[in_c & self.seen].max().clamp_min(1e-8)
+            ld[at] /= self.loss_d[in_c & self.seen].max().clamp_min(1e-8)
+        return lb / (lb + ld + 1e-8)
 
 
 def train_classifier(
     samples,
     label_field: str = "ground_truth",
+    method: str = "vanilla",
     classes: list[str] | None = None,
-    loss: str = "ce",
-    q: float = 0.7,
-    backbone: str = "resnet18",
-    pretrained: bool = True,
-    image_size: int = 32,
-    epochs: int = 10,
-    batch_size: int = 128,
+    val_samples=None,
+    backbone: str = "auto",
+    pretrained: bool = False,
+    image_size: int | Sequence[int] | None = None,
+    normalize: str = "none",
+    epochs: int = 100,
+    batch_size: int = 256,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
-    weight_field: str | None = None,
+    q: float = 0.7,
+    ema: float = 0.7,
     hard_tag: str | None = None,
-    upweight: float = 1.0,
-    mode: str = "upweight",
+    upweight: float = 50.0,
+    weight_field: str | None = None,
+    synthetic_weight: float = 1.0,
+    max_synthetic_fraction: float | None = None,
     seed: int = 0,
     device: str | None = None,
     num_workers: int = 0,
     progress=None,
 ) -> TrainedClassifier:
-    """Train an image classifier on ``samples`` (vanilla CE, biased GCE, or reweighted).
+    """Train an image classifier on ``samples`` with a debiasing ``method`` (see the module docstring).
 
-    Samples without a label are skipped (counted in ``num_skipped``).
-    Deterministic for a given seed on the CPU; AMP on CUDA.
+    Defaults follow LfF's Colored MNIST protocol (Adam 1e-3, batch 256, 100
+    epochs; ``backbone="auto"`` = its 3x100 MLP for images up to 32 px,
+    ResNet-18 above). ``val_samples``: a labelled view (e.g. an unbiased
+    validation split) for model selection; without it the last epoch is kept.
+    Samples without a label are skipped (``num_skipped``). Deterministic for
+    a seed on the CPU; AMP on CUDA.
     """
     validation.require_nonempty(samples)
     validation.require_image_collection(samples)
-    ids, paths, y, classes, skipped = _labels(samples, label_field, classes)
-    config = TrainConfig(label_field, classes, backbone, pretrained, image_size, loss, q, epochs, batch_size, lr,
-                         weight_decay, seed, weight_field, hard_tag, upweight, mode, num_workers)
+    data = labelled_samples(samples, label_field, classes)
+    size = native_size(data.filepaths) if image_size is None else (
+        [int(image_size)] * 2 if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size])
+    config = TrainConfig(label_field, data.classes, method, resolve_backbone(backbone, size), pretrained, size,
+                         normalize, None, None, q, ema, epochs, batch_size, lr, weight_decay, seed, weight_field,
+                         hard_tag, upweight, synthetic_weight, max_synthetic_fraction, num_workers=num_workers)
     config.validate()
-    if len(set(y.tolist())) < 2:
-        raise validation.FairBalanceError(f"Only one class of '{label_field}' is present in this view")
-    weights = _sample_weights(samples, ids, config)
-    dev = models.resolve_device(device)
+    if pretrained and not os.path.isfile(resnet18_weights_path()) and config.backbone == "resnet18":
+        build_backbone("resnet18", 2, config.input_shape, pretrained=True)  # raises the clear error up front
     gen = seed_everything(seed)
-    x = load_images(paths, image_size, num_workers=num_workers, progress=False)
-    net, source = build_backbone(backbone, len(classes), image_size, pretrained)
-    config.pretrained_weights = source
-    net = net.to(dev)
-    data = _Tensors(x, torch.as_tensor(y), torch.as_tensor(weights, dtype=torch.float32))
-    if mode == "oversample" and (hard_tag or weight_field):
-        sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=len(weights), replacement=True,
-                                                         generator=gen)
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, sampler=sampler)
-        use_weights = False
-    else:
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen)
-        use_weights = hard_tag is not None or weight_field is not None
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
-    history = []
+    data, excluded = select_training_samples(data, config, np.random.default_rng(seed))
+    if len(set(data.labels.tolist())) < 2:
+        raise validation.FairBalanceError(f"Only one class of '{label_field}' is present in this view")
+    weights = _sample_weights(samples, data, config)
+    val = None
+    if val_samples is not None and len(val_samples):
+        vdata = labelled_samples(val_samples, label_field, data.classes)
+        vdata = vdata.subset(np.flatnonzero(~vdata.generated))
+        if len(vdata.ids):
+            val = (load_images(vdata.filepaths, size, num_workers=num_workers), torch.as_tensor(vdata.labels))
+    config.model_selection = "best_val_accuracy" if val is not None else (
+        "last_epoch (the validation view is empty)" if val_samples is not None else "last_epoch")
+    x = load_images(data.filepaths, size, num_workers=num_workers, progress=False)
+    if normalize == "dataset":
+        config.mean, config.std = _channel_stats(x)
+    elif normalize == "imagenet":
+        config.mean, config.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    dev = models.resolve_device(device)
+    net, config.pretrained_weights = build_model(config)
+    loop = _fit_lff if method == "lff" else _fit_single
+    history, best_epoch = loop(net, config, x, torch.as_tensor(data.labels), torch.as_tensor(weights).float(), val,
+                               dev, gen, progress)
+    return TrainedClassifier(net.eval().cpu(), config, history, data.num_unlabelled,
+                             int(data.generated.sum()), excluded, best_epoch)
+
+
+class _Selector:
+    """Keeps the weights of the epoch with the best validation accuracy (or the last epoch)."""
+
+    def __init__(self, val, dev):
+        self.val, self.dev = val, dev
+        self.best, self.state, self.epoch = -1.0, None, None
+
+    def after_epoch(self, net, epoch: int, record: dict) -> None:
+        if self.val is None:
+            self.epoch = epoch
+            return
+        acc = _accuracy(net, self.val[0], self.val[1], self.dev)
+        record["val_accuracy"] = acc
+        if acc > self.best:
+            self.best, self.epoch, self.state = acc, epoch, copy.deepcopy(net.state_dict())
+
+    def finish(self, net) -> int:
+        if self.state is not None:
+            net.load_state_dict(self.state)
+        return self.epoch
+
+
+def _loader(x, y, w, batch_size, gen):
+    """Shuffled mini-batches ``(x, y, w, positions)`` by tensor indexing (no per-item collation)."""
+    order = torch.randperm(len(y), generator=gen)
+    for b in range(0, len(y), batch_size):
+        idx = order[b: b + batch_size]
+        yield x[idx], y[idx], w[idx], idx
+
+
+def _fit_single(net, config: TrainConfig, x, y, w, val, dev, gen, progress):
+    """One model, per-sample CE (GCE for ``biased``) times the sample weights."""
     import fiftyone.core.utils as fou
 
-    with fou.ProgressBar(total=epochs, progress=progress) as pb:
-        for epoch in range(epochs):
+    net = net.to(dev)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
+    weighted = bool((w != 1).any())
+    selector, history = _Selector(val, dev), []
+    with fou.ProgressBar(total=config.epochs, progress=progress) as pb:
+        for epoch in range(1, config.epochs + 1):
             net.train()
             total, count, correct = 0.0, 0, 0
-            for xb, yb, wb, _ in loader:
+            for xb, yb, wb, _ in _loader(x, y, w, config.batch_size, gen):
                 xb, yb, wb = xb.to(dev), yb.to(dev), wb.to(dev)
                 with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-                    logits = net(xb)
-                    per = gce_loss(logits.float(), yb, q) if loss == "gce" else F.cross_entropy(
-                        logits.float(), yb, reduction="none")
-                    batch_loss = (per * wb).sum() / wb.sum() if use_weights else per.mean()
+                    logits = net(xb).float()
+                per = gce_loss(logits, yb, config.q) if config.method == "biased" else F.cross_entropy(
+                    logits, yb, reduction="none")
+                loss = (per * wb).sum() / wb.sum().clamp_min(1e-8) if weighted else per.mean()
                 opt.zero_grad(set_to_none=True)
-                scaler.scale(batch_loss).backward()
+                scaler.scale(loss).backward()
                 scaler.step(opt)
                 scaler.update()
                 total += float(per.detach().sum())
                 count += len(yb)
                 correct += int((logits.argmax(1) == yb).sum())
-            history.append({"epoch": epoch + 1, "loss": total / count, "train_accuracy": correct / count})
+            record = {"epoch": epoch, "loss": total / count, "train_accuracy": correct / count}
+            selector.after_epoch(net, epoch, record)
+            history.append(record)
             pb.update()
-    return TrainedClassifier(net.eval(), config, history, skipped)
+    return history, selector.finish(net)
+
+
+def _fit_lff(net, config: TrainConfig, x, y, w, val, dev, gen, progress):
+    """Learning from Failure: a GCE-biased model and the debiased ``net`` trained side by side."""
+    import fiftyone.core.utils as fou
+
+    biased, _ = build_model(config)
+    net, biased = net.to(dev), biased.to(dev)
+    opt = torch.optim.Adam(list(net.parameters()) + list(biased.parameters()), lr=config.lr,
+                           weight_decay=config.weight_decay)
+    relative = _LfFWeights(y, len(config.classes), config.ema)
+    selector, history = _Selector(val, dev), []
+    with fou.ProgressBar(total=config.epochs, progress=progress) as pb:
+        for epoch in range(1, config.epochs + 1):
+            net.train()
+            biased.train()
+            total, count, correct, mean_w = 0.0, 0, 0, 0.0
+            for xb, yb, wb, ib in _loader(x, y, w, config.batch_size, gen):
+                xb, yb, wb = xb.to(dev), yb.to(dev), wb.to(dev)
+                logit_b, logit_d = biased(xb).float(), net(xb).float()
+                ce_b = F.cross_entropy(logit_b, yb, reduction="none").detach().cpu()
+                ce_d = F.cross_entropy(logit_d, yb, reduction="none").detach().cpu()
+                rel = relative(ib, ce_b, ce_d).to(dev)
+                loss_d = F.cross_entropy(logit_d, yb, reduction="none") * rel * wb
+                loss = loss_d.mean() + gce_loss(logit_b, yb, config.q).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(ce_d.sum())
+                count += len(yb)
+                correct += int((logit_d.argmax(1) == yb).sum())
+                mean_w += float(rel.sum())
+            record = {"epoch": epoch, "loss": total / count, "train_accuracy": correct / count,
+                      "mean_lff_weight": mean_w / count}
+            selector.after_epoch(net, epoch, record)
+            history.append(record)
+            pb.update()
+    return history, selector.finish(net)
 
 
 @torch.inference_mode()
 def predict(classifier: TrainedClassifier, filepaths: Sequence[str], device=None, batch_size: int = 256,
             num_workers: int = 0) -> torch.Tensor:
-    """Logits for image files (eval mode, no augmentation)."""
+    """Logits for image files (eval mode, no augmentation; the model normalises its inputs)."""
     dev = models.resolve_device(device)
     net = classifier.model.to(dev).eval()
     out = torch.empty(len(filepaths), len(classifier.classes))

@@ -67,3 +67,14 @@ def require_image_files(filepaths: Sequence[str]) -> None:
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise FairBalanceError(f"{len(missing)} image file(s) not found: {shown}")
+
+
+def require_writable_dir(folder: str) -> str:
+    """Create ``folder`` if needed and check it is writable, before any work is done."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise FairBalanceError(f"Cannot create output folder {folder}: {e}") from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FairBalanceError(f"Output folder {folder} is not writable")
+    return folder
