@@ -35,7 +35,12 @@ class TrainConditionalDiffusion(foo.Operator):
         inputs.view_target(ctx)
         if not _cluster_field(ctx, inputs):
             return types.Property(inputs)
-        inputs.int("image_size", default=32, min=8, label="Image size (px)")
+        fields = categorical_fields(ctx.dataset)
+        field_dropdown(inputs, "attribute_field", fields, "Attribute field (optional)",
+                       "A second condition, e.g. the class as 'Cluster field' and the clusters here: the model "
+                       "then generates any class x cluster cell ('cells' mode of generate balanced)", required=False)
+        inputs.int("image_size", required=False, min=8, label="Image size (px)",
+                   description="Leave empty to train at the images' native size")
         inputs.int("epochs", default=20, min=1, label="Epochs")
         inputs.int("batch_size", default=64, min=1, label="Batch size")
         inputs.float("lr", default=2e-4, min=0, label="Learning rate")
@@ -47,12 +52,10 @@ class TrainConditionalDiffusion(foo.Operator):
     def execute(self, ctx):
         p = ctx.params
         key = p.get("run_key") or "conditional_diffusion"
-        folder = train_conditional_diffusion(
-            ctx.target_view(), p["label_field"], image_size=int(p.get("image_size", 32)),
-            epochs=int(p.get("epochs", 20)), batch_size=int(p.get("batch_size", 64)), lr=float(p.get("lr", 2e-4)),
-            cond_drop_prob=float(p.get("cond_drop_prob", 0.1)), seed=int(p.get("seed", 0)), run_key=key,
-            progress=progress_callback(ctx, "Training steps"),
-        )
+        given = {n: p[n] for n in ("attribute_field", "image_size", "epochs", "batch_size", "lr", "cond_drop_prob",
+                                   "seed") if p.get(n) not in (None, "")}
+        folder = train_conditional_diffusion(ctx.target_view(), p["label_field"], run_key=key,
+                                             progress=progress_callback(ctx, "Training steps"), **given)
         res = runs.load_run_results(ctx.dataset, key)
         return {"model_dir": folder, "steps": res["steps"], "final_loss": res["final_loss"],
                 "cluster_sizes": res["cluster_sizes"]}
@@ -89,8 +92,20 @@ class GenerateBalanced(foo.Operator):
         mode = types.RadioGroup()
         mode.add_choice("equal", label="Equal number per cluster (the paper's rule)")
         mode.add_choice("fill", label="Fill every cluster up to the largest")
+        mode.add_choice("cells", label="Fill every class x attribute cell (a model trained with an attribute)")
         inputs.enum("mode", mode.values(), default="equal", view=mode, label="Mode")
-        inputs.int("total", default=2000, min=1, label="Total images (equal mode)")
+        if ctx.params.get("mode") == "cells":
+            inputs.int("per_cell", default=40, min=1, label="Images per cell (real + generated)")
+            source = types.RadioGroup()
+            source.add_choice("edit", label="Edit real images of the class (keeps their shape)")
+            source.add_choice("noise", label="From pure noise")
+            inputs.enum("source", source.values(), default="edit", view=source, label="Start from")
+            inputs.float("edit_strength", default=0.5, min=0.05, max=1.0, label="Edit strength",
+                         description="How far real images are noised before denoising under the new condition")
+            inputs.float("attribute_guidance_scale", required=False, min=0, label="Attribute guidance",
+                         description="Guidance toward the attribute (default: the guidance scale)")
+        else:
+            inputs.int("total", default=2000, min=1, label="Total images (equal mode)")
         inputs.float("guidance_scale", default=3.0, min=0, label="Guidance scale")
         inputs.int("num_inference_steps", default=50, min=1, label="Sampling steps")
         inputs.int("seed", default=0, label="Seed")
@@ -105,18 +120,18 @@ class GenerateBalanced(foo.Operator):
         field = p["label_field"]
         before = balance_report(view, field)
         model_dir = runs.get_run_config(ctx.dataset, p["diffusion_run"])["model_dir"]
-        res = generate_balanced(
-            view, field, model=model_dir, mode=p.get("mode", "equal"),
-            total=int(p.get("total", 2000)) if p.get("mode", "equal") == "equal" else None,
-            guidance_scale=float(p.get("guidance_scale", 3.0)),
-            num_inference_steps=int(p.get("num_inference_steps", 50)), seed=int(p.get("seed", 0)),
-            overwrite=bool(p.get("overwrite", False)), progress=progress_callback(ctx, "Generating"),
-        )
+        mode = p.get("mode") or "equal"
+        names = ("guidance_scale", "num_inference_steps", "seed", "overwrite") + (
+            ("per_cell", "source", "edit_strength", "attribute_guidance_scale") if mode == "cells" else
+            ("total",) if mode == "equal" else ())
+        given = {n: p[n] for n in names if p.get(n) not in (None, "")}
+        res = generate_balanced(view, field, model=model_dir, mode=mode,
+                                progress=progress_callback(ctx, "Generating"), **given)
         after = balance_report(ctx.dataset, field)
         ctx.ops.reload_dataset()
         return {**res, "entropy_before": before.entropy, "entropy_after": after.entropy,
                 "num_added": sum(res["added"].values()),
-                "added_per_cluster": ", ".join(f"{c}: {n}" for c, n in res["added"].items())}
+                "added_per_cluster": ", ".join(f"{c}: {n}" for c, n in res["added"].items() if n)}
 
     def resolve_output(self, ctx):
         return result_view(

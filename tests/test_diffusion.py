@@ -42,7 +42,7 @@ def test_plan_counts():
 def test_train_saves_model_mapping_and_run(three_colors, trained):
     model = load_conditional_diffusion(trained)
     assert model.classes == sorted(three_colors.distinct("color.label"))
-    assert model.null_class == 3 and model.unet.config.num_class_embeds == 4
+    assert model.null_class == 3 and model.model.condition.factor_sizes == [3] and model.attribute_field is None
     res = runs.load_run_results(three_colors, "conditional_diffusion")
     assert res["steps"] == 3 and res["model_dir"] == trained  # 66 images / 32 per batch
     imgs = sample_images(model, [0, 1], [7, 8], num_inference_steps=3)
@@ -134,6 +134,102 @@ def test_generate_bad_input(three_colors, trained):
         train_conditional_diffusion(one, "color", epochs=1, **TINY)
 
 
+@pytest.fixture(scope="module")
+def cells_model(three_colors, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("cells") / "model")
+    return train_conditional_diffusion(three_colors, "ground_truth", attribute_field="color", output_dir=folder,
+                                       epochs=1, run_key="cells_model", **TINY)
+
+
+def test_cells_fill_every_class_x_attribute_cell(three_colors, cells_model, tmp_path):
+    ds = three_colors.clone()
+    try:
+        model = load_conditional_diffusion(cells_model)
+        assert model.attribute_field == "color" and model.model.condition.factor_sizes == [3, 3]
+        assert runs.load_run_results(three_colors, "cells_model")["cell_sizes"]["0|red"] > 0
+        real = ds.match({"generated": {"$ne": True}})
+        cells = {}
+        for gt, col in zip(*real.values(["ground_truth.label", "color.label"])):
+            cells[(gt, col)] = cells.get((gt, col), 0) + 1
+        per_cell = max(cells.values()) - 5
+        out = str(tmp_path / "cells")
+        res = generate_balanced(ds, "ground_truth", model=cells_model, mode="cells", per_cell=per_cell,
+                                source="edit", edit_strength=0.5, num_inference_steps=4, output_dir=out)
+        expected = {f"{c}|{a}": max(0, per_cell - cells.get((c, a), 0))
+                    for c in model.classes for a in model.attributes}
+        assert res["planned"] == expected and res["added"] == expected
+        gen = ds.match_tags("generated")
+        assert len(gen) == sum(expected.values())
+        # every generated sample carries the class label (so classifiers can use it), its attribute and provenance
+        for s in gen.select_fields(["ground_truth", "color", "generation"]).iter_samples():
+            c, a = s.generation["cell"].split("|")
+            assert s.ground_truth.label == c and s.color.label == a
+            src = ds[s.generation["source_id"]]
+            assert src.ground_truth.label == c and src.color.label != a  # an edit of a real image of the class
+        assert Image.open(gen.first().filepath).size == (16, 16)
+        again = generate_balanced(ds, "ground_truth", model=cells_model, mode="cells", per_cell=per_cell,
+                                  source="edit", edit_strength=0.5, num_inference_steps=4, output_dir=out)
+        assert sum(again["added"].values()) == 0 and len(ds.match_tags("generated")) == len(gen)
+        # the same seed gives the same images, whatever the batch
+        other = str(tmp_path / "cells_b")
+        generate_balanced(ds, "ground_truth", model=cells_model, mode="cells", per_cell=per_cell, source="edit",
+                          edit_strength=0.5, num_inference_steps=4, output_dir=other, batch_size=3, run_key="b")
+        name = os.path.basename(gen.first().filepath)
+        assert np.array_equal(np.asarray(Image.open(os.path.join(out, name))),
+                              np.asarray(Image.open(os.path.join(other, name))))
+        # contrast guidance from the source's own cell: same cells, other images
+        third = str(tmp_path / "cells_c")
+        res = generate_balanced(ds, "ground_truth", model=cells_model, mode="cells", per_cell=per_cell,
+                                source="edit", guidance_reference="source", attribute_guidance_scale=4.0,
+                                num_inference_steps=4, output_dir=third, run_key="c")
+        assert res["added"] == expected
+        assert not np.array_equal(np.asarray(Image.open(os.path.join(out, name))),
+                                  np.asarray(Image.open(os.path.join(third, name))))
+    finally:
+        ds.delete()
+
+
+def test_cells_bad_input_writes_nothing(three_colors, trained, cells_model, tmp_path):
+    ds = three_colors.clone()
+    try:
+        out = str(tmp_path / "bad")
+        cases = [
+            (dict(model=trained, label_field="color", mode="cells", per_cell=5), "needs a model trained with"),
+            (dict(mode="equal", per_class=2), "generates only cells"),
+            (dict(mode="cells"), "needs per_cell"),
+            (dict(mode="cells", per_cell=5, guidance_scale=float("nan")), "guidance_scale must be"),
+            (dict(mode="cells", per_cell=5, scheduler="bogus"), "scheduler must be"),
+            (dict(mode="cells", per_cell=5, num_inference_steps=0), "num_inference_steps"),
+            (dict(mode="cells", per_cell=5, source="edit", edit_strength=1.5), "edit_strength"),
+            (dict(mode="cells", per_cell=5, source="copy"), "source must be"),
+            (dict(mode="cells", per_cell=5, guidance_reference="source"), "needs source='edit'"),
+            (dict(mode="cells", per_cell=5, source="edit", guidance_reference="x"), "guidance_reference must be"),
+        ]
+        for kwargs, match in cases:
+            kwargs = {"label_field": "ground_truth", "model": cells_model, "output_dir": out, **kwargs}
+            with pytest.raises(FairBalanceError, match=match):
+                generate_balanced(ds, **kwargs)
+        assert len(ds.match_tags("generated")) == 0 and not ds.has_run("generate_balanced")
+        assert not os.path.exists(os.path.join(out, "fairbalance_generation.json"))
+        with pytest.raises(FairBalanceError, match="must differ"):
+            train_conditional_diffusion(ds, "color", attribute_field="color", epochs=1, **TINY)
+    finally:
+        ds.delete()
+
+
+def test_corrupt_model_gets_one_clear_error(three_colors, cells_model, tmp_path):
+    import shutil
+
+    from fairbalance.models import ModelNotFoundError
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(cells_model, broken)
+    with open(os.path.join(broken, "condition.safetensors"), "wb") as f:
+        f.write(b"truncated")
+    with pytest.raises(ModelNotFoundError, match="corrupt or incomplete"):
+        load_conditional_diffusion(broken)
+
+
 def test_filter_generated_scores_and_tags(three_colors, trained, tiny_clip, tmp_path):
     from fairbalance.sa_features import compute_sa_features
 
@@ -149,6 +245,11 @@ def test_filter_generated_scores_and_tags(three_colors, trained, tiny_clip, tmp_
         assert all(-1 <= v <= 1 for v in gen.values("generation_score"))
         res2 = filter_generated(ds, "color", threshold=2.0, bottom_fraction=None, overwrite=True)
         assert res2["num_tagged"] == 12  # retagging replaces
+        real_train = len(ds.match_tags("train").match({"generated": {"$ne": True}}))
+        filter_generated(ds, "color", bottom_fraction=0.25, tag="train", run_key="as_train", score_field="s2")
+        filter_generated(ds, "color", bottom_fraction=0.5, tag="train", run_key="as_train", score_field="s2",
+                         overwrite=True)
+        assert len(ds.match_tags("train").match({"generated": {"$ne": True}})) == real_train  # never untagged
         centroid_scores = gen.values("generation_score")
         texts = {c: f"a {c} handwritten digit" for c in ds.distinct("color.label")}
         with pytest.raises(FairBalanceError, match="missing"):

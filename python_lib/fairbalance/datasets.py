@@ -64,6 +64,30 @@ class ColoredDigitsConfig:
             raise validation.FairBalanceError("color_std must be >= 0")
 
 
+def stroke_color(rgb: np.ndarray) -> np.ndarray:
+    """Mean RGB (0..1) of an image's strongest stroke pixels (within 80% of its brightest), background ignored."""
+    a = np.asarray(rgb, dtype=np.float32)
+    a = a / 255.0 if a.max() > 1.0 else a
+    intensity = a.max(-1)
+    strokes = a[intensity >= 0.8 * intensity.max()] if intensity.max() > 0 else a.reshape(-1, 3)
+    return strokes.mean(0)
+
+
+def nearest_color(image, num_classes: int = len(CLASS_COLORS)) -> str:
+    """The palette colour an image shows: its stroke colour's nearest ``CLASS_COLORS`` entry, by name.
+
+    ``image``: a file path, a PIL image or an H x W x 3 array. Used to read
+    off what generated images show, independently of what they were asked for.
+    """
+    from fairbalance import images
+
+    if isinstance(image, str):
+        image = images.load_rgb(image)
+    color = stroke_color(np.asarray(image))
+    palette = np.array([rgb for _, rgb in CLASS_COLORS[:num_classes]], dtype=np.float32) / 255.0
+    return CLASS_COLORS[int(np.argmin(((palette - color) ** 2).sum(1)))][0]
+
+
 def num_conflicting(per_class: int, ratio: float) -> int:
     """Conflicting images per class: ``ratio * per_class`` rounded half up, at least 1 if ratio > 0."""
     if ratio <= 0:
