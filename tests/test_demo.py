@@ -1,6 +1,11 @@
+import ast
+import re
+from collections import Counter
+
 import fiftyone as fo
 
 from fairbalance import demo
+from fairbalance.datasets import nearest_color
 
 
 def test_demo_runs_end_to_end(capsys):
@@ -12,15 +17,19 @@ def test_demo_runs_end_to_end(capsys):
         assert "== train: 200 samples, 10 bias-conflicting" in out
         assert "ground_truth x color:" in out and "entropy" in out
         assert "skipped:" in out and "ViT-B-32/openai" in out  # no CLIP weights offline: said, not hidden
-        assert "== Hardness: tagged 20 samples" in out
-        assert "vanilla  test accuracy" in out and "debiased test accuracy" in out
+        tagged = int(re.search(r"== Hardness: tagged (\d+) samples 'bias_conflicting' \(the biased model's errors\)",
+                               out).group(1))
         ds = fo.load_dataset("fb-demo-test")
-        assert ds.count("vanilla_predictions") == ds.count("debiased_predictions") == 50
+        assert tagged == len(ds.match_tags("bias_conflicting")) > 0
+        for method in ("vanilla", "jtt", "lff"):
+            assert f"{method:<7} test accuracy" in out
+            assert ds.count(f"{method}_predictions") == 50
         assert "== Repair: 'fb-demo-test-imbalanced', 50 training images" in out
         assert "conditions: the 'color' labels" in out and "generated 10 images" in out
-        before, after = map(float, out.split("counted by their condition): ")[1].split(" (")[0].split(" -> "))
-        assert after > before  # 2 per colour added to 50 imbalanced images
         repaired = fo.load_dataset("fb-demo-test-imbalanced")
+        shown = ast.literal_eval(out.split("(nearest palette colour of the strokes): ")[1].splitlines()[0])
+        assert shown == dict(Counter(nearest_color(p) for p in repaired.match_tags("generated").values("filepath")))
+        assert re.search(r"real -> real \+ generated: \d\.\d{3} -> \d\.\d{3} \(max ln 5", out)
         assert len(repaired.match_tags("generated")) == 10 and repaired.has_run("generate_balanced")
     finally:
         for name in ("fb-demo-test", "fb-demo-test-imbalanced"):
