@@ -25,7 +25,8 @@ import numpy as np
 
 from fairbalance import balance, datasets, images, writeback
 from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
-from fairbalance.diffusion import generate_balanced, train_conditional_diffusion
+from fairbalance.diffusion import train_conditional_diffusion
+from fairbalance.generation import generate_balanced
 from fairbalance.pseudo_labels import compute_pseudo_labels
 
 

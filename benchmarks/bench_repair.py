@@ -40,9 +40,11 @@ from torch import nn
 os.environ.setdefault("FIFTYONE_SHOW_PROGRESS_BARS", "false")
 
 import fairbalance as fb  # noqa: E402
+from bench_balance import colour_features  # noqa: E402  (mean stroke colour: the SA-feature stand-in offline)
 from fairbalance import datasets, images, writeback  # noqa: E402
 from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier  # noqa: E402
-from fairbalance.diffusion import generate_balanced, train_conditional_diffusion  # noqa: E402
+from fairbalance.diffusion import train_conditional_diffusion  # noqa: E402
+from fairbalance.generation import generate_balanced  # noqa: E402
 from fairbalance.hardness import compute_hardness  # noqa: E402
 
 PUBLISHED = {  # LfF / DisEnt / DiffInject papers, 60k train images: vanilla / LfF / DisEnt / DiffInject
@@ -141,16 +143,6 @@ NAMES = [n for n, _ in datasets.CLASS_COLORS]
 def colour_of(x: torch.Tensor) -> list[str]:
     """The palette colour each image shows (nearest colour of its strongest stroke pixels)."""
     return [datasets.nearest_color(img) for img in x.permute(0, 2, 3, 1).numpy()]
-
-
-def colour_features(view) -> dict:
-    """Mean RGB of each image's stroke pixels: the stand-in for CLIP SA features offline."""
-    out = {}
-    for i, p in zip(*view.values(["id", "filepath"])):
-        a = np.asarray(images.load_rgb(p), dtype=np.float32) / 255.0
-        strokes = a[a.max(-1) > 0.3]
-        out[i] = (strokes.mean(0) if len(strokes) else a.reshape(-1, 3).mean(0)).astype(np.float32)
-    return out
 
 
 # ----------------------------------------------------------------------------- one dataset
@@ -268,7 +260,7 @@ def run_ratio(ratio, args, work):
         print(f"generated images: right digit {fid['digit']:.1f}% (colour-mismatched cells "
               f"{fid['digit_conflicting']:.1f}%, worst cell {fid['worst_cell_digit']:.1f}%), right colour "
               f"{fid['colour']:.1f}%")
-    print(f"| method | unbiased test acc. | bias-conflicting acc. | time per seed |")
+    print("| method | unbiased test acc. | bias-conflicting acc. | time per seed |")
     print("|---|---|---|---|")
     for name, accs in rows.items():
         a = np.array(accs)

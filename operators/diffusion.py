@@ -5,7 +5,9 @@ import fiftyone.operators.types as types
 
 from fairbalance import runs
 from fairbalance.balance import balance_report
-from fairbalance.diffusion import filter_generated, generate_balanced, train_conditional_diffusion
+from fairbalance.diffusion import train_conditional_diffusion
+from fairbalance.filtering import filter_generated
+from fairbalance.generation import generate_balanced
 
 from ._common import categorical_fields, field_dropdown, operator_config, progress_callback, result_view
 

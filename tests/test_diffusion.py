@@ -5,10 +5,9 @@ import pytest
 from PIL import Image
 
 from fairbalance import runs
-from fairbalance.diffusion import (
-    filter_generated, generate_balanced, load_conditional_diffusion, plan_counts, sample_images,
-    train_conditional_diffusion,
-)
+from fairbalance.diffusion import load_conditional_diffusion, sample_images, train_conditional_diffusion
+from fairbalance.filtering import filter_generated
+from fairbalance.generation import generate_balanced, plan_counts
 from fairbalance.validation import FairBalanceError
 
 TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)

@@ -97,6 +97,10 @@ def test_apply_and_evaluate_write_back(digits_copy):
     # FiftyOne's own evaluation agrees on the written predictions
     fo_eval = test.evaluate_classifications("pred", gt_field="ground_truth")
     assert fo_eval.metrics()["accuracy"] == pytest.approx(ev.accuracy)
+    labels = test.values("ground_truth.label")
+    with pytest.raises(FairBalanceError, match="would replace the labels"):
+        apply_classifier(test, clf, "ground_truth")
+    assert test.values("ground_truth.label") == labels  # untouched
     # a saved checkpoint folder predicts the same labels
     apply_classifier(test, runs.get_run_config(digits_copy, "vanilla")["checkpoint"], "pred2")
     assert test.values("pred.label") == test.values("pred2.label")

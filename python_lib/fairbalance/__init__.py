@@ -1,19 +1,30 @@
 """fairbalance: find hidden imbalance and bias in image datasets and repair it.
 
-Public API (each function takes a FiftyOne collection, validates its inputs
-before doing any work, writes results in bulk and records a FiftyOne run):
+Public API, in the order a user works (find -> tag -> generate -> train ->
+verify); each function takes a FiftyOne collection, validates its inputs
+before doing any work, writes results in bulk and records a FiftyOne run:
 
-- :func:`colored_digits`: the Colored Digits benchmark dataset
-- :func:`colored_mnist`: Colored MNIST (LfF protocol) on 5,000 real MNIST digits
-- :func:`compute_sa_features`: CLIP features for a text-specified sensitive attribute
-- :func:`compute_pseudo_labels`: X-means pseudo-labels of those features
-- :func:`balance_report`, :func:`entropy`, :func:`normalized_entropy`
+- data: :func:`colored_digits` (fast fixture), :func:`colored_mnist` (Colored
+  MNIST, LfF protocol, on 5,000 real MNIST digits)
+- find: :func:`compute_sa_features` (CLIP features for a text-specified
+  sensitive attribute), :func:`compute_pseudo_labels` (X-means),
+  :func:`balance_report`, :func:`entropy`, :func:`normalized_entropy`
+- tag: :func:`compute_hardness_tags` (the errors or top-K losses of a GCE-biased model)
+- generate: :func:`train_conditional_diffusion`, :func:`generate_balanced`
+  (clusters, or class x attribute cells), :func:`filter_generated`
+- train / verify: :func:`train_classifier` (vanilla, JTT, LfF, real +
+  generated), :func:`apply_classifier`, :func:`evaluate_classifier`
 """
 
 from fairbalance.balance import BalanceReport, balance_report, entropy, normalized_entropy
-from fairbalance.datasets import colored_digits
-from fairbalance.colored_mnist import colored_mnist  # the function shadows its module as an attribute
+from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
 from fairbalance.clustering import xmeans
+from fairbalance.colored_mnist import colored_mnist  # the function shadows its module as an attribute
+from fairbalance.datasets import colored_digits
+from fairbalance.diffusion import train_conditional_diffusion
+from fairbalance.filtering import filter_generated
+from fairbalance.generation import generate_balanced
+from fairbalance.hardness import compute_hardness as compute_hardness_tags
 from fairbalance.models import ModelNotFoundError
 from fairbalance.pseudo_labels import compute_pseudo_labels
 from fairbalance.sa_features import compute_sa_features, get_related_texts
@@ -25,13 +36,20 @@ __all__ = [
     "BalanceReport",
     "FairBalanceError",
     "ModelNotFoundError",
+    "apply_classifier",
     "balance_report",
     "colored_digits",
     "colored_mnist",
+    "compute_hardness_tags",
     "compute_pseudo_labels",
     "compute_sa_features",
-    "get_related_texts",
-    "xmeans",
     "entropy",
+    "evaluate_classifier",
+    "filter_generated",
+    "generate_balanced",
+    "get_related_texts",
     "normalized_entropy",
+    "train_classifier",
+    "train_conditional_diffusion",
+    "xmeans",
 ]

@@ -110,6 +110,10 @@ def apply_classifier(
     validation.require_image_collection(samples)
     validation.require_field_name(predictions_field)
     clf = _as_classifier(model)
+    if predictions_field == clf.config.label_field:
+        raise validation.FairBalanceError(
+            f"predictions_field '{predictions_field}' is the field the classifier was trained on: writing "
+            "predictions there would replace the labels; choose another field")
     ids, paths = samples.values(["id", "filepath"])
     run = None
     if run_key is not None:

@@ -24,7 +24,8 @@ from collections import Counter
 
 from fairbalance import balance, datasets, models
 from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
-from fairbalance.diffusion import generate_balanced, train_conditional_diffusion
+from fairbalance.diffusion import train_conditional_diffusion
+from fairbalance.generation import generate_balanced
 from fairbalance.hardness import compute_hardness
 from fairbalance.pseudo_labels import compute_pseudo_labels
 from fairbalance.sa_features import compute_sa_features
