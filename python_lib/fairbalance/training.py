@@ -32,7 +32,7 @@ import copy
 import json
 import os
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -142,8 +142,16 @@ def resolve_backbone(name: str, image_size: Sequence[int]) -> str:
     return "mlp" if max(image_size) <= AUTO_MLP_MAX_SIDE else "resnet18"
 
 
-def resnet18_weights_path() -> str:
-    return os.path.join(torch.hub.get_dir(), "checkpoints", TORCHVISION_RESNET18_FILE)
+def resnet18_weights() -> str:
+    """torchvision's ImageNet ResNet-18 checkpoint on disk; a clear error when it is not there (never a random start)."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", TORCHVISION_RESNET18_FILE)
+    if not os.path.isfile(path):
+        raise models.ModelNotFoundError(
+            f"pretrained=True: torchvision's ImageNet ResNet-18 weights are not on disk ({path}). Download them "
+            "once with torchvision.models.resnet18(weights='IMAGENET1K_V1') on a machine with network access "
+            "and copy the file there, or pass pretrained=False to train from random weights."
+        )
+    return path
 
 
 def build_backbone(name: str, num_classes: int, input_shape: Sequence[int], pretrained: bool = False
@@ -170,15 +178,8 @@ def build_backbone(name: str, num_classes: int, input_shape: Sequence[int], pret
     net = torchvision.models.resnet18(weights=None)
     source = None
     if pretrained:
-        path = resnet18_weights_path()
-        if not os.path.isfile(path):
-            raise models.ModelNotFoundError(
-                f"pretrained=True: torchvision's ImageNet ResNet-18 weights are not on disk ({path}). Download them "
-                "once with torchvision.models.resnet18(weights='IMAGENET1K_V1') on a machine with network access "
-                "and copy the file there, or pass pretrained=False to train from random weights."
-            )
-        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        source = path
+        source = resnet18_weights()
+        net.load_state_dict(torch.load(source, map_location="cpu", weights_only=True))
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     return net, source
 
@@ -331,19 +332,13 @@ def load_classifier(folder: str) -> TrainedClassifier:
         with open(cfg_path) as f:
             saved = json.load(f)
         config = TrainConfig(**saved["config"])
-        net, _ = build_model(dataclass_replace(config, pretrained=False))
+        net, _ = build_model(replace(config, pretrained=False))
         net.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True))
     except Exception as e:  # truncated/corrupt files: one clear message naming the folder
         raise models.ModelNotFoundError(
             f"The classifier checkpoint in {folder} is corrupt or incomplete ({type(e).__name__}: {e}); "
             "train it again") from e
     return TrainedClassifier(net.eval(), config, saved.get("history", []), best_epoch=saved.get("best_epoch"))
-
-
-def dataclass_replace(config: TrainConfig, **changes) -> TrainConfig:
-    from dataclasses import replace
-
-    return replace(config, **changes)
 
 
 def _sample_weights(samples, data: LabelledSamples, config: TrainConfig) -> np.ndarray:
@@ -472,8 +467,8 @@ def train_classifier(
                          normalize, None, None, q, ema, epochs, batch_size, lr, weight_decay, seed, weight_field,
                          hard_tag, upweight, synthetic_weight, max_synthetic_fraction, num_workers=num_workers)
     config.validate()
-    if pretrained and not os.path.isfile(resnet18_weights_path()) and config.backbone == "resnet18":
-        build_backbone("resnet18", 2, config.input_shape, pretrained=True)  # raises the clear error up front
+    if pretrained and config.backbone == "resnet18":
+        resnet18_weights()  # before any work
     gen = seed_everything(seed)
     data, excluded = select_training_samples(data, config, np.random.default_rng(seed))
     if len(set(data.labels.tolist())) < 2:
