@@ -83,3 +83,11 @@ def test_writeback_validates_before_writing(digits_copy):
     labels = {i: fo.Classification(label="x") for i in view.values("id")}
     writeback.set_values_by_id(view, {"lab": labels})
     assert digits_copy.count_values("lab.label") == {"x": len(view), None: len(digits_copy) - len(view)}
+
+
+def test_writeback_of_mixed_types_leaves_no_field(digits_copy):
+    ids = digits_copy.values("id")
+    mixed = {"ok": {i: 1.0 for i in ids}, "bad": {i: (1.0 if j % 2 else "one") for j, i in enumerate(ids)}}
+    with pytest.raises(FairBalanceError, match="Could not write 'bad'"):
+        writeback.set_values_by_id(digits_copy, mixed)
+    assert not digits_copy.has_field("ok") and not digits_copy.has_field("bad")

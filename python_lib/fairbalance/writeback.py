@@ -36,8 +36,18 @@ def set_values_by_id(
             raise validation.FairBalanceError(
                 f"Values for '{field_name}' do not match the view: {missing} sample(s) missing, {extra} unknown id(s)"
             )
-    for field_name, by_id in values.items():
-        samples.set_values(field_name, dict(by_id), key_field="id", progress=progress)
+    dataset = samples._root_dataset
+    existed = set(dataset.get_field_schema())
+    written = []
+    try:
+        for field_name, by_id in values.items():
+            written.append(field_name)
+            samples.set_values(field_name, dict(by_id), key_field="id", progress=progress)
+    except Exception as e:  # e.g. values of mixed types: leave no new, half-filled field behind
+        for field_name in written:
+            if field_name not in existed and dataset.has_sample_field(field_name):
+                dataset.delete_sample_field(field_name)
+        raise validation.FairBalanceError(f"Could not write '{written[-1]}': {e}") from e
 
 
 def generation_target(samples, target_dataset, output_dir: str | None, run_key: str):
