@@ -97,8 +97,9 @@ def iter_batches(
     pin_memory: bool = False,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield ``(positions, batch)`` of transformed images, in order."""
-    validation.require_image_files(filepaths)
     report = report if report is not None else LoadReport()
+    if not skip_failures:
+        validation.require_image_files(filepaths)  # missing files: one clear error before any work
     workers = default_num_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
         _ImageFiles(filepaths, transform),
