@@ -24,8 +24,10 @@ class ComputeSAFeatures(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx)
-        inputs.str("attribute", required=True, label="Sensitive attribute",
-                   description='What the data may be imbalanced in, e.g. "races" or "age groups"')
+        has_texts = bool(_split(ctx.params.get("related_texts")))
+        inputs.str("attribute", required=not has_texts, label="Sensitive attribute",
+                   description='What the data may be imbalanced in, e.g. "races" or "age groups" (not needed '
+                               'when you give related texts)')
         inputs.str("attribute_values", required=False, label="Attribute values (optional, comma-separated)",
                    description='e.g. "white person, black person"')
         inputs.str("related_texts", required=False, label="Related texts (optional, comma-separated)",
@@ -41,7 +43,7 @@ class ComputeSAFeatures(foo.Operator):
         inputs.int("batch_size", default=64, min=1, label="Batch size")
         inputs.bool("skip_failures", default=False, label="Skip unreadable images")
         run_key_input(inputs, "sa_features")
-        if not ctx.params.get("attribute", "").strip() and not ctx.params.get("related_texts"):
+        if not (ctx.params.get("attribute") or "").strip() and not has_texts:
             inputs.view("hint", types.Notice(label="Type an attribute (or related texts) to continue"))
         return types.Property(inputs, view=types.View(label="Compute SA features"))
 

@@ -147,3 +147,18 @@ def test_audit_operator_runs_the_chain(digits_dataset, tiny_clip):
         assert balance.balance_report(ds, "sa_cluster").entropy == pytest.approx(res.result["entropy"])
     finally:
         ds.delete()
+
+
+def test_sa_features_form_accepts_related_texts_alone(digits_dataset):
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    def form(params):
+        request = {"dataset_name": digits_dataset.name, "params": params, "target": "inputs"}
+        prop = asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/compute_sa_features", request))
+        return prop.type.properties
+
+    assert form({"attribute": None})["attribute"].required  # no AttributeError on an empty attribute
+    assert not form({"attribute": None, "related_texts": "red ink, blue ink"})["attribute"].required
