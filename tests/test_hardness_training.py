@@ -235,3 +235,14 @@ def test_resnet18_backbone_runs(digits_copy):
     assert clf.config.backbone == "resnet18" and clf.config.pretrained_weights is None
     logits = training.predict(clf, digits_copy.limit(4).values("filepath"))
     assert logits.shape == (4, 10)
+
+
+def test_unusable_output_folder_is_refused_before_training(digits_copy, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    train = digits_copy.match_tags("train")
+    for fn in (compute_hardness, train_classifier):
+        with pytest.raises(FairBalanceError, match="Cannot create output folder"):
+            fn(train, output_dir=str(blocker / "sub"), **{**FAST, "epochs": 10_000})  # would take long if it trained
+    assert not digits_copy.has_field("bias_loss") and not digits_copy.has_run("hardness")
+    assert not digits_copy.has_run("classifier")
