@@ -255,6 +255,10 @@ def test_filter_generated_scores_and_tags(three_colors, trained, tiny_clip, tmp_
             filter_generated(ds, "color", texts={"red": "a red digit"}, overwrite=True)
         with pytest.raises(FairBalanceError, match=r"empty: \['red'\]"):
             filter_generated(ds, "color", texts={**texts, "red": "  "}, overwrite=True)
+        for bad in (dict(bottom_fraction=1.5), dict(bottom_fraction=0.0),
+                    dict(threshold=float("nan"), bottom_fraction=None)):
+            with pytest.raises(FairBalanceError, match="bottom_fraction must be|threshold must be"):
+                filter_generated(ds, "color", overwrite=True, **bad)
         with pytest.raises(FairBalanceError, match="method must be 'clip'"):
             filter_generated(ds, "color", method="dino", overwrite=True)
         res3 = filter_generated(ds, "color", texts=texts, bottom_fraction=0.5, overwrite=True)

@@ -42,6 +42,10 @@ def filter_generated(
     validation.require_fields(samples, [label_field, embeddings_field, "generated"])
     if (threshold is None) == (bottom_fraction is None):
         raise validation.FairBalanceError("pass exactly one of threshold or bottom_fraction")
+    if bottom_fraction is not None and not (isinstance(bottom_fraction, (int, float)) and 0 < bottom_fraction < 1):
+        raise validation.FairBalanceError(f"bottom_fraction must be in (0, 1), got {bottom_fraction!r}")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and np.isfinite(threshold)):
+        raise validation.FairBalanceError(f"threshold must be a finite number, got {threshold!r}")
     if method != "clip":
         raise validation.FairBalanceError(f"method must be 'clip', not {method!r}")
     spec = embeddings.stored_model(samples, embeddings_field)
