@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -133,10 +134,7 @@ def _save_model(folder: str, model: ConditionalUNet, scheduler, cfg: DiffusionTr
 
 def _factor_labels(samples, label_field, attribute_field):
     """Labelled samples with their class index and (when asked) attribute index; the attribute values."""
-    data = training.labelled_samples(samples, label_field)
-    data = data.subset(np.flatnonzero(~data.generated))
-    if not len(data.ids):
-        raise validation.FairBalanceError("The view has no real (non-generated) labelled samples")
+    data = training.labelled_samples(samples, label_field).real()
     y = data.labels[:, None]
     attributes = None
     if attribute_field:
@@ -234,11 +232,7 @@ def train_conditional_diffusion(
 def _cell_sizes(y: np.ndarray, classes, attributes) -> dict | None:
     if not attributes:
         return None
-    cells = {}
-    for c, a in y:
-        key = f"{classes[c]}|{attributes[a]}"
-        cells[key] = cells.get(key, 0) + 1
-    return cells
+    return dict(Counter(f"{classes[c]}|{attributes[a]}" for c, a in y))
 
 
 def _check_model_folder(output_dir: str, cfg: DiffusionTrainConfig, resume: bool, overwrite: bool) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fairbalance import runs, training, validation, writeback
+from fairbalance.balance import label_path
 from fairbalance.diffusion import ConditionalDiffusionModel, load_conditional_diffusion, sample_images, validate_sampling
 
 GENERATION_FILE = "fairbalance_generation.json"
@@ -66,9 +67,8 @@ class _Job:
 
 def _cell_jobs(samples, diff: ConditionalDiffusionModel, per_cell: int, source: str, seed: int, output_dir: str):
     """Jobs that fill every class x attribute cell of the view's real samples up to ``per_cell``."""
-    real = training.labelled_samples(samples, diff.label_field, diff.classes)
-    real = real.subset(np.flatnonzero(~real.generated))
-    attr = dict(zip(*samples.select(real.ids).values(["id", _label_path(samples, diff.attribute_field)])))
+    real = training.labelled_samples(samples, diff.label_field, diff.classes).real(required=False)
+    attr = dict(zip(*samples.select(real.ids).values(["id", label_path(samples, diff.attribute_field)])))
     index = {a: j for j, a in enumerate(diff.attributes)}
     cells = np.array([[c, index.get(attr.get(i), -1)] for c, i in zip(real.labels, real.ids)])
     counts = {(ci, ai): int(np.sum((cells[:, 0] == ci) & (cells[:, 1] == ai)))
@@ -97,7 +97,7 @@ def _cluster_jobs(samples, diff: ConditionalDiffusionModel, mode, total, per_cla
     """Jobs that balance the clusters of a single-condition model (``equal`` or ``fill``)."""
     from fiftyone import ViewField as Fv
 
-    path = _label_path(samples, diff.label_field)
+    path = label_path(samples, diff.label_field)
     real = samples.match(Fv("generated") != True) if samples._root_dataset.has_field("generated") else samples  # noqa
     present = real.count_values(path)
     plan = plan_counts({c: present.get(c, 0) for c in diff.classes}, mode, total, per_class)
@@ -105,12 +105,6 @@ def _cluster_jobs(samples, diff: ConditionalDiffusionModel, mode, total, per_cla
                  os.path.join(output_dir, f"cluster{c}_seed{seed}_{i:05d}.png"), c, {diff.label_field: c})
             for ci, c in enumerate(diff.classes) for i in range(plan[c])]
     return jobs, plan
-
-
-def _label_path(samples, field_name):
-    from fairbalance.balance import label_path
-
-    return label_path(samples, field_name)
 
 
 def generate_balanced(

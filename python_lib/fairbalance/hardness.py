@@ -115,10 +115,7 @@ def compute_hardness(
     rank_field = f"{loss_field}_rank"
     if not tag or not isinstance(tag, str):
         raise validation.FairBalanceError("tag must be a non-empty string")
-    data = training.labelled_samples(samples, label_field)
-    data = data.subset(np.flatnonzero(~data.generated))
-    if not len(data.ids):
-        raise validation.FairBalanceError("The view has no real (non-generated) labelled samples")
+    data = training.labelled_samples(samples, label_field).real()
     ids, paths, labels, classes = data.ids, data.filepaths, data.labels, data.classes
     k = resolve_top_k(top_k, len(ids))
     if len(set(labels.tolist())) < 2:

@@ -263,6 +263,13 @@ class LabelledSamples:
         return LabelledSamples([self.ids[j] for j in keep], [self.filepaths[j] for j in keep], self.labels[keep],
                                self.classes, self.generated[keep], self.num_unlabelled)
 
+    def real(self, required: bool = True) -> "LabelledSamples":
+        """The real (non-generated) samples; with ``required``, an error when there are none."""
+        real = self.subset(np.flatnonzero(~self.generated))
+        if required and not real.ids:
+            raise validation.FairBalanceError("The view has no real (non-generated) labelled samples")
+        return real
+
 
 def labelled_samples(samples, label_field: str, classes: list[str] | None = None) -> LabelledSamples:
     """The samples of ``samples`` that have a ``label_field`` label; an error when none do."""
@@ -476,8 +483,7 @@ def train_classifier(
     weights = _sample_weights(samples, data, config)
     val = None
     if val_samples is not None and len(val_samples):
-        vdata = labelled_samples(val_samples, label_field, data.classes)
-        vdata = vdata.subset(np.flatnonzero(~vdata.generated))
+        vdata = labelled_samples(val_samples, label_field, data.classes).real(required=False)
         if len(vdata.ids):
             val = (load_images(vdata.filepaths, size, num_workers=num_workers), torch.as_tensor(vdata.labels))
     config.model_selection = "best_val_accuracy" if val is not None else (
