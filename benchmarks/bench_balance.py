@@ -80,7 +80,7 @@ def main():
         print(f"diffusion trained ({time.time() - t0:.0f} s)")
         res = generate_balanced(train, "sa_cluster", model=model, total=args.total, guidance_scale=args.guidance,
                                 num_inference_steps=args.steps, output_dir=f"{tmp}/gen", seed=args.seed)
-        print(f"generated {sum(res['added'].values())} images: {res['added']} ({time.time() - t0:.0f} s)")
+        print(f"generated {res.num_added} images: {res.added} ({time.time() - t0:.0f} s)")
 
         # independent colour classifier, trained on real images only
         # (class-weighted, so the rare colours are not under-predicted)

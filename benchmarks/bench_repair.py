@@ -173,7 +173,7 @@ def build_generator(ds, train, args, work):
                             attribute_guidance_scale=args.attribute_guidance, num_inference_steps=args.steps,
                             guidance_reference=args.guidance_reference,
                             output_dir=os.path.join(work, "generated"), overwrite=True, progress=False)
-    return pl.num_clusters, sum(res["added"].values()), t_train, time.time() - t0
+    return pl.num_clusters, res.num_added, t_train, time.time() - t0
 
 
 def fidelity(ds, train, judge):

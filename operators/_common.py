@@ -1,5 +1,7 @@
 """Small helpers shared by the operators: config, progress, field choices, run keys, result panels."""
 
+import inspect
+
 import fiftyone as fo
 import fiftyone.operators.types as types
 
@@ -23,15 +25,70 @@ def field_dropdown(inputs, name, choices, label, description, required=True, def
     inputs.enum(name, dropdown.values(), required=required, default=default, view=dropdown)
 
 
-def run_key_input(inputs, default):
-    inputs.str(
-        "run_key",
-        default=default,
-        required=False,
-        label="Run key",
-        description="Name of the run recorded on the dataset (letters, digits, underscores)",
-    )
-    inputs.bool("overwrite", default=False, label="Overwrite", description="Replace an existing run with this key")
+def default_of(fn, name):
+    """The library function's default for ``name``: forms show it, and never repeat it by hand."""
+    return inspect.signature(fn).parameters[name].default
+
+
+def given(params, names):
+    """Only the values the user set, so the library's defaults apply to the rest."""
+    return {n: params[n] for n in names if params.get(n) not in (None, "")}
+
+
+def run_key_input(ctx, inputs, fn, resumable=False):
+    """Run key and Overwrite inputs, checked as the user types; False when the form cannot run.
+
+    A key in use on the dataset needs Overwrite ticked (or, for ``resumable``
+    operations such as generation and diffusion training, the same settings:
+    running again then resumes the run).
+    """
+    from fairbalance import runs
+    from fairbalance.validation import FairBalanceError
+
+    default = default_of(fn, "run_key")
+    prop = inputs.str("run_key", default=default, required=False, label="Run key",
+                      description="Name of the run recorded on the dataset (letters, digits, underscores)")
+    inputs.bool("overwrite", default=False, label="Overwrite",
+                            description="Replace the run with this key: its fields" +
+                            (", images and samples" if resumable else "") + " and record")
+    key = ctx.params.get("run_key")
+    if key is None and "run_key" not in ctx.params:  # not on the form yet (or an SDK call without it)
+        key = default
+    try:
+        runs.validate_run_key(key)
+    except FairBalanceError as e:
+        prop.invalid, prop.error_message = True, str(e)
+        return False
+    if ctx.dataset is not None and ctx.dataset.has_run(key) and not ctx.params.get("overwrite", False):
+        if resumable:
+            inputs.view("run_key_notice", types.Notice(
+                label=f"Run '{key}' exists: running it again with the same settings resumes it; other settings "
+                      "need Overwrite or another key"))
+            return True
+        prop.invalid = True
+        prop.error_message = f"Run '{key}' already exists on this dataset: tick Overwrite or choose another key"
+        return False
+    return True
+
+
+def sampling_inputs(inputs, fn):
+    """Guidance scale, sampling steps and seed of a generator, with ``fn``'s defaults."""
+    inputs.float("guidance_scale", default=default_of(fn, "guidance_scale"), min=0, label="Guidance scale",
+                 description="Classifier-free guidance: how strongly images follow their condition")
+    inputs.int("num_inference_steps", default=default_of(fn, "num_inference_steps"), min=1, label="Sampling steps")
+    inputs.int("seed", default=default_of(fn, "seed"), label="Seed",
+               description="Each image's own seed derives from it: the same seed gives the same images")
+
+
+def rounded(value, digits=3):
+    """Floats rounded for people (the App would show 1.095921545731536), inside dicts and lists too."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
 
 
 def operator_config(name, label, description, icon, dynamic=True, delegated="optional"):

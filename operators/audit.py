@@ -1,13 +1,12 @@
-"""Operator: one-click audit: SA features -> pseudo-labels -> balance report, with defaults."""
+"""Operator: one-click audit: SA features -> pseudo-labels -> balance report (``fairbalance.audit_balance``)."""
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.balance import balance_report
-from fairbalance.pseudo_labels import compute_pseudo_labels
-from fairbalance.sa_features import compute_sa_features
+from fairbalance.audit import audit_balance
 
-from ._common import operator_config, progress_callback, result_view
+from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
+                      result_view, rounded, run_key_input)
 
 
 class AuditBalance(foo.Operator):
@@ -16,32 +15,33 @@ class AuditBalance(foo.Operator):
         return operator_config(
             "audit_balance", "fairbalance: audit hidden imbalance",
             "Type an attribute; get SA features, X-means pseudo-labels and their balance in one go",
-            "troubleshoot", dynamic=False,
+            "troubleshoot",
         )
 
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx)
         inputs.str("attribute", required=True, label="Sensitive attribute", description='e.g. "races"')
-        inputs.str("model", default="ViT-B-32", required=False, label="CLIP model")
-        inputs.str("pretrained", default="openai", required=False, label="Pretrained tag or checkpoint")
-        inputs.bool("overwrite", default=True, label="Replace a previous audit")
+        inputs.str("model", default=default_of(audit_balance, "model"), required=False, label="CLIP model")
+        inputs.str("pretrained", default=default_of(audit_balance, "pretrained"), required=False,
+                   label="Pretrained tag or checkpoint")
+        fields = categorical_fields(ctx.dataset) if ctx.dataset is not None else []
+        field_dropdown(inputs, "attribute_field", fields, "Known attribute (optional)",
+                       "A field with the attribute's true values, if you have one: the report then shows "
+                       "clusters x attribute", required=False)
+        run_key_input(ctx, inputs, audit_balance)
         return types.Property(inputs, view=types.View(label="Audit hidden imbalance"))
 
     def execute(self, ctx):
         p = ctx.params
-        view = ctx.target_view()
-        overwrite = bool(p.get("overwrite", True))
-        sa = compute_sa_features(view, p["attribute"], model=p.get("model") or "ViT-B-32",
-                                 pretrained=p.get("pretrained") or None, overwrite=overwrite,
-                                 progress=progress_callback(ctx, "Encoding images"))
-        ctx.set_progress(progress=0.9, label="Clustering")
-        pl = compute_pseudo_labels(view, overwrite=overwrite)
-        report = balance_report(view, pl.label_field)
+        res = audit_balance(ctx.target_view(), p["attribute"],
+                            progress=progress_callback(ctx, "Encoding images"),
+                            **given(p, ("model", "pretrained", "attribute_field", "run_key", "overwrite")))
         ctx.ops.reload_dataset()
-        return {"related_texts": sa.related_texts, "num_clusters": pl.num_clusters, "entropy": report.entropy,
-                "normalized_entropy": report.normalized_entropy, "imbalance_ratio": report.imbalance_ratio,
-                "summary": report.format()}
+        report = res.report
+        return rounded({"related_texts": res.sa_features.related_texts, "num_clusters": res.pseudo_labels.num_clusters,
+                        "entropy": report.entropy, "normalized_entropy": report.normalized_entropy,
+                        "imbalance_ratio": report.imbalance_ratio, "summary": report.format()})
 
     def resolve_output(self, ctx):
         return result_view(

@@ -5,7 +5,7 @@ import fiftyone.operators.types as types
 
 from fairbalance import balance
 
-from ._common import categorical_fields, field_dropdown, operator_config, result_view
+from ._common import categorical_fields, field_dropdown, given, operator_config, result_view, rounded
 
 
 class BalanceReport(foo.Operator):
@@ -42,19 +42,14 @@ class BalanceReport(foo.Operator):
 
     def execute(self, ctx):
         p = ctx.params
-        report = balance.balance_report(
-            ctx.target_view(),
-            p["label_field"],
-            attribute_field=p.get("attribute_field") or None,
-            run_key=p.get("run_key") or None,
-            overwrite=bool(p.get("overwrite", False)),
-        )
+        report = balance.balance_report(ctx.target_view(), p["label_field"],
+                                        **given(p, ("attribute_field", "run_key", "overwrite")))
         out = report.to_dict()
         out["table"] = [
             {"label": k, "count": v, "percent": round(100 * report.proportions[k], 2)} for k, v in report.counts.items()
         ]
         out["summary"] = report.format()
-        return out
+        return rounded(out)
 
     def resolve_output(self, ctx):
         return result_view(

@@ -7,7 +7,8 @@ import fiftyone.operators.types as types
 from fairbalance.captions import compute_captions, filter_captions
 from fairbalance.text_to_image import generate_from_captions
 
-from ._common import categorical_fields, field_dropdown, operator_config, progress_callback, result_view, run_key_input
+from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
+                      result_view, run_key_input, sampling_inputs)
 
 
 def _list_fields(dataset):
@@ -29,26 +30,34 @@ class ComputeCaptions(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx)
-        inputs.str("model", default="Salesforce/blip-image-captioning-base", required=False,
+        inputs.str("model", default=default_of(compute_captions, "model"), required=False,
                    label="Captioning model", description="Hugging Face hub id or a local save_pretrained folder")
-        inputs.int("num_captions", default=3, min=1, label="Captions per image")
-        inputs.str("caption_field", default="captions", required=False, label="Caption field")
-        inputs.int("batch_size", default=16, min=1, label="Batch size")
-        inputs.int("seed", default=0, label="Seed")
-        run_key_input(inputs, "captions")
+        inputs.int("num_captions", default=default_of(compute_captions, "num_captions"), min=1,
+                   label="Captions per image")
+        inputs.str("caption_field", default=default_of(compute_captions, "caption_field"), required=False,
+                   label="Caption field")
+        inputs.int("batch_size", default=default_of(compute_captions, "batch_size"), min=1, label="Batch size")
+        inputs.int("seed", default=default_of(compute_captions, "seed"), label="Seed")
+        run_key_input(ctx, inputs, compute_captions)
         return types.Property(inputs, view=types.View(label="Caption samples"))
 
     def execute(self, ctx):
         p = ctx.params
         res = compute_captions(
-            ctx.target_view(), model=p.get("model") or "Salesforce/blip-image-captioning-base",
-            num_captions=int(p.get("num_captions", 3)), caption_field=p.get("caption_field") or "captions",
-            batch_size=int(p.get("batch_size", 16)), seed=int(p.get("seed", 0)),
-            run_key=p.get("run_key") or "captions", overwrite=bool(p.get("overwrite", False)),
-            progress=progress_callback(ctx, "Captioning"),
+            ctx.target_view(), progress=progress_callback(ctx, "Captioning"),
+            **given(p, ("model", "num_captions", "caption_field", "batch_size", "seed", "run_key", "overwrite")),
         )
         ctx.ops.reload_dataset()
-        return res
+        return res.to_dict()
+
+    def resolve_output(self, ctx):
+        return result_view(
+            "Captions written",
+            ("caption_field", "str", "Caption field"),
+            ("num_samples", "int", "Samples captioned"),
+            ("num_captions", "int", "Captions per sample"),
+            ("num_empty", "int", "Samples with only empty captions"),
+        )
 
 
 class FilterCaptions(foo.Operator):
@@ -73,16 +82,16 @@ class FilterCaptions(foo.Operator):
         field_dropdown(inputs, "label_field", labels, "Label field (F = 2 x its classes)", "", required=False,
                        default="ground_truth" if "ground_truth" in labels else None)
         inputs.int("top_f", required=False, min=1, label="Top-F words (overrides the label field)")
-        inputs.str("output_field", default="filtered_captions", required=False, label="Output field")
-        run_key_input(inputs, "caption_filter")
+        inputs.str("output_field", default=default_of(filter_captions, "output_field"), required=False,
+                   label="Output field")
+        run_key_input(ctx, inputs, filter_captions)
         return types.Property(inputs, view=types.View(label="Filter captions"))
 
     def execute(self, ctx):
         p = ctx.params
         res = filter_captions(
-            ctx.target_view(), p["caption_field"], output_field=p.get("output_field") or "filtered_captions",
-            label_field=p.get("label_field") or None, top_f=int(p["top_f"]) if p.get("top_f") else None,
-            run_key=p.get("run_key") or "caption_filter", overwrite=bool(p.get("overwrite", False)),
+            ctx.target_view(), p["caption_field"], label_field=p.get("label_field") or None,
+            **given(p, ("output_field", "top_f", "run_key", "overwrite")),
         )
         ctx.ops.reload_dataset()
         return {**res.to_dict(), "top_words_text": ", ".join(res.top_words),
@@ -119,23 +128,31 @@ class GenerateFromCaptions(foo.Operator):
         labels = categorical_fields(ctx.dataset)
         field_dropdown(inputs, "label_field", labels, "Label to copy", "", required=False,
                        default="ground_truth" if "ground_truth" in labels else None)
-        inputs.str("model", default="runwayml/stable-diffusion-v1-5", required=False, label="Diffusion pipeline")
-        inputs.int("images_per_caption", default=1, min=1, label="Images per caption")
-        inputs.float("guidance_scale", default=7.5, min=0, label="Guidance scale")
-        inputs.int("num_inference_steps", default=30, min=1, label="Steps")
-        inputs.int("seed", default=0, label="Seed")
-        inputs.bool("safety_checker", default=True, label="Keep the pipeline's safety checker")
+        inputs.str("model", default=default_of(generate_from_captions, "model"), required=False,
+                   label="Diffusion pipeline")
+        inputs.int("images_per_caption", default=default_of(generate_from_captions, "images_per_caption"), min=1,
+                   label="Images per caption")
+        sampling_inputs(inputs, generate_from_captions)
+        inputs.bool("safety_checker", default=default_of(generate_from_captions, "safety_checker"),
+                    label="Keep the pipeline's safety checker")
+        run_key_input(ctx, inputs, generate_from_captions, resumable=True)
         return types.Property(inputs, view=types.View(label="Generate from captions"))
 
     def execute(self, ctx):
         p = ctx.params
         res = generate_from_captions(
-            ctx.target_view(), p["caption_field"], model=p.get("model") or "runwayml/stable-diffusion-v1-5",
-            label_field=p.get("label_field") or None, images_per_caption=int(p.get("images_per_caption", 1)),
-            guidance_scale=float(p.get("guidance_scale", 7.5)),
-            num_inference_steps=int(p.get("num_inference_steps", 30)),
-            seed=int(p.get("seed", 0)), safety_checker=bool(p.get("safety_checker", True)),
+            ctx.target_view(), p["caption_field"], label_field=p.get("label_field") or None,
             progress=progress_callback(ctx, "Generating"),
+            **given(p, ("model", "images_per_caption", "guidance_scale", "num_inference_steps", "seed",
+                        "safety_checker", "run_key", "overwrite")),
         )
         ctx.ops.reload_dataset()
-        return res
+        return res.to_dict()
+
+    def resolve_output(self, ctx):
+        return result_view(
+            "Generated",
+            ("num_added", "int", "Samples added"),
+            ("output_dir", "str", "Image folder"),
+            ("target_dataset", "str", "Added to dataset"),
+        )

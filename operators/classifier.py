@@ -7,36 +7,34 @@ from fairbalance import runs
 from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
 from fairbalance.hardness import compute_hardness
 
-from ._common import categorical_fields, field_dropdown, operator_config, progress_callback, result_view, run_key_input
+from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
+                      result_view, rounded, run_key_input)
 
 
-def _training_inputs(inputs, epochs_default):
+def _training_inputs(inputs, fn):
+    """The training settings shared by the hardness and classifier forms, with ``fn``'s defaults."""
     backbone = types.Dropdown()
     backbone.add_choice("auto", label="Auto: LfF's 3x100 MLP up to 32 px, ResNet-18 above")
     backbone.add_choice("resnet18", label="ResNet-18 (torchvision)")
     backbone.add_choice("cnn", label="Small CNN (tiny images)")
     backbone.add_choice("mlp", label="3x100 MLP (LfF's Colored MNIST model)")
-    inputs.enum("backbone", backbone.values(), default="auto", view=backbone, label="Backbone")
-    inputs.bool("pretrained", default=False, label="ImageNet weights (ResNet-18; must be on disk)")
+    inputs.enum("backbone", backbone.values(), default=default_of(fn, "backbone"), view=backbone, label="Backbone")
+    inputs.bool("pretrained", default=default_of(fn, "pretrained"),
+                label="ImageNet weights (ResNet-18; must be on disk)")
     inputs.int("image_size", required=False, min=8, label="Image size (px)",
                description="Leave empty to train at the images' native size")
     norm = types.Dropdown()
     norm.add_choice("none", label="Pixels in [0, 1]")
     norm.add_choice("dataset", label="Normalised with the training images' statistics")
     norm.add_choice("imagenet", label="Normalised with ImageNet statistics (pretrained ResNet)")
-    inputs.enum("normalize", norm.values(), default="none", view=norm, label="Input normalisation")
-    inputs.int("epochs", default=epochs_default, min=1, label="Epochs")
-    inputs.int("batch_size", default=256, min=1, label="Batch size")
-    inputs.float("lr", default=1e-3, min=0, label="Learning rate")
-    inputs.int("seed", default=0, label="Seed")
+    inputs.enum("normalize", norm.values(), default=default_of(fn, "normalize"), view=norm, label="Input normalisation")
+    inputs.int("epochs", default=default_of(fn, "epochs"), min=1, label="Epochs")
+    inputs.int("batch_size", default=default_of(fn, "batch_size"), min=1, label="Batch size")
+    inputs.float("lr", default=default_of(fn, "lr"), min=0, label="Learning rate")
+    inputs.int("seed", default=default_of(fn, "seed"), label="Seed")
 
 
 TRAINING_PARAMS = ("backbone", "pretrained", "image_size", "normalize", "epochs", "batch_size", "lr", "seed")
-
-
-def _given(p, names):
-    """Only the values the user set, so the library's defaults apply to the rest."""
-    return {n: p[n] for n in names if p.get(n) not in (None, "")}
 
 
 def _label_field_input(ctx, inputs):
@@ -67,12 +65,16 @@ class ComputeHardnessTags(foo.Operator):
                      description="Empty: the samples the biased model gets wrong (its error set; needs no bias "
                                  "labels). A number >= 1: that many highest-loss samples; below 1: that fraction "
                                  "of the view (0.01 = 1%)")
-        inputs.bool("per_class", default=True, label="Rank per class (as DiffuBias)")
-        inputs.float("q", default=0.7, min=0.01, max=1.0, label="GCE q")
-        inputs.str("tag", default="bias_conflicting", required=False, label="Tag")
-        inputs.str("loss_field", default="bias_loss", required=False, label="Loss field")
-        _training_inputs(inputs, 10)
-        run_key_input(inputs, "hardness")
+        inputs.bool("per_class", default=default_of(compute_hardness, "per_class"), label="Rank per class",
+                    description="With a count: the highest losses of each class, as DiffuBias does")
+        inputs.float("q", default=default_of(compute_hardness, "q"), min=0.01, max=1.0, label="GCE q",
+                     description="Generalized cross-entropy exponent: higher = the model leans harder on easy "
+                                 "(bias-aligned) samples; 0.7 as in LfF and the papers")
+        inputs.str("tag", default=default_of(compute_hardness, "tag"), required=False, label="Tag")
+        inputs.str("loss_field", default=default_of(compute_hardness, "loss_field"), required=False,
+                   label="Loss field")
+        _training_inputs(inputs, compute_hardness)
+        run_key_input(ctx, inputs, compute_hardness)
         return types.Property(inputs, view=types.View(label="Hardness tags"))
 
     def execute(self, ctx):
@@ -85,10 +87,10 @@ class ComputeHardnessTags(foo.Operator):
             label_field=p["label_field"],
             top_k=top_k,
             progress=progress_callback(ctx, "Training the biased classifier"),
-            **_given(p, ("loss_field", "tag", "per_class", "q", "run_key", "overwrite") + TRAINING_PARAMS),
+            **given(p, ("loss_field", "tag", "per_class", "q", "run_key", "overwrite") + TRAINING_PARAMS),
         )
         ctx.ops.reload_dataset()
-        return result.to_dict()
+        return rounded(result.to_dict())
 
     def resolve_output(self, ctx):
         return result_view(
@@ -120,32 +122,33 @@ class TrainClassifier(foo.Operator):
         method.add_choice("jtt", label="JTT: upweight the samples of a tag (the hardness tags)")
         method.add_choice("synthetic", label="Real + generated samples (those carrying the class label)")
         method.add_choice("biased", label="Biased (generalized cross-entropy)")
-        inputs.enum("method", method.values(), default="vanilla", view=method, label="Method")
+        inputs.enum("method", method.values(), default=default_of(train_classifier, "method"), view=method,
+                    label="Method")
         tags = ctx.dataset.distinct("tags") if ctx.dataset is not None else []
         if ctx.params.get("method") == "jtt":
             field_dropdown(inputs, "hard_tag", tags, "Upweight samples tagged",
                            "The tag of 'tag likely bias-conflicting samples'", default="bias_conflicting"
                            if "bias_conflicting" in tags else None)
-            inputs.float("upweight", default=50.0, min=1.0, label="Upweight factor (lambda)")
+            inputs.float("upweight", default=default_of(train_classifier, "upweight"), min=1.0,
+                         label="Upweight factor (lambda)")
         field_dropdown(inputs, "val_tag", tags, "Validation tag (optional)",
                        "Keep the epoch with the best accuracy on the samples with this tag (e.g. an unbiased "
                        "validation split)", required=False, default="val" if "val" in tags else None)
-        _training_inputs(inputs, 100)
-        run_key_input(inputs, "classifier")
+        _training_inputs(inputs, train_classifier)
+        run_key_input(ctx, inputs, train_classifier)
         return types.Property(inputs, view=types.View(label="Train classifier"))
 
     def execute(self, ctx):
         p = ctx.params
         val = ctx.dataset.match_tags(p["val_tag"]) if p.get("val_tag") else None
-        given = _given(p, ("method", "hard_tag", "upweight", "run_key", "overwrite") + TRAINING_PARAMS)
         clf = train_classifier(ctx.target_view(), label_field=p["label_field"], val_samples=val,
-                               progress=progress_callback(ctx, "Training"), **given)
-        key = given.get("run_key", "classifier")
+                               progress=progress_callback(ctx, "Training"),
+                               **given(p, ("method", "hard_tag", "upweight", "run_key", "overwrite") + TRAINING_PARAMS))
         last = clf.history[-1]
-        return {"run_key": key, "checkpoint": runs.get_run_config(ctx.dataset, key)["checkpoint"],
-                "final_train_accuracy": round(last["train_accuracy"], 4), "best_epoch": clf.best_epoch,
-                "model_selection": clf.config.model_selection,
-                "num_generated_used": clf.num_generated_used}
+        return rounded({"run_key": clf.run_key, "checkpoint": clf.checkpoint,
+                        "final_train_accuracy": last["train_accuracy"], "best_epoch": clf.best_epoch,
+                        "model_selection": clf.config.model_selection,
+                        "num_generated_used": clf.num_generated_used})
 
     def resolve_output(self, ctx):
         return result_view(
@@ -176,7 +179,16 @@ class ApplyClassifier(foo.Operator):
             inputs.view("no_model", types.Error(label="No trained classifier", description="Train one first"))
             return types.Property(inputs)
         field_dropdown(inputs, "classifier_run", keys, "Classifier", "A run of 'train a classifier'", default=keys[-1])
-        inputs.str("predictions_field", default="predictions", required=False, label="Predictions field")
+        prop = inputs.str("predictions_field", default=default_of(apply_classifier, "predictions_field"),
+                          required=False, label="Predictions field")
+        inputs.bool("overwrite", default=False, label="Overwrite", description="Replace earlier predictions there")
+        field = ctx.params.get("predictions_field") or default_of(apply_classifier, "predictions_field")
+        if ctx.dataset is not None and ctx.dataset.has_field(field) and not ctx.params.get("overwrite"):
+            owned = ctx.dataset.has_run(field) and field in runs.get_run_config(ctx.dataset, field).get(
+                "fields_written", [])
+            prop.invalid = True
+            prop.error_message = (f"'{field}' holds earlier predictions: tick Overwrite or choose another field"
+                                  if owned else f"'{field}' is a field fairbalance did not write: choose another")
         fields = categorical_fields(ctx.dataset)
         field_dropdown(inputs, "attribute_field", fields, "Attribute for worst-group accuracy (optional)",
                        "e.g. the bias attribute", required=False)
@@ -185,21 +197,28 @@ class ApplyClassifier(foo.Operator):
     def execute(self, ctx):
         p = ctx.params
         view = ctx.target_view()
-        cfg = runs.get_run_config(ctx.dataset, p["classifier_run"])
-        field = p.get("predictions_field") or "predictions"
-        ctx.set_progress(progress=0.1, label="Predicting")
-        apply_classifier(view, cfg["checkpoint"], field, run_key=f"{field}_apply", overwrite=True)
+        ctx.set_progress(progress=0.0, label="Predicting")
+        applied = apply_classifier(view, classifier_run=p["classifier_run"],
+                                   progress=progress_callback(ctx, "Predicting"),
+                                   **given(p, ("predictions_field", "overwrite")))
+        label_field = runs.get_run_config(ctx.dataset, p["classifier_run"])["label_field"]
         aligned = "bias_aligned" if ctx.dataset.has_field("bias_aligned") else None
-        ev = evaluate_classifier(view, field, cfg["label_field"], attribute_field=p.get("attribute_field") or None,
-                                 aligned_field=aligned, run_key=f"{field}_eval", overwrite=True)
+        ev = evaluate_classifier(view, applied.predictions_field, label_field,
+                                 attribute_field=p.get("attribute_field") or None, aligned_field=aligned,
+                                 run_key=f"{applied.predictions_field}_eval", overwrite=True)
         ctx.ops.reload_dataset()
-        return ev.to_dict()
+        out = {k: v for k, v in ev.to_dict().items() if v is not None}
+        out["group_table"] = [{"group": g, "accuracy": a} for g, a in sorted(ev.group_accuracy.items())]
+        return rounded({**out, "predictions_field": applied.predictions_field})
 
     def resolve_output(self, ctx):
-        return result_view(
-            "Predictions written",
-            ("accuracy", "float", "Accuracy"),
-            ("conflicting_accuracy", "float", "Accuracy on bias-conflicting samples"),
-            ("worst_group_accuracy", "float", "Worst-group accuracy"),
-            ("worst_group", "str", "Worst group (class|attribute)"),
-        )
+        rows = [("predictions_field", "str", "Predictions written to"), ("accuracy", "float", "Accuracy")]
+        res = ctx.results or {}
+        if res.get("conflicting_accuracy") is not None:
+            rows += [("aligned_accuracy", "float", "Accuracy on bias-aligned samples"),
+                     ("conflicting_accuracy", "float", "Accuracy on bias-conflicting samples")]
+        if res.get("worst_group") is not None:
+            rows += [("worst_group_accuracy", "float", "Worst-group accuracy"),
+                     ("worst_group", "str", "Worst group (class|attribute)"),
+                     ("group_table", "table", "Accuracy per group", {"group": "Group", "accuracy": "Accuracy"})]
+        return result_view("Predictions written", *rows)

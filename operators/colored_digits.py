@@ -6,7 +6,7 @@ import fiftyone.operators.types as types
 from fairbalance import datasets
 from fairbalance.colored_mnist import colored_mnist
 
-from ._common import operator_config, progress_callback, result_view
+from ._common import default_of, given, operator_config, progress_callback, result_view
 
 
 class CreateColoredDigits(foo.Operator):
@@ -24,28 +24,27 @@ class CreateColoredDigits(foo.Operator):
         ratio = types.Dropdown(label="Bias-conflicting ratio")
         for r in (0.005, 0.01, 0.02, 0.05):
             ratio.add_choice(r, label=f"{r:.1%}")
-        inputs.enum("conflict_ratio", ratio.values(), default=0.01, view=ratio)
-        inputs.int("train_per_class", default=500, min=1, label="Train images per class")
-        inputs.int("test_per_class", default=100, min=1, label="Test images per class")
-        inputs.int("num_classes", default=10, min=2, max=10, label="Classes")
-        inputs.int("image_size", default=32, min=8, label="Image size (px)")
-        inputs.int("seed", default=0, label="Seed")
-        inputs.bool("overwrite", default=False, label="Overwrite an existing dataset of that name")
+        inputs.enum("conflict_ratio", ratio.values(), default=default_of(datasets.colored_digits, "conflict_ratio"),
+                    view=ratio)
+        inputs.int("train_per_class", default=default_of(datasets.colored_digits, "train_per_class"), min=1,
+                   label="Train images per class")
+        inputs.int("test_per_class", default=default_of(datasets.colored_digits, "test_per_class"), min=1,
+                   label="Test images per class")
+        inputs.int("num_classes", default=default_of(datasets.colored_digits, "num_classes"), min=2, max=10,
+                   label="Classes")
+        inputs.int("image_size", default=default_of(datasets.colored_digits, "image_size"), min=8,
+                   label="Image size (px)")
+        inputs.int("seed", default=default_of(datasets.colored_digits, "seed"), label="Seed")
+        inputs.bool("overwrite", default=default_of(datasets.colored_digits, "overwrite"),
+                    label="Overwrite an existing dataset of that name")
         return types.Property(inputs, view=types.View(label="Create Colored Digits"))
 
     def execute(self, ctx):
         p = ctx.params
         dataset = datasets.colored_digits(
-            name=p["name"],
-            num_classes=int(p.get("num_classes", 10)),
-            train_per_class=int(p.get("train_per_class", 500)),
-            test_per_class=int(p.get("test_per_class", 100)),
-            conflict_ratio=float(p.get("conflict_ratio", 0.01)),
-            image_size=int(p.get("image_size", 32)),
-            seed=int(p.get("seed", 0)),
-            overwrite=bool(p.get("overwrite", False)),
-            progress=progress_callback(ctx, "Writing images"),
-        )
+            name=p["name"], progress=progress_callback(ctx, "Writing images"),
+            **given(p, ("num_classes", "train_per_class", "test_per_class", "conflict_ratio", "image_size", "seed",
+                        "overwrite")))
         conflicting = len(dataset.match_tags("train").match({"bias_aligned": False}))
         return {
             "dataset": dataset.name,
@@ -80,20 +79,18 @@ class CreateColoredMnist(foo.Operator):
         ratio = types.Dropdown(label="Bias-conflicting ratio")
         for r in (0.005, 0.01, 0.02, 0.05):
             ratio.add_choice(r, label=f"{r:.1%}")
-        inputs.enum("conflict_ratio", ratio.values(), default=0.01, view=ratio)
-        inputs.int("num_val", default=200, min=0, label="Validation images (unbiased)")
-        inputs.int("num_test", default=1000, min=1, label="Test images (unbiased)")
-        inputs.int("seed", default=0, min=0, label="Seed")
-        inputs.bool("overwrite", default=False, label="Overwrite an existing dataset of that name")
+        inputs.enum("conflict_ratio", ratio.values(), default=default_of(colored_mnist, "conflict_ratio"), view=ratio)
+        inputs.int("num_val", default=default_of(colored_mnist, "num_val"), min=0, label="Validation images (unbiased)")
+        inputs.int("num_test", default=default_of(colored_mnist, "num_test"), min=1, label="Test images (unbiased)")
+        inputs.int("seed", default=default_of(colored_mnist, "seed"), min=0, label="Seed")
+        inputs.bool("overwrite", default=default_of(colored_mnist, "overwrite"),
+                    label="Overwrite an existing dataset of that name")
         return types.Property(inputs, view=types.View(label="Create Colored MNIST"))
 
     def execute(self, ctx):
         p = ctx.params
-        casts = {"conflict_ratio": float, "num_val": int, "num_test": int, "seed": int, "overwrite": bool}
-        kwargs = {k: cast(p[k]) for k, cast in casts.items() if p.get(k) is not None}
-        dataset = colored_mnist(
-            name=p["name"], persistent=True, progress=progress_callback(ctx, "Writing images"), **kwargs
-        )
+        dataset = colored_mnist(name=p["name"], persistent=True, progress=progress_callback(ctx, "Writing images"),
+                                **given(p, ("conflict_ratio", "num_val", "num_test", "seed", "overwrite")))
         train = dataset.match_tags("train")
         return {
             "dataset": dataset.name,

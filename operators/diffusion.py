@@ -4,12 +4,12 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fairbalance import runs
-from fairbalance.balance import balance_report
 from fairbalance.diffusion import train_conditional_diffusion
 from fairbalance.filtering import filter_generated
 from fairbalance.generation import generate_balanced
 
-from ._common import categorical_fields, field_dropdown, operator_config, progress_callback, result_view
+from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
+                      result_view, rounded, run_key_input, sampling_inputs)
 
 
 def _cluster_field(ctx, inputs):
@@ -43,24 +43,22 @@ class TrainConditionalDiffusion(foo.Operator):
                        "then generates any class x cluster cell ('cells' mode of generate balanced)", required=False)
         inputs.int("image_size", required=False, min=8, label="Image size (px)",
                    description="Leave empty to train at the images' native size")
-        inputs.int("epochs", default=20, min=1, label="Epochs")
-        inputs.int("batch_size", default=64, min=1, label="Batch size")
-        inputs.float("lr", default=2e-4, min=0, label="Learning rate")
-        inputs.float("cond_drop_prob", default=0.1, min=0, max=1, label="Condition drop probability (CFG)")
-        inputs.int("seed", default=0, label="Seed")
-        inputs.str("run_key", default="conditional_diffusion", required=False, label="Run key")
+        for name, kind, label in (("epochs", "int", "Epochs"), ("batch_size", "int", "Batch size"),
+                                  ("lr", "float", "Learning rate"),
+                                  ("cond_drop_prob", "float", "Condition drop probability (CFG)"),
+                                  ("seed", "int", "Seed")):
+            getattr(inputs, kind)(name, default=default_of(train_conditional_diffusion, name), label=label,
+                                  **({} if name in ("seed",) else {"min": 0}))
+        run_key_input(ctx, inputs, train_conditional_diffusion, resumable=True)
         return types.Property(inputs, view=types.View(label="Train conditional diffusion"))
 
     def execute(self, ctx):
         p = ctx.params
-        key = p.get("run_key") or "conditional_diffusion"
-        given = {n: p[n] for n in ("attribute_field", "image_size", "epochs", "batch_size", "lr", "cond_drop_prob",
-                                   "seed") if p.get(n) not in (None, "")}
-        folder = train_conditional_diffusion(ctx.target_view(), p["label_field"], run_key=key,
-                                             progress=progress_callback(ctx, "Training steps"), **given)
-        res = runs.load_run_results(ctx.dataset, key)
-        return {"model_dir": folder, "steps": res["steps"], "final_loss": res["final_loss"],
-                "cluster_sizes": res["cluster_sizes"]}
+        res = train_conditional_diffusion(
+            ctx.target_view(), p["label_field"], progress=progress_callback(ctx, "Training steps"),
+            **given(p, ("attribute_field", "image_size", "epochs", "batch_size", "lr", "cond_drop_prob", "seed",
+                        "run_key", "overwrite")))
+        return rounded(res.to_dict())
 
     def resolve_output(self, ctx):
         return result_view(
@@ -95,53 +93,44 @@ class GenerateBalanced(foo.Operator):
         mode.add_choice("equal", label="Equal number per cluster (the paper's rule)")
         mode.add_choice("fill", label="Fill every cluster up to the largest")
         mode.add_choice("cells", label="Fill every class x attribute cell (a model trained with an attribute)")
-        inputs.enum("mode", mode.values(), default="equal", view=mode, label="Mode")
+        inputs.enum("mode", mode.values(), default=default_of(generate_balanced, "mode"), view=mode, label="Mode")
         if ctx.params.get("mode") == "cells":
             inputs.int("per_cell", default=40, min=1, label="Images per cell (real + generated)")
             source = types.RadioGroup()
             source.add_choice("edit", label="Edit real images of the class (keeps their shape)")
             source.add_choice("noise", label="From pure noise")
             inputs.enum("source", source.values(), default="edit", view=source, label="Start from")
-            inputs.float("edit_strength", default=0.5, min=0.05, max=1.0, label="Edit strength",
+            inputs.float("edit_strength", default=default_of(generate_balanced, "edit_strength"), min=0.05, max=1.0,
+                         label="Edit strength",
                          description="How far real images are noised before denoising under the new condition")
             inputs.float("attribute_guidance_scale", required=False, min=0, label="Attribute guidance",
                          description="Guidance toward the attribute (default: the guidance scale)")
         else:
-            inputs.int("total", default=2000, min=1, label="Total images (equal mode)")
-        inputs.float("guidance_scale", default=3.0, min=0, label="Guidance scale")
-        inputs.int("num_inference_steps", default=50, min=1, label="Sampling steps")
-        inputs.int("seed", default=0, label="Seed")
-        inputs.bool("overwrite", default=False, label="Replace images of another model or setting",
-                    description="The image folder of this run already holds images of another model or sampler "
-                                "setting: delete them (and their samples) first")
+            inputs.int("total", default=2000, min=1, label="Total images (equal mode)",
+                       description="Split equally over the clusters (the paper generates 2,000)")
+        sampling_inputs(inputs, generate_balanced)
+        run_key_input(ctx, inputs, generate_balanced, resumable=True)
         return types.Property(inputs, view=types.View(label="Generate balanced samples"))
 
     def execute(self, ctx):
         p = ctx.params
-        view = ctx.target_view()
-        field = p["label_field"]
-        before = balance_report(view, field)
-        model_dir = runs.get_run_config(ctx.dataset, p["diffusion_run"])["model_dir"]
-        mode = p.get("mode") or "equal"
-        names = ("guidance_scale", "num_inference_steps", "seed", "overwrite") + (
+        mode = p.get("mode") or default_of(generate_balanced, "mode")
+        names = ("mode", "guidance_scale", "num_inference_steps", "seed", "run_key", "overwrite") + (
             ("per_cell", "source", "edit_strength", "attribute_guidance_scale") if mode == "cells" else
             ("total",) if mode == "equal" else ())
-        given = {n: p[n] for n in names if p.get(n) not in (None, "")}
-        res = generate_balanced(view, field, model=model_dir, mode=mode,
-                                progress=progress_callback(ctx, "Generating"), **given)
-        after = balance_report(ctx.dataset, field)
+        res = generate_balanced(ctx.target_view(), p["label_field"], model_run=p["diffusion_run"],
+                                progress=progress_callback(ctx, "Generating"), **given(p, names))
         ctx.ops.reload_dataset()
-        return {**res, "entropy_before": before.entropy, "entropy_after": after.entropy,
-                "num_added": sum(res["added"].values()),
-                "added_per_cluster": ", ".join(f"{c}: {n}" for c, n in res["added"].items() if n)}
+        return rounded({**res.to_dict(), "added_per_cluster": ", ".join(
+            f"{c}: {n}" for c, n in res.added.items() if n) or "nothing new (all images were there)"})
 
     def resolve_output(self, ctx):
         return result_view(
             "Generated",
             ("num_added", "int", "Samples added"),
             ("added_per_cluster", "str", "Added per cluster"),
-            ("entropy_before", "float", "Entropy of the clusters before"),
-            ("entropy_after", "float", "Entropy after (original + generated)"),
+            ("entropy_before", "float", "Entropy of the groups, real samples (nats)"),
+            ("entropy_after", "float", "Entropy of the groups, real + generated"),
             ("output_dir", "str", "Image folder"),
         )
 
@@ -175,25 +164,25 @@ class FilterGenerated(foo.Operator):
         inputs.view_target(ctx)
         if not _cluster_field(ctx, inputs):
             return types.Property(inputs)
-        inputs.str("embeddings_field", default="clip_embedding", required=False, label="Embeddings field")
-        inputs.float("bottom_fraction", default=0.1, min=0, max=1, label="Tag the bottom fraction")
-        inputs.str("tag", default="low_quality", required=False, label="Tag")
+        inputs.str("embeddings_field", default=default_of(filter_generated, "embeddings_field"), required=False,
+                   label="Embeddings field")
+        inputs.float("bottom_fraction", default=default_of(filter_generated, "bottom_fraction"), min=0, max=1,
+                     label="Tag the bottom fraction")
+        inputs.str("tag", default=default_of(filter_generated, "tag"), required=False, label="Tag")
         inputs.str("texts", required=False, label="Cluster texts (optional)", view=types.TextFieldView(
             multiline=True, placeholder="0: a photo of an old man\n1: a photo of a young woman"),
             description="One 'cluster: text' per line to score against texts instead of cluster centroids")
-        inputs.bool("overwrite", default=True, label="Replace a previous filtering")
+        run_key_input(ctx, inputs, filter_generated)
         return types.Property(inputs, view=types.View(label="Filter generated samples"))
 
     def execute(self, ctx):
         p = ctx.params
         res = filter_generated(
-            ctx.target_view(), p["label_field"], embeddings_field=p.get("embeddings_field") or "clip_embedding",
-            bottom_fraction=float(p.get("bottom_fraction", 0.1)), tag=p.get("tag") or "low_quality",
-            texts=parse_cluster_texts(p.get("texts")), overwrite=bool(p.get("overwrite", True)),
+            ctx.target_view(), p["label_field"], texts=parse_cluster_texts(p.get("texts")),
             progress=progress_callback(ctx, "Scoring"),
-        )
+            **given(p, ("embeddings_field", "bottom_fraction", "tag", "run_key", "overwrite")))
         ctx.ops.reload_dataset()
-        return res
+        return rounded(res.to_dict())
 
     def resolve_output(self, ctx):
         return result_view(

@@ -5,11 +5,15 @@ import fiftyone.operators.types as types
 
 from fairbalance.sa_features import compute_sa_features
 
-from ._common import operator_config, progress_callback, result_view, run_key_input
+from ._common import default_of, given, operator_config, progress_callback, result_view, rounded, run_key_input
 
 
 def _split(text):
     return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _default(name):
+    return default_of(compute_sa_features, name)
 
 
 class ComputeSAFeatures(foo.Operator):
@@ -32,17 +36,19 @@ class ComputeSAFeatures(foo.Operator):
                    description='e.g. "white person, black person"')
         inputs.str("related_texts", required=False, label="Related texts (optional, comma-separated)",
                    description="Use these texts instead of choosing them from WordNet")
-        inputs.int("num_related_texts", default=20, min=2, label="Number of related texts (k)")
+        inputs.int("num_related_texts", default=_default("num_related_texts"), min=2,
+                   label="Number of related texts (k)")
         inputs.str("exclude_words", required=False, label="Exclude texts containing (comma-separated)",
                    description='e.g. "man, woman" to keep gender words out of a race attribute')
-        inputs.str("model", default="ViT-B-32", required=False, label="CLIP model",
+        inputs.str("model", default=_default("model"), required=False, label="CLIP model",
                    description="open_clip name, hf-hub:org/repo or local-dir:/path")
-        inputs.str("pretrained", default="openai", required=False, label="Pretrained tag or checkpoint file")
-        inputs.str("embeddings_field", default="clip_embedding", required=False, label="Embeddings field")
-        inputs.str("features_field", default="sa_features", required=False, label="Features field")
-        inputs.int("batch_size", default=64, min=1, label="Batch size")
-        inputs.bool("skip_failures", default=False, label="Skip unreadable images")
-        run_key_input(inputs, "sa_features")
+        inputs.str("pretrained", default=_default("pretrained"), required=False,
+                   label="Pretrained tag or checkpoint file")
+        inputs.str("embeddings_field", default=_default("embeddings_field"), required=False, label="Embeddings field")
+        inputs.str("features_field", default=_default("features_field"), required=False, label="Features field")
+        inputs.int("batch_size", default=_default("batch_size"), min=1, label="Batch size")
+        inputs.bool("skip_failures", default=_default("skip_failures"), label="Skip unreadable images")
+        run_key_input(ctx, inputs, compute_sa_features)
         if not (ctx.params.get("attribute") or "").strip() and not has_texts:
             inputs.view("hint", types.Notice(label="Type an attribute (or related texts) to continue"))
         return types.Property(inputs, view=types.View(label="Compute SA features"))
@@ -52,27 +58,21 @@ class ComputeSAFeatures(foo.Operator):
 
     def execute(self, ctx):
         p = ctx.params
+        lists = {n: _split(p.get(n)) or None for n in ("attribute_values", "related_texts", "exclude_words")}
         result = compute_sa_features(
             ctx.target_view(),
-            attribute=p.get("attribute") or None,
-            attribute_values=_split(p.get("attribute_values")) or None,
-            related_texts_override=_split(p.get("related_texts")) or None,
-            num_related_texts=int(p.get("num_related_texts", 20)),
-            exclude_words=_split(p.get("exclude_words")) or None,
-            model=p.get("model") or "ViT-B-32",
-            pretrained=p.get("pretrained") or None,
-            embeddings_field=p.get("embeddings_field") or "clip_embedding",
-            features_field=p.get("features_field") or "sa_features",
-            run_key=p.get("run_key") or "sa_features",
-            batch_size=int(p.get("batch_size", 64)),
-            skip_failures=bool(p.get("skip_failures", False)),
-            overwrite=bool(p.get("overwrite", False)),
+            attribute=(p.get("attribute") or "").strip() or None,
+            attribute_values=lists["attribute_values"],
+            related_texts_override=lists["related_texts"],
+            exclude_words=lists["exclude_words"],
             progress=progress_callback(ctx, "Encoding images"),
+            **given(p, ("num_related_texts", "model", "pretrained", "embeddings_field", "features_field", "batch_size",
+                        "skip_failures", "run_key", "overwrite")),
         )
         ctx.ops.reload_dataset()
         out = result.to_dict()
         out["num_failures"] = len(result.failures)
-        return out
+        return rounded(out)
 
     def resolve_output(self, ctx):
         return result_view(

@@ -71,4 +71,4 @@ def test_execute_operator_over_http(app_server, digits_dataset):
     assert out.get("error") is None, out
     sdk = balance.balance_report(digits_dataset, "color", attribute_field="ground_truth")
     assert out["result"]["counts"] == sdk.counts
-    assert out["result"]["entropy"] == pytest.approx(sdk.entropy)
+    assert out["result"]["entropy"] == round(sdk.entropy, 3)  # rounded for people; the computation is the SDK's

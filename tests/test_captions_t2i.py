@@ -23,7 +23,7 @@ def tiny_sd(model_dir):
 def test_compute_captions_count_and_determinism(digits_copy, tiny_blip):
     view = digits_copy.limit(6)
     res = compute_captions(view, model=tiny_blip, num_captions=3, batch_size=4, max_new_tokens=6, device="cpu")
-    assert res["num_samples"] == 6
+    assert res.num_samples == 6
     caps = view.values("captions")
     assert all(isinstance(c, list) and len(c) == 3 for c in caps)
     cfg = runs.get_run_config(digits_copy, "captions")
@@ -59,7 +59,8 @@ def test_text_filter_defaults_and_bad_input(make_dataset):
     ds.add_samples([fo.Sample(filepath=f"/x/{i}.png", captions=[f"red digit {i}", "blue thing"],
                               y=fo.Classification(label=str(i % 2))) for i in range(4)])
     res = filter_captions(ds, label_field="y")  # F = 2 x 2 classes
-    assert len(res.top_words) == 4
+    assert res.top_words == ["blue", "digit", "red", "thing"]  # 4 each, ties alphabetical; the digits 0-3 never
+    assert res.word_counts == {w: 4 for w in res.top_words} and res.run_key == "caption_filter"
     with pytest.raises(FairBalanceError, match="Pass top_f"):
         filter_captions(ds, overwrite=True)
     with pytest.raises(FairBalanceError, match="not found"):
@@ -78,7 +79,7 @@ def test_generate_from_captions_provenance_idempotent_resume(digits_copy, tiny_s
     kwargs = dict(model=tiny_sd, output_dir=out, num_inference_steps=2, height=16, width=16, device="cpu",
                   safety_checker=False, batch_size=2)
     res = generate_from_captions(view, **kwargs)
-    assert res["num_added"] == 3
+    assert res.num_added == 3
     gen = digits_copy.match_tags("generated")
     assert len(gen) == 3 and all(os.path.isfile(p) for p in gen.values("filepath"))
     s = gen.first()
@@ -86,12 +87,12 @@ def test_generate_from_captions_provenance_idempotent_resume(digits_copy, tiny_s
     assert s.generated and s.ground_truth.label == src.ground_truth.label
     assert s.generation["prompt"] in src.filtered_captions and s.generation["model"]["family"] == "diffusers"
     again = generate_from_captions(view, **kwargs)
-    assert again["num_added"] == 0 and len(digits_copy.match_tags("generated")) == 3
+    assert again.num_added == 0 and len(digits_copy.match_tags("generated")) == 3
     victim = gen.first()
     os.remove(victim.filepath)
     digits_copy.delete_samples(victim)
     resumed = generate_from_captions(view, **kwargs)
-    assert resumed["num_added"] == 1 and len(digits_copy.match_tags("generated")) == 3
+    assert resumed.num_added == 1 and len(digits_copy.match_tags("generated")) == 3
 
 
 def test_generate_from_captions_bad_input(digits_copy, tiny_sd, tmp_path):

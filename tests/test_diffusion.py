@@ -43,7 +43,8 @@ def test_train_saves_model_mapping_and_run(three_colors, trained):
     assert model.classes == sorted(three_colors.distinct("color.label"))
     assert model.null_class == 3 and model.model.condition.factor_sizes == [3] and model.attribute_field is None
     res = runs.load_run_results(three_colors, "conditional_diffusion")
-    assert res["steps"] == 3 and res["model_dir"] == trained  # 66 images / 32 per batch
+    assert res["steps"] == 3 and res["model_dir"] == trained.model_dir == os.fspath(trained)  # 66 images / 32 per batch
+    assert trained.steps == 3 and trained.run_key == "conditional_diffusion"
     imgs = sample_images(model, [0, 1], [7, 8], num_inference_steps=3)
     assert imgs.shape == (2, 16, 16, 3) and imgs.dtype == np.uint8
     again = sample_images(model, [1, 0], [8, 7], num_inference_steps=3)
@@ -72,25 +73,25 @@ def test_generate_balanced_equal_fill_idempotent(three_colors, trained, tmp_path
     try:
         out = str(tmp_path / "gen")
         res = generate_balanced(ds, "color", model=trained, per_class=3, num_inference_steps=2, output_dir=out)
-        assert res["added"] == {c: 3 for c in res["planned"]}
+        assert res.added == {c: 3 for c in res.planned}
         gen = ds.match_tags("generated")
         assert len(gen) == 9 and all(os.path.isfile(p) for p in gen.values("filepath"))
         s = gen.first()
-        assert s.generated and s.generation["guidance_scale"] == 3.0 and s.generation["model"] == trained
+        assert s.generated and s.generation["guidance_scale"] == 3.0 and s.generation["model"] == trained.model_dir
         assert Image.open(s.filepath).size == (16, 16)
         again = generate_balanced(ds, "color", model=trained, per_class=3, num_inference_steps=2, output_dir=out)
-        assert sum(again["added"].values()) == 0 and len(ds.match_tags("generated")) == 9
+        assert sum(again.added.values()) == 0 and len(ds.match_tags("generated")) == 9
         # an interrupted run (files and samples of cluster 0 deleted) resumes
-        first = gen.match({"color.label": sorted(res["planned"])[0]})
+        first = gen.match({"color.label": sorted(res.planned)[0]})
         for p in first.values("filepath"):
             os.remove(p)
         ds.delete_samples(first)
         resumed = generate_balanced(ds, "color", model=trained, per_class=3, num_inference_steps=2, output_dir=out)
-        assert sum(resumed["added"].values()) == 3 and len(ds.match_tags("generated")) == 9
+        assert sum(resumed.added.values()) == 3 and len(ds.match_tags("generated")) == 9
         fill = generate_balanced(ds, "color", model=trained, mode="fill", num_inference_steps=2,
                                  output_dir=str(tmp_path / "fill"), run_key="fill")
         real = ds.match({"generated": {"$ne": True}}).count_values("color.label")
-        assert fill["planned"] == {c: max(real.values()) - n for c, n in real.items()}
+        assert fill.planned == {c: max(real.values()) - n for c, n in real.items()}
     finally:
         ds.delete()
 
@@ -101,14 +102,17 @@ def test_generate_refuses_a_folder_of_another_setting(three_colors, trained, tmp
         out = str(tmp_path / "gen")
         generate_balanced(ds, "color", model=trained, per_class=2, num_inference_steps=2, output_dir=out)
         before = sorted(ds.match_tags("generated").values("generation.guidance_scale"))
-        with pytest.raises(FairBalanceError, match="already holds"):
+        with pytest.raises(FairBalanceError, match="differs in: guidance_scale"):  # the same run key
             generate_balanced(ds, "color", model=trained, per_class=2, num_inference_steps=2, output_dir=out,
                               guidance_scale=1.0)
+        with pytest.raises(FairBalanceError, match="already holds"):  # another key, the same folder
+            generate_balanced(ds, "color", model=trained, per_class=2, num_inference_steps=2, output_dir=out,
+                              guidance_scale=1.0, run_key="other")
         assert sorted(ds.match_tags("generated").values("generation.guidance_scale")) == before  # nothing written
         res = generate_balanced(ds, "color", model=trained, per_class=2, num_inference_steps=2, output_dir=out,
                                 guidance_scale=1.0, overwrite=True)
         gen = ds.match_tags("generated")
-        assert sum(res["added"].values()) == 6 and len(gen) == 6
+        assert sum(res.added.values()) == 6 and len(gen) == 6
         assert set(gen.values("generation.guidance_scale")) == {1.0}
         # files that no manifest explains are refused too
         foreign = tmp_path / "foreign"
@@ -156,7 +160,7 @@ def test_cells_fill_every_class_x_attribute_cell(three_colors, cells_model, tmp_
                                 source="edit", edit_strength=0.5, num_inference_steps=4, output_dir=out)
         expected = {f"{c}|{a}": max(0, per_cell - cells.get((c, a), 0))
                     for c in model.classes for a in model.attributes}
-        assert res["planned"] == expected and res["added"] == expected
+        assert res.planned == expected and res.added == expected
         gen = ds.match_tags("generated")
         assert len(gen) == sum(expected.values())
         # every generated sample carries the class label (so classifiers can use it), its attribute and provenance
@@ -168,7 +172,7 @@ def test_cells_fill_every_class_x_attribute_cell(three_colors, cells_model, tmp_
         assert Image.open(gen.first().filepath).size == (16, 16)
         again = generate_balanced(ds, "ground_truth", model=cells_model, mode="cells", per_cell=per_cell,
                                   source="edit", edit_strength=0.5, num_inference_steps=4, output_dir=out)
-        assert sum(again["added"].values()) == 0 and len(ds.match_tags("generated")) == len(gen)
+        assert sum(again.added.values()) == 0 and len(ds.match_tags("generated")) == len(gen)
         # the same seed gives the same images, whatever the batch
         other = str(tmp_path / "cells_b")
         generate_balanced(ds, "ground_truth", model=cells_model, mode="cells", per_cell=per_cell, source="edit",
@@ -181,7 +185,7 @@ def test_cells_fill_every_class_x_attribute_cell(three_colors, cells_model, tmp_
         res = generate_balanced(ds, "ground_truth", model=cells_model, mode="cells", per_cell=per_cell,
                                 source="edit", guidance_reference="source", attribute_guidance_scale=4.0,
                                 num_inference_steps=4, output_dir=third, run_key="c")
-        assert res["added"] == expected
+        assert res.added == expected
         assert not np.array_equal(np.asarray(Image.open(os.path.join(out, name))),
                                   np.asarray(Image.open(os.path.join(third, name))))
     finally:
@@ -239,11 +243,11 @@ def test_filter_generated_scores_and_tags(three_colors, trained, tiny_clip, tmp_
                           output_dir=str(tmp_path / "g"))
         res = filter_generated(ds, "color", bottom_fraction=0.25)
         gen = ds.match_tags("generated")
-        assert res["num_scored"] == 12 and ds.count("generation_score") == 12
-        assert 3 <= res["num_tagged"] <= 4 and len(ds.match_tags("low_quality")) == res["num_tagged"]
+        assert res.num_scored == 12 and ds.count("generation_score") == 12
+        assert 3 <= res.num_tagged <= 4 and len(ds.match_tags("low_quality")) == res.num_tagged
         assert all(-1 <= v <= 1 for v in gen.values("generation_score"))
         res2 = filter_generated(ds, "color", threshold=2.0, bottom_fraction=None, overwrite=True)
-        assert res2["num_tagged"] == 12  # retagging replaces
+        assert res2.num_tagged == 12  # retagging replaces
         real_train = len(ds.match_tags("train").match({"generated": {"$ne": True}}))
         filter_generated(ds, "color", bottom_fraction=0.25, tag="train", run_key="as_train", score_field="s2")
         filter_generated(ds, "color", bottom_fraction=0.5, tag="train", run_key="as_train", score_field="s2",
@@ -262,7 +266,7 @@ def test_filter_generated_scores_and_tags(three_colors, trained, tiny_clip, tmp_
         with pytest.raises(FairBalanceError, match="method must be 'clip'"):
             filter_generated(ds, "color", method="dino", overwrite=True)
         res3 = filter_generated(ds, "color", texts=texts, bottom_fraction=0.5, overwrite=True)
-        assert res3["num_scored"] == 12 and 6 <= res3["num_tagged"] <= 7
+        assert res3.num_scored == 12 and 6 <= res3.num_tagged <= 7
         assert gen.values("generation_score") != centroid_scores  # scored against the texts now
         assert runs.get_run_config(ds, "filter_generated")["score_method"] == "clip"
         # the operator takes the same texts as "cluster: text" lines and gives the same scores
@@ -270,13 +274,17 @@ def test_filter_generated_scores_and_tags(three_colors, trained, tiny_clip, tmp_
 
         sdk_scores = gen.values("generation_score")
         lines = "\n".join(f"{c}: {t}" for c, t in texts.items())
+        with pytest.raises(Exception, match="already exists on this dataset: tick Overwrite"):  # checked on the form
+            foo.execute_operator("@fairbalance/fairbalance/filter_generated", ctx={
+                "dataset": ds.name, "params": {"label_field": "color", "texts": lines, "bottom_fraction": 0.5}})
         res4 = foo.execute_operator("@fairbalance/fairbalance/filter_generated", ctx={
-            "dataset": ds.name, "params": {"label_field": "color", "texts": lines, "bottom_fraction": 0.5}})
+            "dataset": ds.name, "params": {"label_field": "color", "texts": lines, "bottom_fraction": 0.5,
+                                           "overwrite": True}})
         assert res4.error is None, res4.error
-        assert res4.result["num_tagged"] == res3["num_tagged"] and gen.values("generation_score") == sdk_scores
+        assert res4.result["num_tagged"] == res3.num_tagged and gen.values("generation_score") == sdk_scores
         with pytest.raises(Exception, match="expected 'cluster: text'"):
             foo.execute_operator("@fairbalance/fairbalance/filter_generated", ctx={
-                "dataset": ds.name, "params": {"label_field": "color", "texts": "no colon here"}})
+                "dataset": ds.name, "params": {"label_field": "color", "texts": "no colon here", "overwrite": True}})
     finally:
         ds.delete()
 

@@ -1,5 +1,6 @@
 """The plugin as FiftyOne sees it: discovered from FIFTYONE_PLUGINS_DIR, operators executed."""
 
+import numpy as np
 import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.plugins as fop
@@ -58,7 +59,7 @@ def test_balance_report_operator_matches_sdk(digits_dataset):
     assert result.error is None, result.error
     sdk = balance.balance_report(view, "color", attribute_field="ground_truth")
     assert result.result["counts"] == sdk.counts
-    assert result.result["entropy"] == pytest.approx(sdk.entropy)
+    assert result.result["entropy"] == round(sdk.entropy, 3)  # rounded for people
     assert len(result.result["cross_table"]) == sdk.num_classes
 
 
@@ -90,8 +91,8 @@ def test_sa_and_pseudo_label_operators_match_sdk(digits_dataset, tiny_clip):
         assert result.error is None, result.error
         sdk = compute_sa_features(sdk_ds, "colors", ["red", "blue"], num_related_texts=4, model=tiny_clip,
                                   pretrained=None, run_key="sa", num_workers=0)
-        assert result.result["related_texts"] == sdk.related_texts
-        import numpy as np
+        assert result.result["related_texts"] == [{**r, "score": round(r["score"], 3)} for r in sdk.related_texts]
+        assert np.array_equal(np.stack(op_ds.values("sa_features")), np.stack(sdk_ds.values("sa_features")))
 
         assert np.allclose(np.stack(op_ds.values("sa_features")), np.stack(sdk_ds.values("sa_features")), atol=1e-6)
 
@@ -144,7 +145,7 @@ def test_audit_operator_runs_the_chain(digits_dataset, tiny_clip):
         assert res.error is None, res.error
         assert res.result["num_clusters"] == len(ds.distinct("sa_cluster.label"))
         assert len(res.result["related_texts"]) == 20
-        assert balance.balance_report(ds, "sa_cluster").entropy == pytest.approx(res.result["entropy"])
+        assert round(balance.balance_report(ds, "sa_cluster").entropy, 3) == res.result["entropy"]
     finally:
         ds.delete()
 

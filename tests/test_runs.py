@@ -44,12 +44,29 @@ def test_rerun_same_field_is_idempotent(digits_copy):
     assert len(runs.list_runs(digits_copy)) == 1
 
 
-def test_existing_field_needs_overwrite(digits_copy):
-    with pytest.raises(FairBalanceError, match="already exist"):
-        runs.prepare(digits_copy, "r", "m", {}, ["ground_truth"])
+def test_fields_of_others_are_never_replaced(digits_copy):
+    for overwrite in (False, True):
+        with pytest.raises(FairBalanceError, match="not written by fairbalance"):
+            runs.prepare(digits_copy, "r", "m", {}, ["ground_truth"], overwrite=overwrite)
     runs.prepare(digits_copy, "a", "m", {}, ["f"]).write(_write(digits_copy, "f", 1))
-    with pytest.raises(FairBalanceError, match="run: a"):
-        runs.prepare(digits_copy, "b", "m", {}, ["f"])
+    for overwrite in (False, True):
+        with pytest.raises(FairBalanceError, match="written by run 'a'"):
+            runs.prepare(digits_copy, "b", "m", {}, ["f"], overwrite=overwrite)
+    assert digits_copy.count_values("f") == {1: len(digits_copy)}
+    runs.prepare(digits_copy, "a", "m", {}, ["f"], overwrite=True).write(_write(digits_copy, "f", 2))
+    assert digits_copy.count_values("f") == {2: len(digits_copy)}
+
+
+def test_resumable_runs_rerun_with_the_same_config_only(digits_copy):
+    runs.prepare(digits_copy, "g", "gen", {"model": "m", "epochs": 1}, []).write(lambda: None)
+    again = runs.prepare(digits_copy, "g", "gen", {"model": "m", "epochs": 1}, [], rerun_same_config=True)
+    assert again.resumed
+    assert runs.prepare(digits_copy, "g", "gen", {"model": "m", "epochs": 5}, [], rerun_same_config=True,
+                        ignore_for_rerun=("epochs",)).resumed
+    with pytest.raises(FairBalanceError, match="differs in: model"):
+        runs.prepare(digits_copy, "g", "gen", {"model": "other", "epochs": 1}, [], rerun_same_config=True)
+    with pytest.raises(FairBalanceError, match="already exists"):
+        runs.prepare(digits_copy, "g", "gen", {"model": "m", "epochs": 1}, [])
 
 
 @pytest.mark.parametrize("key", ["", "1abc", "a-b", "a.b", None])

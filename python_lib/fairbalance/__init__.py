@@ -1,22 +1,30 @@
 """fairbalance: find hidden imbalance and bias in image datasets and repair it.
 
 Public API, in the order a user works (find -> tag -> generate -> train ->
-verify); each function takes a FiftyOne collection, validates its inputs
-before doing any work, writes results in bulk and records a FiftyOne run:
+verify); each function takes a FiftyOne collection, validates its inputs,
+run key and output folder before doing any work, claims them while it runs
+(a second writer gets :class:`ClaimError`), writes results in bulk, records
+a FiftyOne run and returns a result with ``run_key`` and ``to_dict()``:
 
 - data: :func:`colored_digits` (fast fixture), :func:`colored_mnist` (Colored
   MNIST, LfF protocol, on 5,000 real MNIST digits)
-- find: :func:`compute_sa_features` (CLIP features for a text-specified
+- find: :func:`audit_balance` (the three steps below in one call),
+  :func:`compute_sa_features` (CLIP features for a text-specified
   sensitive attribute), :func:`compute_pseudo_labels` (X-means),
   :func:`balance_report`, :func:`entropy`, :func:`normalized_entropy`
 - tag: :func:`compute_hardness_tags` (the errors or top-K losses of a GCE-biased model)
 - generate: :func:`train_conditional_diffusion`, :func:`generate_balanced`
-  (clusters, or class x attribute cells), :func:`filter_generated`
+  (clusters, or class x attribute cells), :func:`compute_captions`,
+  :func:`filter_captions`, :func:`generate_from_captions` (text-to-image,
+  DiffuBias), :func:`filter_generated`
 - train / verify: :func:`train_classifier` (vanilla, JTT, LfF, real +
   generated), :func:`apply_classifier`, :func:`evaluate_classifier`
 """
 
+from fairbalance.audit import AuditResult, audit_balance
 from fairbalance.balance import BalanceReport, balance_report, entropy, normalized_entropy
+from fairbalance.captions import compute_captions, filter_captions
+from fairbalance.claims import ClaimError
 from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
 from fairbalance.clustering import xmeans
 from fairbalance.colored_mnist import colored_mnist  # the function shadows its module as an attribute
@@ -28,25 +36,32 @@ from fairbalance.hardness import compute_hardness as compute_hardness_tags
 from fairbalance.models import ModelNotFoundError
 from fairbalance.pseudo_labels import compute_pseudo_labels
 from fairbalance.sa_features import compute_sa_features, get_related_texts
+from fairbalance.text_to_image import generate_from_captions
 from fairbalance.validation import FairBalanceError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditResult",
     "BalanceReport",
+    "ClaimError",
     "FairBalanceError",
     "ModelNotFoundError",
     "apply_classifier",
+    "audit_balance",
     "balance_report",
     "colored_digits",
     "colored_mnist",
+    "compute_captions",
     "compute_hardness_tags",
     "compute_pseudo_labels",
     "compute_sa_features",
     "entropy",
     "evaluate_classifier",
+    "filter_captions",
     "filter_generated",
     "generate_balanced",
+    "generate_from_captions",
     "get_related_texts",
     "normalized_entropy",
     "train_classifier",

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from fairbalance import validation
+from fairbalance import claims, validation
 
 
 def entropy(counts: Mapping[object, float] | Sequence[float]) -> float:
@@ -120,6 +120,7 @@ def _sorted_counts(raw: Mapping) -> dict[str, int]:
     return dict(sorted(((str(k), int(v)) for k, v in raw.items()), key=key))
 
 
+@claims.exclusive
 def balance_report(
     samples,
     label_field: str,

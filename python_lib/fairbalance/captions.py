@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fairbalance import images, models, runs, validation, writeback
+from fairbalance import claims, images, models, runs, validation, writeback
 
 CAPTION_PROMPT = "Describe this image in one sentence."
 
@@ -65,6 +65,7 @@ def _caption_batch(cap: models.Captioner, pil_images, num_captions: int, max_new
     return [texts[i * num_captions:(i + 1) * num_captions] for i in range(len(pil_images))]
 
 
+@claims.exclusive
 def compute_captions(
     samples,
     model: str = "Salesforce/blip-image-captioning-base",
@@ -77,7 +78,7 @@ def compute_captions(
     run_key: str = "captions",
     overwrite: bool = False,
     progress=None,
-) -> dict:
+) -> "CaptionsResult":
     """Caption every sample of ``samples`` ``num_captions`` times; store a list of strings per sample."""
     import fiftyone.core.utils as fou
 
@@ -104,9 +105,23 @@ def compute_captions(
             pb.update(len(batch_paths))
     run.write(lambda: writeback.set_values_by_id(samples, {caption_field: captions}, ids=ids))
     empty = sum(1 for c in captions.values() if not any(c))
-    result = {"num_samples": len(ids), "num_captions": num_captions, "num_empty": empty}
-    run.save_results(result)
+    result = CaptionsResult(run_key, caption_field, len(ids), num_captions, empty)
+    run.save_results(result.to_dict())
     return result
+
+
+@dataclass
+class CaptionsResult:
+    """How many samples were captioned, how often, and how many got only empty captions."""
+
+    run_key: str
+    caption_field: str
+    num_samples: int
+    num_captions: int
+    num_empty: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -117,6 +132,7 @@ class CaptionFilterResult:
     num_dropped: int
     dropped_examples: list[str]
     stopword_list: str
+    run_key: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +149,7 @@ def keep_caption(caption: str, words: set[str]) -> bool:
     return any(w in words for w in tokenize(caption))
 
 
+@claims.exclusive
 def filter_captions(
     samples,
     caption_field: str = "captions",
@@ -178,6 +195,7 @@ def filter_captions(
         [output_field], overwrite)
     have_ids = [i for i, _ in have]
     run.write(lambda: writeback.set_values_by_id(samples.select(have_ids), {output_field: kept}, ids=have_ids))
-    result = CaptionFilterResult(words, {w: counts[w] for w in words}, n_kept, len(dropped), dropped[:10], source)
+    result = CaptionFilterResult(words, {w: counts[w] for w in words}, n_kept, len(dropped), dropped[:10], source,
+                                 run_key)
     run.save_results(result.to_dict())
     return result

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from fairbalance import config as fb_config
-from fairbalance import runs, training, validation, writeback
+from fairbalance import claims, runs, training, validation, writeback
 from fairbalance.balance import label_path
 from fairbalance.training import TrainedClassifier, load_classifier
 
 
+@claims.exclusive
 def train_classifier(
     samples,
     label_field: str = "ground_truth",
@@ -72,9 +73,11 @@ def train_classifier(
         recorded = {("training_method" if k == "method" else k): v for k, v in params.items()}
         run = runs.prepare(samples, run_key, "train_classifier", recorded, [], overwrite)
         validation.require_writable_dir(folder)
+        claims.claim_folder(folder)
     clf = training.train_classifier(samples, val_samples=val_samples, device=device, num_workers=num_workers,
                                     progress=progress, **params)
     if run is not None:
+        clf.run_key, clf.checkpoint = run_key, folder
         run.config.update({"checkpoint": folder, "train_config": asdict(clf.config)})
         run.write(lambda: clf.save(folder))
         run.save_results({"history": clf.history, "best_epoch": clf.best_epoch, "num_skipped": clf.num_skipped,
@@ -84,43 +87,77 @@ def train_classifier(
     return clf
 
 
-def _as_classifier(model) -> TrainedClassifier:
+def _as_classifier(model, classifier_run: str | None = None, samples=None) -> TrainedClassifier:
+    if (model is None) == (classifier_run is None):
+        raise validation.FairBalanceError("pass exactly one of model (a classifier or its folder) or classifier_run")
+    if classifier_run is not None:
+        if classifier_run not in runs.list_runs(samples, "train_classifier"):
+            raise validation.FairBalanceError(
+                f"No 'train_classifier' run '{classifier_run}' on dataset '{samples._root_dataset.name}'; "
+                f"recorded trainings: {runs.list_runs(samples, 'train_classifier')}")
+        return load_classifier(runs.get_run_config(samples, classifier_run)["checkpoint"])
     if isinstance(model, TrainedClassifier):
         return model
-    if isinstance(model, str):
-        return load_classifier(model)
+    if isinstance(model, (str, os.PathLike)):
+        return load_classifier(os.fspath(model))
     raise validation.FairBalanceError("model must be a TrainedClassifier or a checkpoint folder")
 
 
+@dataclass
+class ApplyResult:
+    """Where the predictions went and how many samples got one."""
+
+    run_key: str
+    predictions_field: str
+    num_predicted: int
+    classes: list[str]
+    checkpoint: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@claims.exclusive
 def apply_classifier(
     samples,
-    model,
+    model=None,
     predictions_field: str = "predictions",
+    classifier_run: str | None = None,
     batch_size: int = 256,
     device: str | None = None,
     num_workers: int = 0,
     store_logits: bool = True,
     run_key: str | None = None,
     overwrite: bool = False,
-) -> None:
-    """Predict every sample of ``samples`` and store ``fo.Classification`` (label, confidence, logits)."""
+    progress=None,
+) -> ApplyResult:
+    """Predict every sample of ``samples`` and store ``fo.Classification`` (label, confidence, logits).
+
+    ``model``: a :class:`TrainedClassifier` or its checkpoint folder; or
+    ``classifier_run``: the key of its ``train_classifier`` run. The
+    predictions are recorded as run ``run_key`` (default: the predictions
+    field's name), which owns ``predictions_field``: an existing field of
+    another run, or one fairbalance did not write (such as the labels), is
+    refused; ``overwrite=True`` replaces this run's predictions.
+    """
     import fiftyone as fo
 
     validation.require_nonempty(samples)
     validation.require_image_collection(samples)
     validation.require_field_name(predictions_field)
-    clf = _as_classifier(model)
+    clf = _as_classifier(model, classifier_run, samples)
     if predictions_field == clf.config.label_field:
         raise validation.FairBalanceError(
             f"predictions_field '{predictions_field}' is the field the classifier was trained on: writing "
             "predictions there would replace the labels; choose another field")
+    validation.require_positive_int("batch_size", batch_size)
     ids, paths = samples.values(["id", "filepath"])
-    run = None
-    if run_key is not None:
-        run = runs.prepare(samples, run_key, "apply_classifier",
-                           {"model": asdict(clf.config), "predictions_field": predictions_field}, [predictions_field],
-                           overwrite)
-    logits = training.predict(clf, paths, device=device, batch_size=batch_size, num_workers=num_workers)
+    run_key = predictions_field if run_key is None else run_key
+    run = runs.prepare(samples, run_key, "apply_classifier",
+                       {"model": asdict(clf.config), "checkpoint": clf.checkpoint, "classifier_run": clf.run_key,
+                        "predictions_field": predictions_field}, [predictions_field], overwrite)
+    logits = training.predict(clf, paths, device=device, batch_size=batch_size, num_workers=num_workers,
+                              progress=progress)
     probs = torch.softmax(logits, dim=1)
     conf, pred = probs.max(dim=1)
     values = {
@@ -129,8 +166,10 @@ def apply_classifier(
         )
         for i, p, c, l in zip(ids, pred, conf, logits)
     }
-    write = lambda: writeback.set_values_by_id(samples, {predictions_field: values}, ids=ids)  # noqa: E731
-    run.write(write) if run is not None else write()
+    run.write(lambda: writeback.set_values_by_id(samples, {predictions_field: values}, ids=ids))
+    result = ApplyResult(run_key, predictions_field, len(ids), list(clf.classes), clf.checkpoint)
+    run.save_results(result.to_dict())
+    return result
 
 
 @dataclass
@@ -142,11 +181,13 @@ class Evaluation:
     worst_group_accuracy: float | None = None
     worst_group: str | None = None
     group_accuracy: dict[str, float] = field(default_factory=dict)
+    run_key: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+@claims.exclusive
 def evaluate_classifier(
     samples,
     predictions_field: str = "predictions",
@@ -158,6 +199,9 @@ def evaluate_classifier(
 ) -> Evaluation:
     """Accuracy; split by a bool bias-aligned field; worst-group accuracy over (class x attribute)."""
     validation.require_nonempty(samples)
+    if predictions_field == label_field:
+        raise validation.FairBalanceError(
+            f"predictions_field and label_field are both '{label_field}': a field scored against itself")
     paths = [label_path(samples, predictions_field), label_path(samples, label_field)]
     if attribute_field:
         paths.append(label_path(samples, attribute_field))
@@ -193,6 +237,7 @@ def evaluate_classifier(
         run = runs.prepare(samples, run_key, "evaluate_classifier",
                            {"predictions_field": predictions_field, "label_field": label_field,
                             "attribute_field": attribute_field, "aligned_field": aligned_field}, [], overwrite)
+        ev.run_key = run_key
         run.write(lambda: None)
         run.save_results(ev.to_dict())
     return ev

@@ -23,12 +23,11 @@ import argparse
 from collections import Counter
 
 from fairbalance import balance, datasets, models
+from fairbalance.audit import audit_balance
 from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
 from fairbalance.diffusion import train_conditional_diffusion
 from fairbalance.generation import generate_balanced
 from fairbalance.hardness import compute_hardness
-from fairbalance.pseudo_labels import compute_pseudo_labels
-from fairbalance.sa_features import compute_sa_features
 
 
 def _audit(dataset, clip_model: str, pretrained: str | None) -> str | None:
@@ -39,12 +38,12 @@ def _audit(dataset, clip_model: str, pretrained: str | None) -> str | None:
     except models.ModelNotFoundError as e:
         print(f"  skipped: {e}")
         return None
-    sa = compute_sa_features(dataset, "colors", model=clip_model, pretrained=pretrained, overwrite=True)
-    for r in sa.related_texts[:5]:
+    audit = audit_balance(dataset, "colors", model=clip_model, pretrained=pretrained, attribute_field="color",
+                          overwrite=True)
+    for r in audit.sa_features.related_texts[:5]:
         print(f"  related text {r['score']:.3f}  {r['text'][:90]}")
-    pl = compute_pseudo_labels(dataset, overwrite=True)
-    print(balance.balance_report(dataset, pl.label_field, attribute_field="color").format())
-    return pl.label_field
+    print(audit.report.format())
+    return audit.pseudo_labels.label_field
 
 
 def _repair(name: str, args, have_clip: bool) -> None:
@@ -65,7 +64,7 @@ def _repair(name: str, args, have_clip: bool) -> None:
                                         overwrite=True)  # resumes only when the data and settings are the same
     res = generate_balanced(train, field, model=model, total=args.balance_total, guidance_scale=2.0,
                             num_inference_steps=20, seed=seed, overwrite=True)
-    print(f"  generated {sum(res['added'].values())} images: {res['added']} (tag 'generated', field 'generation')")
+    print(f"  generated {res.num_added} images: {res.added} (tag 'generated', field 'generation')")
     real = balance.balance_report(train, "color")
     generated = dataset.match_tags("generated")
     shown = Counter(datasets.nearest_color(p) for p in generated.values("filepath"))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance import config as fb_config
-from fairbalance import models, runs, training, validation
+from fairbalance import claims, models, runs, training, validation
 
 LABELS_FILE = "fairbalance_labels.json"
 CONDITION_FILE = "condition.safetensors"
@@ -151,6 +151,7 @@ def _factor_labels(samples, label_field, attribute_field):
     return data, y, attributes
 
 
+@claims.exclusive
 def train_conditional_diffusion(
     samples,
     label_field: str = "sa_cluster",
@@ -170,8 +171,8 @@ def train_conditional_diffusion(
     run_key: str = "conditional_diffusion",
     overwrite: bool = False,
     progress=None,
-) -> str:
-    """Train a conditional diffusion model on ``label_field`` (x ``attribute_field``); returns its folder.
+) -> "DiffusionTrainResult":
+    """Train a conditional diffusion model on ``label_field`` (x ``attribute_field``); returns its folder and figures.
 
     With ``attribute_field`` (e.g. ``label_field="ground_truth"``,
     ``attribute_field="sa_cluster"``) the condition is factorised: one
@@ -181,9 +182,10 @@ def train_conditional_diffusion(
     divisible by 2^(levels - 1)); mixed sizes need an explicit size.
     Clusters with fewer than 10 images are trained anyway, with a warning in
     the run results. With ``resume``, a rerun continues from the last
-    checkpoint in ``output_dir`` (refused if that folder holds a different
-    configuration or was trained on other images or labels;
-    ``overwrite=True`` starts over).
+    checkpoint in ``output_dir`` (refused if that folder or ``run_key``
+    holds a different configuration or was trained on other images or
+    labels; ``overwrite=True`` starts over). The run key and folder are
+    claimed while training, so a second training into either is refused.
     """
     validation.require_nonempty(samples)
     validation.require_image_collection(samples)
@@ -209,9 +211,10 @@ def train_conditional_diffusion(
                                checkpoint_every=checkpoint_every, data_fingerprint=fingerprint.hexdigest())
     dataset = samples._root_dataset
     output_dir = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "diffusion", dataset.name, run_key))
+    run = runs.prepare(samples, run_key, "conditional_diffusion", {**asdict(cfg), "model_dir": output_dir}, [],
+                       overwrite, rerun_same_config=True, ignore_for_rerun=("epochs",))
+    claims.claim_folder(output_dir)
     start_fresh = _check_model_folder(output_dir, cfg, resume, overwrite)
-    run = runs.prepare(samples, run_key, "conditional_diffusion",
-                       {**asdict(cfg), "model_dir": output_dir, "resume": resume}, [], overwrite=True)
     if start_fresh and os.path.isdir(output_dir):
         shutil.rmtree(output_dir)
     validation.require_writable_dir(output_dir)
@@ -219,14 +222,35 @@ def train_conditional_diffusion(
     step, start_step, losses = _fit(cfg, x, torch.as_tensor(y), output_dir, device, resume, progress)
     counts = np.bincount(y[:, 0], minlength=len(classes))
     small = {classes[c]: int(n) for c, n in enumerate(counts) if n < MIN_IMAGES_PER_CLUSTER}
+    result = DiffusionTrainResult(
+        run_key, output_dir, step, start_step,
+        float(np.mean(losses[-max(1, math.ceil(len(y) / batch_size)):])) if losses else None,
+        {classes[c]: int(n) for c, n in enumerate(counts)}, small, _cell_sizes(y, classes, attributes),
+        data.num_unlabelled)
     run.write(lambda: None)
-    run.save_results({
-        "model_dir": output_dir, "steps": step, "resumed_from_step": start_step,
-        "final_loss": float(np.mean(losses[-max(1, math.ceil(len(y) / batch_size)):])) if losses else None,
-        "cluster_sizes": {classes[c]: int(n) for c, n in enumerate(counts)}, "small_clusters": small,
-        "cell_sizes": _cell_sizes(y, classes, attributes), "num_skipped": data.num_unlabelled,
-    })
-    return output_dir
+    run.save_results(result.to_dict())
+    return result
+
+
+@dataclass
+class DiffusionTrainResult:
+    """A trained model: its folder (``os.fspath(result)`` works, so it passes as ``model=``) and how it went."""
+
+    run_key: str
+    model_dir: str
+    steps: int
+    resumed_from_step: int
+    final_loss: float | None
+    cluster_sizes: dict[str, int]
+    small_clusters: dict[str, int]
+    cell_sizes: dict[str, int] | None
+    num_skipped: int
+
+    def __fspath__(self) -> str:
+        return self.model_dir
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def _cell_sizes(y: np.ndarray, classes, attributes) -> dict | None:

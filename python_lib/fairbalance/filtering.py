@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 
-from fairbalance import models, runs, validation
+from fairbalance import claims, models, runs, validation
 
 
+@claims.exclusive
 def filter_generated(
     samples,
     label_field: str = "sa_cluster",
@@ -22,7 +25,7 @@ def filter_generated(
     run_key: str = "filter_generated",
     overwrite: bool = False,
     progress=None,
-) -> dict:
+) -> "FilterResult":
     """Score generated images by CLIP similarity to their cluster and tag the worst (Clustered DreamBooth).
 
     The condition of cluster c is the centroid of the stored CLIP embeddings
@@ -64,13 +67,13 @@ def filter_generated(
             raise validation.FairBalanceError(
                 "texts must give a non-empty text for every cluster of the generated samples; "
                 f"missing: {lacking}, empty: {empty}")
-    clip = models.load_clip(spec["model"], spec["pretrained"], device=device)
-    new, _ = embeddings.compute_missing(gen, embeddings_field, clip, batch_size, progress=progress)
     run = runs.prepare(samples, run_key, "filter_generated", {
         "label_field": label_field, "embeddings_field": embeddings_field, "threshold": threshold,
         "bottom_fraction": bottom_fraction, "tag": tag, "model": spec, "score_method": method,
         "texts": sorted(texts.items()) if texts is not None else None},
         [score_field], overwrite)
+    clip = models.load_clip(spec["model"], spec["pretrained"], device=device)
+    new, _ = embeddings.compute_missing(gen, embeddings_field, clip, batch_size, progress=progress)
     dataset = samples._root_dataset
     previous_tag = previous_tagged = None
     if dataset.has_run(run_key):
@@ -106,7 +109,22 @@ def filter_generated(
         samples.select(low).tag_samples(tag)
 
     run.write(write)
-    result = {"num_scored": len(scores), "num_tagged": len(low), "cut": cut,
-              "mean_score": float(values.mean())}
-    run.save_results({**result, "tagged_ids": low})
+    result = FilterResult(run_key, score_field, tag, len(scores), len(low), cut, float(values.mean()))
+    run.save_results({**result.to_dict(), "tagged_ids": low})
     return result
+
+
+@dataclass
+class FilterResult:
+    """How many generated samples were scored and tagged, at which cut."""
+
+    run_key: str
+    score_field: str
+    tag: str
+    num_scored: int
+    num_tagged: int
+    cut: float
+    mean_score: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fairbalance import runs, training, validation, writeback
+from fairbalance import balance, claims, runs, training, validation, writeback
 from fairbalance.balance import label_path
 from fairbalance.diffusion import ConditionalDiffusionModel, load_conditional_diffusion, sample_images, validate_sampling
 
@@ -53,15 +54,25 @@ def plan_counts(counts: dict[str, int], mode: str = "equal", total: int | None =
 
 
 @dataclass
-class _Job:
-    """One image to generate: its condition, seed, file, sample fields, and source image for an edit."""
+class GenerationJob:
+    """One image to generate: its file, the group it counts toward, its label fields and provenance.
 
-    condition: tuple[int, ...]
-    seed: int
+    ``payload`` is the generator's own input (a condition and seed, a prompt,
+    an (original, content) pair); the shared loop never looks inside it.
+    """
+
     filepath: str
     key: str
     fields: dict
-    source: tuple[str, str] | None = None  # (sample id, filepath)
+    provenance: dict
+    payload: Any = None
+
+
+@dataclass
+class _DiffusionInput:
+    condition: tuple[int, ...]
+    seed: int
+    source: tuple[str, str] | None = None  # (sample id, filepath) of the image an edit starts from
     source_condition: tuple[int, ...] | None = None
 
 
@@ -88,9 +99,14 @@ def _cell_jobs(samples, diff: ConditionalDiffusionModel, per_cell: int, source: 
             if source == "edit":
                 j = candidates[np.random.default_rng([seed, ci, ai, i]).integers(len(candidates))]
                 src, src_cond = (real.ids[j], real.filepaths[j]), (ci, int(cells[j, 1]))
-            jobs.append(_Job((ci, ai), img_seed, os.path.join(output_dir, f"cell{ci}x{ai}_seed{seed}_{i:05d}.png"),
-                             f"{c}|{a}", {diff.label_field: c, diff.attribute_field: a}, src, src_cond))
-    return jobs, {f"{diff.classes[ci]}|{diff.attributes[ai]}": n for (ci, ai), n in plan.items()}
+            prov = {"seed": img_seed, "cell": f"{c}|{a}"}
+            if src:
+                prov.update(source_id=src[0], source_filepath=src[1])
+            jobs.append(GenerationJob(os.path.join(output_dir, f"cell{ci}x{ai}_seed{seed}_{i:05d}.png"), f"{c}|{a}",
+                                      {diff.label_field: c, diff.attribute_field: a}, prov,
+                                      _DiffusionInput((ci, ai), img_seed, src, src_cond)))
+    name = {cell: f"{diff.classes[cell[0]]}|{diff.attributes[cell[1]]}" for cell in plan}
+    return jobs, {name[cell]: n for cell, n in plan.items()}, {name[cell]: n for cell, n in counts.items()}
 
 
 def _cluster_jobs(samples, diff: ConditionalDiffusionModel, mode, total, per_class, seed, output_dir):
@@ -101,16 +117,99 @@ def _cluster_jobs(samples, diff: ConditionalDiffusionModel, mode, total, per_cla
     real = samples.match(Fv("generated") != True) if samples._root_dataset.has_field("generated") else samples  # noqa
     present = real.count_values(path)
     plan = plan_counts({c: present.get(c, 0) for c in diff.classes}, mode, total, per_class)
-    jobs = [_Job((ci,), seed * 1_000_003 + ci * 100_003 + i,
-                 os.path.join(output_dir, f"cluster{c}_seed{seed}_{i:05d}.png"), c, {diff.label_field: c})
-            for ci, c in enumerate(diff.classes) for i in range(plan[c])]
-    return jobs, plan
+    jobs = []
+    for ci, c in enumerate(diff.classes):
+        for i in range(plan[c]):
+            img_seed = seed * 1_000_003 + ci * 100_003 + i
+            jobs.append(GenerationJob(os.path.join(output_dir, f"cluster{c}_seed{seed}_{i:05d}.png"), c,
+                                      {diff.label_field: c}, {"seed": img_seed, "cell": c},
+                                      _DiffusionInput((ci,), img_seed)))
+    return jobs, plan, {c: int(present.get(c, 0)) for c in diff.classes}
 
 
+@dataclass
+class GenerationResult:
+    """What a generator added: per group (cluster, cell, class) added and planned, where the images are."""
+
+    run_key: str
+    added: dict[str, int]
+    planned: dict[str, int]
+    output_dir: str
+    target_dataset: str
+    resumed: bool = False
+    counts_before: dict[str, int] | None = None  # real samples per group, when the generator balances groups
+
+    @property
+    def num_added(self) -> int:
+        return sum(self.added.values())
+
+    @property
+    def counts_after(self) -> dict[str, int] | None:
+        """Real + generated per group: the counts before plus every generated sample of the plan (all runs)."""
+        if self.counts_before is None:
+            return None
+        return {k: self.counts_before.get(k, 0) + self.planned.get(k, 0) for k in self.counts_before}
+
+    def to_dict(self) -> dict:
+        out = {**asdict(self), "num_added": self.num_added, "counts_after": self.counts_after}
+        if self.counts_before is not None:
+            out["entropy_before"] = balance.entropy(self.counts_before)
+            out["entropy_after"] = balance.entropy(self.counts_after)
+        return out
+
+
+def start_generation(samples, target_dataset, output_dir: str | None, run_key: str, method: str, config: dict,
+                     setting: dict, overwrite: bool):
+    """Everything a generator checks and claims before its first image: ``(target, folder, run)``.
+
+    The target dataset and image folder are resolved and the folder claimed;
+    the run key may be new, the same run rerun with the same config (it
+    resumes: images already there are not made or added again), or
+    replaced with ``overwrite=True``, which first deletes that run's
+    samples and images; a folder holding another setting's images is
+    refused unless ``overwrite``.
+    """
+    from fiftyone import ViewField as Fv
+
+    target, output_dir = writeback.generation_target(samples, target_dataset, output_dir, run_key)
+    run = runs.prepare(target, run_key, method, {**config, "output_dir": output_dir}, [], overwrite,
+                       rerun_same_config=True)
+    if overwrite and target.has_run(run_key) and target.has_field("generation"):
+        old = target.match(Fv("generation.run_key") == run_key)
+        for path in old.values("filepath"):
+            if os.path.isfile(path):
+                os.remove(path)
+        target.delete_samples(old)
+    _claim_output_dir(output_dir, target, setting, overwrite)
+    return target, output_dir, run
+
+
+def finish_generation(run: runs.PreparedRun, result: GenerationResult) -> GenerationResult:
+    """Record the generation run (after every image and sample is in place)."""
+    run.write(lambda: None)
+    run.save_results(result.to_dict())
+    return result
+
+
+def resolve_model_folder(model, model_run: str | None, samples, method: str) -> str:
+    """The model folder from a path (or a training result), or from the key of the run that trained it."""
+    if (model is None) == (model_run is None):
+        raise validation.FairBalanceError("pass exactly one of model (a model folder) or model_run (a run key)")
+    if model_run is not None:
+        if model_run not in runs.list_runs(samples, method):
+            raise validation.FairBalanceError(
+                f"No '{method}' run '{model_run}' on dataset '{samples._root_dataset.name}'; "
+                f"runs of that kind: {runs.list_runs(samples, method)}")
+        return runs.get_run_config(samples, model_run)["model_dir"]
+    return os.fspath(model)
+
+
+@claims.exclusive
 def generate_balanced(
     samples,
     label_field: str = "sa_cluster",
     model: str | None = None,
+    model_run: str | None = None,
     total: int | None = None,
     per_class: int | None = None,
     mode: str = "equal",
@@ -130,7 +229,7 @@ def generate_balanced(
     run_key: str = "generate_balanced",
     overwrite: bool = False,
     progress=None,
-) -> dict:
+) -> GenerationResult:
     """Generate images per cluster, or per class x attribute cell, and add them with provenance.
 
     ``mode``: ``equal`` / ``fill`` balance the clusters of a model trained on
@@ -149,15 +248,17 @@ def generate_balanced(
     New samples get ``generated=True``, the condition's label field(s) (the
     class label for cells, so classifiers can train on them),
     ``generation`` (model, sampler, seed, cell, source sample) and the tag
-    ``generated``. Image ``i`` of a cell always has the same seed, so a
-    rerun adds nothing twice and an interrupted run continues where it
-    stopped. An ``output_dir`` that holds images of another model or
-    setting is refused; ``overwrite=True`` deletes those images and their
-    samples first. Returns the counts added and planned.
+    ``generated``. ``model``: the folder of :func:`train_conditional_diffusion`
+    (or its result); or ``model_run``: the key of that training run.
+
+    Image ``i`` of a cell always has the same seed, so rerunning the same
+    run adds nothing twice and an interrupted run continues where it
+    stopped. A run key or ``output_dir`` used by another model or setting
+    is refused; ``overwrite=True`` deletes that run's (or folder's) images
+    and samples first.
     """
     validation.require_nonempty(samples)
-    if model is None:
-        raise validation.FairBalanceError("model: pass the folder returned by train_conditional_diffusion")
+    model = resolve_model_folder(model, model_run, samples, "conditional_diffusion")
     if source not in ("noise", "edit"):
         raise validation.FairBalanceError(f"source must be 'noise' or 'edit', not {source!r}")
     validate_sampling(guidance_scale, num_inference_steps, scheduler, attribute_guidance_scale,
@@ -176,64 +277,84 @@ def generate_balanced(
         raise validation.FairBalanceError(f"guidance_reference must be 'null' or 'source', not {guidance_reference!r}")
     if guidance_reference == "source" and source != "edit":
         raise validation.FairBalanceError("guidance_reference='source' needs source='edit' (a source image)")
-    target, output_dir = writeback.generation_target(samples, target_dataset, output_dir, run_key)
-    if mode == "cells":
-        jobs, plan = _cell_jobs(samples, diff, per_cell, source, seed, output_dir)
-    else:
-        jobs, plan = _cluster_jobs(samples, diff, mode, total, per_class, seed, output_dir)
     setting = {"model": diff.folder, "model_step": diff.step, "label_field": label_field,
                "attribute_field": diff.attribute_field, "guidance_scale": guidance_scale,
                "attribute_guidance_scale": attribute_guidance_scale, "guidance_reference": guidance_reference,
                "num_inference_steps": num_inference_steps,
                "scheduler": scheduler, "source": source, "edit_strength": edit_strength if source == "edit" else None}
-    _claim_output_dir(output_dir, target, setting, overwrite)
     provenance = {**setting, "mode": mode, "run_key": run_key}
+    if mode == "cells":  # planned (and checked) before anything is claimed or replaced; file names relative
+        jobs, plan, before = _cell_jobs(samples, diff, per_cell, source, seed, "")
+    else:
+        jobs, plan, before = _cluster_jobs(samples, diff, mode, total, per_class, seed, "")
+    target, output_dir, run = start_generation(
+        samples, target_dataset, output_dir, run_key, "generate_balanced",
+        {**provenance, "total": total, "per_class": per_class, "per_cell": per_cell, "seed": seed}, setting, overwrite)
+    for job in jobs:
+        job.filepath = os.path.join(output_dir, job.filepath)
     existing = set(target.values("filepath")) if len(target) else set()
     jobs = [j for j in jobs if j.filepath not in existing]
-    added = _run_jobs(diff, jobs, target, provenance, batch_size, progress)
-    result = {"added": {k: added.get(k, 0) for k in plan}, "planned": plan, "output_dir": output_dir,
-              "target_dataset": target.name, "run_key": run_key}
-    run = runs.prepare(target, run_key, "generate_balanced", {
-        **provenance, "total": total, "per_class": per_class, "per_cell": per_cell, "seed": seed}, [], overwrite=True)
-    run.write(lambda: None)
-    run.save_results(result)
-    return result
+    added = run_generation(jobs, target, _diffusion_renderer(diff, provenance), provenance, batch_size, progress)
+    return finish_generation(run, GenerationResult(run_key, {k: added.get(k, 0) for k in plan}, plan, output_dir,
+                                                   target.name, run.resumed, before))
 
 
-def _run_jobs(diff: ConditionalDiffusionModel, jobs: list[_Job], target, provenance: dict, batch_size: int,
-              progress) -> dict[str, int]:
-    """Generate batch by batch: image files (temp + rename), then their samples, in bulk per batch."""
+def _diffusion_renderer(diff: ConditionalDiffusionModel, provenance: dict) -> Callable[[list], list]:
+    """Images for a batch of diffusion jobs: from noise, or edits of their source images."""
+    size = diff.unet.config.sample_size
+
+    def render(batch: list[GenerationJob]):
+        inputs = [j.payload for j in batch]
+        init = None
+        if inputs[0].source is not None:
+            init = training.load_images([d.source[1] for d in inputs], [size, size], scale="symmetric")
+        reference = [d.source_condition for d in inputs] if provenance["guidance_reference"] == "source" else None
+        return sample_images(diff, [d.condition for d in inputs], [d.seed for d in inputs],
+                             provenance["guidance_scale"], provenance["num_inference_steps"],
+                             provenance["scheduler"], provenance["attribute_guidance_scale"], init,
+                             provenance["edit_strength"] if init is not None else None, reference)
+
+    return render
+
+
+def run_generation(jobs: Sequence[GenerationJob], target, render: Callable[[list], list], provenance: dict,
+                   batch_size: int, progress=None, tags: Sequence[str] = ("generated",)) -> dict[str, int]:
+    """The one generation loop: batch -> images (temp file + rename) -> samples with provenance, in bulk.
+
+    ``render(jobs)`` returns one image per job (uint8 H x W x 3 array or PIL
+    image). Jobs whose file exists are not rendered again, and jobs whose
+    file is already a sample of ``target`` are not added again, so a rerun
+    (or a resumed, interrupted run) adds each image exactly once. Every
+    sample gets ``generated=True``, ``generation`` (``provenance`` + the
+    job's own) and ``tags``. Returns the samples added per job key.
+    """
     import fiftyone as fo
     import fiftyone.core.utils as fou
+    from fiftyone import ViewField as Fv
     from PIL import Image
 
     added: dict[str, int] = {}
-    size = diff.unet.config.sample_size
     with fou.ProgressBar(total=len(jobs), progress=progress) as pb:
         for b in range(0, len(jobs), batch_size):
-            batch = jobs[b: b + batch_size]
+            batch = list(jobs[b: b + batch_size])
             todo = [j for j in batch if not os.path.isfile(j.filepath)]
             if todo:
-                init = None
-                if todo[0].source is not None:
-                    init = training.load_images([j.source[1] for j in todo], [size, size], scale="symmetric")
-                reference = [j.source_condition for j in todo] if provenance["guidance_reference"] == "source" else None
-                imgs = sample_images(diff, [j.condition for j in todo], [j.seed for j in todo],
-                                     provenance["guidance_scale"], provenance["num_inference_steps"],
-                                     provenance["scheduler"], provenance["attribute_guidance_scale"], init,
-                                     provenance["edit_strength"] if init is not None else None, reference)
-                for job, img in zip(todo, imgs):
+                for job, img in zip(todo, render(todo)):
+                    img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
                     tmp = job.filepath + ".tmp.png"
-                    Image.fromarray(img).save(tmp)
+                    img.convert("RGB").save(tmp)
                     os.replace(tmp, job.filepath)
-            new = []
-            for job in batch:
-                extra = {"source_id": job.source[0], "source_filepath": job.source[1]} if job.source else {}
-                new.append(fo.Sample(filepath=job.filepath, tags=["generated"], generated=True,
-                                     generation={**provenance, "seed": job.seed, "cell": job.key, **extra},
-                                     **{f: fo.Classification(label=v) for f, v in job.fields.items()}))
-                added[job.key] = added.get(job.key, 0) + 1
-            target.add_samples(new, progress=False)
+            paths = [j.filepath for j in batch]
+            present = set(target.match(Fv("filepath").is_in(paths)).values("filepath")) if len(target) else set()
+            new = [fo.Sample(filepath=j.filepath, tags=list(tags), generated=True,
+                             generation={**provenance, **j.provenance},
+                             **{f: fo.Classification(label=str(v)) for f, v in j.fields.items()})
+                   for j in batch if j.filepath not in present]
+            for j in batch:
+                if j.filepath not in present:
+                    added[j.key] = added.get(j.key, 0) + 1
+            if new:
+                target.add_samples(new, progress=False)
             pb.update(len(batch))
     return added
 

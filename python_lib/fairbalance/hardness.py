@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance import config as fb_config
-from fairbalance import runs, training, validation, writeback
+from fairbalance import claims, runs, training, validation, writeback
 
 
 @dataclass
@@ -77,6 +77,7 @@ def resolve_top_k(top_k, num_samples: int) -> int | None:
     return int(top_k)
 
 
+@claims.exclusive
 def compute_hardness(
     samples,
     label_field: str = "ground_truth",
@@ -130,6 +131,7 @@ def compute_hardness(
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "checkpoint": output_dir,
     }
     run = runs.prepare(samples, run_key, "hardness", params, [loss_field, rank_field], overwrite)
+    claims.claim_folder(output_dir)
     old_tag, old_tagged = None, []
     if dataset.has_run(run_key):  # overwrite: its tags go, on the samples it tagged and nowhere else
         old_tag = runs.get_run_config(dataset, run_key).get("tag")

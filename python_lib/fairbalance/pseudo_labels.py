@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fairbalance import balance, clustering, runs, validation, writeback
+from fairbalance import balance, claims, clustering, runs, validation, writeback
 
 
 @dataclass
@@ -47,6 +47,7 @@ def _load_features(samples, features_field: str) -> tuple[list[str], np.ndarray,
     return [i for i, _ in have], x, len(ids) - len(have)
 
 
+@claims.exclusive
 def compute_pseudo_labels(
     samples,
     features_field: str = "sa_features",

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from fairbalance import validation
+from fairbalance import claims, validation
 
 CONFIG_PREFIX = "fairbalance."
 
@@ -101,6 +101,7 @@ class PreparedRun:
     config: dict
     fields: list[str]
     overwrite: bool
+    resumed: bool = False  # the same run, rerun with the same config (resumable operations)
     started: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat())
 
     @property
@@ -133,6 +134,11 @@ class PreparedRun:
         dataset.save_run_results(self.run_key, dataset.init_run_results(self.run_key, **payload), overwrite=True)
 
 
+def _config_differences(stored: dict, config: dict, ignore: Iterable[str]) -> list[str]:
+    new = _jsonable(config)
+    return sorted(k for k in new if k not in set(ignore) and stored.get(k) != new[k])
+
+
 def prepare(
     samples,
     run_key: str,
@@ -140,30 +146,54 @@ def prepare(
     config: dict,
     fields: Iterable[str],
     overwrite: bool = False,
+    rerun_same_config: bool = False,
+    ignore_for_rerun: Iterable[str] = (),
 ) -> PreparedRun:
-    """Check that ``run_key`` may be (re)used before any work starts."""
+    """Check that ``run_key`` (and ``fields``) may be (re)used before any work starts, and claim them.
+
+    The run key and the fields are claimed (:mod:`fairbalance.claims`) for
+    the running operation, so a second process using them at the same time
+    is refused. A run key in use is refused unless ``overwrite=True``
+    (replace that run's fields and record) or, for resumable operations
+    (``rerun_same_config``: generation, diffusion training), the stored run
+    has the same config (less ``ignore_for_rerun``): a rerun then resumes.
+    Fields that exist already must belong to this run key: another run's
+    field, or a field no fairbalance run wrote, is never replaced.
+    """
     validate_run_key(run_key)
     fields = list(fields)
     for f in fields:
         validation.require_field_name(f)
     dataset = samples._root_dataset
+    claims.claim_run(dataset, run_key)
+    for f in fields:
+        claims.claim_field(dataset, f)
+    resumed = False
     if dataset.has_run(run_key):
-        if not overwrite:
-            raise validation.FairBalanceError(
-                f"Run '{run_key}' already exists on dataset '{dataset.name}'; pass overwrite=True to replace it"
-            )
         method_old = getattr(dataset.get_run_info(run_key).config, "method", None)
         if method_old != CONFIG_PREFIX + method:
             raise validation.FairBalanceError(
                 f"Run '{run_key}' was made by {method_old!r}, not {CONFIG_PREFIX + method!r}; use another key"
             )
-    else:
-        owners = {f: key for key in list_runs(dataset) for f in get_run_config(dataset, key).get("fields_written", [])}
-        schema = dataset.get_field_schema()
-        clash = {f: owners.get(f, "none") for f in fields if f in schema}
-        if clash and not overwrite:
-            desc = ", ".join(f"'{f}' (run: {k})" for f, k in clash.items())
-            raise validation.FairBalanceError(
-                f"Field(s) {desc} already exist; choose other field names or pass overwrite=True"
-            )
-    return PreparedRun(samples, run_key, method, dict(config), fields, overwrite)
+        if not overwrite:
+            differs = _config_differences(get_run_config(dataset, run_key), config, ignore_for_rerun)
+            if not rerun_same_config:
+                raise validation.FairBalanceError(
+                    f"Run '{run_key}' already exists on dataset '{dataset.name}'; pass overwrite=True to replace it"
+                )
+            if differs:
+                raise validation.FairBalanceError(
+                    f"Run '{run_key}' already exists on dataset '{dataset.name}' with another configuration "
+                    f"(differs in: {', '.join(differs)}); pass overwrite=True to replace it or use another run key"
+                )
+            resumed = True
+    owners = {f: key for key in list_runs(dataset) for f in get_run_config(dataset, key).get("fields_written", [])}
+    schema = dataset.get_field_schema()
+    clash = {f: owners.get(f) for f in fields if f in schema and owners.get(f) != run_key}
+    if clash:
+        desc = ", ".join(f"'{f}' (" + (f"written by run '{k}'" if k else "not written by fairbalance") + ")"
+                         for f, k in clash.items())
+        hint = ("delete that run or choose other field names" if any(clash.values())
+                else "choose other field names (fairbalance never replaces fields it did not write)")
+        raise validation.FairBalanceError(f"Field(s) {desc} already exist; {hint}")
+    return PreparedRun(samples, run_key, method, dict(config), fields, overwrite, resumed)

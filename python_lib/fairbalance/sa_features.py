@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from fairbalance import embeddings, models, related_texts, runs, validation, writeback
+from fairbalance import claims, embeddings, models, related_texts, runs, validation, writeback
 
 
 @dataclass
@@ -30,6 +30,7 @@ class SAFeaturesResult:
         return asdict(self)
 
 
+@claims.exclusive
 def compute_sa_features(
     samples,
     attribute: str | None = None,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import math
+from collections import Counter
 import os
 import warnings
 
 import torch
 
-from fairbalance import models, runs, validation, writeback
+from fairbalance import claims, models, validation
+from fairbalance.generation import GenerationJob, GenerationResult, finish_generation, run_generation, start_generation
 
 
 def _prompt_seed(seed: int, source_id: str, prompt: str, k: int) -> int:
@@ -31,6 +34,7 @@ def _truncate(pipe, prompts: list[str]) -> list[str]:
     return out
 
 
+@claims.exclusive
 def generate_from_captions(
     samples,
     caption_field: str = "filtered_captions",
@@ -49,21 +53,21 @@ def generate_from_captions(
     safety_checker: bool = True,
     attention_slicing: bool = False,
     run_key: str = "text_to_image",
+    overwrite: bool = False,
     progress=None,
-) -> dict:
+) -> GenerationResult:
     """Generate images from each sample's captions and add them as new samples.
 
     Each image gets ``generated=True``, ``generation`` (prompt, seed, model,
     source sample id, guidance, steps) and the tag ``generated``; the label of
     ``label_field`` is copied from the source sample. Every image's seed
     derives from (seed, source, prompt, k), so reruns add nothing twice and
-    an interrupted run resumes. ``safety_checker=False`` removes the
+    an interrupted run resumes; the run key or ``output_dir`` of another
+    setting is refused unless ``overwrite=True`` (which replaces that run's
+    images and samples). ``safety_checker=False`` removes the
     pipeline's NSFW checker explicitly (it blacks out images it flags).
     Prompts longer than the text encoder's limit are truncated with a warning.
     """
-    import fiftyone as fo
-    import fiftyone.core.utils as fou
-
     validation.require_nonempty(samples)
     validation.require_fields(samples, [caption_field] + ([label_field] if label_field else []))
     validation.require_positive_int("images_per_caption", images_per_caption)
@@ -74,50 +78,39 @@ def generate_from_captions(
     prompts = [(r[0], c, r[2] if label_field else None) for r in rows for c in (r[1] or []) if c and c.strip()]
     if not prompts:
         raise validation.FairBalanceError(f"No captions in '{caption_field}'; nothing to generate")
-    target, output_dir = writeback.generation_target(samples, target_dataset, output_dir, run_key)
-
+    validation.require_positive_int("batch_size", batch_size)
+    validation.require_positive_int("num_inference_steps", num_inference_steps)
+    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise validation.FairBalanceError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
     kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     pipe = models.load_diffusion_pipeline(model, device=device, **kwargs)
     if attention_slicing:  # lower peak memory on small GPUs; SDPA attention is the default otherwise
         pipe.enable_attention_slicing()
     spec = getattr(pipe, "fairbalance_spec", None)
+    setting = {"model": spec.to_dict() if spec else model, "guidance_scale": guidance_scale,
+               "num_inference_steps": num_inference_steps, "height": height, "width": width,
+               "safety_checker": safety_checker}
+    provenance = {**setting, "run_key": run_key}
+    target, output_dir, run = start_generation(
+        samples, target_dataset, output_dir, run_key, "text_to_image",
+        {**provenance, "caption_field": caption_field, "images_per_caption": images_per_caption, "seed": seed,
+         "label_field": label_field}, setting, overwrite)
     jobs = []
-    existing = set(target.values("filepath")) if len(target) else set()
     for src, prompt, label in prompts:
         for k in range(images_per_caption):
             s = _prompt_seed(seed, src, prompt, k)
-            fp = os.path.join(output_dir, f"{src}_{s:012x}.png")
-            if fp not in existing:
-                jobs.append((src, prompt, label, s, fp))
-    provenance = {"model": spec.to_dict() if spec else model, "guidance_scale": guidance_scale,
-                  "num_inference_steps": num_inference_steps, "run_key": run_key}
-    added = 0
-    with fou.ProgressBar(total=len(jobs), progress=progress) as pb:
-        for b in range(0, len(jobs), batch_size):
-            batch = jobs[b:b + batch_size]
-            todo = [j for j in batch if not os.path.isfile(j[4])]
-            if todo:
-                gens = [torch.Generator(device="cpu").manual_seed(j[3]) for j in todo]
-                out = pipe(_truncate(pipe, [j[1] for j in todo]), guidance_scale=guidance_scale,
-                           num_inference_steps=num_inference_steps, generator=gens, height=height, width=width,
-                           output_type="pil")
-                for j, img in zip(todo, out.images):
-                    tmp = j[4] + ".tmp.png"
-                    img.convert("RGB").save(tmp)
-                    os.replace(tmp, j[4])
-            new = []
-            for src, prompt, label, s, fp in batch:
-                extra = {label_field: fo.Classification(label=str(label))} if label_field and label is not None else {}
-                new.append(fo.Sample(filepath=fp, tags=["generated"], generated=True,
-                                     generation={**provenance, "prompt": prompt, "seed": s, "source_id": src},
-                                     **extra))
-            target.add_samples(new, progress=False)
-            added += len(new)
-            pb.update(len(batch))
-    result = {"num_prompts": len(prompts), "num_added": added, "output_dir": output_dir, "target_dataset": target.name}
-    run = runs.prepare(target, run_key, "text_to_image", {**provenance, "caption_field": caption_field,
-                       "images_per_caption": images_per_caption, "seed": seed, "label_field": label_field,
-                       "safety_checker": safety_checker}, [], overwrite=True)
-    run.write(lambda: None)
-    run.save_results(result)
-    return result
+            jobs.append(GenerationJob(os.path.join(output_dir, f"{src}_{s:012x}.png"), str(label),
+                                      {label_field: label} if label_field and label is not None else {},
+                                      {"prompt": prompt, "seed": s, "source_id": src}))
+
+    def render(batch):
+        gens = [torch.Generator(device="cpu").manual_seed(j.provenance["seed"]) for j in batch]
+        out = pipe(_truncate(pipe, [j.provenance["prompt"] for j in batch]), guidance_scale=guidance_scale,
+                   num_inference_steps=num_inference_steps, generator=gens, height=height, width=width,
+                   output_type="pil")
+        return out.images
+
+    added = run_generation(jobs, target, render, provenance, batch_size, progress)
+    planned = dict(Counter(j.key for j in jobs))
+    return finish_generation(run, GenerationResult(run_key, {k: added.get(k, 0) for k in planned}, planned,
+                                                   output_dir, target.name, run.resumed))

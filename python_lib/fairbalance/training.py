@@ -311,10 +311,19 @@ class TrainedClassifier:
     num_generated_used: int = 0
     num_generated_excluded: int = 0
     best_epoch: int | None = None
+    run_key: str | None = None  # the run that recorded this training (None: not recorded)
+    checkpoint: str | None = None  # the folder it was saved to
 
     @property
     def classes(self) -> list[str]:
         return self.config.classes
+
+    def to_dict(self) -> dict:
+        """The training's figures and config (not the weights)."""
+        return {"run_key": self.run_key, "checkpoint": self.checkpoint, "config": asdict(self.config),
+                "history": self.history, "best_epoch": self.best_epoch, "num_skipped": self.num_skipped,
+                "num_generated_used": self.num_generated_used,
+                "num_generated_excluded": self.num_generated_excluded}
 
     def save(self, folder: str) -> str:
         """Write ``model.pt`` and ``config.json`` atomically (temp file + rename, config last)."""
@@ -345,7 +354,8 @@ def load_classifier(folder: str) -> TrainedClassifier:
         raise models.ModelNotFoundError(
             f"The classifier checkpoint in {folder} is corrupt or incomplete ({type(e).__name__}: {e}); "
             "train it again") from e
-    return TrainedClassifier(net.eval(), config, saved.get("history", []), best_epoch=saved.get("best_epoch"))
+    return TrainedClassifier(net.eval(), config, saved.get("history", []), best_epoch=saved.get("best_epoch"),
+                             checkpoint=os.path.abspath(folder))
 
 
 def _sample_weights(samples, data: LabelledSamples, config: TrainConfig) -> np.ndarray:
@@ -606,13 +616,17 @@ def _fit_lff(net, config: TrainConfig, x, y, w, val, dev, gen, progress):
 
 @torch.inference_mode()
 def predict(classifier: TrainedClassifier, filepaths: Sequence[str], device=None, batch_size: int = 256,
-            num_workers: int = 0) -> torch.Tensor:
+            num_workers: int = 0, progress=None) -> torch.Tensor:
     """Logits for image files (eval mode, no augmentation; the model normalises its inputs)."""
+    import fiftyone.core.utils as fou
+
     dev = models.resolve_device(device)
     net = classifier.model.to(dev).eval()
     out = torch.empty(len(filepaths), len(classifier.classes))
-    for idx, batch in images.iter_batches(filepaths, image_transform(classifier.config.image_size), batch_size,
-                                          num_workers):
-        with torch.autocast(dev.type, enabled=dev.type == "cuda"):
-            out[idx] = net(batch.to(dev)).float().cpu()
+    with fou.ProgressBar(total=len(filepaths), progress=progress) as pb:
+        for idx, batch in images.iter_batches(filepaths, image_transform(classifier.config.image_size), batch_size,
+                                              num_workers):
+            with torch.inference_mode(), torch.autocast(dev.type, enabled=dev.type == "cuda"):
+                out[idx] = net(batch.to(dev)).float().cpu()
+            pb.update(len(idx))
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from fairbalance import validation
+from fairbalance import claims, validation
 
 
 def set_values_by_id(
@@ -73,4 +73,5 @@ def generation_target(samples, target_dataset, output_dir: str | None, run_key: 
         raise validation.FairBalanceError(f"Cannot create output folder {folder}: {e}") from e
     if not os.access(folder, os.W_OK):
         raise validation.FairBalanceError(f"Output folder {folder} is not writable")
+    claims.claim_folder(folder)
     return target, folder
