@@ -5,7 +5,7 @@ import inspect
 import fiftyone as fo
 import fiftyone.operators.types as types
 
-from fairbalance.balance import categorical_fields  # noqa: F401  (re-exported for the operators)
+from fairbalance.fields import categorical_fields  # noqa: F401  (re-exported for the operators)
 
 
 def progress_callback(ctx, label):

@@ -7,7 +7,18 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from fiftyone import ViewField as F
 
-from fairbalance import balance
+from fairbalance import balance, fields
+
+
+def summary_bar_traces(summary: dict) -> list[dict]:
+    """Plotly bar traces of a :func:`balance_summary`: original, and original + generated if any."""
+    classes = summary["classes"]
+    traces = [{"type": "bar", "name": "original", "x": classes,
+               "y": [summary["before"]["counts"].get(c, 0) for c in classes]}]
+    if summary.get("after"):
+        traces.append({"type": "bar", "name": "original + generated", "x": classes,
+                       "y": [summary["after"]["counts"].get(c, 0) for c in classes]})
+    return traces
 
 
 class BalancePanel(foo.Panel):
@@ -46,7 +57,7 @@ class BalancePanel(foo.Panel):
         field = self._label_field(ctx)
         if label is None or field is None:
             return None
-        path = balance.label_path(ctx.dataset, field)
+        path = fields.label_path(ctx.dataset, field)
         view = ctx.view.match(F(path) == str(label))
         if len(view) == 0 and str(label).lstrip("-").isdigit():
             view = ctx.view.match(F(path) == int(label))
@@ -56,7 +67,7 @@ class BalancePanel(foo.Panel):
     # ------------------------------------------------------------------ state
 
     def _fields(self, ctx):
-        return balance.categorical_fields(ctx.dataset)
+        return fields.categorical_fields(ctx.dataset)
 
     def _label_field(self, ctx, override=None):
         fields = self._fields(ctx)
@@ -118,7 +129,7 @@ class BalancePanel(foo.Panel):
             return types.Property(panel, view=types.GridView(orientation="vertical"))
 
         panel.md(_numbers_markdown(summary), name="numbers")
-        panel.plot("counts", data=balance.summary_bar_traces(summary), layout={
+        panel.plot("counts", data=summary_bar_traces(summary), layout={
             "barmode": "group", "xaxis": {"title": {"text": summary["label_field"]}, "type": "category"},
             "yaxis": {"title": {"text": "samples"}}, "margin": {"t": 30},
         }, on_click=self.on_click_bar, height=320, width="100%")

@@ -6,7 +6,6 @@ kill them with SIGKILL mid-work.
 
 import datetime as dt
 import glob
-import os
 import signal
 import subprocess
 import sys

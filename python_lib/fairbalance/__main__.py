@@ -1,7 +1,7 @@
-"""Command line: ``python -m fairbalance check-wordnet`` (checks the WordNet 3.0 files NLTK will read)."""
+"""``python -m fairbalance ...``: the same command line as ``fairbalance`` (see :mod:`fairbalance.cli`)."""
 
 import sys
 
-from fairbalance.resources import _main
+from fairbalance.cli import main
 
-sys.exit(_main(sys.argv[1:]))
+sys.exit(main())

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from fairbalance import claims, validation
+from fairbalance.fields import label_path
 
 
 def entropy(counts: Mapping[object, float] | Sequence[float]) -> float:
@@ -89,27 +90,6 @@ class BalanceReport:
                     f"purity={row.purity:.2f}"
                 )
         return "\n".join(lines)
-
-
-def label_path(samples, field_name: str) -> str:
-    """The path holding the class value: ``<field>.label`` for Classification fields."""
-    import fiftyone as fo
-
-    validation.require_fields(samples, [field_name])
-    f = samples.get_field(field_name)
-    if isinstance(f, fo.EmbeddedDocumentField):
-        if issubclass(f.document_type, fo.Classification):
-            return f"{field_name}.label"
-        raise ValueError(
-            f"Field '{field_name}' holds {f.document_type.__name__} labels; "
-            "balance needs a Classification field or a plain str/int/bool field"
-        )
-    if isinstance(f, (fo.StringField, fo.IntField, fo.BooleanField)):
-        return field_name
-    raise ValueError(
-        f"Field '{field_name}' has type {type(f).__name__}; "
-        "balance needs a Classification field or a plain str/int/bool field"
-    )
 
 
 def _sorted_counts(raw: Mapping) -> dict[str, int]:
@@ -255,32 +235,3 @@ def _brief(report: BalanceReport) -> dict:
         "max_entropy": report.max_entropy,
         "imbalance_ratio": report.imbalance_ratio,
     }
-
-
-def categorical_fields(samples) -> list[str]:
-    """Top-level fields a balance can be computed on: Classification labels and str/int/bool fields."""
-    import fiftyone as fo
-
-    if samples is None:
-        return []
-    reserved = ("id", "filepath", "tags", "metadata", "created_at", "last_modified_at")
-    names = []
-    for name, f in samples.get_field_schema().items():
-        if name in reserved:
-            continue
-        if isinstance(f, fo.EmbeddedDocumentField) and issubclass(f.document_type, fo.Classification):
-            names.append(name)
-        elif isinstance(f, (fo.StringField, fo.IntField, fo.BooleanField)):
-            names.append(name)
-    return names
-
-
-def summary_bar_traces(summary: dict) -> list[dict]:
-    """Plotly bar traces of a :func:`balance_summary`: original, and original + generated if any."""
-    classes = summary["classes"]
-    traces = [{"type": "bar", "name": "original", "x": classes,
-               "y": [summary["before"]["counts"].get(c, 0) for c in classes]}]
-    if summary.get("after"):
-        traces.append({"type": "bar", "name": "original + generated", "x": classes,
-                       "y": [summary["after"]["counts"].get(c, 0) for c in classes]})
-    return traces

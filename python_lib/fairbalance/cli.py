@@ -1,0 +1,297 @@
+"""The ``fairbalance`` command: every capability as a subcommand, a pipeline runner, a balance gate, export.
+
+Subcommands are built from the SDK functions' own signatures, so the
+arguments are the SDK's (``--label-field``, ``--top-k``, ...), with their
+defaults, and never drift. ``DATASET`` is a FiftyOne dataset name;
+``--view`` a saved view of it or a sample tag. ``--json`` prints the result
+as JSON. Progress shows as bars on a terminal and as plain lines otherwise.
+
+Exit codes: 0 ok, 1 a gate failed, 2 bad input (unknown dataset, view,
+parameter, out-of-range value, a run key or folder in use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+
+from fairbalance import validation
+from fairbalance.models import ModelNotFoundError
+
+# CLI name -> (module, SDK function), in the order a user works; new capabilities add a line
+CAPABILITIES = {
+    "audit-balance": ("fairbalance.audit", "audit_balance"),
+    "compute-sa-features": ("fairbalance.sa_features", "compute_sa_features"),
+    "compute-pseudo-labels": ("fairbalance.pseudo_labels", "compute_pseudo_labels"),
+    "balance-report": ("fairbalance.balance", "balance_report"),
+    "compute-hardness-tags": ("fairbalance.hardness", "compute_hardness"),
+    "compute-captions": ("fairbalance.captions", "compute_captions"),
+    "filter-captions": ("fairbalance.captions", "filter_captions"),
+    "generate-from-captions": ("fairbalance.text_to_image", "generate_from_captions"),
+    "train-conditional-diffusion": ("fairbalance.diffusion", "train_conditional_diffusion"),
+    "generate-balanced": ("fairbalance.generation", "generate_balanced"),
+    "inject-bias-conflicting": ("fairbalance.diffinject", "inject_bias_conflicting"),
+    "finetune-per-group": ("fairbalance.lora", "finetune_per_group"),
+    "generate-per-group": ("fairbalance.lora", "generate_per_group"),
+    "filter-generated": ("fairbalance.filtering", "filter_generated"),
+    "train-classifier": ("fairbalance.classifier", "train_classifier"),
+    "apply-classifier": ("fairbalance.classifier", "apply_classifier"),
+    "evaluate-classifier": ("fairbalance.classifier", "evaluate_classifier"),
+}
+VIEW_PARAMS = {"val_samples": "val_view"}  # SDK parameters that take a view: given as a view name or tag
+SKIPPED = {"samples", "progress"}
+EXIT_OK, EXIT_GATE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class UsageError(validation.FairBalanceError):
+    """Bad command-line or pipeline input (exit code 2)."""
+
+
+def capability(name: str):
+    """The SDK function behind a subcommand (None when its module is not part of this install)."""
+    import importlib
+
+    module, fn = CAPABILITIES[name]
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _int_or_float(text: str):
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def _param_kind(param: inspect.Parameter):
+    """``(argparse kwargs, converter)`` for one SDK parameter, from its annotation and default."""
+    ann = str(param.annotation).replace(" ", "")
+    default = param.default
+    if isinstance(default, bool) or ann.startswith("bool"):
+        return {"action": argparse.BooleanOptionalAction}, None
+    if ann.startswith(("list[", "tuple[", "Sequence[")):
+        inner = ann.split("[", 1)[1]
+        conv = int if inner.startswith("int") else float if inner.startswith("float") else str
+        return {"nargs": "+", "type": conv}, None
+    if ann.startswith(("dict", "Mapping")):
+        return {"type": json.loads, "metavar": "JSON"}, None
+    kinds = set(ann.split("|"))
+    if {"int", "float"} <= kinds:
+        return {"type": _int_or_float}, None
+    if isinstance(default, int) or "int" in kinds:
+        return {"type": int}, None
+    if isinstance(default, float) or "float" in kinds:
+        return {"type": float}, None
+    return {"type": str}, None
+
+
+def sdk_parameters(fn) -> dict[str, inspect.Parameter]:
+    """The parameters a subcommand or pipeline step takes (without ``samples`` and ``progress``)."""
+    return {n: p for n, p in inspect.signature(fn).parameters.items() if n not in SKIPPED}
+
+
+def _add_capability(sub, name: str, fn) -> None:
+    doc = inspect.getdoc(fn) or ""
+    parser = sub.add_parser(name, help=doc.splitlines()[0] if doc else name, description=doc,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_dataset_args(parser)
+    for pname, param in sdk_parameters(fn).items():
+        flag = "--" + VIEW_PARAMS.get(pname, pname).replace("_", "-")
+        if pname in VIEW_PARAMS:
+            parser.add_argument(flag, dest=pname, help="a saved view or tag of the dataset")
+            continue
+        kwargs, _ = _param_kind(param)
+        required = param.default is inspect.Parameter.empty
+        shown = None if required else param.default
+        parser.add_argument(flag, dest=pname, required=required, default=argparse.SUPPRESS,
+                            help=f"default: {shown!r}" if not required else "required", **kwargs)
+    parser.set_defaults(handler=_run_capability, capability=name)
+
+
+def _add_dataset_args(parser) -> None:
+    parser.add_argument("dataset", help="FiftyOne dataset name")
+    parser.add_argument("--view", help="a saved view of the dataset, or a sample tag (default: all samples)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def load_view(dataset_name: str, view: str | None):
+    """The dataset, or one of its saved views, or its samples with a tag; a clear error for anything else."""
+    import fiftyone as fo
+
+    if not fo.dataset_exists(dataset_name):
+        raise UsageError(f"no dataset named '{dataset_name}' (fiftyone datasets list shows them)")
+    dataset = fo.load_dataset(dataset_name)
+    if view is None:
+        return dataset
+    if view in dataset.list_saved_views():
+        return dataset.load_saved_view(view)
+    if view in dataset.distinct("tags"):
+        return dataset.match_tags(view)
+    raise UsageError(f"'{view}' is neither a saved view nor a tag of dataset '{dataset_name}'")
+
+
+def progress_for_terminal(label: str):
+    """``None`` (FiftyOne's bars) on a terminal; elsewhere a callback that prints a line per 10%."""
+    import fiftyone as fo
+
+    if sys.stderr.isatty():
+        return None
+    state = {"last": -1}
+
+    def report(pb):
+        done = int(10 * pb.progress)
+        if done > state["last"]:
+            state["last"] = done
+            print(f"{label}: {10 * done}%", file=sys.stderr, flush=True)
+
+    return fo.report_progress(report, dt=0.0)
+
+
+def call_capability(name: str, samples, params: dict, dataset=None):
+    """Call a capability on ``samples`` with ``params`` (SDK names); views given by name are resolved."""
+    fn = capability(name)
+    if fn is None:
+        raise UsageError(f"'{name}' is not available in this install")
+    accepted = sdk_parameters(fn)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise UsageError(f"{name} takes no parameter(s) {unknown}; it takes {sorted(accepted)}")
+    params = dict(params)
+    for pname in VIEW_PARAMS:
+        if isinstance(params.get(pname), str):
+            params[pname] = load_view(samples._root_dataset.name, params[pname])
+    if "progress" in inspect.signature(fn).parameters:
+        params["progress"] = progress_for_terminal(name)
+    return fn(samples, **params)
+
+
+def result_dict(result) -> dict:
+    if result is None:
+        return {}
+    if hasattr(result, "to_dict"):
+        return result.to_dict()
+    return {"result": result}
+
+
+def _print_result(result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result_dict(result), default=str, indent=1))
+    elif hasattr(result, "format"):
+        print(result.format())
+    else:
+        for key, value in result_dict(result).items():
+            if isinstance(value, float):
+                value = f"{value:.4g}" if math.isfinite(value) else value
+            elif isinstance(value, (list, dict)) and len(json.dumps(value, default=str)) > 200:
+                value = f"<{len(value)} entries; --json shows them>"
+            print(f"{key}: {value}")
+
+
+def _run_capability(args) -> int:
+    skip = {"handler", "capability", "dataset", "view", "json", "command"}
+    params = {k: v for k, v in vars(args).items() if k not in skip}
+    result = call_capability(args.capability, load_view(args.dataset, args.view), params)
+    _print_result(result, args.json)
+    return EXIT_OK
+
+
+def _run_check(args) -> int:
+    from fairbalance.gate import check_balance
+
+    result = check_balance(load_view(args.dataset, args.view), args.field, args.min_normalized_entropy,
+                           args.max_imbalance_ratio, args.min_worst_group_accuracy, args.evaluation_run,
+                           args.report_dir)
+    _print_result(result, args.json)
+    return EXIT_OK if result.passed else EXIT_GATE
+
+
+def _run_export(args) -> int:
+    from fairbalance.export import export_samples
+
+    result = export_samples(load_view(args.dataset, args.view), args.output, args.format, args.label_field,
+                            args.include_generated, args.exclude_tags, args.weights_field,
+                            overwrite=args.overwrite, progress=progress_for_terminal("export"))
+    _print_result(result, args.json)
+    return EXIT_OK
+
+
+def _run_pipeline(args) -> int:
+    from fairbalance.pipeline import load_pipeline, run_pipeline
+
+    pipeline = load_pipeline(args.file)
+    result = run_pipeline(pipeline, dry_run=args.dry_run, log=lambda line: print(line, flush=True))
+    if args.json:
+        print(json.dumps(result.to_dict(), default=str, indent=1))
+    return EXIT_OK
+
+
+def _run_check_wordnet(args) -> int:
+    from fairbalance.resources import _main
+
+    return _main(["check-wordnet"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fairbalance", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the steps of a pipeline file in order (reruns skip finished steps)")
+    run.add_argument("file", help="pipeline YAML file")
+    run.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    run.add_argument("--json", action="store_true")
+    run.set_defaults(handler=_run_pipeline)
+    check = sub.add_parser("check", help="balance gate: exit 1 when a threshold is crossed")
+    _add_dataset_args(check)
+    check.add_argument("--field", required=True, help="the label field to check, e.g. sa_cluster")
+    check.add_argument("--min-normalized-entropy", type=float)
+    check.add_argument("--max-imbalance-ratio", type=float)
+    check.add_argument("--min-worst-group-accuracy", type=float)
+    check.add_argument("--evaluation-run", help="an evaluate-classifier run key (for worst-group accuracy)")
+    check.add_argument("--report-dir", help="write report.md, report.json and counts.png here")
+    check.set_defaults(handler=_run_check)
+    export = sub.add_parser("export", help="export a view for training outside FiftyOne, with a provenance manifest")
+    _add_dataset_args(export)
+    export.add_argument("--output", required=True, help="export folder (must be empty, or --overwrite)")
+    export.add_argument("--format", default="image-classification-dir",
+                        choices=["image-classification-dir", "fiftyone", "csv-manifest"])
+    export.add_argument("--label-field", default="ground_truth")
+    export.add_argument("--include-generated", action=argparse.BooleanOptionalAction, default=True)
+    export.add_argument("--exclude-tags", nargs="+", help="leave out samples with these tags, e.g. low_quality")
+    export.add_argument("--weights-field", help="a numeric field for the manifest's weight column")
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(handler=_run_export)
+    wordnet = sub.add_parser("check-wordnet", help="check the WordNet 3.0 files NLTK will read")
+    wordnet.set_defaults(handler=_run_check_wordnet)
+    for name in CAPABILITIES:
+        fn = capability(name)
+        if fn is not None:
+            _add_capability(sub, name, fn)
+    return parser
+
+
+def _logs_to_stderr() -> None:
+    """FiftyOne logs to stdout; a command's stdout is its result (``--json`` must parse), so logs go to stderr."""
+    import logging
+
+    import fiftyone  # noqa: F401  (configures its logger)
+
+    for handler in logging.getLogger("fiftyone").handlers:
+        if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stdout:
+            handler.setStream(sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _logs_to_stderr()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (validation.FairBalanceError, ModelNotFoundError) as e:  # bad input, a key in use, absent weights
+        print(f"fairbalance: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
