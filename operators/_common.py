@@ -91,8 +91,24 @@ def rounded(value, digits=3):
     return value
 
 
+# The road a user walks: find -> tag -> generate -> train -> verify; the operator browser lists them in this order
+ROAD = {
+    "create_colored_digits": "0 data", "create_colored_mnist": "0 data",
+    "audit_balance": "1 find", "compute_sa_features": "1 find", "compute_pseudo_labels": "1 find",
+    "balance_report": "1 find",
+    "compute_hardness_tags": "2 tag",
+    "train_conditional_diffusion": "3 generate", "generate_balanced": "3 generate",
+    "finetune_per_group": "3 generate", "generate_per_group": "3 generate", "inject_bias_conflicting": "3 generate",
+    "compute_captions": "3 generate", "filter_captions": "3 generate", "generate_from_captions": "3 generate",
+    "filter_generated": "3 generate",
+    "train_classifier": "4 train",
+    "apply_classifier": "5 verify",
+    "run_pipeline": "6 all steps",
+}
+
+
 def operator_config(name, label, description, icon, dynamic=True, delegated="optional"):
-    """The ``OperatorConfig`` of a fairbalance operator.
+    """The ``OperatorConfig`` of a fairbalance operator, labelled with its step on the road.
 
     ``delegated``: ``None`` (runs in the App only; quick), ``"optional"`` (the
     user may schedule it), ``"default"`` (heavy: scheduled unless the user
@@ -106,26 +122,45 @@ def operator_config(name, label, description, icon, dynamic=True, delegated="opt
         "allow_immediate_execution": True, "allow_delegated_execution": True,
         **({"default_choice_to_delegated": True} if delegated == "default" else {}),
     }
+    if name in ROAD and label.startswith("fairbalance: "):
+        label = f"fairbalance {ROAD[name]} · {label[len('fairbalance: '):]}"
     return foo.OperatorConfig(name=name, label=label, description=description, icon=icon, dynamic=dynamic, **flags)
 
 
-def result_view(title, *rows):
-    """An operator's output panel from ``(name, kind, label[, columns])`` rows.
+def result_view(*args):
+    """An operator's output panel: ``result_view(ctx, title, *rows)`` (or ``result_view(title, *rows)``).
 
-    ``kind``: ``int``, ``float``, ``str``, ``text`` (a monospaced block) or
-    ``table`` (a list of dicts; ``columns`` maps each key to its heading).
+    Rows are ``(name, kind, label[, columns])``; ``kind``: ``int``, ``float``,
+    ``str``, ``text`` (a block of lines rendered locally as Markdown: nothing
+    fetched from the web; see :func:`as_text_block`) or ``table`` (a list of
+    dicts; ``columns`` maps each key to its heading). With ``ctx``, rows whose
+    result is missing or None are left out instead of showing "No value
+    provided".
     """
+    if isinstance(args[0], str):
+        ctx, title, rows = None, args[0], args[1:]
+    else:
+        ctx, title, rows = args[0], args[1], args[2:]
+    results = getattr(ctx, "results", None) or None
     outputs = types.Object()
     for name, kind, label, *columns in rows:
+        if results is not None and results.get(name) is None:
+            continue
         if kind == "table":
             table = types.TableView()
             for key, heading in columns[0].items():
                 table.add_column(key, label=heading)
             outputs.list(name, types.Object(), label=label, view=table)
         elif kind == "text":
-            outputs.str(name, label=label, view=types.CodeView(language="text"))
+            outputs.str(name, label=label, view=types.MarkdownView())
         elif kind in ("int", "float", "str"):
             getattr(outputs, kind)(name, label=label)
         else:
             raise ValueError(f"unknown output kind {kind!r}")
     return types.Property(outputs, view=types.View(label=title))
+
+
+def as_text_block(text):
+    """Plain text shown verbatim in a ``text`` result row (a fenced Markdown block)."""
+    fence = "~~~~"
+    return f"{fence}\n{text or ''}\n{fence}"

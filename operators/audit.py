@@ -5,8 +5,8 @@ import fiftyone.operators.types as types
 
 from fairbalance.audit import audit_balance
 
-from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
-                      result_view, rounded, run_key_input)
+from ._common import (as_text_block, categorical_fields, default_of, field_dropdown, given, operator_config,
+                      progress_callback, result_view, rounded, run_key_input)
 
 
 class AuditBalance(foo.Operator):
@@ -41,11 +41,11 @@ class AuditBalance(foo.Operator):
         report = res.report
         return rounded({"related_texts": res.sa_features.related_texts, "num_clusters": res.pseudo_labels.num_clusters,
                         "entropy": report.entropy, "normalized_entropy": report.normalized_entropy,
-                        "imbalance_ratio": report.imbalance_ratio, "summary": report.format()})
+                        "imbalance_ratio": report.imbalance_ratio, "summary": as_text_block(report.format())})
 
     def resolve_output(self, ctx):
         return result_view(
-            "Audit",
+            ctx, "Audit",
             ("num_clusters", "int", "Pseudo-label clusters"),
             ("normalized_entropy", "float", "Normalized entropy (1 = balanced)"),
             ("imbalance_ratio", "float", "Imbalance ratio"),

@@ -5,7 +5,8 @@ import fiftyone.operators.types as types
 
 from fairbalance import balance
 
-from ._common import categorical_fields, field_dropdown, given, operator_config, result_view, rounded
+from ._common import (as_text_block, categorical_fields, field_dropdown, given, operator_config, result_view,
+                      rounded)
 
 
 class BalanceReport(foo.Operator):
@@ -48,12 +49,12 @@ class BalanceReport(foo.Operator):
         out["table"] = [
             {"label": k, "count": v, "percent": round(100 * report.proportions[k], 2)} for k, v in report.counts.items()
         ]
-        out["summary"] = report.format()
+        out["summary"] = as_text_block(report.format())
         return rounded(out)
 
     def resolve_output(self, ctx):
         return result_view(
-            "Balance report",
+            ctx, "Balance report",
             ("entropy", "float", "Entropy (nats)"),
             ("normalized_entropy", "float", "Normalized entropy (1 = balanced)"),
             ("imbalance_ratio", "float", "Imbalance ratio (largest / smallest)"),

@@ -7,8 +7,8 @@ import fiftyone.operators.types as types
 from fairbalance.captions import compute_captions, filter_captions
 from fairbalance.text_to_image import generate_from_captions
 
-from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
-                      result_view, run_key_input, sampling_inputs)
+from ._common import (as_text_block, categorical_fields, default_of, field_dropdown, given, operator_config,
+                      progress_callback, result_view, run_key_input, sampling_inputs)
 
 
 def _list_fields(dataset):
@@ -52,7 +52,7 @@ class ComputeCaptions(foo.Operator):
 
     def resolve_output(self, ctx):
         return result_view(
-            "Captions written",
+            ctx, "Captions written",
             ("caption_field", "str", "Caption field"),
             ("num_samples", "int", "Samples captioned"),
             ("num_captions", "int", "Captions per sample"),
@@ -95,11 +95,11 @@ class FilterCaptions(foo.Operator):
         )
         ctx.ops.reload_dataset()
         return {**res.to_dict(), "top_words_text": ", ".join(res.top_words),
-                "dropped_text": "\n".join(res.dropped_examples)}
+                "dropped_text": as_text_block("\n".join(res.dropped_examples))}
 
     def resolve_output(self, ctx):
         return result_view(
-            "Captions filtered",
+            ctx, "Captions filtered",
             ("top_words_text", "str", "Top-F words"),
             ("num_kept", "int", "Captions kept"),
             ("num_dropped", "int", "Captions dropped"),
@@ -151,7 +151,7 @@ class GenerateFromCaptions(foo.Operator):
 
     def resolve_output(self, ctx):
         return result_view(
-            "Generated",
+            ctx, "Generated",
             ("num_added", "int", "Samples added"),
             ("output_dir", "str", "Image folder"),
             ("target_dataset", "str", "Added to dataset"),

@@ -45,23 +45,36 @@ class CreateColoredDigits(foo.Operator):
             name=p["name"], progress=progress_callback(ctx, "Writing images"),
             **given(p, ("num_classes", "train_per_class", "test_per_class", "conflict_ratio", "image_size", "seed",
                         "overwrite")))
-        conflicting = len(dataset.match_tags("train").match({"bias_aligned": False}))
+        train = dataset.match_tags("train")
+        conflicting = len(train.match({"bias_aligned": False}))
         return {
             "dataset": dataset.name,
             "num_samples": len(dataset),
-            "num_train": len(dataset.match_tags("train")),
+            "num_train": len(train),
             "num_test": len(dataset.match_tags("test")),
             "train_bias_conflicting": conflicting,
+            "note": _ratio_note(p.get("conflict_ratio", default_of(datasets.colored_digits, "conflict_ratio")),
+                                conflicting, len(train)),
         }
 
     def resolve_output(self, ctx):
         return result_view(
-            "Colored Digits created",
+            ctx, "Colored Digits created",
             ("dataset", "str", "Dataset"),
             ("num_train", "int", "Train samples"),
             ("num_test", "int", "Test samples"),
             ("train_bias_conflicting", "int", "Bias-conflicting train samples"),
+            ("note", "str", "Note"),
         )
+
+
+def _ratio_note(requested, conflicting, num_train):
+    """Say so when the dataset's size cannot give the bias-conflicting ratio that was asked for."""
+    actual = conflicting / max(1, num_train)
+    if abs(actual - requested) <= max(0.002, 0.2 * requested):
+        return None
+    return (f"Asked for {requested:.1%} bias-conflicting; with {num_train} training images that is "
+            f"{conflicting} images = {actual:.1%}. More images per class get closer to the ratio.")
 
 
 class CreateColoredMnist(foo.Operator):
@@ -102,7 +115,7 @@ class CreateColoredMnist(foo.Operator):
 
     def resolve_output(self, ctx):
         return result_view(
-            "Colored MNIST created",
+            ctx, "Colored MNIST created",
             ("dataset", "str", "Dataset"),
             ("num_train", "int", "Train samples"),
             ("num_val", "int", "Validation samples"),

@@ -74,7 +74,7 @@ class ComputePseudoLabels(foo.Operator):
 
     def resolve_output(self, ctx):
         return result_view(
-            "Pseudo-labels computed",
+            ctx, "Pseudo-labels computed",
             ("num_clusters", "int", "Clusters found"),
             ("entropy", "float", "Entropy of the clusters (nats)"),
             ("normalized_entropy", "float", "Normalized entropy (1 = balanced)"),

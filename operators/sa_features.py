@@ -8,6 +8,13 @@ from fairbalance.sa_features import compute_sa_features
 from ._common import default_of, given, operator_config, progress_callback, result_view, rounded, run_key_input
 
 
+def _source(params):
+    """How the attribute is described: "wordnet" (a word) or "texts" (the user's own related texts)."""
+    if params.get("source") in ("wordnet", "texts"):
+        return params["source"]
+    return "texts" if _split(params.get("related_texts")) and not (params.get("attribute") or "").strip() else "wordnet"
+
+
 def _split(text):
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
@@ -28,18 +35,24 @@ class ComputeSAFeatures(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx)
-        has_texts = bool(_split(ctx.params.get("related_texts")))
-        inputs.str("attribute", required=not has_texts, label="Sensitive attribute",
-                   description='What the data may be imbalanced in, e.g. "races" or "age groups" (not needed '
-                               'when you give related texts)')
-        inputs.str("attribute_values", required=False, label="Attribute values (optional, comma-separated)",
-                   description='e.g. "white person, black person"')
-        inputs.str("related_texts", required=False, label="Related texts (optional, comma-separated)",
-                   description="Use these texts instead of choosing them from WordNet")
-        inputs.int("num_related_texts", default=_default("num_related_texts"), min=2,
-                   label="Number of related texts (k)")
-        inputs.str("exclude_words", required=False, label="Exclude texts containing (comma-separated)",
-                   description='e.g. "man, woman" to keep gender words out of a race attribute')
+        source = types.RadioGroup()
+        source.add_choice("wordnet", label="An attribute: WordNet picks the texts closest to it")
+        source.add_choice("texts", label="My own related texts")
+        inputs.enum("source", source.values(), default=_source(ctx.params), view=source, label="Describe it by")
+        if _source(ctx.params) == "texts":
+            prop = inputs.str("related_texts", required=True, label="Related texts (comma-separated)",
+                              description="e.g. 'red, green, blue, yellow': one feature per text")
+            if len(_split(ctx.params.get("related_texts"))) == 1:
+                prop.invalid, prop.error_message = True, "Give at least two texts"
+        else:
+            inputs.str("attribute", required=True, label="Sensitive attribute",
+                       description='What the data may be imbalanced in, e.g. "races" or "age groups"')
+            inputs.str("attribute_values", required=False, label="Attribute values (optional, comma-separated)",
+                       description='e.g. "white person, black person"')
+            inputs.int("num_related_texts", default=_default("num_related_texts"), min=2,
+                       label="Number of related texts (k)")
+            inputs.str("exclude_words", required=False, label="Exclude texts containing (comma-separated)",
+                       description='e.g. "man, woman" to keep gender words out of a race attribute')
         inputs.str("model", default=_default("model"), required=False, label="CLIP model",
                    description="open_clip name, hf-hub:org/repo or local-dir:/path")
         inputs.str("pretrained", default=_default("pretrained"), required=False,
@@ -49,8 +62,6 @@ class ComputeSAFeatures(foo.Operator):
         inputs.int("batch_size", default=_default("batch_size"), min=1, label="Batch size")
         inputs.bool("skip_failures", default=_default("skip_failures"), label="Skip unreadable images")
         run_key_input(ctx, inputs, compute_sa_features)
-        if not (ctx.params.get("attribute") or "").strip() and not has_texts:
-            inputs.view("hint", types.Notice(label="Type an attribute (or related texts) to continue"))
         return types.Property(inputs, view=types.View(label="Compute SA features"))
 
     def resolve_delegation(self, ctx):
@@ -59,15 +70,16 @@ class ComputeSAFeatures(foo.Operator):
     def execute(self, ctx):
         p = ctx.params
         lists = {n: _split(p.get(n)) or None for n in ("attribute_values", "related_texts", "exclude_words")}
+        by_texts = _source(p) == "texts"
         result = compute_sa_features(
             ctx.target_view(),
-            attribute=(p.get("attribute") or "").strip() or None,
-            attribute_values=lists["attribute_values"],
-            related_texts_override=lists["related_texts"],
-            exclude_words=lists["exclude_words"],
+            attribute=None if by_texts else (p.get("attribute") or "").strip() or None,
+            attribute_values=None if by_texts else lists["attribute_values"],
+            related_texts_override=lists["related_texts"] if by_texts else None,
+            exclude_words=None if by_texts else lists["exclude_words"],
             progress=progress_callback(ctx, "Encoding images"),
-            **given(p, ("num_related_texts", "model", "pretrained", "embeddings_field", "features_field", "batch_size",
-                        "skip_failures", "run_key", "overwrite")),
+            **given(p, ("model", "pretrained", "embeddings_field", "features_field", "batch_size", "skip_failures",
+                        "run_key", "overwrite") + (() if by_texts else ("num_related_texts",))),
         )
         ctx.ops.reload_dataset()
         out = result.to_dict()
@@ -76,7 +88,7 @@ class ComputeSAFeatures(foo.Operator):
 
     def resolve_output(self, ctx):
         return result_view(
-            "SA features computed",
+            ctx, "SA features computed",
             ("query", "str", "Query text (W_SA)"),
             ("num_samples", "int", "Samples with features"),
             ("num_encoded", "int", "Images encoded now (others reused stored embeddings)"),

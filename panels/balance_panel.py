@@ -10,15 +10,19 @@ from fiftyone import ViewField as F
 from fairbalance import balance, fields
 
 
-def summary_bar_traces(summary: dict) -> list[dict]:
-    """Plotly bar traces of a :func:`balance_summary`: original, and original + generated if any."""
+def summary_bar_traces(summary: dict, show: str = "both") -> list[dict]:
+    """Plotly bar traces of a :func:`balance_summary`: real, and real + generated if any (``show`` picks)."""
     classes = summary["classes"]
-    traces = [{"type": "bar", "name": "original", "x": classes,
-               "y": [summary["before"]["counts"].get(c, 0) for c in classes]}]
-    if summary.get("after"):
-        traces.append({"type": "bar", "name": "original + generated", "x": classes,
-                       "y": [summary["after"]["counts"].get(c, 0) for c in classes]})
-    return traces
+    real = {"type": "bar", "name": "real", "x": classes, "y": [summary["before"]["counts"].get(c, 0) for c in classes],
+            "marker": {"color": "#7f7f7f"}}
+    if not summary.get("after"):
+        return [real]
+    both = {"type": "bar", "name": "real + generated", "x": classes,
+            "y": [summary["after"]["counts"].get(c, 0) for c in classes], "marker": {"color": "#ff6d04"}}
+    return {"before": [real], "after": [both]}.get(show, [real, both])
+
+
+MAX_GROUPS = 100  # integer fields with more distinct values are indices, not groups
 
 
 class BalancePanel(foo.Panel):
@@ -51,8 +55,11 @@ class BalancePanel(foo.Panel):
         ctx.panel.state.attribute_field = ctx.params.get("value") or None
         return self._refresh(ctx, attribute_field=ctx.params.get("value") or None)
 
+    def on_change_show(self, ctx):
+        ctx.panel.state.show = ctx.params.get("value") or "both"
+
     def on_click_bar(self, ctx):
-        """Filter the App's view to the clicked class/cluster."""
+        """Filter the App's view to the clicked class/cluster (the numbers stay those of the whole view)."""
         label = ctx.params.get("x")
         field = self._label_field(ctx)
         if label is None or field is None:
@@ -61,13 +68,31 @@ class BalancePanel(foo.Panel):
         view = ctx.view.match(F(path) == str(label))
         if len(view) == 0 and str(label).lstrip("-").isdigit():
             view = ctx.view.match(F(path) == int(label))
+        ctx.panel.state.filtered_to = str(label)
         ctx.ops.set_view(view)
         return {"filtered_to": str(label), "num_samples": len(view)}
+
+    def on_click_clear(self, ctx):
+        """Back to the whole view after a bar click."""
+        ctx.panel.state.filtered_to = None
+        ctx.ops.clear_view()
+        return {"cleared": True}
 
     # ------------------------------------------------------------------ state
 
     def _fields(self, ctx):
-        return fields.categorical_fields(ctx.dataset)
+        """Fields whose values are groups: labels, strings, small integer codes (not flags or indices)."""
+        import fiftyone as fo
+
+        out = []
+        for name in fields.categorical_fields(ctx.dataset):
+            f = ctx.dataset.get_field(name)
+            if isinstance(f, fo.BooleanField):
+                continue
+            if isinstance(f, fo.IntField) and len(ctx.dataset.distinct(name)) > MAX_GROUPS:
+                continue
+            out.append(name)
+        return out
 
     def _label_field(self, ctx, override=None):
         fields = self._fields(ctx)
@@ -81,13 +106,21 @@ class BalancePanel(foo.Panel):
 
     def _refresh(self, ctx, label_field=None, attribute_field=None):
         field = self._label_field(ctx, label_field)
+        view = ctx.view
+        if ctx.panel.state.filtered_to is not None:  # after a bar click the numbers stay those of the whole view
+            base = _without_last_match(ctx.view)
+            if base is None:  # the user changed the view since: the selection is gone
+                ctx.panel.state.filtered_to = None
+            else:
+                view = base
         attr = attribute_field if attribute_field is not None else ctx.panel.state.attribute_field
         if attr not in self._fields(ctx) or attr == field:
             attr = None
         summary = None
-        if field is not None and len(ctx.view) > 0:
+        if field is not None and len(view) > 0:
             try:
-                summary = balance.balance_summary(ctx.view, field, attribute_field=attr)
+                summary = balance.balance_summary(view, field, attribute_field=attr)
+                summary["worst_groups"] = _last_evaluation(ctx.dataset)
             except ValueError as e:
                 summary = {"error": str(e)}
         ctx.panel.state.label_field = field
@@ -109,6 +142,9 @@ class BalancePanel(foo.Panel):
             )
             return types.Property(panel, view=types.GridView(align_x="center", align_y="center"))
         state = ctx.panel.state
+        panel.md("### Balance of a label field\nHow evenly the samples spread over its groups: entropy, normalized "
+                 "entropy (1 = balanced) and largest / smallest group, for the real samples and with the generated "
+                 "ones. Click a bar to show that group's samples.", name="help")
         field_choices = types.DropdownView()
         for f in fields:
             field_choices.add_choice(f, label=f)
@@ -128,22 +164,66 @@ class BalancePanel(foo.Panel):
             panel.md(f"**Cannot compute balance:** {summary['error']}", name="error")
             return types.Property(panel, view=types.GridView(orientation="vertical"))
 
+        if state.filtered_to is not None:
+            panel.md(f"Showing only **{state.filtered_to}** in the grid; the numbers are the whole view's.",
+                     name="filtered")
+            panel.btn("clear", label="Clear selection", on_click=self.on_click_clear)
         panel.md(_numbers_markdown(summary), name="numbers")
-        panel.plot("counts", data=summary_bar_traces(summary), layout={
+        show = state.show or "both"
+        if summary.get("after"):
+            toggle = types.RadioGroup(orientation="horizontal")
+            toggle.add_choice("both", label="real and real + generated")
+            toggle.add_choice("before", label="real only")
+            toggle.add_choice("after", label="real + generated")
+            panel.enum("show", toggle.values(), view=toggle, default=show, on_change=self.on_change_show)
+        panel.plot("counts", data=summary_bar_traces(summary, show), layout={
             "barmode": "group", "xaxis": {"title": {"text": summary["label_field"]}, "type": "category"},
             "yaxis": {"title": {"text": "samples"}}, "margin": {"t": 30},
         }, on_click=self.on_click_bar, height=320, width="100%")
         if summary.get("heatmap"):
             hm = summary["heatmap"]
             panel.plot("purity", data=[{"type": "heatmap", "x": hm["x"], "y": hm["y"], "z": hm["z"],
-                                        "colorscale": "Viridis"}],
-                       layout={"xaxis": {"title": {"text": summary["attribute_field"]}},
-                               "yaxis": {"title": {"text": summary["label_field"]}, "type": "category"},
-                               "margin": {"t": 30}}, height=320, width="100%")
+                                        "colorscale": "Viridis", "zmin": 0, "zmax": 1,
+                                        "colorbar": {"title": {"text": "share of the group", "side": "right"}}}],
+                       layout={"xaxis": {"title": {"text": summary["attribute_field"], "standoff": 12},
+                                         "type": "category", "dtick": 1, "tickangle": -45, "automargin": True},
+                               "yaxis": {"title": {"text": summary["label_field"], "standoff": 12},
+                                         "type": "category", "dtick": 1, "automargin": True},
+                               "margin": {"t": 30}}, height=360, width="100%")
+        if summary.get("worst_groups"):
+            ev = summary["worst_groups"]
+            rows = "\n".join(f"| {g} | {a:.3f} |" for g, a in ev["groups"])
+            panel.md(f"**Worst groups of the last evaluation** (`{ev['run_key']}`, accuracy {ev['accuracy']:.3f})"
+                     f"\n\n| group (class\\|attribute) | accuracy |\n|---|---|\n{rows}", name="worst")
         if summary.get("related_texts"):
             rows = "\n".join(f"| {r['text']} | {_score(r.get('score'))} |" for r in summary["related_texts"])
             panel.md("**Related texts of the last SA run**\n\n| text | score |\n|---|---|\n" + rows, name="texts")
         return types.Property(panel, view=types.GridView(orientation="vertical"))
+
+
+def _without_last_match(view):
+    """The view before the panel's bar-click filter (its last stage), or None when it is not one."""
+    from fiftyone.core.stages import Match
+
+    stages = view._stages
+    if not stages or not isinstance(stages[-1], Match):
+        return None
+    base = view._dataset.view()
+    for stage in stages[:-1]:
+        base = base.add_stage(stage)
+    return base
+
+
+def _last_evaluation(dataset, top=8):
+    """The worst groups of the newest evaluate_classifier run with an attribute, or None."""
+    from fairbalance import runs
+
+    for key in reversed(runs.list_runs(dataset, "evaluate_classifier")):
+        res = runs.load_run_results(dataset, key)
+        if res.get("group_accuracy"):
+            worst = sorted(res["group_accuracy"].items(), key=lambda kv: kv[1])[:top]
+            return {"run_key": key, "accuracy": res["accuracy"], "groups": worst}
+    return None
 
 
 def _score(value):
@@ -152,11 +232,11 @@ def _score(value):
 
 def _numbers_markdown(summary):
     def line(name, r):
-        return (f"| {name} | {r['num_samples']} | {r['entropy']:.3f} / {r['max_entropy']:.3f} | "
-                f"{r['normalized_entropy']:.3f} | {r['imbalance_ratio']:.2f} |")
+        return (f"| {name} | {r['num_samples']} | {abs(r['entropy']):.3f} / {r['max_entropy']:.3f} | "
+                f"{abs(r['normalized_entropy']):.3f} | {r['imbalance_ratio']:.2f} |")
 
-    rows = [line("original", summary["before"])]
+    rows = [line("real", summary["before"])]
     if summary.get("after"):
-        rows.append(line("original + generated", summary["after"]))
+        rows.append(line("real + generated", summary["after"]))
     return ("| | samples | entropy / ln C | normalized | imbalance ratio |\n|---|---|---|---|---|\n"
             + "\n".join(rows))

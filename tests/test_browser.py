@@ -90,7 +90,7 @@ def test_balance_panel_and_operator_in_chromium(app_server, browser_dataset):  #
         click(d.find_element(By.CSS_SELECTOR, "[data-cy=action-browse-operations]"))
         time.sleep(1)
         search = d.switch_to.active_element
-        search.send_keys("fairbalance: compute pseudo-labels")
+        search.send_keys("compute pseudo-labels")
         time.sleep(1)
         search.send_keys(Keys.ENTER)
         execute = _wait(lambda: d.find_elements(By.XPATH, "//button[normalize-space(.)='Execute']"), 30)

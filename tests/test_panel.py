@@ -54,9 +54,36 @@ def test_panel_heatmap_and_field_change(digits_copy):
     assert changed["label_field"] == "color"
 
 
-def test_panel_click_filters_view(digits_copy):
+def test_panel_click_filters_view_keeps_the_numbers_and_clears(digits_copy):
     result = _call(digits_copy, "on_click_bar", state={"label_field": "ground_truth"}, x="3")
     assert result == {"filtered_to": "3", "num_samples": len(digits_copy.match({"ground_truth.label": "3"}))}
+    # the App then reports the filtered view: the numbers stay those of the whole view, not one bar
+    filtered = digits_copy.match({"ground_truth.label": "3"})
+    after = _call(digits_copy, "on_change_view", view=filtered, state={"label_field": "ground_truth",
+                                                                         "filtered_to": "3"})
+    assert after["before"]["num_samples"] == len(digits_copy) and len(after["before"]["counts"]) == 10
+    assert _call(digits_copy, "on_click_clear", state={"filtered_to": "3"}) == {"cleared": True}
+    # a view the user changed by hand is not the panel's selection: its numbers are shown
+    own = _call(digits_copy, "on_change_view", view=digits_copy.match_tags("test"),
+                state={"label_field": "ground_truth", "filtered_to": "3"})
+    assert own["before"]["num_samples"] == len(digits_copy.match_tags("test"))
+
+
+def test_panel_offers_group_fields_and_the_last_evaluation(digits_copy):
+    from fairbalance import evaluate_classifier
+
+    digits_copy.set_values("pred", [fo.Classification(label=v) for v in digits_copy.values("ground_truth.label")])
+    evaluate_classifier(digits_copy, "pred", "ground_truth", attribute_field="color", run_key="ev")
+    summary = _call(digits_copy, "on_load", state={"label_field": "ground_truth"})
+    assert summary["worst_groups"]["run_key"] == "ev" and summary["worst_groups"]["accuracy"] == 1.0
+    panel = _panel_module().BalancePanel()
+
+    class Ctx:  # the panel's field list only needs the dataset
+        dataset = digits_copy
+
+    offered = panel._fields(Ctx())
+    assert "ground_truth" in offered and "color" in offered
+    assert "bias_aligned" not in offered and "source_index" not in offered  # a flag and an index are not groups
 
 
 def test_panel_before_after_with_generated(digits_copy, tmp_path):
@@ -67,7 +94,8 @@ def test_panel_before_after_with_generated(digits_copy, tmp_path):
     assert summary["after"]["counts"]["0"] == summary["before"]["counts"]["0"] + 30
     assert summary["after"]["num_samples"] == summary["before"]["num_samples"] + 30
     traces = _panel_module().summary_bar_traces(summary)
-    assert [t["name"] for t in traces] == ["original", "original + generated"]
+    assert [t["name"] for t in traces] == ["real", "real + generated"]
+    assert [t["name"] for t in _panel_module().summary_bar_traces(summary, "after")] == ["real + generated"]
 
 
 def test_panel_edge_cases(make_dataset, digits_copy):

@@ -162,4 +162,8 @@ def test_sa_features_form_accepts_related_texts_alone(digits_dataset):
         return prop.type.properties
 
     assert form({"attribute": None})["attribute"].required  # no AttributeError on an empty attribute
-    assert not form({"attribute": None, "related_texts": "red ink, blue ink"})["attribute"].required
+    by_texts = form({"attribute": None, "related_texts": "red ink, blue ink"})  # the alternative, chosen
+    assert "attribute" not in by_texts and by_texts["related_texts"].required
+    assert not by_texts["related_texts"].invalid
+    assert form({"source": "texts", "related_texts": "only one"})["related_texts"].invalid
+    assert form({"source": "wordnet", "related_texts": "red ink, blue ink"})["attribute"].required

@@ -1,0 +1,58 @@
+"""Operator: run a pipeline file (``fairbalance run``'s steps) on FiftyOne's delegated workers."""
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fairbalance.pipeline import load_pipeline, run_pipeline
+
+from ._common import as_text_block, operator_config, result_view
+
+
+class RunPipeline(foo.Operator):
+    @property
+    def config(self):
+        return operator_config(
+            "run_pipeline", "fairbalance: run a pipeline file",
+            "The steps of a pipeline YAML file in order; a rerun skips finished steps and resumes an interrupted one",
+            "account_tree", delegated="default",
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        prop = inputs.str("file", required=True, label="Pipeline file",
+                          description="Path of the YAML file, readable where the operation runs (the worker)")
+        inputs.bool("dry_run", default=False, label="Dry run", description="Only show which steps would run")
+        path = ctx.params.get("file")
+        if path:
+            try:
+                pipeline = load_pipeline(path)
+            except Exception as e:  # the file's problem, with its line: shown on the form, before Execute
+                prop.invalid, prop.error_message = True, str(e)
+            else:
+                inputs.view("plan", types.Notice(label=f"{len(pipeline.steps)} steps on dataset "
+                                                       f"'{pipeline.dataset}': " +
+                                                       ", ".join(s.command for s in pipeline.steps)))
+        return types.Property(inputs, view=types.View(label="Run pipeline"))
+
+    def execute(self, ctx):
+        pipeline = load_pipeline(ctx.params["file"])
+        lines = []
+        steps = len(pipeline.steps)
+
+        def log(line):
+            lines.append(line)
+            ctx.set_progress(progress=min(1.0, sum(": finished" in x or "skipped" in x for x in lines) / steps),
+                             label=line)
+
+        result = run_pipeline(pipeline, dry_run=bool(ctx.params.get("dry_run", False)), log=log)
+        return {"name": result.name, "ran": len(result.ran), "skipped": len(result.skipped),
+                "log": as_text_block("\n".join(lines))}
+
+    def resolve_output(self, ctx):
+        return result_view(
+            ctx, "Pipeline",
+            ("name", "str", "Pipeline run"),
+            ("ran", "int", "Steps run"),
+            ("skipped", "int", "Steps skipped (done before)"),
+            ("log", "text", "Log"),
+        )
