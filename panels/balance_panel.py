@@ -142,7 +142,7 @@ class BalancePanel(foo.Panel):
             )
             return types.Property(panel, view=types.GridView(align_x="center", align_y="center"))
         state = ctx.panel.state
-        panel.md("### Balance of a label field\nHow evenly the samples spread over its groups: entropy, normalized "
+        panel.md("**Balance of a label field.** How evenly the samples spread over its groups: entropy, normalized "
                  "entropy (1 = balanced) and largest / smallest group, for the real samples and with the generated "
                  "ones. Click a bar to show that group's samples.", name="help")
         field_choices = types.DropdownView()
