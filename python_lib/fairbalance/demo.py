@@ -20,6 +20,7 @@ Needs no GPU, network or weights it cannot find.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import Counter
 
 from fairbalance import balance, datasets, models
@@ -89,6 +90,10 @@ def main(argv=None) -> int:
     parser.add_argument("--clip-pretrained", default="openai")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not sys.stdout.isatty():  # a log, not a terminal: step lines only, no carriage-return progress bars
+        import fiftyone as fo
+
+        fo.config.show_progress_bars = False
 
     dataset = datasets.colored_digits(
         name=args.name, conflict_ratio=args.conflict_ratio, train_per_class=args.train_per_class,
