@@ -6,6 +6,8 @@ from .captions import ComputeCaptions, FilterCaptions, GenerateFromCaptions
 from .classifier import ApplyClassifier, ComputeHardnessTags, TrainClassifier
 from .colored_digits import CreateColoredDigits, CreateColoredMnist
 from .diffusion import FilterGenerated, GenerateBalanced, TrainConditionalDiffusion
+from .lora import FinetunePerGroup, GeneratePerGroup
+from .pipeline import RunPipeline
 from .pseudo_labels import ComputePseudoLabels
 from .sa_features import ComputeSAFeatures
 
@@ -19,10 +21,13 @@ OPERATORS = [
     TrainConditionalDiffusion,
     GenerateBalanced,
     FilterGenerated,
+    FinetunePerGroup,
+    GeneratePerGroup,
     ComputeCaptions,
     FilterCaptions,
     GenerateFromCaptions,
     ComputeHardnessTags,
     TrainClassifier,
     ApplyClassifier,
+    RunPipeline,
 ]

@@ -61,10 +61,14 @@ class ComputeHardnessTags(foo.Operator):
         inputs.view_target(ctx)
         if not _label_field_input(ctx, inputs):
             return types.Property(inputs)
-        inputs.float("top_k", required=False, min=0, label="How many to tag (optional)",
-                     description="Empty: the samples the biased model gets wrong (its error set; needs no bias "
-                                 "labels). A number >= 1: that many highest-loss samples; below 1: that fraction "
-                                 "of the view (0.01 = 1%)")
+        prop = inputs.float("top_k", required=False, min=0, label="How many to tag (optional)",
+                            description="Empty: the samples the biased model gets wrong (its error set; needs no "
+                                        "bias labels). A number >= 1: that many highest-loss samples; below 1: that "
+                                        "fraction of the view (0.01 = 1%)")
+        top_k, size = ctx.params.get("top_k"), len(ctx.target_view())
+        if top_k is not None and not 0 < top_k <= max(1, size):
+            prop.invalid = True
+            prop.error_message = f"Between 0 and the {size} samples of the view (empty: the biased model's errors)"
         inputs.bool("per_class", default=default_of(compute_hardness, "per_class"), label="Rank per class",
                     description="With a count: the highest losses of each class, as DiffuBias does")
         inputs.float("q", default=default_of(compute_hardness, "q"), min=0.01, max=1.0, label="GCE q",
@@ -94,7 +98,7 @@ class ComputeHardnessTags(foo.Operator):
 
     def resolve_output(self, ctx):
         return result_view(
-            "Hardness tags computed",
+            ctx, "Hardness tags computed",
             ("num_tagged", "int", "Samples tagged"),
             ("tag", "str", "Tag"),
             ("loss_field", "str", "Loss field"),
@@ -121,6 +125,8 @@ class TrainClassifier(foo.Operator):
         method.add_choice("lff", label="LfF: Learning from Failure (a biased and a debiased model together)")
         method.add_choice("jtt", label="JTT: upweight the samples of a tag (the hardness tags)")
         method.add_choice("synthetic", label="Real + generated samples (those carrying the class label)")
+        method.add_choice("two_stage", label="Two-stage: CE + SupCon on generated samples, then the linear head on "
+                                             "the real ones")
         method.add_choice("biased", label="Biased (generalized cross-entropy)")
         inputs.enum("method", method.values(), default=default_of(train_classifier, "method"), view=method,
                     label="Method")
@@ -131,6 +137,15 @@ class TrainClassifier(foo.Operator):
                            if "bias_conflicting" in tags else None)
             inputs.float("upweight", default=default_of(train_classifier, "upweight"), min=1.0,
                          label="Upweight factor (lambda)")
+        if ctx.params.get("method") == "two_stage":
+            inputs.float("supcon_weight", default=default_of(train_classifier, "supcon_weight"), min=0,
+                         label="SupCon weight", description="Stage 1 loss: CE + this x supervised contrastive")
+            inputs.float("supcon_temperature", default=default_of(train_classifier, "supcon_temperature"), min=0,
+                         label="SupCon temperature")
+            inputs.int("head_epochs", default=default_of(train_classifier, "head_epochs"), min=1,
+                       label="Stage 2 epochs (linear head on the real samples)")
+            inputs.bool("stage1_real", default=default_of(train_classifier, "stage1_real"),
+                        label="Stage 1 on generated + real samples")
         field_dropdown(inputs, "val_tag", tags, "Validation tag (optional)",
                        "Keep the epoch with the best accuracy on the samples with this tag (e.g. an unbiased "
                        "validation split)", required=False, default="val" if "val" in tags else None)
@@ -143,7 +158,8 @@ class TrainClassifier(foo.Operator):
         val = ctx.dataset.match_tags(p["val_tag"]) if p.get("val_tag") else None
         clf = train_classifier(ctx.target_view(), label_field=p["label_field"], val_samples=val,
                                progress=progress_callback(ctx, "Training"),
-                               **given(p, ("method", "hard_tag", "upweight", "run_key", "overwrite") + TRAINING_PARAMS))
+                               **given(p, ("method", "hard_tag", "upweight", "run_key", "overwrite", "supcon_weight",
+                                           "supcon_temperature", "head_epochs", "stage1_real") + TRAINING_PARAMS))
         last = clf.history[-1]
         return rounded({"run_key": clf.run_key, "checkpoint": clf.checkpoint,
                         "final_train_accuracy": last["train_accuracy"], "best_epoch": clf.best_epoch,
@@ -152,7 +168,7 @@ class TrainClassifier(foo.Operator):
 
     def resolve_output(self, ctx):
         return result_view(
-            "Classifier trained",
+            ctx, "Classifier trained",
             ("run_key", "str", "Run key (use it in 'apply classifier')"),
             ("checkpoint", "str", "Checkpoint"),
             ("final_train_accuracy", "float", "Final train accuracy"),
@@ -221,4 +237,4 @@ class ApplyClassifier(foo.Operator):
             rows += [("worst_group_accuracy", "float", "Worst-group accuracy"),
                      ("worst_group", "str", "Worst group (class|attribute)"),
                      ("group_table", "table", "Accuracy per group", {"group": "Group", "accuracy": "Accuracy"})]
-        return result_view("Predictions written", *rows)
+        return result_view(ctx, "Predictions written", *rows)

@@ -62,7 +62,7 @@ class TrainConditionalDiffusion(foo.Operator):
 
     def resolve_output(self, ctx):
         return result_view(
-            "Diffusion model trained",
+            ctx, "Diffusion model trained",
             ("model_dir", "str", "Model folder"),
             ("steps", "int", "Training steps"),
             ("final_loss", "float", "Final loss"),
@@ -126,7 +126,7 @@ class GenerateBalanced(foo.Operator):
 
     def resolve_output(self, ctx):
         return result_view(
-            "Generated",
+            ctx, "Generated",
             ("num_added", "int", "Samples added"),
             ("added_per_cluster", "str", "Added per cluster"),
             ("entropy_before", "float", "Entropy of the groups, real samples (nats)"),
@@ -169,6 +169,17 @@ class FilterGenerated(foo.Operator):
         inputs.float("bottom_fraction", default=default_of(filter_generated, "bottom_fraction"), min=0, max=1,
                      label="Tag the bottom fraction")
         inputs.str("tag", default=default_of(filter_generated, "tag"), required=False, label="Tag")
+        action = types.RadioGroup()
+        action.add_choice("tag", label="Tag them only")
+        action.add_choice("exclude", label="Tag them and leave them out of training (synthetic, two-stage)")
+        action.add_choice("weight", label="Tag them and weight every generated sample by its score in training")
+        inputs.enum("action", action.values(), default=default_of(filter_generated, "action"), view=action,
+                    label="Action")
+        score = types.RadioGroup()
+        score.add_choice("clip", label="CLIP similarity (needs the embeddings of the SA features)")
+        score.add_choice("pixels", label="Pixel similarity (no CLIP weights needed; much weaker)")
+        inputs.enum("method", score.values(), default=default_of(filter_generated, "method"), view=score,
+                    label="Score")
         inputs.str("texts", required=False, label="Cluster texts (optional)", view=types.TextFieldView(
             multiline=True, placeholder="0: a photo of an old man\n1: a photo of a young woman"),
             description="One 'cluster: text' per line to score against texts instead of cluster centroids")
@@ -180,14 +191,16 @@ class FilterGenerated(foo.Operator):
         res = filter_generated(
             ctx.target_view(), p["label_field"], texts=parse_cluster_texts(p.get("texts")),
             progress=progress_callback(ctx, "Scoring"),
-            **given(p, ("embeddings_field", "bottom_fraction", "tag", "run_key", "overwrite")))
+            **given(p, ("embeddings_field", "bottom_fraction", "tag", "action", "method", "run_key", "overwrite")))
         ctx.ops.reload_dataset()
         return rounded(res.to_dict())
 
     def resolve_output(self, ctx):
         return result_view(
-            "Filtered",
+            ctx, "Filtered",
             ("num_scored", "int", "Generated samples scored"),
             ("num_tagged", "int", "Tagged"),
+            ("num_excluded", "int", "Left out of training"),
+            ("weight_field", "str", "Weights for training (weight_field)"),
             ("mean_score", "float", "Mean similarity to the cluster"),
         )

@@ -193,3 +193,19 @@ def test_bad_pipelines_and_names_fail_with_exit_code_2(digits, tmp_path, capsys)
     assert "color x ground_truth" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse: an unknown option
         cli.main(["compute-hardness-tags", digits.name, "--top-kk", "3"])
+
+
+def test_pipeline_queued_for_delegated_workers(digits, tmp_path):
+    import fiftyone.operators.delegated as food
+
+    path = tmp_path / "queued.yml"
+    path.write_text(f"dataset: {digits.name}\nsteps:\n  - balance-report: {{label_field: color, run_key: queued}}\n")
+    assert cli.main(["run", str(path), "--queue"]) == 0
+    svc = food.DelegatedOperationService()
+    uri = "@fairbalance/fairbalance/run_pipeline"
+    queued = svc.list_operations(operator=uri, dataset_name=digits.name)
+    assert len(queued) == 1 and str(queued[0].run_state).lower().endswith("queued")
+    assert not digits.has_run("queued")  # nothing ran here: a worker runs it
+    svc.execute_queued_operations(operator=uri, limit=1)  # what `fiftyone delegated launch` does
+    digits.reload()
+    assert digits.has_run("queued") and digits.has_run("pipeline_queued")

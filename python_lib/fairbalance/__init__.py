@@ -16,9 +16,14 @@ a FiftyOne run and returns a result with ``run_key`` and ``to_dict()``:
 - generate: :func:`train_conditional_diffusion`, :func:`generate_balanced`
   (clusters, or class x attribute cells), :func:`compute_captions`,
   :func:`filter_captions`, :func:`generate_from_captions` (text-to-image,
-  DiffuBias), :func:`filter_generated`
+  DiffuBias), :func:`filter_generated`, :func:`finetune_per_group` +
+  :func:`generate_per_group` (a LoRA / Clustered DreamBooth adapter per group)
+- in an MLOps flow: :func:`check_balance` (a balance gate),
+  :func:`export_samples` and :class:`TorchImageDataset` (the repaired set
+  for a trainer elsewhere), :func:`load_pipeline` / :func:`run_pipeline`
+  (pipeline files; also the ``fairbalance`` command)
 - train / verify: :func:`train_classifier` (vanilla, JTT, LfF, real +
-  generated), :func:`apply_classifier`, :func:`evaluate_classifier`
+  generated, two-stage), :func:`apply_classifier`, :func:`evaluate_classifier`
 """
 
 from fairbalance.audit import AuditResult, audit_balance
@@ -30,10 +35,14 @@ from fairbalance.clustering import xmeans
 from fairbalance.colored_mnist import colored_mnist  # the function shadows its module as an attribute
 from fairbalance.datasets import colored_digits
 from fairbalance.diffusion import train_conditional_diffusion
+from fairbalance.export import TorchImageDataset, export_samples
 from fairbalance.filtering import filter_generated
+from fairbalance.gate import GateResult, check_balance
 from fairbalance.generation import generate_balanced
 from fairbalance.hardness import compute_hardness as compute_hardness_tags
+from fairbalance.lora import finetune_per_group, generate_per_group
 from fairbalance.models import ModelNotFoundError
+from fairbalance.pipeline import load_pipeline, run_pipeline
 from fairbalance.pseudo_labels import compute_pseudo_labels
 from fairbalance.sa_features import compute_sa_features, get_related_texts
 from fairbalance.text_to_image import generate_from_captions
@@ -46,10 +55,13 @@ __all__ = [
     "BalanceReport",
     "ClaimError",
     "FairBalanceError",
+    "GateResult",
     "ModelNotFoundError",
+    "TorchImageDataset",
     "apply_classifier",
     "audit_balance",
     "balance_report",
+    "check_balance",
     "colored_digits",
     "colored_mnist",
     "compute_captions",
@@ -58,12 +70,17 @@ __all__ = [
     "compute_sa_features",
     "entropy",
     "evaluate_classifier",
+    "export_samples",
     "filter_captions",
     "filter_generated",
+    "finetune_per_group",
     "generate_balanced",
     "generate_from_captions",
+    "generate_per_group",
     "get_related_texts",
+    "load_pipeline",
     "normalized_entropy",
+    "run_pipeline",
     "train_classifier",
     "train_conditional_diffusion",
     "xmeans",

@@ -46,6 +46,12 @@ def train_classifier(
     seed: int = 0,
     device: str | None = None,
     num_workers: int = 0,
+    supcon_weight: float = 1.0,
+    supcon_temperature: float = 0.1,
+    projection_dim: int = 128,
+    head_epochs: int = 20,
+    stage1_real: bool = False,
+    exclude_field: str | None = "filtered_out",
     run_key: str | None = "classifier",
     output_dir: str | None = None,
     overwrite: bool = False,
@@ -55,8 +61,12 @@ def train_classifier(
 
     ``method``: ``vanilla``, ``biased`` (GCE), ``jtt`` (upweight ``hard_tag``
     by ``upweight``), ``lff`` (Learning from Failure) or ``synthetic`` (real +
-    generated samples that carry the label); see :mod:`fairbalance.training`
-    for the recipe. The run (``run_key``; None trains without recording)
+    generated samples that carry the label) or ``two_stage`` (CE + SupCon on
+    generated samples, then only the linear head on the real ones:
+    ``supcon_weight``, ``supcon_temperature``, ``projection_dim``,
+    ``head_epochs``, ``stage1_real``); generated samples marked in
+    ``exclude_field`` (``filter_generated(action="exclude")``) are left out;
+    see :mod:`fairbalance.training` for the recipe. The run (``run_key``; None trains without recording)
     holds the full config, the history, the selected epoch and the
     checkpoint folder (``output_dir``, default under
     ``$FAIRBALANCE_DATA_DIR/checkpoints``), which is checked before training.
@@ -67,6 +77,8 @@ def train_classifier(
                   weight_decay=weight_decay, q=q, ema=ema, hard_tag=hard_tag, upweight=upweight,
                   weight_field=weight_field, synthetic_weight=synthetic_weight,
                   max_synthetic_fraction=max_synthetic_fraction, seed=seed)
+    params.update(supcon_weight=supcon_weight, supcon_temperature=supcon_temperature, projection_dim=projection_dim,
+                  head_epochs=head_epochs, stage1_real=stage1_real, exclude_field=exclude_field)
     run = folder = None
     if run_key is not None:
         folder = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "checkpoints", dataset.name, run_key))
@@ -83,6 +95,7 @@ def train_classifier(
         run.save_results({"history": clf.history, "best_epoch": clf.best_epoch, "num_skipped": clf.num_skipped,
                           "num_generated_used": clf.num_generated_used,
                           "num_generated_excluded": clf.num_generated_excluded,
+                          "num_filtered_out": clf.num_filtered_out,
                           "model_selection": clf.config.model_selection, "checkpoint": folder})
     return clf
 

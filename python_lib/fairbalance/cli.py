@@ -222,9 +222,26 @@ def _run_pipeline(args) -> int:
     from fairbalance.pipeline import load_pipeline, run_pipeline
 
     pipeline = load_pipeline(args.file)
+    if args.queue:
+        return _queue_pipeline(pipeline, args)
     result = run_pipeline(pipeline, dry_run=args.dry_run, log=lambda line: print(line, flush=True))
     if args.json:
         print(json.dumps(result.to_dict(), default=str, indent=1))
+    return EXIT_OK
+
+
+def _queue_pipeline(pipeline, args) -> int:
+    """Queue the whole file as one delegated ``run_pipeline`` operation (its steps must run in order)."""
+    import fiftyone.operators as foo
+
+    load_view(pipeline.dataset, None)
+    res = foo.execute_operator("@fairbalance/fairbalance/run_pipeline", ctx={
+        "dataset": pipeline.dataset, "params": {"file": pipeline.path, "dry_run": args.dry_run}},
+        request_delegation=True)
+    if res.error:
+        raise UsageError(f"could not queue the pipeline: {res.error}")
+    print(f"queued {pipeline.path} as a delegated operation on '{pipeline.dataset}': a worker "
+          "(fiftyone delegated launch) runs it; fiftyone delegated list shows it")
     return EXIT_OK
 
 
@@ -240,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the steps of a pipeline file in order (reruns skip finished steps)")
     run.add_argument("file", help="pipeline YAML file")
     run.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    run.add_argument("--queue", action="store_true",
+                     help="queue it for FiftyOne's delegated workers instead of running it here")
     run.add_argument("--json", action="store_true")
     run.set_defaults(handler=_run_pipeline)
     check = sub.add_parser("check", help="balance gate: exit 1 when a threshold is crossed")

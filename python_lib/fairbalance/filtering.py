@@ -1,4 +1,11 @@
-"""Scoring generated samples against their condition with CLIP, and tagging the worst (Clustered DreamBooth)."""
+"""Scoring generated samples against their condition with CLIP, and acting on the worst (Clustered DreamBooth).
+
+Every generated sample is scored by its similarity to its cluster (CLIP, or
+pixels when no CLIP weights are at hand); the worst are tagged and, with
+``action="exclude"``, marked so that training on generated samples leaves
+them out, or with ``action="weight"`` every scored sample gets a weight
+derived from its score that training uses as its loss weight.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fairbalance import claims, models, runs, validation
+
+ACTIONS = ("tag", "exclude", "weight")
+SCORE_METHODS = ("clip", "pixels")
 
 
 @claims.exclusive
@@ -25,8 +35,11 @@ def filter_generated(
     run_key: str = "filter_generated",
     overwrite: bool = False,
     progress=None,
+    action: str = "tag",
+    exclude_field: str = "filtered_out",
+    weight_field: str = "generation_weight",
 ) -> "FilterResult":
-    """Score generated images by CLIP similarity to their cluster and tag the worst (Clustered DreamBooth).
+    """Score generated images by CLIP similarity to their cluster; tag the worst, and exclude or weight them.
 
     The condition of cluster c is the centroid of the stored CLIP embeddings
     of the *real* samples of c (same model as ``embeddings_field``), or, with
@@ -34,7 +47,18 @@ def filter_generated(
     the CLIP embedding of that text. Each generated image is scored by cosine
     similarity to its condition, stored in ``score_field``, and tagged
     ``tag`` when below ``threshold`` or in the ``bottom_fraction``.
-    Retagging replaces the previous tags. ``method``: only ``"clip"``.
+    Retagging replaces the previous tags.
+
+    ``action``: ``"tag"`` (only the tag); ``"exclude"`` also writes
+    ``exclude_field`` (True for the tagged, False for the other scored
+    samples), which ``train_classifier`` (``synthetic``, ``two_stage``,
+    whose ``exclude_field`` defaults to the same name) leaves out;
+    ``"weight"`` also writes ``weight_field``: each scored sample's
+    percentile rank among the scored ones, in (0, 1] (the best 1.0), to
+    pass as ``train_classifier(weight_field=...)``. ``method``: ``"clip"``,
+    or ``"pixels"`` (no CLIP weights needed, much weaker: cosine similarity
+    of the mean-centred pixels to the centroid of the cluster's real
+    images; ``embeddings_field`` and ``texts`` are not used).
     """
     from fiftyone import ViewField as Fv
 
@@ -42,16 +66,23 @@ def filter_generated(
     from fairbalance.balance import label_path
 
     validation.require_nonempty(samples)
-    validation.require_fields(samples, [label_field, embeddings_field, "generated"])
+    if action not in ACTIONS:
+        raise validation.FairBalanceError(f"action must be one of {ACTIONS}, not {action!r}")
+    if method not in SCORE_METHODS:
+        raise validation.FairBalanceError(f"method must be 'clip' or 'pixels', not {method!r}")
+    if method == "pixels" and texts is not None:
+        raise validation.FairBalanceError("texts are scored with CLIP: method='pixels' compares images only")
+    extra = [exclude_field] if action == "exclude" else [weight_field] if action == "weight" else []
+    if len({score_field, *extra}) != 1 + len(extra):
+        raise validation.FairBalanceError("score_field and the exclude / weight field must differ")
+    validation.require_fields(samples, [label_field, "generated"] + ([embeddings_field] if method == "clip" else []))
     if (threshold is None) == (bottom_fraction is None):
         raise validation.FairBalanceError("pass exactly one of threshold or bottom_fraction")
     if bottom_fraction is not None and not (isinstance(bottom_fraction, (int, float)) and 0 < bottom_fraction < 1):
         raise validation.FairBalanceError(f"bottom_fraction must be in (0, 1), got {bottom_fraction!r}")
     if threshold is not None and not (isinstance(threshold, (int, float)) and np.isfinite(threshold)):
         raise validation.FairBalanceError(f"threshold must be a finite number, got {threshold!r}")
-    if method != "clip":
-        raise validation.FairBalanceError(f"method must be 'clip', not {method!r}")
-    spec = embeddings.stored_model(samples, embeddings_field)
+    spec = embeddings.stored_model(samples, embeddings_field) if method == "clip" else {"pixels": True}
     if spec is None:
         raise validation.FairBalanceError(f"'{embeddings_field}' was not written by fairbalance; no model recorded")
     path = label_path(samples, label_field)
@@ -70,26 +101,37 @@ def filter_generated(
     run = runs.prepare(samples, run_key, "filter_generated", {
         "label_field": label_field, "embeddings_field": embeddings_field, "threshold": threshold,
         "bottom_fraction": bottom_fraction, "tag": tag, "model": spec, "score_method": method,
-        "texts": sorted(texts.items()) if texts is not None else None},
-        [score_field], overwrite)
-    clip = models.load_clip(spec["model"], spec["pretrained"], device=device)
-    new, _ = embeddings.compute_missing(gen, embeddings_field, clip, batch_size, progress=progress)
+        "texts": sorted(texts.items()) if texts is not None else None, "action": action,
+        "exclude_field": exclude_field if action == "exclude" else None,
+        "weight_field": weight_field if action == "weight" else None},
+        [score_field] + extra, overwrite)
+    if method == "pixels":
+        clip, new = None, {}
+        centroids, vectors = _pixel_vectors(real, gen, path)
+    else:
+        clip = models.load_clip(spec["model"], spec["pretrained"], device=device)
+        new, _ = embeddings.compute_missing(gen, embeddings_field, clip, batch_size, progress=progress)
     dataset = samples._root_dataset
     previous_tag = previous_tagged = None
     if dataset.has_run(run_key):
         previous_tag = runs.get_run_config(dataset, run_key).get("tag")
         previous_tagged = runs.load_run_results(dataset, run_key).get("tagged_ids")
-    centroids = {}
-    if texts is not None:
+    if clip is not None and texts is not None:
+        centroids = {}
         names = sorted(texts)
         for c, vec in zip(names, clip.encode_text([texts[c] for c in names]).numpy()):
             centroids[c] = vec
-    else:
+    elif clip is not None:
+        centroids = {}
         for c in real.distinct(path):
             _, emb, _ = embeddings.load(real.match(Fv(path) == c), embeddings_field)
             if len(emb):
                 centroids[c] = embeddings.normalize(emb.mean(0, keepdims=True))[0]
-    gids, glabels, gstored = gen.values(["id", path, embeddings_field])
+    if clip is None:
+        gids, glabels = gen.values(["id", path])
+        gstored = [vectors[i] for i in gids]
+    else:
+        gids, glabels, gstored = gen.values(["id", path, embeddings_field])
     scores = {}
     for i, c, e in zip(gids, glabels, gstored):
         vec = new.get(i) if new.get(i) is not None else e
@@ -100,16 +142,28 @@ def filter_generated(
     values = np.array(list(scores.values()))
     cut = threshold if threshold is not None else float(np.quantile(values, bottom_fraction))
     low = [i for i, v in scores.items() if v < cut or (threshold is None and v <= cut)]
+    ranks = np.argsort(np.argsort(values, kind="stable"), kind="stable")
+    weights = {i: float((r + 1) / len(values)) for i, r in zip(scores, ranks)}
+    low_set = set(low)
 
     def write():
-        embeddings.write(gen, embeddings_field, new, clip)
-        gen.select(list(scores)).set_values(score_field, scores, key_field="id")
+        if clip is not None:
+            embeddings.write(gen, embeddings_field, new, clip)
+        scored = gen.select(list(scores))
+        scored.set_values(score_field, scores, key_field="id")
+        if action == "exclude":
+            scored.set_values(exclude_field, {i: i in low_set for i in scores}, key_field="id")
+        elif action == "weight":
+            scored.set_values(weight_field, weights, key_field="id")
         if previous_tag and previous_tagged:  # only what this run tagged before, never other samples
             samples._root_dataset.select(previous_tagged).untag_samples(previous_tag)
         samples.select(low).tag_samples(tag)
 
     run.write(write)
-    result = FilterResult(run_key, score_field, tag, len(scores), len(low), cut, float(values.mean()))
+    result = FilterResult(run_key, score_field, tag, len(scores), len(low), cut, float(values.mean()), action,
+                          exclude_field if action == "exclude" else None, weight_field if action == "weight" else None,
+                          len(low) if action == "exclude" else 0,
+                          float(np.mean(list(weights.values()))) if action == "weight" else None)
     run.save_results({**result.to_dict(), "tagged_ids": low})
     return result
 
@@ -125,6 +179,30 @@ class FilterResult:
     num_tagged: int
     cut: float
     mean_score: float
+    action: str = "tag"
+    exclude_field: str | None = None  # "exclude": the field training reads to leave the tagged samples out
+    weight_field: str | None = None  # "weight": pass as train_classifier(weight_field=...)
+    num_excluded: int = 0
+    mean_weight: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _pixel_vectors(real, gen, path: str):
+    """Per-cluster centroids of the real images' mean-centred pixels, and every generated image's vector."""
+    from fairbalance import embeddings, training
+
+    rpaths, rlabels = real.values(["filepath", path])
+    keep = [j for j, c in enumerate(rlabels) if c is not None]
+    gids, gpaths = gen.values(["id", "filepath"])
+    if not keep:
+        raise validation.FairBalanceError("No real sample has a cluster label to compare the generated ones to")
+    size = training.native_size([rpaths[keep[0]]])
+    xr = training.load_images([rpaths[j] for j in keep], size, progress=False).flatten(1).numpy()
+    mean = xr.mean(0, keepdims=True)
+    labels = np.array([str(rlabels[j]) for j in keep])
+    centroids = {c: embeddings.normalize((xr[labels == c] - mean).mean(0, keepdims=True))[0]
+                 for c in sorted(set(labels))}
+    xg = training.load_images(gpaths, size, progress=False).flatten(1).numpy() - mean
+    return centroids, dict(zip(gids, xg))

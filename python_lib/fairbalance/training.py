@@ -14,10 +14,18 @@ Methods (``method=``):
 - ``synthetic``: cross-entropy on the real samples plus the generated ones
   (``generated == True``) that carry the class label (DiffuBias' and
   DiffInject's last step), optionally down-weighted or capped.
+- ``two_stage`` (Basu et al.): stage 1 trains the whole model on the generated
+  samples (with ``stage1_real``, also the real ones) with cross-entropy plus
+  a supervised contrastive loss (SupCon, Khosla et al. 2020) on a projection
+  head (``supcon_weight``, ``supcon_temperature``, ``projection_dim``);
+  stage 2 freezes the encoder and trains only the linear head on the real
+  samples for ``head_epochs`` (model selection on the validation view here).
 
-Only ``synthetic`` trains on generated samples; the other methods leave them
-out (counted in ``num_generated_excluded``), so every method can be compared
-on the same view.
+Only ``synthetic`` and ``two_stage`` train on generated samples; the other
+methods leave them out (counted in ``num_generated_excluded``), so every
+method can be compared on the same view. Generated samples marked ``True``
+in ``exclude_field`` (``filter_generated(action="exclude")``) are left out
+of those two as well (``num_filtered_out``).
 
 Inputs are the images at their native size (all must share it; or pass
 ``image_size``) in [0, 1], optionally normalised with the training images'
@@ -29,6 +37,7 @@ the epoch with the best validation accuracy is kept (model selection).
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import random
@@ -42,7 +51,8 @@ from torch import nn
 
 from fairbalance import images, models, validation
 
-METHODS = ("vanilla", "biased", "jtt", "lff", "synthetic")
+METHODS = ("vanilla", "biased", "jtt", "lff", "synthetic", "two_stage")
+GENERATED_METHODS = ("synthetic", "two_stage")  # the methods that train on generated samples
 BACKBONES = ("auto", "resnet18", "cnn", "mlp")
 NORMALIZATIONS = ("none", "dataset", "imagenet")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -86,6 +96,12 @@ class TrainConfig:
     model_selection: str = "last_epoch"
     num_workers: int = 0
     pretrained_weights: str | None = None
+    supcon_weight: float = 1.0
+    supcon_temperature: float = 0.1
+    projection_dim: int = 128
+    head_epochs: int = 20
+    stage1_real: bool = False
+    exclude_field: str | None = "filtered_out"
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -117,6 +133,19 @@ class TrainConfig:
             raise validation.FairBalanceError(
                 f"'{self.label_field}' has {len(self.classes)} class(es) in this view; a classifier needs at least 2"
             )
+        for name in ("supcon_temperature",):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
+                raise validation.FairBalanceError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.supcon_weight, (int, float)) and np.isfinite(self.supcon_weight)
+                and self.supcon_weight >= 0):
+            raise validation.FairBalanceError(f"supcon_weight must be a finite number >= 0, got {self.supcon_weight!r}")
+        for name in ("projection_dim", "head_epochs"):
+            validation.require_positive_int(name, getattr(self, name))
+        if not isinstance(self.stage1_real, bool):
+            raise validation.FairBalanceError(f"stage1_real must be True or False, got {self.stage1_real!r}")
+        if self.exclude_field is not None:
+            validation.require_field_name(self.exclude_field)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -311,6 +340,7 @@ class TrainedClassifier:
     num_generated_used: int = 0
     num_generated_excluded: int = 0
     best_epoch: int | None = None
+    num_filtered_out: int = 0  # generated samples left out because exclude_field marks them
     run_key: str | None = None  # the run that recorded this training (None: not recorded)
     checkpoint: str | None = None  # the folder it was saved to
 
@@ -323,7 +353,7 @@ class TrainedClassifier:
         return {"run_key": self.run_key, "checkpoint": self.checkpoint, "config": asdict(self.config),
                 "history": self.history, "best_epoch": self.best_epoch, "num_skipped": self.num_skipped,
                 "num_generated_used": self.num_generated_used,
-                "num_generated_excluded": self.num_generated_excluded}
+                "num_generated_excluded": self.num_generated_excluded, "num_filtered_out": self.num_filtered_out}
 
     def save(self, folder: str) -> str:
         """Write ``model.pt`` and ``config.json`` atomically (temp file + rename, config last)."""
@@ -373,23 +403,23 @@ def _sample_weights(samples, data: LabelledSamples, config: TrainConfig) -> np.n
             raise validation.FairBalanceError(
                 f"No labelled sample of the view is tagged '{config.hard_tag}': run compute_hardness_tags first")
         w *= np.array([config.upweight if i in hard else 1.0 for i in data.ids])
-    if config.method == "synthetic":
+    if config.method in GENERATED_METHODS:
         w[data.generated] *= config.synthetic_weight
     return w
 
 
 def select_training_samples(data: LabelledSamples, config: TrainConfig, rng: np.random.Generator
                             ) -> tuple[LabelledSamples, int]:
-    """Real samples, plus the generated ones for ``synthetic`` (capped); and how many generated are left out."""
+    """Real samples, plus the generated ones for ``synthetic`` / ``two_stage`` (capped); how many generated are left out."""
     real = np.flatnonzero(~data.generated)
     gen = np.flatnonzero(data.generated)
     if not len(real):
         raise validation.FairBalanceError("The view has no real (non-generated) labelled samples")
-    if config.method != "synthetic":
+    if config.method not in GENERATED_METHODS:
         return data.subset(real), len(gen)
     if not len(gen):
         raise validation.FairBalanceError(
-            f"method='synthetic' needs generated samples (generated=True) with a '{config.label_field}' label in "
+            f"method='{config.method}' needs generated samples (generated=True) with a '{config.label_field}' label in "
             "the view; generate them with mode='cells' so they carry the class label")
     if config.max_synthetic_fraction is not None:
         cap = int(config.max_synthetic_fraction * len(real))
@@ -465,6 +495,12 @@ def train_classifier(
     device: str | None = None,
     num_workers: int = 0,
     progress=None,
+    supcon_weight: float = 1.0,
+    supcon_temperature: float = 0.1,
+    projection_dim: int = 128,
+    head_epochs: int = 20,
+    stage1_real: bool = False,
+    exclude_field: str | None = "filtered_out",
 ) -> TrainedClassifier:
     """Train an image classifier on ``samples`` with a debiasing ``method`` (see the module docstring).
 
@@ -482,11 +518,15 @@ def train_classifier(
         [int(image_size)] * 2 if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size])
     config = TrainConfig(label_field, data.classes, method, resolve_backbone(backbone, size), pretrained, size,
                          normalize, None, None, q, ema, epochs, batch_size, lr, weight_decay, seed, weight_field,
-                         hard_tag, upweight, synthetic_weight, max_synthetic_fraction, num_workers=num_workers)
+                         hard_tag, upweight, synthetic_weight, max_synthetic_fraction, num_workers=num_workers,
+                         supcon_weight=supcon_weight, supcon_temperature=supcon_temperature,
+                         projection_dim=projection_dim, head_epochs=head_epochs, stage1_real=stage1_real,
+                         exclude_field=exclude_field)
     config.validate()
     if pretrained and config.backbone == "resnet18":
         resnet18_weights()  # before any work
     gen = seed_everything(seed)
+    data, filtered_out = drop_filtered_out(samples, data, config)
     data, excluded = select_training_samples(data, config, np.random.default_rng(seed))
     if len(set(data.labels.tolist())) < 2:
         raise validation.FairBalanceError(f"Only one class of '{label_field}' is present in this view")
@@ -506,10 +546,25 @@ def train_classifier(
     dev = models.resolve_device(device)
     net, config.pretrained_weights = build_model(config)
     loop = _fit_lff if method == "lff" else _fit_single
+    if method == "two_stage":
+        loop = functools.partial(_fit_two_stage, generated=torch.as_tensor(data.generated))
     history, best_epoch = loop(net, config, x, torch.as_tensor(data.labels), torch.as_tensor(weights).float(), val,
                                dev, gen, progress)
     return TrainedClassifier(net.eval().cpu(), config, history, data.num_unlabelled,
-                             int(data.generated.sum()), excluded, best_epoch)
+                             int(data.generated.sum()), excluded + filtered_out, best_epoch,
+                             num_filtered_out=filtered_out)
+
+
+def drop_filtered_out(samples, data: LabelledSamples, config: TrainConfig) -> tuple[LabelledSamples, int]:
+    """The generated samples marked True in ``exclude_field`` left out (methods that use generated samples)."""
+    mark = config.exclude_field
+    if config.method not in GENERATED_METHODS or not mark or not samples._root_dataset.has_sample_field(mark):
+        return data, 0
+    marked = set(samples.select([i for i, g in zip(data.ids, data.generated) if g]).match({mark: True}).values("id"))
+    if not marked:
+        return data, 0
+    keep = np.array([i not in marked for i in data.ids])
+    return data.subset(np.flatnonzero(keep)), int((~keep).sum())
 
 
 class _Selector:
@@ -611,6 +666,125 @@ def _fit_lff(net, config: TrainConfig, x, y, w, val, dev, gen, progress):
             selector.after_epoch(net, epoch, record)
             history.append(record)
             pb.update()
+    return history, selector.finish(net)
+
+
+def supcon_loss(z: torch.Tensor, y: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Per-anchor supervised contrastive loss (Khosla et al. 2020) on one view per sample.
+
+    ``z``: projections (normalised here); the positives of an anchor are the
+    other samples of its class in the batch. Anchors without a positive get 0.
+    """
+    z = F.normalize(z.float(), dim=1)
+    n = len(y)
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    sim = (z @ z.T / temperature).masked_fill(eye, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    pos = (y[:, None] == y[None, :]) & ~eye
+    npos = pos.sum(1)
+    per = -log_prob.masked_fill(~pos, 0.0).sum(1) / npos.clamp_min(1)
+    return torch.where(npos > 0, per, torch.zeros_like(per))
+
+
+class _ResNetFeatures(nn.Module):
+    """A torchvision ResNet up to its pooled features (the ``fc`` head left out); shares its modules."""
+
+    def __init__(self, resnet):
+        super().__init__()
+        self.resnet = resnet
+
+    def forward(self, x):
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
+        return torch.flatten(r.avgpool(x), 1)
+
+
+def split_encoder_head(net: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """The model as (encoder, linear head) sharing its parameters: what two-stage training trains separately."""
+    norm, body = (net[0], net[1]) if isinstance(net, nn.Sequential) and isinstance(net[0], Normalize) else (None, net)
+    if isinstance(body, nn.Sequential):
+        encoder, head = nn.Sequential(*list(body)[:-1]), body[-1]
+    else:
+        encoder, head = _ResNetFeatures(body), body.fc
+    if norm is not None:
+        encoder = nn.Sequential(norm, encoder)
+    return encoder, head
+
+
+def _fit_two_stage(net, config: TrainConfig, x, y, w, val, dev, gen, progress, generated=None):
+    """Stage 1: encoder + head + projection on generated (+ real) samples, CE + SupCon; stage 2: the head on real."""
+    import fiftyone.core.utils as fou
+
+    net = net.to(dev)
+    encoder, head = split_encoder_head(net)
+    projector = nn.Sequential(nn.Linear(head.in_features, head.in_features), nn.ReLU(),
+                              nn.Linear(head.in_features, config.projection_dim)).to(dev)
+    stage1 = torch.ones(len(y), dtype=torch.bool) if config.stage1_real else generated.clone()
+    real = ~generated
+    selector, history = _Selector(val, dev), []
+    with fou.ProgressBar(total=config.epochs + config.head_epochs, progress=progress) as pb:
+        opt = torch.optim.Adam(list(net.parameters()) + list(projector.parameters()), lr=config.lr,
+                               weight_decay=config.weight_decay)
+        x1, y1, w1 = x[stage1], y[stage1], w[stage1]
+        for epoch in range(1, config.epochs + 1):
+            net.train()
+            projector.train()
+            total_ce = total_con = 0.0
+            count = correct = 0
+            for xb, yb, wb, _ in _loader(x1, y1, w1, config.batch_size, gen):
+                xb, yb, wb = xb.to(dev), yb.to(dev), wb.to(dev)
+                feats = encoder(xb)
+                logits = head(feats).float()
+                ce = F.cross_entropy(logits, yb, reduction="none")
+                con = supcon_loss(projector(feats), yb, config.supcon_temperature)
+                per = ce + config.supcon_weight * con
+                loss = (per * wb).sum() / wb.sum().clamp_min(1e-8)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total_ce += float(ce.detach().sum())
+                total_con += float(con.detach().sum())
+                count += len(yb)
+                correct += int((logits.argmax(1) == yb).sum())
+            record = {"epoch": epoch, "stage": 1, "loss": total_ce / count, "supcon_loss": total_con / count,
+                      "train_accuracy": correct / count, "num_samples": count}
+            if val is not None:
+                record["val_accuracy"] = _accuracy(net, val[0], val[1], dev)
+            history.append(record)
+            pb.update()
+        # stage 2: the encoder frozen (eval mode: batch-norm statistics too), only the linear head trains
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        encoder.eval()
+        with torch.no_grad():
+            xr = x[real]
+            feats = torch.cat([encoder(xr[b:b + 1024].to(dev)) for b in range(0, len(xr), 1024)])
+        yr, wr = y[real], w[real]
+        opt = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        weighted = bool((wr != 1).any())
+        for epoch in range(1, config.head_epochs + 1):
+            head.train()
+            total = 0.0
+            count = correct = 0
+            for fb_, yb, wb, _ in _loader(feats, yr, wr, config.batch_size, gen):
+                yb, wb = yb.to(dev), wb.to(dev)
+                logits = head(fb_).float()
+                per = F.cross_entropy(logits, yb, reduction="none")
+                loss = (per * wb).sum() / wb.sum().clamp_min(1e-8) if weighted else per.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(per.detach().sum())
+                count += len(yb)
+                correct += int((logits.argmax(1) == yb).sum())
+            record = {"epoch": config.epochs + epoch, "stage": 2, "loss": total / count,
+                      "train_accuracy": correct / count, "num_samples": count}
+            selector.after_epoch(net, config.epochs + epoch, record)
+            history.append(record)
+            pb.update()
+    for p in encoder.parameters():
+        p.requires_grad_(True)
     return history, selector.finish(net)
 
 
