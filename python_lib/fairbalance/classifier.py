@@ -101,14 +101,8 @@ def train_classifier(
 
 
 def _as_classifier(model, classifier_run: str | None = None, samples=None) -> TrainedClassifier:
-    if (model is None) == (classifier_run is None):
-        raise validation.FairBalanceError("pass exactly one of model (a classifier or its folder) or classifier_run")
-    if classifier_run is not None:
-        if classifier_run not in runs.list_runs(samples, "train_classifier"):
-            raise validation.FairBalanceError(
-                f"No 'train_classifier' run '{classifier_run}' on dataset '{samples._root_dataset.name}'; "
-                f"recorded trainings: {runs.list_runs(samples, 'train_classifier')}")
-        return load_classifier(runs.get_run_config(samples, classifier_run)["checkpoint"])
+    model = runs.given_or_recorded(samples, model, classifier_run, "train_classifier", "checkpoint",
+                                   "model (a classifier or its folder)", "classifier_run")
     if isinstance(model, TrainedClassifier):
         return model
     if isinstance(model, (str, os.PathLike)):

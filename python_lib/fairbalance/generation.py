@@ -191,19 +191,6 @@ def finish_generation(run: runs.PreparedRun, result: GenerationResult) -> Genera
     return result
 
 
-def resolve_model_folder(model, model_run: str | None, samples, method: str) -> str:
-    """The model folder from a path (or a training result), or from the key of the run that trained it."""
-    if (model is None) == (model_run is None):
-        raise validation.FairBalanceError("pass exactly one of model (a model folder) or model_run (a run key)")
-    if model_run is not None:
-        if model_run not in runs.list_runs(samples, method):
-            raise validation.FairBalanceError(
-                f"No '{method}' run '{model_run}' on dataset '{samples._root_dataset.name}'; "
-                f"runs of that kind: {runs.list_runs(samples, method)}")
-        return runs.get_run_config(samples, model_run)["model_dir"]
-    return os.fspath(model)
-
-
 @claims.exclusive
 def generate_balanced(
     samples,
@@ -258,7 +245,8 @@ def generate_balanced(
     and samples first.
     """
     validation.require_nonempty(samples)
-    model = resolve_model_folder(model, model_run, samples, "conditional_diffusion")
+    model = os.fspath(runs.given_or_recorded(samples, model, model_run, "conditional_diffusion", "model_dir",
+                                             "model (a model folder)", "model_run"))
     if source not in ("noise", "edit"):
         raise validation.FairBalanceError(f"source must be 'noise' or 'edit', not {source!r}")
     validate_sampling(guidance_scale, num_inference_steps, scheduler, attribute_guidance_scale,

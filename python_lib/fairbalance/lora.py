@@ -368,7 +368,6 @@ def finetune_per_group(
     configuration there is refused unless ``overwrite``.
     """
     require_peft()
-    from fairbalance.generation import resolve_model_folder
 
     validation.require_nonempty(samples)
     validation.require_image_collection(samples)
@@ -386,9 +385,9 @@ def finetune_per_group(
         validation.require_positive_int("resolution", resolution, minimum=8)
     if not isinstance(token_prefix, str) or not token_prefix.strip() or " " in token_prefix:
         raise validation.FairBalanceError(f"token_prefix must be one word, got {token_prefix!r}")
-    if base_model is None and base_model_run is None:
-        raise validation.FairBalanceError("pass base_model (a model folder or hub id) or base_model_run")
-    base_name = resolve_model_folder(base_model, base_model_run, samples, "conditional_diffusion")
+    base_name = os.fspath(runs.given_or_recorded(samples, base_model, base_model_run, "conditional_diffusion",
+                                                 "model_dir", "base_model (a model folder or hub id)",
+                                                 "base_model_run"))
     kind = base_kind(base_name)
     if kind == "stable_diffusion":
         if "{token}" not in prompt and method == "dreambooth":
@@ -781,14 +780,8 @@ def generate_per_group(
 
     require_peft()
     validation.require_nonempty(samples)
-    if (adapters is None) == (finetune_run is None):
-        raise validation.FairBalanceError("pass exactly one of adapters (a folder) or finetune_run (a run key)")
-    if finetune_run is not None:
-        if finetune_run not in runs.list_runs(samples, "finetune_per_group"):
-            raise validation.FairBalanceError(
-                f"No 'finetune_per_group' run '{finetune_run}' on dataset '{samples._root_dataset.name}'; "
-                f"runs of that kind: {runs.list_runs(samples, 'finetune_per_group')}")
-        adapters = runs.get_run_config(samples, finetune_run)["output_dir"]
+    adapters = runs.given_or_recorded(samples, adapters, finetune_run, "finetune_per_group", "output_dir",
+                                      "adapters (a folder)", "finetune_run")
     if mode not in ("equal", "fill"):
         raise validation.FairBalanceError(f"mode must be 'equal' or 'fill', not {mode!r}")
     if mode == "equal" and per_group is None and total is None:

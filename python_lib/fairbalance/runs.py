@@ -76,6 +76,25 @@ def load_run_results(samples, run_key: str) -> dict:
     return {k: v for k, v in results.serialize().items() if not k.startswith("_") and k != "cls"}
 
 
+def given_or_recorded(samples, given, run_key: str | None, method: str, config_key: str, given_name: str,
+                      run_name: str):
+    """``given`` (a value the caller passed), or ``config_key`` of the ``method`` run ``run_key``: exactly one.
+
+    How functions that consume another run's output (a model folder, a
+    checkpoint, adapters) take either a path or the key of the run that made it.
+    """
+    if (given is None) == (run_key is None):
+        raise validation.FairBalanceError(f"pass {given_name} or {run_name} (a run key): exactly one of "
+                                          f"{given_name.split()[0]} and {run_name}")
+    if given is not None:
+        return given
+    if run_key not in list_runs(samples, method):
+        raise validation.FairBalanceError(
+            f"No '{method}' run '{run_key}' on dataset '{samples._root_dataset.name}'; "
+            f"runs of that kind: {list_runs(samples, method)}")
+    return get_run_config(samples, run_key)[config_key]
+
+
 def delete_run(samples, run_key: str, cleanup: bool = True) -> None:
     """Delete a run and, with ``cleanup``, the fields it wrote."""
     dataset = samples._root_dataset
