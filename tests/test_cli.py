@@ -99,7 +99,7 @@ def test_killed_pipeline_resumes_the_interrupted_step(digits, tmp_path):
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while not (model / "training_state" / "step.json").exists():
+        while not (model / "training_state" / "latest.json").exists():
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:] if proc.stderr else ""
             time.sleep(0.2)
         time.sleep(1.0)
@@ -107,6 +107,10 @@ def test_killed_pipeline_resumes_the_interrupted_step(digits, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     assert proc.returncode == -signal.SIGKILL
+    # a checkpoint the kill cut short (as if it died while saving): never read, removed by the next checkpoint
+    half_written = model / "training_state" / "step-000000999"
+    half_written.mkdir(exist_ok=True)
+    (half_written / "model.safetensors").write_bytes(b"\x00" * 7)
     digits.reload()
     assert digits.has_run("before") and not digits.has_run("cd")  # step 1 done, step 2 interrupted
     out = fairbalance("run", path)
@@ -114,6 +118,7 @@ def test_killed_pipeline_resumes_the_interrupted_step(digits, tmp_path):
     digits.reload()
     res = runs.load_run_results(digits, "cd")
     assert 0 < res["resumed_from_step"] < 6 and res["steps"] == 6  # 60 train images, batches of 64
+    assert sorted(p.name for p in (model / "training_state").glob("step-*")) == ["step-000000006"]
     assert not claims.list_claims()
 
 

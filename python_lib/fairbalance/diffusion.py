@@ -35,6 +35,7 @@ from fairbalance import claims, models, runs, training, validation
 LABELS_FILE = "fairbalance_labels.json"
 CONDITION_FILE = "condition.safetensors"
 STATE_DIR = "training_state"
+LATEST_FILE = "latest.json"  # in STATE_DIR: the step and folder of the last complete checkpoint
 MIN_IMAGES_PER_CLUSTER = 10
 SCHEDULERS = ("ddim", "ddpm")
 
@@ -283,6 +284,21 @@ def _check_model_folder(output_dir: str, cfg: DiffusionTrainConfig, resume: bool
     return not (resume and same)
 
 
+def _latest_checkpoint(state_dir: str) -> tuple[str, int] | None:
+    """The folder and step of the last complete training checkpoint, if any."""
+    pointer = os.path.join(state_dir, LATEST_FILE)
+    if not os.path.isfile(pointer):
+        return None
+    try:
+        with open(pointer) as f:
+            latest = json.load(f)
+        return os.path.join(state_dir, latest["folder"]), int(latest["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise validation.FairBalanceError(
+            f"The training checkpoint pointer {pointer} is corrupt ({e}); delete {state_dir} or pass "
+            "overwrite=True to start over") from e
+
+
 def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir: str, device, resume: bool,
          progress):
     """The training loop (accelerate, EMA, periodic checkpoints that a rerun resumes)."""
@@ -306,12 +322,12 @@ def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir
     ema.to(accelerator.device)
     state_dir = os.path.join(output_dir, STATE_DIR)
     start_step = 0
-    if resume and os.path.isfile(os.path.join(state_dir, "step.json")):
+    latest = _latest_checkpoint(state_dir) if resume else None
+    if latest is not None:
         try:
-            accelerator.load_state(state_dir)
-            ema.load_state_dict(torch.load(os.path.join(state_dir, "ema.pt"), weights_only=False))
-            with open(os.path.join(state_dir, "step.json")) as f:
-                start_step = json.load(f)["step"]
+            checkpoint_dir, start_step = latest
+            accelerator.load_state(checkpoint_dir)
+            ema.load_state_dict(torch.load(os.path.join(checkpoint_dir, "ema.pt"), weights_only=False))
         except Exception as e:  # a truncated or foreign checkpoint: one clear message
             raise validation.FairBalanceError(
                 f"The training checkpoint in {state_dir} is corrupt ({type(e).__name__}: {e}); delete that folder "
@@ -320,15 +336,22 @@ def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir
     step, losses = start_step, []
 
     def checkpoint():
-        accelerator.save_state(state_dir)
-        torch.save(ema.state_dict(), os.path.join(state_dir, "ema.pt"))
+        # Each checkpoint goes to a folder of its own; the pointer to it is written last, so a process killed at
+        # any moment leaves the previous complete checkpoint in place (never a half-overwritten one).
+        checkpoint_dir = os.path.join(state_dir, f"step-{step:09d}")
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        accelerator.save_state(checkpoint_dir)
+        torch.save(ema.state_dict(), os.path.join(checkpoint_dir, "ema.pt"))
         ema_model = _build_model(cfg)
         ema.copy_to(ema_model.parameters())
         _save_model(output_dir, ema_model, scheduler, cfg, step)
-        tmp = os.path.join(state_dir, "step.json.tmp")
-        with open(tmp, "w") as f:  # written last: a checkpoint counts only once complete
-            json.dump({"step": step}, f)
-        os.replace(tmp, os.path.join(state_dir, "step.json"))
+        tmp = os.path.join(state_dir, LATEST_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"step": step, "folder": os.path.basename(checkpoint_dir)}, f)
+        os.replace(tmp, os.path.join(state_dir, LATEST_FILE))
+        for name in os.listdir(state_dir):  # older checkpoints and any a killed process left half-written
+            if name.startswith("step-") and name != os.path.basename(checkpoint_dir):
+                shutil.rmtree(os.path.join(state_dir, name), ignore_errors=True)
 
     null = torch.as_tensor(cfg.factor_sizes)
     noise_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + start_step)
