@@ -10,6 +10,7 @@ from .lora import FinetunePerGroup, GeneratePerGroup
 from .pipeline import RunPipeline
 from .pseudo_labels import ComputePseudoLabels
 from .sa_features import ComputeSAFeatures
+from .sharding import ComputeShard
 
 OPERATORS = [
     CreateColoredDigits,
@@ -30,4 +31,5 @@ OPERATORS = [
     TrainClassifier,
     ApplyClassifier,
     RunPipeline,
+    ComputeShard,
 ]
