@@ -373,7 +373,8 @@ class ShardedJob:
 def _queue_op(samples, params: dict) -> str:
     import fiftyone.operators as foo
 
-    res = foo.execute_operator(OPERATOR_URI, ctx={"view": samples, "params": params}, request_delegation=True)
+    res = foo.execute_operator(OPERATOR_URI, ctx={"dataset": samples._root_dataset, "view": samples.view(),
+                                                  "params": params}, request_delegation=True)
     if res.error:
         raise validation.FairBalanceError(f"could not queue {params}: {res.error_message or res.error}")
     return str(res.result["id"])
