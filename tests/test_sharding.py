@@ -143,7 +143,7 @@ def test_two_workers_run_four_shards_once_and_a_killed_shard_resumes(digits_copy
     ds = digits_copy
     reference = compute_sa_features(ds, embeddings_field="emb_single", features_field="sa_single", run_key="single",
                                     **sa_kwargs)
-    kw = dict(embeddings_field="emb_sharded", features_field="sa_sharded", chunk_size=2, batch_size=2, **sa_kwargs)
+    kw = dict(embeddings_field="emb_sharded", features_field="sa_sharded", chunk_size=5, batch_size=5, **sa_kwargs)
     job = fairbalance.queue_sharded(ds, "compute_sa_features", num_shards=4, run_key="sharded", **kw)
     assert sorted(job.queued) == [0, 1, 2, 3] and not job.requeued
     svc = food.DelegatedOperationService()
