@@ -78,6 +78,11 @@ def test_shards_in_one_process_equal_single_run_and_record_only_after_merge(digi
         compute_sa_features(digits_copy, shard=0, num_shards=3, **kw)
     with pytest.raises(FairBalanceError, match="overwrite"):
         compute_sa_features(digits_copy, shard=0, num_shards=4, overwrite=True, **kw)
+    # a non-sharded run cannot take the key; deleting the run deletes its field and its job state
+    with pytest.raises(FairBalanceError, match="already exists"):
+        compute_sa_features(digits_copy, **kw)
+    runs.delete_run(digits_copy, "sharded")
+    assert sharding.get_job(digits_copy, "sharded") is None and not digits_copy.has_field("sa_sharded")
 
 
 def test_queue_sharded_validates_before_queuing(digits_copy, sa_kwargs):
@@ -206,3 +211,26 @@ def test_two_workers_run_four_shards_once_and_a_killed_shard_resumes(digits_copy
     la, lb = ds.values("cl_single.label"), ds.values("cl_sharded.label")
     assert _same_partition(la, lb)
     assert fo.dataset_exists(ds.name)
+
+
+def test_sa_form_with_shards_queues_them_and_a_worker_loop_finishes_the_run(digits_copy, tiny_clip):
+    import fiftyone.operators as foo
+    import fiftyone.operators.delegated as food
+
+    view = digits_copy.match_tags("train")
+    params = {"source": "texts", "related_texts": "a red digit, a blue digit, a green digit", "model": tiny_clip,
+              "pretrained": "", "num_shards": 3, "run_key": "form_sharded", "features_field": "sa_form",
+              "embeddings_field": "emb_form"}
+    result = foo.execute_operator("@fairbalance/fairbalance/compute_sa_features",
+                                  ctx={"dataset": digits_copy.name, "view": view, "params": params})
+    assert result.error is None, result.error
+    assert result.result["shards_queued"] == 3 and not digits_copy.has_field("sa_form")  # queued, not computed
+    svc = food.DelegatedOperationService()
+    queued = svc.list_operations(operator=sharding.OPERATOR_URI, dataset_name=digits_copy.name, run_state="queued")
+    assert sorted(op.label for op in queued) == [f"compute_sa_features 'form_sharded' shard {i}/3" for i in range(3)]
+    svc.execute_queued_operations(operator=sharding.OPERATOR_URI, dataset_name=digits_copy.name)  # a worker's loop
+    digits_copy.reload()
+    status = fairbalance.sharded_status(digits_copy, "form_sharded")
+    assert status["merged"] and status["num_done"] == len(view) == status["num_samples"]
+    assert len(view.exists("sa_form")) == len(view) and not len(digits_copy.match_tags("test").exists("sa_form"))
+    assert runs.get_run_config(digits_copy, "form_sharded")["num_shards"] == 3

@@ -317,6 +317,7 @@ class Shard:
         return result
 
 
+@claims.exclusive
 def merge(samples, run_key: str) -> dict | None:
     """Merge a job whose shards are all done: the complete run record and its results.
 
