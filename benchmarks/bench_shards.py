@@ -103,7 +103,8 @@ def main():
                     _stop(procs)
             print(f"  {n} worker{'s' if n > 1 else ' '}, queue_sharded -> merged:          {rows[n]:7.1f} s   "
                   f"ratio to baseline {base / rows[n]:.2f}x")
-        print(f"  2 vs 1 worker: {rows[1] / rows[2]:.2f}x faster; overhead per shard (1 worker - baseline) / shards: "
+        print(f"  speed-up of 2 workers over 1: {rows[1] / rows[2]:.2f}x; overhead per shard (1 worker - baseline) / "
+              "shards: "
               f"{(rows[1] - base) / args.shards:.1f} s")
     finally:
         if fo.dataset_exists(ds.name):

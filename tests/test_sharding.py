@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import fiftyone as fo
 import numpy as np
 import pytest
 
@@ -210,7 +209,9 @@ def test_two_workers_run_four_shards_once_and_a_killed_shard_resumes(digits_copy
     compute_pseudo_labels(ds, features_field="sa_sharded", label_field="cl_sharded", run_key="cl_sharded", kmax=6)
     la, lb = ds.values("cl_single.label"), ds.values("cl_sharded.label")
     assert _same_partition(la, lb)
-    assert fo.dataset_exists(ds.name)
+    # queuing the finished job again queues nothing
+    done = fairbalance.queue_sharded(ds, "compute_sa_features", num_shards=4, run_key="sharded", **kw)
+    assert done.queued == {} and done.merge_queued is None
 
 
 def test_sa_form_with_shards_queues_them_and_a_worker_loop_finishes_the_run(digits_copy, tiny_clip):

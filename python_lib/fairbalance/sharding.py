@@ -340,6 +340,7 @@ def merge(samples, run_key: str) -> dict | None:
     job = get_job(samples, run_key)
     if job.get("merged"):
         return runs.load_run_results(dataset, run_key)
+    dataset.reload()  # the pending record may have been (re)registered by another process
     spec = shardable(job["function"])
     results = spec.load("merge")(samples, job)
     run = runs.PreparedRun(samples, run_key, spec.method,
@@ -417,6 +418,7 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
     if validator is not None:
         validator(samples, **kwargs)  # the function's own up-front checks, before anything is queued
     dataset = samples._root_dataset
+    dataset.reload()  # workers (other processes) replace run records: never judge from a stale copy
     if overwrite and (dataset.has_run(run_key) or get_job(samples, run_key)):
         live = _live_shard_claims(dataset, run_key)
         if live:
