@@ -11,6 +11,7 @@ from .lora import FinetunePerGroup, GeneratePerGroup
 from .pipeline import RunPipeline
 from .pseudo_labels import ComputePseudoLabels
 from .sa_features import ComputeSAFeatures
+from .sharding import ComputeShard
 
 OPERATORS = [
     CreateColoredDigits,
@@ -32,4 +33,5 @@ OPERATORS = [
     TrainClassifier,
     ApplyClassifier,
     RunPipeline,
+    ComputeShard,
 ]

@@ -60,7 +60,8 @@ def run_key_input(ctx, inputs, fn, resumable=False):
         prop.invalid, prop.error_message = True, str(e)
         return False
     if ctx.dataset is not None and ctx.dataset.has_run(key) and not ctx.params.get("overwrite", False):
-        if resumable:
+        pending = getattr(ctx.dataset.get_run_info(key).config, "method", None) == runs.CONFIG_PREFIX + "sharded_job"
+        if resumable or pending:
             inputs.view("run_key_notice", types.Notice(
                 label=f"Run '{key}' exists: running it again with the same settings resumes it; other settings "
                       "need Overwrite or another key"))

@@ -4,6 +4,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fairbalance.sa_features import compute_sa_features
+from fairbalance.sharding import queue_sharded
 
 from ._common import default_of, given, operator_config, progress_callback, result_view, rounded, run_key_input
 
@@ -61,6 +62,10 @@ class ComputeSAFeatures(foo.Operator):
         inputs.str("features_field", default=_default("features_field"), required=False, label="Features field")
         inputs.int("batch_size", default=_default("batch_size"), min=1, label="Batch size")
         inputs.bool("skip_failures", default=_default("skip_failures"), label="Skip unreadable images")
+        inputs.int("num_shards", default=1, min=1, label="Shards",
+                   description="More than 1: queue the work as this many delegated operations (one per shard) for "
+                               "`fiftyone delegated launch` workers; the last to finish records the run. Running "
+                               "it again with the same settings resumes")
         run_key_input(ctx, inputs, compute_sa_features)
         return types.Property(inputs, view=types.View(label="Compute SA features"))
 
@@ -71,16 +76,19 @@ class ComputeSAFeatures(foo.Operator):
         p = ctx.params
         lists = {n: _split(p.get(n)) or None for n in ("attribute_values", "related_texts", "exclude_words")}
         by_texts = _source(p) == "texts"
-        result = compute_sa_features(
-            ctx.target_view(),
+        kwargs = dict(
             attribute=None if by_texts else (p.get("attribute") or "").strip() or None,
             attribute_values=None if by_texts else lists["attribute_values"],
             related_texts_override=lists["related_texts"] if by_texts else None,
             exclude_words=None if by_texts else lists["exclude_words"],
-            progress=progress_callback(ctx, "Encoding images"),
             **given(p, ("model", "pretrained", "embeddings_field", "features_field", "batch_size", "skip_failures",
                         "run_key", "overwrite") + (() if by_texts else ("num_related_texts",))),
         )
+        if (p.get("num_shards") or 1) > 1:
+            job = queue_sharded(ctx.target_view(), "compute_sa_features", num_shards=p["num_shards"], **kwargs)
+            return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
+                    "shards_requeued": len(job.requeued)}
+        result = compute_sa_features(ctx.target_view(), progress=progress_callback(ctx, "Encoding images"), **kwargs)
         ctx.ops.reload_dataset()
         out = result.to_dict()
         out["num_failures"] = len(result.failures)
@@ -89,6 +97,8 @@ class ComputeSAFeatures(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "SA features computed",
+            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("query", "str", "Query text (W_SA)"),
             ("num_samples", "int", "Samples with features"),
             ("num_encoded", "int", "Images encoded now (others reused stored embeddings)"),

@@ -22,6 +22,8 @@ a FiftyOne run and returns a result with ``run_key`` and ``to_dict()``:
   :func:`export_samples` and :class:`TorchImageDataset` (the repaired set
   for a trainer elsewhere), :func:`load_pipeline` / :func:`run_pipeline`
   (pipeline files; also the ``fairbalance`` command)
+- scale out: :func:`queue_sharded` (a job as n delegated operations, one per
+  shard, for ``fiftyone delegated launch`` workers) and :func:`sharded_status`
 - train / verify: :func:`train_classifier` (vanilla, JTT, LfF, real +
   generated, two-stage), :func:`apply_classifier`, :func:`evaluate_classifier`
 """
@@ -46,6 +48,7 @@ from fairbalance.models import ModelNotFoundError
 from fairbalance.pipeline import load_pipeline, run_pipeline
 from fairbalance.pseudo_labels import compute_pseudo_labels
 from fairbalance.sa_features import compute_sa_features, get_related_texts
+from fairbalance.sharding import queue_sharded, sharded_status
 from fairbalance.text_to_image import generate_from_captions
 from fairbalance.validation import FairBalanceError
 
@@ -82,7 +85,9 @@ __all__ = [
     "inject_bias_conflicting",
     "load_pipeline",
     "normalized_entropy",
+    "queue_sharded",
     "run_pipeline",
+    "sharded_status",
     "train_classifier",
     "train_conditional_diffusion",
     "xmeans",

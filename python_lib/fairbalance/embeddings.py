@@ -80,8 +80,11 @@ def write(samples, field: str, values: dict[str, np.ndarray], clip: ClipModel) -
     view = dataset.select(list(values))
     view.set_values(field, values, key_field="id")
     f = dataset.get_field(field)
+    description = f"CLIP image embeddings ({clip.spec.model}, {clip.spec.pretrained}), L2-normalized"
+    if (f.info or {}).get(MODEL_INFO_KEY) == clip.spec.to_dict() and f.description == description:
+        return  # tagged already (a chunked run writes many times)
     f.info = {**(f.info or {}), MODEL_INFO_KEY: clip.spec.to_dict()}
-    f.description = f"CLIP image embeddings ({clip.spec.model}, {clip.spec.pretrained}), L2-normalized"
+    f.description = description
     f.save()
 
 

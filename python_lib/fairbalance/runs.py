@@ -96,11 +96,14 @@ def given_or_recorded(samples, given, run_key: str | None, method: str, config_k
 
 
 def delete_run(samples, run_key: str, cleanup: bool = True) -> None:
-    """Delete a run and, with ``cleanup``, the fields it wrote."""
+    """Delete a run and, with ``cleanup``, the fields it wrote (and a sharded run's job state)."""
+    from fairbalance import sharding
+
     dataset = samples._root_dataset
     if cleanup:
         _delete_fields(dataset, get_run_config(dataset, run_key).get("fields_written", []))
     dataset.delete_run(run_key)
+    sharding.delete_job(dataset, run_key)
 
 
 def _delete_fields(dataset, fields: Iterable[str]) -> None:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from fairbalance import claims, embeddings, models, related_texts, runs, validation, writeback
+from fairbalance import claims, embeddings, models, related_texts, runs, sharding, validation, writeback
 
 
 @dataclass
@@ -49,8 +49,11 @@ def compute_sa_features(
     device: str | None = None,
     skip_failures: bool = False,
     overwrite: bool = False,
+    shard: int | None = None,
+    num_shards: int | None = None,
+    chunk_size: int = sharding.DEFAULT_CHUNK_SIZE,
     progress=None,
-) -> SAFeaturesResult:
+) -> SAFeaturesResult | sharding.ShardResult:
     """Compute and store SA features for every sample of ``samples``.
 
     Args:
@@ -67,19 +70,21 @@ def compute_sa_features(
             already have one from the same model are not encoded again
         features_field: the k-vector field to write
         skip_failures: leave unreadable images without features instead of failing
+        shard, num_shards: compute only shard ``shard`` of ``num_shards`` (see
+            :mod:`fairbalance.sharding`; :func:`fairbalance.queue_sharded` queues
+            all shards for delegated workers): chunks of ``chunk_size`` samples
+            are written as they finish, a rerun skips the samples done, and the
+            last shard to finish records the run; returns a
+            :class:`~fairbalance.sharding.ShardResult`
     """
-    validation.require_nonempty(samples)
-    validation.require_image_collection(samples)
-    validation.require_field_name(embeddings_field)
-    if related_texts_override is None:
-        related_texts.attribute_query(attribute, attribute_values)  # validates the attribute text
-        validation.require_positive_int("num_related_texts", num_related_texts, minimum=2)
-    else:
-        related_texts_override = [t.strip() for t in related_texts_override if t and t.strip()]
-        if len(related_texts_override) < 2:
-            raise validation.FairBalanceError("Pass at least 2 non-empty related texts")
-    if "{}" not in prompt_template:
-        raise validation.FairBalanceError("prompt_template must contain '{}' where the related text goes")
+    related_texts_override = validate_inputs(samples, attribute, attribute_values, related_texts_override,
+                                             num_related_texts, prompt_template, embeddings_field, features_field)
+    if shard is not None or num_shards is not None:
+        sharding.validate_shard(shard, num_shards)
+        if overwrite:
+            raise validation.FairBalanceError(
+                "a shard cannot overwrite its run (other shards write it too): delete the run first or "
+                "queue_sharded(..., overwrite=True)")
 
     clip = models.load_clip(model, pretrained, device=device)
     embeddings.check_field(samples, embeddings_field, clip)
@@ -95,6 +100,9 @@ def compute_sa_features(
         "features_field": features_field,
         "skip_failures": skip_failures,
     }
+    if shard is not None:
+        return _compute_shard(samples, clip, config, run_key, shard, num_shards, chunk_size, batch_size, num_workers,
+                              progress)
     run = runs.prepare(samples, run_key, "sa_features", config, [features_field], overwrite)
 
     if related_texts_override is None:
@@ -138,6 +146,89 @@ def compute_sa_features(
     )
     run.save_results({k: v for k, v in result.to_dict().items() if k != "run_key"})
     return result
+
+
+def validate_inputs(samples, attribute=None, attribute_values=None, related_texts_override=None,
+                    num_related_texts=20, prompt_template="a photo of a {}", embeddings_field="clip_embedding",
+                    features_field="sa_features", **_):
+    """The up-front checks of :func:`compute_sa_features` (also run by ``queue_sharded`` before queuing).
+
+    Returns the cleaned ``related_texts_override``.
+    """
+    validation.require_nonempty(samples)
+    validation.require_image_collection(samples)
+    validation.require_field_name(embeddings_field)
+    validation.require_field_name(features_field)
+    if related_texts_override is None:
+        related_texts.attribute_query(attribute, attribute_values)  # validates the attribute text
+        validation.require_positive_int("num_related_texts", num_related_texts, minimum=2)
+    else:
+        related_texts_override = [t.strip() for t in related_texts_override if t and t.strip()]
+        if len(related_texts_override) < 2:
+            raise validation.FairBalanceError("Pass at least 2 non-empty related texts")
+    if "{}" not in prompt_template:
+        raise validation.FairBalanceError("prompt_template must contain '{}' where the related text goes")
+    return related_texts_override
+
+
+def _choose_texts(clip, config) -> dict:
+    if config["related_texts_override"] is None:
+        query, chosen = related_texts.select(clip, config["attribute"], config["attribute_values"],
+                                             config["num_related_texts"], config["exclude_words"], progress=False)
+    else:
+        query, chosen = None, [related_texts.RelatedText(t, None) for t in config["related_texts_override"]]
+    return {"query": query, "related_texts": [{"text": r.text, "score": r.score, "synset": r.synset} for r in chosen]}
+
+
+def _compute_shard(samples, clip, config, run_key, shard, num_shards, chunk_size, batch_size, num_workers,
+                   progress) -> sharding.ShardResult:
+    """One shard of a sharded SA-features run: chunks of images encoded and written as they finish."""
+    import fiftyone.core.utils as fou
+
+    emb_field, feat_field = config["embeddings_field"], config["features_field"]
+    job = sharding.Shard(samples, run_key, "compute_sa_features", shard, num_shards, config, [feat_field],
+                         done_field=feat_field, chunk_size=chunk_size)
+    # every shard uses the texts the first one chose (WordNet selection is deterministic, but once is enough)
+    texts = job.shared("texts", lambda: _choose_texts(clip, config))
+    text_emb = clip.encode_text([config["prompt_template"].format(r["text"]) for r in texts["related_texts"]]).numpy()
+    dataset = samples._root_dataset
+    num_encoded = 0
+    with fou.ProgressBar(total=max(job.total, 1), progress=progress) as pb:
+        pb.update(job.resumed)
+        for chunk in job.chunks():
+            view = dataset.select(chunk)
+            new, failures = embeddings.compute_missing(view, emb_field, clip, batch_size, num_workers,
+                                                       config["skip_failures"])
+            ids, stored, _ = embeddings.load(view, emb_field) if dataset.has_field(emb_field) else ([], None, [])
+            by_id = dict(zip(ids, stored)) if ids else {}
+            by_id.update(new)
+            target = [i for i in chunk if i in by_id]
+            embeddings.write(dataset, emb_field, new, clip)
+            if target:
+                features = embeddings.normalize(np.stack([by_id[i] for i in target])) @ text_emb.T
+                writeback.set_values_by_id(dataset.select(target), {
+                    feat_field: {i: features[j].astype(np.float32) for j, i in enumerate(target)}}, ids=target)
+            num_encoded += len(new)
+            job.chunk_done(chunk, failures)
+            pb.update(len(chunk))
+    return job.finish({"num_encoded": num_encoded})
+
+
+def merge_shards(samples, job: dict) -> dict:
+    """The results of a sharded SA-features run whose shards are all done (what the run record keeps)."""
+    cfg = job["config"]
+    shards = job["shards"].values()
+    failures = {k: v for s in shards for k, v in (s.get("failures") or {}).items()}
+    texts = job["shared"]["texts"]
+    return {
+        "query": texts["query"],
+        "related_texts": texts["related_texts"],
+        "num_samples": len(samples.exists(cfg["features_field"])),
+        "num_encoded": sum((s.get("summary") or {}).get("num_encoded", 0) for s in shards),
+        "features_field": cfg["features_field"],
+        "embeddings_field": cfg["embeddings_field"],
+        "failures": failures,
+    }
 
 
 def get_related_texts(samples, run_key: str = "sa_features") -> list[dict]:
