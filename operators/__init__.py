@@ -11,22 +11,22 @@ from .pipeline import RunPipeline
 from .pseudo_labels import ComputePseudoLabels
 from .sa_features import ComputeSAFeatures
 
-OPERATORS = [
+OPERATORS = [  # in the order of the road (operators/_common.py ROAD): the operator browser keeps it within a step
     CreateColoredDigits,
     CreateColoredMnist,
+    AuditBalance,
     ComputeSAFeatures,
     ComputePseudoLabels,
     BalanceReport,
-    AuditBalance,
+    ComputeHardnessTags,
     TrainConditionalDiffusion,
     GenerateBalanced,
-    FilterGenerated,
     FinetunePerGroup,
     GeneratePerGroup,
     ComputeCaptions,
     FilterCaptions,
     GenerateFromCaptions,
-    ComputeHardnessTags,
+    FilterGenerated,
     TrainClassifier,
     ApplyClassifier,
     RunPipeline,

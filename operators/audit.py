@@ -5,8 +5,9 @@ import fiftyone.operators.types as types
 
 from fairbalance.audit import audit_balance
 
-from ._common import (as_text_block, categorical_fields, default_of, field_dropdown, given, operator_config,
-                      progress_callback, result_view, rounded, run_key_input)
+from ._common import (as_text_block, attribute_or_texts_input, categorical_fields, default_of, field_dropdown, given,
+                      operator_config, progress_callback, related_texts_columns, result_view, rounded, run_key_input,
+                      split_list, text_source)
 
 
 class AuditBalance(foo.Operator):
@@ -21,7 +22,7 @@ class AuditBalance(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx)
-        inputs.str("attribute", required=True, label="Sensitive attribute", description='e.g. "races"')
+        attribute_or_texts_input(ctx, inputs, 'e.g. "races"')
         inputs.str("model", default=default_of(audit_balance, "model"), required=False, label="CLIP model")
         inputs.str("pretrained", default=default_of(audit_balance, "pretrained"), required=False,
                    label="Pretrained tag or checkpoint")
@@ -34,7 +35,9 @@ class AuditBalance(foo.Operator):
 
     def execute(self, ctx):
         p = ctx.params
-        res = audit_balance(ctx.target_view(), p["attribute"],
+        by_texts = text_source(p) == "texts"
+        res = audit_balance(ctx.target_view(), None if by_texts else (p.get("attribute") or "").strip() or None,
+                            related_texts_override=split_list(p.get("related_texts")) if by_texts else None,
                             progress=progress_callback(ctx, "Encoding images"),
                             **given(p, ("model", "pretrained", "attribute_field", "run_key", "overwrite")))
         ctx.ops.reload_dataset()
@@ -49,6 +52,6 @@ class AuditBalance(foo.Operator):
             ("num_clusters", "int", "Pseudo-label clusters"),
             ("normalized_entropy", "float", "Normalized entropy (1 = balanced)"),
             ("imbalance_ratio", "float", "Imbalance ratio"),
-            ("related_texts", "table", "Related texts", {"text": "Related text", "score": "Score"}),
+            ("related_texts", "table", "Related texts", related_texts_columns(ctx)),
             ("summary", "text", "Report"),
         )

@@ -196,8 +196,13 @@ class BalancePanel(foo.Panel):
             panel.md(f"**Worst groups of the last evaluation** (`{ev['run_key']}`, accuracy {ev['accuracy']:.3f})"
                      f"\n\n| group (class\\|attribute) | accuracy |\n|---|---|\n{rows}", name="worst")
         if summary.get("related_texts"):
-            rows = "\n".join(f"| {r['text']} | {_score(r.get('score'))} |" for r in summary["related_texts"])
-            panel.md("**Related texts of the last SA run**\n\n| text | score |\n|---|---|\n" + rows, name="texts")
+            texts = summary["related_texts"]
+            if any(r.get("score") is not None for r in texts):
+                table = "| text | score |\n|---|---|\n" + "\n".join(
+                    f"| {r['text']} | {_score(r.get('score'))} |" for r in texts)
+            else:  # the user's own texts: no query, so no similarity to show
+                table = "| text (given by the user) |\n|---|\n" + "\n".join(f"| {r['text']} |" for r in texts)
+            panel.md("**Related texts of the last SA run**\n\n" + table, name="texts")
         return types.Property(panel, view=types.GridView(orientation="vertical"))
 
 
