@@ -131,6 +131,14 @@ def rounded(value, digits=3):
     return value
 
 
+def readable_bytes(n):
+    """A size for people: 162375 -> "159 KB" (binary units, as file browsers show them)."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" or n >= 100 else f"{n:.3g} {unit}"
+        n /= 1024
+
+
 # The road a user walks: find -> tag -> generate -> train -> verify; the operator browser lists them in this order
 ROAD = {
     "create_colored_digits": "0 data", "create_colored_mnist": "0 data",

@@ -8,6 +8,7 @@ from fairbalance.audit import audit_balance
 from ._common import (as_text_block, attribute_or_texts_input, categorical_fields, default_of, field_dropdown, given,
                       operator_config, progress_callback, related_texts_columns, result_view, rounded, run_key_input,
                       split_list, text_source)
+from .balance_report import CROSS_COLUMNS, cross_rows
 
 
 class AuditBalance(foo.Operator):
@@ -44,7 +45,8 @@ class AuditBalance(foo.Operator):
         report = res.report
         return rounded({"related_texts": res.sa_features.related_texts, "num_clusters": res.pseudo_labels.num_clusters,
                         "entropy": report.entropy, "normalized_entropy": report.normalized_entropy,
-                        "imbalance_ratio": report.imbalance_ratio, "summary": as_text_block(report.format())})
+                        "imbalance_ratio": report.imbalance_ratio, "cross_rows": cross_rows(report),
+                        "summary": as_text_block(report.format())})
 
     def resolve_output(self, ctx):
         return result_view(
@@ -53,5 +55,6 @@ class AuditBalance(foo.Operator):
             ("normalized_entropy", "float", "Normalized entropy (1 = balanced)"),
             ("imbalance_ratio", "float", "Imbalance ratio"),
             ("related_texts", "table", "Related texts", related_texts_columns(ctx)),
+            ("cross_rows", "table", "Clusters x known attribute", CROSS_COLUMNS),
             ("summary", "text", "Report"),
         )

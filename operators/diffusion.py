@@ -207,6 +207,7 @@ class FilterGenerated(foo.Operator):
             ctx, "Filtered",
             ("num_scored", "int", "Generated samples scored"),
             ("num_tagged", "int", "Tagged"),
+            ("tag", "str", "With the tag"),
             ("num_excluded", "int", "Left out of training"),
             ("weight_field", "str", "Weights for training (weight_field)"),
             ("mean_score", "float", "Mean similarity to the cluster"),
