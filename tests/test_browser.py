@@ -453,7 +453,7 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     app.open_operator("apply a classifier", "Apply classifier")
     app.choose("Attribute for worst-group accuracy (optional)", "color")
     text = app.execute("Predictions written", "17-apply_classifier")
-    assert "Worst group" in text and "Accuracy per group" in text
+    assert "Worst group" in text and "Accuracy per group" in text and "|None" not in text
 
     # 6 all steps: a pipeline file
     pipeline = tmp_path / "report.yml"
@@ -462,6 +462,7 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     app.type("Pipeline file", str(pipeline))
     assert _wait(lambda: "1 step on dataset" in app.modal_text(), 30), app.modal_text()
     app.execute("Pipeline", "18-run_pipeline")
+    ds.reload()
     assert ds.has_run("piped")
 
     # the Balance panel after the road: real vs real + generated, the heat map, the last evaluation's worst groups
