@@ -475,6 +475,7 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     panel = app.d.find_element(By.CSS_SELECTOR, content).text
     for shown in ("real + generated", "real only", "Worst groups of the last evaluation", "share of the group"):
         assert shown in panel, f"{shown!r} is not in the panel: {panel}"
+    assert "None" not in panel  # generated samples have no colour: their groups say "(no value)"
     app.d.save_screenshot(os.path.join(app.shots, "19-balance-panel-after-the-road.png"))
     app.d.execute_script(SCROLL_TO_END, app.d.find_element(By.CSS_SELECTOR, content))
     app.d.save_screenshot(os.path.join(app.shots, "19-balance-panel-after-the-road-end.png"))
