@@ -13,23 +13,23 @@ from .pseudo_labels import ComputePseudoLabels
 from .sa_features import ComputeSAFeatures
 from .sharding import ComputeShard
 
-OPERATORS = [
+OPERATORS = [  # in the order of the road (operators/_common.py ROAD): the operator browser keeps it within a step
     CreateColoredDigits,
     CreateColoredMnist,
+    AuditBalance,
     ComputeSAFeatures,
     ComputePseudoLabels,
     BalanceReport,
-    AuditBalance,
+    ComputeHardnessTags,
     TrainConditionalDiffusion,
     GenerateBalanced,
-    FilterGenerated,
     FinetunePerGroup,
     GeneratePerGroup,
     InjectBiasConflicting,
     ComputeCaptions,
     FilterCaptions,
     GenerateFromCaptions,
-    ComputeHardnessTags,
+    FilterGenerated,
     TrainClassifier,
     ApplyClassifier,
     RunPipeline,

@@ -72,6 +72,46 @@ def run_key_input(ctx, inputs, fn, resumable=False):
     return True
 
 
+def split_list(text):
+    """A comma-separated form entry as a list of its non-empty items."""
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def text_source(params):
+    """How an attribute is described: "wordnet" (a word) or "texts" (the user's own related texts)."""
+    if params.get("source") in ("wordnet", "texts"):
+        return params["source"]
+    return "texts" if split_list(params.get("related_texts")) and not (params.get("attribute") or "").strip() \
+        else "wordnet"
+
+
+def attribute_or_texts_input(ctx, inputs, attribute_description):
+    """The two ways to describe a sensitive attribute, as alternatives: a word for WordNet, or the texts themselves.
+
+    Adds the choice and the input of the chosen way; returns the choice ("wordnet" or "texts").
+    """
+    choice = types.RadioGroup()
+    choice.add_choice("wordnet", label="An attribute: WordNet picks the texts closest to it")
+    choice.add_choice("texts", label="My own related texts (quicker: no WordNet search)")
+    source = text_source(ctx.params)
+    inputs.enum("source", choice.values(), default=source, view=choice, label="Describe it by")
+    if source == "texts":
+        prop = inputs.str("related_texts", required=True, label="Related texts (comma-separated)",
+                          description="e.g. 'red, green, blue, yellow': one feature per text")
+        if len(split_list(ctx.params.get("related_texts"))) == 1:
+            prop.invalid, prop.error_message = True, "Give at least two texts"
+    else:
+        inputs.str("attribute", required=True, label="Sensitive attribute", description=attribute_description)
+    return source
+
+
+def related_texts_columns(ctx):
+    """Columns of a related-texts result table: no similarity column for the user's own texts (no query)."""
+    texts = (getattr(ctx, "results", None) or {}).get("related_texts")
+    scored = texts is None or any(t.get("score") is not None for t in texts)
+    return {"text": "Related text", **({"score": "Similarity to the query"} if scored else {})}
+
+
 def sampling_inputs(inputs, fn):
     """Guidance scale, sampling steps and seed of a generator, with ``fn``'s defaults."""
     inputs.float("guidance_scale", default=default_of(fn, "guidance_scale"), min=0, label="Guidance scale",
@@ -90,6 +130,14 @@ def rounded(value, digits=3):
     if isinstance(value, (list, tuple)):
         return [rounded(v, digits) for v in value]
     return value
+
+
+def readable_bytes(n):
+    """A size for people: 162375 -> "159 KB" (binary units, as file browsers show them)."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" or n >= 100 else f"{n:.3g} {unit}"
+        n /= 1024
 
 
 # The road a user walks: find -> tag -> generate -> train -> verify; the operator browser lists them in this order
@@ -125,6 +173,9 @@ def operator_config(name, label, description, icon, dynamic=True, delegated="opt
     }
     if name in ROAD and label.startswith("fairbalance: "):
         label = f"fairbalance {ROAD[name]} · {label[len('fairbalance: '):]}"
+        # the App's operator browser sorts by the first character of the description (ties: registration
+        # order), not by label: the step's number leads it, so the list follows the road
+        description = f"{ROAD[name]} · {description}"
     return foo.OperatorConfig(name=name, label=label, description=description, icon=icon, dynamic=dynamic, **flags)
 
 

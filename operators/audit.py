@@ -5,8 +5,10 @@ import fiftyone.operators.types as types
 
 from fairbalance.audit import audit_balance
 
-from ._common import (as_text_block, categorical_fields, default_of, field_dropdown, given, operator_config,
-                      progress_callback, result_view, rounded, run_key_input)
+from ._common import (as_text_block, attribute_or_texts_input, categorical_fields, default_of, field_dropdown, given,
+                      operator_config, progress_callback, related_texts_columns, result_view, rounded, run_key_input,
+                      split_list, text_source)
+from .balance_report import CROSS_COLUMNS, cross_rows
 
 
 class AuditBalance(foo.Operator):
@@ -21,7 +23,7 @@ class AuditBalance(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx)
-        inputs.str("attribute", required=True, label="Sensitive attribute", description='e.g. "races"')
+        attribute_or_texts_input(ctx, inputs, 'e.g. "races"')
         inputs.str("model", default=default_of(audit_balance, "model"), required=False, label="CLIP model")
         inputs.str("pretrained", default=default_of(audit_balance, "pretrained"), required=False,
                    label="Pretrained tag or checkpoint")
@@ -34,14 +36,17 @@ class AuditBalance(foo.Operator):
 
     def execute(self, ctx):
         p = ctx.params
-        res = audit_balance(ctx.target_view(), p["attribute"],
+        by_texts = text_source(p) == "texts"
+        res = audit_balance(ctx.target_view(), None if by_texts else (p.get("attribute") or "").strip() or None,
+                            related_texts_override=split_list(p.get("related_texts")) if by_texts else None,
                             progress=progress_callback(ctx, "Encoding images"),
                             **given(p, ("model", "pretrained", "attribute_field", "run_key", "overwrite")))
         ctx.ops.reload_dataset()
         report = res.report
         return rounded({"related_texts": res.sa_features.related_texts, "num_clusters": res.pseudo_labels.num_clusters,
                         "entropy": report.entropy, "normalized_entropy": report.normalized_entropy,
-                        "imbalance_ratio": report.imbalance_ratio, "summary": as_text_block(report.format())})
+                        "imbalance_ratio": report.imbalance_ratio, "cross_rows": cross_rows(report),
+                        "summary": as_text_block(report.format())})
 
     def resolve_output(self, ctx):
         return result_view(
@@ -49,6 +54,7 @@ class AuditBalance(foo.Operator):
             ("num_clusters", "int", "Pseudo-label clusters"),
             ("normalized_entropy", "float", "Normalized entropy (1 = balanced)"),
             ("imbalance_ratio", "float", "Imbalance ratio"),
-            ("related_texts", "table", "Related texts", {"text": "Related text", "score": "Score"}),
+            ("related_texts", "table", "Related texts", related_texts_columns(ctx)),
+            ("cross_rows", "table", "Clusters x known attribute", CROSS_COLUMNS),
             ("summary", "text", "Report"),
         )

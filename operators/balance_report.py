@@ -49,6 +49,7 @@ class BalanceReport(foo.Operator):
         out["table"] = [
             {"label": k, "count": v, "percent": round(100 * report.proportions[k], 2)} for k, v in report.counts.items()
         ]
+        out["cross_rows"] = cross_rows(report)
         out["summary"] = as_text_block(report.format())
         return rounded(out)
 
@@ -60,5 +61,16 @@ class BalanceReport(foo.Operator):
             ("imbalance_ratio", "float", "Imbalance ratio (largest / smallest)"),
             ("num_classes", "int", "Classes"),
             ("table", "table", "Counts", {"label": "Class", "count": "Count", "percent": "%"}),
+            ("cross_rows", "table", "Classes x attribute", CROSS_COLUMNS),
             ("summary", "text", "Report"),
         )
+
+
+CROSS_COLUMNS = {"cluster": "Class / cluster", "count": "Samples", "majority": "Most common attribute value",
+                 "purity": "Its share (purity)"}
+
+
+def cross_rows(report):
+    """The clusters x attribute table of a report as table rows (None without an attribute field)."""
+    return [{"cluster": r.cluster, "count": r.count, "majority": r.majority, "purity": r.purity}
+            for r in report.cross_table] or None

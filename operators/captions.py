@@ -95,7 +95,7 @@ class FilterCaptions(foo.Operator):
         )
         ctx.ops.reload_dataset()
         return {**res.to_dict(), "top_words_text": ", ".join(res.top_words),
-                "dropped_text": as_text_block("\n".join(res.dropped_examples))}
+                "dropped_text": as_text_block("\n".join(res.dropped_examples)) if res.dropped_examples else None}
 
     def resolve_output(self, ctx):
         return result_view(

@@ -224,7 +224,9 @@ class ApplyClassifier(foo.Operator):
                                  run_key=f"{applied.predictions_field}_eval", overwrite=True)
         ctx.ops.reload_dataset()
         out = {k: v for k, v in ev.to_dict().items() if v is not None}
-        out["group_table"] = [{"group": g, "accuracy": a} for g, a in sorted(ev.group_accuracy.items())]
+        out["group_table"] = [{"group": _group_name(g), "accuracy": a} for g, a in sorted(ev.group_accuracy.items())]
+        if out.get("worst_group") is not None:
+            out["worst_group"] = _group_name(out["worst_group"])
         return rounded({**out, "predictions_field": applied.predictions_field})
 
     def resolve_output(self, ctx):
@@ -238,3 +240,9 @@ class ApplyClassifier(foo.Operator):
                      ("worst_group", "str", "Worst group (class|attribute)"),
                      ("group_table", "table", "Accuracy per group", {"group": "Group", "accuracy": "Accuracy"})]
         return result_view(ctx, "Predictions written", *rows)
+
+
+def _group_name(group):
+    """A "class|attribute" group for people: samples without the attribute (e.g. generated ones) say so."""
+    cls, sep, attr = str(group).partition("|")
+    return f"{cls}|(no value)" if sep and attr in ("None", "") else str(group)

@@ -106,8 +106,15 @@ class GenerateBalanced(foo.Operator):
             inputs.float("attribute_guidance_scale", required=False, min=0, label="Attribute guidance",
                          description="Guidance toward the attribute (default: the guidance scale)")
         else:
-            inputs.int("total", default=2000, min=1, label="Total images (equal mode)",
-                       description="Split equally over the clusters (the paper generates 2,000)")
+            prop = inputs.int("total", default=2000, min=1, label="Total images (equal mode)",
+                              description="Split equally over the clusters (the paper generates 2,000)")
+            run = ctx.params.get("diffusion_run") if ctx.params.get("diffusion_run") in keys else keys[-1]
+            num_clusters = len(runs.get_run_config(ctx.dataset, run).get("classes") or [])
+            total = ctx.params.get("total")
+            if (ctx.params.get("mode") or default_of(generate_balanced, "mode")) == "equal" and total is not None \
+                    and total < num_clusters:
+                prop.invalid = True
+                prop.error_message = f"At least one image per cluster: the model has {num_clusters} clusters"
         sampling_inputs(inputs, generate_balanced)
         run_key_input(ctx, inputs, generate_balanced, resumable=True)
         return types.Property(inputs, view=types.View(label="Generate balanced samples"))
@@ -200,6 +207,7 @@ class FilterGenerated(foo.Operator):
             ctx, "Filtered",
             ("num_scored", "int", "Generated samples scored"),
             ("num_tagged", "int", "Tagged"),
+            ("tag", "str", "With the tag"),
             ("num_excluded", "int", "Left out of training"),
             ("weight_field", "str", "Weights for training (weight_field)"),
             ("mean_score", "float", "Mean similarity to the cluster"),

@@ -7,7 +7,7 @@ from fairbalance import runs
 from fairbalance.lora import finetune_per_group, generate_per_group
 
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
-                      result_view, rounded, run_key_input, sampling_inputs)
+                      readable_bytes, result_view, rounded, run_key_input, sampling_inputs)
 
 
 class FinetunePerGroup(foo.Operator):
@@ -66,6 +66,9 @@ class FinetunePerGroup(foo.Operator):
         out = res.to_dict()
         out["small_groups_text"] = ", ".join(f"{g}: {n}" for g, n in res.small_groups.items()) or "none"
         out.pop("adapters")
+        out["adapter_size"] = f"{readable_bytes(res.adapter_bytes)} ({res.adapter_bytes / res.base_model_bytes:.1%} of " \
+            f"the base UNet, {readable_bytes(res.base_model_bytes)})" if res.base_model_bytes else \
+            readable_bytes(res.adapter_bytes)
         return rounded(out)
 
     def resolve_output(self, ctx):
@@ -74,8 +77,7 @@ class FinetunePerGroup(foo.Operator):
             ("num_adapters", "int", "Adapters"),
             ("num_trained", "int", "Trained now (the others were there)"),
             ("seconds_per_adapter", "float", "Seconds per adapter"),
-            ("adapter_bytes", "float", "Bytes per adapter"),
-            ("base_model_bytes", "int", "Bytes of the base UNet"),
+            ("adapter_size", "str", "Size of an adapter"),
             ("small_groups_text", "str", "Groups with few images (trained anyway)"),
             ("output_dir", "str", "Adapter folder"),
         )

@@ -29,7 +29,8 @@ class RunPipeline(foo.Operator):
             except Exception as e:  # the file's problem, with its line: shown on the form, before Execute
                 prop.invalid, prop.error_message = True, str(e)
             else:
-                inputs.view("plan", types.Notice(label=f"{len(pipeline.steps)} steps on dataset "
+                n = len(pipeline.steps)
+                inputs.view("plan", types.Notice(label=f"{n} step{'' if n == 1 else 's'} on dataset "
                                                        f"'{pipeline.dataset}': " +
                                                        ", ".join(s.command for s in pipeline.steps)))
         return types.Property(inputs, view=types.View(label="Run pipeline"))

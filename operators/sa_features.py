@@ -6,18 +6,8 @@ import fiftyone.operators.types as types
 from fairbalance.sa_features import compute_sa_features
 from fairbalance.sharding import queue_sharded
 
-from ._common import default_of, given, operator_config, progress_callback, result_view, rounded, run_key_input
-
-
-def _source(params):
-    """How the attribute is described: "wordnet" (a word) or "texts" (the user's own related texts)."""
-    if params.get("source") in ("wordnet", "texts"):
-        return params["source"]
-    return "texts" if _split(params.get("related_texts")) and not (params.get("attribute") or "").strip() else "wordnet"
-
-
-def _split(text):
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
+from ._common import (attribute_or_texts_input, default_of, given, operator_config, progress_callback,
+                      related_texts_columns, result_view, rounded, run_key_input, split_list, text_source)
 
 
 def _default(name):
@@ -36,18 +26,8 @@ class ComputeSAFeatures(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx)
-        source = types.RadioGroup()
-        source.add_choice("wordnet", label="An attribute: WordNet picks the texts closest to it")
-        source.add_choice("texts", label="My own related texts")
-        inputs.enum("source", source.values(), default=_source(ctx.params), view=source, label="Describe it by")
-        if _source(ctx.params) == "texts":
-            prop = inputs.str("related_texts", required=True, label="Related texts (comma-separated)",
-                              description="e.g. 'red, green, blue, yellow': one feature per text")
-            if len(_split(ctx.params.get("related_texts"))) == 1:
-                prop.invalid, prop.error_message = True, "Give at least two texts"
-        else:
-            inputs.str("attribute", required=True, label="Sensitive attribute",
-                       description='What the data may be imbalanced in, e.g. "races" or "age groups"')
+        if attribute_or_texts_input(ctx, inputs, 'What the data may be imbalanced in, e.g. "races" or '
+                                                 '"age groups"') == "wordnet":
             inputs.str("attribute_values", required=False, label="Attribute values (optional, comma-separated)",
                        description='e.g. "white person, black person"')
             inputs.int("num_related_texts", default=_default("num_related_texts"), min=2,
@@ -74,8 +54,8 @@ class ComputeSAFeatures(foo.Operator):
 
     def execute(self, ctx):
         p = ctx.params
-        lists = {n: _split(p.get(n)) or None for n in ("attribute_values", "related_texts", "exclude_words")}
-        by_texts = _source(p) == "texts"
+        lists = {n: split_list(p.get(n)) or None for n in ("attribute_values", "related_texts", "exclude_words")}
+        by_texts = text_source(p) == "texts"
         kwargs = dict(
             attribute=None if by_texts else (p.get("attribute") or "").strip() or None,
             attribute_values=None if by_texts else lists["attribute_values"],
@@ -103,6 +83,5 @@ class ComputeSAFeatures(foo.Operator):
             ("num_samples", "int", "Samples with features"),
             ("num_encoded", "int", "Images encoded now (others reused stored embeddings)"),
             ("num_failures", "int", "Images that could not be loaded"),
-            ("related_texts", "table", "Related texts chosen",
-             {"text": "Related text", "score": "Similarity to the query"}),
+            ("related_texts", "table", "Related texts chosen", related_texts_columns(ctx)),
         )

@@ -192,12 +192,18 @@ class BalancePanel(foo.Panel):
                                "margin": {"t": 30}}, height=360, width="100%")
         if summary.get("worst_groups"):
             ev = summary["worst_groups"]
-            rows = "\n".join(f"| {g} | {a:.3f} |" for g, a in ev["groups"])
+            rows = "\n".join(f"| {cls} | {attr} | {a:.3f} |" for (cls, attr), a in
+                             ((_class_and_attribute(g), a) for g, a in ev["groups"]))
             panel.md(f"**Worst groups of the last evaluation** (`{ev['run_key']}`, accuracy {ev['accuracy']:.3f})"
-                     f"\n\n| group (class\\|attribute) | accuracy |\n|---|---|\n{rows}", name="worst")
+                     f"\n\n| class | attribute | accuracy |\n|---|---|---|\n{rows}", name="worst")
         if summary.get("related_texts"):
-            rows = "\n".join(f"| {r['text']} | {_score(r.get('score'))} |" for r in summary["related_texts"])
-            panel.md("**Related texts of the last SA run**\n\n| text | score |\n|---|---|\n" + rows, name="texts")
+            texts = summary["related_texts"]
+            if any(r.get("score") is not None for r in texts):
+                table = "| text | score |\n|---|---|\n" + "\n".join(
+                    f"| {r['text']} | {_score(r.get('score'))} |" for r in texts)
+            else:  # the user's own texts: no query, so no similarity to show
+                table = "| text (given by the user) |\n|---|\n" + "\n".join(f"| {r['text']} |" for r in texts)
+            panel.md("**Related texts of the last SA run**\n\n" + table, name="texts")
         return types.Property(panel, view=types.GridView(orientation="vertical"))
 
 
@@ -224,6 +230,12 @@ def _last_evaluation(dataset, top=8):
             worst = sorted(res["group_accuracy"].items(), key=lambda kv: kv[1])[:top]
             return {"run_key": key, "accuracy": res["accuracy"], "groups": worst}
     return None
+
+
+def _class_and_attribute(group):
+    """A "class|attribute" group key as two table cells (a "|" inside a Markdown cell would split it)."""
+    cls, _, attr = str(group).partition("|")
+    return cls, attr if attr not in ("", "None") else "(no value)"
 
 
 def _score(value):
