@@ -319,7 +319,7 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     app.browse("fairbalance ")
     steps = _wait(lambda: [int(m.group(1)) for e in app.find("//*[starts-with(normalize-space(text()), 'fairbalance ')]")
                            for m in [re.match(r"fairbalance (\d) ", e.text)] if m], 20)
-    assert len(steps) == 18 and steps == sorted(steps), steps
+    assert len(steps) == 19 and steps == sorted(steps), steps
     app.d.save_screenshot(os.path.join(app.shots, "00-operator-browser.png"))
     from selenium.webdriver.common.keys import Keys
 
@@ -421,6 +421,12 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     app.type("Sampling steps", 2)
     app.execute("Generated", "11-generate_per_group")
     assert len(ds.match_tags("generated")) > generated
+
+    generated = len(ds.match_tags("generated"))
+    app.open_operator("inject bias-conflicting content", "DiffInject")  # contents: the 3 hardness-tagged samples
+    app.type("DDIM steps", 4)
+    text = app.execute("Injected", "11b-inject_bias_conflicting")
+    assert len(ds.match_tags("generated")) > generated and "Samples added" in text
 
     app.open_operator("filter generated samples", "Filter generated samples")
     app.radio("pixels")
