@@ -77,8 +77,7 @@ def write(samples, field: str, values: dict[str, np.ndarray], clip: ClipModel) -
     if not values:
         return
     dataset = samples._root_dataset
-    view = dataset.select(list(values))
-    view.set_values(field, values, key_field="id")
+    dataset.set_values(field, values, key_field="id")  # only these ids; no select() of 1M ids
     f = dataset.get_field(field)
     f.info = {**(f.info or {}), MODEL_INFO_KEY: clip.spec.to_dict()}
     f.description = f"CLIP image embeddings ({clip.spec.model}, {clip.spec.pretrained}), L2-normalized"

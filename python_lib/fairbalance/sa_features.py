@@ -126,7 +126,8 @@ def compute_sa_features(
     def write():
         embeddings.write(samples, embeddings_field, new, clip)
         values = {i: features[j] for j, i in enumerate(target_ids)}
-        writeback.set_values_by_id(samples.select(target_ids), {features_field: values}, ids=target_ids)
+        # keyed by id, no select(target_ids): a $in of 1M ids is over MongoDB's 16 MB command limit
+        writeback.set_values_by_id(samples, {features_field: values}, ids=target_ids)
         if failures:  # samples that could not be loaded get no stale features
             samples.select(list(failures)).set_field(features_field, None).save()
 
