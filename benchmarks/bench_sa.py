@@ -33,16 +33,22 @@ def _median_time(fn, repeats):
     return statistics.median(times), out
 
 
-def bench_xmeans(args):
+def blobs(n):
+    """``(x, y)``: n x 20 features in 6 unequal Gaussian clusters (40% ... 4%), the X-means benchmark data."""
     from sklearn.datasets import make_blobs
+
+    sizes = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]) * n
+    return make_blobs(n_samples=sizes.astype(int).tolist(), n_features=20, cluster_std=1.5,
+                      center_box=(-15, 15), random_state=0)
+
+
+def bench_xmeans(args):
     from sklearn.metrics import adjusted_rand_score
 
     from fairbalance import clustering
 
     for n in args.n:
-        sizes = np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]) * n
-        x, y = make_blobs(n_samples=sizes.astype(int).tolist(), n_features=20, cluster_std=1.5,
-                          center_box=(-15, 15), random_state=0)
+        x, y = blobs(n)
         print(f"\nX-means on {len(x):,} x 20 (6 unequal clusters), kmax=20, median of {args.repeats}")
         rows = []
         ref_t = None

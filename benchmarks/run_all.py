@@ -2,8 +2,10 @@
 
 Each benchmark prints its own table and ratios against its in-process
 baseline. ``requery`` is left out unless asked for: its first run builds the
-WordNet gloss cache of the CLIP model (about 44 min on a 2-core CPU).
-Usage: python benchmarks/run_all.py [--only balance debias ...] [--with-requery]
+WordNet gloss cache of the CLIP model (about 44 min on a 2-core CPU). So is
+``scale``, the 1,000,000-sample figures (about 1 h on a shared 2-core CPU,
+~6 GB of RAM and ~3 GB of MongoDB disk).
+Usage: python benchmarks/run_all.py [--only balance debias ...] [--with-requery] [--with-scale]
 """
 
 from __future__ import annotations
@@ -25,15 +27,19 @@ BENCHMARKS = {
     "repair": ["bench_repair.py"],  # real Colored MNIST, 1% and 5%, 3 seeds (~1 h on 2 CPU cores)
     "balance": ["bench_balance.py"],  # its defaults are the README settings
     "requery": ["bench_sa.py", "requery", "--n", "100000"],
+    "scale": ["bench_scale.py", "--n", "1000000"],  # 1M samples: panel, X-means, write-back, re-query
 }
+OPT_IN = {"requery", "scale"}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None)
     ap.add_argument("--with-requery", action="store_true")
+    ap.add_argument("--with-scale", action="store_true")
     args = ap.parse_args()
-    names = args.only or [n for n in BENCHMARKS if n != "requery" or args.with_requery]
+    opted = {n for n in OPT_IN if getattr(args, f"with_{n}")}
+    names = args.only or [n for n in BENCHMARKS if n not in OPT_IN or n in opted]
     failed = []
     for name in names:
         cmd = [sys.executable, os.path.join(HERE, BENCHMARKS[name][0]), *BENCHMARKS[name][1:]]

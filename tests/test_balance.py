@@ -84,3 +84,27 @@ def test_balance_report_saved_as_run(digits_copy):
         balance.balance_report(digits_copy, "color", run_key="before")
     balance.balance_report(digits_copy.match_tags("test"), "color", run_key="before", overwrite=True)
     assert sum(runs.load_run_results(digits_copy, "before")["counts"].values()) == 100
+
+
+def test_balance_summary_counts_match_python_counting(make_dataset):
+    """The panel's single aggregation: before (real only), after (all), missing labels, cross table."""
+    from collections import Counter
+
+    ds = make_dataset()
+    rows = [(str(i % 3) if i % 7 else None, f"c{i % 2}" if i % 5 else None, i % 4 == 0) for i in range(60)]
+    ds.add_samples([fo.Sample(filepath=f"/x/{i}.png", generated=g,
+                              cluster=fo.Classification(label=c) if c else None,
+                              color=fo.Classification(label=a) if a else None)
+                    for i, (c, a, g) in enumerate(rows)])
+    summary = balance.balance_summary(ds, "cluster", attribute_field="color")
+    real = [r for r in rows if not r[2]]
+    assert summary["before"]["counts"] == dict(Counter(c for c, _, _ in real if c))
+    assert summary["before"]["num_missing"] == sum(1 for c, _, _ in real if c is None)
+    assert summary["after"]["counts"] == dict(Counter(c for c, _, _ in rows if c))
+    assert summary["after"]["num_samples"] == 60
+    cross = Counter((c, a) for c, a, _ in real if c and a)
+    for cluster, row in zip(summary["heatmap"]["y"], summary["heatmap"]["z"]):
+        n = sum(v for (c, _), v in cross.items() if c == cluster)
+        assert row == [cross[(cluster, a)] / n for a in summary["heatmap"]["x"]]
+    ds.set_values("generated", [False] * 60)  # no generated samples: no "after"
+    assert balance.balance_summary(ds, "cluster")["after"] is None

@@ -73,6 +73,34 @@ def test_embeddings_reused_for_new_attribute(digits_copy, sa):
     assert third.num_encoded == 5
 
 
+def test_features_from_stored_and_new_embeddings(digits_copy, sa, tiny_clip):
+    """Features computed chunk by chunk from stored + newly encoded embeddings are cos(text, image)."""
+    sa(digits_copy)
+    digits_copy.take(5, seed=1).set_field("clip_embedding", None).save()
+    result = sa(digits_copy, run_key="sa2", features_field="sa2")
+    assert result.num_encoded == 5 and result.num_samples == len(digits_copy)
+    clip = models.load_clip(tiny_clip, None, device="cpu")
+    text = clip.encode_text([f"a photo of a {r['text']}" for r in result.related_texts]).numpy()
+    emb, feats = digits_copy.values(["clip_embedding", "sa2"])
+    np.testing.assert_allclose(np.stack(feats), embeddings.normalize(np.stack(emb)) @ text.T, atol=1e-5)
+
+
+def test_embeddings_load_in_chunks(make_dataset):
+    """Chunked reading returns the view's order, skips samples without a vector, float32."""
+    ds = make_dataset()
+    vecs = np.random.default_rng(0).standard_normal((10, 4))
+    ds.add_samples([fo.Sample(filepath=f"/x/{i}.png", emb=vecs[i] if i % 4 else None) for i in range(10)])
+    view = ds.skip(1).sort_by("filepath", reverse=True)
+    order = [int(p.split("/")[-1][:-4]) for p in view.values("filepath")]
+    view_ids = view.values("id")
+    ids, matrix, missing = embeddings.load(view, "emb", chunk_size=3)
+    assert ids == [i for i, k in zip(view_ids, order) if k % 4]
+    assert missing == [i for i, k in zip(view_ids, order) if k % 4 == 0]
+    assert matrix.dtype == np.float32
+    np.testing.assert_array_equal(matrix, vecs[[k for k in order if k % 4]].astype(np.float32))
+    assert embeddings.load(view, "emb")[0] == ids  # one chunk: the same
+
+
 def test_related_text_override_skips_wordnet(digits_copy, sa):
     texts = ["a red digit", "a green digit", "a blue digit"]
     result = sa(digits_copy, attribute=None, related_texts_override=texts)

@@ -28,15 +28,19 @@ CAPTION_WORDS = (
 ).split()
 
 
-def build_open_clip(path: str, seed: int = 0) -> str:
-    """A tiny ViT CLIP in open_clip's ``local-dir:`` layout; returns the model name to load."""
+def build_open_clip(path: str, seed: int = 0, embed_dim: int | None = None) -> str:
+    """A tiny ViT CLIP in open_clip's ``local-dir:`` layout; returns the model name to load.
+
+    ``embed_dim``: the output size (default 16; the benchmarks use ViT-B-32's 512).
+    """
     import open_clip
 
     torch.manual_seed(seed)
     os.makedirs(path, exist_ok=True)
-    model = open_clip.CLIP(**TINY_CLIP_CFG)
+    cfg = {**TINY_CLIP_CFG, "embed_dim": embed_dim or TINY_CLIP_CFG["embed_dim"]}
+    model = open_clip.CLIP(**cfg)
     with open(os.path.join(path, "open_clip_config.json"), "w") as f:
-        json.dump({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD}}, f)
+        json.dump({"model_cfg": cfg, "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD}}, f)
     torch.save(model.state_dict(), os.path.join(path, "open_clip_pytorch_model.bin"))
     return f"local-dir:{path}"
 

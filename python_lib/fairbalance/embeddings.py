@@ -77,8 +77,7 @@ def write(samples, field: str, values: dict[str, np.ndarray], clip: ClipModel) -
     if not values:
         return
     dataset = samples._root_dataset
-    view = dataset.select(list(values))
-    view.set_values(field, values, key_field="id")
+    dataset.set_values(field, values, key_field="id")  # only these ids; no select() of 1M ids
     f = dataset.get_field(field)
     description = f"CLIP image embeddings ({clip.spec.model}, {clip.spec.pretrained}), L2-normalized"
     if (f.info or {}).get(MODEL_INFO_KEY) == clip.spec.to_dict() and f.description == description:
@@ -88,14 +87,42 @@ def write(samples, field: str, values: dict[str, np.ndarray], clip: ClipModel) -
     f.save()
 
 
-def load(samples, field: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """``(ids, matrix, ids_without_embedding)`` of the stored embeddings of ``samples``."""
-    ids, vectors = samples.values(["id", field])
-    have = [(i, v) for i, v in zip(ids, vectors) if v is not None]
-    missing = [i for i, v in zip(ids, vectors) if v is None]
-    if not have:
+LOAD_CHUNK = 50_000
+
+
+def load(samples, field: str, chunk_size: int = LOAD_CHUNK) -> tuple[list[str], np.ndarray, list[str]]:
+    """``(ids, matrix, ids_without_embedding)`` of the stored embeddings of ``samples``.
+
+    Read ``chunk_size`` samples at a time into one float32 matrix, so that at
+    most one chunk is held twice: reading every vector and then stacking them
+    held all the embeddings twice (4 GB for 1M x 512).
+    """
+    all_ids = samples.values("id")
+    ids: list[str] = []
+    missing: list[str] = []
+    matrix = None
+    n = 0
+    for start in range(0, len(all_ids), chunk_size):
+        chunk = all_ids[start : start + chunk_size]
+        got = dict(zip(*samples.select(chunk).values(["id", field])))
+        vectors = []
+        for i in chunk:
+            v = got.get(i)
+            if v is None:
+                missing.append(i)
+            else:
+                ids.append(i)
+                vectors.append(np.asarray(v, dtype=np.float32))
+        if not vectors:
+            continue
+        block = np.stack(vectors)
+        if matrix is None:
+            matrix = np.empty((len(all_ids), block.shape[1]), dtype=np.float32)
+        matrix[n : n + len(block)] = block
+        n += len(block)
+    if matrix is None:
         return [], np.zeros((0, 0), dtype=np.float32), missing
-    return [i for i, _ in have], np.stack([np.asarray(v, dtype=np.float32) for _, v in have]), missing
+    return ids, matrix[:n], missing
 
 
 def normalize(x: np.ndarray) -> np.ndarray:

@@ -12,6 +12,8 @@ import numpy as np
 
 from fairbalance import claims, embeddings, models, related_texts, runs, sharding, validation, writeback
 
+FEATURES_CHUNK = 65_536
+
 
 @dataclass
 class SAFeaturesResult:
@@ -117,19 +119,23 @@ def compute_sa_features(
     )
     ids, stored, _ = (embeddings.load(samples, embeddings_field)
                       if samples._root_dataset.has_field(embeddings_field) else ([], None, []))
-    by_id = dict(zip(ids, stored)) if ids else {}
-    by_id.update(new)
-    target_ids = [i for i in samples.values("id") if i in by_id]
+    row = {i: j for j, i in enumerate(ids)}  # stored embedding of each sample; a new one takes precedence
+    target_ids = [i for i in samples.values("id") if i in new or i in row]
     if not target_ids:
         raise validation.FairBalanceError("No image could be encoded; nothing written")
-    image_emb = embeddings.normalize(np.stack([by_id[i] for i in target_ids]))
     text_emb = clip.encode_text([prompt_template.format(r.text) for r in chosen]).numpy()
-    features = image_emb @ text_emb.T
+    # chunk by chunk, so that the embeddings are never copied whole (1M x 512 float32 is 2 GB)
+    features = np.empty((len(target_ids), len(text_emb)), dtype=np.float32)
+    for s in range(0, len(target_ids), FEATURES_CHUNK):
+        block = np.stack([new[i] if i in new else stored[row[i]] for i in target_ids[s : s + FEATURES_CHUNK]])
+        features[s : s + len(block)] = embeddings.normalize(block) @ text_emb.T
+    del stored, row
 
     def write():
         embeddings.write(samples, embeddings_field, new, clip)
-        values = {i: features[j].astype(np.float32) for j, i in enumerate(target_ids)}
-        writeback.set_values_by_id(samples.select(target_ids), {features_field: values}, ids=target_ids)
+        values = {i: features[j] for j, i in enumerate(target_ids)}
+        # keyed by id, no select(target_ids): a $in of 1M ids is over MongoDB's 16 MB command limit
+        writeback.set_values_by_id(samples, {features_field: values}, ids=target_ids)
         if failures:  # samples that could not be loaded get no stale features
             samples.select(list(failures)).set_field(features_field, None).save()
 
