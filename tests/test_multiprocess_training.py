@@ -1,4 +1,7 @@
-"""Training under a launcher: two CPU processes (gloo) started by ``accelerate launch --multi_cpu``.
+"""Training under a launcher: two CPU processes (gloo) started by ``torchrun --nproc_per_node 2``.
+
+(``accelerate launch`` 1.x has no ``--multi_cpu``: its ``--cpu`` starts several
+processes only through ``mpirun``; torchrun is what it runs for GPUs.)
 
 The script the launcher runs calls the public functions unchanged. Each
 process reads Colored Digits from the test MongoDB and trains its half of
@@ -9,9 +12,14 @@ resumes in this process and ends where an uninterrupted one-process run
 ends; the classifiers (vanilla and LfF, whose per-sample weights need the
 whole global batch) have the weights of the one-process ones. Not bitwise:
 the two halves' gradients are averaged by an all-reduce, which rounds in
-another order than one process's mean over the whole batch (differences of
-float32 rounding, ~1e-7 relative); the tolerances sit far below the change
-one optimisation step makes.
+another order than one process's mean over the whole batch (float32
+rounding, ~1e-7 relative). For the diffusion model the comparison is of
+losses and model outputs, not raw weights: with one channel per GroupNorm
+group at the first level, the biases and time projections before a norm
+have a zero gradient in exact arithmetic, and Adam turns their rounding
+noise into steps of +-lr whose sign differs between the two runs; those
+weights cannot change the outputs (the norm removes them); the other
+weights agree within ~1e-6 (a few single elements within 3e-5).
 """
 
 import json
@@ -29,6 +37,7 @@ from safetensors.torch import load_file
 
 import fairbalance as fb
 from fairbalance import claims, runs
+from fairbalance.diffusion import load_conditional_diffusion
 from fairbalance.training import load_classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +54,7 @@ SCRIPT = textwrap.dedent("""
     name, out, busy = sys.argv[1], sys.argv[2], sys.argv[3]
     diff = json.loads(sys.argv[4])
     clf = json.loads(sys.argv[5])
-    ds = fo.load_dataset(name)
+    ds = fo.load_dataset(name).match_tags("train")  # 48 images
     rank = distributed.rank()
     report = {"rank": rank, "world_size": distributed.world_size()}
     try:  # the test holds this folder: the main process is refused, and every process must hear of it
@@ -72,28 +81,36 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def digits():
     # persistent: the launched processes open it by name from the same database
-    ds = fb.colored_digits("fb-multiprocess-tests", num_classes=3, train_per_class=16, test_per_class=0,
+    ds = fb.colored_digits("fb-multiprocess-tests", num_classes=3, train_per_class=16, test_per_class=1,
                            persistent=True, overwrite=True)
-    yield ds
+    yield ds.match_tags("train")  # 48 images: 3 global batches of 16
     ds.delete()
 
 
 @claims.exclusive
 def _launch_holding(busy: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """``accelerate launch --multi_cpu --num_processes 2 script args`` while this process claims ``busy``."""
+    """``torchrun --nproc_per_node 2 script args`` (CPU: gloo) while this process claims ``busy``."""
     claims.claim_folder(busy)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(REPO, "python_lib"),
                                                          os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "FIFTYONE_SHOW_PROGRESS_BARS": "false"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_cpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@torch.no_grad()
+def _outputs(model_dir: str) -> torch.Tensor:
+    """The saved (EMA) model's predictions on a fixed batch of noisy images, one per class and timestep."""
+    model = load_conditional_diffusion(model_dir)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 16, 16, generator=gen)
+    return model.model(x, torch.tensor([10, 200, 500, 700, 900, 990]), torch.tensor([[0], [1], [2], [0], [1], [3]]))
 
 
 def _training_weights(model_dir: str) -> dict:
@@ -108,18 +125,20 @@ def test_two_processes_train_like_one(digits, tmp_path):
     out.mkdir()
     script = tmp_path / "train_script.py"
     script.write_text(SCRIPT)
-    proc = _launch_holding(str(busy), [str(script), digits.name, str(out), str(busy), json.dumps(DIFF),
+    proc = _launch_holding(str(busy), [str(script), digits._root_dataset.name, str(out), str(busy), json.dumps(DIFF),
                                        json.dumps(CLF)], timeout=600)
+    (tmp_path.parent / "mp_stderr.txt").write_text(proc.stderr)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    digits._root_dataset.reload()  # the runs were recorded by another process
 
     # two processes, each refused the held folder (the main one by its claim, the other through it)
     assert [(r["rank"], r["world_size"]) for r in reports] == [(0, 2), (1, 2)]
     assert "in use by a running operation" in reports[0]["busy_error"]
     assert "raised on the main process" in reports[1]["busy_error"]
-    assert not busy.exists() and not digits.has_run("mp_busy")
+    assert not busy.exists() and not digits._root_dataset.has_run("mp_busy")
     # one writer: each run recorded once, no claim left behind, both processes saw the same training
-    assert {"mp_diff", "mp_vanilla", "mp_lff"} <= set(digits.list_runs())
+    assert {"mp_diff", "mp_vanilla", "mp_lff"} <= set(digits._root_dataset.list_runs())
     assert not claims.list_claims()
     assert reports[0]["diffusion"] == reports[1]["diffusion"] and reports[0]["diffusion"]["steps"] == 3
     for method in ("vanilla", "lff"):
@@ -129,26 +148,23 @@ def test_two_processes_train_like_one(digits, tmp_path):
 
     # diffusion: the 2-process checkpoint resumes here for epoch 2 and ends where one process ends
     mp_dir = str(out / "diffusion")
+    at_step3 = _outputs(mp_dir)
     resumed = fb.train_conditional_diffusion(digits, "color", output_dir=mp_dir, epochs=2, run_key="mp_diff", **DIFF)
     assert (resumed.resumed_from_step, resumed.steps) == (3, 6)
-    one_dir = str(tmp_path / "one")
+    one_dir, straight_dir = str(tmp_path / "one"), str(tmp_path / "straight")
     one_epoch = fb.train_conditional_diffusion(digits, "color", output_dir=one_dir, epochs=1, run_key="sp_diff", **DIFF)
-    first = _training_weights(one_dir)
-    assert abs(one_epoch.final_loss - reports[0]["diffusion"]["final_loss"]) < 1e-5
+    assert abs(one_epoch.final_loss - reports[0]["diffusion"]["final_loss"]) < 1e-5  # epoch 1: 2 processes = 1
     one = fb.train_conditional_diffusion(digits, "color", output_dir=one_dir, epochs=2, run_key="sp_diff", **DIFF)
-    straight_dir = str(tmp_path / "straight")
     straight = fb.train_conditional_diffusion(digits, "color", output_dir=straight_dir, epochs=2, run_key="st_diff",
                                               **DIFF)
-    moved = _max_diff(_training_weights(one_dir), first)
-    assert moved > 1e-4  # epoch 2 changed the weights far more than the tolerances below
-    # resuming is exact in one process; 2 processes + resume agree within float rounding
+    # resuming is exact in one process (same batches, same noise per step): bitwise the same weights
     assert _max_diff(_training_weights(one_dir), _training_weights(straight_dir)) == 0.0
     assert one.final_loss == straight.final_loss
-    assert _max_diff(_training_weights(mp_dir), _training_weights(straight_dir)) < 1e-5
+    # 2 processes + resume: the same losses and the same function (model outputs) within float rounding
     assert abs(resumed.final_loss - straight.final_loss) < 1e-5
-    ema_mp = load_file(os.path.join(mp_dir, "unet", "diffusion_pytorch_model.safetensors"))
-    ema_one = load_file(os.path.join(straight_dir, "unet", "diffusion_pytorch_model.safetensors"))
-    assert _max_diff(ema_mp, ema_one) < 1e-5
+    ref = _outputs(straight_dir)
+    assert float((_outputs(mp_dir) - ref).abs().max()) < 1e-4
+    assert float((at_step3 - ref).abs().max()) > 1e-2  # epoch 2 changed the outputs far more than that
 
     # classifiers: the model rank 0 saved loads here and equals one process's training on the same batches
     for method in ("vanilla", "lff"):
@@ -158,4 +174,4 @@ def test_two_processes_train_like_one(digits, tmp_path):
         assert _max_diff(saved.model.state_dict(), single.model.state_dict()) < 1e-5
         for a, b in zip(reports[0][method], single.history):
             assert a.keys() == b.keys() and all(np.isclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
-    assert fo.dataset_exists(digits.name)
+    assert fo.dataset_exists(digits._root_dataset.name)

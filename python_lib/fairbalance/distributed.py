@@ -35,14 +35,16 @@ def launched() -> bool:
 def setup(device=None):
     """accelerate's process state (the process group, this rank's device); None without a launcher.
 
-    ``device="cpu"`` keeps every process on the CPU (the gloo backend);
-    otherwise each process takes its own accelerator (``LOCAL_RANK``).
+    ``device="cpu"``, or no GPU, keeps every process on the CPU (the gloo
+    backend); otherwise each process takes its own GPU (``LOCAL_RANK``).
     """
     if not launched():
         return None
     from accelerate import PartialState
 
-    return PartialState(cpu=device is not None and torch.device(device).type == "cpu")
+    # without cpu=True accelerate expects GPUs under torchrun and would start N single processes instead
+    cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
 
 
 def rank() -> int:
