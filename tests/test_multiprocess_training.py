@@ -7,9 +7,10 @@ The script the launcher runs calls the public functions unchanged. Each
 process reads Colored Digits from the test MongoDB and trains its half of
 every global batch; the main process alone claims, writes the model folders
 and records the runs. The 2-process results are then compared with one
-process taking the same steps (same global batch): the diffusion checkpoint
-resumes in this process and ends where an uninterrupted one-process run
-ends; the classifiers (vanilla and LfF, whose per-sample weights need the
+process taking the same steps (same global batch): the LoRA adapters
+trained on 2 processes give the outputs of those trained here; the diffusion
+checkpoint resumes in this process and ends where an uninterrupted
+one-process run ends; the classifiers (vanilla and LfF, whose per-sample weights need the
 whole global batch) have the weights of the one-process ones. Not bitwise:
 the two halves' gradients are averaged by an all-reduce, which rounds in
 another order than one process's mean over the whole batch (float32
@@ -38,10 +39,12 @@ from safetensors.torch import load_file
 import fairbalance as fb
 from fairbalance import claims, runs
 from fairbalance.diffusion import load_conditional_diffusion
+from fairbalance.lora import load_group_adapters
 from fairbalance.training import load_classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIFF = dict(image_size=16, block_out_channels=(16, 32), batch_size=16, seed=0, device="cpu")  # 48 images: 3 steps
+LORA = dict(rank=2, steps=3, batch_size=4, lr=1e-2, seed=0, device="cpu")  # 2 samples per process and step
 CLF = dict(label_field="ground_truth", backbone="mlp", image_size=16, epochs=2, batch_size=16, seed=0, device="cpu")
 
 SCRIPT = textwrap.dedent("""
@@ -54,6 +57,7 @@ SCRIPT = textwrap.dedent("""
     name, out, busy = sys.argv[1], sys.argv[2], sys.argv[3]
     diff = json.loads(sys.argv[4])
     clf = json.loads(sys.argv[5])
+    lora = json.loads(sys.argv[6])
     ds = fo.load_dataset(name).match_tags("train")  # 48 images
     rank = distributed.rank()
     report = {"rank": rank, "world_size": distributed.world_size()}
@@ -63,6 +67,9 @@ SCRIPT = textwrap.dedent("""
         report["busy_error"] = str(e)
     r = fb.train_conditional_diffusion(ds, "color", output_dir=out + "/diffusion", epochs=1, run_key="mp_diff", **diff)
     report["diffusion"] = r.to_dict()
+    a = fb.finetune_per_group(ds, group_field="color", base_model=r, output_dir=out + "/adapters", run_key="mp_lora",
+                              **lora)
+    report["lora"] = [{k: v for k, v in m.items() if k not in ("seconds", "folder")} for m in a.adapters]
     for method in ("vanilla", "lff"):
         c = fb.train_classifier(ds, method=method, run_key="mp_" + method, output_dir=out + "/" + method, **clf)
         report[method] = c.history
@@ -113,6 +120,20 @@ def _outputs(model_dir: str) -> torch.Tensor:
     return model.model(x, torch.tensor([10, 200, 500, 700, 900, 990]), torch.tensor([[0], [1], [2], [0], [1], [3]]))
 
 
+@torch.no_grad()
+def _adapter_outputs(folder: str) -> torch.Tensor:
+    """:func:`_outputs` of the base model with each adapter of a ``finetune_per_group`` folder in turn."""
+    loaded = load_group_adapters(folder, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 16, 16, generator=gen)
+    outs = []
+    for a in loaded.adapters:
+        loaded.use(a["name"])
+        outs.append(loaded.base.diff.model(x, torch.tensor([10, 200, 500, 700, 900, 990]),
+                                           torch.tensor([a["condition"]] * 6)))
+    return torch.stack(outs)
+
+
 def _training_weights(model_dir: str) -> dict:
     """The raw (non-EMA) weights of the last training checkpoint."""
     state = os.path.join(model_dir, "training_state")
@@ -126,7 +147,7 @@ def test_two_processes_train_like_one(digits, tmp_path):
     script = tmp_path / "train_script.py"
     script.write_text(SCRIPT)
     proc = _launch_holding(str(busy), [str(script), digits._root_dataset.name, str(out), str(busy), json.dumps(DIFF),
-                                       json.dumps(CLF)], timeout=600)
+                                       json.dumps(CLF), json.dumps(LORA)], timeout=600)
     (tmp_path.parent / "mp_stderr.txt").write_text(proc.stderr)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -146,8 +167,18 @@ def test_two_processes_train_like_one(digits, tmp_path):
         w0, w1 = (torch.load(out / f"rank{r}_{method}.pt") for r in (0, 1))
         assert _max_diff(w0, w1) == 0.0  # the processes hold the same weights
 
-    # diffusion: the 2-process checkpoint resumes here for epoch 2 and ends where one process ends
+    # LoRA on the 2-process model: one adapter per colour, written once, like one process's
     mp_dir = str(out / "diffusion")
+    assert reports[0]["lora"] == reports[1]["lora"] and len(reports[0]["lora"]) == 3
+    single = fb.finetune_per_group(digits, group_field="color", base_model=mp_dir, output_dir=str(tmp_path / "lora"),
+                                   run_key="sp_lora", **LORA)
+    assert single.num_trained == 3
+    base_out = _outputs(mp_dir)
+    lora_mp, lora_one = _adapter_outputs(str(out / "adapters")), _adapter_outputs(single.output_dir)
+    assert float((lora_mp - lora_one).abs().max()) < 1e-4
+    assert float((lora_one - base_out).abs().max()) > 1e-2  # the adapters change the outputs far more than that
+
+    # diffusion: the 2-process checkpoint resumes here for epoch 2 and ends where one process ends
     at_step3 = _outputs(mp_dir)
     resumed = fb.train_conditional_diffusion(digits, "color", output_dir=mp_dir, epochs=2, run_key="mp_diff", **DIFF)
     assert (resumed.resumed_from_step, resumed.steps) == (3, 6)

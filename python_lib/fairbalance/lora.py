@@ -489,6 +489,7 @@ def finetune_per_group(
                 pb.update(steps)
                 continue
             t0 = time.time()
+            torch.manual_seed(seed * 1_000_003 + n)  # the adapter's initial weights: the same in every process
             _add_adapter(base, name, rank)
             _train_adapter(base, meta, [paths[j] for j in idx], steps, lr, batch_size, resolution, prior_loss_weight,
                            num_prior_images, prompt, seed * 1_000_003 + n, pb)
