@@ -57,6 +57,7 @@ from fairbalance.classifier import apply_classifier, evaluate_classifier, train_
 from fairbalance.diffusion import train_conditional_diffusion  # noqa: E402
 from fairbalance.generation import generate_balanced  # noqa: E402
 from fairbalance.hardness import compute_hardness  # noqa: E402
+from fairbalance.diffinject import inject_bias_conflicting  # noqa: E402
 from fairbalance.diffusion import load_conditional_diffusion, sample_images  # noqa: E402
 
 METHODS = ("plain", "vanilla", "jtt", "lff", "cells", "diffinject")
@@ -172,12 +173,25 @@ def evaluate(net_or_clf, test, xt, yt, conflicting):
     return 100 * ev.accuracy, 100 * ev.conflicting_accuracy
 
 
-def train_generator(train, args, work):
+def train_generator(train, args, work, ratio):
     """Colour pseudo-labels -> digit x cluster diffusion (trained once per dataset; a rerun in the same
-    ``--work-dir`` resumes its finished checkpoint instead of training again)."""
+    ``--work-dir`` resumes its finished checkpoint instead of training again; ``--base-model`` reuses the
+    model an earlier run trained on these very images and labels)."""
     t0 = time.time()
     writeback.set_values_by_id(train, {"sa_features": colour_features(train)})
     pl = fb.compute_pseudo_labels(train, kmax=20, seed=0, overwrite=True)
+    if args.base_model:
+        import json
+
+        folder = args.base_model.format(ratio=ratio)
+        with open(os.path.join(folder, "fairbalance_labels.json")) as f:
+            saved = json.load(f)["config"]
+        original = os.path.join(os.path.dirname(folder.rstrip("/")), "data")
+        if saved["data_fingerprint"] == _lora_fingerprint(train, os.path.join(work, "data"), original) and \
+                saved["epochs"] == args.diffusion_epochs and saved["lr"] == args.diffusion_lr:
+            print(f"generator: {folder}, trained by an earlier run on these very images and labels")
+            return folder, pl.num_clusters, 0.0
+        print(f"base model {folder} was trained on other data or settings: training a new one")
     model = train_conditional_diffusion(
         train, "ground_truth", attribute_field="sa_cluster", output_dir=os.path.join(work, "model"),
         epochs=args.diffusion_epochs, lr=args.diffusion_lr, batch_size=64, seed=0, progress=False, overwrite=True)
@@ -268,21 +282,23 @@ def save_grid(ds, run_key, path, n=10, scale=2):
     return path
 
 
-def run_diffinject(ds, train, model, args, work):
+def run_diffinject(ds, train, model, args, work, label_from, tags=True):
     """Contents from the seed-0 error set, injected images, their timing against plain DDIM sampling."""
-    try:  # DiffInject is still being built (issue 13): not part of this release yet
-        from fairbalance.diffinject import inject_bias_conflicting
-    except ImportError as e:
-        raise SystemExit(f"--methods diffinject needs fairbalance.diffinject, not in this install: {e}") from e
-    h = compute_hardness(train, seed=0, overwrite=True)
+    if tags:
+        compute_hardness(train, seed=0, overwrite=True)
     tagged = train.match_tags("bias_conflicting")
-    precision = len(tagged.match({"bias_aligned": False})) / max(1, h.num_tagged)
+    precision = len(tagged.match({"bias_aligned": False})) / max(1, len(tagged))
     t0 = time.time()
     res = inject_bias_conflicting(
         train, model=model, ratio=args.inject_ratio, gamma=args.inject_gamma, injection=args.inject_kind,
         t_edit=args.inject_t_edit, t_boost=args.inject_t_boost, num_inference_steps=args.inject_steps,
-        output_dir=os.path.join(work, "diffinject"), overwrite=True, progress=False)
+        label_from=label_from, output_dir=os.path.join(work, f"diffinject_{label_from}"),
+        run_key=f"diffinject_{label_from}", overwrite=True, progress=False)
     t_inject = time.time() - t0
+    out = {"num_added": res.num_added, "num_contents": res.num_contents, "tag_precision": 100 * precision,
+           "inject_ips": res.num_added / t_inject, "t_inject": t_inject}
+    if not tags:
+        return out
     diff = load_conditional_diffusion(model)  # plain DDIM sampling of the same model, same steps, same machine
     n = min(res.num_added, 128)
     rng = np.random.default_rng(0)
@@ -291,8 +307,7 @@ def run_diffinject(ds, train, model, args, work):
     for b in range(0, n, 64):
         sample_images(diff, cells[b:b + 64], list(range(b, min(n, b + 64))), num_inference_steps=args.inject_steps)
     t_sample = time.time() - t0
-    return {"num_added": res.num_added, "num_contents": res.num_contents, "tag_precision": 100 * precision,
-            "inject_ips": res.num_added / t_inject, "sample_ips": n / t_sample, "t_inject": t_inject}
+    return {**out, "sample_ips": n / t_sample}
 
 
 def run_ratio(ratio, args, work):
@@ -340,9 +355,10 @@ def run_ratio(ratio, args, work):
         if "lff" in methods:
             add("fairbalance LfF", seed, lambda s: evaluate(train_classifier(train, method="lff", seed=s, **common),
                                                             test, xt, yt, conflicting))
-    gen_info = fid = inj = ifid = None
+    gen_info = fid = None
+    injected = {}
     if methods & {"cells", "diffinject"}:
-        model, num_clusters, t_train = train_generator(train, args, work)
+        model, num_clusters, t_train = train_generator(train, args, work, ratio)
     if "cells" in methods:
         n_gen, t_gen = build_generator(train, model, args, work)
         fid = fidelity(ds, train, judge)
@@ -352,14 +368,16 @@ def run_ratio(ratio, args, work):
             add("fairbalance synthetic (real + generated cells)", seed,
                 lambda s: evaluate(train_classifier(with_gen, method="synthetic", seed=s, **common),
                                    test, xt, yt, conflicting))
-    if "diffinject" in methods:
-        inj = run_diffinject(ds, train, model, args, work)
-        ifid = injected_fidelity(ds, train, judge)
-        if args.grid_dir:
-            inj["grid"] = save_grid(ds, "diffinject", os.path.join(args.grid_dir, f"diffinject_grid_{ratio:.0%}.png"))
-        with_inj = real_plus(ds, "diffinject")
+    for k, label_from in enumerate(args.inject_label_from if "diffinject" in methods else []):
+        key = f"diffinject_{label_from}"
+        inj = run_diffinject(ds, train, model, args, work, label_from, tags=k == 0)
+        ifid = injected_fidelity(ds, train, judge, key)
+        if args.grid_dir and k == 0:
+            inj["grid"] = save_grid(ds, key, os.path.join(args.grid_dir, f"diffinject_grid_{100 * ratio:g}pct.png"))
+        injected[label_from] = (inj, ifid)
+        with_inj = real_plus(ds, key)
         for seed in args.seeds:
-            add(f"fairbalance DiffInject (real + {inj['num_added']} injected)", seed,
+            add(f"fairbalance DiffInject (real + {inj['num_added']} injected, {label_from}'s label)", seed,
                 lambda s: evaluate(train_classifier(with_inj, method="synthetic", seed=s, **common),
                                    test, xt, yt, conflicting))
     print(f"\n## Colored MNIST, {ratio:.1%} conflicting: {len(train)} train, {len(val)} val, {len(test)} test; "
@@ -377,18 +395,19 @@ def run_ratio(ratio, args, work):
         print(f"generated images: right digit {fid['digit']:.1f}% (colour-mismatched cells "
               f"{fid['digit_conflicting']:.1f}%, worst cell {fid['worst_cell_digit']:.1f}%), right colour "
               f"{fid['colour']:.1f}%")
-    if inj:
-        print(f"DiffInject: {inj['num_added']} images from {inj['num_contents']} contents (error set of the seed-0 "
-              f"GCE model, {inj['tag_precision']:.1f}% truly bias-conflicting), gamma {args.inject_gamma} "
+    for label_from, (inj, ifid) in injected.items():
+        print(f"DiffInject, {label_from}'s label: {inj['num_added']} images from {inj['num_contents']} contents "
+              f"(error set of the seed-0 GCE model, {inj['tag_precision']:.1f}% truly bias-conflicting), gamma {args.inject_gamma} "
               f"{args.inject_kind}, t_edit {args.inject_t_edit}, t_boost {args.inject_t_boost}, "
               f"{args.inject_steps} DDIM steps; {inj['t_inject']:.0f} s")
-        print(f"injected images: digit = carried label (content's) {ifid['digit_label']:.1f}% (= original's "
-              f"{ifid['digit_original']:.1f}%); colour = original's {ifid['colour_original']:.1f}%, = content's "
+        print(f"injected images: digit = carried label {ifid['digit_label']:.1f}% (= content's "
+              f"{ifid['digit_content']:.1f}%, = original's {ifid['digit_original']:.1f}%); colour = original's {ifid['colour_original']:.1f}%, = content's "
               f"{ifid['colour_content']:.1f}%; not the carried label's usual colour {ifid['conflicting']:.1f}%; "
               f"right digit in a conflicting colour {ifid['useful']:.1f}%")
-        print(f"speed: injection {inj['inject_ips']:.2f} img/s end to end, plain DDIM sampling of the same model "
-              f"(guidance on both factors) {inj['sample_ips']:.2f} img/s: ratio "
-              f"{inj['inject_ips'] / inj['sample_ips']:.2f}" + (f"; grid: {inj['grid']}" if inj.get("grid") else ""))
+        if "sample_ips" in inj:
+            print(f"speed: injection {inj['inject_ips']:.2f} img/s end to end, plain DDIM sampling of the same model "
+                  f"(guidance on both factors) {inj['sample_ips']:.2f} img/s: ratio "
+                  f"{inj['inject_ips'] / inj['sample_ips']:.2f}" + (f"; grid: {inj['grid']}" if inj.get("grid") else ""))
     print("| method | unbiased test acc. | bias-conflicting acc. | time per seed |")
     print("|---|---|---|---|")
     for name, accs in rows.items():
@@ -547,16 +566,23 @@ def main():
     ap.add_argument("--guidance-reference", default="source", choices=["null", "source"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--no-generation", action="store_true", help="the same as leaving cells and diffinject out")
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m != "diffinject"])
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--base-model", default=None,
+                    help="a generator folder of an earlier run on the same dataset, '{ratio}' filled in (cells, "
+                         "diffinject); trained anew when its data fingerprint or settings differ")
     ap.add_argument("--inject-ratio", type=float, default=0.1)
     ap.add_argument("--inject-gamma", type=float, default=0.9)
     ap.add_argument("--inject-kind", default="local", choices=["local", "global"])
     ap.add_argument("--inject-t-edit", type=int, default=400)
     ap.add_argument("--inject-t-boost", type=int, default=200)
     ap.add_argument("--inject-steps", type=int, default=20)
+    ap.add_argument("--inject-label-from", nargs="+", default=["original", "content"],
+                    choices=["original", "content"], help="one DiffInject row per choice")
     ap.add_argument("--grid-dir", default=os.path.dirname(os.path.abspath(__file__)),
                     help="where the DiffInject grid PNGs go ('' for none)")
     ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1),
+                    help="torch threads (1 is faster when other jobs share the cores)")
     ap.add_argument("--lora", action="store_true", help="per-cell LoRA rows only (run_lora), nothing else")
     ap.add_argument("--lora-base", default=None,
                     help="a base model folder already trained on this dataset ('{ratio}' is filled in)")
@@ -573,7 +599,7 @@ def main():
         return
     if args.no_generation:
         args.methods = [m for m in args.methods if m not in ("cells", "diffinject")]
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in args.ratios:
             work = os.path.join(args.work_dir or tmp, f"ratio{ratio}")

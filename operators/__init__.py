@@ -5,6 +5,7 @@ from .balance_report import BalanceReport
 from .captions import ComputeCaptions, FilterCaptions, GenerateFromCaptions
 from .classifier import ApplyClassifier, ComputeHardnessTags, TrainClassifier
 from .colored_digits import CreateColoredDigits, CreateColoredMnist
+from .diffinject import InjectBiasConflicting
 from .diffusion import FilterGenerated, GenerateBalanced, TrainConditionalDiffusion
 from .lora import FinetunePerGroup, GeneratePerGroup
 from .pipeline import RunPipeline
@@ -23,6 +24,7 @@ OPERATORS = [
     FilterGenerated,
     FinetunePerGroup,
     GeneratePerGroup,
+    InjectBiasConflicting,
     ComputeCaptions,
     FilterCaptions,
     GenerateFromCaptions,

@@ -7,7 +7,9 @@ import fairbalance as fb
 CAPABILITIES = [
     "colored_digits", "colored_mnist", "compute_sa_features", "compute_pseudo_labels", "balance_report",
     "compute_hardness_tags", "train_conditional_diffusion", "generate_balanced", "filter_generated",
-    "train_classifier", "apply_classifier", "evaluate_classifier",
+    "train_classifier", "apply_classifier", "evaluate_classifier", "inject_bias_conflicting", "audit_balance",
+    "compute_captions", "filter_captions", "generate_from_captions", "finetune_per_group", "generate_per_group",
+    "check_balance", "export_samples",
 ]
 
 
@@ -22,5 +24,6 @@ def test_capabilities_are_exported_documented_and_explicit():
 
 def test_long_functions_take_progress():
     for name in ("colored_mnist", "compute_hardness_tags", "train_conditional_diffusion", "generate_balanced",
-                 "filter_generated", "train_classifier"):
+                 "filter_generated", "train_classifier", "inject_bias_conflicting", "compute_captions",
+                 "generate_from_captions", "finetune_per_group", "generate_per_group"):
         assert "progress" in inspect.signature(getattr(fb, name)).parameters, name

@@ -34,6 +34,7 @@ from fairbalance.classifier import apply_classifier, evaluate_classifier, train_
 from fairbalance.clustering import xmeans
 from fairbalance.colored_mnist import colored_mnist  # the function shadows its module as an attribute
 from fairbalance.datasets import colored_digits
+from fairbalance.diffinject import inject_bias_conflicting
 from fairbalance.diffusion import train_conditional_diffusion
 from fairbalance.export import TorchImageDataset, export_samples
 from fairbalance.filtering import filter_generated
@@ -78,6 +79,7 @@ __all__ = [
     "generate_from_captions",
     "generate_per_group",
     "get_related_texts",
+    "inject_bias_conflicting",
     "load_pipeline",
     "normalized_entropy",
     "run_pipeline",

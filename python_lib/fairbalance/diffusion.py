@@ -42,6 +42,9 @@ STATE_DIR = "training_state"
 LATEST_FILE = "latest.json"  # in STATE_DIR: the step and folder of the last complete checkpoint
 MIN_IMAGES_PER_CLUSTER = 10
 SCHEDULERS = ("ddim", "ddpm")
+LOSS_WEIGHTINGS = ("none", "p2")
+# Config keys added after models were first saved, with the value those models were trained with.
+ADDED_CONFIG_DEFAULTS = {"loss_weighting": "none", "p2_gamma": 1.0, "p2_k": 1.0}
 
 
 @dataclass
@@ -63,6 +66,9 @@ class DiffusionTrainConfig:
     seed: int = 0
     checkpoint_every: int = 500
     data_fingerprint: str = ""  # of the training images and labels: resume only on the same data
+    loss_weighting: str = "none"  # "none" (plain MSE) or "p2" (Choi et al. 2022: 1 / (p2_k + SNR(t))^p2_gamma)
+    p2_gamma: float = 1.0
+    p2_k: float = 1.0
 
     @property
     def factor_sizes(self) -> list[int]:
@@ -173,6 +179,9 @@ def train_conditional_diffusion(
     device: str | None = None,
     resume: bool = True,
     checkpoint_every: int = 500,
+    loss_weighting: str = "none",
+    p2_gamma: float = 1.0,
+    p2_k: float = 1.0,
     run_key: str = "conditional_diffusion",
     overwrite: bool = False,
     progress=None,
@@ -191,6 +200,15 @@ def train_conditional_diffusion(
     holds a different configuration or was trained on other images or
     labels; ``overwrite=True`` starts over). The run key and folder are
     claimed while training, so a second training into either is refused.
+
+    ``loss_weighting="p2"`` (DiffInject, after Choi et al. 2022) weights
+    each sample's loss by ``1 / (p2_k + SNR(t))^p2_gamma``, SNR(t) =
+    alpha_bar_t / (1 - alpha_bar_t): the noise-prediction loss of the paper
+    (for this v-prediction model the v loss is converted first, the
+    epsilon loss being ``SNR / (1 + SNR)`` times the v loss), so the
+    objective is the paper's; ``"none"`` (default) is the plain MSE.
+    ``cond_drop_prob=1.0`` drops every condition: an unconditional model
+    (the paper's), still saved and sampled through the same API.
     """
     validation.require_nonempty(samples)
     validation.require_image_collection(samples)
@@ -211,20 +229,29 @@ def train_conditional_diffusion(
         raise validation.FairBalanceError(
             f"batch_size {batch_size} (the global batch) must be a multiple of the {distributed.world_size()} "
             "processes it is split over")
-    if not (np.isfinite(lr) and lr > 0) or not 0 <= cond_drop_prob < 1:
-        raise validation.FairBalanceError("lr must be > 0 and cond_drop_prob in [0, 1)")
+    if not (np.isfinite(lr) and lr > 0) or not 0 <= cond_drop_prob <= 1:
+        raise validation.FairBalanceError("lr must be > 0 and cond_drop_prob in [0, 1] (1 = unconditional)")
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise validation.FairBalanceError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, not {loss_weighting!r}")
+    for name, value in (("p2_gamma", p2_gamma), ("p2_k", p2_k)):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+            raise validation.FairBalanceError(f"{name} must be a finite number >= 0, got {value!r}")
+    if loss_weighting == "p2" and p2_k == 0 and p2_gamma > 0:
+        raise validation.FairBalanceError("p2_k must be > 0 with loss_weighting='p2' (1 / SNR^gamma is unbounded)")
     fingerprint = hashlib.sha1("\n".join(sorted(
         f"{p}\t{classes[r[0]]}" + (f"\t{attributes[r[1]]}" if attributes else "")
         for p, r in zip(data.filepaths, y))).encode())
     cfg = DiffusionTrainConfig(label_field, classes, attribute_field, attributes, size[0], epochs, batch_size, lr,
                                cond_drop_prob, tuple(block_out_channels), layers_per_block, seed=seed,
-                               checkpoint_every=checkpoint_every, data_fingerprint=fingerprint.hexdigest())
+                               checkpoint_every=checkpoint_every, data_fingerprint=fingerprint.hexdigest(),
+                               loss_weighting=loss_weighting, p2_gamma=float(p2_gamma), p2_k=float(p2_k))
     dataset = samples._root_dataset
     output_dir = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "diffusion", dataset.name, run_key))
 
     def prepare():  # the main process only (claims, the run, the folder); the others wait for it
         run = runs.prepare(samples, run_key, "conditional_diffusion", {**asdict(cfg), "model_dir": output_dir}, [],
-                           overwrite, rerun_same_config=True, ignore_for_rerun=("epochs",))
+                           overwrite, rerun_same_config=True, ignore_for_rerun=("epochs",),
+                           defaults_for_unrecorded=ADDED_CONFIG_DEFAULTS)
         claims.claim_folder(output_dir)
         start_fresh = _check_model_folder(output_dir, cfg, resume, overwrite)
         if start_fresh and os.path.isdir(output_dir):
@@ -287,6 +314,7 @@ def _check_model_folder(output_dir: str, cfg: DiffusionTrainConfig, resume: bool
             raise validation.FairBalanceError(
                 f"{saved_cfg} is unreadable ({e}); pass overwrite=True to train a new model there") from e
         return True
+    previous = {**ADDED_CONFIG_DEFAULTS, **previous}  # a model saved before a key existed had its default
     previous["block_out_channels"] = tuple(previous.get("block_out_channels", ()))
     same = {k: v for k, v in previous.items() if k != "epochs"} == {
         k: v for k, v in asdict(cfg).items() if k != "epochs"}
@@ -316,6 +344,21 @@ def _latest_checkpoint(state_dir: str) -> tuple[str, int] | None:
 def _step_generator(seed: int, step: int) -> torch.Generator:
     """The noise of one step: a function of the seed and the step alone (resume and N processes draw the same)."""
     return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
+
+
+def _p2_weights(scheduler, t: torch.Tensor, cfg: DiffusionTrainConfig) -> torch.Tensor:
+    """Per-sample P2 weights ``1 / (k + SNR(t))^gamma`` of the epsilon loss, in units of the trained target's loss.
+
+    For v-prediction the epsilon error is ``sqrt(alpha_bar)`` times the v
+    error, so its squared loss is ``SNR / (1 + SNR)`` times the v loss.
+    """
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, t.cpu()).float().to(t.device)
+    weight = (cfg.p2_k + snr) ** -cfg.p2_gamma
+    if cfg.prediction_type == "v_prediction":
+        weight = weight * snr / (1 + snr)
+    return weight
 
 
 def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir: str, device, resume: bool,
@@ -414,7 +457,11 @@ def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir
                 with accelerator.autocast():
                     pred = model(noisy, t, labels)
                 target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(xb, noise, t)
-                loss = F.mse_loss(pred.float(), target.float())
+                if cfg.loss_weighting == "p2":
+                    loss = (F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                            * _p2_weights(scheduler, t, cfg)).mean()
+                else:
+                    loss = F.mse_loss(pred.float(), target.float())
                 accelerator.backward(loss)
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -22,6 +22,11 @@ from fairbalance.balance import label_path
 from fairbalance.diffusion import ConditionalDiffusionModel, load_conditional_diffusion, sample_images, validate_sampling
 
 GENERATION_FILE = "fairbalance_generation.json"
+_HEX = "[0-9a-f]"
+# The file names every generator writes (balanced clusters/cells, DiffInject, per-group LoRA, text-to-image):
+# what a folder without its manifest is checked for, and what overwrite deletes (never other files there).
+GENERATED_FILE_PATTERNS = ("cluster*_seed*_*.png", "cell*x*_seed*_*.png", "inject_seed*_*.png",
+                           "g[0-9][0-9][0-9]c*_seed*_*.png", f"{_HEX * 24}_{_HEX * 12}.png")
 
 
 def plan_counts(counts: dict[str, int], mode: str = "equal", total: int | None = None,
@@ -360,8 +365,7 @@ def _claim_output_dir(folder: str, target, setting: dict, overwrite: bool) -> No
     if os.path.isfile(manifest):
         with open(manifest) as f:
             previous = json.load(f)
-    images_there = [p for pattern in ("cluster*_seed*.png", "cell*x*_seed*.png")
-                    for p in glob.glob(os.path.join(folder, pattern))]
+    images_there = sorted({p for pattern in GENERATED_FILE_PATTERNS for p in glob.glob(os.path.join(folder, pattern))})
     if previous == setting:
         return
     if previous is not None or images_there:

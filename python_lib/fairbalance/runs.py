@@ -153,9 +153,10 @@ class PreparedRun:
         dataset.save_run_results(self.run_key, dataset.init_run_results(self.run_key, **payload), overwrite=True)
 
 
-def _config_differences(stored: dict, config: dict, ignore: Iterable[str]) -> list[str]:
-    new = _jsonable(config)
-    return sorted(k for k in new if k not in set(ignore) and stored.get(k) != new[k])
+def _config_differences(stored: dict, config: dict, ignore: Iterable[str], defaults: dict | None = None) -> list[str]:
+    """Keys whose values differ; a key an older version did not record counts as its ``defaults`` value."""
+    new, defaults = _jsonable(config), _jsonable(defaults or {})
+    return sorted(k for k in new if k not in set(ignore) and stored.get(k, defaults.get(k)) != new[k])
 
 
 def prepare(
@@ -167,6 +168,7 @@ def prepare(
     overwrite: bool = False,
     rerun_same_config: bool = False,
     ignore_for_rerun: Iterable[str] = (),
+    defaults_for_unrecorded: dict | None = None,
 ) -> PreparedRun:
     """Check that ``run_key`` (and ``fields``) may be (re)used before any work starts, and claim them.
 
@@ -176,6 +178,8 @@ def prepare(
     (replace that run's fields and record) or, for resumable operations
     (``rerun_same_config``: generation, diffusion training), the stored run
     has the same config (less ``ignore_for_rerun``): a rerun then resumes.
+    ``defaults_for_unrecorded`` gives the value a config key had before a
+    version that added it recorded it, so runs made then still resume.
     Fields that exist already must belong to this run key: another run's
     field, or a field no fairbalance run wrote, is never replaced.
     """
@@ -195,7 +199,8 @@ def prepare(
                 f"Run '{run_key}' was made by {method_old!r}, not {CONFIG_PREFIX + method!r}; use another key"
             )
         if not overwrite:
-            differs = _config_differences(get_run_config(dataset, run_key), config, ignore_for_rerun)
+            differs = _config_differences(get_run_config(dataset, run_key), config, ignore_for_rerun,
+                                          defaults_for_unrecorded)
             if not rerun_same_config:
                 raise validation.FairBalanceError(
                     f"Run '{run_key}' already exists on dataset '{dataset.name}'; pass overwrite=True to replace it"
