@@ -142,10 +142,13 @@ def acquire(name: str, what: str) -> None:
     """Claim ``name`` for the running operation, or raise :class:`ClaimError` when another holds it.
 
     Outside an :func:`exclusive` scope (e.g. an internal helper called on
-    its own) nothing is claimed.
+    its own) nothing is claimed; under a launcher (``accelerate launch``,
+    ``torchrun``) only the main process claims, for the whole job.
     """
+    from fairbalance import distributed
+
     held = _current.get()
-    if held is not None:
+    if held is not None and distributed.is_main():
         held.acquire(name, what)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fairbalance import config as fb_config
-from fairbalance import claims, runs, training, validation, writeback
+from fairbalance import claims, distributed, runs, training, validation, writeback
 from fairbalance.balance import label_path
 from fairbalance.training import TrainedClassifier, load_classifier
 
@@ -70,6 +70,9 @@ def train_classifier(
     holds the full config, the history, the selected epoch and the
     checkpoint folder (``output_dir``, default under
     ``$FAIRBALANCE_DATA_DIR/checkpoints``), which is checked before training.
+    Under ``accelerate launch`` / ``torchrun`` every process trains its slice
+    of each global batch and the main process alone claims, saves and records
+    the run (:mod:`fairbalance.distributed`).
     """
     dataset = samples._root_dataset
     params = dict(label_field=label_field, method=method, backbone=backbone, pretrained=pretrained,
@@ -80,23 +83,33 @@ def train_classifier(
     params.update(supcon_weight=supcon_weight, supcon_temperature=supcon_temperature, projection_dim=projection_dim,
                   head_epochs=head_epochs, stage1_real=stage1_real, exclude_field=exclude_field)
     run = folder = None
+    distributed.setup(device)
     if run_key is not None:
         folder = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "checkpoints", dataset.name, run_key))
         recorded = {("training_method" if k == "method" else k): v for k, v in params.items()}
-        run = runs.prepare(samples, run_key, "train_classifier", recorded, [], overwrite)
-        validation.require_writable_dir(folder)
-        claims.claim_folder(folder)
+
+        def prepare():  # the main process only; the others wait for it (and raise its error)
+            run = runs.prepare(samples, run_key, "train_classifier", recorded, [], overwrite)
+            validation.require_writable_dir(folder)
+            claims.claim_folder(folder)
+            return run
+
+        run = distributed.on_main(prepare)
     clf = training.train_classifier(samples, val_samples=val_samples, device=device, num_workers=num_workers,
                                     progress=progress, **params)
-    if run is not None:
+    if run_key is not None:
         clf.run_key, clf.checkpoint = run_key, folder
-        run.config.update({"checkpoint": folder, "train_config": asdict(clf.config)})
-        run.write(lambda: clf.save(folder))
-        run.save_results({"history": clf.history, "best_epoch": clf.best_epoch, "num_skipped": clf.num_skipped,
-                          "num_generated_used": clf.num_generated_used,
-                          "num_generated_excluded": clf.num_generated_excluded,
-                          "num_filtered_out": clf.num_filtered_out,
-                          "model_selection": clf.config.model_selection, "checkpoint": folder})
+
+        def record():
+            run.config.update({"checkpoint": folder, "train_config": asdict(clf.config)})
+            run.write(lambda: clf.save(folder))
+            run.save_results({"history": clf.history, "best_epoch": clf.best_epoch, "num_skipped": clf.num_skipped,
+                              "num_generated_used": clf.num_generated_used,
+                              "num_generated_excluded": clf.num_generated_excluded,
+                              "num_filtered_out": clf.num_filtered_out,
+                              "model_selection": clf.config.model_selection, "checkpoint": folder})
+
+        distributed.on_main(record)
     return clf
 
 

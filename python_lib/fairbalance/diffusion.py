@@ -7,8 +7,12 @@ cluster, or the class and an attribute such as the cluster), each with a
 probability ``cond_drop_prob``); the DDPM cosine noise schedule with
 v-prediction (with epsilon-prediction the few training steps a CPU affords
 left global colour to the initial noise instead of the class), EMA weights,
-AMP on GPU, and periodic checkpoints that a rerun resumes from.
-``accelerate`` runs the loop, so several GPUs work unchanged.
+AMP on GPU, and periodic checkpoints that a rerun resumes from (exactly: the
+batch order depends on the seed and epoch, the noise on the seed and step).
+``accelerate`` runs the loop, so the same call works under ``accelerate
+launch`` / ``torchrun`` with N processes (:mod:`fairbalance.distributed`):
+each takes its slice of every global batch of ``batch_size``, the main
+process alone writes checkpoints, the model and the run.
 
 Sampling: DDIM or DDPM with compositional classifier-free guidance, from
 noise or from a real image noised part of the way (an edit). What to generate
@@ -30,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance import config as fb_config
-from fairbalance import claims, models, runs, training, validation
+from fairbalance import claims, distributed, models, runs, training, validation
 
 LABELS_FILE = "fairbalance_labels.json"
 CONDITION_FILE = "condition.safetensors"
@@ -220,6 +224,11 @@ def train_conditional_diffusion(
             f"image_size divisible by {levels}")
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
         validation.require_positive_int(name, value)
+    distributed.setup(device)
+    if batch_size % distributed.world_size():
+        raise validation.FairBalanceError(
+            f"batch_size {batch_size} (the global batch) must be a multiple of the {distributed.world_size()} "
+            "processes it is split over")
     if not (np.isfinite(lr) and lr > 0) or not 0 <= cond_drop_prob <= 1:
         raise validation.FairBalanceError("lr must be > 0 and cond_drop_prob in [0, 1] (1 = unconditional)")
     if loss_weighting not in LOSS_WEIGHTINGS:
@@ -238,16 +247,22 @@ def train_conditional_diffusion(
                                loss_weighting=loss_weighting, p2_gamma=float(p2_gamma), p2_k=float(p2_k))
     dataset = samples._root_dataset
     output_dir = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "diffusion", dataset.name, run_key))
-    run = runs.prepare(samples, run_key, "conditional_diffusion", {**asdict(cfg), "model_dir": output_dir}, [],
-                       overwrite, rerun_same_config=True, ignore_for_rerun=("epochs",),
-                       defaults_for_unrecorded=ADDED_CONFIG_DEFAULTS)
-    claims.claim_folder(output_dir)
-    start_fresh = _check_model_folder(output_dir, cfg, resume, overwrite)
-    if start_fresh and os.path.isdir(output_dir):
-        shutil.rmtree(output_dir)
-    validation.require_writable_dir(output_dir)
-    x = training.load_images(data.filepaths, size, scale="symmetric")
-    step, start_step, losses = _fit(cfg, x, torch.as_tensor(y), output_dir, device, resume, progress)
+
+    def prepare():  # the main process only (claims, the run, the folder); the others wait for it
+        run = runs.prepare(samples, run_key, "conditional_diffusion", {**asdict(cfg), "model_dir": output_dir}, [],
+                           overwrite, rerun_same_config=True, ignore_for_rerun=("epochs",),
+                           defaults_for_unrecorded=ADDED_CONFIG_DEFAULTS)
+        claims.claim_folder(output_dir)
+        start_fresh = _check_model_folder(output_dir, cfg, resume, overwrite)
+        if start_fresh and os.path.isdir(output_dir):
+            shutil.rmtree(output_dir)
+        validation.require_writable_dir(output_dir)
+        return run
+
+    run = distributed.on_main(prepare)
+    x = training.load_images(data.filepaths, size, scale="symmetric", progress=distributed.progress_for(None))
+    step, start_step, losses = _fit(cfg, x, torch.as_tensor(y), output_dir, device, resume,
+                                    distributed.progress_for(progress))
     counts = np.bincount(y[:, 0], minlength=len(classes))
     small = {classes[c]: int(n) for c, n in enumerate(counts) if n < MIN_IMAGES_PER_CLUSTER}
     result = DiffusionTrainResult(
@@ -255,8 +270,7 @@ def train_conditional_diffusion(
         float(np.mean(losses[-max(1, math.ceil(len(y) / batch_size)):])) if losses else None,
         {classes[c]: int(n) for c, n in enumerate(counts)}, small, _cell_sizes(y, classes, attributes),
         data.num_unlabelled)
-    run.write(lambda: None)
-    run.save_results(result.to_dict())
+    distributed.on_main(lambda: (run.write(lambda: None), run.save_results(result.to_dict())))
     return result
 
 
@@ -327,6 +341,11 @@ def _latest_checkpoint(state_dir: str) -> tuple[str, int] | None:
             "overwrite=True to start over") from e
 
 
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    """The noise of one step: a function of the seed and the step alone (resume and N processes draw the same)."""
+    return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
+
+
 def _p2_weights(scheduler, t: torch.Tensor, cfg: DiffusionTrainConfig) -> torch.Tensor:
     """Per-sample P2 weights ``1 / (k + SNR(t))^gamma`` of the epsilon loss, in units of the trained target's loss.
 
@@ -344,18 +363,28 @@ def _p2_weights(scheduler, t: torch.Tensor, cfg: DiffusionTrainConfig) -> torch.
 
 def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir: str, device, resume: bool,
          progress):
-    """The training loop (accelerate, EMA, periodic checkpoints that a rerun resumes)."""
+    """The training loop (accelerate, EMA, periodic checkpoints that a rerun resumes).
+
+    ``cfg.batch_size`` is the global batch: accelerate splits each one over
+    the processes (``split_batches``) and DDP averages their gradients. The
+    batch order is a function of (seed, epoch) and each step's noise of
+    (seed, step), drawn for the whole global batch and sliced, so N
+    processes, one process, and a resumed run take the same steps.
+    """
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
     import fiftyone.core.utils as fou
 
-    dev = models.resolve_device(device)
-    accelerator = Accelerator(mixed_precision="fp16" if dev.type == "cuda" else "no", cpu=dev.type == "cpu")
-    gen = training.seed_everything(cfg.seed)
+    dev = distributed.device(device)
+    accelerator = Accelerator(mixed_precision="fp16" if dev.type == "cuda" else "no", cpu=dev.type == "cpu",
+                              dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True,
+                                                                        data_seed=cfg.seed))
+    training.seed_everything(cfg.seed)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=cfg.batch_size,
-                                         shuffle=True, generator=gen, drop_last=False)
+                                         shuffle=True, drop_last=False)
     model = _build_model(cfg)
     scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="squaredcos_cap_v2",
                               prediction_type=cfg.prediction_type)
@@ -375,39 +404,54 @@ def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir
             raise validation.FairBalanceError(
                 f"The training checkpoint in {state_dir} is corrupt ({type(e).__name__}: {e}); delete that folder "
                 "or pass overwrite=True to start over") from e
-    total_steps = cfg.epochs * len(loader)
+    steps_per_epoch = len(loader)
+    total_steps = cfg.epochs * steps_per_epoch
     step, losses = start_step, []
 
     def checkpoint():
         # Each checkpoint goes to a folder of its own; the pointer to it is written last, so a process killed at
-        # any moment leaves the previous complete checkpoint in place (never a half-overwritten one).
+        # any moment leaves the previous complete checkpoint in place (never a half-overwritten one). Every
+        # process saves its part (accelerate writes the weights and optimizer from the main process, the RNG
+        # state of each); the main process alone writes the model, the pointer and removes old checkpoints.
         checkpoint_dir = os.path.join(state_dir, f"step-{step:09d}")
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        distributed.on_main(shutil.rmtree, checkpoint_dir, ignore_errors=True)
         accelerator.save_state(checkpoint_dir)
-        torch.save(ema.state_dict(), os.path.join(checkpoint_dir, "ema.pt"))
-        ema_model = _build_model(cfg)
-        ema.copy_to(ema_model.parameters())
-        _save_model(output_dir, ema_model, scheduler, cfg, step)
-        tmp = os.path.join(state_dir, LATEST_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"step": step, "folder": os.path.basename(checkpoint_dir)}, f)
-        os.replace(tmp, os.path.join(state_dir, LATEST_FILE))
-        for name in os.listdir(state_dir):  # older checkpoints and any a killed process left half-written
-            if name.startswith("step-") and name != os.path.basename(checkpoint_dir):
-                shutil.rmtree(os.path.join(state_dir, name), ignore_errors=True)
+        accelerator.wait_for_everyone()
 
+        def publish():
+            torch.save(ema.state_dict(), os.path.join(checkpoint_dir, "ema.pt"))
+            ema_model = _build_model(cfg)
+            ema.copy_to(ema_model.parameters())
+            _save_model(output_dir, ema_model, scheduler, cfg, step)
+            tmp = os.path.join(state_dir, LATEST_FILE + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"step": step, "folder": os.path.basename(checkpoint_dir)}, f)
+            os.replace(tmp, os.path.join(state_dir, LATEST_FILE))
+            for name in os.listdir(state_dir):  # older checkpoints and any a killed process left half-written
+                if name.startswith("step-") and name != os.path.basename(checkpoint_dir):
+                    shutil.rmtree(os.path.join(state_dir, name), ignore_errors=True)
+
+        distributed.on_main(publish)
+
+    saved_step = start_step if latest is not None else None
     null = torch.as_tensor(cfg.factor_sizes)
-    noise_gen = torch.Generator(device="cpu").manual_seed(cfg.seed + start_step)
+    nproc, rank = accelerator.num_processes, accelerator.process_index
     with fou.ProgressBar(total=total_steps, progress=progress) as pb:
         pb.update(min(start_step, total_steps))
         while step < total_steps:
             model.train()
-            for xb, yb in loader:
+            epoch, skip = divmod(step, steps_per_epoch)
+            loader.set_epoch(epoch)
+            for xb, yb in accelerator.skip_first_batches(loader, skip) if skip else loader:
                 if step >= total_steps:
                     break
-                noise = torch.randn(xb.shape, generator=noise_gen).to(xb.device)
-                t = torch.randint(0, cfg.num_train_timesteps, (len(xb),), generator=noise_gen).to(xb.device)
-                drop = (torch.rand(yb.shape, generator=noise_gen) < cfg.cond_drop_prob).to(yb.device)
+                # this process's rows of the global batch, and their rows of noise drawn for all of it
+                part = slice(rank * len(xb), (rank + 1) * len(xb))
+                gen = _step_generator(cfg.seed, step)
+                n = len(xb) * nproc
+                noise = torch.randn((n,) + tuple(xb.shape[1:]), generator=gen)[part].to(xb.device)
+                t = torch.randint(0, cfg.num_train_timesteps, (n,), generator=gen)[part].to(xb.device)
+                drop = (torch.rand((n,) + tuple(yb.shape[1:]), generator=gen)[part] < cfg.cond_drop_prob).to(yb.device)
                 labels = torch.where(drop, null.to(yb.device).expand_as(yb), yb)
                 noisy = scheduler.add_noise(xb, noise, t)
                 with accelerator.autocast():
@@ -422,12 +466,14 @@ def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 ema.step(accelerator.unwrap_model(model).parameters())
-                losses.append(float(loss.detach()))
+                losses.append(float(accelerator.reduce(loss.detach(), "mean")))  # the global batch's loss
                 step += 1
                 pb.update()
                 if step % cfg.checkpoint_every == 0:
                     checkpoint()
-    checkpoint()
+                    saved_step = step
+    if saved_step != step:
+        checkpoint()
     return step, start_step, losses
 
 

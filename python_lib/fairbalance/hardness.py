@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance import config as fb_config
-from fairbalance import claims, runs, training, validation, writeback
+from fairbalance import claims, distributed, runs, training, validation, writeback
 
 
 @dataclass
@@ -123,19 +123,24 @@ def compute_hardness(
         raise validation.FairBalanceError(f"'{label_field}' has only one class in this view")
     dataset = samples._root_dataset
     output_dir = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "checkpoints", dataset.name, run_key))
-    validation.require_writable_dir(output_dir)
     params = {
         "label_field": label_field, "loss_field": loss_field, "rank_field": rank_field, "tag": tag,
         "top_k": top_k, "selection": "error_set" if k is None else "top_k", "per_class": per_class, "q": q,
         "backbone": backbone, "pretrained": pretrained, "image_size": image_size, "normalize": normalize,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "checkpoint": output_dir,
     }
-    run = runs.prepare(samples, run_key, "hardness", params, [loss_field, rank_field], overwrite)
-    claims.claim_folder(output_dir)
-    old_tag, old_tagged = None, []
-    if dataset.has_run(run_key):  # overwrite: its tags go, on the samples it tagged and nowhere else
-        old_tag = runs.get_run_config(dataset, run_key).get("tag")
-        old_tagged = runs.load_run_results(dataset, run_key).get("tagged_ids") or []
+
+    def prepare():  # under a launcher the main process alone claims and writes (fairbalance.distributed)
+        validation.require_writable_dir(output_dir)
+        run = runs.prepare(samples, run_key, "hardness", params, [loss_field, rank_field], overwrite)
+        claims.claim_folder(output_dir)
+        old_tag, old_tagged = None, []
+        if dataset.has_run(run_key):  # overwrite: its tags go, on the samples it tagged and nowhere else
+            old_tag = runs.get_run_config(dataset, run_key).get("tag")
+            old_tagged = runs.load_run_results(dataset, run_key).get("tagged_ids") or []
+        return run, old_tag, old_tagged
+
+    run, old_tag, old_tagged = distributed.on_main(prepare) or (None, None, [])
 
     clf = training.train_classifier(
         samples.select(ids), label_field, method="biased", classes=classes, q=q, backbone=backbone,
@@ -163,9 +168,9 @@ def compute_hardness(
         if len(hard):
             dataset.select([ids[j] for j in hard]).tag_samples(tag)
 
-    run.write(write)
     per_class_tagged = {classes[c]: int(n) for c, n in zip(*np.unique(labels[hard], return_counts=True))}
     result = HardnessResult(run_key, loss_field, rank_field, tag, len(hard), len(ids), data.num_unlabelled,
                             output_dir, per_class_tagged, clf.history)
-    run.save_results({**result.to_dict(), "tagged_ids": [ids[j] for j in hard]})
+    distributed.on_main(lambda: (run.write(write),
+                                 run.save_results({**result.to_dict(), "tagged_ids": [ids[j] for j in hard]})))
     return result

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance import config as fb_config
-from fairbalance import claims, models, runs, training, validation
+from fairbalance import claims, distributed, models, runs, training, validation
 from fairbalance.generation import (GenerationJob, GenerationResult, finish_generation, plan_counts, run_generation,
                                     start_generation)
 
@@ -365,9 +365,14 @@ def finetune_per_group(
     than ``min_images`` images are trained anyway, with a warning, and
     listed in ``small_groups``. Adapters already in ``output_dir`` from the
     same run and configuration are kept (a rerun resumes); another
-    configuration there is refused unless ``overwrite``.
+    configuration there is refused unless ``overwrite``. Under ``accelerate
+    launch`` / ``torchrun`` each process trains its slice of every global
+    batch of ``batch_size`` and the main process alone claims and writes
+    (:mod:`fairbalance.distributed`).
     """
     require_peft()
+    distributed.setup(device)
+    progress = distributed.progress_for(progress)
 
     validation.require_nonempty(samples)
     validation.require_image_collection(samples)
@@ -403,7 +408,7 @@ def finetune_per_group(
     ids, paths, values, skipped = _real_groups(samples, fields)
     if not ids:
         raise validation.FairBalanceError(f"No real sample of the view has every field of {fields}")
-    base = _load_base(base_name, device, for_training=True)
+    base = _load_base(base_name, distributed.device(device), for_training=True)
     if base.kind == "conditional":
         need = [base.diff.label_field] + ([base.diff.attribute_field] if base.diff.attribute_field else [])
         if method == "lora" and not set(need) <= set(fields):
@@ -447,11 +452,16 @@ def finetune_per_group(
     dataset = samples._root_dataset
     output_dir = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "adapters", dataset.name, run_key))
     recorded = {("finetune_method" if k == "method" else k): v for k, v in config.items()}  # "method": the run's
-    run = runs.prepare(samples, run_key, "finetune_per_group", {**recorded, "output_dir": output_dir}, [], overwrite,
-                       rerun_same_config=True)
-    claims.claim_folder(output_dir)
-    _claim_adapter_folder(output_dir, config, overwrite)
-    _write_manifest(output_dir, config, [], complete=False)  # marks the folder as this configuration's
+
+    def prepare():  # the main process only; the others wait for it (and raise its error)
+        run = runs.prepare(samples, run_key, "finetune_per_group", {**recorded, "output_dir": output_dir}, [],
+                           overwrite, rerun_same_config=True)
+        claims.claim_folder(output_dir)
+        _claim_adapter_folder(output_dir, config, overwrite)
+        _write_manifest(output_dir, config, [], complete=False)  # marks the folder as this configuration's
+        return run
+
+    run = distributed.on_main(prepare)
     small = {group_key(v): len(members[v]) for v in order if len(members[v]) < min_images}
     if small:
         warnings.warn(f"{len(small)} group(s) have fewer than {min_images} images (trained anyway): "
@@ -472,27 +482,32 @@ def finetune_per_group(
             if base.kind == "conditional" and method == "lora":
                 meta["condition"] = list(_model_condition(base.diff, dict(zip(fields, v))))
             folder = os.path.join(output_dir, name)
-            done = _read_meta(folder)
+            done = distributed.on_main(_read_meta, folder, share=True)  # one view of what is done
             if done is not None and {k: done.get(k) for k in meta} == meta:
                 adapters.append({**done, "folder": folder})
                 reused += 1
                 pb.update(steps)
                 continue
             t0 = time.time()
+            torch.manual_seed(seed * 1_000_003 + n)  # the adapter's initial weights: the same in every process
             _add_adapter(base, name, rank)
             _train_adapter(base, meta, [paths[j] for j in idx], steps, lr, batch_size, resolution, prior_loss_weight,
                            num_prior_images, prompt, seed * 1_000_003 + n, pb)
             seconds = time.time() - t0
             meta["seconds"] = seconds
-            meta["adapter_bytes"] = _save_adapter(base, name, folder, meta)
+            meta["adapter_bytes"] = distributed.on_main(_save_adapter, base, name, folder, meta, share=True)
             _delete_adapter(base, name)
             adapters.append({**meta, "folder": folder})
             trained += 1
-    _write_manifest(output_dir, config, adapters)
     result = FinetuneResult(run_key, output_dir, method, base.name, base.kind, base.fingerprint, fields, rank, steps,
                             adapters, small, trained, reused, base.num_bytes, skipped)
-    run.write(lambda: None)
-    run.save_results(result.to_dict())
+
+    def record():
+        _write_manifest(output_dir, config, adapters)
+        run.write(lambda: None)
+        run.save_results(result.to_dict())
+
+    distributed.on_main(record)
     return result
 
 
@@ -571,10 +586,12 @@ def _train_adapter(base: _Base, meta: dict, paths: list[str], steps: int, lr: fl
         step_fn = _sd_step(base, meta, paths, resolution, prior_loss_weight, num_prior_images, prompt, gen, dev)
     base.unet.train()
     for _ in range(steps):
+        # every process draws the same global batch (and its noise) and computes its slice of the loss
         idx = torch.randint(0, len(paths), (batch_size,), generator=gen)
-        loss = step_fn(idx)
+        loss = step_fn(idx, distributed.shard(batch_size))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.sum_gradients(params)
         opt.step()
         pb.update()
     base.unet.eval()
@@ -583,6 +600,11 @@ def _train_adapter(base: _Base, meta: dict, paths: list[str], steps: int, lr: fl
 def _diffusion_target(scheduler, x0, noise, t):
     kind = scheduler.config.prediction_type
     return noise if kind == "epsilon" else scheduler.get_velocity(x0, noise, t)
+
+
+def _mse_share(pred, target, sh: distributed.Shard) -> torch.Tensor:
+    """This process's share of the global batch's mean squared error."""
+    return sh.mean(F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1))
 
 
 def _conditional_step(base: _Base, meta: dict, paths, gen, dev):
@@ -596,15 +618,16 @@ def _conditional_step(base: _Base, meta: dict, paths, gen, dev):
     cond = null if meta["condition"] is None else torch.as_tensor(meta["condition"])
     drop_p = float(diff.config.get("cond_drop_prob", 0.1)) if meta["condition"] is not None else 0.0
 
-    def step(idx):
-        xb = x[idx].to(dev)
-        noise = torch.randn(xb.shape, generator=gen).to(dev)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(xb),), generator=gen).to(dev)
+    def step(idx, sh):
+        xb = x[idx]
+        noise = torch.randn(xb.shape, generator=gen)[sh.part].to(dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(xb),), generator=gen)[sh.part].to(dev)
         labels = cond.expand(len(xb), -1).clone()
         drop = torch.rand(labels.shape, generator=gen) < drop_p
-        labels = torch.where(drop, null.expand_as(labels), labels).to(dev)
+        labels = torch.where(drop, null.expand_as(labels), labels)[sh.part].to(dev)
+        xb = xb[sh.part].to(dev)
         pred = net(sched.add_noise(xb, noise, t), t, labels)
-        return F.mse_loss(pred.float(), _diffusion_target(sched, xb, noise, t).float())
+        return _mse_share(pred, _diffusion_target(sched, xb, noise, t), sh)
 
     return step
 
@@ -644,17 +667,18 @@ def _sd_step(base: _Base, meta: dict, paths, resolution, prior_loss_weight, num_
         prior = latents(imgs * 2 - 1)
         prior_text = _encode_prompt(pipe, class_prompt, dev)
 
-    def loss_on(lat, text):
-        noise = torch.randn(lat.shape, generator=gen).to(dev)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(lat),), generator=gen).to(dev)
+    def loss_on(lat, text, sh):
+        noise = torch.randn(lat.shape, generator=gen)[sh.part].to(dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(lat),), generator=gen)[sh.part].to(dev)
+        lat = lat[sh.part]
         pred = base.unet(sched.add_noise(lat, noise, t), t, encoder_hidden_states=text.expand(len(lat), -1, -1)).sample
-        return F.mse_loss(pred.float(), _diffusion_target(sched, lat, noise, t).float())
+        return _mse_share(pred, _diffusion_target(sched, lat, noise, t), sh)
 
-    def step(idx):
-        loss = loss_on(inst[idx], inst_text)
+    def step(idx, sh):
+        loss = loss_on(inst[idx], inst_text, sh)
         if prior is not None:
             pidx = torch.randint(0, len(prior), (len(idx),), generator=gen)
-            loss = loss + prior_loss_weight * loss_on(prior[pidx], prior_text)
+            loss = loss + prior_loss_weight * loss_on(prior[pidx], prior_text, sh)
         return loss
 
     return step

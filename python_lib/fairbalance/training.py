@@ -32,6 +32,14 @@ Inputs are the images at their native size (all must share it; or pass
 per-channel statistics (``normalize="dataset"``) or ImageNet's; the choice is
 stored with the model, which normalises its own inputs. With ``val_samples``
 the epoch with the best validation accuracy is kept (model selection).
+
+Under ``accelerate launch`` / ``torchrun`` (:mod:`fairbalance.distributed`)
+every process draws the same global batch of ``batch_size``, computes its
+slice, and the gradients are summed over the processes (losses written as
+each slice's share of the global mean; LfF's per-sample weights and SupCon's
+positives use the whole global batch), so N processes take the steps one
+process would. Batch-norm layers (``cnn``, ``resnet18``) normalise each
+process's slice on its own.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fairbalance import images, models, validation
+from fairbalance import distributed, images, models, validation
 
 METHODS = ("vanilla", "biased", "jtt", "lff", "synthetic", "two_stage")
 GENERATED_METHODS = ("synthetic", "two_stage")  # the methods that train on generated samples
@@ -543,7 +551,8 @@ def train_classifier(
         config.mean, config.std = _channel_stats(x)
     elif normalize == "imagenet":
         config.mean, config.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    dev = models.resolve_device(device)
+    dev = distributed.device(device)
+    progress = distributed.progress_for(progress)
     net, config.pretrained_weights = build_model(config)
     loop = _fit_lff if method == "lff" else _fit_single
     if method == "two_stage":
@@ -597,6 +606,21 @@ def _loader(x, y, w, batch_size, gen):
         yield x[idx], y[idx], w[idx], idx
 
 
+@dataclass
+class _Slice(distributed.Shard):
+    """This process's slice of a global batch, and the global batch's total sample weight."""
+
+    weight: torch.Tensor | float = 1.0
+
+
+def _shards(batches, dev):
+    """This process's rows ``(x, y, w, slice)`` of each global batch, on ``dev`` (all rows without a launcher)."""
+    for xb, yb, wb, ib in batches:
+        sh = distributed.shard(len(yb))
+        yield (xb[sh.part].to(dev), yb[sh.part].to(dev), wb[sh.part].to(dev),
+               _Slice(sh.part, sh.total, wb.sum().clamp_min(1e-8).to(dev)))
+
+
 def _fit_single(net, config: TrainConfig, x, y, w, val, dev, gen, progress):
     """One model, per-sample CE (GCE for ``biased``) times the sample weights."""
     import fiftyone.core.utils as fou
@@ -610,20 +634,21 @@ def _fit_single(net, config: TrainConfig, x, y, w, val, dev, gen, progress):
         for epoch in range(1, config.epochs + 1):
             net.train()
             total, count, correct = 0.0, 0, 0
-            for xb, yb, wb, _ in _loader(x, y, w, config.batch_size, gen):
-                xb, yb, wb = xb.to(dev), yb.to(dev), wb.to(dev)
+            for xb, yb, wb, sh in _shards(_loader(x, y, w, config.batch_size, gen), dev):
                 with torch.autocast(dev.type, enabled=dev.type == "cuda"):
                     logits = net(xb).float()
                 per = gce_loss(logits, yb, config.q) if config.method == "biased" else F.cross_entropy(
                     logits, yb, reduction="none")
-                loss = (per * wb).sum() / wb.sum().clamp_min(1e-8) if weighted else per.mean()
+                loss = (per * wb).sum() / sh.weight if weighted else sh.mean(per)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                distributed.sum_gradients(net.parameters())
                 scaler.step(opt)
                 scaler.update()
                 total += float(per.detach().sum())
                 count += len(yb)
                 correct += int((logits.argmax(1) == yb).sum())
+            total, count, correct = distributed.sum_values(total, count, correct)
             record = {"epoch": epoch, "loss": total / count, "train_accuracy": correct / count}
             selector.after_epoch(net, epoch, record)
             history.append(record)
@@ -647,20 +672,24 @@ def _fit_lff(net, config: TrainConfig, x, y, w, val, dev, gen, progress):
             biased.train()
             total, count, correct, mean_w = 0.0, 0, 0, 0.0
             for xb, yb, wb, ib in _loader(x, y, w, config.batch_size, gen):
-                xb, yb, wb = xb.to(dev), yb.to(dev), wb.to(dev)
+                sh = distributed.shard(len(yb))  # this process's rows; the weights are updated on all of them
+                xb, yb, wb = xb[sh.part].to(dev), yb[sh.part].to(dev), wb[sh.part].to(dev)
                 logit_b, logit_d = biased(xb).float(), net(xb).float()
-                ce_b = F.cross_entropy(logit_b, yb, reduction="none").detach().cpu()
-                ce_d = F.cross_entropy(logit_d, yb, reduction="none").detach().cpu()
-                rel = relative(ib, ce_b, ce_d).to(dev)
+                ce_b = F.cross_entropy(logit_b, yb, reduction="none").detach()
+                ce_d = F.cross_entropy(logit_d, yb, reduction="none").detach()
+                rel = relative(ib, distributed.gather_rows(ce_b, sh.total).cpu(),
+                               distributed.gather_rows(ce_d, sh.total).cpu())[sh.part].to(dev)
                 loss_d = F.cross_entropy(logit_d, yb, reduction="none") * rel * wb
-                loss = loss_d.mean() + gce_loss(logit_b, yb, config.q).mean()
+                loss = sh.mean(loss_d) + sh.mean(gce_loss(logit_b, yb, config.q))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.sum_gradients(list(net.parameters()) + list(biased.parameters()))
                 opt.step()
                 total += float(ce_d.sum())
                 count += len(yb)
                 correct += int((logit_d.argmax(1) == yb).sum())
                 mean_w += float(rel.sum())
+            total, count, correct, mean_w = distributed.sum_values(total, count, correct, mean_w)
             record = {"epoch": epoch, "loss": total / count, "train_accuracy": correct / count,
                       "mean_lff_weight": mean_w / count}
             selector.after_epoch(net, epoch, record)
@@ -732,21 +761,24 @@ def _fit_two_stage(net, config: TrainConfig, x, y, w, val, dev, gen, progress, g
             projector.train()
             total_ce = total_con = 0.0
             count = correct = 0
-            for xb, yb, wb, _ in _loader(x1, y1, w1, config.batch_size, gen):
-                xb, yb, wb = xb.to(dev), yb.to(dev), wb.to(dev)
+            for xb, yb, wb, sh in _shards(_loader(x1, y1, w1, config.batch_size, gen), dev):
                 feats = encoder(xb)
                 logits = head(feats).float()
                 ce = F.cross_entropy(logits, yb, reduction="none")
-                con = supcon_loss(projector(feats), yb, config.supcon_temperature)
+                # SupCon's positives come from the whole global batch: every process's projections
+                z = distributed.gather_rows(projector(feats), sh.total, differentiable=True)
+                con = supcon_loss(z, distributed.gather_rows(yb, sh.total), config.supcon_temperature)[sh.part]
                 per = ce + config.supcon_weight * con
-                loss = (per * wb).sum() / wb.sum().clamp_min(1e-8)
+                loss = (per * wb).sum() / sh.weight
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.sum_gradients(list(net.parameters()) + list(projector.parameters()))
                 opt.step()
                 total_ce += float(ce.detach().sum())
                 total_con += float(con.detach().sum())
                 count += len(yb)
                 correct += int((logits.argmax(1) == yb).sum())
+            total_ce, total_con, count, correct = distributed.sum_values(total_ce, total_con, count, correct)
             record = {"epoch": epoch, "stage": 1, "loss": total_ce / count, "supcon_loss": total_con / count,
                       "train_accuracy": correct / count, "num_samples": count}
             if val is not None:
@@ -767,17 +799,18 @@ def _fit_two_stage(net, config: TrainConfig, x, y, w, val, dev, gen, progress, g
             head.train()
             total = 0.0
             count = correct = 0
-            for fb_, yb, wb, _ in _loader(feats, yr, wr, config.batch_size, gen):
-                yb, wb = yb.to(dev), wb.to(dev)
+            for fb_, yb, wb, sh in _shards(_loader(feats, yr, wr, config.batch_size, gen), dev):
                 logits = head(fb_).float()
                 per = F.cross_entropy(logits, yb, reduction="none")
-                loss = (per * wb).sum() / wb.sum().clamp_min(1e-8) if weighted else per.mean()
+                loss = (per * wb).sum() / sh.weight if weighted else sh.mean(per)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.sum_gradients(head.parameters())
                 opt.step()
                 total += float(per.detach().sum())
                 count += len(yb)
                 correct += int((logits.argmax(1) == yb).sum())
+            total, count, correct = distributed.sum_values(total, count, correct)
             record = {"epoch": config.epochs + epoch, "stage": 2, "loss": total / count,
                       "train_accuracy": correct / count, "num_samples": count}
             selector.after_epoch(net, config.epochs + epoch, record)
