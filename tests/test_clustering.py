@@ -37,6 +37,18 @@ def test_sklearn_and_pyclustering_backends_agree(blobs):
     assert adjusted_rand_score(ours.labels, ref.labels) > 0.99
 
 
+def test_auto_backend_leaves_the_c_core_for_large_data(blobs, monkeypatch):
+    """pyclustering's C core copies the data into Python lists (10x its memory at 1M x 20): auto avoids it there."""
+    if not clustering.pyclustering_available():
+        pytest.skip("pyclustering's C core is not available on this platform")
+    x, y = blobs
+    assert clustering.xmeans(x).backend == "pyclustering"  # small data: the reference implementation
+    monkeypatch.setattr(clustering, "C_CORE_MAX_VALUES", x.size - 1)
+    large = clustering.xmeans(x)
+    assert large.backend == "sklearn" and large.criterion == "pyclustering"
+    assert adjusted_rand_score(y, large.labels) > 0.99
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_pyclustering_backend_is_deterministic_for_every_seed(seed):
     """pyclustering reads random_state=0 as "unseeded"; seed 0 must still give the same clusters every run."""

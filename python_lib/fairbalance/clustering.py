@@ -25,6 +25,9 @@ import numpy as np
 
 CRITERIA = ("bic", "pyclustering")
 BACKENDS = ("auto", "sklearn", "pyclustering")
+# Above this many values (n x d), "auto" leaves pyclustering's C core: it copies the data into Python lists
+# (measured at 1M x 20: 10.8x the array's memory and 2x the time of the scikit-learn path, same clusters).
+C_CORE_MAX_VALUES = 5_000_000
 
 
 @dataclass
@@ -142,7 +145,8 @@ def xmeans(
     """Cluster ``x`` (n x d) into at most ``kmax`` clusters, choosing K by a BIC splitting rule.
 
     ``backend="auto"`` uses pyclustering's C core for its own criterion when
-    it works here, else the scikit-learn implementation.
+    it works here and the data is at most ``C_CORE_MAX_VALUES`` values, else
+    the scikit-learn implementation (the same criterion, one copy of the data).
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}")
@@ -153,7 +157,8 @@ def xmeans(
     x = np.ascontiguousarray(x, dtype=np.float64)
     if backend == "pyclustering" and criterion != "pyclustering":
         raise ValueError("pyclustering's C core only implements its own criterion; use backend='sklearn'")
-    use_c = backend == "pyclustering" or (backend == "auto" and criterion == "pyclustering" and pyclustering_available())
+    use_c = backend == "pyclustering" or (backend == "auto" and criterion == "pyclustering" and x.size <= C_CORE_MAX_VALUES
+                                          and pyclustering_available())
     if use_c:
         if not pyclustering_available():
             raise RuntimeError("pyclustering's C core is not available on this platform; use backend='sklearn'")
