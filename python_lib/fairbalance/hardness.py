@@ -147,7 +147,8 @@ def compute_hardness(
         pretrained=pretrained, image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size,
         lr=lr, seed=seed, device=device, num_workers=num_workers, progress=progress,
     )
-    logits = training.predict(clf, paths, device=device, num_workers=num_workers)
+    # under a launcher, each rank on its own GPU (not cuda:0 for all)
+    logits = training.predict(clf, paths, device=distributed.device(device), num_workers=num_workers)
     losses = F.cross_entropy(logits, torch.as_tensor(labels), reduction="none").numpy()
     ranks = loss_ranks(losses, labels, per_class)
     if k is None:
