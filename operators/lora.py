@@ -4,7 +4,8 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fairbalance import runs
-from fairbalance.lora import finetune_per_group, generate_per_group
+from fairbalance.lora_generation import generate_per_group
+from fairbalance.lora_training import finetune_per_group
 
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       readable_bytes, result_view, rounded, run_key_input, sampling_inputs)

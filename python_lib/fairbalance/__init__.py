@@ -43,7 +43,8 @@ from fairbalance.filtering import filter_generated
 from fairbalance.gate import GateResult, check_balance
 from fairbalance.generation import generate_balanced
 from fairbalance.hardness import compute_hardness as compute_hardness_tags
-from fairbalance.lora import finetune_per_group, generate_per_group
+from fairbalance.lora_generation import generate_per_group
+from fairbalance.lora_training import finetune_per_group
 from fairbalance.models import ModelNotFoundError
 from fairbalance.pipeline import load_pipeline, run_pipeline
 from fairbalance.pseudo_labels import compute_pseudo_labels
