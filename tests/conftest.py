@@ -134,3 +134,14 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_clip(model_dir):
     return tiny_models.build_open_clip(str(model_dir / "clip"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is ~10x faster than two fighting other jobs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
