@@ -107,12 +107,7 @@ def compute_sa_features(
                               progress)
     run = runs.prepare(samples, run_key, "sa_features", config, [features_field], overwrite)
 
-    if related_texts_override is None:
-        query, chosen = related_texts.select(
-            clip, attribute, attribute_values, num_related_texts, exclude_words, progress=False
-        )
-    else:
-        query, chosen = None, [related_texts.RelatedText(t, None) for t in related_texts_override]
+    texts = _choose_texts(clip, config)
 
     new, failures = embeddings.compute_missing(
         samples, embeddings_field, clip, batch_size, num_workers, skip_failures, progress
@@ -123,7 +118,7 @@ def compute_sa_features(
     target_ids = [i for i in samples.values("id") if i in new or i in row]
     if not target_ids:
         raise validation.FairBalanceError("No image could be encoded; nothing written")
-    text_emb = clip.encode_text([prompt_template.format(r.text) for r in chosen]).numpy()
+    text_emb = clip.encode_text([prompt_template.format(r["text"]) for r in texts["related_texts"]]).numpy()
     # chunk by chunk, so that the embeddings are never copied whole (1M x 512 float32 is 2 GB)
     features = np.empty((len(target_ids), len(text_emb)), dtype=np.float32)
     for s in range(0, len(target_ids), FEATURES_CHUNK):
@@ -142,8 +137,8 @@ def compute_sa_features(
     run.write(write)
     result = SAFeaturesResult(
         run_key=run_key,
-        query=query,
-        related_texts=[{"text": r.text, "score": r.score, "synset": r.synset} for r in chosen],
+        query=texts["query"],
+        related_texts=texts["related_texts"],
         num_samples=len(target_ids),
         num_encoded=len(new),
         features_field=features_field,
@@ -178,6 +173,7 @@ def validate_inputs(samples, attribute=None, attribute_values=None, related_text
 
 
 def _choose_texts(clip, config) -> dict:
+    """``{"query", "related_texts"}``: the WordNet texts closest to the attribute, or the user's own texts."""
     if config["related_texts_override"] is None:
         query, chosen = related_texts.select(clip, config["attribute"], config["attribute_values"],
                                              config["num_related_texts"], config["exclude_words"], progress=False)
