@@ -42,7 +42,7 @@ EMBED_DIM = 512
 RELATED_TEXTS = [f"{c} {w}" for c in ("red", "green", "blue", "yellow", "purple") for w in
                  ("hair", "background", "clothing", "light")]
 STEPS = {  # step: its variants, the baseline first
-    "panel": ["values_counter", "count_values", "balance_summary"],
+    "panel": ["values_counter", "count_values", "balance_summary", "balance_summary_cached"],
     "xmeans": ["sklearn_kmeans_k6", "xmeans_sklearn", "xmeans_auto"],
     "writeback": ["plain_set_values", "set_values_by_id"],
     "requery": ["plain_numpy", "compute_sa_features"],
@@ -50,7 +50,8 @@ STEPS = {  # step: its variants, the baseline first
 LABELS = {
     "values_counter": "baseline: values() of 3 fields + Counter",
     "count_values": "FiftyOne count_values (one field, a floor)",
-    "balance_summary": "fairbalance balance_summary (the panel)",
+    "balance_summary": "fairbalance balance_summary, one $group pass",
+    "balance_summary_cached": "balance_summary(cache=True): the panel, unchanged data",
     "sklearn_kmeans_k6": "baseline: sklearn KMeans, K=6 given",
     "xmeans_sklearn": "fairbalance xmeans, sklearn backend",
     "xmeans_auto": "fairbalance xmeans, default backend=auto",
@@ -159,7 +160,15 @@ def run_child(step: str, variant: str, args) -> dict:
             "values_counter": lambda: dict(python_counts(ds, "sa_cluster", "color")[1]),
             "count_values": lambda: ds.count_values("sa_cluster.label"),
             "balance_summary": lambda: balance.balance_summary(ds, "sa_cluster", attribute_field="color")["after"]["counts"],
+            "balance_summary_cached": lambda: balance.balance_summary(
+                ds, "sa_cluster", attribute_field="color", cache=True)["after"]["counts"],
         }
+        if variant == "balance_summary_cached":  # the first call computes and stores; a change of data does again
+            from fairbalance import summary_cache
+
+            summary_cache.clear(ds)
+            first, _, _ = measure(fns[variant], 1)
+            res["phases"] = {"first_call": first[0]}
         times, peak, counts = measure(fns[variant], args.repeats)
         res["counts"] = {str(k): int(v) for k, v in counts.items()}
     elif step == "xmeans":

@@ -46,6 +46,10 @@ class ComputeSAFeatures(foo.Operator):
                    description="More than 1: queue the work as this many delegated operations (one per shard) for "
                                "`fiftyone delegated launch` workers; the last to finish records the run. Running "
                                "it again with the same settings resumes")
+        if (ctx.params.get("num_shards") or 1) > 1:
+            inputs.str("cluster_field", required=False, label="Then cluster into (optional)",
+                       description="A label field: when all shards are done, X-means on all the features writes "
+                                   "pseudo-labels there (run 'pseudo_labels', as Compute pseudo-labels does)")
         run_key_input(ctx, inputs, compute_sa_features)
         return types.Property(inputs, view=types.View(label="Compute SA features"))
 
@@ -65,7 +69,10 @@ class ComputeSAFeatures(foo.Operator):
                         "run_key", "overwrite") + (() if by_texts else ("num_related_texts",))),
         )
         if (p.get("num_shards") or 1) > 1:
-            job = queue_sharded(ctx.target_view(), "compute_sa_features", num_shards=p["num_shards"], **kwargs)
+            cluster_field = (p.get("cluster_field") or "").strip()
+            then = ("compute_pseudo_labels", {"label_field": cluster_field}) if cluster_field else None
+            job = queue_sharded(ctx.target_view(), "compute_sa_features", num_shards=p["num_shards"], then=then,
+                                **kwargs)
             return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
                     "shards_requeued": len(job.requeued)}
         result = compute_sa_features(ctx.target_view(), progress=progress_callback(ctx, "Encoding images"), **kwargs)

@@ -117,9 +117,9 @@ class BalancePanel(foo.Panel):
         if attr not in self._fields(ctx) or attr == field:
             attr = None
         summary = None
-        if field is not None and len(view) > 0:
-            try:
-                summary = balance.balance_summary(view, field, attribute_field=attr)
+        if field is not None and len(view.limit(1)):  # (stops at the first sample: no full count)
+            try:  # cached while the dataset is unchanged: a full pass over 1M samples takes seconds
+                summary = balance.balance_summary(view, field, attribute_field=attr, cache=True)
                 summary["worst_groups"] = _last_evaluation(ctx.dataset)
             except ValueError as e:
                 summary = {"error": str(e)}

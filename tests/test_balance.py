@@ -108,3 +108,43 @@ def test_balance_summary_counts_match_python_counting(make_dataset):
         assert row == [cross[(cluster, a)] / n for a in summary["heatmap"]["x"]]
     ds.set_values("generated", [False] * 60)  # no generated samples: no "after"
     assert balance.balance_summary(ds, "cluster")["after"] is None
+
+
+def test_cached_summary_is_reused_only_while_the_dataset_is_unchanged(make_dataset):
+    """The panel's cache: a stored summary is served while the stamp holds; any edit, deletion or run invalidates it."""
+    import time
+
+    from fairbalance import summary_cache
+
+    ds = make_dataset()
+    ds.add_samples([fo.Sample(filepath=f"/x/{i}.png", cluster=fo.Classification(label=str(i % 3)),
+                              color=fo.Classification(label=f"c{i % 2}")) for i in range(30)])
+    view = ds.match(fo.ViewField("cluster.label") != "2")
+    time.sleep(summary_cache.SETTLE_S + 0.2)  # writes this recent are never cached (same-millisecond writes)
+    plain = balance.balance_summary(view, "cluster", attribute_field="color")
+    assert balance.balance_summary(view, "cluster", attribute_field="color", cache=True) == plain
+    coll = summary_cache._db()[summary_cache.COLLECTION]
+    key = summary_cache.cache_key(view, "balance_summary", {"label_field": "cluster", "attribute_field": "color",
+                                                            "generated_field": "generated", "sa_run_key": None})
+    assert coll.find_one({"_id": key}) is not None
+    # served from the store: plant a marker value and get it back
+    coll.update_one({"_id": key}, {"$set": {"value": '{"marker": 1}'}})
+    assert balance.balance_summary(view, "cluster", attribute_field="color", cache=True) == {"marker": 1}
+    # another view or other arguments are other entries
+    assert balance.balance_summary(ds, "cluster", cache=True)["after"] is None
+    assert balance.balance_summary(ds, "cluster", cache=True)["before"]["num_samples"] == 30
+
+    def fresh():
+        return balance.balance_summary(view, "cluster", attribute_field="color", cache=True)
+
+    edits = [
+        lambda: ds.set_values("cluster", [fo.Classification(label="0")] * 30),  # a sample edit
+        lambda: ds.delete_samples(ds.take(3, seed=0)),  # a deletion
+        lambda: ds.add_sample_field("note", fo.StringField),  # the schema
+    ]
+    for edit in edits:
+        coll.update_many({}, {"$set": {"value": '{"marker": 1}'}})
+        edit()
+        assert fresh() == balance.balance_summary(view, "cluster", attribute_field="color")
+    assert fresh()["before"]["counts"] == {"0": 27}
+    assert summary_cache.clear(ds) >= 1 and coll.count_documents({"dataset_id": str(ds._doc.id)}) == 0

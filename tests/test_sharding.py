@@ -101,6 +101,61 @@ def test_queue_sharded_validates_before_queuing(digits_copy, sa_kwargs):
     assert not digits_copy.has_run("sa_features")
 
 
+def test_follow_up_clusters_all_features_once_after_the_merge_and_resumes(digits_copy, sa_kwargs):
+    """queue_sharded(then=...): X-means on all the merged features, run by the merging process; a follow-up
+    whose process died is run again over its own half-made run; bad follow-ups are refused before queuing."""
+    import fiftyone.operators.delegated as food
+
+    kw = dict(embeddings_field="emb_then", features_field="sa_then", **sa_kwargs)
+    with pytest.raises(FairBalanceError, match="cannot be followed by 'train_classifier'"):
+        fairbalance.queue_sharded(digits_copy, "compute_sa_features", num_shards=2, then="train_classifier", **kw)
+    with pytest.raises(FairBalanceError, match="does not take"):
+        fairbalance.queue_sharded(digits_copy, "compute_sa_features", num_shards=2,
+                                  then=("compute_pseudo_labels", {"k": 3}), **kw)
+    digits_copy.register_run("taken", digits_copy.init_run(), overwrite=True)
+    with pytest.raises(FairBalanceError, match="'taken', which exists"):
+        fairbalance.queue_sharded(digits_copy, "compute_sa_features", num_shards=2,
+                                  then=("compute_pseudo_labels", {"run_key": "taken"}), **kw)
+    assert sharding.get_job(digits_copy, "sa_features") is None  # nothing queued or created
+
+    then = ("compute_pseudo_labels", {"label_field": "cl_then", "run_key": "cl_then", "kmax": 6})
+    job = fairbalance.queue_sharded(digits_copy, "compute_sa_features", num_shards=2, run_key="sa_then", then=then,
+                                    **kw)
+    assert len(job.queued) == 2 and not digits_copy.has_field("cl_then")
+    food.DelegatedOperationService().execute_queued_operations(operator=sharding.OPERATOR_URI,
+                                                              dataset_name=digits_copy.name)
+    digits_copy.reload()
+    status = fairbalance.sharded_status(digits_copy, "sa_then")
+    assert status["merged"] and [t["state"] for t in status["then"]] == ["done"]
+    assert status["then"][0]["result"]["label_field"] == "cl_then"
+    cfg = runs.get_run_config(digits_copy, "cl_then")
+    assert cfg["features_field"] == "sa_then" and cfg["kmax"] == 6  # features inherited from the job
+    # the same clustering as running it by hand on the merged features
+    by_hand = compute_pseudo_labels(digits_copy, features_field="sa_then", label_field="cl_hand", run_key="cl_hand",
+                                    kmax=6)
+    assert digits_copy.values("cl_then.label") == digits_copy.values("cl_hand.label")
+    assert status["then"][0]["result"]["counts"] == by_hand.counts
+
+    # the merging process died inside the follow-up: its state says started, its run half-made
+    sharding._collection().update_one({"_id": sharding.get_job(digits_copy, "sa_then")["_id"]},
+                                      {"$set": {"then.0.state": "started"}})
+    digits_copy.set_values("cl_then", [None] * len(digits_copy))
+    again = fairbalance.queue_sharded(digits_copy, "compute_sa_features", num_shards=2, run_key="sa_then",
+                                      then=then, **kw)
+    assert again.queued == {} and again.merge_queued  # a merge operation runs what is left
+    food.DelegatedOperationService().execute_queued_operations(operator=sharding.OPERATOR_URI,
+                                                              dataset_name=digits_copy.name)
+    digits_copy.reload()
+    assert fairbalance.sharded_status(digits_copy, "sa_then")["then"][0]["state"] == "done"
+    assert digits_copy.values("cl_then.label") == digits_copy.values("cl_hand.label")
+    done = fairbalance.queue_sharded(digits_copy, "compute_sa_features", num_shards=2, run_key="sa_then",
+                                     then=then, **kw)
+    assert done.queued == {} and done.merge_queued is None
+    with pytest.raises(FairBalanceError, match="follow-ups"):  # the job's follow-ups are part of its settings
+        fairbalance.queue_sharded(digits_copy, "compute_sa_features", num_shards=2, run_key="sa_then",
+                                  then="compute_pseudo_labels", **kw)
+
+
 def _worker(log_path):
     """A real ``fiftyone delegated launch`` process with this session's database, plugin and library."""
     env = dict(os.environ)
@@ -221,7 +276,7 @@ def test_sa_form_with_shards_queues_them_and_a_worker_loop_finishes_the_run(digi
     view = digits_copy.match_tags("train")
     params = {"source": "texts", "related_texts": "a red digit, a blue digit, a green digit", "model": tiny_clip,
               "pretrained": "", "num_shards": 3, "run_key": "form_sharded", "features_field": "sa_form",
-              "embeddings_field": "emb_form"}
+              "embeddings_field": "emb_form", "cluster_field": "form_cluster"}
     result = foo.execute_operator("@fairbalance/fairbalance/compute_sa_features",
                                   ctx={"dataset": digits_copy.name, "view": view, "params": params})
     assert result.error is None, result.error
@@ -235,3 +290,7 @@ def test_sa_form_with_shards_queues_them_and_a_worker_loop_finishes_the_run(digi
     assert status["merged"] and status["num_done"] == len(view) == status["num_samples"]
     assert len(view.exists("sa_form")) == len(view) and not len(digits_copy.match_tags("test").exists("sa_form"))
     assert runs.get_run_config(digits_copy, "form_sharded")["num_shards"] == 3
+    # "Then cluster into": X-means on all the merged features, once, after the merge
+    assert status["then"][0]["state"] == "done"
+    assert runs.get_run_config(digits_copy, "pseudo_labels")["features_field"] == "sa_form"
+    assert len(view.exists("form_cluster")) == len(view)

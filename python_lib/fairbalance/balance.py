@@ -210,6 +210,7 @@ def balance_summary(
     attribute_field: str | None = None,
     generated_field: str = "generated",
     sa_run_key: str | None = None,
+    cache: bool = False,
 ) -> dict:
     """Everything the Balance panel shows, from one database aggregation (no per-sample Python).
 
@@ -217,7 +218,17 @@ def balance_summary(
     the whole view (original + generated) when generated samples exist. With
     ``attribute_field``, a clusters x attribute heat map of row proportions.
     ``related_texts`` lists the texts chosen by the newest SA-features run.
+    ``cache=True`` (the panel) reuses the summary stored for this view while
+    the dataset is unchanged (:mod:`fairbalance.summary_cache`): 1M samples
+    are a full pass each time otherwise.
     """
+    if cache:
+        from fairbalance import summary_cache
+
+        arguments = {"label_field": label_field, "attribute_field": attribute_field,
+                     "generated_field": generated_field, "sa_run_key": sa_run_key}
+        return summary_cache.cached(samples, "balance_summary", arguments,
+                                    lambda: balance_summary(samples, **arguments))
     from fairbalance import runs
 
     validation.require_nonempty(samples)

@@ -100,8 +100,8 @@ def compute_pseudo_labels(
     import fiftyone as fo
 
     values = {i: fo.Classification(label=str(int(c))) for i, c in zip(ids, labels)}
-    view = samples.select(ids)
-    run.write(lambda: writeback.set_values_by_id(view, {label_field: values}, ids=ids))
+    # keyed by id, no select(ids): a $in of 1M ids is over MongoDB's 16 MB command limit
+    run.write(lambda: writeback.set_values_by_id(samples, {label_field: values}, ids=ids))
     counts = {str(c): int(n) for c, n in zip(*np.unique(labels, return_counts=True))}
     out = PseudoLabelsResult(
         run_key=run_key, label_field=label_field, method=method, backend=result.backend,

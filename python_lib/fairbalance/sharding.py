@@ -50,6 +50,9 @@ class Shardable:
     method: str  # its run method
     fields: Callable[[dict], list[str]]  # the fields a run with these kwargs writes
     merge: str  # "module:function" merging the shards of a finished job: merge(samples, job) -> results
+    # what may run on the merged result, once, after the merge: name -> ("module:function", {its parameter:
+    # the job's config key it defaults to}), e.g. X-means on all the SA features
+    then: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
 
     def load(self, what: str = "function") -> Callable:
         module, name = getattr(self, what).split(":")
@@ -66,7 +69,9 @@ SHARDABLE: dict[str, Shardable] = {
         "fairbalance.sa_features:compute_sa_features", "sa_features",
         lambda kw: [kw.get("features_field") or _default("fairbalance.sa_features:compute_sa_features",
                                                            "features_field")],
-        "fairbalance.sa_features:merge_shards"),
+        "fairbalance.sa_features:merge_shards",
+        then={"compute_pseudo_labels": ("fairbalance.pseudo_labels:compute_pseudo_labels",
+                                        {"features_field": "features_field"})}),
 }
 
 # settings that may differ between shards (they do not change the results)
@@ -155,7 +160,7 @@ def _check_fields_free(dataset, run_key: str, fields: list[str]) -> None:
 
 
 def _ensure_job(samples, run_key: str, function: str, num_shards: int, digest: str, num_samples: int,
-                fields: list[str], kwargs: dict | None) -> dict:
+                fields: list[str], kwargs: dict | None, then: list[dict] | None = None) -> dict:
     """The job of ``run_key``, created (with its pending run record) if absent; settings must match."""
     from pymongo import ReturnDocument
     from pymongo.errors import DuplicateKeyError
@@ -177,6 +182,7 @@ def _ensure_job(samples, run_key: str, function: str, num_shards: int, digest: s
         doc = {"_id": job_id, "dataset_id": str(dataset._doc.id), "run_key": run_key, "function": function,
                "method": spec.method, "num_shards": num_shards, "digest": digest, "num_samples": num_samples,
                "kwargs": kwargs, "fields": fields, "config": None, "shared": {}, "merged": False,
+               "then": [{**t, "state": "new"} for t in then or []],
                "created": _now(),
                "shards": {str(i): {"state": "new", "attempts": 0, "done": 0, "total": None, "op_id": None}
                           for i in range(num_shards)}}
@@ -201,6 +207,9 @@ def _ensure_job(samples, run_key: str, function: str, num_shards: int, digest: s
         differs = sorted(k for k in set(job["kwargs"]) | set(kwargs) if job["kwargs"].get(k) != kwargs.get(k))
         if differs:
             problems.append(f"its settings differ in: {', '.join(differs)}")
+    if then is not None and [(t["function"], t["kwargs"]) for t in job.get("then", [])] != [
+            (t["function"], t["kwargs"]) for t in then]:
+        problems.append(f"its follow-ups (then) are {[(t['function'], t['kwargs']) for t in job.get('then', [])]}")
     if problems:
         raise validation.FairBalanceError(
             f"A sharded run '{run_key}' exists on dataset '{dataset.name}' and " + "; ".join(problems) +
@@ -329,16 +338,17 @@ def merge(samples, run_key: str) -> dict | None:
     job = get_job(samples, run_key)
     if job is None:
         raise validation.FairBalanceError(f"No sharded run '{run_key}' on dataset '{dataset.name}'")
-    if job.get("merged"):
-        return runs.load_run_results(dataset, run_key)
-    if not all(s["state"] == "done" for s in job["shards"].values()):
+    if not job.get("merged") and not all(s["state"] == "done" for s in job["shards"].values()):
         return None
+    if job.get("merged") and follow_ups_done(job):
+        return runs.load_run_results(dataset, run_key)
     try:
         claims.claim_run(dataset, run_key)
     except claims.ClaimError:
         return None
     job = get_job(samples, run_key)
     if job.get("merged"):
+        _run_follow_ups(samples, job)
         return runs.load_run_results(dataset, run_key)
     dataset.reload()  # the pending record may have been (re)registered by another process
     spec = shardable(job["function"])
@@ -349,7 +359,92 @@ def merge(samples, run_key: str) -> dict | None:
     run.write(lambda: None)  # replaces the pending record: nothing more to write, the shards did
     run.save_results(results)
     _collection().update_one({"_id": job["_id"]}, {"$set": {"merged": True, "merged_at": _now()}})
+    _run_follow_ups(samples, job)
     return runs.load_run_results(dataset, run_key)
+
+
+def follow_ups_done(job: dict) -> bool:
+    return all(t["state"] == "done" for t in job.get("then", []))
+
+
+def _follow_up_kwargs(job: dict, t: dict) -> dict:
+    """A follow-up's arguments: the user's, plus the parameters it takes from the job's config."""
+    _, inherit = shardable(job["function"]).then[t["function"]]
+    return {**{p: job["config"][key] for p, key in inherit.items()}, **t["kwargs"]}
+
+
+def _run_follow_ups(samples, job: dict) -> None:
+    """Run the job's follow-ups not done yet, in order (the merging process, under the run key's claim).
+
+    A follow-up that was started but not finished (its process died)
+    runs again with ``overwrite=True``: the run it began is its own.
+    """
+    spec = shardable(job["function"])
+    for i, t in enumerate(job.get("then", [])):
+        if t["state"] == "done":
+            continue
+        kwargs = _follow_up_kwargs(job, t)
+        if t["state"] in ("started", "failed"):
+            kwargs["overwrite"] = True
+        _collection().update_one({"_id": job["_id"]}, {"$set": {f"then.{i}.state": "started",
+                                                                 f"then.{i}.started": _now()}})
+        module, name = spec.then[t["function"]][0].split(":")
+        try:
+            result = getattr(importlib.import_module(module), name)(samples, **kwargs)
+        except Exception as e:
+            _collection().update_one({"_id": job["_id"]}, {"$set": {f"then.{i}.state": "failed",
+                                                                     f"then.{i}.error": str(e)}})
+            raise
+        out = result.to_dict() if hasattr(result, "to_dict") else result
+        _collection().update_one({"_id": job["_id"]}, {"$set": {f"then.{i}.state": "done", f"then.{i}.finished": _now(),
+                                                                 f"then.{i}.result": runs._jsonable(out)}})
+
+
+def _check_follow_ups(samples, spec: Shardable, function: str, then) -> list[dict]:
+    """``then`` as a list of ``{"function", "kwargs"}``, checked before anything is queued."""
+    if then is None:
+        return []
+    items = [then] if isinstance(then, (str, dict)) or (
+        isinstance(then, (list, tuple)) and len(then) == 2 and isinstance(then[0], str) and isinstance(then[1], dict)
+    ) else list(then)
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            name, kwargs = item, {}
+        elif isinstance(item, dict):
+            name, kwargs = item.get("function"), dict(item.get("kwargs") or {})
+        else:
+            name, kwargs = item[0], dict(item[1] or {})
+        if name not in spec.then:
+            raise validation.FairBalanceError(
+                f"{function} cannot be followed by {name!r}; it can be followed by: {', '.join(sorted(spec.then)) or 'nothing'}")
+        module, fn_name = spec.then[name][0].split(":")
+        params = inspect.signature(getattr(importlib.import_module(module), fn_name)).parameters
+        unknown = sorted((set(kwargs) - set(params)) | ({"samples", "progress"} & set(kwargs)))
+        if unknown:
+            raise validation.FairBalanceError(f"{name} does not take {', '.join(unknown)} here")
+        try:
+            json.dumps(kwargs)
+        except TypeError as e:
+            raise validation.FairBalanceError(f"the arguments of {name} must be JSON-serializable: {e}") from e
+        key = kwargs.get("run_key", params["run_key"].default if "run_key" in params else None)
+        if key is not None:
+            runs.validate_run_key(key)
+        out.append({"function": name, "kwargs": kwargs, "run_key": key})
+    return out
+
+
+def _check_follow_up_runs_free(samples, follow_ups: list[dict], job: dict | None) -> None:
+    """A follow-up must not take another run's key (its own, made by this job before, is fine)."""
+    started = {(t["function"], json.dumps(t["kwargs"], sort_keys=True)) for t in (job or {}).get("then", [])
+               if t["state"] != "new"}
+    for t in follow_ups:
+        own = (t["function"], json.dumps(t["kwargs"], sort_keys=True)) in started
+        if t["run_key"] and not own and samples._root_dataset.has_run(t["run_key"]) and not t["kwargs"].get(
+                "overwrite"):
+            raise validation.FairBalanceError(
+                f"the follow-up {t['function']} would write run '{t['run_key']}', which exists: pass another "
+                "run_key or overwrite=True in its arguments")
 
 
 def _live_shard_claims(dataset, run_key: str) -> list[dict]:
@@ -383,7 +478,7 @@ def _queue_op(samples, params: dict) -> str:
 
 
 def queue_sharded(samples, function: str, num_shards: int, run_key: str | None = None, overwrite: bool = False,
-                  orphan_after_s: float = ORPHAN_AFTER_S, **kwargs) -> ShardedJob:
+                  then=None, orphan_after_s: float = ORPHAN_AFTER_S, **kwargs) -> ShardedJob:
     """Queue ``function`` on ``samples`` as ``num_shards`` delegated operations (one per shard).
 
     Workers (``fiftyone delegated launch``, anywhere that reaches the
@@ -393,6 +488,10 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
     dead workers queued again (the latter marked FAILED first), and a job
     whose shards are all done but not merged gets a merge operation.
     ``overwrite=True`` deletes run ``run_key`` (and its fields) first.
+    ``then``: what runs once on the merged result, in the merging process,
+    e.g. ``"compute_pseudo_labels"`` or ``("compute_pseudo_labels",
+    {"label_field": "sa_cluster"})`` (X-means on all the SA features; its
+    ``features_field`` is the job's), or a list of those.
     ``kwargs`` are ``function``'s own (JSON-serializable) arguments.
     """
     import fiftyone.operators.delegated as food
@@ -414,6 +513,7 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
         json.dumps(kwargs)
     except TypeError as e:
         raise validation.FairBalanceError(f"queue_sharded's arguments must be JSON-serializable: {e}") from e
+    follow_ups = _check_follow_ups(samples, spec, function, then)
     validator = getattr(importlib.import_module(spec.function.split(":")[0]), "validate_inputs", None)
     if validator is not None:
         validator(samples, **kwargs)  # the function's own up-front checks, before anything is queued
@@ -427,15 +527,17 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
         if dataset.has_run(run_key):
             runs.delete_run(dataset, run_key, cleanup=True)
         delete_job(samples, run_key)
+    _check_follow_up_runs_free(samples, follow_ups, get_job(samples, run_key))
     ids = samples.values("id")
     job = _ensure_job(samples, run_key, function, num_shards, view_digest(ids), len(ids), spec.fields(kwargs),
-                      jsonable)
-    if job.get("merged"):
-        return ShardedJob(run_key, function, num_shards, {}, {})
+                      jsonable, [{"function": t["function"], "kwargs": t["kwargs"]} for t in follow_ups])
+    base = {"function": function, "run_key": run_key, "num_shards": num_shards, "kwargs": kwargs}
+    if job.get("merged"):  # done, or its follow-ups left to run (their process died): a merge operation runs them
+        merge_op = None if follow_ups_done(job) else _queue_op(samples, {**base, "merge": True})
+        return ShardedJob(run_key, function, num_shards, {}, {}, merge_op)
     svc = food.DelegatedOperationService()
     live = {c["_id"].rsplit(":", 1)[1] for c in _live_shard_claims(dataset, run_key)}
     queued, requeued = {}, {}
-    base = {"function": function, "run_key": run_key, "num_shards": num_shards, "kwargs": kwargs}
     for key, state in sorted(job["shards"].items(), key=lambda kv: int(kv[0])):
         if state["state"] == "done":
             continue
@@ -483,4 +585,6 @@ def sharded_status(samples, run_key: str) -> dict:
             "num_samples": job["num_samples"], "num_done": done,
             "progress": done / job["num_samples"] if job["num_samples"] else 1.0,
             "shards_done": sum(s["state"] == "done" for s in shards), "merged": bool(job.get("merged")),
-            "shards": shards}
+            "shards": shards,
+            "then": [{k: t.get(k) for k in ("function", "kwargs", "state", "error", "result")}
+                     for t in job.get("then", [])]}

@@ -14,8 +14,8 @@ class FairBalanceError(ValueError):
 
 
 def require_nonempty(samples) -> None:
-    """Reject empty collections (the commonest silent no-op)."""
-    if len(samples) == 0:
+    """Reject empty collections (the commonest silent no-op); stops at the first sample, not a full count."""
+    if len(samples.limit(1)) == 0:
         raise FairBalanceError("The view is empty: select at least one sample")
 
 
