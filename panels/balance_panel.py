@@ -72,6 +72,10 @@ class BalancePanel(foo.Panel):
         ctx.ops.set_view(view)
         return {"filtered_to": str(label), "num_samples": len(view)}
 
+    def on_click_refresh(self, ctx):
+        """Read the progress of running sharded runs again (and the numbers, which they change)."""
+        return self._refresh(ctx)
+
     def on_click_clear(self, ctx):
         """Back to the whole view after a bar click."""
         ctx.panel.state.filtered_to = None
@@ -126,6 +130,7 @@ class BalancePanel(foo.Panel):
         ctx.panel.state.label_field = field
         ctx.panel.state.attribute_field = attr
         ctx.panel.state.summary = summary
+        ctx.panel.state.sharded = _sharded_rows(ctx.dataset)
         return summary
 
     # ------------------------------------------------------------------ render
@@ -156,6 +161,13 @@ class BalancePanel(foo.Panel):
         panel.enum("attribute_field", attr_choices.values(), view=attr_choices, label="Attribute (optional)",
                    default=state.attribute_field, on_change=self.on_change_attribute)
 
+        if state.sharded:
+            rows = "\n".join(f"| {r['run_key']} | {r['function']} | {r['shards']} | {r['samples']} | {r['state']} |"
+                             for r in state.sharded)
+            panel.md("**Sharded runs in progress** (delegated operations; one per shard)\n\n"
+                     "| run | function | shards done | samples done | state |\n|---|---|---|---|---|\n" + rows,
+                     name="sharded")
+            panel.btn("refresh", label="Refresh progress", on_click=self.on_click_refresh)
         summary = state.summary
         if not summary:
             panel.md("The current view is empty." if len(ctx.view) == 0 else "Pick a label field.", name="note")
@@ -205,6 +217,23 @@ class BalancePanel(foo.Panel):
                 table = "| text (given by the user) |\n|---|\n" + "\n".join(f"| {r['text']} |" for r in texts)
             panel.md("**Related texts of the last SA run**\n\n" + table, name="texts")
         return types.Property(panel, view=types.GridView(orientation="vertical"))
+
+
+def _sharded_rows(dataset):
+    """One row per sharded run of the dataset that is not finished: its overall progress."""
+    from fairbalance import sharding
+
+    rows = []
+    for st in sharding.list_jobs(dataset, unfinished_only=True)[:10]:
+        then = [t for t in st["then"] if t["state"] != "done"]
+        state = ("merging" if st["shards_done"] == st["num_shards"] and not st["merged"] else
+                 f"then: {then[0]['function']} ({then[0]['state']})" if st["merged"] and then else
+                 ", ".join(sorted({s["state"] for s in st["shards"]})))
+        rows.append({"run_key": st["run_key"], "function": st["function"],
+                     "shards": f"{st['shards_done']} / {st['num_shards']}",
+                     "samples": f"{st['num_done']} / {st['num_samples']} ({100 * st['progress']:.0f}%)",
+                     "state": state})
+    return rows
 
 
 def _without_last_match(view):

@@ -294,3 +294,22 @@ def test_sa_form_with_shards_queues_them_and_a_worker_loop_finishes_the_run(digi
     assert status["then"][0]["state"] == "done"
     assert runs.get_run_config(digits_copy, "pseudo_labels")["features_field"] == "sa_form"
     assert len(view.exists("form_cluster")) == len(view)
+
+
+def test_panel_shows_the_progress_of_unfinished_sharded_runs(digits_copy, sa_kwargs):
+    """The one overall view in the App: the Balance panel lists sharded runs not finished, with their progress."""
+    from test_panel import _call, _panel_module
+
+    rows = _panel_module()._sharded_rows
+    kw = dict(embeddings_field="emb_p", features_field="sa_p", run_key="sa_p", chunk_size=64, **sa_kwargs)
+    assert rows(digits_copy) == []
+    done = [compute_sa_features(digits_copy, shard=s, num_shards=4, **kw) for s in (1, 3)]
+    [row] = rows(digits_copy)
+    n = sum(r.num_samples for r in done)
+    assert row == {"run_key": "sa_p", "function": "compute_sa_features", "shards": "2 / 4",
+                   "samples": f"{n} / {len(digits_copy)} ({100 * n / len(digits_copy):.0f}%)", "state": "done, new"}
+    assert [j["run_key"] for j in fairbalance.sharding.list_jobs(digits_copy)] == ["sa_p"]
+    _call(digits_copy, "on_click_refresh", state={"label_field": "color"})  # the panel's button runs
+    for s in (0, 2):
+        compute_sa_features(digits_copy, shard=s, num_shards=4, **kw)
+    assert rows(digits_copy) == [] and len(sharding.list_jobs(digits_copy)) == 1  # finished: no longer shown

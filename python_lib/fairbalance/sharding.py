@@ -588,3 +588,16 @@ def sharded_status(samples, run_key: str) -> dict:
             "shards": shards,
             "then": [{k: t.get(k) for k in ("function", "kwargs", "state", "error", "result")}
                      for t in job.get("then", [])]}
+
+
+def list_jobs(samples, unfinished_only: bool = False) -> list[dict]:
+    """The :func:`sharded_status` of every sharded run of the dataset, newest first; ``unfinished_only``:
+    those not merged yet or with follow-ups left (what the Balance panel shows while they run)."""
+    dataset = samples._root_dataset
+    out = []
+    for doc in _collection().find({"dataset_id": str(dataset._doc.id)}, {"run_key": 1, "merged": 1, "then": 1}
+                                  ).sort("created", -1):
+        if unfinished_only and doc.get("merged") and follow_ups_done(doc):
+            continue
+        out.append(sharded_status(samples, doc["run_key"]))
+    return out
