@@ -85,20 +85,32 @@ def test_features_from_stored_and_new_embeddings(digits_copy, sa, tiny_clip):
     np.testing.assert_allclose(np.stack(feats), embeddings.normalize(np.stack(emb)) @ text.T, atol=1e-5)
 
 
-def test_embeddings_load_in_chunks(make_dataset):
-    """Chunked reading returns the view's order, skips samples without a vector, float32."""
+def test_embeddings_load_decodes_what_fiftyone_stored(make_dataset):
+    """The one-pass reader returns the view's order, skips samples without a vector, float32, and decodes every
+    stored form (float64/float32/float16 vectors, 2-d arrays, lists) exactly as FiftyOne's own values() does."""
     ds = make_dataset()
     vecs = np.random.default_rng(0).standard_normal((10, 4))
     ds.add_samples([fo.Sample(filepath=f"/x/{i}.png", emb=vecs[i] if i % 4 else None) for i in range(10)])
     view = ds.skip(1).sort_by("filepath", reverse=True)
     order = [int(p.split("/")[-1][:-4]) for p in view.values("filepath")]
     view_ids = view.values("id")
-    ids, matrix, missing = embeddings.load(view, "emb", chunk_size=3)
+    ids, matrix, missing = embeddings.load(view, "emb")
     assert ids == [i for i, k in zip(view_ids, order) if k % 4]
     assert missing == [i for i, k in zip(view_ids, order) if k % 4 == 0]
     assert matrix.dtype == np.float32
     np.testing.assert_array_equal(matrix, vecs[[k for k in order if k % 4]].astype(np.float32))
-    assert embeddings.load(view, "emb")[0] == ids  # one chunk: the same
+    for dtype in (np.float32, np.float16):
+        ds.set_values("emb_t", [v.astype(dtype) for v in vecs])
+        np.testing.assert_array_equal(embeddings.load(ds, "emb_t")[1],
+                                      np.stack(ds.values("emb_t")).astype(np.float32))
+    ds.set_values("emb_2d", [np.asfortranarray(v.reshape(2, 2)) for v in vecs])  # read as FiftyOne would, flattened
+    np.testing.assert_array_equal(embeddings.load(ds, "emb_2d")[1],
+                                  np.stack([np.asarray(v).reshape(-1) for v in ds.values("emb_2d")]).astype(np.float32))
+    ds.set_values("emb_list", [list(map(float, v)) for v in vecs])
+    np.testing.assert_array_equal(embeddings.load(ds, "emb_list")[1], vecs.astype(np.float32))
+    ds.set_values("emb_ragged", [v[: 3 + (k % 2)] for k, v in enumerate(vecs)])
+    with pytest.raises(FairBalanceError, match="differ in length"):
+        embeddings.load(ds, "emb_ragged")
 
 
 def test_related_text_override_skips_wordnet(digits_copy, sa):

@@ -87,42 +87,70 @@ def write(samples, field: str, values: dict[str, np.ndarray], clip: ClipModel) -
     f.save()
 
 
-LOAD_CHUNK = 50_000
+_NPY_MAGIC = b"\x93NUMPY"
 
 
-def load(samples, field: str, chunk_size: int = LOAD_CHUNK) -> tuple[list[str], np.ndarray, list[str]]:
-    """``(ids, matrix, ids_without_embedding)`` of the stored embeddings of ``samples``.
+class _VectorDecoder:
+    """FiftyOne's stored vectors (zlib-compressed ``.npy`` bytes) to arrays, parsing each distinct ``.npy``
+    header once: ``np.load`` parses it for every vector (most of the ~300 us per 512-d vector here)."""
 
-    Read ``chunk_size`` samples at a time into one float32 matrix, so that at
-    most one chunk is held twice: reading every vector and then stacking them
-    held all the embeddings twice (4 GB for 1M x 512).
+    def __init__(self):
+        self._headers: dict[bytes, tuple[np.dtype, tuple, bool]] = {}
+
+    def __call__(self, value) -> np.ndarray:
+        import ast
+        import zlib
+
+        import fiftyone.core.utils as fou
+
+        if not isinstance(value, bytes):  # a list field, or anything else FiftyOne can read
+            return np.asarray(value)
+        raw = zlib.decompress(value)
+        if raw[:6] != _NPY_MAGIC or raw[6] not in (1, 2, 3):
+            return fou.deserialize_numpy_array(value)
+        size, start = (2, 8) if raw[6] == 1 else (4, 8)
+        length = int.from_bytes(raw[start:start + size], "little")
+        offset = start + size + length
+        header = raw[start + size:offset]
+        spec = self._headers.get(header)
+        if spec is None:
+            d = ast.literal_eval(header.decode("latin1"))
+            spec = self._headers[header] = (np.dtype(d["descr"]), tuple(d["shape"]), bool(d["fortran_order"]))
+        dtype, shape, fortran = spec
+        if dtype.hasobject:
+            return fou.deserialize_numpy_array(value)
+        return np.frombuffer(raw, dtype, offset=offset).reshape(shape, order="F" if fortran else "C")
+
+
+def load(samples, field: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """``(ids, matrix, ids_without_embedding)`` of the stored embeddings of ``samples``, in the view's order.
+
+    One pass over the view's documents (only ``field`` is read), each vector
+    decoded straight into one float32 matrix, so the embeddings are never held
+    twice: reading every vector and then stacking them held all of them twice
+    (4 GB for 1M x 512), and FiftyOne's ``values()`` decodes each vector
+    through ``np.load`` (3.3x slower at 100k x 512 here).
     """
-    all_ids = samples.values("id")
+    decode = _VectorDecoder()
     ids: list[str] = []
     missing: list[str] = []
     matrix = None
-    n = 0
-    for start in range(0, len(all_ids), chunk_size):
-        chunk = all_ids[start : start + chunk_size]
-        got = dict(zip(*samples.select(chunk).values(["id", field])))
-        vectors = []
-        for i in chunk:
-            v = got.get(i)
-            if v is None:
-                missing.append(i)
-            else:
-                ids.append(i)
-                vectors.append(np.asarray(v, dtype=np.float32))
-        if not vectors:
+    for doc in samples._aggregate(pipeline=[{"$project": {field: True}}]):
+        value = doc.get(field)
+        if value is None:
+            missing.append(str(doc["_id"]))
             continue
-        block = np.stack(vectors)
+        vector = decode(value).reshape(-1)
         if matrix is None:
-            matrix = np.empty((len(all_ids), block.shape[1]), dtype=np.float32)
-        matrix[n : n + len(block)] = block
-        n += len(block)
+            matrix = np.empty((len(samples), len(vector)), dtype=np.float32)
+        if len(vector) != matrix.shape[1]:
+            raise validation.FairBalanceError(
+                f"'{field}' vectors differ in length ({matrix.shape[1]} and {len(vector)}): recompute the field")
+        matrix[len(ids)] = vector
+        ids.append(str(doc["_id"]))
     if matrix is None:
         return [], np.zeros((0, 0), dtype=np.float32), missing
-    return ids, matrix[:n], missing
+    return ids, matrix[:len(ids)], missing
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
