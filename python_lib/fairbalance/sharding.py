@@ -67,6 +67,10 @@ SHARDABLE: dict[str, Shardable] = {
         lambda kw: [kw.get("features_field") or _default("fairbalance.sa_features:compute_sa_features",
                                                            "features_field")],
         "fairbalance.sa_features:merge_shards"),
+    "compute_captions": Shardable(
+        "fairbalance.captions:compute_captions", "captions",
+        lambda kw: [kw.get("caption_field") or _default("fairbalance.captions:compute_captions", "caption_field")],
+        "fairbalance.captions:merge_shards"),
 }
 
 # settings that may differ between shards (they do not change the results)
