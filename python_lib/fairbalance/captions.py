@@ -48,16 +48,51 @@ def _uses_chat_template(processor) -> bool:
     return bool(getattr(processor, "chat_template", None))
 
 
-def sample_seed(seed: int, filepath: str) -> int:
-    """The sampling seed of one image: a stable hash of the run's seed and the image's file path.
+TOP_P = 0.9
 
-    Each image's captions depend only on (seed, image), never on which batch,
-    chunk or shard it is captioned in, nor on the process (Python's ``hash``
-    is salted per process, so it is not used). The file path, not the sample
-    id, keys the image: a cloned or re-imported dataset gets the same captions.
+
+def caption_seed(seed: int, filepath: str, index: int) -> int:
+    """The seed of caption ``index`` of one image: a stable hash of the run's seed, the file path and the index.
+
+    Each caption depends only on these, never on which batch, chunk or shard
+    it is sampled in, nor on the process (Python's ``hash`` is salted per
+    process, so it is not used). The file path, not the sample id, keys the
+    image: a cloned or re-imported dataset gets the same captions.
     """
-    digest = hashlib.sha256(f"{int(seed)}\0{filepath}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: any value torch.manual_seed takes
+    digest = hashlib.sha256(f"{int(seed)}\0{filepath}\0{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: any value torch.Generator.manual_seed takes
+
+
+class RowSeededSampler:
+    """Top-k/top-p sampling with one random stream per generated row, as a ``generate`` logits processor.
+
+    ``generate(do_sample=True)`` draws every row of a batch from one random
+    stream, so a row's tokens would depend on the other rows of its batch.
+    This processor samples each row itself by the Gumbel-max trick
+    (``argmax(logits + Gumbel noise)`` is a draw from ``softmax(logits)``),
+    the noise from the row's own generator, and leaves only the chosen token
+    finite: generate's own draw then has a single token to pick. Row ``r``'s
+    stream advances once per step whatever the other rows do.
+    """
+
+    def __init__(self, seeds: list[int], device, top_k: int | None, top_p: float, temperature: float | None):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        # HF's own warpers, in the order generate applies them when it samples
+        self.warpers = ([TemperatureLogitsWarper(temperature)] if temperature not in (None, 1.0) else []) + \
+                       ([TopKLogitsWarper(top_k)] if top_k else []) + [TopPLogitsWarper(top_p)]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise RuntimeError(f"{scores.shape[0]} rows for {len(self.generators)} random streams")
+        scores = scores.float()
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        u = torch.stack([torch.rand(scores.shape[1], generator=g, device=g.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.to(scores.device).clamp_min(torch.finfo(torch.float32).tiny)))
+        choice = (scores + gumbel).argmax(dim=1, keepdim=True)
+        return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
 
 
 def _to_device(cap: models.Captioner, inputs) -> dict:
@@ -66,35 +101,43 @@ def _to_device(cap: models.Captioner, inputs) -> dict:
 
 
 @torch.inference_mode()
-def _caption_image(cap: models.Captioner, pil_image, num_captions: int, max_new_tokens: int, seed: int) -> list[str]:
-    """``num_captions`` sampled captions of one image, drawn from the random stream ``seed`` alone.
+def _caption_batch(cap: models.Captioner, pil_images, seeds: list[list[int]], max_new_tokens: int) -> list[list[str]]:
+    """The captions of a batch of images: image ``i`` gets ``len(seeds[i])`` captions, caption ``k`` drawn
+    from the random stream ``seeds[i][k]`` alone (one ``generate`` call for the whole batch).
 
-    One ``generate`` call per image: generate draws every row of a batch from
-    one random stream, so captions sampled in a batch would depend on the
-    batch's other images. The caller's random state is left untouched.
+    The caller's random state is left untouched.
     """
+    from transformers import LogitsProcessorList
+
     proc = cap.processor
     chat = _uses_chat_template(proc)
     if chat:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]}]
         prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = proc(images=[pil_image], text=[prompt], return_tensors="pt")
+        inputs = proc(images=pil_images, text=[prompt] * len(pil_images), return_tensors="pt", padding=True)
     else:
-        inputs = proc(images=[pil_image], return_tensors="pt")
+        inputs = proc(images=pil_images, return_tensors="pt")
     inputs = _to_device(cap, inputs)
+    num_captions = len(seeds[0])
+    gen = cap.model.generation_config
+    # generate repeats each input num_return_sequences times in a row: row i * num_captions + k
+    top_k = getattr(gen, "top_k", None)
+    sampler = RowSeededSampler([s for row in seeds for s in row], cap.device, 50 if top_k is None else top_k, TOP_P,
+                               getattr(gen, "temperature", None))  # 50: generate's default top_k
     devices = [cap.device] if torch.device(cap.device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        out = cap.model.generate(**inputs, do_sample=True, top_p=0.9, num_return_sequences=num_captions,
-                                 max_new_tokens=max_new_tokens)
+        out = cap.model.generate(**inputs, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                 num_return_sequences=num_captions, max_new_tokens=max_new_tokens,
+                                 logits_processor=LogitsProcessorList([sampler]))
     if chat and "input_ids" in inputs:
         out = out[:, inputs["input_ids"].shape[1]:]  # keep the answer only
-    return [t.strip() for t in proc.batch_decode(out, skip_special_tokens=True)]
+    texts = [t.strip() for t in proc.batch_decode(out, skip_special_tokens=True)]
+    return [texts[i * num_captions:(i + 1) * num_captions] for i in range(len(pil_images))]
 
 
 def _caption_files(cap: models.Captioner, ids: list[str], paths: list[str], config: dict, batch_size: int,
                    pb) -> dict[str, list[str]]:
-    """``{sample_id: captions}`` of these samples; images are read ``batch_size`` at a time."""
+    """``{sample_id: captions}`` of these samples, ``batch_size`` images per ``generate`` call."""
     captions = {}
     for b in range(0, len(ids), batch_size):
         batch_paths = paths[b:b + batch_size]
@@ -102,9 +145,9 @@ def _caption_files(cap: models.Captioner, ids: list[str], paths: list[str], conf
             pil = [images.load_rgb(p) for p in batch_paths]
         except OSError as e:
             raise validation.FairBalanceError(str(e)) from e
-        for i, path, image in zip(ids[b:b + batch_size], batch_paths, pil):
-            captions[i] = _caption_image(cap, image, config["num_captions"], config["max_new_tokens"],
-                                         sample_seed(config["seed"], path))
+        seeds = [[caption_seed(config["seed"], p, k) for k in range(config["num_captions"])] for p in batch_paths]
+        for i, caps in zip(ids[b:b + batch_size], _caption_batch(cap, pil, seeds, config["max_new_tokens"])):
+            captions[i] = caps
         pb.update(len(batch_paths))
     return captions
 
@@ -141,11 +184,12 @@ def compute_captions(
 ) -> "CaptionsResult | sharding.ShardResult":
     """Caption every sample of ``samples`` ``num_captions`` times; store a list of strings per sample.
 
-    Each image's captions are sampled (top-p 0.9) from its own seed,
-    :func:`sample_seed` of ``seed`` and its file path: the same image gets the
-    same captions whatever its batch, ``batch_size``, view or shard.
-    ``batch_size`` images are read at a time; each is captioned by its own
-    ``generate`` call.
+    Each caption is sampled (top-p 0.9) from its own random stream,
+    :func:`caption_seed` of ``seed``, the image's file path and the caption's
+    index (:class:`RowSeededSampler`): the same image gets the same captions
+    whatever its batch, ``batch_size``, view or shard (up to floating-point
+    differences of batched model arithmetic, which can only matter at an
+    exact tie between two tokens).
 
     ``shard``, ``num_shards``: caption only shard ``shard`` of ``num_shards``
     (see :mod:`fairbalance.sharding`; :func:`fairbalance.queue_sharded` queues
@@ -182,8 +226,8 @@ def compute_captions(
 
 def _config(cap: models.Captioner, num_captions, max_new_tokens, seed, caption_field) -> dict:
     return {"model": cap.spec.to_dict(), "num_captions": num_captions, "max_new_tokens": max_new_tokens,
-            "seed": seed, "caption_field": caption_field, "sampling": "top_p=0.9",
-            "seeding": "per image: sha256(seed, filepath)"}
+            "seed": seed, "caption_field": caption_field, "sampling": f"top_p={TOP_P}",
+            "seeding": "per caption: sha256(seed, filepath, index), Gumbel-max"}
 
 
 def _compute_shard(samples, model, device, run_key, shard, num_shards, chunk_size, batch_size, progress,
