@@ -129,3 +129,45 @@ def test_captions_form_with_shards_queues_them_and_a_worker_loop_finishes_the_ru
     compute_captions(view, model=tiny_blip, num_captions=2, caption_field="cap_sdk", run_key="sdk")
     assert _captions(view, "cap_form") == _captions(view, "cap_sdk")
     assert runs.load_run_results(digits_copy, "form_sharded")["num_samples"] == len(view)
+
+
+@pytest.mark.slow  # a worker process imports fiftyone, torch and transformers: ~60 s on the loaded 2-core machine
+def test_a_real_delegated_worker_runs_the_queued_caption_shards(digits_copy, tiny_blip, one_thread, tmp_path):
+    """``fiftyone delegated launch`` in its own process runs the shards; the result equals one process's run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    view = digits_copy.limit(6)
+    kw = dict(model=tiny_blip, num_captions=2, max_new_tokens=5, device="cpu")
+    job = fairbalance.queue_sharded(view, "compute_captions", num_shards=2, run_key="sharded",
+                                    caption_field="cap_sharded", **kw)
+    assert sorted(job.queued) == [0, 1]
+    env = dict(os.environ)
+    lib = os.path.dirname(os.path.dirname(fairbalance.__file__))  # this checkout's library, not an installed one
+    env["PYTHONPATH"] = os.pathsep.join([lib] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "w") as log:
+        worker = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "fiftyone"), "delegated", "launch"],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while not fairbalance.sharded_status(view, "sharded")["merged"]:
+            failed = [s for s in fairbalance.sharded_status(view, "sharded")["shards"]
+                      if s["operation_state"] == "failed"]
+            assert not failed and time.time() < deadline, (failed, log_path.read_text()[-3000:])
+            time.sleep(0.2)
+    finally:
+        worker.send_signal(signal.SIGINT)  # the launcher's own way out
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    digits_copy.reload()
+    compute_captions(view, caption_field="cap_single", run_key="single", **kw)
+    assert _captions(view, "cap_sharded") == _captions(view, "cap_single")
+    assert runs.load_run_results(digits_copy, "sharded") == {**runs.load_run_results(digits_copy, "single"),
+                                                             "caption_field": "cap_sharded"}
