@@ -18,7 +18,7 @@ and variant then runs in a fresh Python process, so that its memory is its own:
 The re-query uses a tiny random CLIP with ViT-B-32's 512-d output (no weights offline) and
 20 given related texts (choosing them from WordNet needs the model's gloss cache, timed by
 ``bench_sa.py requery``). Usage:
-    python benchmarks/bench_scale.py [--n 1000000] [--repeats 3] [--steps panel xmeans writeback requery]
+    python benchmarks/bench_scale.py [--n 1000000] [--repeats 3] [--steps panel xmeans writeback requery read]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ STEPS = {  # step: its variants, the baseline first
     "xmeans": ["sklearn_kmeans_k6", "xmeans_sklearn", "xmeans_auto"],
     "writeback": ["plain_set_values", "set_values_by_id"],
     "requery": ["plain_numpy", "compute_sa_features"],
+    "read": ["values_stack", "embeddings_load"],
 }
 LABELS = {
     "values_counter": "baseline: values() of 3 fields + Counter",
@@ -59,6 +60,8 @@ LABELS = {
     "set_values_by_id": "fairbalance writeback.set_values_by_id",
     "plain_numpy": "baseline: values() + np.stack + matmul + set_values",
     "compute_sa_features": "fairbalance compute_sa_features (overwrite)",
+    "values_stack": "baseline: np.stack(values()) of the embeddings",
+    "embeddings_load": "fairbalance embeddings.load (one pass, fast decode)",
 }
 
 
@@ -235,6 +238,16 @@ def run_child(step: str, variant: str, args) -> dict:
                                            num_workers=0, progress=False)
 
             times, peak, _ = measure(fn, args.slow_repeats)
+    elif step == "read":  # the read phase of the re-query: all stored embeddings into one matrix
+        from fairbalance import embeddings
+
+        res["one_copy"] = n * EMBED_DIM * 4
+        if variant == "values_stack":
+            fn = lambda: np.stack(ds.values("clip_embedding")).astype(np.float32)  # noqa: E731
+        else:
+            fn = lambda: embeddings.load(ds, "clip_embedding")[1]  # noqa: E731
+        times, peak, matrix = measure(fn, args.slow_repeats)
+        res["checksum"] = float(np.float64(matrix[::997].sum()))
     else:
         raise ValueError(step)
     res.update(times=times, peak=peak, maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -289,6 +302,8 @@ def check(step: str, results: dict, ds):
         assert all(r["ari"] > 0.99 for r in ok), "a clustering missed the 6 clusters"
     elif step == "writeback" and len(ok) == 2:
         assert ds.count_values("label_fb.label") == ds.count_values("label_plain.label"), "write-backs differ"
+    elif step == "read" and len(ok) == 2:
+        assert ok[0]["checksum"] == ok[1]["checksum"], "read matrices differ"
     elif step == "requery" and len(ok) == 2:
         a, b = ds.limit(1000).values(["sa_fb", "sa_plain"])
         assert np.allclose(np.stack(a), np.stack(b), atol=1e-5), "re-query features differ"

@@ -24,6 +24,7 @@ BENCHMARKS = {
     "xmeans": ["bench_sa.py", "xmeans", "--n", "22000"],
     "embed": ["bench_sa.py", "embed", "--images", "120"],
     "t2i": ["bench_t2i.py"],
+    "captions": ["bench_captions.py", "--repeats", "5", "--threads", "1"],  # per-caption random streams
     "repair": ["bench_repair.py"],  # real Colored MNIST, 1% and 5%, 3 seeds (~1 h on 2 CPU cores)
     "balance": ["bench_balance.py"],  # its defaults are the README settings
     "requery": ["bench_sa.py", "requery", "--n", "100000"],

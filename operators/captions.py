@@ -5,6 +5,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fairbalance.captions import compute_captions, filter_captions
+from fairbalance.sharding import queue_sharded
 from fairbalance.text_to_image import generate_from_captions
 
 from ._common import (as_text_block, categorical_fields, default_of, field_dropdown, given, operator_config,
@@ -38,21 +39,29 @@ class ComputeCaptions(foo.Operator):
                    label="Caption field")
         inputs.int("batch_size", default=default_of(compute_captions, "batch_size"), min=1, label="Batch size")
         inputs.int("seed", default=default_of(compute_captions, "seed"), label="Seed")
+        inputs.int("num_shards", default=1, min=1, label="Shards",
+                   description="More than 1: queue the work as this many delegated operations (one per shard) for "
+                               "`fiftyone delegated launch` workers; the last to finish records the run. Running "
+                               "it again with the same settings resumes")
         run_key_input(ctx, inputs, compute_captions)
         return types.Property(inputs, view=types.View(label="Caption samples"))
 
     def execute(self, ctx):
         p = ctx.params
-        res = compute_captions(
-            ctx.target_view(), progress=progress_callback(ctx, "Captioning"),
-            **given(p, ("model", "num_captions", "caption_field", "batch_size", "seed", "run_key", "overwrite")),
-        )
+        kwargs = given(p, ("model", "num_captions", "caption_field", "batch_size", "seed", "run_key", "overwrite"))
+        if (p.get("num_shards") or 1) > 1:
+            job = queue_sharded(ctx.target_view(), "compute_captions", num_shards=p["num_shards"], **kwargs)
+            return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
+                    "shards_requeued": len(job.requeued)}
+        res = compute_captions(ctx.target_view(), progress=progress_callback(ctx, "Captioning"), **kwargs)
         ctx.ops.reload_dataset()
         return res.to_dict()
 
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Captions written",
+            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("caption_field", "str", "Caption field"),
             ("num_samples", "int", "Samples captioned"),
             ("num_captions", "int", "Captions per sample"),

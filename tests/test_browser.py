@@ -436,7 +436,7 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     app.type("Captioning model", blip)
     app.type("Captions per image", 1)
     app.execute("Captions written", "13-compute_captions")
-    # a random tiny BLIP writes empty captions: a few samples get words, so filtering keeps some to generate from
+    # a random tiny BLIP writes random words: a few samples get known words, so filtering keeps some to generate from
     ds.set_values("captions", [[f"a {c} digit"] if i < 4 else [] for i, c in enumerate(ds.values("color.label"))])
 
     app.open_operator("filter captions", "Filter captions")

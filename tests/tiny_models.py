@@ -7,6 +7,7 @@ same public path a user's real weights take (``fairbalance.models``).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -71,7 +72,12 @@ def build_blip(path: str, seed: int = 0) -> str:
     vocab_file = os.path.join(path, "vocab.txt")
     with open(vocab_file, "w") as f:
         f.write("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
+    # transformers 5 takes the vocabulary as ``vocab`` (``vocab_file`` is ignored there: an empty vocabulary
+    # whose captions all decode to ""), 4.x as ``vocab_file``
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:
+        tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    else:
+        tokenizer = BertTokenizerFast(vocab_file=vocab_file, do_lower_case=True)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     size = 32
     processor = BlipProcessor(

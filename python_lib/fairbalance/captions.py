@@ -2,7 +2,9 @@
 
 ``compute_captions``: several diverse captions per image from any
 transformers image-to-text model (BLIP, BLIP-2, GIT; chat-template
-vision-language models get a short instruction), by seeded sampling.
+vision-language models get a short instruction), by sampling seeded per
+image, so that a sharded run (``shard=``, ``num_shards=``) writes exactly
+what one process would.
 
 ``filter_captions``: tokenize, drop English stopwords, count word
 frequencies over the corpus, keep the top-F words (F = 2 x the number of
@@ -11,13 +13,14 @@ classes by default) and only the captions that contain at least one of them.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 
 import torch
 
-from fairbalance import claims, images, models, runs, validation, writeback
+from fairbalance import claims, images, models, runs, sharding, validation, writeback
 
 CAPTION_PROMPT = "Describe this image in one sentence."
 
@@ -45,24 +48,121 @@ def _uses_chat_template(processor) -> bool:
     return bool(getattr(processor, "chat_template", None))
 
 
+TOP_P = 0.9
+
+
+def caption_seed(seed: int, filepath: str, index: int) -> int:
+    """The seed of caption ``index`` of one image: a stable hash of the run's seed, the file path and the index.
+
+    Each caption depends only on these, never on which batch, chunk or shard
+    it is sampled in, nor on the process (Python's ``hash`` is salted per
+    process, so it is not used). The file path, not the sample id, keys the
+    image: a cloned or re-imported dataset gets the same captions.
+    """
+    digest = hashlib.sha256(f"{int(seed)}\0{filepath}\0{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # 63 bits: any value torch.Generator.manual_seed takes
+
+
+class RowSeededSampler:
+    """Top-k/top-p sampling with one random stream per generated row, as a ``generate`` logits processor.
+
+    ``generate(do_sample=True)`` draws every row of a batch from one random
+    stream, so a row's tokens would depend on the other rows of its batch.
+    This processor samples each row itself by the Gumbel-max trick
+    (``argmax(logits + Gumbel noise)`` is a draw from ``softmax(logits)``),
+    the noise from the row's own generator, and leaves only the chosen token
+    finite: generate's own draw then has a single token to pick. Row ``r``'s
+    stream advances once per step whatever the other rows do.
+    """
+
+    def __init__(self, seeds: list[int], device, top_k: int | None, top_p: float, temperature: float | None):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        # HF's own warpers, in the order generate applies them when it samples
+        self.warpers = ([TemperatureLogitsWarper(temperature)] if temperature not in (None, 1.0) else []) + \
+                       ([TopKLogitsWarper(top_k)] if top_k else []) + [TopPLogitsWarper(top_p)]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise RuntimeError(f"{scores.shape[0]} rows for {len(self.generators)} random streams")
+        scores = scores.float()
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        u = torch.stack([torch.rand(scores.shape[1], generator=g, device=g.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.to(scores.device).clamp_min(torch.finfo(torch.float32).tiny)))
+        choice = (scores + gumbel).argmax(dim=1, keepdim=True)
+        return torch.full_like(scores, float("-inf")).scatter_(1, choice, 0.0)
+
+
+def _to_device(cap: models.Captioner, inputs) -> dict:
+    return {k: (v.to(cap.device, cap.dtype) if v.is_floating_point() else v.to(cap.device))
+            for k, v in inputs.items()}
+
+
 @torch.inference_mode()
-def _caption_batch(cap: models.Captioner, pil_images, num_captions: int, max_new_tokens: int, seed: int):
+def _caption_batch(cap: models.Captioner, pil_images, seeds: list[list[int]], max_new_tokens: int) -> list[list[str]]:
+    """The captions of a batch of images: image ``i`` gets ``len(seeds[i])`` captions, caption ``k`` drawn
+    from the random stream ``seeds[i][k]`` alone (one ``generate`` call for the whole batch).
+
+    The caller's random state is left untouched.
+    """
+    from transformers import LogitsProcessorList
+
     proc = cap.processor
-    if _uses_chat_template(proc):
+    chat = _uses_chat_template(proc)
+    if chat:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]}]
         prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
         inputs = proc(images=pil_images, text=[prompt] * len(pil_images), return_tensors="pt", padding=True)
     else:
         inputs = proc(images=pil_images, return_tensors="pt")
-    inputs = {k: (v.to(cap.device, cap.dtype) if v.is_floating_point() else v.to(cap.device))
-              for k, v in inputs.items()}
-    torch.manual_seed(seed)
-    out = cap.model.generate(**inputs, do_sample=True, top_p=0.9, num_return_sequences=num_captions,
-                             max_new_tokens=max_new_tokens)
-    if _uses_chat_template(proc) and "input_ids" in inputs:
+    inputs = _to_device(cap, inputs)
+    num_captions = len(seeds[0])
+    gen = cap.model.generation_config
+    # generate repeats each input num_return_sequences times in a row: row i * num_captions + k
+    top_k = getattr(gen, "top_k", None)
+    sampler = RowSeededSampler([s for row in seeds for s in row], cap.device, 50 if top_k is None else top_k, TOP_P,
+                               getattr(gen, "temperature", None))  # 50: generate's default top_k
+    devices = [cap.device] if torch.device(cap.device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        out = cap.model.generate(**inputs, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                 num_return_sequences=num_captions, max_new_tokens=max_new_tokens,
+                                 logits_processor=LogitsProcessorList([sampler]))
+    if chat and "input_ids" in inputs:
         out = out[:, inputs["input_ids"].shape[1]:]  # keep the answer only
     texts = [t.strip() for t in proc.batch_decode(out, skip_special_tokens=True)]
     return [texts[i * num_captions:(i + 1) * num_captions] for i in range(len(pil_images))]
+
+
+def _caption_files(cap: models.Captioner, ids: list[str], paths: list[str], config: dict, batch_size: int,
+                   pb) -> dict[str, list[str]]:
+    """``{sample_id: captions}`` of these samples, ``batch_size`` images per ``generate`` call."""
+    captions = {}
+    for b in range(0, len(ids), batch_size):
+        batch_paths = paths[b:b + batch_size]
+        try:
+            pil = [images.load_rgb(p) for p in batch_paths]
+        except OSError as e:
+            raise validation.FairBalanceError(str(e)) from e
+        seeds = [[caption_seed(config["seed"], p, k) for k in range(config["num_captions"])] for p in batch_paths]
+        for i, caps in zip(ids[b:b + batch_size], _caption_batch(cap, pil, seeds, config["max_new_tokens"])):
+            captions[i] = caps
+        pb.update(len(batch_paths))
+    return captions
+
+
+def validate_inputs(samples, num_captions=3, caption_field="captions", batch_size=16, max_new_tokens=30, seed=0,
+                    **_) -> None:
+    """The up-front checks of :func:`compute_captions` (also run by ``queue_sharded`` before queuing)."""
+    validation.require_nonempty(samples)
+    validation.require_image_collection(samples)
+    validation.require_positive_int("num_captions", num_captions)
+    validation.require_positive_int("batch_size", batch_size)
+    validation.require_positive_int("max_new_tokens", max_new_tokens)
+    validation.require_field_name(caption_field)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise validation.FairBalanceError(f"seed must be an integer, got {seed!r}")
 
 
 @claims.exclusive
@@ -77,37 +177,91 @@ def compute_captions(
     device: str | None = None,
     run_key: str = "captions",
     overwrite: bool = False,
+    shard: int | None = None,
+    num_shards: int | None = None,
+    chunk_size: int = sharding.DEFAULT_CHUNK_SIZE,
     progress=None,
-) -> "CaptionsResult":
-    """Caption every sample of ``samples`` ``num_captions`` times; store a list of strings per sample."""
+) -> "CaptionsResult | sharding.ShardResult":
+    """Caption every sample of ``samples`` ``num_captions`` times; store a list of strings per sample.
+
+    Each caption is sampled (top-p 0.9) from its own random stream,
+    :func:`caption_seed` of ``seed``, the image's file path and the caption's
+    index (:class:`RowSeededSampler`): the same image gets the same captions
+    whatever its batch, ``batch_size``, view or shard (up to floating-point
+    differences of batched model arithmetic, which can only matter at an
+    exact tie between two tokens).
+
+    ``shard``, ``num_shards``: caption only shard ``shard`` of ``num_shards``
+    (see :mod:`fairbalance.sharding`; :func:`fairbalance.queue_sharded` queues
+    all shards for delegated workers): chunks of ``chunk_size`` samples are
+    written as they finish, a rerun skips the samples already captioned, and
+    the last shard to finish records the run; returns a
+    :class:`~fairbalance.sharding.ShardResult`.
+    """
     import fiftyone.core.utils as fou
 
-    validation.require_nonempty(samples)
-    validation.require_image_collection(samples)
-    validation.require_positive_int("num_captions", num_captions)
-    validation.require_positive_int("batch_size", batch_size)
+    validate_inputs(samples, num_captions, caption_field, batch_size, max_new_tokens, seed)
+    if shard is not None or num_shards is not None:
+        sharding.validate_shard(shard, num_shards)
+        if overwrite:
+            raise validation.FairBalanceError(
+                "a shard cannot overwrite its run (other shards write it too): delete the run first or "
+                "queue_sharded(..., overwrite=True)")
+        return _compute_shard(samples, model, device, run_key, shard, num_shards, chunk_size, batch_size, progress,
+                              num_captions=num_captions, max_new_tokens=max_new_tokens, seed=seed,
+                              caption_field=caption_field)
     ids, paths = samples.values(["id", "filepath"])
     validation.require_image_files(paths)
     cap = models.load_captioner(model, device=device)
-    run = runs.prepare(samples, run_key, "captions", {
-        "model": cap.spec.to_dict(), "num_captions": num_captions, "max_new_tokens": max_new_tokens, "seed": seed,
-        "caption_field": caption_field, "sampling": "top_p=0.9"}, [caption_field], overwrite)
-    captions = {}
+    config = _config(cap, num_captions, max_new_tokens, seed, caption_field)
+    run = runs.prepare(samples, run_key, "captions", config, [caption_field], overwrite)
     with fou.ProgressBar(total=len(ids), progress=progress) as pb:
-        for b in range(0, len(ids), batch_size):
-            batch_paths = paths[b:b + batch_size]
-            try:
-                pil = [images.load_rgb(p) for p in batch_paths]
-            except OSError as e:
-                raise validation.FairBalanceError(str(e)) from e
-            for j, caps in enumerate(_caption_batch(cap, pil, num_captions, max_new_tokens, seed + b)):
-                captions[ids[b + j]] = caps
-            pb.update(len(batch_paths))
+        captions = _caption_files(cap, ids, paths, config, batch_size, pb)
     run.write(lambda: writeback.set_values_by_id(samples, {caption_field: captions}, ids=ids))
     empty = sum(1 for c in captions.values() if not any(c))
     result = CaptionsResult(run_key, caption_field, len(ids), num_captions, empty)
     run.save_results(result.to_dict())
     return result
+
+
+def _config(cap: models.Captioner, num_captions, max_new_tokens, seed, caption_field) -> dict:
+    return {"model": cap.spec.to_dict(), "num_captions": num_captions, "max_new_tokens": max_new_tokens,
+            "seed": seed, "caption_field": caption_field, "sampling": f"top_p={TOP_P}",
+            "seeding": "per caption: sha256(seed, filepath, index), Gumbel-max"}
+
+
+def _compute_shard(samples, model, device, run_key, shard, num_shards, chunk_size, batch_size, progress,
+                   **settings) -> sharding.ShardResult:
+    """One shard of a sharded captions run: chunks of samples captioned and written as they finish."""
+    import fiftyone.core.utils as fou
+
+    field = settings["caption_field"]
+    ids, paths = samples.values(["id", "filepath"])
+    path_of = dict(zip(ids, paths))
+    validation.require_image_files([p for i, p in path_of.items() if sharding.shard_of(i, num_shards) == shard])
+    cap = models.load_captioner(model, device=device)
+    config = _config(cap, **settings)
+    job = sharding.Shard(samples, run_key, "compute_captions", shard, num_shards, config, [field], done_field=field,
+                         chunk_size=chunk_size)
+    dataset = samples._root_dataset
+    with fou.ProgressBar(total=max(job.total, 1), progress=progress) as pb:
+        pb.update(job.resumed)
+        for chunk in job.chunks():
+            captions = _caption_files(cap, chunk, [path_of[i] for i in chunk], config, batch_size, pb)
+            writeback.set_values_by_id(dataset.select(chunk), {field: captions}, ids=chunk)
+            job.chunk_done(chunk)
+    return job.finish()
+
+
+def merge_shards(samples, job: dict) -> dict:
+    """The results of a sharded captions run whose shards are all done: what the unsharded run records."""
+    from fiftyone import ViewField as F
+
+    cfg = job["config"]
+    field = cfg["caption_field"]
+    captioned = samples.exists(field)
+    empty = captioned.match(F(field).filter(F() != "").length() == 0)
+    return CaptionsResult(job["run_key"], field, len(captioned), cfg["num_captions"], len(empty)).to_dict()
 
 
 @dataclass

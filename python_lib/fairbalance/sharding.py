@@ -72,6 +72,10 @@ SHARDABLE: dict[str, Shardable] = {
         "fairbalance.sa_features:merge_shards",
         then={"compute_pseudo_labels": ("fairbalance.pseudo_labels:compute_pseudo_labels",
                                         {"features_field": "features_field"})}),
+    "compute_captions": Shardable(
+        "fairbalance.captions:compute_captions", "captions",
+        lambda kw: [kw.get("caption_field") or _default("fairbalance.captions:compute_captions", "caption_field")],
+        "fairbalance.captions:merge_shards"),
 }
 
 # settings that may differ between shards (they do not change the results)
