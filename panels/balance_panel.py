@@ -88,15 +88,20 @@ class BalancePanel(foo.Panel):
         """Fields whose values are groups: labels, strings, small integer codes (not flags or indices)."""
         import fiftyone as fo
 
-        out = []
-        for name in fields.categorical_fields(ctx.dataset):
-            f = ctx.dataset.get_field(name)
-            if isinstance(f, fo.BooleanField):
-                continue
-            if isinstance(f, fo.IntField) and len(ctx.dataset.distinct(name)) > MAX_GROUPS:
-                continue
-            out.append(name)
-        return out
+        from fairbalance import summary_cache
+
+        def group_fields():
+            out = []
+            for name in fields.categorical_fields(ctx.dataset):
+                f = ctx.dataset.get_field(name)
+                if isinstance(f, fo.BooleanField):
+                    continue
+                if isinstance(f, fo.IntField) and len(ctx.dataset.distinct(name)) > MAX_GROUPS:
+                    continue  # (a full pass per integer field: cached while the dataset is unchanged)
+                out.append(name)
+            return out
+
+        return summary_cache.cached(ctx.dataset, "panel_group_fields", {"max_groups": MAX_GROUPS}, group_fields)
 
     def _label_field(self, ctx, override=None):
         fields = self._fields(ctx)
