@@ -155,19 +155,23 @@ def validate_inputs(samples, label_field: str = "ground_truth", loss_field: str 
     clf = folder = None
     if given:
         defaults = inspect.signature(compute_hardness).parameters
-        set_here = [n for n in TRAINING_SETTINGS if n in settings and settings[n] != defaults[n].default]
-        if set_here or output_dir is not None:
+        extra = [n for n in TRAINING_SETTINGS if n in settings and settings[n] != defaults[n].default]
+        extra += ["output_dir"] if output_dir is not None else []
+        if extra:
             raise validation.FairBalanceError(
-                f"With a trained classifier nothing is trained or saved here: drop {', '.join(set_here or ['output_dir'])} "
-                "(the run records the classifier's own training settings)")
+                f"With a trained classifier nothing is trained or saved here: drop {', '.join(extra)} (the run "
+                "records the classifier's own training settings)")
         clf, folder = _load_given(samples, classifier, classifier_run)
-    try:
-        data = training.labelled_samples(samples, label_field, clf.classes if clf is not None else None).real()
-    except validation.FairBalanceError as e:
-        if clf is None or "not among the classes" not in str(e):
-            raise
-        raise validation.FairBalanceError(
-            f"The classifier in {folder} does not know every class of '{label_field}' in this view: {e}") from e
+    data = training.labelled_samples(samples, label_field).real()
+    if clf is not None:  # the labels as indices into the classifier's own classes
+        unknown = training.class_order({data.classes[c] for c in np.unique(data.labels)} - set(clf.classes))
+        if unknown:
+            raise validation.FairBalanceError(
+                f"The classifier in {folder} was trained on the classes {clf.classes}; '{label_field}' of this "
+                f"view also has {unknown}: use a classifier trained on these labels")
+        index = np.array([clf.classes.index(c) if c in clf.classes else -1 for c in data.classes])
+        data = training.LabelledSamples(data.ids, data.filepaths, index[data.labels], list(clf.classes),
+                                        data.generated, data.num_unlabelled)
     k = resolve_top_k(top_k, len(data.ids))
     if len(set(data.labels.tolist())) < 2:
         raise validation.FairBalanceError(f"'{label_field}' has only one class in this view")
@@ -330,7 +334,7 @@ def _compute_shard(samples, clf, params, ids, run_key, shard, num_shards, chunk_
     dataset = samples._root_dataset
     num_predicted = 0
     with fou.ProgressBar(total=max(job.total, 1), progress=progress) as pb:
-        pb.update(job.resumed)
+        pb.update(job.total - len(job.todo))  # done before, or left out
         for chunk in job.chunks():
             data = training.labelled_samples(dataset.select(chunk), params["label_field"], clf.classes).real(
                 required=False)
