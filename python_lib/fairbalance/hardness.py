@@ -133,6 +133,21 @@ def _load_given(samples, classifier, classifier_run) -> tuple[training.TrainedCl
         raise validation.FairBalanceError(f"classifier={folder!r} is not a loadable classifier: {e}") from e
 
 
+def real_labelled(samples, label_field: str, clf=None, required: bool = True) -> training.LabelledSamples:
+    """The real (not generated) labelled samples, labels as indices into ``clf``'s classes when given."""
+    data = training.labelled_samples(samples, label_field).real(required)
+    if clf is None:
+        return data
+    unknown = training.class_order({data.classes[c] for c in np.unique(data.labels)} - set(clf.classes))
+    if unknown:
+        raise validation.FairBalanceError(
+            f"The classifier in {clf.checkpoint} was trained on the classes {clf.classes}; '{label_field}' of this "
+            f"view also has {unknown}: use a classifier trained on these labels")
+    index = np.array([clf.classes.index(c) if c in clf.classes else -1 for c in data.classes])
+    return training.LabelledSamples(data.ids, data.filepaths, index[data.labels] if len(data.ids) else data.labels,
+                                    list(clf.classes), data.generated, data.num_unlabelled)
+
+
 def validate_inputs(samples, label_field: str = "ground_truth", loss_field: str = "bias_loss",
                     tag: str = "bias_conflicting", top_k=None, classifier: str | None = None,
                     classifier_run: str | None = None, output_dir: str | None = None, sharded: bool = True,
@@ -162,16 +177,7 @@ def validate_inputs(samples, label_field: str = "ground_truth", loss_field: str 
                 f"With a trained classifier nothing is trained or saved here: drop {', '.join(extra)} (the run "
                 "records the classifier's own training settings)")
         clf, folder = _load_given(samples, classifier, classifier_run)
-    data = training.labelled_samples(samples, label_field).real()
-    if clf is not None:  # the labels as indices into the classifier's own classes
-        unknown = training.class_order({data.classes[c] for c in np.unique(data.labels)} - set(clf.classes))
-        if unknown:
-            raise validation.FairBalanceError(
-                f"The classifier in {folder} was trained on the classes {clf.classes}; '{label_field}' of this "
-                f"view also has {unknown}: use a classifier trained on these labels")
-        index = np.array([clf.classes.index(c) if c in clf.classes else -1 for c in data.classes])
-        data = training.LabelledSamples(data.ids, data.filepaths, index[data.labels], list(clf.classes),
-                                        data.generated, data.num_unlabelled)
+    data = real_labelled(samples, label_field, clf)
     k = resolve_top_k(top_k, len(data.ids))
     if len(set(data.labels.tolist())) < 2:
         raise validation.FairBalanceError(f"'{label_field}' has only one class in this view")
@@ -336,8 +342,7 @@ def _compute_shard(samples, clf, params, ids, run_key, shard, num_shards, chunk_
     with fou.ProgressBar(total=max(job.total, 1), progress=progress) as pb:
         pb.update(job.total - len(job.todo))  # done before, or left out
         for chunk in job.chunks():
-            data = training.labelled_samples(dataset.select(chunk), params["label_field"], clf.classes).real(
-                required=False)
+            data = real_labelled(dataset.select(chunk), params["label_field"], clf, required=False)
             if data.ids:
                 losses, predictions = _losses(clf, data.filepaths, data.labels, device, batch_size, num_workers)
                 # the prediction first: the loss marks a sample done (a rerun skips it)
@@ -356,7 +361,7 @@ def merge_shards(samples, job: dict) -> dict:
     cfg = job["config"]
     loss_field, rank_field, pred_field, tag = cfg["loss_field"], cfg["rank_field"], cfg["prediction_field"], cfg["tag"]
     clf = training.load_classifier(cfg["classifier"])
-    data = training.labelled_samples(samples, cfg["label_field"], clf.classes).real()
+    data = real_labelled(samples, cfg["label_field"], clf)
     ids, labels, classes = data.ids, data.labels, data.classes
     dataset = samples._root_dataset
     all_ids, stored_losses, stored_preds = samples.values(["id", loss_field, pred_field])
