@@ -6,6 +6,7 @@ import fiftyone.operators.types as types
 from fairbalance import runs
 from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
 from fairbalance.hardness import compute_hardness
+from fairbalance.sharding import queue_sharded
 
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input)
@@ -71,13 +72,25 @@ class ComputeHardnessTags(foo.Operator):
             prop.error_message = f"Between 0 and the {size} samples of the view (empty: the biased model's errors)"
         inputs.bool("per_class", default=default_of(compute_hardness, "per_class"), label="Rank per class",
                     description="With a count: the highest losses of each class, as DiffuBias does")
-        inputs.float("q", default=default_of(compute_hardness, "q"), min=0.01, max=1.0, label="GCE q",
-                     description="Generalized cross-entropy exponent: higher = the model leans harder on easy "
-                                 "(bias-aligned) samples; 0.7 as in LfF and the papers")
         inputs.str("tag", default=default_of(compute_hardness, "tag"), required=False, label="Tag")
         inputs.str("loss_field", default=default_of(compute_hardness, "loss_field"), required=False,
                    label="Loss field")
-        _training_inputs(inputs, compute_hardness)
+        clf = inputs.str("classifier", required=False, label="Trained biased classifier (optional)",
+                         description="The folder of a classifier trained already (train classifier, method "
+                                     "'biased'): it is used as is, nothing is trained. Needed with Shards > 1")
+        inputs.int("num_shards", default=1, min=1, label="Shards",
+                   description="More than 1: queue the losses as this many delegated operations (one per shard) "
+                               "for `fiftyone delegated launch` workers; the last to finish ranks, tags and "
+                               "records the run. Running it again with the same settings resumes")
+        if (ctx.params.get("num_shards") or 1) > 1 and not (ctx.params.get("classifier") or "").strip():
+            clf.invalid = True
+            clf.error_message = ("Shards need the biased classifier trained once first: train it with 'train "
+                                 "classifier' (method 'biased') and give its folder here")
+        if not (ctx.params.get("classifier") or "").strip():
+            inputs.float("q", default=default_of(compute_hardness, "q"), min=0.01, max=1.0, label="GCE q",
+                         description="Generalized cross-entropy exponent: higher = the model leans harder on easy "
+                                     "(bias-aligned) samples; 0.7 as in LfF and the papers")
+            _training_inputs(inputs, compute_hardness)
         run_key_input(ctx, inputs, compute_hardness)
         return types.Property(inputs, view=types.View(label="Hardness tags"))
 
@@ -86,12 +99,20 @@ class ComputeHardnessTags(foo.Operator):
         top_k = p.get("top_k")
         if top_k is not None:
             top_k = int(top_k) if float(top_k) >= 1 else float(top_k)
+        classifier = (p.get("classifier") or "").strip() or None
+        settings = ("loss_field", "tag", "per_class", "run_key", "overwrite") + (
+            () if classifier else ("q",) + TRAINING_PARAMS)
+        kwargs = dict(label_field=p["label_field"], top_k=top_k, **given(p, settings))
+        if classifier:
+            kwargs.update(classifier=classifier, **given(p, ("batch_size",)))
+        if (p.get("num_shards") or 1) > 1:
+            job = queue_sharded(ctx.target_view(), "compute_hardness_tags", num_shards=p["num_shards"], **kwargs)
+            return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
+                    "shards_requeued": len(job.requeued)}
         result = compute_hardness(
             ctx.target_view(),
-            label_field=p["label_field"],
-            top_k=top_k,
-            progress=progress_callback(ctx, "Training the biased classifier"),
-            **given(p, ("loss_field", "tag", "per_class", "q", "run_key", "overwrite") + TRAINING_PARAMS),
+            progress=progress_callback(ctx, "Predicting" if classifier else "Training the biased classifier"),
+            **kwargs,
         )
         ctx.ops.reload_dataset()
         return rounded(result.to_dict())
@@ -99,6 +120,8 @@ class ComputeHardnessTags(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Hardness tags computed",
+            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("num_tagged", "int", "Samples tagged"),
             ("tag", "str", "Tag"),
             ("loss_field", "str", "Loss field"),

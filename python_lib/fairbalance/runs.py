@@ -96,12 +96,17 @@ def given_or_recorded(samples, given, run_key: str | None, method: str, config_k
 
 
 def delete_run(samples, run_key: str, cleanup: bool = True) -> None:
-    """Delete a run and, with ``cleanup``, the fields it wrote (and a sharded run's job state)."""
+    """Delete a run and, with ``cleanup``, the fields it wrote and the tags it put on samples (a run that
+    records ``tag`` and its ``tagged_ids``: hardness, filter), and a sharded run's job state."""
     from fairbalance import sharding
 
     dataset = samples._root_dataset
     if cleanup:
-        _delete_fields(dataset, get_run_config(dataset, run_key).get("fields_written", []))
+        config = get_run_config(dataset, run_key)
+        _delete_fields(dataset, config.get("fields_written", []))
+        tagged = load_run_results(dataset, run_key).get("tagged_ids") if config.get("tag") else None
+        if tagged:  # only the samples this run tagged: the same tag elsewhere stays
+            dataset.select(tagged).untag_samples(config["tag"])
     dataset.delete_run(run_key)
     sharding.delete_job(dataset, run_key)
 

@@ -76,6 +76,11 @@ SHARDABLE: dict[str, Shardable] = {
         "fairbalance.captions:compute_captions", "captions",
         lambda kw: [kw.get("caption_field") or _default("fairbalance.captions:compute_captions", "caption_field")],
         "fairbalance.captions:merge_shards"),
+    "compute_hardness_tags": Shardable(
+        "fairbalance.hardness:compute_hardness", "hardness",
+        lambda kw: importlib.import_module("fairbalance.hardness").output_fields(
+            kw.get("loss_field") or _default("fairbalance.hardness:compute_hardness", "loss_field")),
+        "fairbalance.hardness:merge_shards"),
 }
 
 # settings that may differ between shards (they do not change the results)
@@ -235,6 +240,7 @@ class ShardResult:
     failures: dict[str, str] = field(default_factory=dict)
     merged: bool = False
     results: dict | None = None
+    num_left_out: int = 0  # samples of this shard the function does not process (``Shard(only=...)``)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -244,7 +250,9 @@ class Shard:
     """One shard of a sharded run while it runs: its samples to do, chunk bookkeeping, then the merge."""
 
     def __init__(self, samples, run_key: str, function: str, shard: int, num_shards: int, config: dict,
-                 fields: list[str], done_field: str, chunk_size: int = DEFAULT_CHUNK_SIZE):
+                 fields: list[str], done_field: str, chunk_size: int = DEFAULT_CHUNK_SIZE, only=None):
+        """``only``: the ids of the view the function processes (default: all); the others of the shard (e.g.
+        unlabelled samples) are never in a chunk and count as done from the start."""
         self.samples, self.run_key, self.function = samples, run_key, function
         self.shard, self.num_shards = validate_shard(shard, num_shards)
         self.chunk_size = validation.require_positive_int("chunk_size", chunk_size)
@@ -275,11 +283,14 @@ class Shard:
         mine = [i for i in ids if shard_of(i, self.num_shards) == self.shard]
         done = set(samples.exists(done_field).values("id")) if dataset.has_field(done_field) else set()
         self.total = len(mine)
-        self.todo = [i for i in mine if i not in done]
-        self.resumed = self.total - len(self.todo)
+        only = None if only is None else set(only)
+        self.left_out = 0 if only is None else sum(i not in only for i in mine)
+        self.todo = [i for i in mine if i not in done and (only is None or i in only)]
+        self.resumed = self.total - self.left_out - len(self.todo)
         self.processed = 0
         self.failures: dict[str, str] = {}
-        self._update({"state": "running", "total": self.total, "done": self.resumed, "host": socket.gethostname(),
+        self._update({"state": "running", "total": self.total, "done": self.total - len(self.todo),
+                      "host": socket.gethostname(),
                       "pid": os.getpid(), "started": _now()}, inc={"attempts": 1})
 
     @property
@@ -322,7 +333,7 @@ class Shard:
         self._update({"state": "done", "finished": _now(), "failures": self.failures,
                       "summary": runs._jsonable(summary or {})})
         result = ShardResult(self.run_key, self.shard, self.num_shards, self.total, self.processed, self.resumed,
-                             dict(self.failures))
+                             dict(self.failures), num_left_out=self.left_out)
         if all(s["state"] == "done" for s in self.job["shards"].values()):
             merged = merge(self.samples, self.run_key)
             if merged is not None:
