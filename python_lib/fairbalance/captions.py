@@ -201,12 +201,7 @@ def compute_captions(
     import fiftyone.core.utils as fou
 
     validate_inputs(samples, num_captions, caption_field, batch_size, max_new_tokens, seed)
-    if shard is not None or num_shards is not None:
-        sharding.validate_shard(shard, num_shards)
-        if overwrite:
-            raise validation.FairBalanceError(
-                "a shard cannot overwrite its run (other shards write it too): delete the run first or "
-                "queue_sharded(..., overwrite=True)")
+    if sharding.one_shard_requested(shard, num_shards, overwrite):
         return _compute_shard(samples, model, device, run_key, shard, num_shards, chunk_size, batch_size, progress,
                               num_captions=num_captions, max_new_tokens=max_new_tokens, seed=seed,
                               caption_field=caption_field)

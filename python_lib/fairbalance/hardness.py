@@ -241,12 +241,7 @@ def compute_hardness(
     checked = validate_inputs(samples, label_field, loss_field, tag, top_k, classifier, classifier_run, output_dir,
                               sharded, q=q, backbone=backbone, pretrained=pretrained, image_size=image_size,
                               normalize=normalize, epochs=epochs, lr=lr, seed=seed)
-    if sharded:
-        sharding.validate_shard(shard, num_shards)
-        if overwrite:
-            raise validation.FairBalanceError(
-                "a shard cannot overwrite its run (other shards write it too): delete the run first or "
-                "queue_sharded(..., overwrite=True)")
+    sharding.one_shard_requested(shard, num_shards, overwrite)
     data, k, clf = checked.data, checked.k, checked.clf
     ids, paths, labels, classes = data.ids, data.filepaths, data.labels, data.classes
     fields = output_fields(loss_field)

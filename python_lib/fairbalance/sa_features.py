@@ -81,12 +81,7 @@ def compute_sa_features(
     """
     related_texts_override = validate_inputs(samples, attribute, attribute_values, related_texts_override,
                                              num_related_texts, prompt_template, embeddings_field, features_field)
-    if shard is not None or num_shards is not None:
-        sharding.validate_shard(shard, num_shards)
-        if overwrite:
-            raise validation.FairBalanceError(
-                "a shard cannot overwrite its run (other shards write it too): delete the run first or "
-                "queue_sharded(..., overwrite=True)")
+    sharded = sharding.one_shard_requested(shard, num_shards, overwrite)
 
     clip = models.load_clip(model, pretrained, device=device)
     embeddings.check_field(samples, embeddings_field, clip)
@@ -102,7 +97,7 @@ def compute_sa_features(
         "features_field": features_field,
         "skip_failures": skip_failures,
     }
-    if shard is not None:
+    if sharded:
         return _compute_shard(samples, clip, config, run_key, shard, num_shards, chunk_size, batch_size, num_workers,
                               progress)
     run = runs.prepare(samples, run_key, "sa_features", config, [features_field], overwrite)

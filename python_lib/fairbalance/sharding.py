@@ -110,6 +110,19 @@ def validate_shard(shard, num_shards) -> tuple[int, int]:
     return shard, num_shards
 
 
+def one_shard_requested(shard, num_shards, overwrite: bool = False) -> bool:
+    """Whether a call asks for one shard; if so, checked: both given, in range, and no ``overwrite``
+    (other shards write the same run: delete it first or ``queue_sharded(..., overwrite=True)``)."""
+    if shard is None and num_shards is None:
+        return False
+    validate_shard(shard, num_shards)
+    if overwrite:
+        raise validation.FairBalanceError(
+            "a shard cannot overwrite its run (other shards write it too): delete the run first or "
+            "queue_sharded(..., overwrite=True)")
+    return True
+
+
 def view_digest(ids) -> str:
     """A digest of the view's sample ids: every shard must split the same samples."""
     return hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()
