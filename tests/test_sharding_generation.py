@@ -1,0 +1,191 @@
+"""Sharded generation and DiffInject: shards in any order equal one run (files, pixels, samples, record)."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fairbalance as fb
+from fairbalance import runs, sharding
+from fairbalance.diffusion import train_conditional_diffusion
+from fairbalance.generation import generate_balanced
+from fairbalance.validation import FairBalanceError
+
+TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)
+VOLATILE = {"_id", "id", "filepath", "created_at", "last_modified_at", "_dataset_id"}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from fairbalance import datasets
+
+    ds = datasets.colored_digits("fb-shard-gen-tests", num_classes=3, train_per_class=10, test_per_class=2,
+                                 conflict_ratio=0.2, image_size=16, persistent=False, overwrite=True)
+    ds.match_tags("train").match({"bias_aligned": False}).tag_samples("bias_conflicting")
+    yield ds
+    ds.delete()
+
+
+@pytest.fixture(scope="module")
+def model(digits, tmp_path_factory, one_thread):
+    folder = str(tmp_path_factory.mktemp("shard-gen") / "model")
+    return train_conditional_diffusion(digits.match_tags("train"), "ground_truth", output_dir=folder, epochs=1,
+                                       run_key="gen_model", **TINY)
+
+
+@pytest.fixture
+def pair(digits):
+    """Two clones: one for the unsharded run, one for the shards."""
+    a, b = digits.clone(), digits.clone()
+    yield a, b
+    a.delete()
+    b.delete()
+
+
+def _strip(value):
+    """A sample's dict without ids (labels get new ones): what must be equal between two datasets."""
+    if isinstance(value, dict):
+        return {k: _strip(v) for k, v in value.items() if k not in VOLATILE}
+    return value
+
+
+def _generated(ds):
+    """Every generated sample by file name: its fields (less ids, paths, times) and its pixels."""
+    out = {}
+    for s in ds.match_tags("generated").iter_samples():
+        fields = _strip(s.to_dict())
+        out[os.path.basename(s.filepath)] = (fields, np.asarray(Image.open(s.filepath)))
+    return out
+
+
+def _assert_same_runs(one, other, run_key):
+    """Two datasets hold the same generated samples (same pixels) and the same run record."""
+    a, b = _generated(one), _generated(other)
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert a[name][0] == b[name][0], name
+        assert np.array_equal(a[name][1], b[name][1]), name
+    skip = {"output_dir", "target_dataset", "started_at", "completed_at", "num_shards"}
+    ca, cb = runs.get_run_config(one, run_key), runs.get_run_config(other, run_key)
+    assert {k: v for k, v in ca.items() if k not in skip} == {k: v for k, v in cb.items() if k not in skip}
+    assert cb["num_shards"] > 1 and cb["output_dir"] == os.path.dirname(next(iter(
+        other.match_tags("generated").values("filepath"))))
+    ra, rb = runs.load_run_results(one, run_key), runs.load_run_results(other, run_key)
+    assert {k: v for k, v in ra.items() if k not in skip} == {k: v for k, v in rb.items() if k not in skip}
+    assert set(one.get_field_schema(flat=True)) == set(other.get_field_schema(flat=True))
+
+
+def test_generate_balanced_shards_equal_one_run_and_record_only_after_merge(pair, model, tmp_path):
+    single_ds, ds = pair
+    kw = dict(label_field="ground_truth", model=model.model_dir, per_class=3, num_inference_steps=2, batch_size=2)
+    single = generate_balanced(single_ds, output_dir=str(tmp_path / "single"), **kw)
+    assert single.num_added == 9
+    results = []
+    # the whole dataset: the generated samples join the view as shards finish (the job is keyed on the real ones)
+    for shard in (2, 0, 1):
+        assert "generate_balanced" not in runs.list_runs(ds, "generate_balanced")  # no record before the merge
+        results.append(generate_balanced(ds, output_dir=str(tmp_path / "sharded"), shard=shard, num_shards=3,
+                                         chunk_size=2, **kw))
+        if shard != 1:
+            assert runs.get_run_config(ds, "generate_balanced")["status"] == "running"  # the pending record
+            with pytest.raises(FairBalanceError, match="sharded_job"):  # an unsharded run may not take the key
+                generate_balanced(ds, output_dir=str(tmp_path / "sharded"), **kw)
+    assert [r.merged for r in results] == [False, False, True]
+    assert [r.num_samples for r in results] == [3, 3, 3] and all(r.num_resumed == 0 for r in results)
+    assert results[-1].results["num_added"] == 9 and results[-1].results["added"] == single.added
+    _assert_same_runs(single_ds, ds, "generate_balanced")
+    status = fb.sharded_status(ds, "generate_balanced")
+    assert status["num_items"] == 9 and status["num_done"] == 9 and status["progress"] == 1.0
+    # a shard again, or the same run unsharded (it resumes the complete run), adds nothing; a shard may not overwrite
+    again = generate_balanced(ds, output_dir=str(tmp_path / "sharded"), shard=0, num_shards=3, **kw)
+    assert again.num_processed == 0 and len(ds.match_tags("generated")) == 9
+    assert generate_balanced(ds, output_dir=str(tmp_path / "sharded"), **kw).num_added == 0
+    with pytest.raises(FairBalanceError, match="overwrite"):
+        generate_balanced(ds, output_dir=str(tmp_path / "sharded"), shard=0, num_shards=3, overwrite=True, **kw)
+    with pytest.raises(FairBalanceError, match="own dataset"):
+        generate_balanced(ds, output_dir=str(tmp_path / "x"), shard=0, num_shards=3, target_dataset="elsewhere",
+                          run_key="g2", **kw)
+    import fiftyone as fo
+
+    assert "g2" not in ds.list_runs() and sharding.get_job(ds, "g2") is None and not fo.dataset_exists("elsewhere")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_shard_resumes_and_the_union_is_one_run(pair, model, tmp_path):
+    single_ds, ds = pair
+    kw = dict(label_field="ground_truth", model=model.model_dir, per_class=4, num_inference_steps=2, batch_size=2,
+              run_key="gen")
+    generate_balanced(single_ds, output_dir=str(tmp_path / "single"), **kw)
+
+    def stop_after_first_chunk(pb):
+        if pb.iteration >= 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):  # shard 0 (6 images, chunks of 2) stops after its first chunk
+        generate_balanced(ds, output_dir=str(tmp_path / "sharded"), shard=0, num_shards=2, chunk_size=2,
+                          progress=stop_after_first_chunk, **kw)
+    assert len(ds.match_tags("generated")) == 2 and "gen" not in runs.list_runs(ds, "generate_balanced")
+    first = generate_balanced(ds, output_dir=str(tmp_path / "sharded"), shard=1, num_shards=2, chunk_size=2, **kw)
+    assert not first.merged and sharding.get_job(ds, "gen")["shards"]["0"]["state"] == "running"
+    resumed = generate_balanced(ds, output_dir=str(tmp_path / "sharded"), shard=0, num_shards=2, chunk_size=2, **kw)
+    assert resumed.merged and resumed.num_resumed == 2 and resumed.num_processed == 4
+    assert resumed.results["added"] == {c: 4 for c in resumed.results["planned"]}  # the job added all 12
+    _assert_same_runs(single_ds, ds, "gen")
+
+
+def test_inject_shards_equal_one_run(pair, model, tmp_path):
+    single_ds, ds = pair
+    kw = dict(model=model.model_dir, ratio=0.25, gamma=0.5, t_edit=500, t_boost=200, num_inference_steps=4,
+              batch_size=2)
+    single = fb.inject_bias_conflicting(single_ds.match_tags("train"), output_dir=str(tmp_path / "single"), **kw)
+    assert single.num_added == 8
+    results = [fb.inject_bias_conflicting(ds.match_tags("train"), output_dir=str(tmp_path / "sharded"), shard=s,
+                                          num_shards=3, chunk_size=2, **kw) for s in (1, 2, 0)]
+    assert [r.merged for r in results] == [False, False, True]
+    assert sorted(r.num_samples for r in results) == [2, 3, 3]
+    merged = results[-1].results
+    assert merged["num_contents"] == single.num_contents and merged["label_from"] == "content"
+    _assert_same_runs(single_ds, ds, "diffinject")
+    # a bad input is refused by queue_sharded before anything is queued
+    with pytest.raises(FairBalanceError, match="gamma"):
+        fb.queue_sharded(ds.match_tags("train"), "inject_bias_conflicting", num_shards=2, run_key="bad",
+                         **{**kw, "gamma": 2.0})
+    assert sharding.get_job(ds, "bad") is None
+
+
+def test_forms_with_shards_queue_them_and_a_worker_loop_finishes_the_runs(digits, model):
+    import fiftyone.operators as foo
+    import fiftyone.operators.delegated as food
+
+    ds = digits.clone()
+    try:
+        svc = food.DelegatedOperationService()
+        forms = {
+            "generate_balanced": {"label_field": "ground_truth", "diffusion_run": "gen_model", "mode": "equal",
+                                  "total": 6, "num_inference_steps": 2, "run_key": "gen_form"},
+            "inject_bias_conflicting": {"label_field": "ground_truth", "diffusion_run": "gen_model", "ratio": 0.2,
+                                        "t_edit": 500, "num_inference_steps": 4, "run_key": "inject_form"},
+        }
+        for name, params in forms.items():
+            res = foo.execute_operator(f"@fairbalance/fairbalance/{name}", ctx={
+                "dataset": ds.name, "view": ds.match_tags("train"),
+                "params": {**params, "view_target": "CURRENT_VIEW", "num_shards": 2}})
+            assert res.error is None, res.error
+            assert res.result["shards_queued"] == 2 and not len(ds.match_tags("generated"))  # queued, not made
+        queued = svc.list_operations(operator=sharding.OPERATOR_URI, dataset_name=ds.name, run_state="queued")
+        assert sorted(op.label for op in queued) == sorted(
+            [f"generate_balanced 'gen_form' shard {i}/2" for i in range(2)]
+            + [f"inject_bias_conflicting 'inject_form' shard {i}/2" for i in range(2)])
+        svc.execute_queued_operations(operator=sharding.OPERATOR_URI, dataset_name=ds.name)  # a worker's loop
+        ds.reload()
+        for key, n in (("gen_form", 6), ("inject_form", round(0.2 * len(ds.match_tags("train"))))):
+            status = fb.sharded_status(ds, key)
+            assert status["merged"] and status["num_done"] == status["num_items"] == n
+            assert runs.load_run_results(ds, key)["num_added"] == n and runs.get_run_config(ds, key)["num_shards"] == 2
+            assert len(ds.match({"generation.run_key": key})) == n
+    finally:
+        ds.delete()
