@@ -150,6 +150,19 @@ def test_inject_shards_equal_one_run(pair, model, tmp_path):
     merged = results[-1].results
     assert merged["num_contents"] == single.num_contents and merged["label_from"] == "content"
     _assert_same_runs(single_ds, ds, "diffinject")
+    # queued again with overwrite and another gamma: the old run's samples and images go first, a worker remakes them
+    import fiftyone.operators.delegated as food
+
+    out = str(tmp_path / "sharded")
+    job = fb.queue_sharded(ds.match_tags("train"), "inject_bias_conflicting", num_shards=2, run_key="diffinject",
+                           overwrite=True, output_dir=out, **{**kw, "gamma": 0.0})
+    assert sorted(job.queued) == [0, 1] and not len(ds.match_tags("generated"))
+    assert runs.get_run_config(ds, "diffinject")["status"] == "running"  # the new job's pending record
+    assert not [f for f in os.listdir(out) if f.endswith(".png")]
+    food.DelegatedOperationService().execute_queued_operations(operator=sharding.OPERATOR_URI, dataset_name=ds.name)
+    ds.reload()
+    assert sorted(ds.match_tags("generated").values("generation.gamma")) == [0.0] * 8
+    assert runs.get_run_config(ds, "diffinject")["gamma"] == 0.0 and len(os.listdir(out)) == 9  # + the manifest
     # a bad input is refused by queue_sharded before anything is queued
     with pytest.raises(FairBalanceError, match="gamma"):
         fb.queue_sharded(ds.match_tags("train"), "inject_bias_conflicting", num_shards=2, run_key="bad",
