@@ -1,6 +1,7 @@
 """Sharded generation and DiffInject: shards in any order equal one run (files, pixels, samples, record)."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -202,3 +203,72 @@ def test_forms_with_shards_queue_them_and_a_worker_loop_finishes_the_runs(digits
             assert len(ds.match({"generation.run_key": key})) == n
     finally:
         ds.delete()
+
+
+def test_shards_starting_at_once_share_the_folder_which_no_other_run_may_take(pair, model, tmp_path):
+    import threading
+
+    from fairbalance import claims
+
+    _, ds = pair
+    out = str(tmp_path / "sharded")
+    kw = dict(label_field="ground_truth", model=model.model_dir, per_class=2, num_inference_steps=2, batch_size=2,
+              output_dir=out, run_key="together")
+    both_started = threading.Barrier(2, timeout=120)
+    results, errors = {}, []
+
+    def run(shard):
+        def meet(pb):  # called first when the shard has claimed everything and written nothing
+            if pb.iteration == 0 and not both_started.broken:
+                both_started.wait()
+        try:
+            results[shard] = generate_balanced(ds, shard=shard, num_shards=2, progress=meet, **kw)
+        except Exception as e:  # reported below
+            errors.append(e)
+            both_started.abort()
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (0, 1)]
+    threads[0].start()
+    # the second starts once the first holds its claims (diffusers' model loading is not thread-safe)
+    deadline = time.time() + 120
+    while both_started.n_waiting < 1 and not errors and time.time() < deadline:
+        time.sleep(0.01)
+    threads[1].start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(r.merged for r in results.values()) == [False, True] and len(ds.match_tags("generated")) == 6
+    assert runs.load_run_results(ds, "together")["num_added"] == 6
+
+    # while a shard holds the folder, no other operation may write it, nor a shard of another job; and vice versa
+    job = sharding._job_id(ds, "together")
+
+    @claims.exclusive
+    def hold(shared_by, then):
+        claims.claim_folder(out, shared_by)
+        return then()
+
+    @claims.exclusive
+    def take(shared_by=None):
+        claims.claim_folder(out, shared_by)
+        return True
+
+    def in_thread(fn, *args):
+        box = []
+        t = threading.Thread(target=lambda: box.append(_outcome(fn, *args)))
+        t.start()
+        t.join()
+        return box[0]
+
+    assert hold(f"{job}|0", lambda: in_thread(take, f"{job}|1")) is True  # the same job's shards share it
+    assert isinstance(hold(f"{job}|0", lambda: in_thread(take)), claims.ClaimError)
+    assert isinstance(hold(f"{job}|0", lambda: in_thread(take, "other:job|0")), claims.ClaimError)
+    assert isinstance(hold(None, lambda: in_thread(take, f"{job}|1")), claims.ClaimError)
+    assert take() is True  # all released
+
+
+def _outcome(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:
+        return e
