@@ -272,3 +272,41 @@ def _outcome(fn, *args):
         return fn(*args)
     except Exception as e:
         return e
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(model_dir):
+    import tiny_models
+
+    return tiny_models.build_stable_diffusion(str(model_dir / "sd-shard-t2i"))
+
+
+def test_text_to_image_shards_equal_one_run_and_the_form_queues_them(pair, tiny_sd, tmp_path):
+    import fiftyone.operators as foo
+    import fiftyone.operators.delegated as food
+
+    from fairbalance.text_to_image import generate_from_captions
+
+    single_ds, ds = pair
+    captions = [["a red digit zero"], ["a green digit", "a blue digit"], [], ["a white digit"]]
+    for d in pair:
+        d.limit(4).set_values("filtered_captions", captions)
+    kw = dict(model=tiny_sd, num_inference_steps=2, height=16, width=16, device="cpu", safety_checker=False,
+              batch_size=3)
+    single = generate_from_captions(single_ds.limit(4), output_dir=str(tmp_path / "single"), **kw)
+    assert single.num_added == 4
+    results = [generate_from_captions(ds.limit(4), output_dir=str(tmp_path / "sharded"), shard=s, num_shards=2,
+                                      chunk_size=1, **kw) for s in (1, 0)]
+    assert [r.merged for r in results] == [False, True] and [r.num_samples for r in results] == [2, 2]
+    _assert_same_runs(single_ds, ds, "text_to_image")
+
+    res = foo.execute_operator("@fairbalance/fairbalance/generate_from_captions", ctx={
+        "dataset": ds.name, "view": ds.limit(4), "params": {
+            "caption_field": "filtered_captions", "label_field": "ground_truth", "model": tiny_sd,
+            "num_inference_steps": 2, "safety_checker": False, "seed": 1, "run_key": "t2i_form", "num_shards": 2,
+            "view_target": "CURRENT_VIEW"}})
+    assert res.error is None, res.error
+    assert res.result["shards_queued"] == 2 and not len(ds.match({"generation.run_key": "t2i_form"}))
+    food.DelegatedOperationService().execute_queued_operations(operator=sharding.OPERATOR_URI, dataset_name=ds.name)
+    ds.reload()
+    assert fb.sharded_status(ds, "t2i_form")["merged"] and len(ds.match({"generation.run_key": "t2i_form"})) == 4

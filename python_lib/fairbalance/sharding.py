@@ -82,6 +82,10 @@ SHARDABLE: dict[str, Shardable] = {
         "fairbalance.generation:generate_balanced", "generate_balanced", lambda kw: [],
         "fairbalance.generation:merge_shards", "fairbalance.generation:real_samples",
         "fairbalance.generation:delete_generated"),
+    "generate_from_captions": Shardable(
+        "fairbalance.text_to_image:generate_from_captions", "text_to_image", lambda kw: [],
+        "fairbalance.generation:merge_shards", "fairbalance.generation:real_samples",
+        "fairbalance.generation:delete_generated"),
     "inject_bias_conflicting": Shardable(
         "fairbalance.diffinject:inject_bias_conflicting", "diffinject", lambda kw: [],
         "fairbalance.generation:merge_shards", "fairbalance.generation:real_samples",
