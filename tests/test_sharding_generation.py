@@ -281,7 +281,7 @@ def tiny_sd(model_dir):
     return tiny_models.build_stable_diffusion(str(model_dir / "sd-shard-t2i"))
 
 
-def test_text_to_image_shards_equal_one_run_and_the_form_queues_them(pair, tiny_sd, tmp_path):
+def test_text_to_image_shards_equal_one_run_and_the_form_queues_them(pair, tiny_sd, tmp_path, one_thread):
     import fiftyone.operators as foo
     import fiftyone.operators.delegated as food
 
@@ -310,3 +310,26 @@ def test_text_to_image_shards_equal_one_run_and_the_form_queues_them(pair, tiny_
     food.DelegatedOperationService().execute_queued_operations(operator=sharding.OPERATOR_URI, dataset_name=ds.name)
     ds.reload()
     assert fb.sharded_status(ds, "t2i_form")["merged"] and len(ds.match({"generation.run_key": "t2i_form"})) == 4
+
+
+def test_per_group_lora_shards_equal_one_run(pair, digits, tmp_path_factory, one_thread):
+    import warnings
+
+    pytest.importorskip("peft")
+    train = digits.match_tags("train")
+    base = train_conditional_diffusion(train, "ground_truth", attribute_field="color", epochs=1, run_key="cells_base",
+                                       output_dir=str(tmp_path_factory.mktemp("cells") / "model"), **TINY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cells of few images are warned about
+        adapters = fb.finetune_per_group(train, group_field=["ground_truth", "color"], base_model=base, rank=2,
+                                         steps=2, lr=1e-2, output_dir=str(tmp_path_factory.mktemp("ad") / "cells"),
+                                         run_key="cells_adapters")
+    single_ds, ds = pair
+    out = tmp_path_factory.mktemp("per-group")
+    kw = dict(adapters=adapters.output_dir, mode="equal", per_group=2, num_inference_steps=2, batch_size=3)
+    single = fb.generate_per_group(single_ds.match_tags("train"), output_dir=str(out / "single"), **kw)
+    results = [fb.generate_per_group(ds.match_tags("train"), output_dir=str(out / "sharded"), shard=s, num_shards=3,
+                                     chunk_size=2, **kw) for s in (0, 2, 1)]
+    assert [r.merged for r in results] == [False, False, True]
+    assert results[-1].results["added"] == single.added and single.num_added == sum(r.num_samples for r in results)
+    _assert_same_runs(single_ds, ds, "generate_per_group")

@@ -86,6 +86,10 @@ SHARDABLE: dict[str, Shardable] = {
         "fairbalance.text_to_image:generate_from_captions", "text_to_image", lambda kw: [],
         "fairbalance.generation:merge_shards", "fairbalance.generation:real_samples",
         "fairbalance.generation:delete_generated"),
+    "generate_per_group": Shardable(
+        "fairbalance.lora_generation:generate_per_group", "generate_per_group", lambda kw: [],
+        "fairbalance.generation:merge_shards", "fairbalance.generation:real_samples",
+        "fairbalance.generation:delete_generated"),
     "inject_bias_conflicting": Shardable(
         "fairbalance.diffinject:inject_bias_conflicting", "diffinject", lambda kw: [],
         "fairbalance.generation:merge_shards", "fairbalance.generation:real_samples",
