@@ -333,3 +333,22 @@ def test_per_group_lora_shards_equal_one_run(pair, digits, tmp_path_factory, one
     assert [r.merged for r in results] == [False, False, True]
     assert results[-1].results["added"] == single.added and single.num_added == sum(r.num_samples for r in results)
     _assert_same_runs(single_ds, ds, "generate_per_group")
+    # the form with Shards queues them; a worker loop makes them and merges
+    import fiftyone.operators as foo
+    import fiftyone.operators.delegated as food
+
+    form_ds = digits.clone()  # holds the fine-tuning run the form names
+    try:
+        res = foo.execute_operator("@fairbalance/fairbalance/generate_per_group", ctx={
+            "dataset": form_ds.name, "view": form_ds.match_tags("train"), "params": {
+                "finetune_run": "cells_adapters", "mode": "equal", "per_group": 1, "num_inference_steps": 2,
+                "run_key": "per_group_form", "num_shards": 2, "view_target": "CURRENT_VIEW"}})
+        assert res.error is None, res.error
+        assert res.result["shards_queued"] == 2 and not len(form_ds.match_tags("generated"))
+        food.DelegatedOperationService().execute_queued_operations(operator=sharding.OPERATOR_URI,
+                                                                   dataset_name=form_ds.name)
+        form_ds.reload()
+        n = len(single.planned)
+        assert fb.sharded_status(form_ds, "per_group_form")["merged"] and len(form_ds.match_tags("generated")) == n
+    finally:
+        form_ds.delete()
