@@ -352,3 +352,44 @@ def test_per_group_lora_shards_equal_one_run(pair, digits, tmp_path_factory, one
         assert fb.sharded_status(form_ds, "per_group_form")["merged"] and len(form_ds.match_tags("generated")) == n
     finally:
         form_ds.delete()
+
+
+def test_two_real_workers_make_the_shards_of_a_queued_generation(digits, model, tmp_path):
+    """Two ``fiftyone delegated launch`` processes run the shards at once: one folder, one dataset, one record."""
+    import fiftyone.operators.delegated as food
+    from fiftyone.operators.executor import ExecutionRunState
+    from test_sharding import _stop, _worker
+
+    ds = digits.clone()
+    logs = [str(tmp_path / f"worker{i}.log") for i in range(2)]
+    workers = []
+    try:
+        kw = dict(label_field="ground_truth", model=model.model_dir, per_class=4, num_inference_steps=2,
+                  batch_size=2, chunk_size=2, output_dir=str(tmp_path / "out"))
+        job = fb.queue_sharded(ds, "generate_balanced", num_shards=2, run_key="workers", **kw)
+        assert sorted(job.queued) == [0, 1]
+        workers = [_worker(log) for log in logs]
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            status = fb.sharded_status(ds, "workers")
+            if status["merged"] or any(s["operation_state"] == "failed" for s in status["shards"]):
+                break
+            time.sleep(0.2)
+    finally:
+        for w in workers:
+            _stop(w)
+    try:
+        tails = "\n".join(f"--- {p}\n" + open(p).read()[-3000:] for p in logs)
+        assert status["merged"], (status, tails)
+        ops = [op for op in food.DelegatedOperationService().list_operations(dataset_name=ds.name)
+               if op.operator == sharding.OPERATOR_URI]
+        assert sorted(op.context.request_params["params"]["shard"] for op in ops
+                      if op.run_state == ExecutionRunState.COMPLETED) == [0, 1]
+        ds.reload()
+        gen = ds.match_tags("generated")
+        assert len(gen) == 12 and len(set(gen.values("filepath"))) == 12
+        assert all(os.path.isfile(p) for p in gen.values("filepath"))
+        assert runs.load_run_results(ds, "workers")["num_added"] == 12
+        assert runs.get_run_config(ds, "workers")["num_shards"] == 2
+    finally:
+        ds.delete()
