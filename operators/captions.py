@@ -144,16 +144,26 @@ class GenerateFromCaptions(foo.Operator):
         sampling_inputs(inputs, generate_from_captions)
         inputs.bool("safety_checker", default=default_of(generate_from_captions, "safety_checker"),
                     label="Keep the pipeline's safety checker")
+        inputs.int("num_shards", default=1, min=1, label="Shards",
+                   description="More than 1: queue the images as this many delegated operations (one per shard) "
+                               "for `fiftyone delegated launch` workers; the last to finish records the run. Running "
+                               "it again with the same settings resumes")
         run_key_input(ctx, inputs, generate_from_captions, resumable=True)
         return types.Property(inputs, view=types.View(label="Generate from captions"))
 
     def execute(self, ctx):
         p = ctx.params
+        names = ("model", "images_per_caption", "guidance_scale", "num_inference_steps", "seed", "safety_checker",
+                 "run_key", "overwrite")
+        if (p.get("num_shards") or 1) > 1:
+            job = queue_sharded(ctx.target_view(), "generate_from_captions", num_shards=p["num_shards"],
+                                caption_field=p["caption_field"], label_field=p.get("label_field") or None,
+                                **given(p, names))
+            return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
+                    "shards_requeued": len(job.requeued)}
         res = generate_from_captions(
             ctx.target_view(), p["caption_field"], label_field=p.get("label_field") or None,
-            progress=progress_callback(ctx, "Generating"),
-            **given(p, ("model", "images_per_caption", "guidance_scale", "num_inference_steps", "seed",
-                        "safety_checker", "run_key", "overwrite")),
+            progress=progress_callback(ctx, "Generating"), **given(p, names),
         )
         ctx.ops.reload_dataset()
         return res.to_dict()
@@ -161,6 +171,8 @@ class GenerateFromCaptions(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Generated",
+            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("num_added", "int", "Samples added"),
             ("output_dir", "str", "Image folder"),
             ("target_dataset", "str", "Added to dataset"),

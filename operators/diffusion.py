@@ -7,6 +7,7 @@ from fairbalance import runs
 from fairbalance.diffusion import train_conditional_diffusion
 from fairbalance.filtering import filter_generated
 from fairbalance.generation import generate_balanced
+from fairbalance.sharding import queue_sharded
 
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input, sampling_inputs)
@@ -116,6 +117,10 @@ class GenerateBalanced(foo.Operator):
                 prop.invalid = True
                 prop.error_message = f"At least one image per cluster: the model has {num_clusters} clusters"
         sampling_inputs(inputs, generate_balanced)
+        inputs.int("num_shards", default=1, min=1, label="Shards",
+                   description="More than 1: queue the images as this many delegated operations (one per shard) "
+                               "for `fiftyone delegated launch` workers; the last to finish records the run. Running "
+                               "it again with the same settings resumes")
         run_key_input(ctx, inputs, generate_balanced, resumable=True)
         return types.Property(inputs, view=types.View(label="Generate balanced samples"))
 
@@ -125,6 +130,11 @@ class GenerateBalanced(foo.Operator):
         names = ("mode", "guidance_scale", "num_inference_steps", "seed", "run_key", "overwrite") + (
             ("per_cell", "source", "edit_strength", "attribute_guidance_scale") if mode == "cells" else
             ("total",) if mode == "equal" else ())
+        if (p.get("num_shards") or 1) > 1:
+            job = queue_sharded(ctx.target_view(), "generate_balanced", num_shards=p["num_shards"],
+                                label_field=p["label_field"], model_run=p["diffusion_run"], **given(p, names))
+            return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
+                    "shards_requeued": len(job.requeued)}
         res = generate_balanced(ctx.target_view(), p["label_field"], model_run=p["diffusion_run"],
                                 progress=progress_callback(ctx, "Generating"), **given(p, names))
         ctx.ops.reload_dataset()
@@ -134,6 +144,8 @@ class GenerateBalanced(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Generated",
+            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("num_added", "int", "Samples added"),
             ("added_per_cluster", "str", "Added per cluster"),
             ("entropy_before", "float", "Entropy of the groups, real samples (nats)"),

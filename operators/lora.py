@@ -6,6 +6,7 @@ import fiftyone.operators.types as types
 from fairbalance import runs
 from fairbalance.lora_generation import generate_per_group
 from fairbalance.lora_training import finetune_per_group
+from fairbalance.sharding import queue_sharded
 
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       readable_bytes, result_view, rounded, run_key_input, sampling_inputs)
@@ -112,22 +113,32 @@ class GeneratePerGroup(foo.Operator):
         inputs.enum("groups", groups.values(), default=default_of(generate_per_group, "groups"), view=groups,
                     label="Groups")
         sampling_inputs(inputs, generate_per_group)
+        inputs.int("num_shards", default=1, min=1, label="Shards",
+                   description="More than 1: queue the images as this many delegated operations (one per shard) "
+                               "for `fiftyone delegated launch` workers; the last to finish records the run. Running "
+                               "it again with the same settings resumes")
         run_key_input(ctx, inputs, generate_per_group, resumable=True)
         return types.Property(inputs, view=types.View(label="Generate per group"))
 
     def execute(self, ctx):
         p = ctx.params
-        res = generate_per_group(
-            ctx.target_view(), finetune_run=p["finetune_run"], progress=progress_callback(ctx, "Generating"),
-            **given(p, ("mode", "per_group", "groups", "guidance_scale", "num_inference_steps", "seed", "run_key",
-                        "overwrite")))
+        names = ("mode", "per_group", "groups", "guidance_scale", "num_inference_steps", "seed", "run_key", "overwrite")
+        if (p.get("num_shards") or 1) > 1:
+            job = queue_sharded(ctx.target_view(), "generate_per_group", num_shards=p["num_shards"],
+                                finetune_run=p["finetune_run"], **given(p, names))
+            return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
+                    "shards_requeued": len(job.requeued)}
+        res = generate_per_group(ctx.target_view(), finetune_run=p["finetune_run"],
+                                 progress=progress_callback(ctx, "Generating"), **given(p, names))
         ctx.ops.reload_dataset()
         return rounded({**res.to_dict(), "added_per_group": ", ".join(
             f"{g}: {n}" for g, n in res.added.items() if n) or "nothing new (all images were there)"})
 
     def resolve_output(self, ctx):
         return result_view(
-            "Generated",
+            ctx, "Generated",
+            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("num_added", "int", "Samples added"),
             ("added_per_group", "str", "Added per group"),
             ("entropy_before", "float", "Entropy of the groups, real samples (nats)"),

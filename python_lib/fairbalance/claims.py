@@ -160,9 +160,44 @@ def claim_field(dataset, field: str) -> None:
     acquire(f"field:{dataset._doc.id}:{field}", f"Field '{field}' of dataset '{dataset.name}'")
 
 
-def claim_folder(folder: str) -> None:
+def claim_folder(folder: str, shared_by: str | None = None) -> None:
+    """Claim an output folder: for this operation alone, or (``shared_by``: a sharded job's id) with its shards.
+
+    The shards of one job write one folder at once: each claims
+    ``dir:<folder>|<job>|<shard>``; the folder is then refused to any other
+    operation (and to the shards of another job) while one of them runs,
+    and to the shards while another operation holds it.
+    """
     folder = os.path.realpath(folder)
-    acquire(f"dir:{folder}", f"Output folder {folder}")
+    name, what = f"dir:{folder}", f"Output folder {folder}"
+    held = _current.get()
+    if shared_by is None:
+        acquire(name, what)
+        others = _live(name + "|")
+    else:
+        job, shard = shared_by.rsplit("|", 1) if "|" in shared_by else (shared_by, "")
+        acquire(f"{name}|{job}|{shard}", f"{what} (shard {shard} of {job})")
+        others = [c for c in _live(name) if c["_id"] == name
+                  or (c["_id"].startswith(name + "|") and c["_id"].rsplit("|", 2)[-2] != job)]
+    others = [c for c in others if held is None or c.get("token") != held.token]
+    if others and held is not None and held.names:
+        c = others[0]
+        raise ClaimError(f"{what} is in use by a running operation ({c.get('what')}: process {c.get('pid')} on "
+                         f"{c.get('host')}); wait for it to finish or use another output folder")
+
+
+def _live(prefix: str) -> list[dict]:
+    """The live claims whose name starts with ``prefix`` (those of dead holders are deleted on the way)."""
+    import re
+
+    coll = _collection()
+    live = []
+    for doc in coll.find({"_id": {"$regex": "^" + re.escape(prefix)}}):
+        if _is_stale(doc):
+            coll.delete_one({"_id": doc["_id"], "token": doc.get("token")})
+        else:
+            live.append(doc)
+    return live
 
 
 def list_claims() -> list[dict]:

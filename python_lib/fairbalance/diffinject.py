@@ -24,6 +24,7 @@ provenance, and carry the label of the sample chosen by ``label_from``.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -33,9 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fairbalance import claims, runs, training, validation
+from fairbalance import claims, runs, sharding, training, validation
 from fairbalance.diffusion import ConditionalDiffusionModel, load_conditional_diffusion
-from fairbalance.generation import GenerationJob, GenerationResult, finish_generation, run_generation, start_generation
+from fairbalance.generation import (GenerationJob, GenerationResult, _check_shard_args, _require_own_target,
+                                    finish_generation, run_generation, shard_generation, start_generation)
 
 INJECTIONS = ("local", "global")
 LABEL_SOURCES = ("content", "original")
@@ -376,8 +378,11 @@ def inject_bias_conflicting(
     device: str | None = None,
     run_key: str = "diffinject",
     overwrite: bool = False,
+    shard: int | None = None,
+    num_shards: int | None = None,
+    chunk_size: int = sharding.DEFAULT_CHUNK_SIZE,
     progress=None,
-) -> InjectionResult:
+) -> InjectionResult | sharding.ShardResult:
     """DiffInject: synthetic bias-conflicting samples by h-space content injection (see the module docstring).
 
     ``samples``: the real training view; its samples tagged ``content_tag``
@@ -416,6 +421,56 @@ def inject_bias_conflicting(
     file, so a rerun adds nothing twice and an interrupted run resumes; a
     run key or ``output_dir`` holding another setting's images is refused
     unless ``overwrite=True`` (which deletes that run's images and samples).
+
+    ``shard, num_shards``: make only shard ``shard`` of ``num_shards`` of the
+    planned pairs (pair ``i`` to shard ``i % num_shards``), as
+    :func:`fairbalance.generation.generate_balanced` does (see there).
+    """
+    sharded = _check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
+    prep = _prepare(samples, model, model_run, content_tag, label_field, ratio, gamma, injection, mask, t_edit, t_boost,
+                    num_inference_steps, label_from, seed, batch_size, device, run_key)
+    diff, path, hook, size, mask_t, pairs, num_contents, num_originals, setting, provenance, config = prep
+    gamma, t_edit, t_boost = config["gamma"], config["t_edit"], config["t_boost"]
+    try:
+        jobs = []
+        for p in pairs:
+            label = p.content[2] if label_from == "content" else p.original[2]
+            jobs.append(GenerationJob(
+                f"{FILE_PREFIX}_seed{seed}_{p.index:05d}.png", label, {label_field: label},
+                {"seed": p.seed, "pair": p.index, "original_id": p.original[0], "original_label": p.original[2],
+                 "content_id": p.content[0], "content_label": p.content[2], "original_filepath": p.original[1],
+                 "content_filepath": p.content[1]}, p))
+        planned: dict[str, int] = {}
+        for j in jobs:
+            planned[j.key] = planned.get(j.key, 0) + 1
+        render = _renderer(path, hook, size, gamma, mask_t, t_edit, t_boost)
+        if sharded:
+            return shard_generation(
+                samples, "inject_bias_conflicting", run_key, shard, num_shards, chunk_size, jobs, config, setting,
+                output_dir, render, provenance, batch_size, InjectionResult,
+                {"planned": planned, "counts_before": None, "num_contents": num_contents,
+                 "num_originals": num_originals, "label_from": label_from, "model_dir": diff.folder}, progress)
+        target, output_dir, run = start_generation(samples, target_dataset, output_dir, run_key, "diffinject", config,
+                                                   setting, overwrite)
+        for job in jobs:
+            job.filepath = os.path.join(output_dir, job.filepath)
+        existing = set(target.values("filepath")) if len(target) else set()
+        jobs = [j for j in jobs if j.filepath not in existing]
+        added = run_generation(jobs, target, render, provenance, batch_size, progress)
+    finally:
+        hook.remove()
+    return finish_generation(run, InjectionResult(
+        run_key, {k: added.get(k, 0) for k in planned}, planned, output_dir, target.name, run.resumed,
+        num_contents=num_contents, num_originals=num_originals, label_from=label_from, model_dir=diff.folder))
+
+
+def _prepare(samples, model=None, model_run=None, content_tag="bias_conflicting", label_field="ground_truth",
+             ratio=0.1, gamma=0.9, injection="local", mask=None, t_edit=400, t_boost=200, num_inference_steps=20,
+             label_from="content", seed=0, batch_size=64, device=None, run_key="diffinject"):
+    """Every check of :func:`inject_bias_conflicting` and its pairs, before anything is claimed or written.
+
+    Returns ``(model, DDIM path, h hook, image size, h mask, pairs, number of contents, of originals, setting,
+    provenance, run config)``; the caller removes the hook.
     """
     validation.require_nonempty(samples)
     validation.require_image_collection(samples)
@@ -455,40 +510,29 @@ def inject_bias_conflicting(
         hshape = h_shape(path, hook)
         mask_t = _mask_tensor(mask, injection, hshape, size)
         pairs, num_contents, num_originals = plan_pairs(samples, label_field, content_tag, ratio, seed)
-        fingerprint = hashlib.sha1("\n".join(
-            f"{p.original[0]}\t{p.content[0]}\t{p.seed}" for p in pairs).encode()).hexdigest()
-        mask_list = None if mask_t is None else [[round(float(v), 6) for v in row] for row in mask_t[0, 0].tolist()]
-        mask_id = None if mask_list is None else hashlib.sha1(repr(mask_list).encode()).hexdigest()[:12]
-        setting = {"generator": "diffinject", "model": diff.folder, "model_step": diff.step, "gamma": gamma,
-                   "injection": injection, "mask_sha1": mask_id, "t_edit": t_edit, "t_boost": t_boost,
-                   "num_inference_steps": num_inference_steps, "condition": "null", "label_field": label_field,
-                   "label_from": label_from, "content_tag": content_tag, "pairs_sha1": fingerprint}
-        provenance = {**setting, "run_key": run_key}
-        target, output_dir, run = start_generation(
-            samples, target_dataset, output_dir, run_key, "diffinject",
-            {**provenance, "ratio": ratio, "seed": seed, "num_pairs": len(pairs), "mask": mask_list,
-             "h_shape": list(hshape)}, setting, overwrite)
-        jobs = []
-        for p in pairs:
-            label = p.content[2] if label_from == "content" else p.original[2]
-            jobs.append(GenerationJob(
-                os.path.join(output_dir, f"{FILE_PREFIX}_seed{seed}_{p.index:05d}.png"), label, {label_field: label},
-                {"seed": p.seed, "pair": p.index, "original_id": p.original[0], "original_label": p.original[2],
-                 "content_id": p.content[0], "content_label": p.content[2], "original_filepath": p.original[1],
-                 "content_filepath": p.content[1]}, p))
-        existing = set(target.values("filepath")) if len(target) else set()
-        jobs = [j for j in jobs if j.filepath not in existing]
-        render = _renderer(path, hook, size, gamma, mask_t, t_edit, t_boost)
-        added = run_generation(jobs, target, render, provenance, batch_size, progress)
-    finally:
+    except BaseException:
         hook.remove()
-    planned: dict[str, int] = {}
-    for p in pairs:
-        key = p.content[2] if label_from == "content" else p.original[2]
-        planned[key] = planned.get(key, 0) + 1
-    return finish_generation(run, InjectionResult(
-        run_key, {k: added.get(k, 0) for k in planned}, planned, output_dir, target.name, run.resumed,
-        num_contents=num_contents, num_originals=num_originals, label_from=label_from, model_dir=diff.folder))
+        raise
+    fingerprint = hashlib.sha1("\n".join(
+        f"{p.original[0]}\t{p.content[0]}\t{p.seed}" for p in pairs).encode()).hexdigest()
+    mask_list = None if mask_t is None else [[round(float(v), 6) for v in row] for row in mask_t[0, 0].tolist()]
+    mask_id = None if mask_list is None else hashlib.sha1(repr(mask_list).encode()).hexdigest()[:12]
+    setting = {"generator": "diffinject", "model": diff.folder, "model_step": diff.step, "gamma": gamma,
+               "injection": injection, "mask_sha1": mask_id, "t_edit": t_edit, "t_boost": t_boost,
+               "num_inference_steps": num_inference_steps, "condition": "null", "label_field": label_field,
+               "label_from": label_from, "content_tag": content_tag, "pairs_sha1": fingerprint}
+    provenance = {**setting, "run_key": run_key}
+    config = {**provenance, "ratio": ratio, "seed": seed, "num_pairs": len(pairs), "mask": mask_list,
+              "h_shape": list(hshape)}
+    return (diff, path, hook, size, mask_t, pairs, num_contents, num_originals, setting, provenance, config)
+
+
+def validate_inputs(samples, target_dataset=None, **kwargs) -> None:
+    """The up-front checks of a sharded :func:`inject_bias_conflicting` (run by ``queue_sharded`` before queuing)."""
+    _require_own_target(samples, target_dataset)
+    names = set(inspect.signature(_prepare).parameters) - {"samples"}
+    hook = _prepare(samples, **{**{k: v for k, v in kwargs.items() if k in names}, "device": "cpu"})[2]
+    hook.remove()
 
 
 def _renderer(path: DDIMPath, hook: HSpaceHook, size: int, gamma: float, mask: torch.Tensor | None, t_edit: int,

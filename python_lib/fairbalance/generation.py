@@ -10,14 +10,18 @@ output folder holding another model's or setting's images is refused.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
 import json
 import os
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fairbalance import balance, claims, runs, training, validation, writeback
+from fairbalance import balance, claims, runs, sharding, training, validation, writeback
 from fairbalance.balance import label_path
 from fairbalance.diffusion import ConditionalDiffusionModel, load_conditional_diffusion, sample_images, validate_sampling
 
@@ -220,8 +224,11 @@ def generate_balanced(
     device: str | None = None,
     run_key: str = "generate_balanced",
     overwrite: bool = False,
+    shard: int | None = None,
+    num_shards: int | None = None,
+    chunk_size: int = sharding.DEFAULT_CHUNK_SIZE,
     progress=None,
-) -> GenerationResult:
+) -> GenerationResult | sharding.ShardResult:
     """Generate images per cluster, or per class x attribute cell, and add them with provenance.
 
     ``mode``: ``equal`` / ``fill`` balance the clusters of a model trained on
@@ -248,6 +255,43 @@ def generate_balanced(
     stopped. A run key or ``output_dir`` used by another model or setting
     is refused; ``overwrite=True`` deletes that run's (or folder's) images
     and samples first.
+
+    ``shard, num_shards``: make only shard ``shard`` of ``num_shards`` of the
+    planned images (image ``i`` of the plan goes to shard ``i % num_shards``;
+    :func:`fairbalance.queue_sharded` queues all shards for delegated
+    workers), in chunks of ``chunk_size`` images; a rerun skips the images
+    done and the last shard to finish records the run (the same record as
+    one unsharded run); returns a :class:`~fairbalance.sharding.ShardResult`.
+    Sharded runs add their samples to the samples' own dataset.
+    """
+    sharded = _check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
+    diff, jobs, plan, before, setting, provenance, config = _plan_balanced(
+        samples, label_field, model, model_run, total, per_class, mode, per_cell, source, edit_strength,
+        guidance_scale, attribute_guidance_scale, guidance_reference, num_inference_steps, scheduler, seed,
+        batch_size, device, run_key)
+    render = _diffusion_renderer(diff, provenance)
+    if sharded:
+        return shard_generation(samples, "generate_balanced", run_key, shard, num_shards, chunk_size, jobs, config,
+                                setting, output_dir, render, provenance, batch_size, GenerationResult,
+                                {"planned": plan, "counts_before": before}, progress)
+    target, output_dir, run = start_generation(samples, target_dataset, output_dir, run_key, "generate_balanced",
+                                               config, setting, overwrite)
+    for job in jobs:
+        job.filepath = os.path.join(output_dir, job.filepath)
+    existing = set(target.values("filepath")) if len(target) else set()
+    jobs = [j for j in jobs if j.filepath not in existing]
+    added = run_generation(jobs, target, render, provenance, batch_size, progress)
+    return finish_generation(run, GenerationResult(run_key, {k: added.get(k, 0) for k in plan}, plan, output_dir,
+                                                   target.name, run.resumed, before))
+
+
+def _plan_balanced(samples, label_field="sa_cluster", model=None, model_run=None, total=None, per_class=None,
+                   mode="equal", per_cell=None, source="noise", edit_strength=0.5, guidance_scale=3.0,
+                   attribute_guidance_scale=None, guidance_reference="null", num_inference_steps=50,
+                   scheduler="ddim", seed=0, batch_size=64, device=None, run_key="generate_balanced"):
+    """Every check of :func:`generate_balanced` and its plan (file names relative), before anything is claimed.
+
+    Returns ``(model, jobs, planned, counts_before, setting, provenance, run config)``.
     """
     validation.require_nonempty(samples)
     model = os.fspath(runs.given_or_recorded(samples, model, model_run, "conditional_diffusion", "model_dir",
@@ -280,16 +324,174 @@ def generate_balanced(
         jobs, plan, before = _cell_jobs(samples, diff, per_cell, source, seed, "")
     else:
         jobs, plan, before = _cluster_jobs(samples, diff, mode, total, per_class, seed, "")
-    target, output_dir, run = start_generation(
-        samples, target_dataset, output_dir, run_key, "generate_balanced",
-        {**provenance, "total": total, "per_class": per_class, "per_cell": per_cell, "seed": seed}, setting, overwrite)
+    config = {**provenance, "total": total, "per_class": per_class, "per_cell": per_cell, "seed": seed}
+    return diff, jobs, plan, before, setting, provenance, config
+
+
+def validate_inputs(samples, target_dataset=None, **kwargs) -> None:
+    """The up-front checks of a sharded :func:`generate_balanced` (run by ``queue_sharded`` before queuing)."""
+    _require_own_target(samples, target_dataset)
+    names = set(inspect.signature(_plan_balanced).parameters) - {"samples"}
+    _plan_balanced(samples, **{**{k: v for k, v in kwargs.items() if k in names}, "device": "cpu"})
+
+
+# ----------------------------------------------------------------------------- sharded generation
+
+
+def real_samples(samples):
+    """The view's own samples, not generated ones: what a generation job is planned from and keyed on."""
+    from fiftyone import ViewField as Fv
+
+    return samples.match(Fv("generated") != True) if samples._root_dataset.has_field("generated") else samples  # noqa
+
+
+def _require_own_target(samples, target_dataset) -> None:
+    name = target_dataset if isinstance(target_dataset, str) or target_dataset is None else getattr(
+        target_dataset, "name", None)
+    if name is not None and name != samples._root_dataset.name:
+        raise validation.FairBalanceError(
+            f"A sharded generation adds its samples to the samples' own dataset ('{samples._root_dataset.name}'), "
+            f"where its job and run record live; target_dataset={name!r} works without shards only")
+
+
+def _check_shard_args(samples, target_dataset, shard, num_shards, overwrite) -> bool:
+    """Whether this call makes one shard; a shard's arguments checked (no overwrite, the own dataset)."""
+    if shard is None and num_shards is None:
+        return False
+    sharding.validate_shard(shard, num_shards)
+    if overwrite:
+        raise validation.FairBalanceError(
+            "a shard cannot overwrite its run (other shards write it too): delete the run first or "
+            "queue_sharded(..., overwrite=True)")
+    _require_own_target(samples, target_dataset)
+    return True
+
+
+def _plan_digest(jobs: Sequence[GenerationJob]) -> str:
+    """A digest of a plan (file names, groups, seeds and sources): every shard must plan the same images."""
+    return hashlib.sha1("\n".join(
+        f"{j.filepath}\t{j.key}\t{json.dumps(runs._jsonable(j.provenance), sort_keys=True)}"
+        for j in jobs).encode()).hexdigest()
+
+
+def _count(jobs: Sequence[GenerationJob], paths: set) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for j in jobs:
+        if j.filepath in paths:
+            out[j.key] = out.get(j.key, 0) + 1
+    return out
+
+
+def _declare_fields(target, jobs: Sequence[GenerationJob]) -> None:
+    """The fields generated samples get, declared before the first one is added.
+
+    Shards add samples at once from several processes; declaring the
+    schema first leaves no concurrent schema expansion to race.
+    """
+    import fiftyone as fo
+
+    target.reload()
+    if not target.has_sample_field("generated"):
+        target.add_sample_field("generated", fo.BooleanField)
+    if not target.has_sample_field("generation"):
+        target.add_sample_field("generation", fo.DictField)
+    for f in sorted({f for j in jobs for f in j.fields}):
+        if not target.has_sample_field(f):
+            target.add_sample_field(f, fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
+
+
+def shard_generation(samples, function: str, run_key: str, shard: int, num_shards: int, chunk_size: int,
+                     jobs: list[GenerationJob], config: dict, setting: dict, output_dir: str | None,
+                     render: Callable[[list], list], provenance: dict, batch_size: int, result_class: type,
+                     result_fields: dict, progress=None) -> sharding.ShardResult:
+    """One shard of a sharded generation: its part of the plan (job ``i`` to shard ``i % n``), chunk by chunk.
+
+    ``jobs`` (file names relative to the output folder) is the whole plan,
+    the same in every shard. The folder is shared by the job's shards (the
+    first writes its manifest; the same setting passes); images and samples
+    already there are skipped (resume). Each shard records what it added;
+    :func:`merge_shards` makes the run record that one unsharded run makes.
+    ``result_fields``: ``planned``, ``counts_before`` and ``result_class``'s
+    own fields, the same in every shard.
+    """
+    import fiftyone.core.utils as fou
+
+    dataset = samples._root_dataset
+    digest = _plan_digest(jobs)
+    target, output_dir = writeback.generation_target(samples, None, output_dir, run_key,
+                                                     shared_by=f"{sharding._job_id(dataset, run_key)}|{shard}")
+    _claim_output_dir(output_dir, target, setting, False)
     for job in jobs:
         job.filepath = os.path.join(output_dir, job.filepath)
+    mine = sharding.split(jobs, shard, num_shards)
+    by_path = {j.filepath: j for j in mine}
     existing = set(target.values("filepath")) if len(target) else set()
-    jobs = [j for j in jobs if j.filepath not in existing]
-    added = run_generation(jobs, target, _diffusion_renderer(diff, provenance), provenance, batch_size, progress)
-    return finish_generation(run, GenerationResult(run_key, {k: added.get(k, 0) for k in plan}, plan, output_dir,
-                                                   target.name, run.resumed, before))
+    present = {p for p in by_path if p in existing}
+    run = sharding.Shard(samples, run_key, function, shard, num_shards, {**config, "output_dir": output_dir}, [],
+                         chunk_size=chunk_size, items=list(by_path), done=present, num_items=len(jobs))
+    extra = {k: v for k, v in result_fields.items() if k not in ("planned", "counts_before")}
+    before = result_fields.get("counts_before")
+    plan = run.shared("plan", lambda: {  # group -> count as pairs: group names may hold any character
+        "sha1": digest, "result_class": f"{result_class.__module__}:{result_class.__qualname__}",
+        "output_dir": output_dir, "target_dataset": target.name, "planned": list(result_fields["planned"].items()),
+        "counts_before": None if before is None else list(before.items()), "extra": extra})
+    if plan["sha1"] != digest:
+        raise validation.FairBalanceError(
+            f"Shard {shard} of run '{run_key}' planned other images than the shard that started the run (the "
+            "view's samples or labels changed since?); delete the run, or queue_sharded(..., overwrite=True)")
+    # what this shard's part held before its first attempt: a rerun counts only what the job added
+    pre = dict(run.shared(f"present_before_{shard}", lambda: list(_count(mine, present).items())))
+    _declare_fields(target, mine)
+    with fou.ProgressBar(total=max(run.total, 1), progress=progress) as pb:
+        pb.update(run.resumed)
+        for chunk in run.chunks():
+            run_generation([by_path[p] for p in chunk], target, render, provenance, batch_size, progress=False)
+            run.chunk_done(chunk)
+            pb.update(len(chunk))
+    now = _count(mine, set(target.values("filepath")))
+    return run.finish({"added": [[k, n - pre.get(k, 0)] for k, n in now.items()]})
+
+
+def merge_shards(samples, job: dict) -> dict:
+    """The results of a sharded generation whose shards are all done: those of one unsharded run."""
+    plan = job["shared"]["plan"]
+    added: dict[str, int] = {}
+    for s in job["shards"].values():
+        for k, n in (s.get("summary") or {}).get("added", []):
+            added[k] = added.get(k, 0) + n
+    planned = dict(plan["planned"])
+    module, name = plan["result_class"].split(":")
+    cls = getattr(importlib.import_module(module), name)
+    before = None if plan["counts_before"] is None else dict(plan["counts_before"])
+    return cls(job["run_key"], {k: added.get(k, 0) for k in planned}, planned, plan["output_dir"],
+               plan["target_dataset"], False, before, **plan["extra"]).to_dict()
+
+
+def delete_generated(samples, run_key: str) -> None:
+    """Delete a generation run's samples and images (``queue_sharded(..., overwrite=True)``).
+
+    Its folder's manifest goes too when no generated image is left there,
+    so the new run may use the folder with another setting.
+    """
+    import glob
+
+    from fiftyone import ViewField as Fv
+
+    dataset = samples._root_dataset
+    job = sharding.get_job(dataset, run_key)
+    cfg = (job or {}).get("config") or (runs.get_run_config(dataset, run_key) if dataset.has_run(run_key) else {})
+    folders = {cfg["output_dir"]} if cfg.get("output_dir") else set()
+    if dataset.has_field("generation"):
+        old = dataset.match(Fv("generation.run_key") == run_key)
+        for path in old.values("filepath"):
+            folders.add(os.path.dirname(path))
+            if os.path.isfile(path):
+                os.remove(path)
+        dataset.delete_samples(old)
+    for folder in folders:
+        manifest = os.path.join(folder, GENERATION_FILE)
+        if os.path.isfile(manifest) and not any(glob.glob(os.path.join(folder, p)) for p in GENERATED_FILE_PATTERNS):
+            os.remove(manifest)
 
 
 def _diffusion_renderer(diff: ConditionalDiffusionModel, provenance: dict) -> Callable[[list], list]:
@@ -379,7 +581,7 @@ def _claim_output_dir(folder: str, target, setting: dict, overwrite: bool) -> No
             target.delete_samples(target.match(Fv("filepath").is_in(images_there)))
         for p in images_there:
             os.remove(p)
-    tmp = manifest + ".tmp"
+    tmp = f"{manifest}.{uuid.uuid4().hex}.tmp"  # shards starting at once each write their own, then rename
     with open(tmp, "w") as f:
         json.dump(setting, f, indent=1)
     os.replace(tmp, manifest)

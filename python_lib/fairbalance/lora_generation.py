@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fairbalance import claims, runs, training, validation
-from fairbalance.generation import (GenerationJob, GenerationResult, finish_generation, plan_counts, run_generation,
+from fairbalance import claims, runs, sharding, training, validation
+from fairbalance.generation import (GenerationJob, GenerationResult, _check_shard_args, _require_own_target,
+                                    finish_generation, plan_counts, run_generation, shard_generation,
                                     start_generation)
 from fairbalance.lora import (GroupAdapters, _model_condition, _real_groups, activate, group_key,
                               load_group_adapters, require_peft)
@@ -58,8 +59,11 @@ def generate_per_group(
     device: str | None = None,
     run_key: str = "generate_per_group",
     overwrite: bool = False,
+    shard: int | None = None,
+    num_shards: int | None = None,
+    chunk_size: int = sharding.DEFAULT_CHUNK_SIZE,
     progress=None,
-) -> GenerationResult:
+) -> GenerationResult | sharding.ShardResult:
     """Generate a group-balanced set with the adapters of :func:`finetune_per_group` and add it with provenance.
 
     ``adapters``: the folder (or result) of :func:`finetune_per_group`, or
@@ -78,6 +82,45 @@ def generate_per_group(
     always has the same seed and file, so a rerun adds nothing twice and an
     interrupted run resumes. ``base_model``: load the adapters onto this base
     instead of the recorded one (refused when it is another model).
+
+    ``shard, num_shards``: make only shard ``shard`` of ``num_shards`` of the
+    planned images (image ``i`` to shard ``i % num_shards``), as
+    :func:`fairbalance.generation.generate_balanced` does (see there).
+    """
+    sharded = _check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
+    loaded, jobs, plan, counts, setting, provenance, config = _plan_per_group(
+        samples, adapters, finetune_run, base_model, mode, per_group, total, groups, source, edit_strength,
+        guidance_scale, attribute_guidance_scale, guidance_reference, num_inference_steps, scheduler, height, width,
+        seed, batch_size, device, run_key)
+    base = loaded.base
+    render = _conditional_renderer(loaded, provenance) if base.kind == "conditional" else _sd_renderer(
+        loaded, provenance)
+    try:
+        if sharded:
+            return shard_generation(samples, "generate_per_group", run_key, shard, num_shards, chunk_size, jobs,
+                                    config, setting, output_dir, render, provenance, batch_size, GenerationResult,
+                                    {"planned": plan, "counts_before": counts}, progress)
+        target, output_dir, run = start_generation(samples, target_dataset, output_dir, run_key,
+                                                   "generate_per_group", config, setting, overwrite)
+        for job in jobs:
+            job.filepath = os.path.join(output_dir, job.filepath)
+        existing = set(target.values("filepath")) if len(target) else set()
+        jobs = [j for j in jobs if j.filepath not in existing]
+        added = run_generation(jobs, target, render, provenance, batch_size, progress)
+    finally:
+        activate(base.unet, None)
+    return finish_generation(run, GenerationResult(run_key, {k: added.get(k, 0) for k in plan}, plan, output_dir,
+                                                   target.name, run.resumed, counts))
+
+
+def _plan_per_group(samples, adapters=None, finetune_run=None, base_model=None, mode="equal", per_group=None,
+                    total=None, groups="observed", source="noise", edit_strength=0.5, guidance_scale=3.0,
+                    attribute_guidance_scale=None, guidance_reference="null", num_inference_steps=25,
+                    scheduler="ddim", height=None, width=None, seed=0, batch_size=32, device=None,
+                    run_key="generate_per_group"):
+    """Every check of :func:`generate_per_group` and its plan (file names relative), before anything is claimed.
+
+    Returns ``(adapters, jobs, planned, counts_before, setting, provenance, run config)``.
     """
     from fairbalance.diffusion import validate_sampling
 
@@ -185,22 +228,18 @@ def generate_per_group(
                 jobs.append(GenerationJob(f"g{gi:03d}c{ci}_seed{seed}_{i:05d}.png", key, dict(vals), prov,
                                           _Input(prov["adapter"], use_cond, img_seed, prov["prompt"],
                                                  src[0] if src else None, src[1] if src else None)))
-    target, output_dir, run = start_generation(
-        samples, target_dataset, output_dir, run_key, "generate_per_group",
-        {**provenance, "mode": mode, "per_group": per_group, "total": total, "groups": groups, "seed": seed},
-        setting, overwrite)
-    for job in jobs:
-        job.filepath = os.path.join(output_dir, job.filepath)
-    existing = set(target.values("filepath")) if len(target) else set()
-    jobs = [j for j in jobs if j.filepath not in existing]
-    render = _conditional_renderer(loaded, provenance) if base.kind == "conditional" else _sd_renderer(
-        loaded, provenance)
-    try:
-        added = run_generation(jobs, target, render, provenance, batch_size, progress)
-    finally:
-        activate(base.unet, None)
-    return finish_generation(run, GenerationResult(run_key, {k: added.get(k, 0) for k in plan}, plan, output_dir,
-                                                   target.name, run.resumed, counts))
+    config = {**provenance, "mode": mode, "per_group": per_group, "total": total, "groups": groups, "seed": seed}
+    return loaded, jobs, plan, counts, setting, provenance, config
+
+
+def validate_inputs(samples, target_dataset=None, **kwargs) -> None:
+    """The up-front checks of a sharded :func:`generate_per_group` (run by ``queue_sharded`` before queuing)."""
+    import inspect
+
+    _require_own_target(samples, target_dataset)
+    names = set(inspect.signature(_plan_per_group).parameters) - {"samples"}
+    loaded = _plan_per_group(samples, **{**{k: v for k, v in kwargs.items() if k in names}, "device": "cpu"})[0]
+    activate(loaded.base.unet, None)
 
 
 def _split(n: int, sizes: np.ndarray) -> list[int]:

@@ -53,10 +53,19 @@ class Shardable:
     # what may run on the merged result, once, after the merge: name -> ("module:function", {its parameter:
     # the job's config key it defaults to}), e.g. X-means on all the SA features
     then: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
+    # "module:function" giving the samples whose ids the job is split over / checked against (default: the view);
+    # a function that adds samples to the dataset (generation) names the view's own samples here
+    job_view: str | None = None
+    # "module:function(samples, run_key)" deleting what a run wrote besides its fields (overwrite=True)
+    delete: str | None = None
 
     def load(self, what: str = "function") -> Callable:
         module, name = getattr(self, what).split(":")
         return getattr(importlib.import_module(module), name)
+
+    def job_ids(self, samples) -> list[str]:
+        """The ids of the samples the job covers (what its digest is made of)."""
+        return (self.load("job_view")(samples) if self.job_view else samples).values("id")
 
 
 def _default(function: str, name: str):
@@ -81,6 +90,24 @@ SHARDABLE: dict[str, Shardable] = {
         lambda kw: importlib.import_module("fairbalance.hardness").output_fields(
             kw.get("loss_field") or _default("fairbalance.hardness:compute_hardness", "loss_field")),
         "fairbalance.hardness:merge_shards"),
+    # generators: the unit of work is a planned image (its own file and seed), not a sample; new samples are
+    # added, no field is written (as the unsharded run, which records fields_written=[])
+    "generate_balanced": Shardable(
+        "fairbalance.generation:generate_balanced", "generate_balanced", lambda kw: [],
+        "fairbalance.generation:merge_shards", "fairbalance.generation:real_samples",
+        "fairbalance.generation:delete_generated"),
+    "generate_from_captions": Shardable(
+        "fairbalance.text_to_image:generate_from_captions", "text_to_image", lambda kw: [],
+        "fairbalance.generation:merge_shards", "fairbalance.generation:real_samples",
+        "fairbalance.generation:delete_generated"),
+    "generate_per_group": Shardable(
+        "fairbalance.lora_generation:generate_per_group", "generate_per_group", lambda kw: [],
+        "fairbalance.generation:merge_shards", "fairbalance.generation:real_samples",
+        "fairbalance.generation:delete_generated"),
+    "inject_bias_conflicting": Shardable(
+        "fairbalance.diffinject:inject_bias_conflicting", "diffinject", lambda kw: [],
+        "fairbalance.generation:merge_shards", "fairbalance.generation:real_samples",
+        "fairbalance.generation:delete_generated"),
 }
 
 # settings that may differ between shards (they do not change the results)
@@ -97,6 +124,11 @@ def shardable(function: str) -> Shardable:
 def shard_of(sample_id: str, num_shards: int) -> int:
     """The shard of a sample: its id (a 96-bit ObjectId) modulo ``num_shards``; ids made together alternate."""
     return int(sample_id, 16) % num_shards
+
+
+def split(items: list, shard: int, num_shards: int) -> list:
+    """Shard ``shard``'s part of an ordered work list (e.g. planned images): items ``shard, shard + n, ...``."""
+    return list(items[shard::num_shards])
 
 
 def validate_shard(shard, num_shards) -> tuple[int, int]:
@@ -263,9 +295,16 @@ class Shard:
     """One shard of a sharded run while it runs: its samples to do, chunk bookkeeping, then the merge."""
 
     def __init__(self, samples, run_key: str, function: str, shard: int, num_shards: int, config: dict,
-                 fields: list[str], done_field: str, chunk_size: int = DEFAULT_CHUNK_SIZE, only=None):
-        """``only``: the ids of the view the function processes (default: all); the others of the shard (e.g.
-        unlabelled samples) are never in a chunk and count as done from the start."""
+                 fields: list[str], done_field: str | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 only=None, items: list[str] | None = None, done=None, num_items: int | None = None):
+        """The shard's work: by default its samples of the view (``shard_of``), done when ``done_field`` is set;
+        ``only``: the ids of the view the function processes (default: all), the others of the shard (e.g.
+        unlabelled samples) are never in a chunk and count as done from the start.
+
+        A function whose unit of work is not a sample (a planned image) gives
+        its own ``items`` (keys, already split, e.g. with :func:`split`),
+        ``done`` (the keys already done) and ``num_items`` (all shards').
+        """
         self.samples, self.run_key, self.function = samples, run_key, function
         self.shard, self.num_shards = validate_shard(shard, num_shards)
         self.chunk_size = validation.require_positive_int("chunk_size", chunk_size)
@@ -274,15 +313,17 @@ class Shard:
         runs.validate_run_key(run_key)
         claims.acquire(_shard_claim(dataset, run_key, self.shard),
                        f"Shard {self.shard}/{self.num_shards} of run '{run_key}' of dataset '{dataset.name}'")
-        ids = samples.values("id")
+        if (items is None) == (done_field is None):
+            raise ValueError("pass done_field (the shard's samples) or items (its own work items)")
+        ids = self.spec.job_ids(samples)
         self.job = _ensure_job(samples, run_key, function, self.num_shards, view_digest(ids), len(ids), list(fields),
                                None)
         self._id = self.job["_id"]
+        from pymongo import ReturnDocument
+
         stored = self.job.get("config")
         config = runs._jsonable(config)
         if stored is None:
-            from pymongo import ReturnDocument
-
             self.job = _collection().find_one_and_update(
                 {"_id": self._id, "config": None}, {"$set": {"config": config}},
                 return_document=ReturnDocument.AFTER) or _collection().find_one({"_id": self._id})
@@ -293,8 +334,15 @@ class Shard:
                 f"Shard {self.shard} of run '{run_key}' runs with other settings than the shards before it "
                 f"(differs in: {', '.join(differs)}); all shards of a run must use the same settings and model")
         self.config = config
-        mine = [i for i in ids if shard_of(i, self.num_shards) == self.shard]
-        done = set(samples.exists(done_field).values("id")) if dataset.has_field(done_field) else set()
+        if items is None:
+            mine = [i for i in ids if shard_of(i, self.num_shards) == self.shard]
+            done = set(samples.exists(done_field).values("id")) if dataset.has_field(done_field) else set()
+        else:
+            mine, done = list(items), set(done or ())
+            if num_items is not None and self.job.get("num_items") != num_items:
+                self.job = _collection().find_one_and_update(
+                    {"_id": self._id}, {"$set": {"num_items": int(num_items)}},
+                    return_document=ReturnDocument.AFTER)
         self.total = len(mine)
         only = None if only is None else set(only)
         self.left_out = 0 if only is None else sum(i not in only for i in mine)
@@ -552,11 +600,13 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
         if live:
             raise claims.ClaimError(f"Run '{run_key}' has {len(live)} shard(s) running; wait for them or stop "
                                     "their workers before overwriting")
+        if spec.delete:
+            spec.load("delete")(samples, run_key)
         if dataset.has_run(run_key):
             runs.delete_run(dataset, run_key, cleanup=True)
         delete_job(samples, run_key)
     _check_follow_up_runs_free(samples, follow_ups, get_job(samples, run_key))
-    ids = samples.values("id")
+    ids = spec.job_ids(samples)
     job = _ensure_job(samples, run_key, function, num_shards, view_digest(ids), len(ids), spec.fields(kwargs),
                       jsonable, [{"function": t["function"], "kwargs": t["kwargs"]} for t in follow_ups])
     base = {"function": function, "run_key": run_key, "num_shards": num_shards, "kwargs": kwargs}
@@ -609,9 +659,10 @@ def sharded_status(samples, run_key: str) -> dict:
                        "progress": (op.status or {}).get("progress") if op is not None and isinstance(
                            op.status, dict) else getattr(getattr(op, "status", None), "progress", None)})
     done = sum(s["done"] for s in shards)
+    total = job.get("num_items", job["num_samples"])  # work items (planned images) when not samples
     return {"run_key": run_key, "function": job["function"], "num_shards": job["num_shards"],
-            "num_samples": job["num_samples"], "num_done": done,
-            "progress": done / job["num_samples"] if job["num_samples"] else 1.0,
+            "num_samples": job["num_samples"], "num_items": total, "num_done": done,
+            "progress": done / total if total else 1.0,
             "shards_done": sum(s["state"] == "done" for s in shards), "merged": bool(job.get("merged")),
             "shards": shards,
             "then": [{k: t.get(k) for k in ("function", "kwargs", "state", "error", "result")}

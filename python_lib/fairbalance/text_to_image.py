@@ -10,8 +10,9 @@ import warnings
 
 import torch
 
-from fairbalance import claims, models, validation
-from fairbalance.generation import GenerationJob, GenerationResult, finish_generation, run_generation, start_generation
+from fairbalance import claims, models, sharding, validation
+from fairbalance.generation import (GenerationJob, GenerationResult, _check_shard_args, _require_own_target,
+                                    finish_generation, run_generation, shard_generation, start_generation)
 
 
 def _prompt_seed(seed: int, source_id: str, prompt: str, k: int) -> int:
@@ -54,8 +55,11 @@ def generate_from_captions(
     attention_slicing: bool = False,
     run_key: str = "text_to_image",
     overwrite: bool = False,
+    shard: int | None = None,
+    num_shards: int | None = None,
+    chunk_size: int = sharding.DEFAULT_CHUNK_SIZE,
     progress=None,
-) -> GenerationResult:
+) -> GenerationResult | sharding.ShardResult:
     """Generate images from each sample's captions and add them as new samples.
 
     Each image gets ``generated=True``, ``generation`` (prompt, seed, model,
@@ -67,21 +71,14 @@ def generate_from_captions(
     images and samples). ``safety_checker=False`` removes the
     pipeline's NSFW checker explicitly (it blacks out images it flags).
     Prompts longer than the text encoder's limit are truncated with a warning.
-    """
-    validation.require_nonempty(samples)
-    validation.require_fields(samples, [caption_field] + ([label_field] if label_field else []))
-    validation.require_positive_int("images_per_caption", images_per_caption)
-    from fairbalance.balance import label_path
 
-    fields = ["id", caption_field] + ([label_path(samples, label_field)] if label_field else [])
-    rows = list(zip(*samples.values(fields)))
-    prompts = [(r[0], c, r[2] if label_field else None) for r in rows for c in (r[1] or []) if c and c.strip()]
-    if not prompts:
-        raise validation.FairBalanceError(f"No captions in '{caption_field}'; nothing to generate")
-    validation.require_positive_int("batch_size", batch_size)
-    validation.require_positive_int("num_inference_steps", num_inference_steps)
-    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise validation.FairBalanceError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    ``shard, num_shards``: make only shard ``shard`` of ``num_shards`` of the
+    planned images (image ``i`` to shard ``i % num_shards``), as
+    :func:`fairbalance.generation.generate_balanced` does (see there).
+    """
+    sharded = _check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
+    prompts = _plan_prompts(samples, caption_field, images_per_caption, label_field, guidance_scale,
+                            num_inference_steps, batch_size)
     kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     pipe = models.load_diffusion_pipeline(model, device=device, **kwargs)
     if attention_slicing:  # lower peak memory on small GPUs; SDPA attention is the default otherwise
@@ -91,17 +88,14 @@ def generate_from_captions(
                "num_inference_steps": num_inference_steps, "height": height, "width": width,
                "safety_checker": safety_checker}
     provenance = {**setting, "run_key": run_key}
-    target, output_dir, run = start_generation(
-        samples, target_dataset, output_dir, run_key, "text_to_image",
-        {**provenance, "caption_field": caption_field, "images_per_caption": images_per_caption, "seed": seed,
-         "label_field": label_field}, setting, overwrite)
     jobs = []
     for src, prompt, label in prompts:
         for k in range(images_per_caption):
             s = _prompt_seed(seed, src, prompt, k)
-            jobs.append(GenerationJob(os.path.join(output_dir, f"{src}_{s:012x}.png"), str(label),
+            jobs.append(GenerationJob(f"{src}_{s:012x}.png", str(label),
                                       {label_field: label} if label_field and label is not None else {},
                                       {"prompt": prompt, "seed": s, "source_id": src}))
+    planned = dict(Counter(j.key for j in jobs))
 
     def render(batch):
         gens = [torch.Generator(device="cpu").manual_seed(j.provenance["seed"]) for j in batch]
@@ -110,7 +104,48 @@ def generate_from_captions(
                    output_type="pil")
         return out.images
 
+    config = {**provenance, "caption_field": caption_field, "images_per_caption": images_per_caption, "seed": seed,
+              "label_field": label_field}
+    if sharded:
+        return shard_generation(samples, "generate_from_captions", run_key, shard, num_shards, chunk_size, jobs,
+                                config, setting, output_dir, render, provenance, batch_size, GenerationResult,
+                                {"planned": planned, "counts_before": None}, progress)
+    target, output_dir, run = start_generation(samples, target_dataset, output_dir, run_key, "text_to_image", config,
+                                               setting, overwrite)
+    for job in jobs:
+        job.filepath = os.path.join(output_dir, job.filepath)
     added = run_generation(jobs, target, render, provenance, batch_size, progress)
-    planned = dict(Counter(j.key for j in jobs))
     return finish_generation(run, GenerationResult(run_key, {k: added.get(k, 0) for k in planned}, planned,
                                                    output_dir, target.name, run.resumed))
+
+
+def _plan_prompts(samples, caption_field="filtered_captions", images_per_caption=1, label_field="ground_truth",
+                  guidance_scale=7.5, num_inference_steps=30, batch_size=4) -> list[tuple]:
+    """The checks of :func:`generate_from_captions` that need no model, and its ``(source id, prompt, label)``s."""
+    from fairbalance.balance import label_path
+
+    validation.require_nonempty(samples)
+    validation.require_fields(samples, [caption_field] + ([label_field] if label_field else []))
+    validation.require_positive_int("images_per_caption", images_per_caption)
+    fields = ["id", caption_field] + ([label_path(samples, label_field)] if label_field else [])
+    rows = list(zip(*samples.values(fields)))
+    prompts = [(r[0], c, r[2] if label_field else None) for r in rows for c in (r[1] or []) if c and c.strip()]
+    if not prompts:
+        raise validation.FairBalanceError(f"No captions in '{caption_field}'; nothing to generate")
+    validation.require_positive_int("batch_size", batch_size)
+    validation.require_positive_int("num_inference_steps", num_inference_steps)
+    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise validation.FairBalanceError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    return prompts
+
+
+def validate_inputs(samples, target_dataset=None, **kwargs) -> None:
+    """The up-front checks of a sharded :func:`generate_from_captions` (run by ``queue_sharded`` before queuing).
+
+    The pipeline is not loaded here (each shard loads it).
+    """
+    import inspect
+
+    _require_own_target(samples, target_dataset)
+    names = set(inspect.signature(_plan_prompts).parameters) - {"samples"}
+    _plan_prompts(samples, **{k: v for k, v in kwargs.items() if k in names})

@@ -50,12 +50,14 @@ def set_values_by_id(
         raise validation.FairBalanceError(f"Could not write '{written[-1]}': {e}") from e
 
 
-def generation_target(samples, target_dataset, output_dir: str | None, run_key: str):
+def generation_target(samples, target_dataset, output_dir: str | None, run_key: str, shared_by: str | None = None):
     """Where generated samples go: ``(dataset, writable image folder)``.
 
     ``target_dataset``: None (the samples' own dataset), a dataset, or a name
     (loaded, or created persistent). The folder defaults to
-    ``$FAIRBALANCE_DATA_DIR/generated/<dataset>/<run_key>``.
+    ``$FAIRBALANCE_DATA_DIR/generated/<dataset>/<run_key>``. The folder is
+    claimed for this operation, or with ``shared_by`` (``"<job>|<shard>"``)
+    shared by the shards of one sharded job (:func:`claims.claim_folder`).
     """
     import os
 
@@ -73,5 +75,5 @@ def generation_target(samples, target_dataset, output_dir: str | None, run_key: 
         raise validation.FairBalanceError(f"Cannot create output folder {folder}: {e}") from e
     if not os.access(folder, os.W_OK):
         raise validation.FairBalanceError(f"Output folder {folder} is not writable")
-    claims.claim_folder(folder)
+    claims.claim_folder(folder, shared_by)
     return target, folder
