@@ -170,8 +170,8 @@ class BalancePanel(foo.Panel):
             rows = "\n".join(f"| {r['run_key']} | {r['function']} | {r['shards']} | {r['samples']} | {r['state']} |"
                              for r in state.sharded)
             panel.md("**Sharded runs in progress** (delegated operations; one per shard)\n\n"
-                     "| run | function | shards done | samples done | state |\n|---|---|---|---|---|\n" + rows,
-                     name="sharded")
+                     "| run | function | shards done | done (samples, or images for generators) | state |\n"
+                     "|---|---|---|---|---|\n" + rows, name="sharded")
             panel.btn("refresh", label="Refresh progress", on_click=self.on_click_refresh)
         summary = state.summary
         if not summary:
@@ -236,7 +236,7 @@ def _sharded_rows(dataset):
                  ", ".join(sorted({s["state"] for s in st["shards"]})))
         rows.append({"run_key": st["run_key"], "function": st["function"],
                      "shards": f"{st['shards_done']} / {st['num_shards']}",
-                     "samples": f"{st['num_done']} / {st['num_samples']} ({100 * st['progress']:.0f}%)",
+                     "samples": f"{st['num_done']} / {st['num_items']} ({100 * st['progress']:.0f}%)",
                      "state": state})
     return rows
 

@@ -54,6 +54,13 @@ def output_fields(loss_field: str) -> list[str]:
     return [loss_field, f"{loss_field}_rank", f"{loss_field}_prediction"]
 
 
+def shard_fields(kwargs: dict) -> list[str]:
+    """The fields a sharded run with these ``compute_hardness`` arguments writes (asked by the sharding registry)."""
+    import inspect
+
+    return output_fields(kwargs.get("loss_field") or inspect.signature(compute_hardness).parameters["loss_field"].default)
+
+
 def loss_ranks(losses: np.ndarray, labels: np.ndarray, per_class: bool) -> np.ndarray:
     """Rank of every loss, 1 = highest; within its class when ``per_class`` (ties keep sample order)."""
     ranks = np.empty(len(losses), dtype=int)

@@ -48,7 +48,7 @@ class Shardable:
 
     function: str  # "module:function"
     method: str  # its run method
-    fields: Callable[[dict], list[str]]  # the fields a run with these kwargs writes
+    fields: Callable[[dict], list[str]] | str  # the fields a run with these kwargs writes (or "module:function")
     merge: str  # "module:function" merging the shards of a finished job: merge(samples, job) -> results
     # what may run on the merged result, once, after the merge: name -> ("module:function", {its parameter:
     # the job's config key it defaults to}), e.g. X-means on all the SA features
@@ -62,6 +62,10 @@ class Shardable:
     def load(self, what: str = "function") -> Callable:
         module, name = getattr(self, what).split(":")
         return getattr(importlib.import_module(module), name)
+
+    def written(self, kwargs: dict) -> list[str]:
+        """The fields a run of this function with ``kwargs`` writes."""
+        return (self.load("fields") if isinstance(self.fields, str) else self.fields)(kwargs)
 
     def job_ids(self, samples) -> list[str]:
         """The ids of the samples the job covers (what its digest is made of)."""
@@ -87,8 +91,7 @@ SHARDABLE: dict[str, Shardable] = {
         "fairbalance.captions:merge_shards"),
     "compute_hardness_tags": Shardable(
         "fairbalance.hardness:compute_hardness", "hardness",
-        lambda kw: importlib.import_module("fairbalance.hardness").output_fields(
-            kw.get("loss_field") or _default("fairbalance.hardness:compute_hardness", "loss_field")),
+        "fairbalance.hardness:shard_fields",
         "fairbalance.hardness:merge_shards"),
     # generators: the unit of work is a planned image (its own file and seed), not a sample; new samples are
     # added, no field is written (as the unsharded run, which records fields_written=[])
@@ -607,7 +610,7 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
         delete_job(samples, run_key)
     _check_follow_up_runs_free(samples, follow_ups, get_job(samples, run_key))
     ids = spec.job_ids(samples)
-    job = _ensure_job(samples, run_key, function, num_shards, view_digest(ids), len(ids), spec.fields(kwargs),
+    job = _ensure_job(samples, run_key, function, num_shards, view_digest(ids), len(ids), spec.written(kwargs),
                       jsonable, [{"function": t["function"], "kwargs": t["kwargs"]} for t in follow_ups])
     base = {"function": function, "run_key": run_key, "num_shards": num_shards, "kwargs": kwargs}
     if job.get("merged"):  # done, or its follow-ups left to run (their process died): a merge operation runs them
