@@ -97,20 +97,20 @@ SHARDABLE: dict[str, Shardable] = {
     # added, no field is written (as the unsharded run, which records fields_written=[])
     "generate_balanced": Shardable(
         "fairbalance.generation:generate_balanced", "generate_balanced", lambda kw: [],
-        "fairbalance.generation:merge_shards", "fairbalance.generation:real_samples",
-        "fairbalance.generation:delete_generated"),
+        "fairbalance.generation:merge_shards", job_view="fairbalance.generation:real_samples",
+        delete="fairbalance.generation:delete_generated"),
     "generate_from_captions": Shardable(
         "fairbalance.text_to_image:generate_from_captions", "text_to_image", lambda kw: [],
-        "fairbalance.generation:merge_shards", "fairbalance.generation:real_samples",
-        "fairbalance.generation:delete_generated"),
+        "fairbalance.generation:merge_shards", job_view="fairbalance.generation:real_samples",
+        delete="fairbalance.generation:delete_generated"),
     "generate_per_group": Shardable(
         "fairbalance.lora_generation:generate_per_group", "generate_per_group", lambda kw: [],
-        "fairbalance.generation:merge_shards", "fairbalance.generation:real_samples",
-        "fairbalance.generation:delete_generated"),
+        "fairbalance.generation:merge_shards", job_view="fairbalance.generation:real_samples",
+        delete="fairbalance.generation:delete_generated"),
     "inject_bias_conflicting": Shardable(
         "fairbalance.diffinject:inject_bias_conflicting", "diffinject", lambda kw: [],
-        "fairbalance.generation:merge_shards", "fairbalance.generation:real_samples",
-        "fairbalance.generation:delete_generated"),
+        "fairbalance.generation:merge_shards", job_view="fairbalance.generation:real_samples",
+        delete="fairbalance.generation:delete_generated"),
 }
 
 # settings that may differ between shards (they do not change the results)
