@@ -28,6 +28,7 @@ class ComputeShard(foo.Operator):
         inputs.int("shard", required=False, label="Shard")
         inputs.bool("merge", default=False, label="Merge only")
         inputs.obj("kwargs", label="Arguments")
+        inputs.str("job_token", required=False, label="Job token")
         return types.Property(inputs)
 
     def resolve_run_name(self, ctx):
@@ -37,6 +38,8 @@ class ComputeShard(foo.Operator):
 
     def execute(self, ctx):
         p = ctx.params
+        if not sharding.current_operation(ctx.target_view(), p["run_key"], p.get("job_token")):
+            return {"run_key": p["run_key"], "skipped": "its job was replaced or deleted after it was queued"}
         if p.get("merge"):
             results = sharding.merge(ctx.target_view(), p["run_key"])
             return {"run_key": p["run_key"], "merged": results is not None}
@@ -52,6 +55,7 @@ class ComputeShard(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Shard done",
+            ("skipped", "str", "Not run"),
             ("shard", "int", "Shard"),
             ("num_samples", "int", "Samples in this shard"),
             ("num_processed", "int", "Processed now"),

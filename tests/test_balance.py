@@ -147,4 +147,19 @@ def test_cached_summary_is_reused_only_while_the_dataset_is_unchanged(make_datas
         edit()
         assert fresh() == balance.balance_summary(view, "cluster", attribute_field="color")
     assert fresh()["before"]["counts"] == {"0": 27}
+    # a long set_values stamps all its batches with the time it began: its later batches keep the newest time.
+    # As FiftyOne writes: a first batch (one sample) at `began`, the summary cached, then a later batch at `began`
+    import datetime
+
+    samples_coll = ds._sample_collection
+    began = datetime.datetime.utcnow().replace(microsecond=0) - datetime.timedelta(seconds=5)
+    ids = [d["_id"] for d in samples_coll.find({}, {"_id": 1})]
+    samples_coll.update_many({}, {"$set": {"last_modified_at": began - datetime.timedelta(seconds=60)}})
+    samples_coll.update_one({"_id": ids[0]}, {"$set": {"last_modified_at": began}})
+    time.sleep(summary_cache.SETTLE_S + 0.2)  # (the schema edit above is that recent)
+    assert fresh()["before"]["counts"] == {"0": 27}
+    assert coll.find_one({"_id": key})["stamp"] == summary_cache.stamp(view)  # stored: served while it holds
+    samples_coll.update_many({"_id": {"$in": ids[1:6]}}, {"$set": {"cluster.label": "1", "last_modified_at": began}})
+    assert fresh() == balance.balance_summary(view, "cluster", attribute_field="color")
+    assert fresh()["before"]["counts"] == {"0": 22, "1": 5}
     assert summary_cache.clear(ds) >= 1 and coll.count_documents({"dataset_id": str(ds._doc.id)}) == 0

@@ -154,6 +154,40 @@ def test_follow_up_clusters_all_features_once_after_the_merge_and_resumes(digits
     with pytest.raises(FairBalanceError, match="follow-ups"):  # the job's follow-ups are part of its settings
         fairbalance.queue_sharded(digits_copy, "compute_sa_features", num_shards=2, run_key="sa_then",
                                   then="compute_pseudo_labels", **kw)
+    # overwrite=True replaces the job with its own follow-up run (every check before anything is deleted)
+    replaced = fairbalance.queue_sharded(digits_copy, "compute_sa_features", num_shards=2, run_key="sa_then",
+                                         then=then, overwrite=True, **kw)
+    assert len(replaced.queued) == 2 and not digits_copy.has_field("cl_then")
+    food.DelegatedOperationService().execute_queued_operations(operator=sharding.OPERATOR_URI,
+                                                              dataset_name=digits_copy.name)
+    digits_copy.reload()
+    assert fairbalance.sharded_status(digits_copy, "sa_then")["then"][0]["state"] == "done"
+    assert digits_copy.values("cl_then.label") == digits_copy.values("cl_hand.label")
+
+
+def test_overwrite_fails_the_replaced_jobs_queued_operations(digits_copy, sa_kwargs):
+    """A job replaced while its shards wait in the queue: they are marked FAILED, and one of its operations that
+    runs anyway (its token is the old job's) does nothing; the new job's settings are what get computed."""
+    import fiftyone.operators as foo
+    import fiftyone.operators.delegated as food
+    from bson import ObjectId
+    from fiftyone.operators.executor import ExecutionRunState
+
+    kw = dict(embeddings_field="emb_o", features_field="sa_o", run_key="sa_o", **sa_kwargs)
+    old = fairbalance.queue_sharded(digits_copy, "compute_sa_features", num_shards=2, prompt_template="a {}", **kw)
+    old_token = sharding.get_job(digits_copy, "sa_o")["token"]
+    new = fairbalance.queue_sharded(digits_copy, "compute_sa_features", num_shards=2, overwrite=True, **kw)
+    svc = food.DelegatedOperationService()
+    assert all(svc.get(ObjectId(i)).run_state == ExecutionRunState.FAILED for i in old.queued.values())
+    assert all(svc.get(ObjectId(i)).run_state == ExecutionRunState.QUEUED for i in new.queued.values())
+    stale = foo.execute_operator(sharding.OPERATOR_URI, ctx={"dataset": digits_copy.name, "params": {
+        "function": "compute_sa_features", "run_key": "sa_o", "num_shards": 2, "shard": 0, "job_token": old_token,
+        "kwargs": {**{k: v for k, v in kw.items() if k != "run_key"}, "prompt_template": "a {}"}}})
+    assert stale.error is None and "replaced" in stale.result["skipped"] and not digits_copy.has_field("sa_o")
+    svc.execute_queued_operations(operator=sharding.OPERATOR_URI, dataset_name=digits_copy.name)
+    digits_copy.reload()
+    assert fairbalance.sharded_status(digits_copy, "sa_o")["merged"]
+    assert runs.get_run_config(digits_copy, "sa_o")["prompt_template"] == "a photo of a {}"
 
 
 def _worker(log_path):

@@ -222,3 +222,16 @@ def test_hardness_form_with_shards_queues_them_and_needs_a_classifier(digits_cop
     assert len(view.exists("loss_form")) == len(view) and not len(digits_copy.match_tags("test").exists("loss_form"))
     assert len(digits_copy.match_tags("bias_conflicting")) == 15
     assert runs.get_run_config(digits_copy, "form_sharded")["num_shards"] == 2
+
+
+def test_shards_use_the_views_labels_not_the_datasets(digits_copy, biased_folder):
+    """A view that maps labels (here 1 -> 7): shards compute their losses against the view's labels, as one call."""
+    view = digits_copy.map_labels("ground_truth", {"1": "7"})
+    single = compute_hardness(view, classifier=biased_folder, loss_field="loss_m", tag="hard_m", run_key="m1")
+    for shard in (1, 0):
+        compute_hardness(view, classifier=biased_folder, loss_field="loss_n", tag="hard_n", run_key="m2",
+                         shard=shard, num_shards=2, chunk_size=64)
+    a, b = _by_id(digits_copy, "loss_m"), _by_id(digits_copy, "loss_n")
+    assert a.keys() == b.keys() and all(abs(a[i] - b[i]) < 1e-5 for i in a)
+    assert runs.load_run_results(digits_copy, "m2")["tagged_ids"] == runs.load_run_results(
+        digits_copy, "m1")["tagged_ids"] and single.num_tagged == len(digits_copy.match_tags("hard_n"))

@@ -78,7 +78,9 @@ class RowSeededSampler:
     def __init__(self, seeds: list[int], device, top_k: int | None, top_p: float, temperature: float | None):
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        # CPU streams whatever the model's device: CUDA and CPU generators give other numbers for one seed, and
+        # workers on other devices must write the same captions (the noise moves to the scores' device)
+        self.generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         # HF's own warpers, in the order generate applies them when it samples
         self.warpers = ([TemperatureLogitsWarper(temperature)] if temperature not in (None, 1.0) else []) + \
                        ([TopKLogitsWarper(top_k)] if top_k else []) + [TopPLogitsWarper(top_p)]
@@ -126,7 +128,7 @@ def _caption_batch(cap: models.Captioner, pil_images, seeds: list[list[int]], ma
                                getattr(gen, "temperature", None))  # 50: generate's default top_k
     devices = [cap.device] if torch.device(cap.device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        out = cap.model.generate(**inputs, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+        out = cap.model.generate(**inputs, do_sample=True, num_beams=1, top_k=0, top_p=1.0, temperature=1.0,
                                  num_return_sequences=num_captions, max_new_tokens=max_new_tokens,
                                  logits_processor=LogitsProcessorList([sampler]))
     if chat and "input_ids" in inputs:

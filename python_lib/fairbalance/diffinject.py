@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from fairbalance import claims, runs, sharding, training, validation
 from fairbalance.diffusion import ConditionalDiffusionModel, load_conditional_diffusion
 from fairbalance.generation import (GenerationJob, GenerationResult, _check_shard_args, _require_own_target,
-                                    finish_generation, run_generation, shard_generation, start_generation)
+                                    generate_plan)
 
 INJECTIONS = ("local", "global")
 LABEL_SOURCES = ("content", "original")
@@ -444,24 +444,14 @@ def inject_bias_conflicting(
         for j in jobs:
             planned[j.key] = planned.get(j.key, 0) + 1
         render = _renderer(path, hook, size, gamma, mask_t, t_edit, t_boost)
-        if sharded:
-            return shard_generation(
-                samples, "inject_bias_conflicting", run_key, shard, num_shards, chunk_size, jobs, config, setting,
-                output_dir, render, provenance, batch_size, InjectionResult,
-                {"planned": planned, "counts_before": None, "num_contents": num_contents,
-                 "num_originals": num_originals, "label_from": label_from, "model_dir": diff.folder}, progress)
-        target, output_dir, run = start_generation(samples, target_dataset, output_dir, run_key, "diffinject", config,
-                                                   setting, overwrite)
-        for job in jobs:
-            job.filepath = os.path.join(output_dir, job.filepath)
-        existing = set(target.values("filepath")) if len(target) else set()
-        jobs = [j for j in jobs if j.filepath not in existing]
-        added = run_generation(jobs, target, render, provenance, batch_size, progress)
+        return generate_plan(
+            samples, "inject_bias_conflicting", "diffinject", run_key, jobs, config, setting, render, provenance,
+            batch_size, InjectionResult,
+            {"planned": planned, "counts_before": None, "num_contents": num_contents, "num_originals": num_originals,
+             "label_from": label_from, "model_dir": diff.folder},
+            target_dataset, output_dir, overwrite, sharded, shard, num_shards, chunk_size, progress)
     finally:
         hook.remove()
-    return finish_generation(run, InjectionResult(
-        run_key, {k: added.get(k, 0) for k in planned}, planned, output_dir, target.name, run.resumed,
-        num_contents=num_contents, num_originals=num_originals, label_from=label_from, model_dir=diff.folder))
 
 
 def _prepare(samples, model=None, model_run=None, content_tag="bias_conflicting", label_field="ground_truth",

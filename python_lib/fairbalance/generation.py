@@ -270,19 +270,9 @@ def generate_balanced(
         guidance_scale, attribute_guidance_scale, guidance_reference, num_inference_steps, scheduler, seed,
         batch_size, device, run_key)
     render = _diffusion_renderer(diff, provenance)
-    if sharded:
-        return shard_generation(samples, "generate_balanced", run_key, shard, num_shards, chunk_size, jobs, config,
-                                setting, output_dir, render, provenance, batch_size, GenerationResult,
-                                {"planned": plan, "counts_before": before}, progress)
-    target, output_dir, run = start_generation(samples, target_dataset, output_dir, run_key, "generate_balanced",
-                                               config, setting, overwrite)
-    for job in jobs:
-        job.filepath = os.path.join(output_dir, job.filepath)
-    existing = set(target.values("filepath")) if len(target) else set()
-    jobs = [j for j in jobs if j.filepath not in existing]
-    added = run_generation(jobs, target, render, provenance, batch_size, progress)
-    return finish_generation(run, GenerationResult(run_key, {k: added.get(k, 0) for k in plan}, plan, output_dir,
-                                                   target.name, run.resumed, before))
+    return generate_plan(samples, "generate_balanced", "generate_balanced", run_key, jobs, config, setting, render,
+                         provenance, batch_size, GenerationResult, {"planned": plan, "counts_before": before},
+                         target_dataset, output_dir, overwrite, sharded, shard, num_shards, chunk_size, progress)
 
 
 def _plan_balanced(samples, label_field="sa_cluster", model=None, model_run=None, total=None, per_class=None,
@@ -342,7 +332,9 @@ def real_samples(samples):
     """The view's own samples, not generated ones: what a generation job is planned from and keyed on."""
     from fiftyone import ViewField as Fv
 
-    return samples.match(Fv("generated") != True) if samples._root_dataset.has_field("generated") else samples  # noqa
+    # always the match, never the schema: another process may add the first generated samples (and the field)
+    # after this one loaded the dataset
+    return samples.match(Fv("generated") != True)  # noqa: E712
 
 
 def _require_own_target(samples, target_dataset) -> None:
@@ -398,6 +390,35 @@ def _declare_fields(target, jobs: Sequence[GenerationJob]) -> None:
     for f in sorted({f for j in jobs for f in j.fields}):
         if not target.has_sample_field(f):
             target.add_sample_field(f, fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
+
+
+def generate_plan(samples, function: str, method: str, run_key: str, jobs: list[GenerationJob], config: dict,
+                  setting: dict, render: Callable[[list], list], provenance: dict, batch_size: int,
+                  result_class: type, result_fields: dict, target_dataset=None, output_dir: str | None = None,
+                  overwrite: bool = False, sharded: bool = False, shard: int | None = None,
+                  num_shards: int | None = None, chunk_size: int = sharding.DEFAULT_CHUNK_SIZE, progress=None):
+    """What every generator does with its plan: one shard of it (:func:`shard_generation`), or all of it here.
+
+    Unsharded: the target, folder and run are checked and claimed
+    (:func:`start_generation`), images whose samples exist are skipped, the
+    rest go through :func:`run_generation`, and the run is recorded.
+    ``result_fields``: ``planned``, ``counts_before`` and ``result_class``'s
+    own fields.
+    """
+    if sharded:
+        return shard_generation(samples, function, run_key, shard, num_shards, chunk_size, jobs, config, setting,
+                                output_dir, render, provenance, batch_size, result_class, result_fields, progress)
+    target, output_dir, run = start_generation(samples, target_dataset, output_dir, run_key, method, config, setting,
+                                               overwrite)
+    for job in jobs:
+        job.filepath = os.path.join(output_dir, job.filepath)
+    existing = set(target.values("filepath")) if len(target) else set()
+    added = run_generation([j for j in jobs if j.filepath not in existing], target, render, provenance, batch_size,
+                           progress)
+    planned = result_fields["planned"]
+    extra = {k: v for k, v in result_fields.items() if k not in ("planned", "counts_before")}
+    return finish_generation(run, result_class(run_key, {k: added.get(k, 0) for k in planned}, planned, output_dir,
+                                               target.name, run.resumed, result_fields.get("counts_before"), **extra))
 
 
 def shard_generation(samples, function: str, run_key: str, shard: int, num_shards: int, chunk_size: int,

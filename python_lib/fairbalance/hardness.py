@@ -344,7 +344,7 @@ def _compute_shard(samples, clf, params, ids, run_key, shard, num_shards, chunk_
     with fou.ProgressBar(total=max(job.total, 1), progress=progress) as pb:
         pb.update(job.total - len(job.todo))  # done before, or left out
         for chunk in job.chunks():
-            data = real_labelled(dataset.select(chunk), params["label_field"], clf, required=False)
+            data = real_labelled(samples.select(chunk), params["label_field"], clf, required=False)
             if data.ids:
                 losses, predictions = _losses(clf, data.filepaths, data.labels, device, batch_size, num_workers)
                 # the prediction first: the loss marks a sample done (a rerun skips it)

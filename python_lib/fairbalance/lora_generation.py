@@ -9,7 +9,6 @@ shared loop of :mod:`fairbalance.generation`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +16,7 @@ import torch
 
 from fairbalance import claims, runs, sharding, training, validation
 from fairbalance.generation import (GenerationJob, GenerationResult, _check_shard_args, _require_own_target,
-                                    finish_generation, plan_counts, run_generation, shard_generation,
-                                    start_generation)
+                                    generate_plan, plan_counts)
 from fairbalance.lora import (GroupAdapters, _model_condition, _real_groups, activate, group_key,
                               load_group_adapters, require_peft)
 
@@ -96,21 +94,11 @@ def generate_per_group(
     render = _conditional_renderer(loaded, provenance) if base.kind == "conditional" else _sd_renderer(
         loaded, provenance)
     try:
-        if sharded:
-            return shard_generation(samples, "generate_per_group", run_key, shard, num_shards, chunk_size, jobs,
-                                    config, setting, output_dir, render, provenance, batch_size, GenerationResult,
-                                    {"planned": plan, "counts_before": counts}, progress)
-        target, output_dir, run = start_generation(samples, target_dataset, output_dir, run_key,
-                                                   "generate_per_group", config, setting, overwrite)
-        for job in jobs:
-            job.filepath = os.path.join(output_dir, job.filepath)
-        existing = set(target.values("filepath")) if len(target) else set()
-        jobs = [j for j in jobs if j.filepath not in existing]
-        added = run_generation(jobs, target, render, provenance, batch_size, progress)
+        return generate_plan(samples, "generate_per_group", "generate_per_group", run_key, jobs, config, setting,
+                             render, provenance, batch_size, GenerationResult, {"planned": plan, "counts_before": counts},
+                             target_dataset, output_dir, overwrite, sharded, shard, num_shards, chunk_size, progress)
     finally:
         activate(base.unet, None)
-    return finish_generation(run, GenerationResult(run_key, {k: added.get(k, 0) for k in plan}, plan, output_dir,
-                                                   target.name, run.resumed, counts))
 
 
 def _plan_per_group(samples, adapters=None, finetune_run=None, base_model=None, mode="equal", per_group=None,

@@ -30,6 +30,7 @@ import inspect
 import json
 import os
 import socket
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -39,7 +40,9 @@ COLLECTION = "fairbalance_shards"
 PENDING_METHOD = "sharded_job"
 OPERATOR_URI = "@fairbalance/fairbalance/compute_shard"
 DEFAULT_CHUNK_SIZE = 1024
-ORPHAN_AFTER_S = 120.0  # a RUNNING shard operation with no claim at all for this long is taken as lost
+# a RUNNING shard operation with no claim at all for this long is taken as lost (a shard claims before its main work,
+# but after loading its model: large models on slow storage take minutes)
+ORPHAN_AFTER_S = 900.0
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,7 @@ def _ensure_job(samples, run_key: str, function: str, num_shards: int, digest: s
         doc = {"_id": job_id, "dataset_id": str(dataset._doc.id), "run_key": run_key, "function": function,
                "method": spec.method, "num_shards": num_shards, "digest": digest, "num_samples": num_samples,
                "kwargs": kwargs, "fields": fields, "config": None, "shared": {}, "merged": False,
+               "token": uuid.uuid4().hex,  # in every operation queued for this job: a replaced job's ops do nothing
                "then": [{**t, "state": "new"} for t in then or []],
                "created": _now(),
                "shards": {str(i): {"state": "new", "attempts": 0, "done": 0, "total": None, "op_id": None}
@@ -463,7 +467,7 @@ def _run_follow_ups(samples, job: dict) -> None:
         if t["state"] == "done":
             continue
         kwargs = _follow_up_kwargs(job, t)
-        if t["state"] in ("started", "failed"):
+        if t["state"] == "started":  # its process died inside it: what it began is its own
             kwargs["overwrite"] = True
         _collection().update_one({"_id": job["_id"]}, {"$set": {f"then.{i}.state": "started",
                                                                  f"then.{i}.started": _now()}})
@@ -513,12 +517,23 @@ def _check_follow_ups(samples, spec: Shardable, function: str, then) -> list[dic
     return out
 
 
-def _check_follow_up_runs_free(samples, follow_ups: list[dict], job: dict | None) -> None:
-    """A follow-up must not take another run's key (its own, made by this job before, is fine)."""
+def _follow_up_run_key(t: dict) -> str | None:
+    """The run key a follow-up (``{"function", "kwargs"}``) writes."""
+    for spec in SHARDABLE.values():
+        if t["function"] in spec.then:
+            module, name = spec.then[t["function"]][0].split(":")
+            params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+            return t["kwargs"].get("run_key", params["run_key"].default if "run_key" in params else None)
+    return None
+
+
+def _check_follow_up_runs_free(samples, follow_ups: list[dict], job: dict | None, ignore=()) -> None:
+    """A follow-up must not take another run's key (its own, made by this job before, is fine; so are ``ignore``,
+    the old job's follow-up runs that an overwrite deletes)."""
     started = {(t["function"], json.dumps(t["kwargs"], sort_keys=True)) for t in (job or {}).get("then", [])
                if t["state"] != "new"}
     for t in follow_ups:
-        own = (t["function"], json.dumps(t["kwargs"], sort_keys=True)) in started
+        own = (t["function"], json.dumps(t["kwargs"], sort_keys=True)) in started or t["run_key"] in ignore
         if t["run_key"] and not own and samples._root_dataset.has_run(t["run_key"]) and not t["kwargs"].get(
                 "overwrite"):
             raise validation.FairBalanceError(
@@ -556,6 +571,41 @@ def _queue_op(samples, params: dict) -> str:
     return str(res.result["id"])
 
 
+PATH_KWARGS = ("output_dir", "classifier", "model", "adapters", "base_model")
+
+
+def _absolute_paths(kwargs: dict) -> dict:
+    """Relative folder arguments made absolute: workers resolve paths in their own working directories."""
+    out = dict(kwargs)
+    for k in PATH_KWARGS:
+        v = out.get(k)
+        if isinstance(v, str) and v and not os.path.isabs(v) and (k == "output_dir" or os.path.exists(v)):
+            out[k] = os.path.abspath(v)
+    return out
+
+
+def _fail_queued_operations(job: dict | None, why: str) -> None:
+    """Mark the queued (not yet running) shard operations of a job FAILED, e.g. when the job is replaced."""
+    if not job:
+        return
+    import fiftyone.operators.delegated as food
+    from bson import ObjectId
+    from fiftyone.operators.executor import ExecutionResult, ExecutionRunState
+
+    svc = food.DelegatedOperationService()
+    for state in job["shards"].values():
+        op = svc.get(ObjectId(state["op_id"])) if state.get("op_id") else None
+        if op is not None and op.run_state in (ExecutionRunState.QUEUED, ExecutionRunState.SCHEDULED):
+            svc.set_failed(op.id, result=ExecutionResult(error=why))
+
+
+def current_operation(samples, run_key: str, token: str | None) -> bool:
+    """Whether an operation queued with ``token`` belongs to the job of ``run_key`` as it is now (not to a job
+    that was replaced or deleted since it was queued)."""
+    job = get_job(samples, run_key)
+    return job is not None and (token is None or job.get("token") in (None, token))
+
+
 def queue_sharded(samples, function: str, num_shards: int, run_key: str | None = None, overwrite: bool = False,
                   then=None, orphan_after_s: float = ORPHAN_AFTER_S, **kwargs) -> ShardedJob:
     """Queue ``function`` on ``samples`` as ``num_shards`` delegated operations (one per shard).
@@ -587,6 +637,7 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
         raise validation.FairBalanceError(f"{function} does not take {', '.join(unknown)} here")
     run_key = run_key or params["run_key"].default
     runs.validate_run_key(run_key)
+    kwargs = _absolute_paths(kwargs)
     try:
         jsonable = _jsonable_kwargs(kwargs)
         json.dumps(kwargs)
@@ -598,21 +649,30 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
         validator(samples, **kwargs)  # the function's own up-front checks, before anything is queued
     dataset = samples._root_dataset
     dataset.reload()  # workers (other processes) replace run records: never judge from a stale copy
-    if overwrite and (dataset.has_run(run_key) or get_job(samples, run_key)):
+    old_job = get_job(samples, run_key)
+    replacing = overwrite and (dataset.has_run(run_key) or old_job is not None)
+    old_follow_up_runs = [_follow_up_run_key(t) for t in (old_job or {}).get("then", []) if t["state"] != "new"]
+    # every check before anything is deleted (the old job's own follow-up runs go with it when replaced)
+    _check_follow_up_runs_free(samples, follow_ups, old_job, ignore=old_follow_up_runs if replacing else ())
+    if replacing:
         live = _live_shard_claims(dataset, run_key)
         if live:
             raise claims.ClaimError(f"Run '{run_key}' has {len(live)} shard(s) running; wait for them or stop "
                                     "their workers before overwriting")
+        _fail_queued_operations(old_job, f"fairbalance: run '{run_key}' was replaced (queue_sharded overwrite=True)")
         if spec.delete:
             spec.load("delete")(samples, run_key)
         if dataset.has_run(run_key):
             runs.delete_run(dataset, run_key, cleanup=True)
+        for key in old_follow_up_runs:
+            if key and dataset.has_run(key):
+                runs.delete_run(dataset, key, cleanup=True)
         delete_job(samples, run_key)
-    _check_follow_up_runs_free(samples, follow_ups, get_job(samples, run_key))
     ids = spec.job_ids(samples)
     job = _ensure_job(samples, run_key, function, num_shards, view_digest(ids), len(ids), spec.written(kwargs),
                       jsonable, [{"function": t["function"], "kwargs": t["kwargs"]} for t in follow_ups])
-    base = {"function": function, "run_key": run_key, "num_shards": num_shards, "kwargs": kwargs}
+    base = {"function": function, "run_key": run_key, "num_shards": num_shards, "kwargs": kwargs,
+            "job_token": job.get("token")}
     if job.get("merged"):  # done, or its follow-ups left to run (their process died): a merge operation runs them
         merge_op = None if follow_ups_done(job) else _queue_op(samples, {**base, "merge": True})
         return ShardedJob(run_key, function, num_shards, {}, {}, merge_op)
@@ -620,7 +680,7 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
     live = {c["_id"].rsplit(":", 1)[1] for c in _live_shard_claims(dataset, run_key)}
     queued, requeued = {}, {}
     for key, state in sorted(job["shards"].items(), key=lambda kv: int(kv[0])):
-        if state["state"] == "done":
+        if state["state"] == "done" or key in live:  # done, or a live worker runs it now
             continue
         op = svc.get(ObjectId(state["op_id"])) if state.get("op_id") else None
         if op is not None and op.run_state in (ExecutionRunState.QUEUED, ExecutionRunState.SCHEDULED):

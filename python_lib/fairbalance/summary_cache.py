@@ -8,7 +8,9 @@ the newest sample ``last_modified_at`` (FiftyOne indexes it and sets it on
 every sample edit), the dataset's ``last_deletion_at`` and its document's
 ``last_modified_at`` (schema, runs, info). A cached summary is used only
 while the stamp is unchanged: the rule of FiftyOne's own summary fields.
-Reading the stamp costs three indexed lookups, whatever the dataset's size.
+Reading the stamp costs four indexed lookups (one counts the samples that
+carry the newest time: a long ``set_values`` stamps all its batches with the
+time it began). Writers on machines whose clocks lag behind may go unseen.
 """
 
 from __future__ import annotations
@@ -33,10 +35,14 @@ def stamp(samples) -> dict:
     """What changes whenever the samples, their fields or the dataset's runs change."""
     dataset = samples._root_dataset
     doc = _db().datasets.find_one({"_id": dataset._doc.id}, {"last_modified_at": 1, "last_deletion_at": 1}) or {}
-    newest = list(dataset._sample_collection.find({}, {"last_modified_at": 1, "_id": 0})
-                  .sort("last_modified_at", -1).limit(1))
+    coll = dataset._sample_collection
+    newest = list(coll.find({}, {"last_modified_at": 1, "_id": 0}).sort("last_modified_at", -1).limit(1))
+    newest = newest[0].get("last_modified_at") if newest else None
+    # FiftyOne stamps every batch of one set_values() with the time the call began: while a long write runs, the
+    # newest time stays put and only the number of samples carrying it grows (an index count scan)
+    at_newest = coll.count_documents({"last_modified_at": newest}) if newest else 0
     return {"dataset_modified": doc.get("last_modified_at"), "deleted": doc.get("last_deletion_at"),
-            "samples_modified": newest[0].get("last_modified_at") if newest else None}
+            "samples_modified": newest, "samples_at_newest": at_newest}
 
 
 def cache_key(samples, name: str, arguments: dict) -> str:
@@ -44,14 +50,15 @@ def cache_key(samples, name: str, arguments: dict) -> str:
     dataset = samples._root_dataset
     # the stages without their per-instance ``_uuid``: the same view built again is the same key
     stages = [{k: v for k, v in stage.items() if k != "_uuid"} for stage in samples.view()._serialize()]
-    spec = {"dataset": str(dataset._doc.id), "view": stages, "name": name,
+    spec = {"dataset": str(dataset._doc.id), "view": stages, "group_slice": getattr(samples, "group_slice", None),
+            "name": name,
             "arguments": arguments}
     return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _settled(st: dict) -> bool:
     now = _dt.datetime.utcnow()
-    return all(v is None or (now - v).total_seconds() > SETTLE_S for v in st.values())
+    return all((now - v).total_seconds() > SETTLE_S for v in st.values() if isinstance(v, _dt.datetime))
 
 
 def cached(samples, name: str, arguments: dict, compute: Callable[[], Any]) -> Any:

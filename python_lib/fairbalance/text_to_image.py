@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-import os
 import warnings
 
 import torch
 
 from fairbalance import claims, models, sharding, validation
 from fairbalance.generation import (GenerationJob, GenerationResult, _check_shard_args, _require_own_target,
-                                    finish_generation, run_generation, shard_generation, start_generation)
+                                    generate_plan)
 
 
 def _prompt_seed(seed: int, source_id: str, prompt: str, k: int) -> int:
@@ -106,17 +105,9 @@ def generate_from_captions(
 
     config = {**provenance, "caption_field": caption_field, "images_per_caption": images_per_caption, "seed": seed,
               "label_field": label_field}
-    if sharded:
-        return shard_generation(samples, "generate_from_captions", run_key, shard, num_shards, chunk_size, jobs,
-                                config, setting, output_dir, render, provenance, batch_size, GenerationResult,
-                                {"planned": planned, "counts_before": None}, progress)
-    target, output_dir, run = start_generation(samples, target_dataset, output_dir, run_key, "text_to_image", config,
-                                               setting, overwrite)
-    for job in jobs:
-        job.filepath = os.path.join(output_dir, job.filepath)
-    added = run_generation(jobs, target, render, provenance, batch_size, progress)
-    return finish_generation(run, GenerationResult(run_key, {k: added.get(k, 0) for k in planned}, planned,
-                                                   output_dir, target.name, run.resumed))
+    return generate_plan(samples, "generate_from_captions", "text_to_image", run_key, jobs, config, setting, render,
+                         provenance, batch_size, GenerationResult, {"planned": planned, "counts_before": None},
+                         target_dataset, output_dir, overwrite, sharded, shard, num_shards, chunk_size, progress)
 
 
 def _plan_prompts(samples, caption_field="filtered_captions", images_per_caption=1, label_field="ground_truth",
