@@ -55,6 +55,19 @@ def test_shards_in_one_process_equal_single_run_and_record_only_after_merge(digi
                                  run_key="single", **sa_kwargs)
     kw = dict(embeddings_field="emb_sharded", features_field="sa_sharded", run_key="sharded", chunk_size=16,
               **sa_kwargs)
+    import fiftyone as fo
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_a_chunk(pb):
+        if digits_copy.has_field("sa_sharded") and len(digits_copy.exists("sa_sharded")):
+            raise Crash()
+
+    with pytest.raises(Crash):  # shard 2 dies after its first chunk; it resumes below
+        compute_sa_features(digits_copy, shard=2, num_shards=4, progress=fo.report_progress(crash_after_a_chunk, dt=0.0),
+                            **kw)
+    assert 0 < len(digits_copy.exists("sa_sharded")) < len(digits_copy) / 4
     results = []
     for shard in (2, 0, 3, 1):  # any order
         assert "sharded" not in runs.list_runs(digits_copy, "sa_features")  # no complete record before the merge
@@ -67,6 +80,7 @@ def test_shards_in_one_process_equal_single_run_and_record_only_after_merge(digi
     assert cfg["num_shards"] == 4 and cfg["model"]["model"] == sa_kwargs["model"] and "status" not in cfg
     merged = runs.load_run_results(digits_copy, "sharded")
     assert merged["related_texts"] == single.related_texts and merged["num_samples"] == len(digits_copy)
+    assert merged["num_encoded"] == len(digits_copy)  # the crashed attempt's chunk counted once, not lost
     a, b = _features(digits_copy, "sa_single"), _features(digits_copy, "sa_sharded")
     assert a.keys() == b.keys() and all(np.allclose(a[i], b[i], atol=1e-5) for i in a)
     # a shard run again does nothing (everything done), and the run stays complete

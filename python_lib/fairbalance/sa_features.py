@@ -189,7 +189,6 @@ def _compute_shard(samples, clip, config, run_key, shard, num_shards, chunk_size
     texts = job.shared("texts", lambda: _choose_texts(clip, config))
     text_emb = clip.encode_text([config["prompt_template"].format(r["text"]) for r in texts["related_texts"]]).numpy()
     dataset = samples._root_dataset
-    num_encoded = 0
     with fou.ProgressBar(total=max(job.total, 1), progress=progress) as pb:
         pb.update(job.resumed)
         for chunk in job.chunks():
@@ -205,10 +204,9 @@ def _compute_shard(samples, clip, config, run_key, shard, num_shards, chunk_size
                 features = embeddings.normalize(np.stack([by_id[i] for i in target])) @ text_emb.T
                 writeback.set_values_by_id(dataset.select(target), {
                     feat_field: {i: features[j].astype(np.float32) for j, i in enumerate(target)}}, ids=target)
-            num_encoded += len(new)
-            job.chunk_done(chunk, failures)
+            job.chunk_done(chunk, failures, counts={"num_encoded": len(new)})
             pb.update(len(chunk))
-    return job.finish({"num_encoded": num_encoded})
+    return job.finish()
 
 
 def merge_shards(samples, job: dict) -> dict:
@@ -221,7 +219,7 @@ def merge_shards(samples, job: dict) -> dict:
         "query": texts["query"],
         "related_texts": texts["related_texts"],
         "num_samples": len(samples.exists(cfg["features_field"])),
-        "num_encoded": sum((s.get("summary") or {}).get("num_encoded", 0) for s in shards),
+        "num_encoded": sum((s.get("counts") or {}).get("num_encoded", 0) for s in shards),  # every attempt's
         "features_field": cfg["features_field"],
         "embeddings_field": cfg["embeddings_field"],
         "failures": failures,

@@ -390,11 +390,13 @@ class Shard:
         for start in range(0, len(self.todo), self.chunk_size):
             yield self.todo[start:start + self.chunk_size]
 
-    def chunk_done(self, ids: list[str], failures: dict[str, str] | None = None) -> None:
-        """Record a chunk whose results are written (its samples are skipped by a rerun)."""
+    def chunk_done(self, ids: list[str], failures: dict[str, str] | None = None, counts: dict | None = None) -> None:
+        """Record a chunk whose results are written (its samples are skipped by a rerun); ``counts`` are added to
+        the shard's ``counts`` with the chunk, so they survive a crash and a resume (unlike ``finish``'s summary)."""
         self.processed += len(ids)
         self.failures.update(failures or {})
-        self._update({}, inc={"done": len(ids) - len(failures or {})})
+        self._update({}, inc={"done": len(ids) - len(failures or {}),
+                              **{f"counts.{k}": int(v) for k, v in (counts or {}).items()}})
 
     def finish(self, summary: dict | None = None) -> ShardResult:
         """Mark the shard done; the last shard to finish merges the job."""
