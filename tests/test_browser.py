@@ -195,21 +195,28 @@ class App:
 
     def choose(self, label, option, scope=MODAL):
         """Pick ``option`` in the dropdown labelled ``label`` (in the operator form, or ``scope``)."""
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.common.action_chains import ActionChains
         from selenium.webdriver.common.by import By
 
-        box = _wait(lambda: self.find(f"{scope}//p[normalize-space(.)={_lit(label)}]/following::*[@role='combobox'][1]"),
-                    20)
+        def dropdown():
+            return _wait(lambda: self.find(
+                f"{scope}//p[normalize-space(.)={_lit(label)}]/following::*[@role='combobox'][1]"), 20)
+
+        box = dropdown()
         assert box, f"no dropdown labelled {label!r}"
         opts = None
-        for _ in range(3):  # a click landing while the form re-renders opens nothing: open it again
-            self.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", box[0])
-            ActionChains(self.d).move_to_element(box[0]).click().perform()
+        for _ in range(4):  # a click landing while the form (or panel) re-renders opens nothing: find it, open again
+            try:
+                self.d.execute_script("arguments[0].scrollIntoView({block: 'center'})", box[0])
+                ActionChains(self.d).move_to_element(box[0]).click().perform()
+            except WebDriverException:  # the element was replaced while we clicked
+                pass
             opts = _wait(lambda: [o for o in self.d.find_elements(By.CSS_SELECTOR, "[role=option]")
                                   if o.text.strip() == option], 5)
             if opts:
                 break
-            box = self.find(f"{scope}//p[normalize-space(.)={_lit(label)}]/following::*[@role='combobox'][1]")
+            box = dropdown() or box
         assert opts, f"{label!r} does not offer {option!r}: " + str(
             [o.text for o in self.d.find_elements(By.CSS_SELECTOR, "[role=option]")])
         self.click(opts[0])
