@@ -80,6 +80,13 @@ def _default(function: str, name: str):
     return inspect.signature(getattr(importlib.import_module(module), fn)).parameters[name].default
 
 
+def _generator(function: str, method: str) -> Shardable:
+    """A generator's entry: new samples are added, no field is written (as the unsharded run records,
+    ``fields_written=[]``); jobs are keyed on the view's real samples; one merge and one delete for all."""
+    return Shardable(function, method, lambda kw: [], "fairbalance.generation:merge_shards",
+                     job_view="fairbalance.generation:real_samples", delete="fairbalance.generation:delete_generated")
+
+
 SHARDABLE: dict[str, Shardable] = {
     "compute_sa_features": Shardable(
         "fairbalance.sa_features:compute_sa_features", "sa_features",
@@ -96,24 +103,11 @@ SHARDABLE: dict[str, Shardable] = {
         "fairbalance.hardness:compute_hardness", "hardness",
         "fairbalance.hardness:shard_fields",
         "fairbalance.hardness:merge_shards"),
-    # generators: the unit of work is a planned image (its own file and seed), not a sample; new samples are
-    # added, no field is written (as the unsharded run, which records fields_written=[])
-    "generate_balanced": Shardable(
-        "fairbalance.generation:generate_balanced", "generate_balanced", lambda kw: [],
-        "fairbalance.generation:merge_shards", job_view="fairbalance.generation:real_samples",
-        delete="fairbalance.generation:delete_generated"),
-    "generate_from_captions": Shardable(
-        "fairbalance.text_to_image:generate_from_captions", "text_to_image", lambda kw: [],
-        "fairbalance.generation:merge_shards", job_view="fairbalance.generation:real_samples",
-        delete="fairbalance.generation:delete_generated"),
-    "generate_per_group": Shardable(
-        "fairbalance.lora_generation:generate_per_group", "generate_per_group", lambda kw: [],
-        "fairbalance.generation:merge_shards", job_view="fairbalance.generation:real_samples",
-        delete="fairbalance.generation:delete_generated"),
-    "inject_bias_conflicting": Shardable(
-        "fairbalance.diffinject:inject_bias_conflicting", "diffinject", lambda kw: [],
-        "fairbalance.generation:merge_shards", job_view="fairbalance.generation:real_samples",
-        delete="fairbalance.generation:delete_generated"),
+    # generators: the unit of work is a planned image (its own file and seed), not a sample; see _generator
+    "generate_balanced": _generator("fairbalance.generation:generate_balanced", "generate_balanced"),
+    "generate_from_captions": _generator("fairbalance.text_to_image:generate_from_captions", "text_to_image"),
+    "generate_per_group": _generator("fairbalance.lora_generation:generate_per_group", "generate_per_group"),
+    "inject_bias_conflicting": _generator("fairbalance.diffinject:inject_bias_conflicting", "diffinject"),
 }
 
 # settings that may differ between shards (they do not change the results)
