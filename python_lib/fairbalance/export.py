@@ -23,6 +23,7 @@ from fairbalance.fields import label_path
 
 FORMATS = ("image-classification-dir", "fiftyone", "csv-manifest")
 MANIFEST = "manifest.csv"
+EXPORT_OWNER = "export"  # the owner "run key" of an export folder (one dataset's exports, see folders.py)
 COLUMNS = ("id", "filepath", "original_filepath", "label", "generated", "generation_run", "source_id",
            "filter_score", "weight", "tags")
 
@@ -76,23 +77,25 @@ def export_samples(
     numeric field) fills the manifest's weight column (1.0 otherwise). A
     non-empty ``output_dir`` is refused unless ``overwrite``.
     """
-    import shutil
-
     import fiftyone as fo
+
+    from fairbalance import folders
 
     validation.require_nonempty(samples)
     if format not in FORMATS:
         raise validation.FairBalanceError(f"format must be one of {FORMATS}, not {format!r}")
     validation.require_fields(samples, [label_field] + ([weights_field] if weights_field else []))
-    output_dir = os.path.abspath(output_dir)
-    if os.path.isdir(output_dir) and os.listdir(output_dir):
-        if not overwrite:
-            raise validation.FairBalanceError(f"{output_dir} is not empty; pass overwrite=True to replace it")
-        shutil.rmtree(output_dir)
     view = _training_view(samples, label_field, include_generated, exclude_tags)
     if not len(view):
         raise validation.FairBalanceError("No sample left to export (no label, or all excluded)")
-    validation.require_writable_dir(os.path.dirname(output_dir))
+    # checked before anything is deleted: the folder is new, empty or this dataset's export folder, and overwrite
+    # deletes only what an export recorded there (never a user's file, never the folder)
+    if os.path.isdir(output_dir) and folders.listed(output_dir) and not overwrite:
+        raise validation.FairBalanceError(f"{output_dir} is not empty; pass overwrite=True to replace it")
+    output_dir = folders.claim_output_folder(output_dir, samples._root_dataset, EXPORT_OWNER, overwrite)
+    before = set(os.listdir(output_dir))
+    folders.record(output_dir, [MANIFEST, MANIFEST + ".tmp"] + [str(c) for c in view.distinct(
+        label_path(samples, label_field))] if format == "image-classification-dir" else [MANIFEST, MANIFEST + ".tmp"])
     path = label_path(samples, label_field)
     if format == "image-classification-dir":
         exporter = _RecordingDirectoryTreeExporter(output_dir)
@@ -112,6 +115,7 @@ def export_samples(
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, manifest)
+    folders.record(output_dir, sorted(set(os.listdir(output_dir)) - before))  # what FiftyOne's exporter wrote
     return ExportResult(output_dir, format, len(rows), sum(r["generated"] for r in rows), len(samples) - len(rows),
                         manifest, sorted({r["label"] for r in rows}))
 

@@ -1,0 +1,74 @@
+"""The second fault sweep (issue #24), items 1-4, 6, 8-10: each case on a real dataset, real files, real models.
+
+Each test reproduces what the sweep found (data deleted, a folder shared by two runs or datasets, a tag
+taken off a user's samples, a record that lies, a path outside its root, a pickle run from a user's folder)
+and checks the one writer contract that now holds (python_lib/fairbalance/folders.py).
+"""
+
+import os
+
+import fiftyone as fo
+import numpy as np
+import pytest
+from PIL import Image
+
+from fairbalance import runs
+from fairbalance.validation import FairBalanceError
+
+FAST = dict(backbone="mlp", image_size=8, epochs=1, batch_size=64)
+
+
+@pytest.fixture
+def small(make_dataset, tmp_path):
+    """30 real PNGs in their own media folder, labels 0/1/2, split tags train (24) / test (6)."""
+    media = tmp_path / "media"
+    media.mkdir()
+    rng = np.random.default_rng(0)
+    ds = make_dataset()
+    samples = []
+    for i in range(30):
+        path = str(media / f"img{i:02d}.png")
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+        samples.append(fo.Sample(filepath=path, tags=["train" if i < 24 else "test"],
+                                 ground_truth=fo.Classification(label=str(i % 3)),
+                                 color=fo.Classification(label="red" if i % 2 else "green")))
+    ds.add_samples(samples)
+    return ds
+
+
+# 1. export's overwrite deleted any non-empty folder before checking there was anything to export
+
+def test_1_export_overwrite_never_deletes_a_folder_it_did_not_write(small, tmp_path):
+    from fairbalance import export_samples
+
+    media = os.path.dirname(small.first().filepath)
+    with pytest.raises(FairBalanceError, match="did not write"):
+        export_samples(small, media, overwrite=True)
+    assert len(os.listdir(media)) == 30  # the dataset's own images, all still there
+    thesis = tmp_path / "work"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("\\documentclass{article}")
+    with pytest.raises(FairBalanceError, match="No sample left"):
+        export_samples(small, str(thesis), exclude_tags=["train", "test"], overwrite=True)
+    with pytest.raises(FairBalanceError, match="did not write"):
+        export_samples(small, str(thesis), overwrite=True)
+    assert os.listdir(thesis) == ["thesis.tex"]
+    # an export folder: overwrite replaces the export, and only it (a file the user put there stays)
+    out = tmp_path / "out"
+    first = export_samples(small, str(out))
+    assert first.num_samples == 30
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FairBalanceError, match="overwrite=True"):
+        export_samples(small, str(out))
+    second = export_samples(small.match_tags("test"), str(out), overwrite=True)
+    assert second.num_samples == 6 and (out / "notes.txt").read_text() == "mine"
+    assert sum(len(files) for _, _, files in os.walk(out / "0")) == 2  # the old export's images went
+    # another dataset's export folder is refused, overwrite included
+    other = fo.Dataset()
+    try:
+        other.add_samples([small.first().copy()])
+        with pytest.raises(FairBalanceError, match="belongs to"):
+            export_samples(other, str(out), overwrite=True)
+    finally:
+        other.delete()
+    assert len(small) == 30 and all(os.path.isfile(p) for p in small.values("filepath"))
