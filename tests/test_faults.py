@@ -72,3 +72,27 @@ def test_1_export_overwrite_never_deletes_a_folder_it_did_not_write(small, tmp_p
     finally:
         other.delete()
     assert len(small) == 30 and all(os.path.isfile(p) for p in small.values("filepath"))
+
+
+# 2. compute_hardness_tags took its tag off every ranked sample it did not tag, on its first run
+
+def test_2_hardness_removes_only_the_tags_it_put(small, one_thread):
+    from fairbalance import compute_hardness_tags
+
+    conflicting = small.match_tags("test").limit(3)
+    conflicting.tag_samples("bias_conflicting")
+    mine = set(conflicting.values("id"))
+    result = compute_hardness_tags(small, tag="train", top_k=4, per_class=False, run_key="h_train", **FAST)
+    assert len(small.match_tags("train")) >= 24  # the user's split is whole (the 4 hardest have it too)
+    added = set(runs.load_run_results(small, "h_train")["tagged_ids"])
+    assert result.num_tagged == 4 and len(small.match_tags("train")) == 24 + len(added)
+    runs.delete_run(small, "h_train")
+    assert len(small.match_tags("train")) == 24 and set(small.match_tags("test").values("id")).isdisjoint(
+        small.match_tags("train").values("id"))
+    compute_hardness_tags(small, top_k=5, per_class=False, run_key="h_bc", **FAST)
+    assert mine <= set(small.match_tags("bias_conflicting").values("id"))
+    compute_hardness_tags(small, top_k=1, per_class=False, run_key="h_bc", overwrite=True, **FAST)
+    assert mine <= set(small.match_tags("bias_conflicting").values("id"))
+    assert len(small.match_tags("bias_conflicting")) <= 4
+    runs.delete_run(small, "h_bc")
+    assert set(small.match_tags("bias_conflicting").values("id")) == mine

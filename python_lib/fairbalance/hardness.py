@@ -299,6 +299,8 @@ def compute_hardness(
     losses, predictions = _losses(clf, paths, labels, distributed.device(device), batch_size, num_workers)
     ranks, hard = select_hard(losses, predictions, labels, k, per_class)
 
+    tagged: list[str] = []  # the samples this run tagged (not those that had the tag already)
+
     def write():
         if trained:
             clf.save(output_dir)
@@ -308,26 +310,31 @@ def compute_hardness(
             fields[1]: {i: int(r) for i, r in zip(ids, ranks)},
             fields[2]: {i: classes[p] for i, p in zip(ids, predictions)},
         }, ids=ids)
-        _retag(dataset, ids, [ids[j] for j in hard], tag, old_tag, old_tagged)
+        tagged[:] = _retag(dataset, ids, [ids[j] for j in hard], tag, old_tag, old_tagged)
 
     per_class_tagged = {classes[c]: int(n) for c, n in zip(*np.unique(labels[hard], return_counts=True))}
     result = HardnessResult(run_key, loss_field, fields[1], tag, len(hard), len(ids), data.num_unlabelled,
                             output_dir, per_class_tagged, clf.history)
     distributed.on_main(lambda: (run.write(write),
-                                 run.save_results({**result.to_dict(), "tagged_ids": [ids[j] for j in hard]})))
+                                 run.save_results({**result.to_dict(), "tagged_ids": tagged})))
     return result
 
 
-def _retag(dataset, ids: list[str], hard_ids: list[str], tag: str, old_tag: str | None, old_tagged: list[str]):
-    """The previous run's tags off the samples it tagged, ``tag`` off the ranked samples, then on the hard ones."""
+def _retag(dataset, ids: list[str], hard_ids: list[str], tag: str, old_tag: str | None,
+           old_tagged: list[str]) -> list[str]:
+    """The previous run's tags off the samples it tagged, then ``tag`` on the hard ones; returns those it tagged.
+
+    A tag is only ever removed from samples a run tagged itself (recorded as
+    ``tagged_ids``): a user's own tag of the same name (``train``,
+    ``bias_conflicting``) stays, and is not recorded as this run's.
+    """
     if old_tag and old_tagged:
         dataset.select(old_tagged).untag_samples(old_tag)
-    ranked = set(ids)  # only the tagged samples are selected: never a $in of the whole view
-    stale = [i for i in dataset.match_tags(tag).values("id") if i in ranked]
-    if stale:
-        dataset.select(stale).untag_samples(tag)
-    if hard_ids:
-        dataset.select(hard_ids).tag_samples(tag)
+    had = set(dataset.select(hard_ids).match_tags(tag).values("id")) if hard_ids else set()
+    new = [i for i in hard_ids if i not in had]
+    if new:
+        dataset.select(new).tag_samples(tag)
+    return new
 
 
 def _compute_shard(samples, clf, params, ids, run_key, shard, num_shards, chunk_size, batch_size, device,
@@ -381,8 +388,8 @@ def merge_shards(samples, job: dict) -> dict:
     ranks, hard = select_hard(losses, predictions, labels, k, cfg["per_class"])
     writeback.set_values_by_id(dataset, {rank_field: {i: int(r) for i, r in zip(ids, ranks)}}, ids=ids)
     hard_ids = [ids[j] for j in hard]
-    _retag(dataset, ids, hard_ids, tag, None, [])
+    tagged = _retag(dataset, ids, hard_ids, tag, None, [])
     per_class_tagged = {classes[c]: int(n) for c, n in zip(*np.unique(labels[hard], return_counts=True))}
     result = HardnessResult(job["run_key"], loss_field, rank_field, tag, len(hard), len(ids), data.num_unlabelled,
                             cfg["checkpoint"], per_class_tagged, clf.history)
-    return {**result.to_dict(), "tagged_ids": hard_ids}
+    return {**result.to_dict(), "tagged_ids": tagged}
