@@ -96,3 +96,27 @@ def test_2_hardness_removes_only_the_tags_it_put(small, one_thread):
     assert len(small.match_tags("bias_conflicting")) <= 4
     runs.delete_run(small, "h_bc")
     assert set(small.match_tags("bias_conflicting").values("id")) == mine
+
+
+# 3. a second run key trained into another run's classifier folder and replaced its model
+
+def test_3_a_model_folder_belongs_to_one_run(small, tmp_path, one_thread):
+    from fairbalance import apply_classifier, compute_hardness_tags, train_classifier
+
+    folder = str(tmp_path / "clf")
+    train_classifier(small, run_key="ca", output_dir=folder, **FAST)
+    model = open(os.path.join(folder, "model.pt"), "rb").read()
+    for kwargs in ({}, {"overwrite": True}):
+        with pytest.raises(FairBalanceError, match="belongs to run 'ca'"):
+            train_classifier(small, run_key="cb", output_dir=folder, **{**FAST, "backbone": "cnn"}, **kwargs)
+        with pytest.raises(FairBalanceError, match="belongs to run 'ca'"):
+            compute_hardness_tags(small, run_key="hb", output_dir=folder, **FAST, **kwargs)
+    assert open(os.path.join(folder, "model.pt"), "rb").read() == model
+    assert not small.has_run("cb") and not small.has_run("hb")
+    apply_classifier(small, None, "pred", classifier_run="ca", run_key="pa")
+    assert runs.get_run_config(small, "ca")["train_config"]["backbone"] == "mlp"
+    # the run itself may replace its model (and only its own files: a user's file there stays)
+    open(os.path.join(folder, "notes.txt"), "w").write("mine")
+    train_classifier(small, run_key="ca", output_dir=folder, overwrite=True, **{**FAST, "seed": 1})
+    assert open(os.path.join(folder, "notes.txt")).read() == "mine"
+    assert open(os.path.join(folder, "model.pt"), "rb").read() != model

@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from fairbalance import config as fb_config
-from fairbalance import claims, distributed, runs, training, validation, writeback
+from fairbalance import claims, distributed, folders, runs, training, validation, writeback
 from fairbalance.balance import label_path
 from fairbalance.training import TrainedClassifier, load_classifier
 
@@ -85,13 +84,13 @@ def train_classifier(
     run = folder = None
     distributed.setup(device)
     if run_key is not None:
-        folder = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "checkpoints", dataset.name, run_key))
+        folder = os.path.abspath(output_dir or folders.default_folder("checkpoints", dataset.name, run_key))
         recorded = {("training_method" if k == "method" else k): v for k, v in params.items()}
 
         def prepare():  # the main process only; the others wait for it (and raise its error)
             run = runs.prepare(samples, run_key, "train_classifier", recorded, [], overwrite)
-            validation.require_writable_dir(folder)
-            claims.claim_folder(folder)
+            # the folder is this run's alone (another run key or dataset is refused, overwrite included)
+            folders.claim_output_folder(folder, dataset, run_key)
             return run
 
         run = distributed.on_main(prepare)
@@ -102,7 +101,7 @@ def train_classifier(
 
         def record():
             run.config.update({"checkpoint": folder, "train_config": asdict(clf.config)})
-            run.write(lambda: clf.save(folder))
+            run.write(lambda: folders.replace_contents(folder, clf.save))
             run.save_results({"history": clf.history, "best_epoch": clf.best_epoch, "num_skipped": clf.num_skipped,
                               "num_generated_used": clf.num_generated_used,
                               "num_generated_excluded": clf.num_generated_excluded,

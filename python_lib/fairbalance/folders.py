@@ -201,3 +201,14 @@ def _recorded_by_run(dataset, run_key: str, folder: str) -> bool:
         return False
     values = runs.get_run_config(dataset, run_key).values()
     return any(isinstance(v, str) and os.path.abspath(v) == folder for v in values)
+
+
+def replace_contents(folder: str, write) -> None:
+    """Delete what the run recorded in ``folder``, then ``write(folder)``, recording what it writes.
+
+    For writers that replace their output only once the new one is ready
+    (a classifier saved after training), not when the folder is claimed.
+    """
+    remove_listed(folder)
+    with recording(folder):
+        write(folder)

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fairbalance import config as fb_config
-from fairbalance import claims, distributed, models, runs, sharding, training, validation, writeback
+from fairbalance import claims, distributed, folders, models, runs, sharding, training, validation, writeback
 
 # the settings that train the biased model: with a trained ``classifier`` they are its own, not the caller's
 TRAINING_SETTINGS = ("q", "backbone", "pretrained", "image_size", "normalize", "epochs", "lr", "seed")
@@ -258,8 +257,7 @@ def compute_hardness(
         "tag": tag, "top_k": top_k, "selection": "error_set" if k is None else "top_k", "per_class": per_class,
     }
     if clf is None:
-        output_dir = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "checkpoints", dataset.name,
-                                                                run_key))
+        output_dir = os.path.abspath(output_dir or folders.default_folder("checkpoints", dataset.name, run_key))
         params.update(q=q, backbone=backbone, pretrained=pretrained, image_size=image_size, normalize=normalize,
                       epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, checkpoint=output_dir, classifier=None,
                       classifier_run=None)
@@ -275,11 +273,9 @@ def compute_hardness(
                               num_workers, progress)
 
     def prepare():  # under a launcher the main process alone claims and writes (fairbalance.distributed)
-        if clf is None:
-            validation.require_writable_dir(output_dir)
         run = runs.prepare(samples, run_key, "hardness", params, fields, overwrite)
-        if clf is None:
-            claims.claim_folder(output_dir)
+        if clf is None:  # this run's folder alone (another run key or dataset is refused, overwrite included)
+            folders.claim_output_folder(output_dir, dataset, run_key)
         old_tag, old_tagged = None, []
         if dataset.has_run(run_key):  # overwrite: its tags go, on the samples it tagged and nowhere else
             old_tag = runs.get_run_config(dataset, run_key).get("tag")
@@ -303,7 +299,7 @@ def compute_hardness(
 
     def write():
         if trained:
-            clf.save(output_dir)
+            folders.replace_contents(output_dir, clf.save)
         # keyed by id, no select(ids): a $in of 1M ids is over MongoDB's 16 MB command limit
         writeback.set_values_by_id(dataset, {
             fields[0]: {i: float(v) for i, v in zip(ids, losses)},
