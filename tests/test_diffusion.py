@@ -105,7 +105,7 @@ def test_generate_refuses_a_folder_of_another_setting(three_colors, trained, tmp
         with pytest.raises(FairBalanceError, match="differs in: guidance_scale"):  # the same run key
             generate_balanced(ds, "color", model=trained, per_class=2, num_inference_steps=2, output_dir=out,
                               guidance_scale=1.0)
-        with pytest.raises(FairBalanceError, match="already holds"):  # another key, the same folder
+        with pytest.raises(FairBalanceError, match="belongs to run"):  # another key, the same folder
             generate_balanced(ds, "color", model=trained, per_class=2, num_inference_steps=2, output_dir=out,
                               guidance_scale=1.0, run_key="other")
         assert sorted(ds.match_tags("generated").values("generation.guidance_scale")) == before  # nothing written
@@ -118,7 +118,7 @@ def test_generate_refuses_a_folder_of_another_setting(three_colors, trained, tmp
         foreign = tmp_path / "foreign"
         foreign.mkdir()
         Image.new("RGB", (16, 16)).save(foreign / "cluster0_seed0_00000.png")
-        with pytest.raises(FairBalanceError, match="unknown run"):
+        with pytest.raises(FairBalanceError, match="did not write"):
             generate_balanced(ds, "color", model=trained, per_class=1, num_inference_steps=2,
                               output_dir=str(foreign), run_key="g2")
     finally:

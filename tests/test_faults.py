@@ -16,6 +16,39 @@ from fairbalance import runs
 from fairbalance.validation import FairBalanceError
 
 FAST = dict(backbone="mlp", image_size=8, epochs=1, batch_size=64)
+TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)
+GEN = dict(label_field="ground_truth", per_class=3, num_inference_steps=2, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from fairbalance import datasets
+
+    ds = datasets.colored_digits("fb-faults-digits", num_classes=3, train_per_class=10, test_per_class=2,
+                                 image_size=16, persistent=False, overwrite=True)
+    yield ds
+    ds.delete()
+
+
+@pytest.fixture(scope="module")
+def model(digits, tmp_path_factory, one_thread):
+    from fairbalance import train_conditional_diffusion
+
+    folder = str(tmp_path_factory.mktemp("faults") / "model")
+    return train_conditional_diffusion(digits.match_tags("train"), "ground_truth", output_dir=folder, epochs=1,
+                                       run_key="faults_model", **TINY)
+
+
+@pytest.fixture
+def clones(digits):
+    made = [digits.clone(), digits.clone()]
+    yield made
+    for ds in made:
+        ds.delete()
+
+
+def _files(folder):
+    return {n: open(os.path.join(folder, n), "rb").read() for n in os.listdir(folder) if n.endswith(".png")}
 
 
 @pytest.fixture
@@ -120,3 +153,28 @@ def test_3_a_model_folder_belongs_to_one_run(small, tmp_path, one_thread):
     train_classifier(small, run_key="ca", output_dir=folder, overwrite=True, **{**FAST, "seed": 1})
     assert open(os.path.join(folder, "notes.txt")).read() == "mine"
     assert open(os.path.join(folder, "model.pt"), "rb").read() != model
+
+
+# 4. two datasets shared generated files, and one's overwrite deleted and re-rendered the other's
+
+def test_4_a_generation_folder_belongs_to_one_dataset(clones, model, tmp_path):
+    from fairbalance import generate_balanced
+
+    a, b = clones
+    folder = str(tmp_path / "gen")
+    generate_balanced(a, model=model, output_dir=folder, run_key="g", **GEN)
+    before = _files(folder)
+    assert len(before) == 9 and len(a.match_tags("generated")) == 9
+    for kwargs in ({}, {"overwrite": True}):
+        with pytest.raises(FairBalanceError, match=f"belongs to run 'g' of dataset '{a.name}'"):
+            generate_balanced(b, model=model, output_dir=folder, run_key="g", **GEN, **kwargs)
+    assert len(b.match_tags("generated")) == 0 and _files(folder) == before
+    # a generated into b's dataset (target_dataset=) gets a folder of its own, not a's
+    res = generate_balanced(a, model=model, target_dataset=b, run_key="g", **GEN)
+    assert res.output_dir != folder and len(b.match_tags("generated")) == 9
+    # a's own overwrite with other settings replaces only a's images (a user's file there stays)
+    open(os.path.join(folder, "notes.txt"), "w").write("mine")
+    generate_balanced(a, model=model, output_dir=folder, run_key="g", overwrite=True, **{**GEN, "seed": 5})
+    assert len(a.match_tags("generated")) == 9 and set(_files(folder)).isdisjoint(before)
+    assert open(os.path.join(folder, "notes.txt")).read() == "mine"
+    assert all(os.path.isfile(p) for p in b.match_tags("generated").values("filepath"))

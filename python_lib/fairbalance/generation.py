@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fairbalance import balance, claims, runs, sharding, training, validation, writeback
+from fairbalance import balance, claims, folders, runs, sharding, training, validation, writeback
 from fairbalance.balance import label_path
 from fairbalance.diffusion import ConditionalDiffusionModel, load_conditional_diffusion, sample_images, validate_sampling
 
@@ -554,6 +554,9 @@ def run_generation(jobs: Sequence[GenerationJob], target, render: Callable[[list
         for b in range(0, len(jobs), batch_size):
             batch = list(jobs[b: b + batch_size])
             todo = [j for j in batch if not os.path.isfile(j.filepath)]
+            for folder in {os.path.dirname(j.filepath) for j in todo}:  # listed before written: overwrite finds them
+                folders.record(folder, [os.path.basename(j.filepath) + ext for j in todo for ext in ("", ".tmp.png")
+                                        if os.path.dirname(j.filepath) == folder])
             if todo:
                 for job, img in zip(todo, render(todo)):
                     img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
@@ -596,6 +599,8 @@ def _claim_output_dir(folder: str, target, setting: dict, overwrite: bool) -> No
             what = f"images of {previous}" if previous else f"{len(images_there)} images of an unknown run"
             raise validation.FairBalanceError(
                 f"{folder} already holds {what}; pass overwrite=True to replace them or choose another output_dir")
+        mine = {os.path.join(folder, n) for n in folders.listed(folder)}  # only the images this run wrote there
+        images_there = [p for p in images_there if p in mine]
         if len(target):
             from fiftyone import ViewField as Fv
 

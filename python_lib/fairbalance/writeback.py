@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from fairbalance import claims, validation
+from fairbalance import validation
 
 
 def set_values_by_id(
@@ -63,17 +63,13 @@ def generation_target(samples, target_dataset, output_dir: str | None, run_key: 
 
     import fiftyone as fo
 
-    from fairbalance import config
+    from fairbalance import folders
 
     target = target_dataset if target_dataset is not None else samples._root_dataset
     if isinstance(target, str):
         target = fo.load_dataset(target) if fo.dataset_exists(target) else fo.Dataset(target, persistent=True)
-    folder = os.path.abspath(output_dir or os.path.join(config.data_dir(), "generated", target.name, run_key))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise validation.FairBalanceError(f"Cannot create output folder {folder}: {e}") from e
-    if not os.access(folder, os.W_OK):
-        raise validation.FairBalanceError(f"Output folder {folder} is not writable")
-    claims.claim_folder(folder, shared_by)
+    # the default is built from the (sanitised) dataset name and stays under the data folder; any folder is this
+    # run's of this dataset alone: another dataset's or run's folder is refused (folders.claim_output_folder)
+    folder = os.path.abspath(output_dir) if output_dir else folders.default_folder("generated", target.name, run_key)
+    folders.claim_output_folder(folder, target, run_key, shared_by=shared_by)
     return target, folder
