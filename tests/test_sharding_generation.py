@@ -163,7 +163,8 @@ def test_inject_shards_equal_one_run(pair, model, tmp_path):
     food.DelegatedOperationService().execute_queued_operations(operator=sharding.OPERATOR_URI, dataset_name=ds.name)
     ds.reload()
     assert sorted(ds.match_tags("generated").values("generation.gamma")) == [0.0] * 8
-    assert runs.get_run_config(ds, "diffinject")["gamma"] == 0.0 and len([f for f in os.listdir(out) if not f.startswith(".")]) == 9  # + the manifest
+    assert runs.get_run_config(ds, "diffinject")["gamma"] == 0.0
+    assert len([f for f in os.listdir(out) if not f.startswith(".")]) == 9  # + the manifest (owner files are hidden)
     # a bad input is refused by queue_sharded before anything is queued
     with pytest.raises(FairBalanceError, match="gamma"):
         fb.queue_sharded(ds.match_tags("train"), "inject_bias_conflicting", num_shards=2, run_key="bad",

@@ -21,6 +21,7 @@ and how it joins the dataset is :mod:`fairbalance.generation`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -33,13 +34,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fairbalance import config as fb_config
-from fairbalance import claims, distributed, models, runs, training, validation
+from fairbalance import claims, distributed, folders, models, runs, training, validation
 
 LABELS_FILE = "fairbalance_labels.json"
 CONDITION_FILE = "condition.safetensors"
 STATE_DIR = "training_state"
 LATEST_FILE = "latest.json"  # in STATE_DIR: the step and folder of the last complete checkpoint
+# what training writes in its folder (listed there before it is written, so overwrite deletes these and nothing else)
+MODEL_ENTRIES = ("unet", "scheduler", CONDITION_FILE, CONDITION_FILE + ".tmp", LABELS_FILE, LABELS_FILE + ".tmp",
+                 STATE_DIR)
 MIN_IMAGES_PER_CLUSTER = 10
 SCHEDULERS = ("ddim", "ddpm")
 LOSS_WEIGHTINGS = ("none", "p2")
@@ -246,23 +249,27 @@ def train_conditional_diffusion(
                                checkpoint_every=checkpoint_every, data_fingerprint=fingerprint.hexdigest(),
                                loss_weighting=loss_weighting, p2_gamma=float(p2_gamma), p2_k=float(p2_k))
     dataset = samples._root_dataset
-    output_dir = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "diffusion", dataset.name, run_key))
+    output_dir = os.path.abspath(output_dir or folders.default_folder("diffusion", dataset.name, run_key))
 
     def prepare():  # the main process only (claims, the run, the folder); the others wait for it
         run = runs.prepare(samples, run_key, "conditional_diffusion", {**asdict(cfg), "model_dir": output_dir}, [],
                            overwrite, rerun_same_config=True, ignore_for_rerun=("epochs",),
                            defaults_for_unrecorded=ADDED_CONFIG_DEFAULTS)
-        claims.claim_folder(output_dir)
+        folders.claim_output_folder(output_dir, dataset, run_key)  # this run's of this dataset alone
         start_fresh = _check_model_folder(output_dir, cfg, resume, overwrite)
-        if start_fresh and os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)
-        validation.require_writable_dir(output_dir)
+        if start_fresh:  # only what this run wrote there (never a folder or file it did not write)
+            folders.remove_listed(output_dir)
+        folders.record(output_dir, MODEL_ENTRIES)  # listed before written: a kill leaves nothing unlisted
         return run
 
     run = distributed.on_main(prepare)
     x = training.load_images(data.filepaths, size, scale="symmetric", progress=distributed.progress_for(None))
     step, start_step, losses = _fit(cfg, x, torch.as_tensor(y), output_dir, device, resume,
                                     distributed.progress_for(progress))
+    if step == start_step and start_step and dataset.has_run(run_key):  # nothing left to train: a finished run
+        stored = runs.load_run_results(dataset, run_key)
+        if stored.get("steps") == step:  # its record stays as it is (it describes the training that was done)
+            return DiffusionTrainResult(**{f.name: stored.get(f.name) for f in dataclasses.fields(DiffusionTrainResult)})
     counts = np.bincount(y[:, 0], minlength=len(classes))
     small = {classes[c]: int(n) for c, n in enumerate(counts) if n < MIN_IMAGES_PER_CLUSTER}
     result = DiffusionTrainResult(
@@ -399,7 +406,8 @@ def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir
         try:
             checkpoint_dir, start_step = latest
             accelerator.load_state(checkpoint_dir)
-            ema.load_state_dict(torch.load(os.path.join(checkpoint_dir, "ema.pt"), weights_only=False))
+            # tensors and numbers only: a pickle planted in the (user-writable) folder is refused, never run
+            ema.load_state_dict(torch.load(os.path.join(checkpoint_dir, "ema.pt"), weights_only=True))
         except Exception as e:  # a truncated or foreign checkpoint: one clear message
             raise validation.FairBalanceError(
                 f"The training checkpoint in {state_dir} is corrupt ({type(e).__name__}: {e}); delete that folder "

@@ -138,7 +138,11 @@ def _cluster_jobs(samples, diff: ConditionalDiffusionModel, mode, total, per_cla
 
 @dataclass
 class GenerationResult:
-    """What a generator added: per group (cluster, cell, class) added and planned, where the images are."""
+    """What a generator made: per group (cluster, cell, class) the run's samples and those planned, where they are.
+
+    ``added`` counts every sample of the run, those an interrupted earlier
+    call added included (``resumed`` then says so).
+    """
 
     run_key: str
     added: dict[str, int]
@@ -193,10 +197,10 @@ def start_generation(samples, target_dataset, output_dir: str | None, run_key: s
     return target, output_dir, run
 
 
-def finish_generation(run: runs.PreparedRun, result: GenerationResult) -> GenerationResult:
-    """Record the generation run (after every image and sample is in place)."""
+def finish_generation(run: runs.PreparedRun, result: GenerationResult, **extra) -> GenerationResult:
+    """Record the generation run (after every image and sample is in place); ``extra``: more results to store."""
     run.write(lambda: None)
-    run.save_results(result.to_dict())
+    run.save_results({**result.to_dict(), **extra})
     return result
 
 
@@ -413,12 +417,19 @@ def generate_plan(samples, function: str, method: str, run_key: str, jobs: list[
     for job in jobs:
         job.filepath = os.path.join(output_dir, job.filepath)
     existing = set(target.values("filepath")) if len(target) else set()
-    added = run_generation([j for j in jobs if j.filepath not in existing], target, render, provenance, batch_size,
-                           progress)
+    todo = [j for j in jobs if j.filepath not in existing]
+    added = run_generation(todo, target, render, provenance, batch_size, progress)
+    # the record describes the run: every sample of its plan (those of an earlier, interrupted call too), and it is
+    # resumed when an earlier call made some of them (a kill leaves no record, so the record alone cannot say)
+    total = _count(jobs, existing | {j.filepath for j in todo})
+    resumed = run.resumed or len(todo) < len(jobs)
     planned = result_fields["planned"]
     extra = {k: v for k, v in result_fields.items() if k not in ("planned", "counts_before")}
-    return finish_generation(run, result_class(run_key, {k: added.get(k, 0) for k in planned}, planned, output_dir,
-                                               target.name, run.resumed, result_fields.get("counts_before"), **extra))
+    result = result_class(run_key, {k: total.get(k, 0) for k in planned}, planned, output_dir, target.name, resumed,
+                          result_fields.get("counts_before"), **extra)
+    if not todo and run.resumed:  # a finished run rerun: nothing done, so its record is not rewritten
+        return result
+    return finish_generation(run, result, num_added_now=sum(added.values()))
 
 
 def shard_generation(samples, function: str, run_key: str, shard: int, num_shards: int, chunk_size: int,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -31,8 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fairbalance import config as fb_config
-from fairbalance import claims, distributed, runs, training, validation
+from fairbalance import claims, distributed, folders, runs, training, validation
 from fairbalance.lora import (MANIFEST_FILE, METHODS, MIN_IMAGES_PER_GROUP, PRIOR_STEPS, _add_adapter, _Base,
                               _cluster, _delete_adapter, _group_fields, _load_base, _model_condition, _read_meta,
                               _real_groups, _save_adapter, activate, base_kind, group_key, require_peft)
@@ -212,14 +210,15 @@ def finetune_per_group(
               "seed": seed, "data_fingerprint": hashlib.sha1("\n".join(
                   sorted(f"{p}\t{group_key(v)}" for p, v in zip(paths, values))).encode()).hexdigest()}
     dataset = samples._root_dataset
-    output_dir = os.path.abspath(output_dir or os.path.join(fb_config.data_dir(), "adapters", dataset.name, run_key))
+    output_dir = os.path.abspath(output_dir or folders.default_folder("adapters", dataset.name, run_key))
     recorded = {("finetune_method" if k == "method" else k): v for k, v in config.items()}  # "method": the run's
 
     def prepare():  # the main process only; the others wait for it (and raise its error)
         run = runs.prepare(samples, run_key, "finetune_per_group", {**recorded, "output_dir": output_dir}, [],
                            overwrite, rerun_same_config=True)
-        claims.claim_folder(output_dir)
+        folders.claim_output_folder(output_dir, dataset, run_key)  # this run's of this dataset alone
         _claim_adapter_folder(output_dir, config, overwrite)
+        folders.record(output_dir, [MANIFEST_FILE, MANIFEST_FILE + ".tmp"] + [f"g{p[0]}c{p[2]}" for p in plans])
         _write_manifest(output_dir, config, [], complete=False)  # marks the folder as this configuration's
         return run
 
@@ -286,7 +285,7 @@ def _base_size(base: _Base, resolution: int | None) -> list[int]:
 
 
 def _claim_adapter_folder(folder: str, config: dict, overwrite: bool) -> None:
-    """Refuse a folder holding adapters of another configuration unless ``overwrite`` (which empties it)."""
+    """Refuse a folder holding adapters of another configuration unless ``overwrite`` (which deletes them)."""
     manifest = os.path.join(folder, MANIFEST_FILE)
     previous = None
     if os.path.isfile(manifest):
@@ -295,16 +294,17 @@ def _claim_adapter_folder(folder: str, config: dict, overwrite: bool) -> None:
                 previous = json.load(f).get("config")
         except (OSError, ValueError):
             previous = {"unreadable": True}
-    others = [d for d in (os.listdir(folder) if os.path.isdir(folder) else []) if d != MANIFEST_FILE]
+    others = [d for d in (os.listdir(folder) if os.path.isdir(folder) else [])
+              if d != MANIFEST_FILE and not d.startswith((folders.OWNER_FILE, folders.LIST_FILE))]
     if previous is not None and previous != runs._jsonable(config) or previous is None and others:
         if not overwrite:
             raise validation.FairBalanceError(
                 f"{folder} already holds " + ("adapters of another configuration" if previous else
                                               f"{len(others)} file(s) of an unknown run")
                 + "; pass overwrite=True to replace them or choose another output_dir")
-        shutil.rmtree(folder)
+        folders.remove_listed(folder)  # what this run wrote there, never other files
     elif overwrite and os.path.isdir(folder):
-        shutil.rmtree(folder)
+        folders.remove_listed(folder)
     validation.require_writable_dir(folder)
 
 
