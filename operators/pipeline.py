@@ -3,6 +3,7 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from fairbalance.folders import pipeline_file
 from fairbalance.pipeline import load_pipeline, run_pipeline
 
 from ._common import as_text_block, operator_config, result_view
@@ -20,12 +21,13 @@ class RunPipeline(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         prop = inputs.str("file", required=True, label="Pipeline file",
-                          description="Path of the YAML file, readable where the operation runs (the worker)")
+                          description="A YAML file under $FAIRBALANCE_DATA_DIR/pipelines (or a folder of "
+                                      "FAIRBALANCE_PIPELINE_DIRS) where the operation runs (the worker)")
         inputs.bool("dry_run", default=False, label="Dry run", description="Only show which steps would run")
         path = ctx.params.get("file")
         if path:
             try:
-                pipeline = load_pipeline(path)
+                pipeline = load_pipeline(pipeline_file(path))
             except Exception as e:  # the file's problem, with its line: shown on the form, before Execute
                 prop.invalid, prop.error_message = True, str(e)
             else:
@@ -36,7 +38,7 @@ class RunPipeline(foo.Operator):
         return types.Property(inputs, view=types.View(label="Run pipeline"))
 
     def execute(self, ctx):
-        pipeline = load_pipeline(ctx.params["file"])
+        pipeline = load_pipeline(pipeline_file(ctx.params["file"]))  # never a path outside the allowed roots
         lines = []
         steps = len(pipeline.steps)
 

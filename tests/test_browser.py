@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import fiftyone as fo
 import pytest
@@ -469,7 +470,10 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     assert "Worst group" in text and "Accuracy per group" in text and "|None" not in text
 
     # 6 all steps: a pipeline file
-    pipeline = tmp_path / "report.yml"
+    from fairbalance import folders
+
+    os.makedirs(folders.default_folder("pipelines"), exist_ok=True)  # the operator reads pipeline files there only
+    pipeline = Path(folders.default_folder("pipelines")) / "report.yml"
     pipeline.write_text(f"dataset: {CREATED}\nsteps:\n  - balance-report: {{label_field: color, run_key: piped}}\n")
     app.open_operator("run a pipeline file", "Run pipeline")
     app.type("Pipeline file", str(pipeline))

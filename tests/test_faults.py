@@ -178,3 +178,124 @@ def test_4_a_generation_folder_belongs_to_one_dataset(clones, model, tmp_path):
     assert len(a.match_tags("generated")) == 9 and set(_files(folder)).isdisjoint(before)
     assert open(os.path.join(folder, "notes.txt")).read() == "mine"
     assert all(os.path.isfile(p) for p in b.match_tags("generated").values("filepath"))
+
+
+# 6. overwrite=True on a sub-view left the old run's values on the other samples
+
+def test_6_overwrite_on_a_view_clears_the_old_values_everywhere(small, tmp_path, one_thread):
+    from fairbalance import apply_classifier, compute_pseudo_labels, train_classifier
+
+    a = train_classifier(small, run_key="ca", output_dir=str(tmp_path / "a"), **FAST)
+    b = train_classifier(small, run_key="cb", output_dir=str(tmp_path / "b"), **{**FAST, "seed": 1})
+    apply_classifier(small, a, "pred")
+    assert small.count("pred") == 30
+    test = small.match_tags("test")
+    apply_classifier(test, b, "pred", overwrite=True)
+    assert small.count("pred") == 6 and set(small.exists("pred").values("id")) == set(test.values("id"))
+    assert runs.get_run_config(small, "pred")["classifier_run"] == "cb"
+    rng = np.random.default_rng(0)
+    small.set_values("feat", [rng.normal(size=4) for _ in range(30)])
+    compute_pseudo_labels(small, features_field="feat", label_field="pl", method="kmeans", num_clusters=2)
+    compute_pseudo_labels(test, features_field="feat", label_field="pl", method="kmeans", num_clusters=2,
+                          overwrite=True)
+    assert set(small.exists("pl").values("id")) == set(test.values("id"))
+
+
+# 8. records that lied: a finished step rerun rewrote its record; a resumed run said it was not resumed
+
+def test_8_records_describe_the_work_done(digits, clones, model, tmp_path):
+    from fairbalance import generate_balanced, train_conditional_diffusion
+
+    a = clones[0]
+    folder = str(tmp_path / "gen")
+    generate_balanced(a, model=model, output_dir=folder, run_key="g", **GEN)
+    record = runs.get_run_config(a, "g")["completed_at"]
+    again = generate_balanced(a, model=model, output_dir=folder, run_key="g", **GEN)  # finished: nothing to do
+    assert again.resumed and again.num_added == 9
+    assert runs.get_run_config(a, "g")["completed_at"] == record and runs.load_run_results(a, "g")["num_added"] == 9
+    # a call killed after adding 6 of its 9 samples (before its record): the rerun resumes and counts the total
+    gen = a.match_tags("generated")
+    last = gen.skip(6)
+    for p in last.values("filepath"):
+        os.remove(p)
+    a.delete_samples(last)
+    a.delete_run("g")
+    resumed = generate_balanced(a, model=model, output_dir=folder, run_key="g", **GEN)
+    results = runs.load_run_results(a, "g")
+    assert resumed.resumed and results["resumed"] and resumed.num_added == 9 == results["num_added"]
+    assert results["num_added_now"] == 3 and len(a.match_tags("generated")) == 9
+    # diffusion training rerun when finished: the record (final loss) stays as the training made it
+    ds = digits
+    before = runs.load_run_results(ds, "faults_model")
+    stamp = runs.get_run_config(ds, "faults_model")["completed_at"]
+    rerun = train_conditional_diffusion(ds.match_tags("train"), "ground_truth", output_dir=model.model_dir, epochs=1,
+                                        run_key="faults_model", **TINY)
+    assert rerun.final_loss == before["final_loss"] is not None and rerun.steps == before["steps"]
+    assert runs.get_run_config(ds, "faults_model")["completed_at"] == stamp
+    assert runs.load_run_results(ds, "faults_model")["final_loss"] == before["final_loss"]
+
+
+# 9. default folders built from dataset names like ../../x wrote outside the data folder
+
+def test_9_folders_from_names_stay_under_the_data_folder(small, clones, model, tmp_path, one_thread):
+    from fairbalance import config, generate_balanced, train_classifier
+    from fairbalance.folders import default_folder
+
+    root = os.path.realpath(config.data_dir())
+    evil = "../../../../" + os.path.basename(str(tmp_path)) + "/escaped"
+    assert default_folder("generated", evil, "g").startswith(root + os.sep)
+    named = fo.Dataset(evil)
+    try:
+        named.add_samples([s.copy() for s in small])
+        clf = train_classifier(named, run_key="c", **FAST)
+        assert os.path.realpath(clf.checkpoint).startswith(root + os.sep)
+        res = generate_balanced(clones[0], model=model, target_dataset=named, run_key="g", **GEN)
+        assert os.path.realpath(res.output_dir).startswith(root + os.sep)
+        assert len(named.match_tags("generated")) == 9
+    finally:
+        named.delete()
+    assert not os.path.exists(tmp_path / "escaped")
+
+
+# 10. a pickle planted in a checkpoint ran on resume; a class named in MongoDB was imported; any App path read
+
+def test_10_no_code_from_user_writable_places(digits, tmp_path, one_thread):
+    import torch
+
+    from fairbalance import generation, train_conditional_diffusion
+    from fairbalance.folders import pipeline_file
+
+    folder = str(tmp_path / "model")
+    train = digits.match_tags("train")
+    train_conditional_diffusion(train, "ground_truth", output_dir=folder, epochs=1, run_key="d10",
+                                checkpoint_every=1, **TINY)
+    state = os.path.join(folder, "training_state")
+    (ckpt,) = [n for n in os.listdir(state) if n.startswith("step-")]
+    marker = tmp_path / "pwned"
+
+    class Planted:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"shadow_params": Planted()}, os.path.join(state, ckpt, "ema.pt"))
+    with pytest.raises(FairBalanceError, match="checkpoint"):
+        train_conditional_diffusion(train, "ground_truth", output_dir=folder, epochs=2, run_key="d10",
+                                    checkpoint_every=1, **TINY)
+    assert not marker.exists()
+    # merge_shards imports only the known result classes, whatever the job document says
+    job = {"run_key": "g", "shards": {}, "shared": {"plan": {
+        "result_class": "os:system", "planned": [], "counts_before": None, "output_dir": "", "target_dataset": "",
+        "extra": {}}}}
+    with pytest.raises(FairBalanceError, match="unknown result class"):
+        generation.merge_shards(digits, job)
+    # the run_pipeline operator reads only pipeline files under the allowed roots
+    outside = tmp_path / "p.yml"
+    outside.write_text("dataset: x\nsteps: []\n")
+    for path in (str(outside), "../../../etc/passwd", "../" + str(outside)):
+        with pytest.raises(FairBalanceError, match="not a pipeline file the App may run"):
+            pipeline_file(path)
+    os.environ["FAIRBALANCE_PIPELINE_DIRS"] = str(tmp_path)
+    try:
+        assert pipeline_file(str(outside)) == os.path.realpath(outside)
+    finally:
+        del os.environ["FAIRBALANCE_PIPELINE_DIRS"]

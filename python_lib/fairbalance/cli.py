@@ -234,13 +234,16 @@ def _queue_pipeline(pipeline, args) -> int:
     """Queue the whole file as one delegated ``run_pipeline`` operation (its steps must run in order)."""
     import fiftyone.operators as foo
 
+    from fairbalance import folders
+
     load_view(pipeline.dataset, None)
+    queued = folders.copy_pipeline(pipeline.path, pipeline.dataset)  # the operator reads only the pipelines folder
     res = foo.execute_operator("@fairbalance/fairbalance/run_pipeline", ctx={
-        "dataset": pipeline.dataset, "params": {"file": pipeline.path, "dry_run": args.dry_run}},
+        "dataset": pipeline.dataset, "params": {"file": queued, "dry_run": args.dry_run}},
         request_delegation=True)
     if res.error:
         raise UsageError(f"could not queue the pipeline: {res.error}")
-    print(f"queued {pipeline.path} as a delegated operation on '{pipeline.dataset}': a worker "
+    print(f"queued {queued} (a copy of {pipeline.path}) as a delegated operation on '{pipeline.dataset}': a worker "
           "(fiftyone delegated launch) runs it; fiftyone delegated list shows it")
     return EXIT_OK
 

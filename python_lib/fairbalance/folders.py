@@ -212,3 +212,46 @@ def replace_contents(folder: str, write) -> None:
     remove_listed(folder)
     with recording(folder):
         write(folder)
+
+
+PIPELINE_DIRS_ENV = "FAIRBALANCE_PIPELINE_DIRS"
+
+
+def pipeline_file(path: str) -> str:
+    """The pipeline file the App's ``run_pipeline`` operator may read: a ``.yml``/``.yaml`` under an allowed root.
+
+    The roots are ``$FAIRBALANCE_DATA_DIR/pipelines`` (where ``fairbalance
+    run --queue`` puts the files it queues; a relative path is taken from
+    there) and the folders listed in ``FAIRBALANCE_PIPELINE_DIRS`` (set on
+    the workers). Any other path typed in the App is refused, so the App
+    cannot make a worker read its files.
+    """
+    from fairbalance import config
+
+    roots = [os.path.realpath(os.path.join(config.data_dir(), "pipelines"))] + [
+        os.path.realpath(p) for p in os.environ.get(PIPELINE_DIRS_ENV, "").split(os.pathsep) if p.strip()]
+    real = os.path.realpath(os.path.join(roots[0], os.path.expanduser(str(path))))
+    if not real.endswith((".yml", ".yaml")) or not any(os.path.commonpath([r, real]) == r for r in roots):
+        raise validation.FairBalanceError(
+            f"{path!r} is not a pipeline file the App may run: put the .yml file under {roots[0]} (or a folder "
+            f"listed in {PIPELINE_DIRS_ENV} on the workers), or run it with `fairbalance run FILE`")
+    return real
+
+
+def copy_pipeline(path: str, dataset_name: str) -> str:
+    """A copy of pipeline file ``path`` in ``$FAIRBALANCE_DATA_DIR/pipelines/<dataset>/`` (what ``--queue`` queues).
+
+    The copy is named by its content, so the queued operation runs the file
+    as it was when queued, and it lies under the root the operator allows.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    folder = default_folder("pipelines", dataset_name)
+    os.makedirs(folder, exist_ok=True)
+    stem = safe_name(os.path.splitext(os.path.basename(path))[0])
+    target = os.path.join(folder, f"{stem}-{hashlib.sha1(data).hexdigest()[:12]}.yml")
+    tmp = f"{target}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
+    return target

@@ -484,6 +484,10 @@ def shard_generation(samples, function: str, run_key: str, shard: int, num_shard
     return run.finish({"added": [[k, n - pre.get(k, 0)] for k, n in now.items()]})
 
 
+# the result classes a sharded generation's job document may name (merge_shards imports nothing else)
+RESULT_CLASSES = ("fairbalance.generation:GenerationResult", "fairbalance.diffinject:InjectionResult")
+
+
 def merge_shards(samples, job: dict) -> dict:
     """The results of a sharded generation whose shards are all done: those of one unsharded run."""
     plan = job["shared"]["plan"]
@@ -492,6 +496,10 @@ def merge_shards(samples, job: dict) -> dict:
         for k, n in (s.get("summary") or {}).get("added", []):
             added[k] = added.get(k, 0) + n
     planned = dict(plan["planned"])
+    if plan["result_class"] not in RESULT_CLASSES:  # a name read from MongoDB: never import what it says
+        raise validation.FairBalanceError(
+            f"The job of run '{job['run_key']}' names an unknown result class {plan['result_class']!r}; "
+            f"known: {', '.join(RESULT_CLASSES)}; queue the job again with overwrite=True")
     module, name = plan["result_class"].split(":")
     cls = getattr(importlib.import_module(module), name)
     before = None if plan["counts_before"] is None else dict(plan["counts_before"])

@@ -136,11 +136,21 @@ class PreparedRun:
         return self.samples._root_dataset
 
     def write(self, writer: Callable[[], Any]) -> Any:
-        """Remove the old run's outputs (if overwriting), call ``writer``, register the run."""
+        """Remove the old run's outputs (if overwriting), call ``writer``, register the run.
+
+        The old run's values go from *every* sample it wrote them to, not only
+        from the samples of this (possibly smaller) view: fields it wrote that
+        this run writes again are cleared (kept in the schema), the others deleted.
+        """
         dataset = self.dataset
         if dataset.has_run(self.run_key):
             old_fields = get_run_config(dataset, self.run_key).get("fields_written", [])
             _delete_fields(dataset, [f for f in old_fields if f not in self.fields])
+            if self.overwrite:
+                schema = dataset.get_field_schema()
+                for f in old_fields:
+                    if f in self.fields and f in schema:
+                        dataset.clear_sample_field(f)
             dataset.delete_run(self.run_key)
         out = writer()
         cfg = dataset.init_run(
