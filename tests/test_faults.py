@@ -239,11 +239,9 @@ def test_8_records_describe_the_work_done(digits, clones, model, tmp_path):
 
 def test_9_folders_from_names_stay_under_the_data_folder(small, clones, model, tmp_path, one_thread):
     from fairbalance import config, generate_balanced, train_classifier
-    from fairbalance.folders import default_folder
 
     root = os.path.realpath(config.data_dir())
-    evil = "../../../../" + os.path.basename(str(tmp_path)) + "/escaped"
-    assert default_folder("generated", evil, "g").startswith(root + os.sep)
+    evil = "../" * 30 + str(tmp_path).lstrip("/") + "/escaped"  # the old code wrote to tmp_path/escaped/...
     named = fo.Dataset(evil)
     try:
         named.add_samples([s.copy() for s in small])
@@ -255,6 +253,10 @@ def test_9_folders_from_names_stay_under_the_data_folder(small, clones, model, t
     finally:
         named.delete()
     assert not os.path.exists(tmp_path / "escaped")
+    from fairbalance.folders import default_folder
+
+    assert default_folder("generated", evil, "g").startswith(root + os.sep)
+    assert default_folder("generated", "a/b", "g") != default_folder("generated", "a_b", "g")
 
 
 # 10. a pickle planted in a checkpoint ran on resume; a class named in MongoDB was imported; any App path read
@@ -263,7 +265,6 @@ def test_10_no_code_from_user_writable_places(digits, tmp_path, one_thread):
     import torch
 
     from fairbalance import generation, train_conditional_diffusion
-    from fairbalance.folders import pipeline_file
 
     folder = str(tmp_path / "model")
     train = digits.match_tags("train")
@@ -289,6 +290,8 @@ def test_10_no_code_from_user_writable_places(digits, tmp_path, one_thread):
     with pytest.raises(FairBalanceError, match="unknown result class"):
         generation.merge_shards(digits, job)
     # the run_pipeline operator reads only pipeline files under the allowed roots
+    from fairbalance.folders import pipeline_file
+
     outside = tmp_path / "p.yml"
     outside.write_text("dataset: x\nsteps: []\n")
     for path in (str(outside), "../../../etc/passwd", "../" + str(outside)):
