@@ -302,3 +302,16 @@ def test_10_no_code_from_user_writable_places(digits, tmp_path, one_thread):
         assert pipeline_file(str(outside)) == os.path.realpath(outside)
     finally:
         del os.environ["FAIRBALANCE_PIPELINE_DIRS"]
+
+
+def test_2_filter_removes_only_the_tags_it_put(clones, model, tmp_path):
+    """The same rule for filter_generated's tag: a reviewer's own low_quality tags survive the run's deletion."""
+    from fairbalance import filter_generated, generate_balanced
+
+    a = clones[0]
+    generate_balanced(a, model=model, output_dir=str(tmp_path / "gen"), run_key="g", **GEN)
+    reviewed = a.match_tags("generated").limit(9)
+    reviewed.tag_samples("low_quality")  # a person marked every generated image by hand
+    filter_generated(a, label_field="ground_truth", method="pixels", bottom_fraction=0.5, run_key="f")
+    runs.delete_run(a, "f")
+    assert len(a.match_tags("low_quality")) == 9

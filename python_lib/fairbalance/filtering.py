@@ -157,14 +157,17 @@ def filter_generated(
             scored.set_values(weight_field, weights, key_field="id")
         if previous_tag and previous_tagged:  # only what this run tagged before, never other samples
             samples._root_dataset.select(previous_tagged).untag_samples(previous_tag)
+        had = set(samples._root_dataset.select(low).match_tags(tag).values("id")) if low else set()
+        tagged[:] = [i for i in low if i not in had]  # a user's own tag is not this run's to remove later
         samples.select(low).tag_samples(tag)
 
+    tagged: list[str] = []
     run.write(write)
     result = FilterResult(run_key, score_field, tag, len(scores), len(low), cut, float(values.mean()), action,
                           exclude_field if action == "exclude" else None, weight_field if action == "weight" else None,
                           len(low) if action == "exclude" else 0,
                           float(np.mean(list(weights.values()))) if action == "weight" else None)
-    run.save_results({**result.to_dict(), "tagged_ids": low})
+    run.save_results({**result.to_dict(), "tagged_ids": tagged})
     return result
 
 
