@@ -412,7 +412,7 @@ def generate_plan(samples, function: str, method: str, run_key: str, jobs: list[
                                                overwrite)
     for job in jobs:
         job.filepath = os.path.join(output_dir, job.filepath)
-    existing = set(target.values("filepath")) if len(target) else set()
+    existing = set(target.values("filepath"))  # a real query: len(target) is an estimate, 0 after a crash
     added = run_generation([j for j in jobs if j.filepath not in existing], target, render, provenance, batch_size,
                            progress)
     planned = result_fields["planned"]
@@ -446,7 +446,7 @@ def shard_generation(samples, function: str, run_key: str, shard: int, num_shard
         job.filepath = os.path.join(output_dir, job.filepath)
     mine = sharding.split(jobs, shard, num_shards)
     by_path = {j.filepath: j for j in mine}
-    existing = set(target.values("filepath")) if len(target) else set()
+    existing = set(target.values("filepath"))  # a real query: len(target) is an estimate, 0 after a crash
     present = {p for p in by_path if p in existing}
     run = sharding.Shard(samples, run_key, function, shard, num_shards, {**config, "output_dir": output_dir}, [],
                          chunk_size=chunk_size, items=list(by_path), done=present, num_items=len(jobs))
@@ -561,7 +561,7 @@ def run_generation(jobs: Sequence[GenerationJob], target, render: Callable[[list
                     img.convert("RGB").save(tmp)
                     os.replace(tmp, job.filepath)
             paths = [j.filepath for j in batch]
-            present = set(target.match(Fv("filepath").is_in(paths)).values("filepath")) if len(target) else set()
+            present = set(target.match(Fv("filepath").is_in(paths)).values("filepath"))
             new = [fo.Sample(filepath=j.filepath, tags=list(tags), generated=True,
                              generation={**provenance, **j.provenance},
                              **{f: fo.Classification(label=str(v)) for f, v in j.fields.items()})
@@ -596,10 +596,9 @@ def _claim_output_dir(folder: str, target, setting: dict, overwrite: bool) -> No
             what = f"images of {previous}" if previous else f"{len(images_there)} images of an unknown run"
             raise validation.FairBalanceError(
                 f"{folder} already holds {what}; pass overwrite=True to replace them or choose another output_dir")
-        if len(target):
-            from fiftyone import ViewField as Fv
+        from fiftyone import ViewField as Fv
 
-            target.delete_samples(target.match(Fv("filepath").is_in(images_there)))
+        target.delete_samples(target.match(Fv("filepath").is_in(images_there)))
         for p in images_there:
             os.remove(p)
     tmp = f"{manifest}.{uuid.uuid4().hex}.tmp"  # shards starting at once each write their own, then rename

@@ -19,6 +19,17 @@ def require_nonempty(samples) -> None:
         raise FairBalanceError("The view is empty: select at least one sample")
 
 
+def count_samples(samples) -> int:
+    """The number of samples, from a real query.
+
+    FiftyOne answers ``len()`` of a whole dataset (or of a view without
+    stages) with MongoDB's *estimated* count, which is stale after a mongod
+    crash (0 while documents exist); decisions (skip existing, resume) must
+    not rest on it. Counting the ``id`` field aggregates over the documents.
+    """
+    return int(samples.count("id"))
+
+
 def require_image_collection(samples) -> None:
     """Reject video/3D/grouped collections; we work on images only."""
     import fiftyone.core.validation as fov
