@@ -28,6 +28,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from fairbalance import validation
+
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
 
@@ -43,12 +45,11 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else the best available: cuda > mps > cpu."""
+    """``device`` if given (refused with :class:`FairBalanceError` when unknown or absent here), else the best
+    available: cuda > mps > cpu."""
     if device is not None:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} requested but CUDA is not available")
-        return dev
+        validation.require_device(device)
+        return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
