@@ -284,6 +284,11 @@ def _plan_balanced(samples, label_field="sa_cluster", model=None, model_run=None
     Returns ``(model, jobs, planned, counts_before, setting, provenance, run config)``.
     """
     validation.require_nonempty(samples)
+    validation.require_seed(seed)
+    validation.require_device(device)
+    for name, value in (("total", total), ("per_class", per_class), ("per_cell", per_cell)):
+        if value is not None:
+            validation.require_positive_int(name, value)
     model = os.fspath(runs.given_or_recorded(samples, model, model_run, "conditional_diffusion", "model_dir",
                                              "model (a model folder)", "model_run"))
     if source not in ("noise", "edit"):
@@ -558,8 +563,13 @@ def run_generation(jobs: Sequence[GenerationJob], target, render: Callable[[list
                 for job, img in zip(todo, render(todo)):
                     img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
                     tmp = job.filepath + ".tmp.png"
-                    img.convert("RGB").save(tmp)
-                    os.replace(tmp, job.filepath)
+                    try:
+                        img.convert("RGB").save(tmp)
+                        os.replace(tmp, job.filepath)
+                    except BaseException:  # a full disk, a kill signal: no half-written temporary file left
+                        if os.path.exists(tmp):
+                            os.remove(tmp)
+                        raise
             paths = [j.filepath for j in batch]
             present = set(target.match(Fv("filepath").is_in(paths)).values("filepath"))
             new = [fo.Sample(filepath=j.filepath, tags=list(tags), generated=True,
