@@ -40,7 +40,7 @@ def _state(ds, folders=()):
     """What a refused call must leave as it was: samples (a real count), fields, runs, values, files."""
     ds.reload()
     files = sorted(p for f in folders for p in glob.glob(os.path.join(f, "**"), recursive=True))
-    return (validation.count_samples(ds), sorted(ds.get_field_schema()), sorted(ds.list_runs()),
+    return (ds.count("id"), sorted(ds.get_field_schema()), sorted(ds.list_runs()),
             sorted(ds.distinct("tags")), files)
 
 
@@ -166,7 +166,7 @@ def prepared(colors):
     """A float field (not a class), NaN weights on some samples."""
     import fiftyone as fo
 
-    n = validation.count_samples(colors)
+    n = colors.count("id")
     colors.set_values("score", [0.5] * n)
     colors.set_values("weight", [NAN if i % 3 == 0 else 1.0 for i in range(n)])
     colors.add_sample_field("fi_dummy", fo.StringField)  # nothing else depends on it
@@ -239,7 +239,7 @@ def test_huge_sizes_are_refused_before_planning(prepared, model, tmp_path, name,
 
 
 def test_num_shards_at_most_the_number_of_samples(prepared):
-    n = validation.count_samples(prepared)
+    n = prepared.count("id")
     with pytest.raises(FairBalanceError, match="num_shards.*samples"):
         fairbalance.queue_sharded(prepared, "compute_sa_features", num_shards=n + 1,
                                   related_texts_override=["a red digit", "a blue digit"])
@@ -269,7 +269,7 @@ def test_operator_forms_have_the_library_ceilings():
 
 def test_tmp_png_removed_when_the_disk_is_full(tmp_path):
     """A write that fails part-way (RLIMIT_FSIZE: the OS refuses to grow the file, as on a full disk) leaves no
-    ``.tmp.png`` behind."""
+    ``.tmp.png`` behind. A PNG smaller than Python's write buffer fails at close(), after PIL's own clean-up."""
     script = f"""
 import os, resource, signal, sys
 import numpy as np
@@ -278,8 +278,8 @@ from fairbalance import generation
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 out = {str(tmp_path)!r}
 jobs = [generation.GenerationJob(os.path.join(out, "cluster0_seed0_00000.png"), "0", {{}}, {{}})]
-noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
-resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+noise = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)  # ~3 KB of PNG
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
 try:
     generation.run_generation(jobs, None, lambda batch: [noise for _ in batch], {{}}, 4, progress=False)
 except OSError as e:
