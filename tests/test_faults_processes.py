@@ -52,14 +52,14 @@ import fiftyone as fo
 import fairbalance
 from fairbalance import claims, datasets
 
-model, out = sys.argv[1], sys.argv[2]
-ds = datasets.colored_digits("fb-crash", num_classes=3, train_per_class=8, test_per_class=2, persistent=True,
-                             overwrite=True)
+model, out, fresh = sys.argv[1], sys.argv[2], sys.argv[3] == "fresh"
 kw = dict(label_field="color", model=model, per_class=2, output_dir=out, seed=0, device="cpu")
-first = fairbalance.generate_balanced(ds, **kw)
-print("RESULT", json.dumps({"step": "generated", "added": first.num_added,
-                  "count": ds.count("id")}), flush=True)
-sys.stdin.readline()  # mongod is killed -9 and restarted on the same files meanwhile
+if not fresh:
+    ds = datasets.colored_digits("fb-crash", num_classes=3, train_per_class=8, test_per_class=2, persistent=True,
+                                 overwrite=True)
+    first = fairbalance.generate_balanced(ds, **kw)
+    print("RESULT", json.dumps({"step": "generated", "added": first.num_added, "count": ds.count("id")}), flush=True)
+    sys.stdin.readline()  # mongod is killed -9 and restarted on the same files meanwhile
 ds = fo.load_dataset("fb-crash")
 before = {"estimated": len(ds), "real": ds.count("id")}
 try:
@@ -69,7 +69,7 @@ except claims.ClaimError as e:
     outcome = {"claim_error": str(e)}
 paths = ds.values("filepath")
 print("RESULT", json.dumps({"step": "rerun", "before": before, **outcome, "count": ds.count("id"),
-                  "duplicates": len(paths) - len(set(paths))}), flush=True)
+                            "duplicates": len(paths) - len(set(paths))}), flush=True)
 """
 
 
@@ -107,28 +107,35 @@ def test_rerun_after_mongod_crash_adds_no_duplicate_and_is_not_blocked_by_its_ow
     env = {**os.environ, "FIFTYONE_DATABASE_URI": f"mongodb://127.0.0.1:{port}",
            "FAIRBALANCE_DATA_DIR": str(tmp_path / "data"),
            "PYTHONPATH": os.pathsep.join([lib] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
-    child = subprocess.Popen([sys.executable, "-c", _CRASH_CHILD, model, str(tmp_path / "generated")], env=env,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(tmp_path / "child.log", "w"),
-                             text=True)
+    def start(mode):
+        return subprocess.Popen([sys.executable, "-c", _CRASH_CHILD, model, str(tmp_path / "generated"), mode],
+                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=open(tmp_path / f"child_{mode}.log", "w"), text=True)
+
+    child = start("same")
     try:
-        first = _result(child, tmp_path / "child.log")
+        first = _result(child, tmp_path / "child_same.log")
         assert first["added"] == 6 and first["count"] == 36  # 30 real + 3 colors x 2
         mongod.kill()  # -9, right after the generation returned (and released its claims)
         mongod.wait()
         mongod = _start_mongod(exe, dbpath, port, log)  # the same files: MongoDB recovers from its journal
         child.stdin.write("go\n")
         child.stdin.flush()
-        rerun = _result(child, tmp_path / "child.log")
+        rerun = _result(child, tmp_path / "child_same.log")  # the same process, after the crash
+        child.wait(120)
+        child = start("fresh")  # and a new process
+        fresh = _result(child, tmp_path / "child_fresh.log")
         child.wait(120)
     finally:
         if child.poll() is None:
             child.kill()
         mongod.terminate()
         mongod.wait(30)
-    print("after the restart:", rerun)
+    print("after the restart:", rerun, fresh)
     assert "claim_error" not in rerun, rerun  # its own released claim did not come back to block it
-    assert rerun["before"]["real"] == 36
-    assert rerun["added"] == 0 and rerun["count"] == 36 and rerun["duplicates"] == 0, rerun
+    for result in (rerun, fresh):  # the finished generation is found by a real count: nothing added twice
+        assert result["before"]["real"] == 36, result
+        assert result["added"] == 0 and result["count"] == 36 and result["duplicates"] == 0, result
 
 
 # ----------------------------------------------------------------------------- item 7: sharded embeddings
