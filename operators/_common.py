@@ -6,6 +6,7 @@ import fiftyone as fo
 import fiftyone.operators.types as types
 
 from fairbalance.fields import categorical_fields  # noqa: F401  (re-exported for the operators)
+from fairbalance.validation import LIMITS
 
 
 def progress_callback(ctx, label):
@@ -116,8 +117,9 @@ def sampling_inputs(inputs, fn):
     """Guidance scale, sampling steps and seed of a generator, with ``fn``'s defaults."""
     inputs.float("guidance_scale", default=default_of(fn, "guidance_scale"), min=0, label="Guidance scale",
                  description="Classifier-free guidance: how strongly images follow their condition")
-    inputs.int("num_inference_steps", default=default_of(fn, "num_inference_steps"), min=1, label="Sampling steps")
-    inputs.int("seed", default=default_of(fn, "seed"), label="Seed",
+    inputs.int("num_inference_steps", default=default_of(fn, "num_inference_steps"), min=1,
+               max=LIMITS["num_inference_steps"], label="Sampling steps")
+    inputs.int("seed", default=default_of(fn, "seed"), max=LIMITS["seed"], label="Seed",
                description="Each image's own seed derives from it: the same seed gives the same images")
 
 

@@ -7,6 +7,7 @@ import fiftyone.operators.types as types
 from fairbalance.captions import compute_captions, filter_captions
 from fairbalance.sharding import queue_sharded
 from fairbalance.text_to_image import generate_from_captions
+from fairbalance.validation import LIMITS
 
 from ._common import (as_text_block, categorical_fields, default_of, field_dropdown, given, operator_config,
                       progress_callback, result_view, run_key_input, sampling_inputs)
@@ -34,12 +35,13 @@ class ComputeCaptions(foo.Operator):
         inputs.str("model", default=default_of(compute_captions, "model"), required=False,
                    label="Captioning model", description="Hugging Face hub id or a local save_pretrained folder")
         inputs.int("num_captions", default=default_of(compute_captions, "num_captions"), min=1,
-                   label="Captions per image")
+                   max=LIMITS["num_captions"], label="Captions per image")
         inputs.str("caption_field", default=default_of(compute_captions, "caption_field"), required=False,
                    label="Caption field")
-        inputs.int("batch_size", default=default_of(compute_captions, "batch_size"), min=1, label="Batch size")
-        inputs.int("seed", default=default_of(compute_captions, "seed"), label="Seed")
-        inputs.int("num_shards", default=1, min=1, label="Shards",
+        inputs.int("batch_size", default=default_of(compute_captions, "batch_size"), min=1, max=LIMITS["batch_size"],
+                   label="Batch size")
+        inputs.int("seed", default=default_of(compute_captions, "seed"), max=LIMITS["seed"], label="Seed")
+        inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
                    description="More than 1: queue the work as this many delegated operations (one per shard) for "
                                "`fiftyone delegated launch` workers; the last to finish records the run. Running "
                                "it again with the same settings resumes")
@@ -90,7 +92,7 @@ class FilterCaptions(foo.Operator):
         labels = categorical_fields(ctx.dataset)
         field_dropdown(inputs, "label_field", labels, "Label field (F = 2 x its classes)", "", required=False,
                        default="ground_truth" if "ground_truth" in labels else None)
-        inputs.int("top_f", required=False, min=1, label="Top-F words (overrides the label field)")
+        inputs.int("top_f", required=False, min=1, max=LIMITS["top_f"], label="Top-F words (overrides the label field)")
         inputs.str("output_field", default=default_of(filter_captions, "output_field"), required=False,
                    label="Output field")
         run_key_input(ctx, inputs, filter_captions)
@@ -140,11 +142,11 @@ class GenerateFromCaptions(foo.Operator):
         inputs.str("model", default=default_of(generate_from_captions, "model"), required=False,
                    label="Diffusion pipeline")
         inputs.int("images_per_caption", default=default_of(generate_from_captions, "images_per_caption"), min=1,
-                   label="Images per caption")
+                   max=LIMITS["images_per_caption"], label="Images per caption")
         sampling_inputs(inputs, generate_from_captions)
         inputs.bool("safety_checker", default=default_of(generate_from_captions, "safety_checker"),
                     label="Keep the pipeline's safety checker")
-        inputs.int("num_shards", default=1, min=1, label="Shards",
+        inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
                    description="More than 1: queue the images as this many delegated operations (one per shard) "
                                "for `fiftyone delegated launch` workers; the last to finish records the run. Running "
                                "it again with the same settings resumes")

@@ -7,6 +7,7 @@ from fairbalance import runs
 from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
 from fairbalance.hardness import compute_hardness
 from fairbalance.sharding import queue_sharded
+from fairbalance.validation import LIMITS
 
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input)
@@ -22,17 +23,17 @@ def _training_inputs(inputs, fn):
     inputs.enum("backbone", backbone.values(), default=default_of(fn, "backbone"), view=backbone, label="Backbone")
     inputs.bool("pretrained", default=default_of(fn, "pretrained"),
                 label="ImageNet weights (ResNet-18; must be on disk)")
-    inputs.int("image_size", required=False, min=8, label="Image size (px)",
+    inputs.int("image_size", required=False, min=8, max=LIMITS["image_size"], label="Image size (px)",
                description="Leave empty to train at the images' native size")
     norm = types.Dropdown()
     norm.add_choice("none", label="Pixels in [0, 1]")
     norm.add_choice("dataset", label="Normalised with the training images' statistics")
     norm.add_choice("imagenet", label="Normalised with ImageNet statistics (pretrained ResNet)")
     inputs.enum("normalize", norm.values(), default=default_of(fn, "normalize"), view=norm, label="Input normalisation")
-    inputs.int("epochs", default=default_of(fn, "epochs"), min=1, label="Epochs")
-    inputs.int("batch_size", default=default_of(fn, "batch_size"), min=1, label="Batch size")
+    inputs.int("epochs", default=default_of(fn, "epochs"), min=1, max=LIMITS["epochs"], label="Epochs")
+    inputs.int("batch_size", default=default_of(fn, "batch_size"), min=1, max=LIMITS["batch_size"], label="Batch size")
     inputs.float("lr", default=default_of(fn, "lr"), min=0, label="Learning rate")
-    inputs.int("seed", default=default_of(fn, "seed"), label="Seed")
+    inputs.int("seed", default=default_of(fn, "seed"), max=LIMITS["seed"], label="Seed")
 
 
 TRAINING_PARAMS = ("backbone", "pretrained", "image_size", "normalize", "epochs", "batch_size", "lr", "seed")
@@ -78,7 +79,7 @@ class ComputeHardnessTags(foo.Operator):
         clf = inputs.str("classifier", required=False, label="Trained biased classifier (optional)",
                          description="The folder of a classifier trained already (train classifier, method "
                                      "'biased'): it is used as is, nothing is trained. Needed with Shards > 1")
-        inputs.int("num_shards", default=1, min=1, label="Shards",
+        inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
                    description="More than 1: queue the losses as this many delegated operations (one per shard) "
                                "for `fiftyone delegated launch` workers; the last to finish ranks, tags and "
                                "records the run. Running it again with the same settings resumes")
@@ -166,7 +167,7 @@ class TrainClassifier(foo.Operator):
             inputs.float("supcon_temperature", default=default_of(train_classifier, "supcon_temperature"), min=0,
                          label="SupCon temperature")
             inputs.int("head_epochs", default=default_of(train_classifier, "head_epochs"), min=1,
-                       label="Stage 2 epochs (linear head on the real samples)")
+                       max=LIMITS["head_epochs"], label="Stage 2 epochs (linear head on the real samples)")
             inputs.bool("stage1_real", default=default_of(train_classifier, "stage1_real"),
                         label="Stage 1 on generated + real samples")
         field_dropdown(inputs, "val_tag", tags, "Validation tag (optional)",

@@ -5,6 +5,7 @@ import fiftyone.operators.types as types
 
 from fairbalance import datasets
 from fairbalance.colored_mnist import colored_mnist
+from fairbalance.validation import LIMITS
 
 from ._common import default_of, given, operator_config, progress_callback, result_view
 
@@ -27,14 +28,14 @@ class CreateColoredDigits(foo.Operator):
         inputs.enum("conflict_ratio", ratio.values(), default=default_of(datasets.colored_digits, "conflict_ratio"),
                     view=ratio)
         inputs.int("train_per_class", default=default_of(datasets.colored_digits, "train_per_class"), min=1,
-                   label="Train images per class")
+                   max=LIMITS["train_per_class"], label="Train images per class")
         inputs.int("test_per_class", default=default_of(datasets.colored_digits, "test_per_class"), min=1,
-                   label="Test images per class")
+                   max=LIMITS["test_per_class"], label="Test images per class")
         inputs.int("num_classes", default=default_of(datasets.colored_digits, "num_classes"), min=2, max=10,
                    label="Classes")
         inputs.int("image_size", default=default_of(datasets.colored_digits, "image_size"), min=8,
-                   label="Image size (px)")
-        inputs.int("seed", default=default_of(datasets.colored_digits, "seed"), label="Seed")
+                   max=LIMITS["image_size"], label="Image size (px)")
+        inputs.int("seed", default=default_of(datasets.colored_digits, "seed"), max=LIMITS["seed"], label="Seed")
         inputs.bool("overwrite", default=default_of(datasets.colored_digits, "overwrite"),
                     label="Overwrite an existing dataset of that name")
         return types.Property(inputs, view=types.View(label="Create Colored Digits"))
@@ -93,9 +94,11 @@ class CreateColoredMnist(foo.Operator):
         for r in (0.005, 0.01, 0.02, 0.05):
             ratio.add_choice(r, label=f"{r:.1%}")
         inputs.enum("conflict_ratio", ratio.values(), default=default_of(colored_mnist, "conflict_ratio"), view=ratio)
-        inputs.int("num_val", default=default_of(colored_mnist, "num_val"), min=0, label="Validation images (unbiased)")
-        inputs.int("num_test", default=default_of(colored_mnist, "num_test"), min=1, label="Test images (unbiased)")
-        inputs.int("seed", default=default_of(colored_mnist, "seed"), min=0, label="Seed")
+        inputs.int("num_val", default=default_of(colored_mnist, "num_val"), min=0, max=LIMITS["num_val"],
+                   label="Validation images (unbiased)")
+        inputs.int("num_test", default=default_of(colored_mnist, "num_test"), min=1, max=LIMITS["num_test"],
+                   label="Test images (unbiased)")
+        inputs.int("seed", default=default_of(colored_mnist, "seed"), min=0, max=LIMITS["seed"], label="Seed")
         inputs.bool("overwrite", default=default_of(colored_mnist, "overwrite"),
                     label="Overwrite an existing dataset of that name")
         return types.Property(inputs, view=types.View(label="Create Colored MNIST"))

@@ -6,6 +6,7 @@ import fiftyone.operators.types as types
 from fairbalance import runs
 from fairbalance.diffinject import inject_bias_conflicting
 from fairbalance.sharding import queue_sharded
+from fairbalance.validation import LIMITS
 
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input)
@@ -42,7 +43,8 @@ class InjectBiasConflicting(foo.Operator):
                        default=default)
         inputs.str("content_tag", default=default_of(inject_bias_conflicting, "content_tag"), required=False,
                    label="Content tag", description="The tag of the bias-conflicting samples (compute hardness tags)")
-        inputs.float("ratio", default=default_of(inject_bias_conflicting, "ratio"), min=0, label="Bias-conflict ratio",
+        inputs.float("ratio", default=default_of(inject_bias_conflicting, "ratio"), min=0, max=LIMITS["ratio"],
+                     label="Bias-conflict ratio",
                      description="Images to make, as a fraction of the real labelled samples (paper: 0.1)")
         inputs.float("gamma", default=default_of(inject_bias_conflicting, "gamma"), min=0, max=1,
                      label="Injection ratio (gamma)", description="0 = the original's reconstruction, 1 = all content")
@@ -51,20 +53,22 @@ class InjectBiasConflicting(foo.Operator):
         kind.add_choice("global", label="Global: the whole bottleneck")
         inputs.enum("injection", kind.values(), default=default_of(inject_bias_conflicting, "injection"), view=kind,
                     label="Injection")
-        inputs.int("t_edit", default=default_of(inject_bias_conflicting, "t_edit"), min=1, label="t_edit",
+        inputs.int("t_edit", default=default_of(inject_bias_conflicting, "t_edit"), min=1, max=LIMITS["t_edit"],
+                   label="t_edit",
                    description="Inject over the timesteps [T, t_edit] (of T = 1000)")
-        inputs.int("t_boost", default=default_of(inject_bias_conflicting, "t_boost"), min=0, label="t_boost",
+        inputs.int("t_boost", default=default_of(inject_bias_conflicting, "t_boost"), min=0, max=LIMITS["t_boost"],
+                   label="t_boost",
                    description="Add noise over [t_boost, 0] (quality boosting)")
         inputs.int("num_inference_steps", default=default_of(inject_bias_conflicting, "num_inference_steps"), min=1,
-                   label="DDIM steps")
+                   max=LIMITS["num_inference_steps"], label="DDIM steps")
         source = types.RadioGroup()
         source.add_choice("content", label="The content's (the tagged sample)")
         source.add_choice("original", label="The original's")
         inputs.enum("label_from", source.values(), default=default_of(inject_bias_conflicting, "label_from"),
                     view=source, label="Label of the injected image")
-        inputs.int("seed", default=default_of(inject_bias_conflicting, "seed"), label="Seed",
+        inputs.int("seed", default=default_of(inject_bias_conflicting, "seed"), max=LIMITS["seed"], label="Seed",
                    description="The pairs and every image's noise derive from it")
-        inputs.int("num_shards", default=1, min=1, label="Shards",
+        inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
                    description="More than 1: queue the images as this many delegated operations (one per shard) "
                                "for `fiftyone delegated launch` workers; the last to finish records the run. Running "
                                "it again with the same settings resumes")

@@ -8,6 +8,7 @@ from fairbalance.diffusion import train_conditional_diffusion
 from fairbalance.filtering import filter_generated
 from fairbalance.generation import generate_balanced
 from fairbalance.sharding import queue_sharded
+from fairbalance.validation import LIMITS
 
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input, sampling_inputs)
@@ -42,7 +43,7 @@ class TrainConditionalDiffusion(foo.Operator):
         field_dropdown(inputs, "attribute_field", fields, "Attribute field (optional)",
                        "A second condition, e.g. the class as 'Cluster field' and the clusters here: the model "
                        "then generates any class x cluster cell ('cells' mode of generate balanced)", required=False)
-        inputs.int("image_size", required=False, min=8, label="Image size (px)",
+        inputs.int("image_size", required=False, min=8, max=LIMITS["image_size"], label="Image size (px)",
                    description="Leave empty to train at the images' native size")
         for name, kind, label in (("epochs", "int", "Epochs"), ("batch_size", "int", "Batch size"),
                                   ("lr", "float", "Learning rate"),
@@ -96,7 +97,8 @@ class GenerateBalanced(foo.Operator):
         mode.add_choice("cells", label="Fill every class x attribute cell (a model trained with an attribute)")
         inputs.enum("mode", mode.values(), default=default_of(generate_balanced, "mode"), view=mode, label="Mode")
         if ctx.params.get("mode") == "cells":
-            inputs.int("per_cell", default=40, min=1, label="Images per cell (real + generated)")
+            inputs.int("per_cell", default=40, min=1, max=LIMITS["per_cell"],
+                       label="Images per cell (real + generated)")
             source = types.RadioGroup()
             source.add_choice("edit", label="Edit real images of the class (keeps their shape)")
             source.add_choice("noise", label="From pure noise")
@@ -107,7 +109,7 @@ class GenerateBalanced(foo.Operator):
             inputs.float("attribute_guidance_scale", required=False, min=0, label="Attribute guidance",
                          description="Guidance toward the attribute (default: the guidance scale)")
         else:
-            prop = inputs.int("total", default=2000, min=1, label="Total images (equal mode)",
+            prop = inputs.int("total", default=2000, min=1, max=LIMITS["total"], label="Total images (equal mode)",
                               description="Split equally over the clusters (the paper generates 2,000)")
             run = ctx.params.get("diffusion_run") if ctx.params.get("diffusion_run") in keys else keys[-1]
             num_clusters = len(runs.get_run_config(ctx.dataset, run).get("classes") or [])
@@ -117,7 +119,7 @@ class GenerateBalanced(foo.Operator):
                 prop.invalid = True
                 prop.error_message = f"At least one image per cluster: the model has {num_clusters} clusters"
         sampling_inputs(inputs, generate_balanced)
-        inputs.int("num_shards", default=1, min=1, label="Shards",
+        inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
                    description="More than 1: queue the images as this many delegated operations (one per shard) "
                                "for `fiftyone delegated launch` workers; the last to finish records the run. Running "
                                "it again with the same settings resumes")

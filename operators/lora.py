@@ -7,6 +7,7 @@ from fairbalance import runs
 from fairbalance.lora_generation import generate_per_group
 from fairbalance.lora_training import finetune_per_group
 from fairbalance.sharding import queue_sharded
+from fairbalance.validation import LIMITS
 
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       readable_bytes, result_view, rounded, run_key_input, sampling_inputs)
@@ -45,6 +46,7 @@ class FinetunePerGroup(foo.Operator):
         inputs.enum("method", method.values(), default=default_of(finetune_per_group, "method"), view=method,
                     label="Method")
         inputs.int("clusters_per_group", default=default_of(finetune_per_group, "clusters_per_group"), min=1,
+                   max=LIMITS["clusters_per_group"],
                    label="Clusters per group", description="> 1: Clustered DreamBooth, one adapter per cluster")
         for name, kind, label in (("rank", "int", "LoRA rank"), ("steps", "int", "Steps per adapter"),
                                   ("lr", "float", "Learning rate"), ("batch_size", "int", "Batch size"),
@@ -106,14 +108,15 @@ class GeneratePerGroup(foo.Operator):
         mode.add_choice("equal", label="The same number per group")
         mode.add_choice("fill", label="Fill every group up to the largest (or up to the number below)")
         inputs.enum("mode", mode.values(), default=default_of(generate_per_group, "mode"), view=mode, label="Mode")
-        inputs.int("per_group", required=ctx.params.get("mode", "equal") == "equal", min=1, label="Images per group")
+        inputs.int("per_group", required=ctx.params.get("mode", "equal") == "equal", min=1, max=LIMITS["per_group"],
+                   label="Images per group")
         groups = types.RadioGroup()
         groups.add_choice("observed", label="Groups with real images")
         groups.add_choice("all", label="Every class x attribute cell of the model (empty ones from the base model)")
         inputs.enum("groups", groups.values(), default=default_of(generate_per_group, "groups"), view=groups,
                     label="Groups")
         sampling_inputs(inputs, generate_per_group)
-        inputs.int("num_shards", default=1, min=1, label="Shards",
+        inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
                    description="More than 1: queue the images as this many delegated operations (one per shard) "
                                "for `fiftyone delegated launch` workers; the last to finish records the run. Running "
                                "it again with the same settings resumes")

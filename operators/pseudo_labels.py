@@ -5,6 +5,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fairbalance.pseudo_labels import compute_pseudo_labels
+from fairbalance.validation import LIMITS
 
 from ._common import default_of, field_dropdown, given, operator_config, result_view, rounded, run_key_input
 
@@ -44,15 +45,16 @@ class ComputePseudoLabels(foo.Operator):
         method.add_choice("kmeans", label="k-means (fixed number of clusters)")
         inputs.enum("method", method.values(), default=_default("method"), view=method, label="Algorithm")
         if ctx.params.get("method") == "kmeans":
-            inputs.int("num_clusters", default=10, min=2, required=True, label="Number of clusters")
+            inputs.int("num_clusters", default=10, min=2, max=LIMITS["num_clusters"], required=True,
+                       label="Number of clusters")
         else:
-            inputs.int("kmax", default=_default("kmax"), min=2, label="Maximum clusters (kmax)")
+            inputs.int("kmax", default=_default("kmax"), min=2, max=LIMITS["kmax"], label="Maximum clusters (kmax)")
             crit = types.Dropdown()
             crit.add_choice("pyclustering", label="pyclustering's BIC (reference implementation)")
             crit.add_choice("bic", label="BIC as in the X-means paper")
             inputs.enum("criterion", crit.values(), default=_default("criterion"), view=crit,
                         label="Splitting criterion")
-        inputs.int("seed", default=_default("seed"), label="Seed")
+        inputs.int("seed", default=_default("seed"), max=LIMITS["seed"], label="Seed")
         run_key_input(ctx, inputs, compute_pseudo_labels)
         return types.Property(inputs, view=types.View(label="Compute pseudo-labels"))
 

@@ -5,6 +5,7 @@ import fiftyone.operators.types as types
 
 from fairbalance.sa_features import compute_sa_features
 from fairbalance.sharding import queue_sharded
+from fairbalance.validation import LIMITS
 
 from ._common import (attribute_or_texts_input, default_of, given, operator_config, progress_callback,
                       related_texts_columns, result_view, rounded, run_key_input, split_list, text_source)
@@ -31,7 +32,7 @@ class ComputeSAFeatures(foo.Operator):
             inputs.str("attribute_values", required=False, label="Attribute values (optional, comma-separated)",
                        description='e.g. "white person, black person"')
             inputs.int("num_related_texts", default=_default("num_related_texts"), min=2,
-                       label="Number of related texts (k)")
+                       max=LIMITS["num_related_texts"], label="Number of related texts (k)")
             inputs.str("exclude_words", required=False, label="Exclude texts containing (comma-separated)",
                        description='e.g. "man, woman" to keep gender words out of a race attribute')
         inputs.str("model", default=_default("model"), required=False, label="CLIP model",
@@ -40,9 +41,9 @@ class ComputeSAFeatures(foo.Operator):
                    label="Pretrained tag or checkpoint file")
         inputs.str("embeddings_field", default=_default("embeddings_field"), required=False, label="Embeddings field")
         inputs.str("features_field", default=_default("features_field"), required=False, label="Features field")
-        inputs.int("batch_size", default=_default("batch_size"), min=1, label="Batch size")
+        inputs.int("batch_size", default=_default("batch_size"), min=1, max=LIMITS["batch_size"], label="Batch size")
         inputs.bool("skip_failures", default=_default("skip_failures"), label="Skip unreadable images")
-        inputs.int("num_shards", default=1, min=1, label="Shards",
+        inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
                    description="More than 1: queue the work as this many delegated operations (one per shard) for "
                                "`fiftyone delegated launch` workers; the last to finish records the run. Running "
                                "it again with the same settings resumes")

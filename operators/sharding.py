@@ -4,6 +4,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from fairbalance import sharding
+from fairbalance.validation import LIMITS
 
 from ._common import progress_callback, result_view
 
@@ -24,7 +25,7 @@ class ComputeShard(foo.Operator):
         inputs = types.Object()
         inputs.str("function", required=True, label="Function")
         inputs.str("run_key", required=True, label="Run key")
-        inputs.int("num_shards", required=True, label="Shards")
+        inputs.int("num_shards", required=True, max=LIMITS["num_shards"], label="Shards")
         inputs.int("shard", required=False, label="Shard")
         inputs.bool("merge", default=False, label="Merge only")
         inputs.obj("kwargs", label="Arguments")

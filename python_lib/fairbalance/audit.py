@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fairbalance import claims
+from fairbalance import claims, validation
 from fairbalance.balance import BalanceReport, balance_report
 from fairbalance.pseudo_labels import PseudoLabelsResult, compute_pseudo_labels
+from fairbalance.pseudo_labels import validate_inputs as validate_pseudo_label_inputs
 from fairbalance.sa_features import SAFeaturesResult, compute_sa_features
+from fairbalance.sa_features import validate_inputs as validate_sa_inputs
 
 
 @dataclass
@@ -55,6 +57,12 @@ def audit_balance(
     holds the clusters x attribute table. ``overwrite=True`` replaces a
     previous audit with the same key.
     """
+    # every step's checks before the first one writes (kmax=0 was refused after the SA features were written)
+    validate_sa_inputs(samples, attribute, related_texts_override=related_texts_override,
+                       num_related_texts=num_related_texts, features_field=features_field)
+    validate_pseudo_label_inputs(samples, features_field, label_field, kmax=kmax, seed=seed)
+    if attribute_field is not None:
+        validation.require_fields(samples, [attribute_field])
     sa = compute_sa_features(samples, attribute, related_texts_override=related_texts_override,
                              num_related_texts=num_related_texts, model=model, pretrained=pretrained,
                              features_field=features_field, run_key=f"{run_key}_sa_features", overwrite=overwrite,

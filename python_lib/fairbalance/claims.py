@@ -29,6 +29,7 @@ HEARTBEAT_S = 30.0
 STALE_AFTER_S = 180.0
 
 _current: contextvars.ContextVar["_Held | None"] = contextvars.ContextVar("fairbalance_claims", default=None)
+_live_tokens: set[str] = set()  # the tokens of this process's operations that hold claims now
 
 
 class ClaimError(validation.FairBalanceError):
@@ -36,9 +37,12 @@ class ClaimError(validation.FairBalanceError):
 
 
 def _collection():
+    """The claims collection, written with journaled acknowledgement: a claim released (or taken) before a
+    mongod crash must stay released after its restart, not come back and block its own process."""
     import fiftyone.core.odm as foo
+    from pymongo import WriteConcern
 
-    return foo.get_db_conn()[COLLECTION]
+    return foo.get_db_conn()[COLLECTION].with_options(write_concern=WriteConcern(w=1, j=True))
 
 
 def _now() -> _dt.datetime:
@@ -56,8 +60,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _is_stale(doc: dict) -> bool:
-    if doc.get("host") == socket.gethostname() and not _pid_alive(int(doc.get("pid", -1))):
-        return True
+    if doc.get("host") == socket.gethostname():
+        pid = int(doc.get("pid", -1))
+        if not _pid_alive(pid):
+            return True
+        if pid == os.getpid() and doc.get("token") not in _live_tokens:
+            return True  # this process's own, from an operation that has ended (a release lost in a crash)
     beat = doc.get("heartbeat")
     return beat is None or (_now() - beat).total_seconds() > STALE_AFTER_S
 
@@ -97,6 +105,7 @@ class _Held:
         else:
             raise ClaimError(f"Could not claim {what}: it is being claimed and released repeatedly")
         self.names.append(name)
+        _live_tokens.add(self.token)
         if self._thread is None:
             self._thread = threading.Thread(target=self._beat, name="fairbalance-claims", daemon=True)
             self._thread.start()
@@ -111,6 +120,7 @@ class _Held:
 
     def release(self) -> None:
         self._stop.set()
+        _live_tokens.discard(self.token)
         if self.names:
             _collection().delete_many({"_id": {"$in": self.names}, "token": self.token})
             self.names = []

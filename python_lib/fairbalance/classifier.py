@@ -73,6 +73,7 @@ def train_classifier(
     of each global batch and the main process alone claims, saves and records
     the run (:mod:`fairbalance.distributed`).
     """
+    validation.require_seed(seed)  # before the run is prepared (the config's own checks come later)
     dataset = samples._root_dataset
     params = dict(label_field=label_field, method=method, backbone=backbone, pretrained=pretrained,
                   image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr,

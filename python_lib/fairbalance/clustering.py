@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fairbalance import validation
+
 CRITERIA = ("bic", "pyclustering")
 BACKENDS = ("auto", "sklearn", "pyclustering")
 # Above this many values (n x d), "auto" leaves pyclustering's C core: it copies the data into Python lists
@@ -149,14 +151,20 @@ def xmeans(
     the scikit-learn implementation (the same criterion, one copy of the data).
     """
     if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {CRITERIA}")
+        raise validation.FairBalanceError(f"criterion must be one of {CRITERIA}")
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}")
-    if kinit < 1 or kmax < kinit:
-        raise ValueError("need 1 <= kinit <= kmax")
-    x = np.ascontiguousarray(x, dtype=np.float64)
+        raise validation.FairBalanceError(f"backend must be one of {BACKENDS}")
+    validation.require_positive_int("kinit", kinit)
+    validation.require_positive_int("kmax", kmax)
+    if kmax < kinit:
+        raise validation.FairBalanceError(f"need 1 <= kinit <= kmax, got kinit={kinit}, kmax={kmax}")
+    validation.require_seed(seed)
+    x = np.ascontiguousarray(validation.require_finite_matrix("x", x), dtype=np.float64)
+    if len(x) < kinit:
+        raise validation.FairBalanceError(f"x has {len(x)} row(s); clustering needs at least kinit={kinit}")
     if backend == "pyclustering" and criterion != "pyclustering":
-        raise ValueError("pyclustering's C core only implements its own criterion; use backend='sklearn'")
+        raise validation.FairBalanceError(
+            "pyclustering's C core only implements its own criterion; use backend='sklearn'")
     use_c = backend == "pyclustering" or (backend == "auto" and criterion == "pyclustering" and x.size <= C_CORE_MAX_VALUES
                                           and pyclustering_available())
     if use_c:

@@ -469,12 +469,12 @@ def _prepare(samples, model=None, model_run=None, content_tag="bias_conflicting"
     ratio = _number("ratio", ratio, 0.0)
     if ratio <= 0:
         raise validation.FairBalanceError(f"ratio must be > 0, got {ratio!r}")
+    validation.require_at_most("ratio", ratio)
     if injection not in INJECTIONS:
         raise validation.FairBalanceError(f"injection must be one of {INJECTIONS}, not {injection!r}")
     if label_from not in LABEL_SOURCES:
         raise validation.FairBalanceError(f"label_from must be one of {LABEL_SOURCES}, not {label_from!r}")
-    if not content_tag or not isinstance(content_tag, str):
-        raise validation.FairBalanceError("content_tag must be a non-empty string")
+    validation.require_tag("content_tag", content_tag)
     t_boost = _int("t_boost", t_boost, 0)
     t_edit = _int("t_edit", t_edit, 0)
     validation.require_positive_int("num_inference_steps", num_inference_steps)

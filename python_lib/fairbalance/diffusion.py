@@ -215,6 +215,20 @@ def train_conditional_diffusion(
     """
     validation.require_nonempty(samples)
     validation.require_image_collection(samples)
+    validation.require_seed(seed)
+    validation.require_device(device)
+    if image_size is not None:
+        validation.require_positive_int("image_size", image_size, minimum=8)
+    if (isinstance(block_out_channels, (str, bytes)) or not hasattr(block_out_channels, "__len__")
+            or not block_out_channels):
+        raise validation.FairBalanceError(
+            f"block_out_channels must be a non-empty sequence of channel counts, e.g. (32, 64, 64), got "
+            f"{block_out_channels!r}")
+    for c in block_out_channels:
+        validation.require_positive_int("block_out_channels", c)
+    validation.require_positive_int("layers_per_block", layers_per_block)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        validation.require_positive_int(name, value)
     data, y, attributes = _factor_labels(samples, label_field, attribute_field)
     classes = data.classes
     if len(classes) < 2 and not attribute_field:
@@ -513,7 +527,7 @@ class ConditionalDiffusionModel:
 
 def load_conditional_diffusion(folder: str, device=None) -> ConditionalDiffusionModel:
     """Load a model saved by :func:`train_conditional_diffusion`."""
-    from diffusers import UNet2DModel
+    from diffusers import DDPMScheduler, UNet2DModel
     from safetensors.torch import load_file
 
     path = os.path.join(folder, LABELS_FILE)
@@ -526,6 +540,7 @@ def load_conditional_diffusion(folder: str, device=None) -> ConditionalDiffusion
         unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet"))
         condition = FactorisedCondition(cfg.factor_sizes, cfg.block_out_channels[0] * 4)
         condition.load_state_dict(load_file(os.path.join(folder, CONDITION_FILE)))
+        DDPMScheduler.load_config(os.path.join(folder, "scheduler"))  # read when sampling: checked before any write
     except Exception as e:  # truncated/corrupt json, weights or tables: one clear message naming the folder
         raise models.ModelNotFoundError(
             f"The conditional diffusion model in {folder} is corrupt or incomplete ({type(e).__name__}: {e}); "

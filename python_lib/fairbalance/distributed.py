@@ -38,6 +38,7 @@ def setup(device=None):
     ``device="cpu"``, or no GPU, keeps every process on the CPU (the gloo
     backend); otherwise each process takes its own GPU (``LOCAL_RANK``).
     """
+    validation.require_device(device)
     if not launched():
         return None
     from accelerate import PartialState

@@ -16,23 +16,48 @@ from fairbalance.models import ClipModel
 MODEL_INFO_KEY = "fairbalance_model"
 
 
+def _field_doc(dataset, field: str) -> dict | None:
+    """The field's description as stored in the database now (not this process's copy, which may be stale)."""
+    import fiftyone.core.odm as foo
+
+    doc = foo.get_db_conn().datasets.find_one({"_id": dataset._doc.id},
+                                              {"sample_fields": {"$elemMatch": {"name": field}}})
+    fields = (doc or {}).get("sample_fields") or []
+    return fields[0] if fields else None
+
+
 def stored_model(samples, field: str) -> dict | None:
-    """The model identity recorded on an embeddings field (None if absent)."""
-    f = samples._root_dataset.get_field(field)
-    return (f.info or {}).get(MODEL_INFO_KEY) if f is not None else None
+    """The model identity recorded on an embeddings field (None if absent), as stored in the database now."""
+    doc = _field_doc(samples._root_dataset, field)
+    return ((doc or {}).get("info") or {}).get(MODEL_INFO_KEY)
+
+
+def _has_values(dataset, field: str) -> bool:
+    return bool(len(dataset.exists(field).limit(1)))
 
 
 def check_field(samples, field: str, clip: ClipModel) -> None:
-    """Refuse an embeddings field that holds another model's (or unknown) vectors."""
-    if not samples._root_dataset.has_field(field):
+    """Refuse an embeddings field that holds another model's (or unknown) vectors.
+
+    A field without a model tag and without any value holds nothing to mix
+    with (a writer stopped before its first value), so it is accepted.
+    """
+    dataset = samples._root_dataset
+    doc = _field_doc(dataset, field)
+    if doc is None:
         return
-    recorded = stored_model(samples, field)
-    if recorded != clip.spec.to_dict():
-        what = f"model {recorded.get('model')}/{recorded.get('pretrained')}" if recorded else "an unknown model"
-        raise validation.FairBalanceError(
-            f"Field '{field}' holds embeddings from {what}; choose another embeddings_field for "
-            f"{clip.spec.model}/{clip.spec.pretrained} or delete the field"
-        )
+    recorded = (doc.get("info") or {}).get(MODEL_INFO_KEY)
+    if recorded == clip.spec.to_dict():
+        return
+    if recorded is None:
+        dataset.reload()
+        if not dataset.has_field(field) or not _has_values(dataset, field):
+            return
+    what = f"model {recorded.get('model')}/{recorded.get('pretrained')}" if recorded else "an unknown model"
+    raise validation.FairBalanceError(
+        f"Field '{field}' holds embeddings from {what}; choose another embeddings_field for "
+        f"{clip.spec.model}/{clip.spec.pretrained} or delete the field"
+    )
 
 
 def compute_missing(
@@ -51,11 +76,13 @@ def compute_missing(
     import fiftyone.core.utils as fou
 
     check_field(samples, field, clip)
+    if _field_doc(samples._root_dataset, field) is not None and not samples._root_dataset.has_field(field):
+        samples._root_dataset.reload()  # added by another process since this one read the schema
     if samples._root_dataset.has_field(field):
         todo = samples.exists(field, False)
     else:
         todo = samples
-    ids, paths = todo.values(["id", "filepath"]) if len(todo) else ([], [])
+    ids, paths = todo.values(["id", "filepath"])  # a real query: len() of a dataset is an estimate
     out: dict[str, np.ndarray] = {}
     report = images.LoadReport()
     if ids:
@@ -72,19 +99,49 @@ def compute_missing(
     return out, failures
 
 
+def _tag(dataset, field: str, spec: dict, description: str) -> None:
+    """Record ``spec`` on the field in one atomic update of that field's entry alone.
+
+    ``Field.save()`` (and any schema change) makes FiftyOne rewrite the
+    dataset's whole field list from this process's copy, so a process with a
+    stale copy cleared another's tag; this touches nothing else.
+    """
+    import fiftyone.core.odm as foo
+
+    doc = _field_doc(dataset, field) or {}
+    info = {**(doc.get("info") or {}), MODEL_INFO_KEY: spec}
+    foo.get_db_conn().datasets.update_one(
+        {"_id": dataset._doc.id, "sample_fields.name": field},
+        {"$set": {"sample_fields.$.info": info, "sample_fields.$.description": description}})
+
+
 def write(samples, field: str, values: dict[str, np.ndarray], clip: ClipModel) -> None:
-    """Store new embeddings and tag the field with the model that made them."""
+    """Store new embeddings in a field tagged with the model that made them.
+
+    The field is declared and tagged *before* any value is written (a field
+    holding values without its tag would be refused for good, e.g. after a
+    kill between the two), from a freshly read schema (a stale one made
+    FiftyOne re-add the field untagged); the tag is checked again after the
+    values are in, as a concurrent writer's stale schema may have removed it.
+    """
+    import fiftyone as fo
+
     if not values:
         return
     dataset = samples._root_dataset
-    dataset.set_values(field, values, key_field="id")  # only these ids; no select() of 1M ids
-    f = dataset.get_field(field)
+    spec = clip.spec.to_dict()
     description = f"CLIP image embeddings ({clip.spec.model}, {clip.spec.pretrained}), L2-normalized"
-    if (f.info or {}).get(MODEL_INFO_KEY) == clip.spec.to_dict() and f.description == description:
-        return  # tagged already (a chunked run writes many times)
-    f.info = {**(f.info or {}), MODEL_INFO_KEY: clip.spec.to_dict()}
-    f.description = description
-    f.save()
+    if _field_doc(dataset, field) is None or not dataset.has_field(field):
+        dataset.reload()
+        if not dataset.has_field(field):
+            dataset.add_sample_field(field, fo.VectorField, description=description, info={MODEL_INFO_KEY: spec})
+    doc = _field_doc(dataset, field) or {}
+    if (doc.get("info") or {}).get(MODEL_INFO_KEY) != spec or doc.get("description") != description:
+        _tag(dataset, field, spec, description)
+    dataset.set_values(field, values, key_field="id", expand_schema=False)  # only these ids; no select() of 1M ids
+    if stored_model(dataset, field) != spec:  # cleared meanwhile by another process's stale schema: restore it
+        _tag(dataset, field, spec, description)
+    dataset.reload()
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -142,7 +199,7 @@ def load(samples, field: str) -> tuple[list[str], np.ndarray, list[str]]:
             continue
         vector = decode(value).reshape(-1)
         if matrix is None:
-            matrix = np.empty((len(samples), len(vector)), dtype=np.float32)
+            matrix = np.empty((validation.count_samples(samples), len(vector)), dtype=np.float32)
         if len(vector) != matrix.shape[1]:
             raise validation.FairBalanceError(
                 f"'{field}' vectors differ in length ({matrix.shape[1]} and {len(vector)}): recompute the field")

@@ -11,6 +11,7 @@ serves a view to a PyTorch training loop (image, label index, weight).
 from __future__ import annotations
 
 import csv
+import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
@@ -85,6 +86,8 @@ def export_samples(
     if format not in FORMATS:
         raise validation.FairBalanceError(f"format must be one of {FORMATS}, not {format!r}")
     validation.require_fields(samples, [label_field] + ([weights_field] if weights_field else []))
+    label_path(samples, label_field)  # a class field, refused before anything is touched
+    _require_weights(samples, weights_field)
     view = _training_view(samples, label_field, include_generated, exclude_tags)
     if not len(view):
         raise validation.FairBalanceError("No sample left to export (no label, or all excluded)")
@@ -118,6 +121,18 @@ def export_samples(
     folders.record(output_dir, sorted(set(os.listdir(output_dir)) - before))  # what FiftyOne's exporter wrote
     return ExportResult(output_dir, format, len(rows), sum(r["generated"] for r in rows), len(samples) - len(rows),
                         manifest, sorted({r["label"] for r in rows}))
+
+
+def _require_weights(samples, weights_field: str | None) -> None:
+    """Weights are finite numbers >= 0 (or missing: 1.0); NaN or negative ones reached the manifest and the loss."""
+    if not weights_field:
+        return
+    bad = [v for v in samples.values(weights_field) if v is not None and (
+        isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0)]
+    if bad:
+        raise validation.FairBalanceError(
+            f"'{weights_field}' has {len(bad)} weight(s) that are not finite numbers >= 0 (e.g. {bad[0]!r}); "
+            "fix or clear them before exporting")
 
 
 def _manifest_rows(view, path: str, weights_field, score_field: str, exported: dict) -> list[dict]:
@@ -181,6 +196,7 @@ class TorchImageDataset(torch.utils.data.Dataset):
 
         validation.require_nonempty(samples)
         validation.require_fields(samples, [label_field] + ([weights_field] if weights_field else []))
+        _require_weights(samples, weights_field)
         view = _training_view(samples, label_field, include_generated, exclude_tags)
         if not len(view):
             raise validation.FairBalanceError("No labelled sample in the view")

@@ -14,13 +14,13 @@ def label_path(samples, field_name: str) -> str:
     if isinstance(f, fo.EmbeddedDocumentField):
         if issubclass(f.document_type, fo.Classification):
             return f"{field_name}.label"
-        raise ValueError(
+        raise validation.FairBalanceError(
             f"Field '{field_name}' holds {f.document_type.__name__} labels; "
             "balance needs a Classification field or a plain str/int/bool field"
         )
     if isinstance(f, (fo.StringField, fo.IntField, fo.BooleanField)):
         return field_name
-    raise ValueError(
+    raise validation.FairBalanceError(
         f"Field '{field_name}' has type {type(f).__name__}; "
         "balance needs a Classification field or a plain str/int/bool field"
     )

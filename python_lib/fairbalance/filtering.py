@@ -66,6 +66,7 @@ def filter_generated(
     from fairbalance.balance import label_path
 
     validation.require_nonempty(samples)
+    validation.require_tag("tag", tag)
     if action not in ACTIONS:
         raise validation.FairBalanceError(f"action must be one of {ACTIONS}, not {action!r}")
     if method not in SCORE_METHODS:

@@ -288,6 +288,11 @@ def _plan_balanced(samples, label_field="sa_cluster", model=None, model_run=None
     Returns ``(model, jobs, planned, counts_before, setting, provenance, run config)``.
     """
     validation.require_nonempty(samples)
+    validation.require_seed(seed)
+    validation.require_device(device)
+    for name, value in (("total", total), ("per_class", per_class), ("per_cell", per_cell)):
+        if value is not None:
+            validation.require_positive_int(name, value)
     model = os.fspath(runs.given_or_recorded(samples, model, model_run, "conditional_diffusion", "model_dir",
                                              "model (a model folder)", "model_run"))
     if source not in ("noise", "edit"):
@@ -416,7 +421,7 @@ def generate_plan(samples, function: str, method: str, run_key: str, jobs: list[
                                                overwrite)
     for job in jobs:
         job.filepath = os.path.join(output_dir, job.filepath)
-    existing = set(target.values("filepath")) if len(target) else set()
+    existing = set(target.values("filepath"))  # a real query: len(target) is an estimate, 0 after a crash
     todo = [j for j in jobs if j.filepath not in existing]
     added = run_generation(todo, target, render, provenance, batch_size, progress)
     # the record describes the run: every sample of its plan (those of an earlier, interrupted call too), and it is
@@ -457,7 +462,7 @@ def shard_generation(samples, function: str, run_key: str, shard: int, num_shard
         job.filepath = os.path.join(output_dir, job.filepath)
     mine = sharding.split(jobs, shard, num_shards)
     by_path = {j.filepath: j for j in mine}
-    existing = set(target.values("filepath")) if len(target) else set()
+    existing = set(target.values("filepath"))  # a real query: len(target) is an estimate, 0 after a crash
     present = {p for p in by_path if p in existing}
     run = sharding.Shard(samples, run_key, function, shard, num_shards, {**config, "output_dir": output_dir}, [],
                          chunk_size=chunk_size, items=list(by_path), done=present, num_items=len(jobs))
@@ -580,10 +585,15 @@ def run_generation(jobs: Sequence[GenerationJob], target, render: Callable[[list
                 for job, img in zip(todo, render(todo)):
                     img = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))
                     tmp = job.filepath + ".tmp.png"
-                    img.convert("RGB").save(tmp)
-                    os.replace(tmp, job.filepath)
+                    try:
+                        img.convert("RGB").save(tmp)
+                        os.replace(tmp, job.filepath)
+                    except BaseException:  # a full disk, a kill signal: no half-written temporary file left
+                        if os.path.exists(tmp):
+                            os.remove(tmp)
+                        raise
             paths = [j.filepath for j in batch]
-            present = set(target.match(Fv("filepath").is_in(paths)).values("filepath")) if len(target) else set()
+            present = set(target.match(Fv("filepath").is_in(paths)).values("filepath"))
             new = [fo.Sample(filepath=j.filepath, tags=list(tags), generated=True,
                              generation={**provenance, **j.provenance},
                              **{f: fo.Classification(label=str(v)) for f, v in j.fields.items()})
@@ -620,10 +630,9 @@ def _claim_output_dir(folder: str, target, setting: dict, overwrite: bool) -> No
                 f"{folder} already holds {what}; pass overwrite=True to replace them or choose another output_dir")
         mine = {os.path.join(folder, n) for n in folders.listed(folder)}  # only the images this run wrote there
         images_there = [p for p in images_there if p in mine]
-        if len(target):
-            from fiftyone import ViewField as Fv
+        from fiftyone import ViewField as Fv
 
-            target.delete_samples(target.match(Fv("filepath").is_in(images_there)))
+        target.delete_samples(target.match(Fv("filepath").is_in(images_there)))  # a real query, not len()
         for p in images_there:
             os.remove(p)
     tmp = f"{manifest}.{uuid.uuid4().hex}.tmp"  # shards starting at once each write their own, then rename

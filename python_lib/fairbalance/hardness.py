@@ -164,8 +164,7 @@ def validate_inputs(samples, label_field: str = "ground_truth", loss_field: str 
     validation.require_image_collection(samples)
     for name in output_fields(loss_field):
         validation.require_field_name(name)
-    if not tag or not isinstance(tag, str):
-        raise validation.FairBalanceError("tag must be a non-empty string")
+    validation.require_tag("tag", tag)
     given = classifier is not None or classifier_run is not None
     if sharded and not given:
         raise validation.FairBalanceError(

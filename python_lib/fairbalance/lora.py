@@ -316,8 +316,11 @@ def load_group_adapters(adapters_dir, base_model=None, device=None) -> GroupAdap
     manifest = os.path.join(folder, MANIFEST_FILE)
     if not os.path.isfile(manifest):
         raise models.ModelNotFoundError(f"No per-group adapters in {folder} ({MANIFEST_FILE} missing)")
-    with open(manifest) as f:
-        saved = json.load(f)
+    def read():
+        with open(manifest) as f:
+            return json.load(f)
+
+    saved = models.load_or_explain("per-group adapters manifest", manifest, read)
     if not saved.get("complete"):
         raise models.ModelNotFoundError(f"The adapters in {folder} are incomplete (fine-tuning was interrupted "
                                         "or is running); run finetune_per_group again to finish them")
@@ -334,7 +337,7 @@ def load_group_adapters(adapters_dir, base_model=None, device=None) -> GroupAdap
                 f"The adapters in {folder} were trained on another base model ({cfg['base_model']}, fingerprint "
                 f"{str(meta.get('base_fingerprint'))[:10]}) than {base.name} (fingerprint {base.fingerprint[:10]}); "
                 "they cannot be loaded onto it")
-        _load_adapter(base, meta["name"], path)
+        models.load_or_explain("LoRA adapter", path, lambda: _load_adapter(base, meta["name"], path))
         adapters.append({**meta, "folder": path})
     activate(base.unet, None)
     return GroupAdapters(base, os.path.abspath(folder), cfg, adapters)

@@ -114,6 +114,11 @@ def _plan_per_group(samples, adapters=None, finetune_run=None, base_model=None, 
 
     require_peft()
     validation.require_nonempty(samples)
+    validation.require_seed(seed)
+    validation.require_device(device)
+    for name, value in (("per_group", per_group), ("total", total)):
+        if value is not None:
+            validation.require_positive_int(name, value)
     adapters = runs.given_or_recorded(samples, adapters, finetune_run, "finetune_per_group", "output_dir",
                                       "adapters (a folder)", "finetune_run")
     if mode not in ("equal", "fill"):

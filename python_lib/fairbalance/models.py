@@ -28,6 +28,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from fairbalance import validation
+
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
 
@@ -35,20 +37,19 @@ _cache: dict[tuple, Any] = {}
 _cache_lock = threading.Lock()
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """Model weights are not available locally and cannot be downloaded."""
+class ModelNotFoundError(FileNotFoundError, validation.FairBalanceError):
+    """Model weights are not available locally and cannot be downloaded (or are corrupt): bad input, too."""
 
 
 # --------------------------------------------------------------------------- devices
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else the best available: cuda > mps > cpu."""
+    """``device`` if given (refused with :class:`FairBalanceError` when unknown or absent here), else the best
+    available: cuda > mps > cpu."""
     if device is not None:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} requested but CUDA is not available")
-        return dev
+        validation.require_device(device)
+        return torch.device(device)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -84,6 +85,36 @@ def _hub_reachable(endpoint: str, timeout: float = 2.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def _corrupt_errors() -> tuple:
+    """What reading corrupt or truncated model files raises (pickle, zip, safetensors, JSON, config errors)."""
+    import pickle
+
+    import zipfile
+
+    errors = [OSError, ValueError, RuntimeError, KeyError, IndexError, TypeError, EOFError, pickle.UnpicklingError,
+              zipfile.BadZipFile]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def load_or_explain(kind: str, where: str, build: Callable[[], Any]) -> Any:
+    """``build()``, with corrupt or incomplete model files reported as one :class:`ModelNotFoundError` naming them
+    (a bad-input error the CLI maps to exit 2), instead of UnpicklingError / SafetensorError / JSONDecodeError."""
+    try:
+        return build()
+    except (validation.FairBalanceError, torch.OutOfMemoryError):
+        raise
+    except _corrupt_errors() as e:
+        raise ModelNotFoundError(
+            f"The {kind} at {where} could not be loaded: its files are corrupt or incomplete "
+            f"({type(e).__name__}: {str(e)[:300]}); replace them (save the model again)") from e
 
 
 def _missing(kind: str, name: str, how: str, cause: Exception | None = None) -> ModelNotFoundError:
@@ -312,7 +343,7 @@ def load_clip(
             clip_model = clip_model.to(dt)
         return ClipModel(spec, clip_model, preprocess, open_clip.get_tokenizer(name), dev, dt)
 
-    return _cached(("clip", spec, str(dev), str(dt)), build)
+    return _cached(("clip", spec, str(dev), str(dt)), lambda: load_or_explain("CLIP model", spec.resolved or name, build))
 
 
 # --------------------------------------------------------------------------- transformers captioners
@@ -371,7 +402,7 @@ def load_captioner(
             )
         return Captioner(spec, net.eval().to(dev), processor, dev, dt)
 
-    return _cached(("captioner", spec, str(dev), str(dt)), build)
+    return _cached(("captioner", spec, str(dev), str(dt)), lambda: load_or_explain("captioning model", path, build))
 
 
 # --------------------------------------------------------------------------- diffusers pipelines
@@ -401,4 +432,4 @@ def load_diffusion_pipeline(
         return pipe
 
     key = ("diffusion", spec, str(dev), str(dt), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
-    return _cached(key, build)
+    return _cached(key, lambda: load_or_explain("diffusion pipeline", path, build))

@@ -48,6 +48,25 @@ def _load_features(samples, features_field: str) -> tuple[list[str], np.ndarray,
 
 
 @claims.exclusive
+def validate_inputs(samples, features_field="sa_features", label_field="sa_cluster", method="xmeans", kmax=20,
+                    num_clusters=None, criterion="pyclustering", backend="auto", seed=0) -> None:
+    """The up-front checks of :func:`compute_pseudo_labels` (also run by ``audit_balance`` before its first step)."""
+    validation.require_nonempty(samples)
+    validation.require_field_name(features_field)
+    validation.require_field_name(label_field)
+    if method not in ("xmeans", "kmeans"):
+        raise validation.FairBalanceError("method must be 'xmeans' or 'kmeans'")
+    if method == "xmeans":
+        validation.require_positive_int("kmax", kmax, minimum=2)
+    else:
+        validation.require_positive_int("num_clusters", num_clusters, minimum=2)
+    if criterion not in clustering.CRITERIA:
+        raise validation.FairBalanceError(f"criterion must be one of {clustering.CRITERIA}")
+    if backend not in clustering.BACKENDS:
+        raise validation.FairBalanceError(f"backend must be one of {clustering.BACKENDS}")
+    validation.require_seed(seed)
+
+
 def compute_pseudo_labels(
     samples,
     features_field: str = "sa_features",
@@ -69,15 +88,7 @@ def compute_pseudo_labels(
     paper); ``method="kmeans"`` uses a fixed ``num_clusters``. Samples without
     features are skipped and counted.
     """
-    validation.require_nonempty(samples)
-    if method not in ("xmeans", "kmeans"):
-        raise validation.FairBalanceError("method must be 'xmeans' or 'kmeans'")
-    if method == "xmeans":
-        validation.require_positive_int("kmax", kmax, minimum=2)
-    else:
-        validation.require_positive_int("num_clusters", num_clusters, minimum=2)
-    if criterion not in clustering.CRITERIA:
-        raise validation.FairBalanceError(f"criterion must be one of {clustering.CRITERIA}")
+    validate_inputs(samples, features_field, label_field, method, kmax, num_clusters, criterion, backend, seed)
     ids, x, skipped = _load_features(samples, features_field)
     k_needed = kmax if method == "xmeans" else num_clusters
     if method == "kmeans" and len(ids) < k_needed:

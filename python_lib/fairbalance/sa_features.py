@@ -80,7 +80,8 @@ def compute_sa_features(
             :class:`~fairbalance.sharding.ShardResult`
     """
     related_texts_override = validate_inputs(samples, attribute, attribute_values, related_texts_override,
-                                             num_related_texts, prompt_template, embeddings_field, features_field)
+                                             num_related_texts, prompt_template, embeddings_field, features_field,
+                                             batch_size, device)
     sharded = sharding.one_shard_requested(shard, num_shards, overwrite)
 
     clip = models.load_clip(model, pretrained, device=device)
@@ -146,7 +147,7 @@ def compute_sa_features(
 
 def validate_inputs(samples, attribute=None, attribute_values=None, related_texts_override=None,
                     num_related_texts=20, prompt_template="a photo of a {}", embeddings_field="clip_embedding",
-                    features_field="sa_features", **_):
+                    features_field="sa_features", batch_size=64, device=None, **_):
     """The up-front checks of :func:`compute_sa_features` (also run by ``queue_sharded`` before queuing).
 
     Returns the cleaned ``related_texts_override``.
@@ -155,6 +156,12 @@ def validate_inputs(samples, attribute=None, attribute_values=None, related_text
     validation.require_image_collection(samples)
     validation.require_field_name(embeddings_field)
     validation.require_field_name(features_field)
+    validation.require_positive_int("batch_size", batch_size)
+    validation.require_device(device)
+    if features_field == embeddings_field:
+        raise validation.FairBalanceError(
+            f"features_field and embeddings_field are both '{features_field}': the features would replace the "
+            "CLIP embeddings; choose two names")
     if related_texts_override is None:
         related_texts.attribute_query(attribute, attribute_values)  # validates the attribute text
         validation.require_positive_int("num_related_texts", num_related_texts, minimum=2)

@@ -627,6 +627,11 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
     fn = spec.load()
     num_shards = validation.require_positive_int("num_shards", num_shards)
     validation.require_nonempty(samples)
+    num_samples = validation.count_samples(samples)
+    if num_shards > num_samples:
+        raise validation.FairBalanceError(
+            f"num_shards={num_shards} is more than the {num_samples} samples of the view: every shard needs "
+            "work; use at most one shard per sample")
     params = inspect.signature(fn).parameters
     unknown = sorted((set(kwargs) - set(params)) | ({"shard", "num_shards", "progress", "samples"} & set(kwargs)))
     if unknown:

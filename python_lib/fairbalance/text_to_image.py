@@ -116,8 +116,8 @@ def _plan_prompts(samples, caption_field="filtered_captions", images_per_caption
     from fairbalance.balance import label_path
 
     validation.require_nonempty(samples)
-    validation.require_fields(samples, [caption_field] + ([label_field] if label_field else []))
     validation.require_positive_int("images_per_caption", images_per_caption)
+    validation.require_fields(samples, [caption_field] + ([label_field] if label_field else []))
     fields = ["id", caption_field] + ([label_path(samples, label_field)] if label_field else [])
     rows = list(zip(*samples.values(fields)))
     prompts = [(r[0], c, r[2] if label_field else None) for r in rows for c in (r[1] or []) if c and c.strip()]

@@ -124,6 +124,7 @@ class TrainConfig:
             raise validation.FairBalanceError(f"ema must be in [0, 1), got {self.ema!r}")
         for name in ("epochs", "batch_size"):
             validation.require_positive_int(name, getattr(self, name))
+        validation.require_seed(self.seed)
         for name in ("lr", "upweight", "synthetic_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
@@ -135,6 +136,8 @@ class TrainConfig:
             raise validation.FairBalanceError("max_synthetic_fraction must be in (0, 10] (synthetic per real sample)")
         if self.method == "jtt" and not self.hard_tag:
             raise validation.FairBalanceError("method='jtt' needs hard_tag: the tag of compute_hardness_tags")
+        if self.hard_tag:
+            validation.require_tag("hard_tag", self.hard_tag)
         if self.method != "jtt" and self.hard_tag:
             raise validation.FairBalanceError(f"hard_tag is used by method='jtt' only, not {self.method!r}")
         if len(self.classes) < 2:

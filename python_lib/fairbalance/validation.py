@@ -13,10 +13,45 @@ class FairBalanceError(ValueError):
     """Bad input to a fairbalance function; raised before anything is written."""
 
 
+# The ceiling of every size a user can ask for, checked before any planning or work (README: "Limits"):
+# far above any real use here, low enough that a typo (10**9) is refused instead of exhausting memory or
+# planning for hours. Every require_positive_int(name, ...) applies the ceiling of its name.
+LIMITS: dict[str, int | float] = {
+    # images planned per call
+    "per_class": 100_000, "per_cell": 100_000, "per_group": 100_000, "total": 1_000_000,
+    "images_per_caption": 1_000, "ratio": 100.0,
+    "train_per_class": 100_000, "test_per_class": 100_000, "num_val": 1_000_000, "num_test": 1_000_000,
+    # per-image work
+    "num_captions": 100, "max_new_tokens": 512, "num_inference_steps": 1_000, "num_related_texts": 1_000,
+    # clusters
+    "kmax": 1_000, "kinit": 1_000, "num_clusters": 1_000, "top_f": 10_000, "clusters_per_group": 1_000,
+    # model and training sizes
+    "image_size": 1_024, "resolution": 1_024, "height": 1_024, "width": 1_024, "layers_per_block": 8,
+    "block_out_channels": 2_048, "projection_dim": 8_192, "rank": 1_024,
+    "batch_size": 65_536, "epochs": 100_000, "head_epochs": 100_000, "steps": 10_000_000,
+    "checkpoint_every": 10_000_000, "min_images": 1_000_000, "num_prior_images": 1_000_000,
+    "t_edit": 1_000, "t_boost": 1_000,
+    # sharding (num_shards is also at most the number of samples)
+    "num_shards": 1_000, "chunk_size": 1_000_000,
+    "seed": 2**32 - 1,
+}
+
+
 def require_nonempty(samples) -> None:
     """Reject empty collections (the commonest silent no-op); stops at the first sample, not a full count."""
     if len(samples.limit(1)) == 0:
         raise FairBalanceError("The view is empty: select at least one sample")
+
+
+def count_samples(samples) -> int:
+    """The number of samples, from a real query.
+
+    FiftyOne answers ``len()`` of a whole dataset (or of a view without
+    stages) with MongoDB's *estimated* count, which is stale after a mongod
+    crash (0 while documents exist); decisions (skip existing, resume) must
+    not rest on it. Counting the ``id`` field aggregates over the documents.
+    """
+    return int(samples.count("id"))
 
 
 def require_image_collection(samples) -> None:
@@ -39,16 +74,60 @@ def require_fields(samples, fields: Iterable[str]) -> None:
 
 def require_field_name(name: str) -> None:
     """A writable top-level field name."""
-    if not name or not isinstance(name, str) or name.startswith("_") or "." in name or "$" in name:
+    if (not name or not isinstance(name, str) or name.startswith("_") or "." in name or "$" in name
+            or any(c.isspace() for c in name)):
         raise FairBalanceError(f"Invalid field name {name!r}: use letters, digits and underscores")
     if name in ("id", "filepath", "tags", "metadata", "created_at", "last_modified_at"):
         raise FairBalanceError(f"Field name {name!r} is reserved by FiftyOne")
 
 
 def require_positive_int(name: str, value, minimum: int = 1) -> int:
+    """An integer >= ``minimum`` and at most the ceiling of ``name`` in :data:`LIMITS` (if any)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise FairBalanceError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    require_at_most(name, value)
     return int(value)
+
+
+def require_at_most(name: str, value) -> None:
+    """``value`` does not exceed the documented ceiling of ``name`` (:data:`LIMITS`)."""
+    limit = LIMITS.get(name)
+    if limit is not None and value > limit:
+        raise FairBalanceError(f"{name}={value!r} is above its limit of {limit:,} (see the README's Limits)")
+
+
+def require_seed(seed) -> int:
+    """A seed: an integer in [0, 2**32 - 1] (NaN, floats and negatives are refused)."""
+    return require_positive_int("seed", seed, minimum=0)
+
+
+def require_device(device) -> None:
+    """``None`` (the best available) or a device torch knows and this machine has."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise FairBalanceError(f"device={device!r} is not a device: use 'cpu', 'cuda', 'cuda:0' or 'mps'") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FairBalanceError(f"device={device!r} requested but CUDA is not available here; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise FairBalanceError(f"device={device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                    and torch.backends.mps.is_available()):
+        raise FairBalanceError(f"device={device!r} requested but MPS is not available here; use device='cpu'")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise FairBalanceError(f"device={device!r} is not supported: use 'cpu', 'cuda' or 'mps'")
+
+
+def require_tag(name: str, tag) -> str:
+    """A sample tag: a non-empty string without surrounding whitespace."""
+    if not isinstance(tag, str) or not tag.strip() or tag != tag.strip():
+        raise FairBalanceError(f"{name} must be a non-empty tag without leading/trailing spaces, got {tag!r}")
+    return tag
 
 
 def require_finite_matrix(name: str, x: np.ndarray) -> np.ndarray:
@@ -71,6 +150,8 @@ def require_image_files(filepaths: Sequence[str]) -> None:
 
 def require_writable_dir(folder: str) -> str:
     """Create ``folder`` if needed and check it is writable, before any work is done."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise FairBalanceError(f"Output folder {folder} is a file, not a folder; choose another output_dir")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
