@@ -214,3 +214,197 @@ def test_pipeline_queued_for_delegated_workers(digits, tmp_path):
     svc.execute_queued_operations(operator=uri, limit=1)  # what `fiftyone delegated launch` does
     digits.reload()
     assert digits.has_run("queued") and digits.has_run("pipeline_queued")
+
+
+# ----------------------------------------------------------------------------- issue 27: pipelines a CI can trust
+
+
+@pytest.fixture
+def small(tmp_path):
+    """A fresh 3-class dataset (16 px) per test: real images only."""
+    ds = fb.colored_digits(f"fb-cli-small-{os.getpid()}", output_dir=str(tmp_path / "digits"), num_classes=3,
+                           train_per_class=4, test_per_class=1, image_size=16, persistent=True, overwrite=True)
+    yield ds
+    ds.delete()
+
+
+def _add_generated(ds, folder, n, size, labelled=True, run_key="gen_test"):
+    """Generated samples as the generators write them (image files, ``generated``, ``generation`` provenance)."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    new = []
+    for i in range(n):
+        path = os.path.join(folder, f"cell{i % 3}x0_seed0_{i:05d}.png")
+        Image.new("RGB", (size, size), (200, (40 * i) % 255, 10)).save(path)
+        label = {"ground_truth": fo.Classification(label=str(i % 3))} if labelled else {
+            "sa_cluster": fo.Classification(label=str(i % 2))}
+        new.append(fo.Sample(filepath=path, tags=["generated"], generated=True, generation={
+            "run_key": run_key, "seed": 1000 + i, "cell": f"{i % 3}|red", "model_step": 6,
+            "source_filepath": f"/data/src{i}.png"}, **label))
+    ds.add_samples(new)
+
+
+def test_export_readme_command_prints_its_summary(digits, tmp_path, capsys):
+    """Item 1: `fairbalance export DATASET --view V --output DIR` (no --json) exits 0 and prints the summary."""
+    out = tmp_path / "exported"
+    assert cli.main(["export", digits.name, "--view", "train", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "format: image-classification-dir" in printed and f"num_samples: {len(digits.match_tags('train'))}" \
+        in printed and (out / "manifest.csv").is_file() and (out / "runs.json").is_file()
+
+
+def test_export_refuses_to_drop_generated_samples_without_the_label(small, tmp_path, capsys):
+    """Item 6: generated samples without ground_truth (the clusters repair) are not dropped silently."""
+    _add_generated(small, str(tmp_path / "gen"), 4, 16, labelled=False)
+    out = tmp_path / "out"
+    with pytest.raises(FairBalanceError, match=r"4 generated sample\(s\) \(run\(s\) \['gen_test'\]\) have no "
+                                               r"'ground_truth'"):
+        export_samples(small, str(out))
+    assert not out.exists()  # refused before anything was written
+    assert cli.main(["export", small.name, "--output", str(out)]) == 2
+    assert "--no-include-generated" in capsys.readouterr().err
+    res = export_samples(small, str(out), include_generated=False)
+    assert res.num_samples == 15 and res.excluded == {"generated (include_generated=False)": 4}
+    with open(out / "excluded.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["reason"] for r in rows} == {"generated (include_generated=False)"}
+    import json
+
+    assert json.loads((out / "runs.json").read_text())["excluded"] == res.excluded
+    # exported by the field they do carry: the real samples without it are the ones left out, and said so
+    res = export_samples(small, str(tmp_path / "by_cluster"), label_field="sa_cluster")
+    assert res.num_samples == 4 and res.excluded == {"real sample without 'sa_cluster'": 15}
+
+
+def test_generated_images_of_another_size_load_in_one_batch_and_export_warns(small, tmp_path):
+    """Item 5: 8 px generated images beside 16 px real ones: TorchImageDataset serves one size, export warns."""
+    from torch.utils.data import DataLoader
+
+    _add_generated(small, str(tmp_path / "gen"), 3, 8)
+    with pytest.warns(UserWarning, match=r"3 image\(s\) of other sizes .* resized to the real images' 16x16"):
+        ds = TorchImageDataset(small)
+    x, y, w = next(iter(DataLoader(ds, batch_size=len(ds))))
+    assert x.shape == (18, 3, 16, 16) and len(y) == 18
+    assert TorchImageDataset(small, image_size=12)[0][0].shape == (3, 12, 12)
+    with pytest.raises(FairBalanceError, match="image_size"):
+        TorchImageDataset(small, image_size=0)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="2 sizes"):
+        res = export_samples(small, str(out))
+    assert res.image_sizes == {"16x16": 15, "8x8": 3} and res.warnings and res.num_generated == 3
+    with open(out / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    gen = sorted((r for r in rows if r["generated"] == "True"), key=lambda r: r["seed"])
+    assert [(r["width"], r["height"], r["seed"], r["cell"], r["model_step"], r["generation_run"]) for r in gen] == [
+        ("8", "8", str(1000 + i), f"{i % 3}|red", "6", "gen_test") for i in range(3)]
+    assert gen[0]["source_filepath"] == "/data/src0.png"
+    # a trainer elsewhere: the manifest alone, one size per batch, the same labels
+    with pytest.warns(UserWarning, match="resized"):
+        from_manifest = TorchImageDataset.from_manifest(str(out / "manifest.csv"))
+    xb, yb, _ = next(iter(DataLoader(from_manifest, batch_size=len(from_manifest))))
+    assert xb.shape == (18, 3, 16, 16) and sorted(yb.tolist()) == sorted(ds.targets.tolist())
+
+
+BAD_VALUES = {  # item 4: a bad value in step 2; step 1 must not run, the error names the line
+    "method: jtx": ("train-classifier: {method: jtx, epochs: 1, run_key: bad}", "must be one of"),
+    "epochs: -1": ("train-classifier: {epochs: -1, run_key: bad}", "epochs must be >= 1"),
+    "epochs: ten": ("train-classifier: {epochs: ten, run_key: bad}", "epochs must be int, got 'ten'"),
+    "missing local-dir": ("compute-sa-features: {model: 'local-dir:/no/such/clip', attribute: color}",
+                          "model folder /no/such/clip does not exist"),
+    "duplicate run key": ("balance-report: {label_field: color, run_key: first}", "records run 'first' like"),
+}
+
+
+def test_bad_values_fail_up_front_with_the_line_and_dry_run_says_so(small, tmp_path, capsys):
+    for name, (step, message) in BAD_VALUES.items():
+        path = tmp_path / f"{name.replace(' ', '_').replace(':', '')}.yml"
+        path.write_text(f"dataset: {small.name}\nsteps:\n  - balance-report: {{label_field: color, run_key: first}}\n"
+                        f"  - {step}\n")
+        for extra in (["--dry-run"], []):
+            assert cli.main(["run", str(path), *extra]) == 2, (name, extra)
+            err = capsys.readouterr().err
+            assert message in err and f"{path}, line 4" in err, (name, err)
+        small.reload()
+        assert not small.has_run("first"), name  # nothing ran
+
+
+def test_a_run_made_outside_the_pipeline_is_refused_before_anything_runs(small, tmp_path, capsys):
+    """Item 3: the message names the file's line and the YAML key; --dry-run exits 2 as the run would."""
+    fb.balance_report(small, "color", run_key="taken")
+    path = tmp_path / "p.yml"
+    path.write_text(f"dataset: {small.name}\nsteps:\n  - balance-report: {{label_field: ground_truth, run_key: a}}\n"
+                    "  - balance-report:\n      label_field: color\n      run_key: taken\n")
+    for extra in (["--dry-run"], []):
+        assert cli.main(["run", str(path), *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}, line 6" in err and "add 'overwrite: true' to it" in err and "overwrite=True" not in err
+    small.reload()
+    assert not small.has_run("a")
+    path.write_text(path.read_text() + "      overwrite: true\n")
+    assert cli.main(["run", str(path)]) == 0
+
+
+def test_json_is_only_json_and_busy_exits_3(small, tmp_path, capsys):
+    """Item 8: `run --json` prints one JSON document; a key in use by a running operation exits 3 (retry)."""
+    import json
+
+    path = tmp_path / "p.yml"
+    path.write_text(f"dataset: {small.name}\nsteps:\n  - balance-report: {{label_field: color, run_key: busy}}\n")
+    assert cli.main(["run", str(path), "--dry-run", "--json"]) == 0
+    captured = capsys.readouterr()
+    plan = json.loads(captured.out)
+    assert plan["dry_run"] and plan["plan"][0]["state"] == "missing" and "would run" in captured.err
+    held = claims._Held()
+    held.acquire(f"run:{small._doc.id}:busy", "run busy")
+    try:
+        assert cli.main(["run", str(path), "--json"]) == 3
+        assert "busy" in capsys.readouterr().err
+        assert cli.main(["balance-report", small.name, "--label-field", "color", "--run-key", "busy"]) == 3
+    finally:
+        held.release()
+    assert cli.main(["run", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ran"] == [0]
+
+
+def test_help_is_fast_and_imports_no_capability():
+    """Item 8: `fairbalance --help` imports neither torch nor FiftyOne (lazy imports) and takes < 2 s."""
+    probe = subprocess.run([sys.executable, "-c", "import sys; from fairbalance import cli; cli.build_parser(); "
+                            "print(sorted(m for m in ('torch', 'fiftyone') if m in sys.modules))"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() == "[]", probe.stderr[-2000:]
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = fairbalance("--help")
+        times.append(time.perf_counter() - t0)
+    assert "queue-sharded" in out.stdout and "3 busy" in out.stdout
+    assert sorted(times)[1] < 2.0, times
+
+
+def test_queue_sharded_and_sharded_status_commands(small, capsys):
+    """Item 8: the sharding SDK on the command line; a failed shard shows as failed, not queued."""
+    import json
+
+    import fiftyone.operators.delegated as food
+    from bson import ObjectId
+
+    fb.train_classifier(small, method="biased", epochs=1, batch_size=8, run_key="biased")
+    assert cli.main(["queue-sharded", small.name, "compute_hardness_tags", "classifier_run=biased",
+                     "--num-shards", "2", "--run-key", "hs", "--json"]) == 0
+    job = json.loads(capsys.readouterr().out)
+    assert job["run_key"] == "hs" and len(job["queued"]) == 2
+    assert cli.main(["sharded-status", small.name, "hs", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [s["state"] for s in status["shards"]] == ["queued", "queued"]
+    svc = food.DelegatedOperationService()
+    svc.set_failed(ObjectId(job["queued"]["0"]), result=None)
+    try:
+        assert cli.main(["sharded-status", small.name, "hs"]) == 0
+        printed = capsys.readouterr().out
+        assert "shard 0: failed" in printed and "shard 1: queued" in printed
+        assert cli.main(["status", small.name]) == 0
+        assert "sharded job 'hs'" in capsys.readouterr().out
+    finally:
+        for op in svc.list_operations(dataset_name=small.name):
+            svc.delete_operation(op.id)

@@ -242,9 +242,6 @@ def _manifest_rows(view, path: str, weights_field, score_field: str, exported: d
     optional = {"generated": "generated", "filter_score": score_field, "weight": weights_field}
     optional.update({col: f"generation.{key}" for col, key in PROVENANCE_COLUMNS.items()})
     present = {k: p for k, p in optional.items() if p and has(p.split(".")[0])}
-    if "generation" in {p.split(".")[0] for p in present.values()}:  # only the provenance keys the schema has
-        sub = view._root_dataset.get_field_schema(flat=True)
-        present = {k: p for k, p in present.items() if not p.startswith("generation.") or p in sub}
     cols = dict(zip(fields + list(present), view.values(fields + list(present.values()))))
     rows = []
     for j, sample_id in enumerate(cols["id"]):

@@ -712,7 +712,11 @@ def sharded_status(samples, run_key: str) -> dict:
     shards = []
     for key, s in sorted(job["shards"].items(), key=lambda kv: int(kv[0])):
         op = svc.get(ObjectId(s["op_id"])) if s.get("op_id") else None
-        shards.append({"shard": int(key), "state": s["state"], "done": s.get("done", 0), "total": s.get("total"),
+        op_state = str(getattr(op.run_state, "value", op.run_state)).lower() if op is not None else None
+        state = s["state"]  # the shard's own record, refined by its operation's fate (a failed op is no "new")
+        if state != "done" and op_state in ("failed", "queued", "scheduled"):
+            state = "failed" if op_state == "failed" else ("queued" if state == "new" else state)
+        shards.append({"shard": int(key), "state": state, "done": s.get("done", 0), "total": s.get("total"),
                        "attempts": s.get("attempts", 0), "operation": s.get("op_id"),
                        "operation_state": str(op.run_state) if op is not None else None,
                        "progress": (op.status or {}).get("progress") if op is not None and isinstance(
