@@ -351,6 +351,10 @@ def _stamp(dataset, step: Step, record: dict | None = None) -> str | None:
     return (record or {}).get("stamp", "")  # a step that leaves no trace: its record is its result
 
 
+def _other_records(dataset, pipeline_name: str) -> list[tuple[str, dict]]:
+    return [(other, _record(dataset, other)) for other in runs.list_runs(dataset, "pipeline") if other != pipeline_name]
+
+
 def _owner(dataset, pipeline_name: str, key: str) -> tuple[str, dict] | None:
     """The pipeline (other than ``pipeline_name``) whose record made run ``key``, and that step's record."""
     for other in runs.list_runs(dataset, "pipeline"):
@@ -373,10 +377,12 @@ def plan_pipeline(pipeline: Pipeline, dataset=None, start: Step | None = None, o
         key = step.run_key()
         stamp = _stamp(dataset, step, prior)
         adopted = None
-        if prior is None and key is not None and stamp is not None:  # a copied file: the same step of another
-            owner = _owner(dataset, pipeline.name, key)                # pipeline with the same inputs and result
-            if owner and owner[1].get("digest") == digest and owner[1].get("stamp") == stamp:
-                prior, adopted = owner[1], owner[0]
+        if prior is None and not broken and dataset is not None:  # a copied file: the same step (same digest over
+            for other, rec in _other_records(dataset, pipeline.name):  # everything upstream) of another pipeline
+                mine = rec.get(step.index)
+                if mine and mine.get("digest") == digest and mine.get("stamp") == stamp and stamp is not None:
+                    prior, adopted = mine, other
+                    break
         if prior is None:
             state = "missing"
         elif broken or prior.get("digest") != digest or prior.get("stamp") != stamp or (
