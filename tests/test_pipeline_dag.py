@@ -60,8 +60,8 @@ def pipeline_text(name: str, root, classifier_epochs: int = 1, pipeline_name: st
 
 def run_json(capsys, *args) -> tuple[int, dict]:
     code = cli.main(["run", *map(str, args), "--json"])
-    out = capsys.readouterr().out
-    return code, (json.loads(out) if out.strip() else {})
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out) if captured.out.strip() else {"stderr": captured.err[-3000:]})
 
 
 @pytest.mark.slow

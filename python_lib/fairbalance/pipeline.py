@@ -380,8 +380,9 @@ def plan_pipeline(pipeline: Pipeline, dataset=None, start: Step | None = None, o
         if prior is None and not broken and dataset is not None:  # a copied file: the same step (same digest over
             for other, rec in _other_records(dataset, pipeline.name):  # everything upstream) of another pipeline
                 mine = rec.get(step.index)
-                if mine and mine.get("digest") == digest and mine.get("stamp") == stamp and stamp is not None:
-                    prior, adopted = mine, other
+                if mine and mine.get("digest") == digest and mine.get("stamp") == _stamp(dataset, step, mine) \
+                        and mine.get("stamp") is not None:
+                    prior, adopted, stamp = mine, other, mine.get("stamp")
                     break
         if prior is None:
             state = "missing"
@@ -433,6 +434,11 @@ def _preflight(pipeline: Pipeline, dataset, plan: list[dict]) -> None:
                 f"'{dataset.name}', made {made}, not by pipeline '{pipeline.name}': give the step another run_key, "
                 f"add 'overwrite: true' to it to replace that run"
                 + (f", or give this file 'name: {owner[0]}' (the pipeline's identity)" if owner else ""))
+        if step.command == "export" and p["run"] and not p["owned"] and not step.params.get("overwrite"):
+            folder = os.path.abspath(step.params["output_dir"])
+            if os.path.isdir(folder) and os.listdir(folder):
+                raise UsageError(f"{step.where(pipeline.path, 'output_dir')}: {step.label}: {folder} is not empty and "
+                                 f"this pipeline did not write it: add 'overwrite: true' to the step to replace it")
         accepted = step_parameters(step.command)
         produced.update(v for n, v in step.params.items() if isinstance(v, str))
         produced.update(p.default for p in accepted.values() if isinstance(p.default, str))
