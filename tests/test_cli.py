@@ -408,3 +408,35 @@ def test_queue_sharded_and_sharded_status_commands(small, capsys):
     finally:
         for op in svc.list_operations(dataset_name=small.name):
             svc.delete_operation(op.id)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_readme_ci_example_runs_verbatim(tmp_path):
+    """The README's pipeline file and commands, run as written (in a fresh folder, with the installed CLI)."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    block = readme.split("<!-- ci-example:start")[1].split("<!-- ci-example:end -->")[0]
+    yaml_text = block.split("```yaml\n")[1].split("```")[0]
+    bash = block.split("```bash\n")[1].split("```")[0].replace("\\\n", " ")
+    (tmp_path / "ci.yml").write_text(yaml_text)
+    exe = os.path.join(os.path.dirname(sys.executable), "fairbalance")
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    if not os.path.isfile(exe):  # not installed as a script here: the same command line as a module
+        bash = bash.replace("fairbalance ", f"{sys.executable} -m fairbalance ")
+    commands = [c.split("  #")[0].strip() for c in bash.splitlines() if c.strip()]
+    assert len(commands) == 6 and all(c.startswith(("fairbalance", sys.executable)) for c in commands)
+    try:
+        outputs = []
+        for command in commands:
+            out = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                 timeout=600)
+            assert out.returncode == 0, (command, out.stdout[-2000:], out.stderr[-3000:])
+            outputs.append(out.stdout)
+        assert outputs[0].count("would run") == 7 and outputs[1].count(": finished") == 7
+        assert outputs[2].count(": finished") == 5 and outputs[2].count("skipped") == 2  # the stale suffix
+        assert "7. export" in outputs[3] and outputs[3].count(": stale") == 5  # the file says epochs 1 again
+        assert "PASSED" in outputs[4] and (tmp_path / "report" / "report.md").is_file()
+        assert (tmp_path / "export" / "runs.json").is_file() and (tmp_path / "export-train" / "manifest.csv").is_file()
+    finally:
+        if fo.dataset_exists("ci-digits"):
+            fo.delete_dataset("ci-digits")
