@@ -440,3 +440,29 @@ def test_readme_ci_example_runs_verbatim(tmp_path):
     finally:
         if fo.dataset_exists("ci-digits"):
             fo.delete_dataset("ci-digits")
+
+
+def test_gate_counts_generated_samples_by_the_cluster_their_features_fall_in(small, tmp_path):
+    """Item 8: a generated image planned for cluster 1 whose features lie in cluster 0 counts for cluster 0."""
+    rng = np.random.default_rng(0)
+    centres = [np.zeros(4), np.full(4, 10.0)]
+    small.set_values("sa_features", [centres[i % 2] + rng.normal(0, 0.1, 4) for i in range(len(small))])
+    fb.compute_pseudo_labels(small, "sa_features", "sa_cluster", method="kmeans", num_clusters=2)
+    counts = small.count_values("sa_cluster.label")
+    big, little = sorted(counts, key=counts.get, reverse=True)
+    assert counts[big] == counts[little] + 1  # 8 / 7
+    _add_generated(small, str(tmp_path / "gen"), 1, 16, labelled=False)
+    gen = small.match_tags("generated")
+    near_big = small.match(fo.ViewField("sa_cluster.label") == big).first()["sa_features"]
+    gen.set_values("sa_cluster", [fo.Classification(label=little)])  # planned: the smaller cluster
+    gen.set_values("sa_features", [near_big])  # the image came out like the bigger one
+    planned = fb.balance_report(small, "sa_cluster")
+    assert planned.imbalance_ratio == 1.0  # by the planned cluster it looks balanced
+    result = check_balance(small, "sa_cluster", max_imbalance_ratio=1.0)
+    assert not result.passed and result.report.counts == {big: counts[big] + 1, little: counts[little]}
+    assert "by the group their own 'sa_features' are nearest to" in result.generated_counted_by
+    assert "1 differ from the planned one" in result.format()
+    # without features, the planned cluster is used, and the report says so
+    gen.set_values("sa_features", [None])
+    fallback = check_balance(small, "sa_cluster", max_imbalance_ratio=1.0)
+    assert fallback.passed and "without features by their planned 'sa_cluster'" in fallback.generated_counted_by
