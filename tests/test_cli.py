@@ -466,3 +466,16 @@ def test_gate_counts_generated_samples_by_the_cluster_their_features_fall_in(sma
     gen.set_values("sa_features", [None])
     fallback = check_balance(small, "sa_cluster", max_imbalance_ratio=1.0)
     assert fallback.passed and "without features by their planned 'sa_cluster'" in fallback.generated_counted_by
+
+
+def test_fiftyone_format_of_a_view_reimports_with_its_run_records(small, tmp_path):
+    """Item 7: the `fiftyone` format of a view (not the whole dataset) keeps the runs that made the samples."""
+    fb.balance_report(small, "color", run_key="colors_before")
+    res = export_samples(small.match_tags("train"), str(tmp_path / "fo"), format="fiftyone")
+    back = fo.Dataset.from_dir(str(tmp_path / "fo"), fo.types.FiftyOneDataset)
+    try:
+        assert len(back) == res.num_samples == 12 and back.has_run("colors_before")
+        assert runs.get_run_config(back, "colors_before")["label_field"] == "color"
+    finally:
+        back.delete()
+    assert not [d for d in fo.list_datasets() if d.startswith(small.name + "-")]  # the temporary clone is gone

@@ -166,8 +166,6 @@ def export_samples(
     """
     import shutil
 
-    import fiftyone as fo
-
     validation.require_nonempty(samples)
     if format not in FORMATS:
         raise validation.FairBalanceError(f"format must be one of {FORMATS}, not {format!r}")
@@ -196,7 +194,7 @@ def export_samples(
         view.export(dataset_exporter=exporter, label_field=label_field, progress=progress)
         exported = exporter.paths
     elif format == "fiftyone":
-        view.export(export_dir=output_dir, dataset_type=fo.types.FiftyOneDataset, progress=progress)
+        _export_fiftyone_with_runs(view, output_dir, progress)
         exported = {}
     else:
         os.makedirs(output_dir, exist_ok=True)
@@ -226,6 +224,26 @@ def export_samples(
     return ExportResult(output_dir, format, len(rows), sum(r["generated"] for r in rows), len(excluded),
                         manifest, sorted({r["label"] for r in rows}), dict(Counter(e[2] for e in excluded)),
                         runs_path, dict(sizes), notes)
+
+
+def _export_fiftyone_with_runs(view, output_dir: str, progress) -> None:
+    """FiftyOne's format with the dataset's run records (FiftyOne writes runs only for a whole dataset: the
+    selected samples go through a temporary clone that gets the runs, so ``fo.Dataset.from_dir`` has them)."""
+    import datetime
+
+    import fiftyone as fo
+    import fiftyone.core.dataset as fod
+
+    root = view._root_dataset
+    if not root.has_runs or not hasattr(fod, "_clone_extras"):
+        view.export(export_dir=output_dir, dataset_type=fo.types.FiftyOneDataset, progress=progress)
+        return
+    clone = view.clone()
+    try:
+        fod._clone_extras(root, clone, datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None))
+        clone.export(export_dir=output_dir, dataset_type=fo.types.FiftyOneDataset, progress=progress)
+    finally:
+        clone.delete()
 
 
 def _write_csv(path: str, columns: Sequence[str], rows: list[dict]) -> None:
