@@ -479,3 +479,15 @@ def test_fiftyone_format_of_a_view_reimports_with_its_run_records(small, tmp_pat
     finally:
         back.delete()
     assert not [d for d in fo.list_datasets() if d.startswith(small.name + "-")]  # the temporary clone is gone
+
+
+def test_sharding_a_random_weight_model_is_refused(small, capsys):
+    """Item 8: pretrained None (random weights, different in every worker) cannot be sharded."""
+    with pytest.raises(FairBalanceError, match="random weights, which differ in every worker"):
+        fb.queue_sharded(small, "compute_sa_features", 2, model="ViT-B-32", pretrained=None, attribute="color",
+                         run_key="sa_random")
+    with pytest.raises(FairBalanceError, match="random weights"):
+        fb.compute_sa_features(small, attribute="color", model="ViT-B-32", pretrained=None, shard=0, num_shards=2)
+    assert cli.main(["queue-sharded", small.name, "compute_sa_features", "attribute=color", "pretrained=",
+                     "--num-shards", "2"]) == 2 and "random weights" in capsys.readouterr().err
+    assert not fb.sharding.list_jobs(small)

@@ -82,6 +82,8 @@ def compute_sa_features(
     related_texts_override = validate_inputs(samples, attribute, attribute_values, related_texts_override,
                                              num_related_texts, prompt_template, embeddings_field, features_field)
     sharded = sharding.one_shard_requested(shard, num_shards, overwrite)
+    if sharded:
+        sharding.require_same_weights_everywhere("compute_sa_features", {"model": model, "pretrained": pretrained})
 
     clip = models.load_clip(model, pretrained, device=device)
     embeddings.check_field(samples, embeddings_field, clip)

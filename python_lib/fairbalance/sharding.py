@@ -602,6 +602,19 @@ def current_operation(samples, run_key: str, token: str | None) -> bool:
     return job is not None and (token is None or job.get("token") in (None, token))
 
 
+def require_same_weights_everywhere(function: str, kwargs: dict) -> None:
+    """Refuse a sharded job on a randomly initialised model (``pretrained`` empty and no model folder): each
+    worker would draw other weights, and the merged features would mix incomparable spaces."""
+    if "pretrained" not in kwargs or kwargs["pretrained"]:
+        return
+    model = str(kwargs.get("model") or "")
+    if not model.startswith(("local-dir:", "hf-hub:")):
+        raise validation.FairBalanceError(
+            f"{function} with model={model!r} and pretrained={kwargs['pretrained']!r} uses random weights, which "
+            "differ in every worker: shards would not be comparable; give pretrained weights (a tag or a "
+            "checkpoint file) or a model folder (model='local-dir:/path')")
+
+
 def queue_sharded(samples, function: str, num_shards: int, run_key: str | None = None, overwrite: bool = False,
                   then=None, orphan_after_s: float = ORPHAN_AFTER_S, **kwargs) -> ShardedJob:
     """Queue ``function`` on ``samples`` as ``num_shards`` delegated operations (one per shard).
@@ -640,6 +653,7 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
     except TypeError as e:
         raise validation.FairBalanceError(f"queue_sharded's arguments must be JSON-serializable: {e}") from e
     follow_ups = _check_follow_ups(samples, spec, function, then)
+    require_same_weights_everywhere(function, {**{n: p.default for n, p in params.items()}, **kwargs})
     validator = getattr(importlib.import_module(spec.function.split(":")[0]), "validate_inputs", None)
     if validator is not None:
         validator(samples, **kwargs)  # the function's own up-front checks, before anything is queued
