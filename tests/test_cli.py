@@ -491,3 +491,20 @@ def test_sharding_a_random_weight_model_is_refused(small, capsys):
     assert cli.main(["queue-sharded", small.name, "compute_sa_features", "attribute=color", "pretrained=",
                      "--num-shards", "2"]) == 2 and "random weights" in capsys.readouterr().err
     assert not fb.sharding.list_jobs(small)
+
+
+def test_runtime_failure_exits_4_and_sdk_words_become_cli_words(small, tmp_path, capsys):
+    """Item 8: an unreachable database is a runtime failure (4, with the traceback), not a config error (2); an
+    SDK message's ``overwrite=True`` reads as the flag on the command line (item 3)."""
+    env = {**os.environ, "FIFTYONE_DATABASE_URI": "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=300&"
+                                                  "connectTimeoutMS=300"}
+    out = subprocess.run([sys.executable, "-m", "fairbalance", "balance-report", small.name, "--label-field", "color"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 4 and "Traceback" in out.stderr and "fairbalance: failed:" in out.stderr, \
+        (out.returncode, out.stderr[-2000:])
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("x")
+    assert cli.main(["export", small.name, "--output", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err

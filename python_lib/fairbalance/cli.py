@@ -427,6 +427,14 @@ def _command(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _in_cli_words(message: str, command: str) -> str:
+    """The SDK's ``overwrite=True`` said the way this command takes it (a flag, or the pipeline step's key)."""
+    if command == "run":
+        return message.replace("pass overwrite=True", "add 'overwrite: true' to the step").replace(
+            "overwrite=True", "'overwrite: true' on the step")
+    return message.replace("pass overwrite=True", "pass --overwrite").replace("overwrite=True", "--overwrite")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command(argv))
@@ -441,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fairbalance: busy: {e}", file=sys.stderr)
         return EXIT_BUSY
     except (validation.FairBalanceError, ModelNotFoundError) as e:  # bad input, a key taken, absent weights
-        print(f"fairbalance: error: {e}", file=sys.stderr)
+        print(f"fairbalance: error: {_in_cli_words(str(e), args.command)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         raise
