@@ -312,6 +312,10 @@ BAD_VALUES = {  # item 4: a bad value in step 2; step 1 must not run, the error 
     "epochs: ten": ("train-classifier: {epochs: ten, run_key: bad}", "epochs must be int, got 'ten'"),
     "missing local-dir": ("compute-sa-features: {model: 'local-dir:/no/such/clip', attribute: color}",
                           "model folder /no/such/clip does not exist"),
+    "model folder": ("generate-balanced: {label_field: color, model: /no/such/model, per_class: 2}",
+                     "model /no/such/model does not exist"),
+    "unknown field": ("train-classifier: {label_field: no_such_field, epochs: 1, run_key: bad}",
+                      "label_field 'no_such_field' is not a field"),
     "duplicate run key": ("balance-report: {label_field: color, run_key: first}", "records run 'first' like"),
 }
 

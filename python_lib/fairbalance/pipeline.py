@@ -60,6 +60,7 @@ POSITIVE = {"epochs", "batch_size", "top_k", "per_class", "per_cell", "total", "
 NON_NEGATIVE = {"seed", "num_workers", "num_val", "num_test"}
 UNIT_INTERVAL = {"conflict_ratio", "max_synthetic_fraction", "ema", "q", "min_normalized_entropy",
                  "min_worst_group_accuracy", "edit_strength"}
+MODEL_PATHS = {"model", "base_model", "classifier", "model_dir"}  # a value that is a path must exist (or be made)
 INPUT_FIELDS = {"label_field", "attribute_field", "aligned_field", "weights_field", "weight_field"}
 WRITES_LABEL = {"compute-pseudo-labels", "audit-balance"}  # their label/attribute fields are outputs
 
@@ -409,8 +410,16 @@ def _preflight(pipeline: Pipeline, dataset, plan: list[dict]) -> None:
         load_view(pipeline.dataset, None)  # raises: no such dataset
     produced: set[str] = set()
     for step, p in zip(pipeline.steps, plan):
+        for name in sorted(MODEL_PATHS & set(step.params)):
+            value = step.params[name]
+            if isinstance(value, str) and value.startswith(("/", "./", "../", "~")) and value not in produced \
+                    and os.path.abspath(os.path.expanduser(value)) not in produced \
+                    and not os.path.exists(os.path.expanduser(value)):
+                raise UsageError(f"{step.where(pipeline.path, name)}: {step.label}: {name} {value} does not exist "
+                                 "and no earlier step writes it (no weights are downloaded)")
         if dataset is None:
-            break  # the first step creates the dataset: nothing on it to check yet
+            _note_outputs(step, produced)
+            continue  # the first step creates the dataset: nothing on it to check yet
         if step.command not in DATA_STEPS:
             try:
                 load_view(pipeline.dataset, step.view or pipeline.view)
@@ -439,9 +448,16 @@ def _preflight(pipeline: Pipeline, dataset, plan: list[dict]) -> None:
             if os.path.isdir(folder) and os.listdir(folder):
                 raise UsageError(f"{step.where(pipeline.path, 'output_dir')}: {step.label}: {folder} is not empty and "
                                  f"this pipeline did not write it: add 'overwrite: true' to the step to replace it")
-        accepted = step_parameters(step.command)
-        produced.update(v for n, v in step.params.items() if isinstance(v, str))
-        produced.update(p.default for p in accepted.values() if isinstance(p.default, str))
+        _note_outputs(step, produced)
+
+
+def _note_outputs(step: Step, produced: set) -> None:
+    """What a step may write, as far as later steps' checks go: every name and folder it is given or defaults to."""
+    accepted = step_parameters(step.command)
+    values = [v for v in step.params.values() if isinstance(v, str)]
+    values += [p.default for p in accepted.values() if isinstance(p.default, str)]
+    produced.update(values)
+    produced.update(os.path.abspath(os.path.expanduser(v)) for v in values if v.startswith(("/", "./", "../", "~")))
 
 
 @claims.exclusive
