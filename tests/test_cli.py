@@ -512,3 +512,27 @@ def test_runtime_failure_exits_4_and_sdk_words_become_cli_words(small, tmp_path,
     assert cli.main(["export", small.name, "--output", str(folder)]) == 2
     err = capsys.readouterr().err
     assert "--overwrite" in err and "overwrite=True" not in err
+
+
+def test_a_record_of_the_earlier_format_counts_as_done(small, tmp_path, capsys):
+    """Upgrading: steps recorded before digests chained (own settings only, no stamp) are not all rerun."""
+    from fairbalance.pipeline import load_pipeline
+
+    path = tmp_path / "old.yml"
+    path.write_text(f"dataset: {small.name}\nsteps:\n  - balance-report: {{label_field: color, run_key: old_a}}\n"
+                    "  - balance-report: {label_field: ground_truth, run_key: old_b}\n")
+    pipeline = load_pipeline(str(path))
+    fb.balance_report(small, "color", run_key="old_a")
+    record = runs.prepare(small, pipeline.name, "pipeline", {"file": str(path)}, [], overwrite=True)
+    record.write(lambda: None)
+    record.save_results({"steps": {"0": {"command": "balance-report", "digest": pipeline.steps[0].digest,
+                                         "run_key": "old_a"}}})
+    small.reload()
+    stamp = str(small.get_run_info("old_a").timestamp)
+    assert cli.main(["run", str(path), "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["ran"] == [1]
+    small.reload()
+    assert str(small.get_run_info("old_a").timestamp) == stamp
+    assert cli.main(["run", str(path), "--json"]) == 0 and json.loads(capsys.readouterr().out)["ran"] == []

@@ -385,8 +385,12 @@ def plan_pipeline(pipeline: Pipeline, dataset=None, start: Step | None = None, o
                         and mine.get("stamp") is not None:
                     prior, adopted, stamp = mine, other, mine.get("stamp")
                     break
+        legacy = prior is not None and "stamp" not in prior and prior.get("digest") == step.digest and (
+            key is None or stamp is not None)  # recorded before digests chained: done if its own settings match
         if prior is None:
             state = "missing"
+        elif legacy and not broken:
+            state = "done"
         elif broken or prior.get("digest") != digest or prior.get("stamp") != stamp or (
                 key is not None and stamp is None) or prior.get("command") != step.command:
             state = "stale"
@@ -396,7 +400,8 @@ def plan_pipeline(pipeline: Pipeline, dataset=None, start: Step | None = None, o
         forced = (only is not None and step is only) or (start is not None and step.index >= start.index)
         skip = (only is not None and step is not only) or (start is not None and step.index < start.index)
         plan.append({"index": step.index, "command": step.command, "line": step.line, "run_key": key,
-                     "state": state, "digest": digest, "stamp": stamp, "adopted_from": adopted,
+                     "state": state, "digest": digest, "stamp": stamp, "adopted_from": adopted or (
+                         "an earlier version" if legacy and state == "done" else None),
                      "owned": prior is not None and prior.get("run_key") == key,
                      "run": not skip and (forced or state != "done")})
         chain = f"{digest}|{stamp}"
