@@ -28,30 +28,74 @@ a FiftyOne run and returns a result with ``run_key`` and ``to_dict()``:
   generated, two-stage), :func:`apply_classifier`, :func:`evaluate_classifier`
 """
 
-from fairbalance.audit import AuditResult, audit_balance
-from fairbalance.balance import BalanceReport, balance_report, entropy, normalized_entropy
-from fairbalance.captions import compute_captions, filter_captions
-from fairbalance.claims import ClaimError
-from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
-from fairbalance.clustering import xmeans
-from fairbalance.colored_mnist import colored_mnist  # the function shadows its module as an attribute
-from fairbalance.datasets import colored_digits
-from fairbalance.diffinject import inject_bias_conflicting
-from fairbalance.diffusion import train_conditional_diffusion
-from fairbalance.export import TorchImageDataset, export_samples
-from fairbalance.filtering import filter_generated
-from fairbalance.gate import GateResult, check_balance
-from fairbalance.generation import generate_balanced
-from fairbalance.hardness import compute_hardness as compute_hardness_tags
-from fairbalance.lora_generation import generate_per_group
-from fairbalance.lora_training import finetune_per_group
-from fairbalance.models import ModelNotFoundError
-from fairbalance.pipeline import load_pipeline, run_pipeline
-from fairbalance.pseudo_labels import compute_pseudo_labels
-from fairbalance.sa_features import compute_sa_features, get_related_texts
-from fairbalance.sharding import queue_sharded, sharded_status
-from fairbalance.text_to_image import generate_from_captions
-from fairbalance.validation import FairBalanceError
+import importlib
+import sys
+import types
+
+# Imported on first use (PEP 562), so `fairbalance --help` and light modules do not load torch and FiftyOne:
+# public name -> (module, attribute)
+_LAZY = {
+    'AuditResult': ('fairbalance.audit', 'AuditResult'),
+    'audit_balance': ('fairbalance.audit', 'audit_balance'),
+    'BalanceReport': ('fairbalance.balance', 'BalanceReport'),
+    'balance_report': ('fairbalance.balance', 'balance_report'),
+    'entropy': ('fairbalance.balance', 'entropy'),
+    'normalized_entropy': ('fairbalance.balance', 'normalized_entropy'),
+    'compute_captions': ('fairbalance.captions', 'compute_captions'),
+    'filter_captions': ('fairbalance.captions', 'filter_captions'),
+    'ClaimError': ('fairbalance.claims', 'ClaimError'),
+    'apply_classifier': ('fairbalance.classifier', 'apply_classifier'),
+    'evaluate_classifier': ('fairbalance.classifier', 'evaluate_classifier'),
+    'train_classifier': ('fairbalance.classifier', 'train_classifier'),
+    'xmeans': ('fairbalance.clustering', 'xmeans'),
+    'colored_mnist': ('fairbalance.colored_mnist', 'colored_mnist'),
+    'colored_digits': ('fairbalance.datasets', 'colored_digits'),
+    'inject_bias_conflicting': ('fairbalance.diffinject', 'inject_bias_conflicting'),
+    'train_conditional_diffusion': ('fairbalance.diffusion', 'train_conditional_diffusion'),
+    'TorchImageDataset': ('fairbalance.export', 'TorchImageDataset'),
+    'export_samples': ('fairbalance.export', 'export_samples'),
+    'filter_generated': ('fairbalance.filtering', 'filter_generated'),
+    'GateResult': ('fairbalance.gate', 'GateResult'),
+    'check_balance': ('fairbalance.gate', 'check_balance'),
+    'generate_balanced': ('fairbalance.generation', 'generate_balanced'),
+    'compute_hardness_tags': ('fairbalance.hardness', 'compute_hardness'),
+    'generate_per_group': ('fairbalance.lora_generation', 'generate_per_group'),
+    'finetune_per_group': ('fairbalance.lora_training', 'finetune_per_group'),
+    'ModelNotFoundError': ('fairbalance.models', 'ModelNotFoundError'),
+    'load_pipeline': ('fairbalance.pipeline', 'load_pipeline'),
+    'run_pipeline': ('fairbalance.pipeline', 'run_pipeline'),
+    'compute_pseudo_labels': ('fairbalance.pseudo_labels', 'compute_pseudo_labels'),
+    'compute_sa_features': ('fairbalance.sa_features', 'compute_sa_features'),
+    'get_related_texts': ('fairbalance.sa_features', 'get_related_texts'),
+    'queue_sharded': ('fairbalance.sharding', 'queue_sharded'),
+    'sharded_status': ('fairbalance.sharding', 'sharded_status'),
+    'generate_from_captions': ('fairbalance.text_to_image', 'generate_from_captions'),
+    'FairBalanceError': ('fairbalance.validation', 'FairBalanceError'),
+}
+_SHADOWED = {"colored_mnist"}  # functions named like their module: importing the module must not replace them
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return  # the submodule stays in sys.modules; the package attribute stays the function
+        super().__setattr__(name, value)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fairbalance' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+sys.modules[__name__].__class__ = _Package
 
 __version__ = "0.1.0"
 

@@ -4,10 +4,14 @@ Subcommands are built from the SDK functions' own signatures, so the
 arguments are the SDK's (``--label-field``, ``--top-k``, ...), with their
 defaults, and never drift. ``DATASET`` is a FiftyOne dataset name;
 ``--view`` a saved view of it or a sample tag. ``--json`` prints the result
-as JSON. Progress shows as bars on a terminal and as plain lines otherwise.
+as JSON (and nothing else on stdout). Progress shows as bars on a terminal
+and as plain lines otherwise.
 
-Exit codes: 0 ok, 1 a gate failed, 2 bad input (unknown dataset, view,
-parameter, out-of-range value, a run key or folder in use).
+Exit codes: 0 ok; 1 a balance gate failed; 2 usage or config error (unknown
+dataset, view, parameter or step, a value out of range, a bad pipeline file,
+a run key or folder taken: fix the input); 3 busy (a run key, field or folder
+is in use by a running operation: retry later); 4 runtime failure (anything
+else: see the message and traceback).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import math
 import sys
 
 from fairbalance import validation
-from fairbalance.models import ModelNotFoundError
 
 # CLI name -> (module, SDK function), in the order a user works; new capabilities add a line
 CAPABILITIES = {
@@ -43,7 +46,9 @@ CAPABILITIES = {
 }
 VIEW_PARAMS = {"val_samples": "val_view"}  # SDK parameters that take a view: given as a view name or tag
 SKIPPED = {"samples", "progress"}
-EXIT_OK, EXIT_GATE, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_GATE, EXIT_BAD_INPUT, EXIT_BUSY, EXIT_FAILURE = 0, 1, 2, 3, 4
+EXIT_CODES_HELP = ("exit codes: 0 ok, 1 a balance gate failed, 2 usage or config error (fix the input), "
+                   "3 busy: in use by a running operation (retry), 4 runtime failure")
 
 
 class UsageError(validation.FairBalanceError):
@@ -179,7 +184,7 @@ def result_dict(result) -> dict:
 def _print_result(result, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result_dict(result), default=str, indent=1))
-    elif hasattr(result, "format"):
+    elif callable(getattr(result, "format", None)):  # a text table (the gate); ExportResult.format is a field
         print(result.format())
     else:
         for key, value in result_dict(result).items():
@@ -188,6 +193,8 @@ def _print_result(result, as_json: bool) -> None:
             elif isinstance(value, (list, dict)) and len(json.dumps(value, default=str)) > 200:
                 value = f"<{len(value)} entries; --json shows them>"
             print(f"{key}: {value}")
+    for note in result_dict(result).get("warnings") or [] if not as_json else []:
+        print(f"fairbalance: warning: {note}", file=sys.stderr)
 
 
 def _run_capability(args) -> int:
@@ -221,12 +228,75 @@ def _run_export(args) -> int:
 def _run_pipeline(args) -> int:
     from fairbalance.pipeline import load_pipeline, run_pipeline
 
-    pipeline = load_pipeline(args.file)
+    pipeline = load_pipeline(args.file, args.overrides)
     if args.queue:
         return _queue_pipeline(pipeline, args)
-    result = run_pipeline(pipeline, dry_run=args.dry_run, log=lambda line: print(line, flush=True))
+    out = sys.stderr if args.json else sys.stdout  # with --json, stdout is only the JSON result
+    result = run_pipeline(pipeline, dry_run=args.dry_run, log=lambda line: print(line, file=out, flush=True),
+                          start=args.start, only=args.only)
     if args.json:
         print(json.dumps(result.to_dict(), default=str, indent=1))
+    return EXIT_GATE if result.gate_failed is not None else EXIT_OK
+
+
+def _run_status(args) -> int:
+    import os
+
+    from fairbalance.pipeline import dataset_status, load_pipeline, pipeline_status
+
+    status = pipeline_status(load_pipeline(args.target)) if os.path.isfile(args.target) else \
+        dataset_status(args.target)
+    if args.json:
+        print(json.dumps(status, default=str, indent=1))
+        return EXIT_OK
+    for pipe in [status] if "steps" in status else status["pipelines"]:
+        print(f"pipeline '{pipe['name']}'" + (f" on '{status['dataset']}'" if "dataset" in status else "")
+              + (f" ({pipe['file']})" if pipe.get("file") else ""))
+        for s in pipe["steps"]:
+            line = f", line {s['line']}" if s.get("line") else ""
+            print(f"  {s['index'] + 1}. {s['command']}{line}: {s['state']}"
+                  + (f" (run '{s['run_key']}')" if s.get("run_key") else ""))
+    for job in status["sharded_jobs"]:
+        states = ", ".join(f"{s['shard']}:{s['state']}" for s in job["shards"])
+        print(f"sharded job '{job['run_key']}' ({job['function']}): {job['shards_done']}/{job['num_shards']} shards "
+              f"done, {100 * job['progress']:.0f}%, {'merged' if job['merged'] else 'not merged'} [{states}]")
+    return EXIT_OK
+
+
+def _run_queue_sharded(args) -> int:
+    from fairbalance.sharding import queue_sharded
+
+    kwargs = {}
+    for item in args.params or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UsageError(f"'{item}': give the function's parameters as NAME=VALUE (the value read as YAML)")
+        import yaml
+
+        kwargs[key.replace("-", "_")] = yaml.safe_load(raw)
+    job = queue_sharded(load_view(args.dataset, args.view), args.function, args.num_shards, run_key=args.run_key,
+                        overwrite=args.overwrite, then=args.then, **kwargs)
+    if args.json:
+        print(json.dumps(job.to_dict(), default=str, indent=1))
+    else:
+        print(f"queued {len(job.queued)} shard(s) of '{job.run_key}' ({job.function}); requeued "
+              f"{len(job.requeued)}; workers (fiftyone delegated launch) run them; "
+              f"fairbalance sharded-status {args.dataset} {job.run_key} follows them")
+    return EXIT_OK
+
+
+def _run_sharded_status(args) -> int:
+    from fairbalance.sharding import sharded_status
+
+    status = sharded_status(load_view(args.dataset, None), args.run_key)
+    if args.json:
+        print(json.dumps(status, default=str, indent=1))
+        return EXIT_OK
+    print(f"'{status['run_key']}' ({status['function']}): {status['shards_done']}/{status['num_shards']} shards "
+          f"done, {status['num_done']}/{status['num_items']} items, {'merged' if status['merged'] else 'not merged'}")
+    for s in status["shards"]:
+        print(f"  shard {s['shard']}: {s['state']} {s['done']}/{s['total']} (attempts {s['attempts']}, "
+              f"operation {s['operation']}: {s['operation_state']})")
     return EXIT_OK
 
 
@@ -236,6 +306,8 @@ def _queue_pipeline(pipeline, args) -> int:
 
     from fairbalance import folders
 
+    if args.overrides or args.start or args.only:
+        raise UsageError("--queue runs the file as it is: edit the file instead of overrides, --from or --only")
     load_view(pipeline.dataset, None)
     queued = folders.copy_pipeline(pipeline.path, pipeline.dataset)  # the operator reads only the pipelines folder
     res = foo.execute_operator("@fairbalance/fairbalance/run_pipeline", ctx={
@@ -254,17 +326,48 @@ def _run_check_wordnet(args) -> int:
     return _main(["check-wordnet"])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fairbalance", description=__doc__.split("\n\n")[0])
+def _summary(name: str) -> str:
+    """A capability's first docstring line, read from its source (no import: ``--help`` stays fast)."""
+    import ast
+    import importlib.util
+
+    module, fn = CAPABILITIES[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        return name
+    with open(spec.origin) as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == fn:
+            doc = ast.get_docstring(node) or name
+            return doc.splitlines()[0]
+    return name
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; capability subcommands get their SDK parameters only for ``command`` (the one run), so
+    ``fairbalance --help`` imports no capability (torch, FiftyOne)."""
+    parser = argparse.ArgumentParser(prog="fairbalance", description=__doc__.split("\n\n")[0],
+                                     epilog=EXIT_CODES_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="run the steps of a pipeline file in order (reruns skip finished steps)")
+    run = sub.add_parser("run", help="run a pipeline file: the stale steps, in order (finished ones are skipped)",
+                         epilog=EXIT_CODES_HELP)
     run.add_argument("file", help="pipeline YAML file")
-    run.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="override the file: STEP.PARAM=VALUE (STEP: number, command or run key), view=, dataset=")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check everything and print the plan, run nothing (exit 2 when the run would fail)")
+    run.add_argument("--from", dest="start", metavar="STEP", help="rerun STEP and every step after it")
+    run.add_argument("--only", metavar="STEP", help="run only STEP (later steps then show as stale)")
     run.add_argument("--queue", action="store_true",
                      help="queue it for FiftyOne's delegated workers instead of running it here")
-    run.add_argument("--json", action="store_true")
+    run.add_argument("--json", action="store_true", help="print the result as JSON (the log goes to stderr)")
     run.set_defaults(handler=_run_pipeline)
-    check = sub.add_parser("check", help="balance gate: exit 1 when a threshold is crossed")
+    status = sub.add_parser("status", help="the steps of a pipeline (done / stale / missing) and sharded jobs")
+    status.add_argument("target", help="a pipeline file, or a dataset name (every pipeline recorded on it)")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=_run_status)
+    check = sub.add_parser("check", help="balance gate: exit 1 when a threshold is crossed", epilog=EXIT_CODES_HELP)
     _add_dataset_args(check)
     check.add_argument("--field", required=True, help="the label field to check, e.g. sa_cluster")
     check.add_argument("--min-normalized-entropy", type=float)
@@ -284,9 +387,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--weights-field", help="a numeric field for the manifest's weight column")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(handler=_run_export)
+    queue = sub.add_parser("queue-sharded", help="queue a job as N delegated operations, one per shard")
+    _add_dataset_args(queue)
+    queue.add_argument("function", help="what to shard, e.g. compute_sa_features, compute_hardness, "
+                                        "generate_balanced")
+    queue.add_argument("params", nargs="*", metavar="NAME=VALUE", help="the function's parameters (YAML values)")
+    queue.add_argument("--num-shards", type=int, required=True)
+    queue.add_argument("--run-key")
+    queue.add_argument("--then", help="what runs on the merged result, e.g. compute_pseudo_labels")
+    queue.add_argument("--overwrite", action="store_true")
+    queue.set_defaults(handler=_run_queue_sharded)
+    sstatus = sub.add_parser("sharded-status", help="each shard's state and progress of a sharded run")
+    sstatus.add_argument("dataset", help="FiftyOne dataset name")
+    sstatus.add_argument("run_key")
+    sstatus.add_argument("--json", action="store_true")
+    sstatus.set_defaults(handler=_run_sharded_status)
     wordnet = sub.add_parser("check-wordnet", help="check the WordNet 3.0 files NLTK will read")
     wordnet.set_defaults(handler=_run_check_wordnet)
     for name in CAPABILITIES:
+        if name != command:
+            sub.add_parser(name, help=_summary(name), add_help=False)  # listed; built fully when it is the command
+            continue
         fn = capability(name)
         if fn is not None:
             _add_capability(sub, name, fn)
@@ -304,15 +425,43 @@ def _logs_to_stderr() -> None:
             handler.setStream(sys.stderr)
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand word of ``argv`` (the first argument that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _in_cli_words(message: str, command: str) -> str:
+    """The SDK's ``overwrite=True`` said the way this command takes it (a flag, or the pipeline step's key)."""
+    if command == "run":
+        return message.replace("pass overwrite=True", "add 'overwrite: true' to the step").replace(
+            "overwrite=True", "'overwrite: true' on the step")
+    return message.replace("pass overwrite=True", "pass --overwrite").replace("overwrite=True", "--overwrite")
+
+
 def main(argv: list[str] | None = None) -> int:
-    _logs_to_stderr()
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
+    from fairbalance.claims import ClaimError
+    from fairbalance.models import ModelNotFoundError
+
     try:
+        _logs_to_stderr()
         return args.handler(args)
-    except (validation.FairBalanceError, ModelNotFoundError) as e:  # bad input, a key in use, absent weights
-        print(f"fairbalance: error: {e}", file=sys.stderr)
+    except ClaimError as e:  # in use by a running operation: retry later
+        print(f"fairbalance: busy: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    except (validation.FairBalanceError, ModelNotFoundError) as e:  # bad input, a key taken, absent weights
+        print(f"fairbalance: error: {_in_cli_words(str(e), args.command)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 (a runtime failure: its own exit code, with the traceback)
+        import traceback
+
+        traceback.print_exc()
+        print(f"fairbalance: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -37,11 +37,12 @@ class GateResult:
     report: BalanceReport
     evaluation_run: str | None = None
     report_files: list[str] = field(default_factory=list)
+    generated_counted_by: str | None = None  # how generated samples were counted (assigned or planned group)
 
     def to_dict(self) -> dict:
         return {"label_field": self.label_field, "passed": self.passed, "checks": [asdict(c) for c in self.checks],
                 "report": self.report.to_dict(), "evaluation_run": self.evaluation_run,
-                "report_files": self.report_files}
+                "report_files": self.report_files, "generated_counted_by": self.generated_counted_by}
 
     def format(self) -> str:
         """A plain-text table for terminals and CI logs."""
@@ -49,6 +50,8 @@ class GateResult:
         for c in self.checks:
             lines.append(f"{c.name:<26} {c.value:>8.3f}  {c.rule:<4}  {c.threshold:>9.3f}  "
                          f"{'pass' if c.passed else 'FAIL'}")
+        if self.generated_counted_by:
+            lines.append(f"generated samples: {self.generated_counted_by}")
         lines.append(f"gate on '{self.label_field}': {'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(lines)
 
@@ -99,7 +102,7 @@ def check_balance(
         if worst is None:
             raise validation.FairBalanceError(f"Run '{evaluation_run}' has no worst-group accuracy: evaluate with "
                                               "attribute_field")
-    report = balance_report(samples, label_field)
+    report, counted_by = _report_with_assigned_groups(samples, label_field)
     checks = []
     if thresholds["min_normalized_entropy"] is not None:
         t = thresholds["min_normalized_entropy"]
@@ -111,10 +114,64 @@ def check_balance(
     if worst is not None:
         t = thresholds["min_worst_group_accuracy"]
         checks.append(GateCheck("worst_group_accuracy", float(worst), t, ">=", worst >= t))
-    result = GateResult(label_field, all(c.passed for c in checks), checks, report, evaluation_run)
+    result = GateResult(label_field, all(c.passed for c in checks), checks, report, evaluation_run,
+                        generated_counted_by=counted_by)
     if report_dir is not None:
         result.report_files = _write_report(result, report_dir)
     return result
+
+
+def _report_with_assigned_groups(samples, label_field: str) -> tuple[BalanceReport, str | None]:
+    """The balance of ``label_field``, generated samples counted in the group their own features fall in.
+
+    A generator labels its samples with the group it *planned* (the cluster
+    it conditioned on); whether the image landed there is another matter.
+    When ``label_field`` is a pseudo-label field (a ``compute_pseudo_labels``
+    run wrote it) and generated samples have that run's features, each is
+    counted in the group of the nearest cluster centre (the mean of the real
+    samples' features per group); others by their planned group. Returns the
+    report and how generated samples were counted (None when there are none).
+    """
+    import numpy as np
+    from fiftyone import ViewField as Fv
+
+    from fairbalance import balance
+
+    root = samples._root_dataset
+    if not root.has_field("generated") or not len(samples.match(Fv("generated") == True)):  # noqa: E712
+        return balance_report(samples, label_field), None
+    path = balance.label_path(samples, label_field)
+    made_by = [k for k in runs.list_runs(samples, "pseudo_labels")
+               if runs.get_run_config(samples, k).get("label_field") == label_field]
+    features = runs.get_run_config(samples, made_by[-1]).get("features_field") if made_by else None
+    if features is None or not root.has_field(features):
+        why = "no features to assign them by" if made_by else "not a pseudo-label field: no cluster centres"
+        return balance_report(samples, label_field), f"by their planned '{label_field}' ({why})"
+    real = samples.match(Fv("generated") != True)  # noqa: E712
+    labels, x = real.exists(features).exists(path).values([path, features])
+    groups = sorted(set(labels))
+    if not groups:
+        return balance_report(samples, label_field), f"by their planned '{label_field}' (no real sample has features)"
+    x = np.stack([np.asarray(v, dtype=np.float64) for v in x])
+    centres = np.stack([x[[i for i, lab in enumerate(labels) if lab == g]].mean(axis=0) for g in groups])
+    joint = balance._joint_counts(real, path)
+    planned, vectors = samples.match(Fv("generated") == True).values([path, features])  # noqa: E712
+    assigned = moved = kept = 0
+    for label, v in zip(planned, vectors):
+        if v is not None:
+            d = ((centres - np.asarray(v, dtype=np.float64)) ** 2).sum(axis=1)
+            new = groups[int(np.argmin(d))]
+            assigned += 1
+            moved += new != label
+            label = new
+        else:
+            kept += 1
+        joint[(label, None, True)] = joint.get((label, None, True), 0) + 1
+    how = (f"{assigned} by the group their own '{features}' are nearest to (the centre of the real samples of each "
+           f"'{label_field}'; {moved} differ from the planned one)")
+    if kept:
+        how += f", {kept} without features by their planned '{label_field}'"
+    return balance._report(joint, label_field, None), how
 
 
 def _write_report(result: GateResult, folder: str) -> list[str]:
@@ -142,7 +199,9 @@ def _write_report(result: GateResult, folder: str) -> list[str]:
     groups = "\n".join(f"| {k} | {v} | {100 * result.report.proportions[k]:.1f}% |" for k, v in counts.items())
     with open(paths[2], "w") as f:
         f.write(f"# Balance gate: {'passed' if result.passed else 'FAILED'}\n\n"
-                f"Field `{result.label_field}`, {result.report.num_samples} samples.\n\n"
+                f"Field `{result.label_field}`, {result.report.num_samples} samples."
+                + (f" Generated samples counted {result.generated_counted_by}." if result.generated_counted_by else "")
+                + "\n\n"
                 f"| check | value | rule | result |\n|---|---|---|---|\n{rows}\n\n"
                 f"![counts](counts.png)\n\n| group | samples | share |\n|---|---|---|\n{groups}\n")
     return paths

@@ -83,6 +83,8 @@ def compute_sa_features(
                                              num_related_texts, prompt_template, embeddings_field, features_field,
                                              batch_size, device)
     sharded = sharding.one_shard_requested(shard, num_shards, overwrite)
+    if sharded:
+        sharding.require_same_weights_everywhere("compute_sa_features", {"model": model, "pretrained": pretrained})
 
     clip = models.load_clip(model, pretrained, device=device)
     embeddings.check_field(samples, embeddings_field, clip)

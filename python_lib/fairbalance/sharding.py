@@ -602,6 +602,19 @@ def current_operation(samples, run_key: str, token: str | None) -> bool:
     return job is not None and (token is None or job.get("token") in (None, token))
 
 
+def require_same_weights_everywhere(function: str, kwargs: dict) -> None:
+    """Refuse a sharded job on a randomly initialised model (``pretrained`` empty and no model folder): each
+    worker would draw other weights, and the merged features would mix incomparable spaces."""
+    if "pretrained" not in kwargs or kwargs["pretrained"]:
+        return
+    model = str(kwargs.get("model") or "")
+    if not model.startswith(("local-dir:", "hf-hub:")):
+        raise validation.FairBalanceError(
+            f"{function} with model={model!r} and pretrained={kwargs['pretrained']!r} uses random weights, which "
+            "differ in every worker: shards would not be comparable; give pretrained weights (a tag or a "
+            "checkpoint file) or a model folder (model='local-dir:/path')")
+
+
 def queue_sharded(samples, function: str, num_shards: int, run_key: str | None = None, overwrite: bool = False,
                   then=None, orphan_after_s: float = ORPHAN_AFTER_S, **kwargs) -> ShardedJob:
     """Queue ``function`` on ``samples`` as ``num_shards`` delegated operations (one per shard).
@@ -645,6 +658,7 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
     except TypeError as e:
         raise validation.FairBalanceError(f"queue_sharded's arguments must be JSON-serializable: {e}") from e
     follow_ups = _check_follow_ups(samples, spec, function, then)
+    require_same_weights_everywhere(function, {**{n: p.default for n, p in params.items()}, **kwargs})
     validator = getattr(importlib.import_module(spec.function.split(":")[0]), "validate_inputs", None)
     if validator is not None:
         validator(samples, **kwargs)  # the function's own up-front checks, before anything is queued
@@ -717,7 +731,11 @@ def sharded_status(samples, run_key: str) -> dict:
     shards = []
     for key, s in sorted(job["shards"].items(), key=lambda kv: int(kv[0])):
         op = svc.get(ObjectId(s["op_id"])) if s.get("op_id") else None
-        shards.append({"shard": int(key), "state": s["state"], "done": s.get("done", 0), "total": s.get("total"),
+        op_state = str(getattr(op.run_state, "value", op.run_state)).lower() if op is not None else None
+        state = s["state"]  # the shard's own record, refined by its operation's fate (a failed op is no "new")
+        if state != "done" and op_state in ("failed", "queued", "scheduled"):
+            state = "failed" if op_state == "failed" else ("queued" if state == "new" else state)
+        shards.append({"shard": int(key), "state": state, "done": s.get("done", 0), "total": s.get("total"),
                        "attempts": s.get("attempts", 0), "operation": s.get("op_id"),
                        "operation_state": str(op.run_state) if op is not None else None,
                        "progress": (op.status or {}).get("progress") if op is not None and isinstance(
