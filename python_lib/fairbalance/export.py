@@ -170,10 +170,13 @@ def export_samples(
     if format not in FORMATS:
         raise validation.FairBalanceError(f"format must be one of {FORMATS}, not {format!r}")
     validation.require_fields(samples, [label_field] + ([weights_field] if weights_field else []))
-    kept, excluded = _exclusions(samples, label_field, include_generated, exclude_tags)
+    _, excluded = _exclusions(samples, label_field, include_generated, exclude_tags)
     unlabelled = [e for e in excluded if e[2].startswith("generated sample without")]
     if unlabelled:  # asked for, but they would vanish: say so before writing anything
-        gen_runs = sorted(set(samples.select([e[0] for e in unlabelled]).values("generation.run_key")) - {None}) \
+        from fiftyone import ViewField as Fv
+
+        gen_runs = sorted(set(samples.match(Fv("generated") == True).exists(  # noqa: E712
+            label_path(samples, label_field), False).distinct("generation.run_key")) - {None}) \
             if samples._root_dataset.has_field("generation") else []
         raise validation.FairBalanceError(
             f"{len(unlabelled)} generated sample(s) (run(s) {gen_runs}) have no '{label_field}' and would be left "
@@ -184,7 +187,7 @@ def export_samples(
         if not overwrite:
             raise validation.FairBalanceError(f"{output_dir} is not empty; pass overwrite=True to replace it")
         shutil.rmtree(output_dir)
-    view = samples.select(kept)
+    view = _training_view(samples, label_field, include_generated, exclude_tags)  # the kept ones, by filters
     if not len(view):
         raise validation.FairBalanceError(f"No sample left to export: {dict(Counter(e[2] for e in excluded))}")
     validation.require_writable_dir(os.path.dirname(output_dir))
