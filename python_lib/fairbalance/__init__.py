@@ -83,8 +83,15 @@ class _Package(types.ModuleType):
 
 
 def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'fairbalance' has no attribute {name!r}")
+    if name not in _LAZY:  # a submodule (fb.sharding, ...), as when every module was imported up front
+        if name.startswith("__"):
+            raise AttributeError(f"module 'fairbalance' has no attribute {name!r}")
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'fairbalance' has no attribute {name!r}") from None
     module, attr = _LAZY[name]
     value = getattr(importlib.import_module(module), attr)
     globals()[name] = value

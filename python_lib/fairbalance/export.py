@@ -175,16 +175,19 @@ def export_samples(
     validation.require_fields(samples, [label_field] + ([weights_field] if weights_field else []))
     label_path(samples, label_field)  # a class field, refused before anything is touched
     _require_weights(samples, weights_field)
-    kept, excluded = _exclusions(samples, label_field, include_generated, exclude_tags)
+    _, excluded = _exclusions(samples, label_field, include_generated, exclude_tags)
     unlabelled = [e for e in excluded if e[2].startswith("generated sample without")]
     if unlabelled:  # asked for, but they would vanish: say so before writing anything
-        gen_runs = sorted(set(samples.select([e[0] for e in unlabelled]).values("generation.run_key")) - {None}) \
+        from fiftyone import ViewField as Fv
+
+        gen_runs = sorted(set(samples.match(Fv("generated") == True).exists(  # noqa: E712
+            label_path(samples, label_field), False).distinct("generation.run_key")) - {None}) \
             if samples._root_dataset.has_field("generation") else []
         raise validation.FairBalanceError(
             f"{len(unlabelled)} generated sample(s) (run(s) {gen_runs}) have no '{label_field}' and would be left "
             f"out of the export: give the label field they carry (label_field=..., --label-field), or leave them "
             f"out on purpose with include_generated=False (--no-include-generated)")
-    view = samples.select(kept)
+    view = _training_view(samples, label_field, include_generated, exclude_tags)  # the kept ones, by filters
     if not len(view):
         raise validation.FairBalanceError(f"No sample left to export: {dict(Counter(e[2] for e in excluded))}")
     # checked before anything is deleted: the folder is new, empty or this dataset's export folder, and overwrite

@@ -605,7 +605,7 @@ def current_operation(samples, run_key: str, token: str | None) -> bool:
 def require_same_weights_everywhere(function: str, kwargs: dict) -> None:
     """Refuse a sharded job on a randomly initialised model (``pretrained`` empty and no model folder): each
     worker would draw other weights, and the merged features would mix incomparable spaces."""
-    if "pretrained" not in kwargs or kwargs["pretrained"]:
+    if "model" not in kwargs or kwargs.get("pretrained", "x") not in (None, ""):  # a CLIP-style (model, pretrained)
         return
     model = str(kwargs.get("model") or "")
     if not model.startswith(("local-dir:", "hf-hub:")):
