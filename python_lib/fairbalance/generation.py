@@ -505,8 +505,9 @@ def merge_shards(samples, job: dict) -> dict:
     module, name = plan["result_class"].split(":")
     cls = getattr(importlib.import_module(module), name)
     before = None if plan["counts_before"] is None else dict(plan["counts_before"])
-    return cls(job["run_key"], {k: added.get(k, 0) for k in planned}, planned, plan["output_dir"],
-               plan["target_dataset"], False, before, **plan["extra"]).to_dict()
+    result = cls(job["run_key"], {k: added.get(k, 0) for k in planned}, planned, plan["output_dir"],
+                 plan["target_dataset"], False, before, **plan["extra"])
+    return {**result.to_dict(), "num_added_now": result.num_added}  # as the record of one unsharded run
 
 
 def delete_generated(samples, run_key: str) -> None:
