@@ -283,7 +283,8 @@ def train_conditional_diffusion(
     if step == start_step and start_step and dataset.has_run(run_key):  # nothing left to train: a finished run
         stored = runs.load_run_results(dataset, run_key)
         if stored.get("steps") == step:  # its record stays as it is (it describes the training that was done)
-            return DiffusionTrainResult(**{f.name: stored.get(f.name) for f in dataclasses.fields(DiffusionTrainResult)})
+            names = [f.name for f in dataclasses.fields(DiffusionTrainResult)]
+            return DiffusionTrainResult(**{name: stored.get(name) for name in names})
     counts = np.bincount(y[:, 0], minlength=len(classes))
     small = {classes[c]: int(n) for c, n in enumerate(counts) if n < MIN_IMAGES_PER_CLUSTER}
     result = DiffusionTrainResult(

@@ -241,15 +241,16 @@ def pipeline_file(path: str) -> str:
 def copy_pipeline(path: str, dataset_name: str) -> str:
     """A copy of pipeline file ``path`` in ``$FAIRBALANCE_DATA_DIR/pipelines/<dataset>/`` (what ``--queue`` queues).
 
-    The copy is named by its content, so the queued operation runs the file
-    as it was when queued, and it lies under the root the operator allows.
+    The copy keeps its file name (a pipeline's record is named after it) in a
+    folder named by its content, so the queued operation runs the file as it
+    was when queued, and it lies under the root the operator allows.
     """
     with open(path, "rb") as f:
         data = f.read()
-    folder = default_folder("pipelines", dataset_name)
+    folder = default_folder("pipelines", dataset_name, hashlib.sha1(data).hexdigest()[:12])
     os.makedirs(folder, exist_ok=True)
     stem = safe_name(os.path.splitext(os.path.basename(path))[0])
-    target = os.path.join(folder, f"{stem}-{hashlib.sha1(data).hexdigest()[:12]}.yml")
+    target = os.path.join(folder, f"{stem}.yml")
     tmp = f"{target}.{uuid.uuid4().hex}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)

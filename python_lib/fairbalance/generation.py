@@ -138,10 +138,11 @@ def _cluster_jobs(samples, diff: ConditionalDiffusionModel, mode, total, per_cla
 
 @dataclass
 class GenerationResult:
-    """What a generator made: per group (cluster, cell, class) the run's samples and those planned, where they are.
+    """What a generator added: per group (cluster, cell, class) added and planned, where the images are.
 
-    ``added`` counts every sample of the run, those an interrupted earlier
-    call added included (``resumed`` then says so).
+    ``added`` counts what this call added; ``resumed``: an earlier call of
+    the run made some of its images. The run's record counts the run's
+    total (``added``, ``num_added``) and this call's (``num_added_now``).
     """
 
     run_key: str
@@ -424,17 +425,18 @@ def generate_plan(samples, function: str, method: str, run_key: str, jobs: list[
     existing = set(target.values("filepath"))  # a real query: len(target) is an estimate, 0 after a crash
     todo = [j for j in jobs if j.filepath not in existing]
     added = run_generation(todo, target, render, provenance, batch_size, progress)
-    # the record describes the run: every sample of its plan (those of an earlier, interrupted call too), and it is
-    # resumed when an earlier call made some of them (a kill leaves no record, so the record alone cannot say)
-    total = _count(jobs, existing | {j.filepath for j in todo})
+    # resumed when an earlier call made some of the plan (a kill leaves no record, so the record alone cannot say)
     resumed = run.resumed or len(todo) < len(jobs)
     planned = result_fields["planned"]
     extra = {k: v for k, v in result_fields.items() if k not in ("planned", "counts_before")}
-    result = result_class(run_key, {k: total.get(k, 0) for k in planned}, planned, output_dir, target.name, resumed,
+    result = result_class(run_key, {k: added.get(k, 0) for k in planned}, planned, output_dir, target.name, resumed,
                           result_fields.get("counts_before"), **extra)
     if not todo and run.resumed:  # a finished run rerun: nothing done, so its record is not rewritten
         return result
-    return finish_generation(run, result, num_added_now=sum(added.values()))
+    # the record describes the run: every sample of its plan, those of an earlier, interrupted call too
+    total = _count(jobs, existing | {j.filepath for j in todo})
+    return finish_generation(run, result, added={k: total.get(k, 0) for k in planned}, num_added=sum(total.values()),
+                             num_added_now=result.num_added)
 
 
 def shard_generation(samples, function: str, run_key: str, shard: int, num_shards: int, chunk_size: int,
@@ -508,8 +510,9 @@ def merge_shards(samples, job: dict) -> dict:
     module, name = plan["result_class"].split(":")
     cls = getattr(importlib.import_module(module), name)
     before = None if plan["counts_before"] is None else dict(plan["counts_before"])
-    return cls(job["run_key"], {k: added.get(k, 0) for k in planned}, planned, plan["output_dir"],
-               plan["target_dataset"], False, before, **plan["extra"]).to_dict()
+    result = cls(job["run_key"], {k: added.get(k, 0) for k in planned}, planned, plan["output_dir"],
+                 plan["target_dataset"], False, before, **plan["extra"])
+    return {**result.to_dict(), "num_added_now": result.num_added}  # as the record of one unsharded run
 
 
 def delete_generated(samples, run_key: str) -> None:
@@ -628,8 +631,9 @@ def _claim_output_dir(folder: str, target, setting: dict, overwrite: bool) -> No
             what = f"images of {previous}" if previous else f"{len(images_there)} images of an unknown run"
             raise validation.FairBalanceError(
                 f"{folder} already holds {what}; pass overwrite=True to replace them or choose another output_dir")
-        mine = {os.path.join(folder, n) for n in folders.listed(folder)}  # only the images this run wrote there
-        images_there = [p for p in images_there if p in mine]
+        if os.path.isfile(os.path.join(folder, folders.LIST_FILE)):  # only the images this run listed there (a
+            mine = {os.path.join(folder, n) for n in folders.listed(folder)}  # folder from before lists: all its own)
+            images_there = [p for p in images_there if p in mine]
         from fiftyone import ViewField as Fv
 
         target.delete_samples(target.match(Fv("filepath").is_in(images_there)))  # a real query, not len()

@@ -213,13 +213,17 @@ def finetune_per_group(
     output_dir = os.path.abspath(output_dir or folders.default_folder("adapters", dataset.name, run_key))
     recorded = {("finetune_method" if k == "method" else k): v for k, v in config.items()}  # "method": the run's
 
+    finished = [False]  # on the main process: whether this run finished before (a rerun then records nothing)
+
     def prepare():  # the main process only; the others wait for it (and raise its error)
         run = runs.prepare(samples, run_key, "finetune_per_group", {**recorded, "output_dir": output_dir}, [],
                            overwrite, rerun_same_config=True)
         folders.claim_output_folder(output_dir, dataset, run_key)  # this run's of this dataset alone
         _claim_adapter_folder(output_dir, config, overwrite)
         folders.record(output_dir, [MANIFEST_FILE, MANIFEST_FILE + ".tmp"] + [f"g{p[0]}c{p[2]}" for p in plans])
-        _write_manifest(output_dir, config, [], complete=False)  # marks the folder as this configuration's
+        finished[:] = [run.resumed and _read_manifest_complete(output_dir)]
+        if not finished[0]:
+            _write_manifest(output_dir, config, [], complete=False)  # marks the folder as this configuration's
         return run
 
     run = distributed.on_main(prepare)
@@ -264,6 +268,8 @@ def finetune_per_group(
                             adapters, small, trained, reused, base.num_bytes, skipped)
 
     def record():
+        if not trained and finished[0]:
+            return  # a finished run rerun: nothing trained, so neither its record nor its manifest is rewritten
         _write_manifest(output_dir, config, adapters)
         run.write(lambda: None)
         run.save_results(result.to_dict())
@@ -306,6 +312,14 @@ def _claim_adapter_folder(folder: str, config: dict, overwrite: bool) -> None:
     elif overwrite and os.path.isdir(folder):
         folders.remove_listed(folder)
     validation.require_writable_dir(folder)
+
+
+def _read_manifest_complete(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, MANIFEST_FILE)) as f:
+            return bool(json.load(f).get("complete"))
+    except (OSError, ValueError):
+        return False
 
 
 def _write_manifest(folder: str, config: dict, adapters: list[dict], complete: bool = True) -> None:
