@@ -17,6 +17,19 @@ def progress_callback(ctx, label):
     return fo.report_progress(report, dt=0.5)
 
 
+def refresh_app(ctx):
+    """Show what a writer changed without losing the user's place: filters, stages and selection stay.
+
+    ``reload_dataset`` re-queries the dataset page, which resets the App's
+    sidebar filters (setting them again right after loses the race with that
+    query): the next operator would silently run on the whole dataset.
+    ``reload_samples`` refreshes the grid and the sidebar's counts and keeps
+    the view; a field the writer added joins the sidebar's list when the page
+    is next loaded.
+    """
+    ctx.ops.reload_samples()
+
+
 def field_dropdown(inputs, name, choices, label, description, required=True, default=None):
     """A dropdown of field names, with a clear message when there is nothing to choose."""
     dropdown = types.Dropdown(label=label, description=description)

@@ -5,6 +5,7 @@ import fiftyone.operators.types as types
 
 from fairbalance.audit import audit_balance
 
+from ._common import refresh_app
 from ._common import (as_text_block, attribute_or_texts_input, categorical_fields, default_of, field_dropdown, given,
                       operator_config, progress_callback, related_texts_columns, result_view, rounded, run_key_input,
                       split_list, text_source)
@@ -41,7 +42,7 @@ class AuditBalance(foo.Operator):
                             related_texts_override=split_list(p.get("related_texts")) if by_texts else None,
                             progress=progress_callback(ctx, "Encoding images"),
                             **given(p, ("model", "pretrained", "attribute_field", "run_key", "overwrite")))
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         report = res.report
         return rounded({"related_texts": res.sa_features.related_texts, "num_clusters": res.pseudo_labels.num_clusters,
                         "entropy": report.entropy, "normalized_entropy": report.normalized_entropy,

@@ -8,6 +8,7 @@ from fairbalance.captions import compute_captions, filter_captions
 from fairbalance.sharding import queue_sharded
 from fairbalance.text_to_image import generate_from_captions
 
+from ._common import refresh_app
 from ._common import (as_text_block, categorical_fields, default_of, field_dropdown, given, operator_config,
                       progress_callback, result_view, run_key_input, sampling_inputs)
 
@@ -54,7 +55,7 @@ class ComputeCaptions(foo.Operator):
             return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
                     "shards_requeued": len(job.requeued)}
         res = compute_captions(ctx.target_view(), progress=progress_callback(ctx, "Captioning"), **kwargs)
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return res.to_dict()
 
     def resolve_output(self, ctx):
@@ -102,7 +103,7 @@ class FilterCaptions(foo.Operator):
             ctx.target_view(), p["caption_field"], label_field=p.get("label_field") or None,
             **given(p, ("output_field", "top_f", "run_key", "overwrite")),
         )
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return {**res.to_dict(), "top_words_text": ", ".join(res.top_words),
                 "dropped_text": as_text_block("\n".join(res.dropped_examples)) if res.dropped_examples else None}
 
@@ -165,7 +166,7 @@ class GenerateFromCaptions(foo.Operator):
             ctx.target_view(), p["caption_field"], label_field=p.get("label_field") or None,
             progress=progress_callback(ctx, "Generating"), **given(p, names),
         )
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return res.to_dict()
 
     def resolve_output(self, ctx):

@@ -8,6 +8,7 @@ from fairbalance.classifier import apply_classifier, evaluate_classifier, train_
 from fairbalance.hardness import compute_hardness
 from fairbalance.sharding import queue_sharded
 
+from ._common import refresh_app
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input)
 
@@ -114,7 +115,7 @@ class ComputeHardnessTags(foo.Operator):
             progress=progress_callback(ctx, "Predicting" if classifier else "Training the biased classifier"),
             **kwargs,
         )
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return rounded(result.to_dict())
 
     def resolve_output(self, ctx):
@@ -245,7 +246,7 @@ class ApplyClassifier(foo.Operator):
         ev = evaluate_classifier(view, applied.predictions_field, label_field,
                                  attribute_field=p.get("attribute_field") or None, aligned_field=aligned,
                                  run_key=f"{applied.predictions_field}_eval", overwrite=True)
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         out = {k: v for k, v in ev.to_dict().items() if v is not None}
         out["group_table"] = [{"group": _group_name(g), "accuracy": a} for g, a in sorted(ev.group_accuracy.items())]
         if out.get("worst_group") is not None:

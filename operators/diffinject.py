@@ -7,6 +7,7 @@ from fairbalance import runs
 from fairbalance.diffinject import inject_bias_conflicting
 from fairbalance.sharding import queue_sharded
 
+from ._common import refresh_app
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input)
 
@@ -82,7 +83,7 @@ class InjectBiasConflicting(foo.Operator):
         res = inject_bias_conflicting(ctx.target_view(), model_run=p["diffusion_run"],
                                       label_field=p.get("label_field") or "ground_truth",
                                       progress=progress_callback(ctx, "Injecting"), **given(p, PARAMS))
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return rounded({**res.to_dict(), "added_per_label": ", ".join(
             f"{c}: {n}" for c, n in res.added.items() if n) or "nothing new (all images were there)"})
 

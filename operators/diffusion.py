@@ -9,6 +9,7 @@ from fairbalance.filtering import filter_generated
 from fairbalance.generation import generate_balanced
 from fairbalance.sharding import queue_sharded
 
+from ._common import refresh_app
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input, sampling_inputs)
 
@@ -137,7 +138,7 @@ class GenerateBalanced(foo.Operator):
                     "shards_requeued": len(job.requeued)}
         res = generate_balanced(ctx.target_view(), p["label_field"], model_run=p["diffusion_run"],
                                 progress=progress_callback(ctx, "Generating"), **given(p, names))
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return rounded({**res.to_dict(), "added_per_cluster": ", ".join(
             f"{c}: {n}" for c, n in res.added.items() if n) or "nothing new (all images were there)"})
 
@@ -211,7 +212,7 @@ class FilterGenerated(foo.Operator):
             ctx.target_view(), p["label_field"], texts=parse_cluster_texts(p.get("texts")),
             progress=progress_callback(ctx, "Scoring"),
             **given(p, ("embeddings_field", "bottom_fraction", "tag", "action", "method", "run_key", "overwrite")))
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return rounded(res.to_dict())
 
     def resolve_output(self, ctx):

@@ -8,6 +8,7 @@ from fairbalance.lora_generation import generate_per_group
 from fairbalance.lora_training import finetune_per_group
 from fairbalance.sharding import queue_sharded
 
+from ._common import refresh_app
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       readable_bytes, result_view, rounded, run_key_input, sampling_inputs)
 
@@ -130,7 +131,7 @@ class GeneratePerGroup(foo.Operator):
                     "shards_requeued": len(job.requeued)}
         res = generate_per_group(ctx.target_view(), finetune_run=p["finetune_run"],
                                  progress=progress_callback(ctx, "Generating"), **given(p, names))
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return rounded({**res.to_dict(), "added_per_group": ", ".join(
             f"{g}: {n}" for g, n in res.added.items() if n) or "nothing new (all images were there)"})
 

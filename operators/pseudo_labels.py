@@ -6,6 +6,7 @@ import fiftyone.operators.types as types
 
 from fairbalance.pseudo_labels import compute_pseudo_labels
 
+from ._common import refresh_app
 from ._common import default_of, field_dropdown, given, operator_config, result_view, rounded, run_key_input
 
 
@@ -64,7 +65,7 @@ class ComputePseudoLabels(foo.Operator):
             **given(p, ("label_field", "method", "kmax", "num_clusters", "criterion", "seed", "run_key", "overwrite")),
         )
         ctx.set_progress(progress=1.0, label="Clustering done")
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         out = result.to_dict()
         out["table"] = [{"cluster": k, "count": v} for k, v in result.counts.items()]
         out["how"] = ("X-means, " + {"pyclustering": "pyclustering's BIC splitting rule",

@@ -6,6 +6,7 @@ import fiftyone.operators.types as types
 from fairbalance.sa_features import compute_sa_features
 from fairbalance.sharding import queue_sharded
 
+from ._common import refresh_app
 from ._common import (attribute_or_texts_input, default_of, given, operator_config, progress_callback,
                       related_texts_columns, result_view, rounded, run_key_input, split_list, text_source)
 
@@ -76,7 +77,7 @@ class ComputeSAFeatures(foo.Operator):
             return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
                     "shards_requeued": len(job.requeued)}
         result = compute_sa_features(ctx.target_view(), progress=progress_callback(ctx, "Encoding images"), **kwargs)
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         out = result.to_dict()
         out["num_failures"] = len(result.failures)
         return rounded(out)

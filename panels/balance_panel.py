@@ -48,11 +48,11 @@ class BalancePanel(foo.Panel):
         return self._refresh(ctx)
 
     def on_change_field(self, ctx):
-        ctx.panel.state.label_field = ctx.params.get("value")
+        _set_state(ctx, "label_field", ctx.params.get("value"))
         return self._refresh(ctx, label_field=ctx.params.get("value"))
 
     def on_change_attribute(self, ctx):
-        ctx.panel.state.attribute_field = ctx.params.get("value") or None
+        _set_state(ctx, "attribute_field", ctx.params.get("value") or None)
         return self._refresh(ctx, attribute_field=ctx.params.get("value") or None)
 
     def on_change_show(self, ctx):
@@ -114,12 +114,19 @@ class BalancePanel(foo.Panel):
         return fields[0] if fields else None
 
     def _refresh(self, ctx, label_field=None, attribute_field=None):
+        """Compute the numbers of the current view for :meth:`render`; returns the summary.
+
+        Only the user's choices go into the panel's state, and only when they
+        change: the App saves panel state with its spaces, and saving spaces
+        reloads the dataset page, which drops the user's sidebar filters
+        (numbers written on every view change reverted a filter within a second).
+        """
         field = self._label_field(ctx, label_field)
         view = ctx.view
         if ctx.panel.state.filtered_to is not None:  # after a bar click the numbers stay those of the whole view
             base = _without_last_match(ctx.view)
             if base is None:  # the user changed the view since: the selection is gone
-                ctx.panel.state.filtered_to = None
+                _set_state(ctx, "filtered_to", None)
             else:
                 view = base
         attr = attribute_field if attribute_field is not None else ctx.panel.state.attribute_field
@@ -132,11 +139,16 @@ class BalancePanel(foo.Panel):
                 summary["worst_groups"] = _last_evaluation(ctx.dataset)
             except ValueError as e:
                 summary = {"error": str(e)}
-        ctx.panel.state.label_field = field
-        ctx.panel.state.attribute_field = attr
-        ctx.panel.state.summary = summary
-        ctx.panel.state.sharded = _sharded_rows(ctx.dataset)
+        _set_state(ctx, "label_field", field)
+        _set_state(ctx, "attribute_field", attr)
+        ctx.fairbalance_panel = {"summary": summary, "sharded": _sharded_rows(ctx.dataset)}
         return summary
+
+    def _computed(self, ctx):
+        """What :meth:`_refresh` computed for this event (computed now for events that did not refresh)."""
+        if getattr(ctx, "fairbalance_panel", None) is None:
+            self._refresh(ctx)
+        return ctx.fairbalance_panel
 
     # ------------------------------------------------------------------ render
 
@@ -152,6 +164,7 @@ class BalancePanel(foo.Panel):
             )
             return types.Property(panel, view=types.GridView(align_x="center", align_y="center"))
         state = ctx.panel.state
+        computed = self._computed(ctx)
         panel.md("**Balance of a label field.** How evenly the samples spread over its groups: entropy, normalized "
                  "entropy (1 = balanced) and largest / smallest group, for the real samples and with the generated "
                  "ones. Click a bar to show that group's samples.", name="help")
@@ -166,14 +179,14 @@ class BalancePanel(foo.Panel):
         panel.enum("attribute_field", attr_choices.values(), view=attr_choices, label="Attribute (optional)",
                    default=state.attribute_field, on_change=self.on_change_attribute)
 
-        if state.sharded:
+        if computed["sharded"]:
             rows = "\n".join(f"| {r['run_key']} | {r['function']} | {r['shards']} | {r['samples']} | {r['state']} |"
-                             for r in state.sharded)
+                             for r in computed["sharded"])
             panel.md("**Sharded runs in progress** (delegated operations; one per shard)\n\n"
                      "| run | function | shards done | done (samples, or images for generators) | state |\n"
-                     "|---|---|---|---|---|\n" + rows, name="sharded")
+                     "|---|---|---|---|---|\n" + rows, name="sharded_progress")  # ("sharded" was a state key)
             panel.btn("refresh", label="Refresh progress", on_click=self.on_click_refresh)
-        summary = state.summary
+        summary = computed["summary"]
         if not summary:
             panel.md("The current view is empty." if len(ctx.view) == 0 else "Pick a label field.", name="note")
             return types.Property(panel, view=types.GridView(orientation="vertical"))
@@ -222,6 +235,12 @@ class BalancePanel(foo.Panel):
                 table = "| text (given by the user) |\n|---|\n" + "\n".join(f"| {r['text']} |" for r in texts)
             panel.md("**Related texts of the last SA run**\n\n" + table, name="texts")
         return types.Property(panel, view=types.GridView(orientation="vertical"))
+
+
+def _set_state(ctx, key, value):
+    """Write ``key`` of the panel's state only when it changes (each write makes the App save its spaces)."""
+    if ctx.panel.state.get(key) != value:
+        ctx.panel.state.set(key, value)
 
 
 def _sharded_rows(dataset):
