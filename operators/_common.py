@@ -30,6 +30,13 @@ def refresh_app(ctx):
     ctx.ops.reload_samples()
 
 
+def refuse(inputs, name, message):
+    """Say in the form, before Execute, why it cannot run (the library would refuse it); Execute stays disabled."""
+    prop = inputs.view(name, types.Error(label=message))
+    prop.invalid, prop.error_message = True, message
+    return prop
+
+
 def field_dropdown(inputs, name, choices, label, description, required=True, default=None):
     """A dropdown of field names, with a clear message when there is nothing to choose."""
     dropdown = types.Dropdown(label=label, description=description)

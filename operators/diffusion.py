@@ -9,7 +9,7 @@ from fairbalance.filtering import filter_generated
 from fairbalance.generation import generate_balanced
 from fairbalance.sharding import queue_sharded
 
-from ._common import refresh_app
+from ._common import refresh_app, refuse
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input, sampling_inputs)
 
@@ -204,6 +204,7 @@ class FilterGenerated(foo.Operator):
             multiline=True, placeholder="0: a photo of an old man\n1: a photo of a young woman"),
             description="One 'cluster: text' per line to score against texts instead of cluster centroids")
         run_key_input(ctx, inputs, filter_generated)
+        _filter_generated_problems(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Filter generated samples"))
 
     def execute(self, ctx):
@@ -225,3 +226,24 @@ class FilterGenerated(foo.Operator):
             ("weight_field", "str", "Weights for training (weight_field)"),
             ("mean_score", "float", "Mean similarity to the cluster"),
         )
+
+
+
+def _filter_generated_problems(ctx, inputs):
+    """What filter_generated would refuse, said before Execute: a view without generated or real samples, or
+    CLIP scores without the embeddings field."""
+    from fiftyone import ViewField as F
+
+    view = ctx.target_view()
+    if not len(view.match(F("generated") == True).limit(1)):  # noqa: E712
+        refuse(inputs, "no_generated", "The view has no generated samples: generate some first, or pick a view "
+                                       "(or clear the sidebar filter) that includes the samples tagged 'generated'")
+    elif not len(view.match(F("generated") != True).limit(1)) and not (ctx.params.get("texts") or "").strip():  # noqa: E712
+        refuse(inputs, "no_real", "The view has only generated samples: they are scored against the real samples "
+                                  "of their cluster, so pick a view with real samples too, or give cluster texts")
+    method = ctx.params.get("method") or default_of(filter_generated, "method")
+    field = ctx.params.get("embeddings_field") or default_of(filter_generated, "embeddings_field")
+    if method == "clip" and ctx.dataset.get_field(field) is None:
+        refuse(inputs, "no_embeddings", f"No field '{field}' on this dataset: compute SA features first (they "
+                                        "store the CLIP embeddings), name the field that holds them, or score by "
+                                        "pixels")

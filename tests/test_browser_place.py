@@ -71,7 +71,14 @@ def _still_filtered(app, expected, seconds=4.0):
         time.sleep(0.25)
 
 
-def test_sidebar_filter_kept_with_the_panel_open_and_after_writers(app, place_dataset):
+def _train_count(app, ds):
+    ds.reload()
+    return f"{len(ds.match_tags('train'))} samples"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sidebar_filter_kept_with_the_panel_open_and_after_writers(app, place_dataset, tmp_path):
     from selenium.webdriver.common.by import By
 
     ds = place_dataset
@@ -95,6 +102,39 @@ def test_sidebar_filter_kept_with_the_panel_open_and_after_writers(app, place_da
     ds.reload()
     assert ds.count("bias_loss") == len(ds.match_tags("train"))  # it ran on the filtered view
     app.d.save_screenshot(os.path.join(app.shots, "place-03-after-hardness.png"))
+
+    # the models of the next writers, trained with the SDK (the road test trains them from the App)
+    import fairbalance as fb
+
+    fb.train_classifier(ds.match_tags("train"), "ground_truth", backbone="mlp", image_size=16, epochs=1,
+                        run_key="clf", output_dir=str(tmp_path / "clf"))
+    fb.train_conditional_diffusion(ds.match_tags("train"), "ground_truth", output_dir=str(tmp_path / "diff"),
+                                   epochs=1, run_key="diff", image_size=16, block_out_channels=(16, 32),
+                                   batch_size=32)
+
+    app.open_operator("apply a classifier", "Apply classifier")
+    app.execute("Predictions written", "place-04-apply_classifier")
+    _still_filtered(app, _train_count(app, ds))
+    assert ds.count("predictions") == len(ds.match_tags("train"))
+
+    app.open_operator("generate balanced samples", "Generate balanced samples")
+    app.choose("Cluster field", "ground_truth")
+    app.type("Total images (equal mode)", 3)
+    app.type("Sampling steps", 1)
+    app.execute("Generated", "place-05-generate_balanced")
+    assert len(ds.match_tags("generated")) == 3
+    _still_filtered(app, _train_count(app, ds))
+
+    # the filter was kept, so the train view has no generated samples: the form says so before Execute
+    app.open_operator("filter generated samples", "Filter generated samples")
+    app.radio("pixels")
+    app.refuses("The view has no generated samples")
+    assert "Traceback" not in app.modal_text()
+    app.d.save_screenshot(os.path.join(app.shots, "place-06-filter_generated-refused.png"))
+    app.cancel()
+    _still_filtered(app, _train_count(app, ds))
+    assert app.d.find_elements(By.CSS_SELECTOR, "[data-cy='checkbox-train']")  # the filter is still set
+    app.d.save_screenshot(os.path.join(app.shots, "place-07-after-the-writers.png"))
 
 
 def d_text(app, css):
