@@ -1,5 +1,7 @@
 """The plugin as FiftyOne sees it: discovered from FIFTYONE_PLUGINS_DIR, operators executed."""
 
+import os
+
 import numpy as np
 import fiftyone as fo
 import fiftyone.operators as foo
@@ -167,3 +169,98 @@ def test_sa_features_form_accepts_related_texts_alone(digits_dataset):
     assert not by_texts["related_texts"].invalid
     assert form({"source": "texts", "related_texts": "only one"})["related_texts"].invalid
     assert form({"source": "wordnet", "related_texts": "red ink, blue ink"})["attribute"].required
+
+
+def _triggered(result):
+    """The App operations an operator asked for (reload, set view, ...), by name."""
+    return [r.operator_uri for r in result.executor._requests] if result.executor else []
+
+
+def test_writers_refresh_the_app_without_dropping_the_users_filters(digits_dataset):
+    """A writer refreshes the samples; reload_dataset re-queried the page and dropped the sidebar filters (#25)."""
+    ds = digits_dataset.clone()
+    try:
+        filters = {"tags": {"values": ["train"], "exclude": False, "isMatching": True}}
+        res = foo.execute_operator(f"{PLUGIN}/compute_hardness_tags", ctx={
+            "dataset": ds.name, "filters": filters, "params": {
+                "label_field": "ground_truth", "top_k": 3, "backbone": "mlp", "image_size": 16, "epochs": 1,
+                "view_target": "CURRENT_VIEW"}})
+        assert res.error is None, res.error
+        assert ds.count("bias_loss") == len(ds.match_tags("train"))  # it ran on the filtered view
+        assert "reload_samples" in _triggered(res) and "reload_dataset" not in _triggered(res)
+    finally:
+        ds.delete()
+
+
+def test_filter_generated_form_refuses_what_the_library_would(digits_dataset, tmp_path):
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    ds = digits_dataset.clone()
+
+    def problems(view=None, **params):
+        request = {"dataset_name": ds.name, "params": {"label_field": "ground_truth", **params},
+                   "target": "inputs", **({"view": view._serialize(), "params": {
+                       "label_field": "ground_truth", "view_target": "CURRENT_VIEW", **params}} if view else {})}
+        prop = asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/filter_generated", request))
+        return {k: p.error_message for k, p in prop.type.properties.items() if p.invalid}
+
+    try:
+        assert "no_generated" in problems(method="pixels")  # no generated samples: said before Execute
+        assert "Traceback" not in problems(method="pixels")["no_generated"]
+        ds.add_samples([fo.Sample(filepath=str(tmp_path / f"g{i}.png"), generated=True,
+                                  ground_truth=fo.Classification(label="0")) for i in range(3)])
+        assert problems(method="pixels") == {}
+        assert "no_real" in problems(ds.match_tags("train", bool=False).match({"generated": True}),
+                                     method="pixels")
+        assert "no_embeddings" in problems(method="clip", embeddings_field="no_such_field")
+        with pytest.raises(Exception, match="no generated samples"):  # the executor checks the form too
+            foo.execute_operator(f"{PLUGIN}/filter_generated", ctx={
+                "dataset": ds.name, "view": ds.match_tags("train"),
+                "params": {"label_field": "ground_truth", "method": "pixels", "view_target": "CURRENT_VIEW"}})
+    finally:
+        ds.delete()
+
+
+def test_delete_run_lists_and_removes_what_the_run_wrote(digits_dataset, tmp_path):
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+    from PIL import Image
+
+    from fairbalance import runs
+    from fairbalance.hardness import compute_hardness
+
+    ds = digits_dataset.clone()
+    try:
+        compute_hardness(ds, top_k=4, run_key="hard", backbone="mlp", image_size=16, epochs=1)
+        # a generation run: its samples carry generation.run_key, their images are files
+        files = []
+        for i in range(2):
+            files.append(str(tmp_path / f"g{i}.png"))
+            Image.new("RGB", (8, 8)).save(files[-1])
+        runs.prepare(ds, "gen", "generate_balanced", {"output_dir": str(tmp_path)}, [], False).write(
+            lambda: ds.add_samples([fo.Sample(filepath=f, generated=True, tags=["generated"],
+                                              generation={"run_key": "gen"}) for f in files]))
+        request = {"dataset_name": ds.name, "params": {"run_key": "hard"}, "target": "inputs"}
+        form = asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/delete_run", request)).type.properties
+        assert list(form["run_key"].type.values) == ["gen", "hard"]  # newest first
+        plan = form["plan"].view.label if form["plan"].view.label else ""
+        plan = plan or str(form["plan"].to_json())
+        assert "bias_loss" in plan and "bias_conflicting" in plan and "4 samples" in plan
+
+        res = foo.execute_operator(f"{PLUGIN}/delete_run", ctx={"dataset": ds.name, "params": {"run_key": "hard"}})
+        assert res.error is None, res.error
+        assert not ds.has_run("hard") and not ds.has_field("bias_loss")
+        assert len(ds.match_tags("bias_conflicting")) == 0
+        assert res.result["samples_untagged"] == 4
+
+        res = foo.execute_operator(f"{PLUGIN}/delete_run", ctx={"dataset": ds.name, "params": {"run_key": "gen"}})
+        assert res.error is None, res.error
+        assert res.result["generated_deleted"] == 2 and len(ds.match_tags("generated")) == 0
+        assert not any(os.path.exists(f) for f in files) and not ds.has_run("gen")
+    finally:
+        ds.delete()
