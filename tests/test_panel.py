@@ -107,3 +107,18 @@ def test_panel_edge_cases(make_dataset, digits_copy):
     summary = _call(one, "on_load")
     assert summary["before"]["entropy"] == 0.0 and summary["before"]["counts"] == {"a": 3}
     assert _call(digits_copy, "on_change_view", view=digits_copy.limit(0)) is None
+
+
+def test_panel_view_change_writes_no_state(digits_copy):
+    """The App saves panel state with its spaces, and saving them reloads the page, which dropped the user's
+    sidebar filter about 1 s after it was set (#25): a view change writes no state; the numbers still render."""
+    state = {"label_field": "ground_truth", "attribute_field": None}
+    ctx = {"dataset": digits_copy.name, "view": digits_copy.match_tags("train"),
+           "params": {"__method__": "on_change_view", "panel_id": "test-panel", "panel_state": state}}
+    result = foo.execute_operator(PANEL, ctx=ctx)
+    assert result.error is None, result.error
+    assert result.result["before"]["num_samples"] == len(digits_copy.match_tags("train"))
+    requests = result.executor._requests
+    assert [r.params["state"] for r in requests if r.operator_uri == "patch_panel_state"] == []
+    shown = [r.params["output"] for r in requests if r.operator_uri == "show_panel_output"]
+    assert shown and "numbers" in str(shown[0]) and f"| {len(digits_copy.match_tags('train'))} |" in str(shown[0])
