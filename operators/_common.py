@@ -92,6 +92,46 @@ def run_key_input(ctx, inputs, fn, resumable=False):
     return True
 
 
+def _field_clash(dataset, field, run_key):
+    """Why ``field`` cannot take the output of run ``run_key`` (another run's or a non-fairbalance field), or None."""
+    from fairbalance import runs
+
+    if dataset is None or not field or dataset.get_field(field) is None:
+        return None
+    owners = {f: key for key in runs.list_runs(dataset) for f in runs.get_run_config(dataset, key).get(
+        "fields_written", [])}
+    owner = owners.get(field)
+    if owner == run_key:
+        return None
+    return f"holds the output of run '{owner}'" if owner else "exists and was not written by fairbalance"
+
+
+def output_field_input(ctx, inputs, name, fn, label, description=None):
+    """A field the operator writes, checked before Execute: fairbalance never replaces another run's field.
+
+    When the library's default is taken by another run (e.g. ``sa_features``
+    after the one-click audit), the form offers a free name
+    (``sa_features_2``) instead of failing after Execute. False when the
+    chosen name cannot be used.
+    """
+    default = default_of(fn, name)
+    run_key = ctx.params.get("run_key") or default_of(fn, "run_key")
+    free, n = default, 2
+    while _field_clash(ctx.dataset, free, run_key):
+        free, n = f"{default}_{n}", n + 1
+    prop = inputs.str(name, default=free, required=False, label=label, description=description)
+    chosen = ctx.params.get(name) or free
+    clash = _field_clash(ctx.dataset, chosen, run_key)
+    if clash:
+        while _field_clash(ctx.dataset, free, run_key):  # (the default may be the chosen name)
+            free, n = f"{default}_{n}", n + 1
+        prop.invalid = True
+        prop.error_message = (f"Field '{chosen}' {clash}: write to a free name such as '{free}'" +
+                              (", or delete that run ('fairbalance: delete a run')" if "run '" in clash else ""))
+        return False
+    return True
+
+
 def split_list(text):
     """A comma-separated form entry as a list of its non-empty items."""
     return [t.strip() for t in (text or "").split(",") if t.strip()]

@@ -6,7 +6,7 @@ import fiftyone.operators.types as types
 
 from fairbalance.pseudo_labels import compute_pseudo_labels
 
-from ._common import refresh_app
+from ._common import output_field_input, refresh_app
 from ._common import default_of, field_dropdown, given, operator_config, result_view, rounded, run_key_input
 
 
@@ -39,7 +39,7 @@ class ComputePseudoLabels(foo.Operator):
             return types.Property(inputs)
         default = "sa_features" if "sa_features" in fields else fields[0]
         field_dropdown(inputs, "features_field", fields, "Features field", "SA features to cluster", default=default)
-        inputs.str("label_field", default=_default("label_field"), required=False, label="Label field to write")
+        output_field_input(ctx, inputs, "label_field", compute_pseudo_labels, "Label field to write")
         method = types.RadioGroup()
         method.add_choice("xmeans", label="X-means (chooses the number of clusters)")
         method.add_choice("kmeans", label="k-means (fixed number of clusters)")

@@ -6,7 +6,7 @@ import fiftyone.operators.types as types
 from fairbalance.sa_features import compute_sa_features
 from fairbalance.sharding import queue_sharded
 
-from ._common import refresh_app
+from ._common import output_field_input, refresh_app
 from ._common import (attribute_or_texts_input, default_of, given, operator_config, progress_callback,
                       related_texts_columns, result_view, rounded, run_key_input, split_list, text_source)
 
@@ -40,7 +40,7 @@ class ComputeSAFeatures(foo.Operator):
         inputs.str("pretrained", default=_default("pretrained"), required=False,
                    label="Pretrained tag or checkpoint file")
         inputs.str("embeddings_field", default=_default("embeddings_field"), required=False, label="Embeddings field")
-        inputs.str("features_field", default=_default("features_field"), required=False, label="Features field")
+        output_field_input(ctx, inputs, "features_field", compute_sa_features, "Features field")
         inputs.int("batch_size", default=_default("batch_size"), min=1, label="Batch size")
         inputs.bool("skip_failures", default=_default("skip_failures"), label="Skip unreadable images")
         inputs.int("num_shards", default=1, min=1, label="Shards",

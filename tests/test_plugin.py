@@ -264,3 +264,40 @@ def test_delete_run_lists_and_removes_what_the_run_wrote(digits_dataset, tmp_pat
         assert not any(os.path.exists(f) for f in files) and not ds.has_run("gen")
     finally:
         ds.delete()
+
+
+def test_forms_offer_a_free_field_after_the_audit(digits_dataset, tiny_clip):
+    """After the one-click audit, SA features and pseudo-labels with their defaults were accepted by the form
+    and failed after Execute ("written by run 'audit_sa_features'"): the forms offer a free name (#25)."""
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    from fairbalance import audit_balance
+
+    ds = digits_dataset.clone()
+
+    def form(op, params):
+        request = {"dataset_name": ds.name, "params": params, "target": "inputs"}
+        return asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/{op}", request)).type.properties
+
+    try:
+        audit_balance(ds, related_texts_override=["red", "green", "blue"], model=tiny_clip, pretrained=None)
+        sa = form("compute_sa_features", {"source": "texts", "related_texts": "red, blue"})
+        assert sa["features_field"].default == "sa_features_2" and not sa["features_field"].invalid
+        typed = form("compute_sa_features", {"source": "texts", "related_texts": "red, blue",
+                                             "features_field": "sa_features"})["features_field"]
+        assert typed.invalid and "audit_sa_features" in typed.error_message and "sa_features_2" in \
+            typed.error_message
+        assert form("compute_pseudo_labels", {})["label_field"].default == "sa_cluster_2"
+        foreign = form("compute_pseudo_labels", {"label_field": "color"})["label_field"]
+        assert foreign.invalid and "not written by fairbalance" in foreign.error_message
+
+        params = {"source": "texts", "related_texts": "red, blue", "model": tiny_clip, "pretrained": ""}
+        res = foo.execute_operator(f"{PLUGIN}/compute_sa_features", ctx={"dataset": ds.name, "params": {
+            **params, "features_field": sa["features_field"].default}})
+        assert res.error is None, res.error
+        assert ds.count("sa_features_2") == len(ds)
+    finally:
+        ds.delete()
