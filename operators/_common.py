@@ -132,6 +132,18 @@ def output_field_input(ctx, inputs, name, fn, label, description=None):
     return True
 
 
+def clip_check(ctx, inputs, fn):
+    """Say at once, before Execute, that the CLIP weights are missing (offline), instead of a traceback later."""
+    from fairbalance import models
+
+    model = ctx.params.get("model") or default_of(fn, "model")
+    pretrained = ctx.params.get("pretrained") or default_of(fn, "pretrained")
+    problem = models.clip_problem(model, pretrained or None)
+    if problem:
+        refuse(inputs, "clip_missing", problem)
+    return problem is None
+
+
 def split_list(text):
     """A comma-separated form entry as a list of its non-empty items."""
     return [t.strip() for t in (text or "").split(",") if t.strip()]

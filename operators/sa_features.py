@@ -6,6 +6,7 @@ import fiftyone.operators.types as types
 from fairbalance.sa_features import compute_sa_features
 from fairbalance.sharding import queue_sharded
 
+from ._common import clip_check
 from ._common import output_field_input, refresh_app
 from ._common import (attribute_or_texts_input, default_of, given, operator_config, progress_callback,
                       related_texts_columns, result_view, rounded, run_key_input, split_list, text_source)
@@ -52,6 +53,7 @@ class ComputeSAFeatures(foo.Operator):
                        description="A label field: when all shards are done, X-means on all the features writes "
                                    "pseudo-labels there (run 'pseudo_labels', as Compute pseudo-labels does)")
         run_key_input(ctx, inputs, compute_sa_features)
+        clip_check(ctx, inputs, compute_sa_features)
         return types.Property(inputs, view=types.View(label="Compute SA features"))
 
     def resolve_delegation(self, ctx):

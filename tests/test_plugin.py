@@ -301,3 +301,27 @@ def test_forms_offer_a_free_field_after_the_audit(digits_dataset, tiny_clip):
         assert ds.count("sa_features_2") == len(ds)
     finally:
         ds.delete()
+
+
+def test_clip_forms_say_at_once_that_the_weights_are_missing_offline(digits_dataset, tiny_clip):
+    """Offline, the default CLIP ran 29 s and then showed a traceback (#25): the form says so in one line."""
+    import asyncio
+    import time
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    def invalid(op, params):
+        request = {"dataset_name": digits_dataset.name, "params": params, "target": "inputs"}
+        props = asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/{op}", request)).type.properties
+        return {k: p.error_message for k, p in props.items() if p.invalid}
+
+    for op in ("compute_sa_features", "audit_balance"):
+        start = time.time()
+        problems = invalid(op, {"source": "texts", "related_texts": "red, blue"})  # the default ViT-B-32/openai
+        assert time.time() - start < 10
+        assert "clip_missing" in problems, problems
+        assert "offline" in problems["clip_missing"] and "\n" not in problems["clip_missing"]
+        assert "Traceback" not in problems["clip_missing"]
+        assert "clip_missing" not in invalid(op, {"source": "texts", "related_texts": "red, blue", "model": tiny_clip,
+                                                  "pretrained": ""})
