@@ -11,10 +11,8 @@ from ._common import field_dropdown, operator_config, refresh_app, refuse, resul
 
 
 def _newest_first(dataset):
-    """fairbalance's runs on the dataset, the newest first (by when they were recorded)."""
-    keys = runs.list_runs(dataset)
-    stamp = {k: str(dataset.get_run_info(k).timestamp or "") for k in keys}
-    return sorted(keys, key=lambda k: stamp[k], reverse=True)
+    """fairbalance's runs on the dataset, the newest first."""
+    return runs.list_runs(dataset)[::-1]
 
 
 def removal_plan(dataset, run_key):

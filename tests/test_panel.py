@@ -122,3 +122,16 @@ def test_panel_view_change_writes_no_state(digits_copy):
     assert [r.params["state"] for r in requests if r.operator_uri == "patch_panel_state"] == []
     shown = [r.params["output"] for r in requests if r.operator_uri == "show_panel_output"]
     assert shown and "numbers" in str(shown[0]) and f"| {len(digits_copy.match_tags('train'))} |" in str(shown[0])
+
+
+def test_panel_last_evaluation_is_the_newest_run_not_the_alphabetically_last(digits_copy):
+    """The panel showed pred_vanilla_eval after pred_jtt_eval ran (alphabetical order, #25 item 7)."""
+    from fairbalance import evaluate_classifier
+
+    labels = digits_copy.values("ground_truth.label")
+    digits_copy.set_values("pred", [fo.Classification(label=v) for v in labels])
+    evaluate_classifier(digits_copy, "pred", "ground_truth", attribute_field="color", run_key="pred_vanilla_eval")
+    digits_copy.set_values("pred", [fo.Classification(label="0") for _ in labels])  # worse: another accuracy
+    evaluate_classifier(digits_copy, "pred", "ground_truth", attribute_field="color", run_key="pred_jtt_eval")
+    summary = _call(digits_copy, "on_load", state={"label_field": "ground_truth"})
+    assert summary["worst_groups"]["run_key"] == "pred_jtt_eval" and summary["worst_groups"]["accuracy"] < 1
