@@ -251,6 +251,11 @@ def operator_config(name, label, description, icon, dynamic=True, delegated="opt
     return foo.OperatorConfig(name=name, label=label, description=description, icon=icon, dynamic=dynamic, **flags)
 
 
+QUEUED_HINT = ("The shards run when a worker picks them up: start one with `fiftyone delegated launch` in a "
+               "terminal (same FiftyOne database and plugins folder as the App; one per GPU). The Balance panel's "
+               "'Sharded runs in progress' shows their progress; the run is recorded when the last shard is done.")
+
+
 def result_view(*args):
     """An operator's output panel: ``result_view(ctx, title, *rows)`` (or ``result_view(title, *rows)``).
 
@@ -267,6 +272,9 @@ def result_view(*args):
         ctx, title, rows = args[0], args[1], args[2:]
     results = getattr(ctx, "results", None) or None
     outputs = types.Object()
+    if results is not None and results.get("shards_queued") is not None:  # queued, not computed yet
+        title = "Queued for delegated workers (nothing computed yet)"
+        outputs.view("queued", types.Notice(label=QUEUED_HINT))
     for name, kind, label, *columns in rows:
         if results is not None and results.get(name) is None:
             continue

@@ -61,7 +61,7 @@ class ComputeCaptions(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Captions written",
-            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
             ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("caption_field", "str", "Caption field"),
             ("num_samples", "int", "Samples captioned"),
@@ -172,7 +172,7 @@ class GenerateFromCaptions(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Generated",
-            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
             ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("num_added", "int", "Samples added"),
             ("output_dir", "str", "Image folder"),

@@ -121,7 +121,7 @@ class ComputeHardnessTags(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Hardness tags computed",
-            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
             ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("num_tagged", "int", "Samples tagged"),
             ("tag", "str", "Tag"),

@@ -145,7 +145,7 @@ class GenerateBalanced(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Generated",
-            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
             ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("num_added", "int", "Samples added"),
             ("added_per_cluster", "str", "Added per cluster"),

@@ -87,7 +87,7 @@ class ComputeSAFeatures(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "SA features computed",
-            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
             ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("query", "str", "Query text (W_SA)"),
             ("num_samples", "int", "Samples with features"),

@@ -1,5 +1,6 @@
 """The plugin as FiftyOne sees it: discovered from FIFTYONE_PLUGINS_DIR, operators executed."""
 
+import json
 import os
 
 import numpy as np
@@ -325,3 +326,22 @@ def test_clip_forms_say_at_once_that_the_weights_are_missing_offline(digits_data
         assert "Traceback" not in problems["clip_missing"]
         assert "clip_missing" not in invalid(op, {"source": "texts", "related_texts": "red, blue", "model": tiny_clip,
                                                   "pretrained": ""})
+
+
+def test_a_queued_sharded_run_says_it_is_queued_and_how_to_start_a_worker(digits_dataset):
+    """A sharded run's result was titled "SA features computed" though only queued, named a Python function
+    and gave no hint to start a worker (#25 item 11)."""
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    def output(results):
+        request = {"dataset_name": digits_dataset.name, "params": {}, "target": "outputs", "results": results}
+        return asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/compute_sa_features", request)).to_json()
+
+    queued = json.dumps(output({"run_key": "sa", "num_shards": 2, "shards_queued": 2, "shards_requeued": 0}))
+    assert "Queued for delegated workers" in queued and "fiftyone delegated launch" in queued
+    assert "SA features computed" not in queued and "fairbalance.sharded_status" not in queued
+    done = json.dumps(output({"run_key": "sa", "num_encoded": 3}))
+    assert "SA features computed" in done and "delegated launch" not in done
