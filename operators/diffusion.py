@@ -14,12 +14,12 @@ from ._common import (categorical_fields, default_of, field_dropdown, given, ope
                       result_view, rounded, run_key_input, sampling_inputs)
 
 
-def _cluster_field(ctx, inputs):
+def _cluster_field(ctx, inputs, preferred=None):
     fields = categorical_fields(ctx.dataset)
     if not fields:
         inputs.view("no_fields", types.Error(label="No label field", description="Compute pseudo-labels first"))
         return False
-    default = "sa_cluster" if "sa_cluster" in fields else fields[0]
+    default = preferred if preferred in fields else "sa_cluster" if "sa_cluster" in fields else fields[0]
     field_dropdown(inputs, "label_field", fields, "Cluster field", "The condition of the diffusion model",
                    default=default)
     return True
@@ -83,20 +83,28 @@ class GenerateBalanced(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx)
-        if not _cluster_field(ctx, inputs):
-            return types.Property(inputs)
         keys = runs.list_runs(ctx.dataset, "conditional_diffusion")
+        model_key = ctx.params.get("diffusion_run") or (keys[-1] if keys else None)
+        trained = runs.get_run_config(ctx.dataset, model_key) if model_key in keys else {}
+        if not _cluster_field(ctx, inputs, preferred=trained.get("label_field")):  # the model's field by default
+            return types.Property(inputs)
         if not keys:
             inputs.view("no_model", types.Error(label="No diffusion model", description="Train one first"))
             return types.Property(inputs)
         field_dropdown(inputs, "diffusion_run", keys, "Diffusion model", "A 'train conditional diffusion' run",
                        default=keys[-1])
+        chosen = ctx.params.get("label_field")
+        if chosen and trained.get("label_field") and chosen != trained["label_field"]:
+            refuse(inputs, "field_mismatch", f"The model '{model_key}' was trained on '{trained['label_field']}', "
+                                             f"not '{chosen}': pick '{trained['label_field']}' as the cluster field, "
+                                             f"or train a model on '{chosen}'")
         mode = types.RadioGroup()
         mode.add_choice("equal", label="Equal number per cluster (the paper's rule)")
         mode.add_choice("fill", label="Fill every cluster up to the largest")
-        mode.add_choice("cells", label="Fill every class x attribute cell (a model trained with an attribute)")
+        if trained.get("attribute_field"):  # cells need a class x attribute model
+            mode.add_choice("cells", label="Fill every class x attribute cell (a model trained with an attribute)")
         inputs.enum("mode", mode.values(), default=default_of(generate_balanced, "mode"), view=mode, label="Mode")
-        if ctx.params.get("mode") == "cells":
+        if ctx.params.get("mode") == "cells" and trained.get("attribute_field"):
             inputs.int("per_cell", default=40, min=1, label="Images per cell (real + generated)")
             source = types.RadioGroup()
             source.add_choice("edit", label="Edit real images of the class (keeps their shape)")

@@ -345,3 +345,33 @@ def test_a_queued_sharded_run_says_it_is_queued_and_how_to_start_a_worker(digits
     assert "SA features computed" not in queued and "fairbalance.sharded_status" not in queued
     done = json.dumps(output({"run_key": "sa", "num_encoded": 3}))
     assert "SA features computed" in done and "delegated launch" not in done
+
+
+def test_generate_form_follows_the_model(digits_dataset, tmp_path):
+    """The generate form defaulted the cluster field to sa_cluster while the only model was trained on color,
+    and offered cells mode for a single-factor model; accepted, then a traceback (#25 item 9)."""
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    import fairbalance as fb
+
+    ds = digits_dataset.clone()
+
+    def form(params):
+        request = {"dataset_name": ds.name, "params": params, "target": "inputs"}
+        return asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/generate_balanced", request)).type.properties
+
+    try:
+        ds.set_values("sa_cluster", [fo.Classification(label=c) for c in ds.values("ground_truth.label")])
+        fb.train_conditional_diffusion(ds.limit(12), "color", output_dir=str(tmp_path / "m"), epochs=1,
+                                       run_key="on_color", image_size=16, block_out_channels=(16, 32), batch_size=32)
+        props = form({})
+        assert props["label_field"].default == "color"  # the model's field, not sa_cluster
+        assert "cells" not in props["mode"].type.values  # a single-factor model cannot fill cells
+        wrong = form({"label_field": "sa_cluster", "diffusion_run": "on_color"})
+        assert wrong["field_mismatch"].invalid and "trained on 'color'" in wrong["field_mismatch"].error_message
+        assert "field_mismatch" not in form({"label_field": "color", "diffusion_run": "on_color"})
+    finally:
+        ds.delete()
