@@ -116,14 +116,16 @@ class ComputeHardnessTags(foo.Operator):
             **kwargs,
         )
         refresh_app(ctx)
-        return rounded(result.to_dict())
+        out = rounded(result.to_dict())
+        out["tagged_of"] = f"{result.num_tagged} of {result.num_samples} samples of the view"
+        return out
 
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Hardness tags computed",
             ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
             ("shards_requeued", "int", "Shards of lost workers queued again"),
-            ("num_tagged", "int", "Samples tagged"),
+            ("tagged_of", "str", "Samples tagged"),
             ("tag", "str", "Tag"),
             ("loss_field", "str", "Loss field"),
             ("checkpoint", "str", "Biased model checkpoint"),

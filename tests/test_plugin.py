@@ -188,6 +188,7 @@ def test_writers_refresh_the_app_without_dropping_the_users_filters(digits_datas
                 "view_target": "CURRENT_VIEW"}})
         assert res.error is None, res.error
         assert ds.count("bias_loss") == len(ds.match_tags("train"))  # it ran on the filtered view
+        assert res.result["tagged_of"] == f"3 of {len(ds.match_tags('train'))} samples of the view"  # item 13
         assert "reload_samples" in _triggered(res) and "reload_dataset" not in _triggered(res)
     finally:
         ds.delete()
