@@ -72,6 +72,26 @@ class BalancePanel(foo.Panel):
         ctx.ops.set_view(view)
         return {"filtered_to": str(label), "num_samples": len(view)}
 
+    def on_click_cell(self, ctx):
+        """Filter the App's view to the clicked class x attribute cell (e.g. the bias-conflicting ones)."""
+        label, attr = ctx.params.get("y"), ctx.params.get("x")
+        field = self._label_field(ctx)
+        attr_field = ctx.panel.state.attribute_field
+        if label is None or attr is None or field is None or attr_field is None:
+            return None
+        path, apath = fields.label_path(ctx.dataset, field), fields.label_path(ctx.dataset, attr_field)
+        view = None
+        for lv in _typed(label):
+            for av in _typed(attr):
+                view = ctx.view.match((F(path) == lv) & (F(apath) == av))  # one stage: "Clear selection" removes it
+                if len(view.limit(1)):
+                    break
+            if len(view.limit(1)):
+                break
+        _set_state(ctx, "filtered_to", f"{label} x {attr}")
+        ctx.ops.set_view(view)
+        return {"filtered_to": f"{label} x {attr}", "num_samples": len(view)}
+
     def on_click_refresh(self, ctx):
         """Read the progress of running sharded runs again (and the numbers, which they change)."""
         return self._refresh(ctx)
@@ -210,16 +230,28 @@ class BalancePanel(foo.Panel):
             "barmode": "group", "xaxis": {"title": {"text": summary["label_field"]}, "type": "category"},
             "yaxis": {"title": {"text": "samples"}}, "margin": {"t": 30},
         }, on_click=self.on_click_bar, height=320, width="100%")
-        if summary.get("heatmap"):
-            hm = summary["heatmap"]
-            panel.plot("purity", data=[{"type": "heatmap", "x": hm["x"], "y": hm["y"], "z": hm["z"],
-                                        "colorscale": "Viridis", "zmin": 0, "zmax": 1,
-                                        "colorbar": {"title": {"text": "share of the group", "side": "right"}}}],
-                       layout={"xaxis": {"title": {"text": summary["attribute_field"], "standoff": 12},
+        maps = [("purity", "real", summary.get("heatmap"))]
+        if summary.get("heatmap_after"):
+            maps.append(("purity_after", "real + generated", summary["heatmap_after"]))
+            maps = {"before": maps[:1], "after": maps[1:]}.get(show, maps)
+        for name, title, hm in maps:
+            if not hm:
+                continue
+            counts = hm.get("counts")
+            trace = {"type": "heatmap", "x": hm["x"], "y": hm["y"], "z": hm["z"], "colorscale": "Viridis",
+                     "zmin": 0, "zmax": 1, "colorbar": {"title": {"text": "share of the group", "side": "right"}}}
+            if counts:  # the counts behind each share, in the tooltip
+                trace["customdata"] = counts
+                trace["hovertemplate"] = (f"{summary['label_field']} %{{y}}, {summary['attribute_field']} %{{x}}: "
+                                          "%{customdata} samples (%{z:.0%} of the group)<extra>" + title +
+                                          "</extra>")
+            panel.plot(name, data=[trace], on_click=self.on_click_cell,
+                       layout={"title": {"text": f"{title}: click a cell to show its samples", "font": {"size": 13}},
+                               "xaxis": {"title": {"text": summary["attribute_field"], "standoff": 12},
                                          "type": "category", "dtick": 1, "tickangle": -45, "automargin": True},
                                "yaxis": {"title": {"text": summary["label_field"], "standoff": 12},
                                          "type": "category", "dtick": 1, "automargin": True},
-                               "margin": {"t": 30}}, height=360, width="100%")
+                               "margin": {"t": 40}}, height=360, width="100%")
         if summary.get("worst_groups"):
             ev = summary["worst_groups"]
             rows = "\n".join(f"| {cls} | {attr} | {a:.3f} |" for (cls, attr), a in
@@ -235,6 +267,12 @@ class BalancePanel(foo.Panel):
                 table = "| text (given by the user) |\n|---|\n" + "\n".join(f"| {r['text']} |" for r in texts)
             panel.md("**Related texts of the last SA run**\n\n" + table, name="texts")
         return types.Property(panel, view=types.GridView(orientation="vertical"))
+
+
+def _typed(value):
+    """A clicked category as the field may store it: the string, and the integer it spells."""
+    text = str(value)
+    return [text, int(text)] if text.lstrip("-").isdigit() else [text]
 
 
 def _set_state(ctx, key, value):

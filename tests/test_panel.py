@@ -135,3 +135,25 @@ def test_panel_last_evaluation_is_the_newest_run_not_the_alphabetically_last(dig
     evaluate_classifier(digits_copy, "pred", "ground_truth", attribute_field="color", run_key="pred_jtt_eval")
     summary = _call(digits_copy, "on_load", state={"label_field": "ground_truth"})
     assert summary["worst_groups"]["run_key"] == "pred_jtt_eval" and summary["worst_groups"]["accuracy"] < 1
+
+
+def test_panel_heatmaps_real_and_generated_with_counts_and_cell_click(digits_copy, tmp_path):
+    """The repair shows in the panel: real and real + generated heat maps, counts in the tooltips, and a cell
+    click filters to that cell (#25 item 8)."""
+    gen = [fo.Sample(filepath=str(tmp_path / f"g{i}.png"), generated=True, ground_truth=fo.Classification(label="0"),
+                     color=fo.Classification(label="green")) for i in range(5)]
+    digits_copy.add_samples(gen)
+    ctx = {"dataset": digits_copy.name, "params": {"__method__": "on_change_attribute", "panel_id": "test-panel",
+                                                   "panel_state": {"label_field": "ground_truth"}, "value": "color"}}
+    result = foo.execute_operator(PANEL, ctx=ctx)
+    assert result.error is None, result.error
+    real, both = result.result["heatmap"], result.result["heatmap_after"]
+    row, col = real["y"].index("0"), real["x"].index("green")
+    assert both["counts"][both["y"].index("0")][both["x"].index("green")] == real["counts"][row][col] + 5
+    output = str([r.params["output"] for r in result.executor._requests if r.operator_uri == "show_panel_output"])
+    assert "purity_after" in output and "customdata" in output and "samples (%{z:.0%} of the group)" in output
+
+    clicked = _call(digits_copy, "on_click_cell", state={"label_field": "ground_truth", "attribute_field": "color"},
+                    x="green", y="0")
+    cell = digits_copy.match({"ground_truth.label": "0", "color.label": "green"})
+    assert clicked == {"filtered_to": "0 x green", "num_samples": len(cell)} and len(cell) >= 5
