@@ -215,7 +215,8 @@ class BalancePanel(foo.Panel):
             return types.Property(panel, view=types.GridView(orientation="vertical"))
 
         if state.filtered_to is not None:
-            panel.md(f"Showing only **{state.filtered_to}** in the grid; the numbers are the whole view's.",
+            panel.md(f"The grid is filtered to **{self._label_field(ctx)} = {state.filtered_to}** (your click); "
+                     "the numbers below are the whole view's.",
                      name="filtered")
             panel.btn("clear", label="Clear selection", on_click=self.on_click_clear)
         panel.md(_numbers_markdown(summary), name="numbers")
@@ -341,5 +342,6 @@ def _numbers_markdown(summary):
     rows = [line("real", summary["before"])]
     if summary.get("after"):
         rows.append(line("real + generated", summary["after"]))
-    return ("| | samples | entropy / ln C | normalized | imbalance ratio |\n|---|---|---|---|---|\n"
+    return ("| | samples | entropy (of the most possible) | balance (1 = even) | largest / smallest group |\n"
+            "|---|---|---|---|---|\n"
             + "\n".join(rows))
