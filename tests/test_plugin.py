@@ -376,3 +376,22 @@ def test_generate_form_follows_the_model(digits_dataset, tmp_path):
         assert "field_mismatch" not in form({"label_field": "color", "diffusion_run": "on_color"})
     finally:
         ds.delete()
+
+
+def test_create_dataset_forms_refuse_an_existing_name_in_the_apps_words(digits_dataset):
+    """An existing dataset name was refused only after Execute, with "pass overwrite=True" (#25 item 10)."""
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    def invalid(op, params):
+        request = {"params": params, "target": "inputs"}
+        props = asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/{op}", request)).type.properties
+        return {k: p.error_message for k, p in props.items() if p.invalid}
+
+    for op in ("create_colored_digits", "create_colored_mnist"):
+        taken = invalid(op, {"name": digits_dataset.name})
+        assert "name_taken" in taken and "overwrite=True" not in taken["name_taken"]
+        assert invalid(op, {"name": digits_dataset.name, "overwrite": True}) == {}
+        assert invalid(op, {"name": "fb-no-such-dataset"}) == {}
