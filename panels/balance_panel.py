@@ -64,6 +64,7 @@ class BalancePanel(foo.Panel):
         field = self._label_field(ctx)
         if label is None or field is None:
             return None
+        self._refresh(ctx)  # the numbers of the view before the click (the selection must not reset them)
         path = fields.label_path(ctx.dataset, field)
         view = ctx.view.match(F(path) == str(label))
         if len(view) == 0 and str(label).lstrip("-").isdigit():
@@ -79,6 +80,7 @@ class BalancePanel(foo.Panel):
         attr_field = ctx.panel.state.attribute_field
         if label is None or attr is None or field is None or attr_field is None:
             return None
+        self._refresh(ctx)  # the numbers of the view before the click (the selection must not reset them)
         path, apath = fields.label_path(ctx.dataset, field), fields.label_path(ctx.dataset, attr_field)
         view = None
         for lv in _typed(label):
@@ -98,6 +100,7 @@ class BalancePanel(foo.Panel):
 
     def on_click_clear(self, ctx):
         """Back to the whole view after a bar click."""
+        self._refresh(ctx)
         ctx.panel.state.filtered_to = None
         ctx.ops.clear_view()
         return {"cleared": True}

@@ -157,3 +157,13 @@ def test_panel_heatmaps_real_and_generated_with_counts_and_cell_click(digits_cop
                     x="green", y="0")
     cell = digits_copy.match({"ground_truth.label": "0", "color.label": "green"})
     assert clicked == {"filtered_to": "0 x green", "num_samples": len(cell)} and len(cell) >= 5
+
+
+def test_panel_bar_click_keeps_its_selection_in_the_state(digits_copy):
+    """The click's render must not reset the selection it just made (the App's view changes only after it)."""
+    ctx = {"dataset": digits_copy.name, "params": {"__method__": "on_click_bar", "panel_id": "test-panel",
+                                                   "panel_state": {"label_field": "ground_truth"}, "x": "3"}}
+    result = foo.execute_operator(PANEL, ctx=ctx)
+    assert result.error is None, result.error
+    patches = [r.params["state"] for r in result.executor._requests if r.operator_uri == "patch_panel_state"]
+    assert patches == [{"filtered_to": "3"}]
