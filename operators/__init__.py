@@ -5,6 +5,7 @@ from .balance_report import BalanceReport
 from .captions import ComputeCaptions, FilterCaptions, GenerateFromCaptions
 from .classifier import ApplyClassifier, ComputeHardnessTags, TrainClassifier
 from .colored_digits import CreateColoredDigits, CreateColoredMnist
+from .delete_run import DeleteRun
 from .diffinject import InjectBiasConflicting
 from .diffusion import FilterGenerated, GenerateBalanced, TrainConditionalDiffusion
 from .lora import FinetunePerGroup, GeneratePerGroup
@@ -34,4 +35,5 @@ OPERATORS = [  # in the order of the road (operators/_common.py ROAD): the opera
     ApplyClassifier,
     RunPipeline,
     ComputeShard,
+    DeleteRun,
 ]

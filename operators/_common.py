@@ -18,6 +18,26 @@ def progress_callback(ctx, label):
     return fo.report_progress(report, dt=0.5)
 
 
+def refresh_app(ctx):
+    """Show what a writer changed without losing the user's place: filters, stages and selection stay.
+
+    ``reload_dataset`` re-queries the dataset page, which resets the App's
+    sidebar filters (setting them again right after loses the race with that
+    query): the next operator would silently run on the whole dataset.
+    ``reload_samples`` refreshes the grid and the sidebar's counts and keeps
+    the view; a field the writer added joins the sidebar's list when the page
+    is next loaded.
+    """
+    ctx.ops.reload_samples()
+
+
+def refuse(inputs, name, message):
+    """Say in the form, before Execute, why it cannot run (the library would refuse it); Execute stays disabled."""
+    prop = inputs.view(name, types.Error(label=message))
+    prop.invalid, prop.error_message = True, message
+    return prop
+
+
 def field_dropdown(inputs, name, choices, label, description, required=True, default=None):
     """A dropdown of field names, with a clear message when there is nothing to choose."""
     dropdown = types.Dropdown(label=label, description=description)
@@ -71,6 +91,58 @@ def run_key_input(ctx, inputs, fn, resumable=False):
         prop.error_message = f"Run '{key}' already exists on this dataset: tick Overwrite or choose another key"
         return False
     return True
+
+
+def _field_clash(dataset, field, run_key):
+    """Why ``field`` cannot take the output of run ``run_key`` (another run's or a non-fairbalance field), or None."""
+    from fairbalance import runs
+
+    if dataset is None or not field or dataset.get_field(field) is None:
+        return None
+    owners = {f: key for key in runs.list_runs(dataset) for f in runs.get_run_config(dataset, key).get(
+        "fields_written", [])}
+    owner = owners.get(field)
+    if owner == run_key:
+        return None
+    return f"holds the output of run '{owner}'" if owner else "exists and was not written by fairbalance"
+
+
+def output_field_input(ctx, inputs, name, fn, label, description=None):
+    """A field the operator writes, checked before Execute: fairbalance never replaces another run's field.
+
+    When the library's default is taken by another run (e.g. ``sa_features``
+    after the one-click audit), the form offers a free name
+    (``sa_features_2``) instead of failing after Execute. False when the
+    chosen name cannot be used.
+    """
+    default = default_of(fn, name)
+    run_key = ctx.params.get("run_key") or default_of(fn, "run_key")
+    free, n = default, 2
+    while _field_clash(ctx.dataset, free, run_key):
+        free, n = f"{default}_{n}", n + 1
+    prop = inputs.str(name, default=free, required=False, label=label, description=description)
+    chosen = ctx.params.get(name) or free
+    clash = _field_clash(ctx.dataset, chosen, run_key)
+    if clash:
+        while _field_clash(ctx.dataset, free, run_key):  # (the default may be the chosen name)
+            free, n = f"{default}_{n}", n + 1
+        prop.invalid = True
+        prop.error_message = (f"Field '{chosen}' {clash}: write to a free name such as '{free}'" +
+                              (", or delete that run ('fairbalance: delete a run')" if "run '" in clash else ""))
+        return False
+    return True
+
+
+def clip_check(ctx, inputs, fn):
+    """Say at once, before Execute, that the CLIP weights are missing (offline), instead of a traceback later."""
+    from fairbalance import models
+
+    model = ctx.params.get("model") or default_of(fn, "model")
+    pretrained = ctx.params.get("pretrained") or default_of(fn, "pretrained")
+    problem = models.clip_problem(model, pretrained or None)
+    if problem:
+        refuse(inputs, "clip_missing", problem)
+    return problem is None
 
 
 def split_list(text):
@@ -181,6 +253,11 @@ def operator_config(name, label, description, icon, dynamic=True, delegated="opt
     return foo.OperatorConfig(name=name, label=label, description=description, icon=icon, dynamic=dynamic, **flags)
 
 
+QUEUED_HINT = ("The shards run when a worker picks them up: start one with `fiftyone delegated launch` in a "
+               "terminal (same FiftyOne database and plugins folder as the App; one per GPU). The Balance panel's "
+               "'Sharded runs in progress' shows their progress; the run is recorded when the last shard is done.")
+
+
 def result_view(*args):
     """An operator's output panel: ``result_view(ctx, title, *rows)`` (or ``result_view(title, *rows)``).
 
@@ -197,6 +274,9 @@ def result_view(*args):
         ctx, title, rows = args[0], args[1], args[2:]
     results = getattr(ctx, "results", None) or None
     outputs = types.Object()
+    if results is not None and results.get("shards_queued") is not None:  # queued, not computed yet
+        title = "Queued for delegated workers (nothing computed yet)"
+        outputs.view("queued", types.Notice(label=QUEUED_HINT))
     for name, kind, label, *columns in rows:
         if results is not None and results.get(name) is None:
             continue

@@ -5,6 +5,8 @@ import fiftyone.operators.types as types
 
 from fairbalance.audit import audit_balance
 
+from ._common import clip_check
+from ._common import refresh_app
 from ._common import (as_text_block, attribute_or_texts_input, categorical_fields, default_of, field_dropdown, given,
                       operator_config, progress_callback, related_texts_columns, result_view, rounded, run_key_input,
                       split_list, text_source)
@@ -32,6 +34,7 @@ class AuditBalance(foo.Operator):
                        "A field with the attribute's true values, if you have one: the report then shows "
                        "clusters x attribute", required=False)
         run_key_input(ctx, inputs, audit_balance)
+        clip_check(ctx, inputs, audit_balance)
         return types.Property(inputs, view=types.View(label="Audit hidden imbalance"))
 
     def execute(self, ctx):
@@ -41,7 +44,7 @@ class AuditBalance(foo.Operator):
                             related_texts_override=split_list(p.get("related_texts")) if by_texts else None,
                             progress=progress_callback(ctx, "Encoding images"),
                             **given(p, ("model", "pretrained", "attribute_field", "run_key", "overwrite")))
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         report = res.report
         return rounded({"related_texts": res.sa_features.related_texts, "num_clusters": res.pseudo_labels.num_clusters,
                         "entropy": report.entropy, "normalized_entropy": report.normalized_entropy,

@@ -9,6 +9,7 @@ from fairbalance.sharding import queue_sharded
 from fairbalance.text_to_image import generate_from_captions
 from fairbalance.validation import LIMITS
 
+from ._common import refresh_app
 from ._common import (as_text_block, categorical_fields, default_of, field_dropdown, given, operator_config,
                       progress_callback, result_view, run_key_input, sampling_inputs)
 
@@ -56,13 +57,13 @@ class ComputeCaptions(foo.Operator):
             return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
                     "shards_requeued": len(job.requeued)}
         res = compute_captions(ctx.target_view(), progress=progress_callback(ctx, "Captioning"), **kwargs)
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return res.to_dict()
 
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Captions written",
-            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
             ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("caption_field", "str", "Caption field"),
             ("num_samples", "int", "Samples captioned"),
@@ -104,7 +105,7 @@ class FilterCaptions(foo.Operator):
             ctx.target_view(), p["caption_field"], label_field=p.get("label_field") or None,
             **given(p, ("output_field", "top_f", "run_key", "overwrite")),
         )
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return {**res.to_dict(), "top_words_text": ", ".join(res.top_words),
                 "dropped_text": as_text_block("\n".join(res.dropped_examples)) if res.dropped_examples else None}
 
@@ -167,13 +168,13 @@ class GenerateFromCaptions(foo.Operator):
             ctx.target_view(), p["caption_field"], label_field=p.get("label_field") or None,
             progress=progress_callback(ctx, "Generating"), **given(p, names),
         )
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return res.to_dict()
 
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Generated",
-            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
             ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("num_added", "int", "Samples added"),
             ("output_dir", "str", "Image folder"),

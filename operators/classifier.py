@@ -9,6 +9,7 @@ from fairbalance.hardness import compute_hardness
 from fairbalance.sharding import queue_sharded
 from fairbalance.validation import LIMITS
 
+from ._common import refresh_app
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input)
 
@@ -115,15 +116,17 @@ class ComputeHardnessTags(foo.Operator):
             progress=progress_callback(ctx, "Predicting" if classifier else "Training the biased classifier"),
             **kwargs,
         )
-        ctx.ops.reload_dataset()
-        return rounded(result.to_dict())
+        refresh_app(ctx)
+        out = rounded(result.to_dict())
+        out["tagged_of"] = f"{result.num_tagged} of {result.num_samples} samples of the view"
+        return out
 
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Hardness tags computed",
-            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
             ("shards_requeued", "int", "Shards of lost workers queued again"),
-            ("num_tagged", "int", "Samples tagged"),
+            ("tagged_of", "str", "Samples tagged"),
             ("tag", "str", "Tag"),
             ("loss_field", "str", "Loss field"),
             ("checkpoint", "str", "Biased model checkpoint"),
@@ -246,7 +249,7 @@ class ApplyClassifier(foo.Operator):
         ev = evaluate_classifier(view, applied.predictions_field, label_field,
                                  attribute_field=p.get("attribute_field") or None, aligned_field=aligned,
                                  run_key=f"{applied.predictions_field}_eval", overwrite=True)
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         out = {k: v for k, v in ev.to_dict().items() if v is not None}
         out["group_table"] = [{"group": _group_name(g), "accuracy": a} for g, a in sorted(ev.group_accuracy.items())]
         if out.get("worst_group") is not None:

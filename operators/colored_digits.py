@@ -7,6 +7,7 @@ from fairbalance import datasets
 from fairbalance.colored_mnist import colored_mnist
 from fairbalance.validation import LIMITS
 
+from ._common import refuse
 from ._common import default_of, given, operator_config, progress_callback, result_view
 
 
@@ -38,6 +39,7 @@ class CreateColoredDigits(foo.Operator):
         inputs.int("seed", default=default_of(datasets.colored_digits, "seed"), max=LIMITS["seed"], label="Seed")
         inputs.bool("overwrite", default=default_of(datasets.colored_digits, "overwrite"),
                     label="Overwrite an existing dataset of that name")
+        _check_name(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Create Colored Digits"))
 
     def execute(self, ctx):
@@ -101,6 +103,7 @@ class CreateColoredMnist(foo.Operator):
         inputs.int("seed", default=default_of(colored_mnist, "seed"), min=0, max=LIMITS["seed"], label="Seed")
         inputs.bool("overwrite", default=default_of(colored_mnist, "overwrite"),
                     label="Overwrite an existing dataset of that name")
+        _check_name(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Create Colored MNIST"))
 
     def execute(self, ctx):
@@ -125,3 +128,13 @@ class CreateColoredMnist(foo.Operator):
             ("num_test", "int", "Test samples"),
             ("train_bias_conflicting", "int", "Bias-conflicting train samples"),
         )
+
+
+def _check_name(ctx, inputs):
+    """An existing dataset name is said before Execute, in the App's words (the SDK said "pass overwrite=True")."""
+    import fiftyone as fo
+
+    name = (ctx.params.get("name") or "").strip()
+    if name and not ctx.params.get("overwrite") and fo.dataset_exists(name):
+        refuse(inputs, "name_taken", f"A dataset named '{name}' exists already: choose another name, or tick "
+                                     "'Overwrite an existing dataset of that name' to replace it")

@@ -8,6 +8,7 @@ from fairbalance.diffinject import inject_bias_conflicting
 from fairbalance.sharding import queue_sharded
 from fairbalance.validation import LIMITS
 
+from ._common import refresh_app
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input)
 
@@ -86,14 +87,14 @@ class InjectBiasConflicting(foo.Operator):
         res = inject_bias_conflicting(ctx.target_view(), model_run=p["diffusion_run"],
                                       label_field=p.get("label_field") or "ground_truth",
                                       progress=progress_callback(ctx, "Injecting"), **given(p, PARAMS))
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return rounded({**res.to_dict(), "added_per_label": ", ".join(
             f"{c}: {n}" for c, n in res.added.items() if n) or "nothing new (all images were there)"})
 
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Injected",
-            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
             ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("num_added", "int", "Samples added"),
             ("added_per_label", "str", "Added per label"),

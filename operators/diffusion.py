@@ -10,16 +10,17 @@ from fairbalance.generation import generate_balanced
 from fairbalance.sharding import queue_sharded
 from fairbalance.validation import LIMITS
 
+from ._common import refresh_app, refuse
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input, sampling_inputs)
 
 
-def _cluster_field(ctx, inputs):
+def _cluster_field(ctx, inputs, preferred=None):
     fields = categorical_fields(ctx.dataset)
     if not fields:
         inputs.view("no_fields", types.Error(label="No label field", description="Compute pseudo-labels first"))
         return False
-    default = "sa_cluster" if "sa_cluster" in fields else fields[0]
+    default = preferred if preferred in fields else "sa_cluster" if "sa_cluster" in fields else fields[0]
     field_dropdown(inputs, "label_field", fields, "Cluster field", "The condition of the diffusion model",
                    default=default)
     return True
@@ -83,20 +84,28 @@ class GenerateBalanced(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx)
-        if not _cluster_field(ctx, inputs):
-            return types.Property(inputs)
         keys = runs.list_runs(ctx.dataset, "conditional_diffusion")
+        model_key = ctx.params.get("diffusion_run") or (keys[-1] if keys else None)
+        trained = runs.get_run_config(ctx.dataset, model_key) if model_key in keys else {}
+        if not _cluster_field(ctx, inputs, preferred=trained.get("label_field")):  # the model's field by default
+            return types.Property(inputs)
         if not keys:
             inputs.view("no_model", types.Error(label="No diffusion model", description="Train one first"))
             return types.Property(inputs)
         field_dropdown(inputs, "diffusion_run", keys, "Diffusion model", "A 'train conditional diffusion' run",
                        default=keys[-1])
+        chosen = ctx.params.get("label_field")
+        if chosen and trained.get("label_field") and chosen != trained["label_field"]:
+            refuse(inputs, "field_mismatch", f"The model '{model_key}' was trained on '{trained['label_field']}', "
+                                             f"not '{chosen}': pick '{trained['label_field']}' as the cluster field, "
+                                             f"or train a model on '{chosen}'")
         mode = types.RadioGroup()
         mode.add_choice("equal", label="Equal number per cluster (the paper's rule)")
         mode.add_choice("fill", label="Fill every cluster up to the largest")
-        mode.add_choice("cells", label="Fill every class x attribute cell (a model trained with an attribute)")
+        if trained.get("attribute_field"):  # cells need a class x attribute model
+            mode.add_choice("cells", label="Fill every class x attribute cell (a model trained with an attribute)")
         inputs.enum("mode", mode.values(), default=default_of(generate_balanced, "mode"), view=mode, label="Mode")
-        if ctx.params.get("mode") == "cells":
+        if ctx.params.get("mode") == "cells" and trained.get("attribute_field"):
             inputs.int("per_cell", default=40, min=1, max=LIMITS["per_cell"],
                        label="Images per cell (real + generated)")
             source = types.RadioGroup()
@@ -139,14 +148,14 @@ class GenerateBalanced(foo.Operator):
                     "shards_requeued": len(job.requeued)}
         res = generate_balanced(ctx.target_view(), p["label_field"], model_run=p["diffusion_run"],
                                 progress=progress_callback(ctx, "Generating"), **given(p, names))
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return rounded({**res.to_dict(), "added_per_cluster": ", ".join(
             f"{c}: {n}" for c, n in res.added.items() if n) or "nothing new (all images were there)"})
 
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Generated",
-            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
             ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("num_added", "int", "Samples added"),
             ("added_per_cluster", "str", "Added per cluster"),
@@ -205,6 +214,7 @@ class FilterGenerated(foo.Operator):
             multiline=True, placeholder="0: a photo of an old man\n1: a photo of a young woman"),
             description="One 'cluster: text' per line to score against texts instead of cluster centroids")
         run_key_input(ctx, inputs, filter_generated)
+        _filter_generated_problems(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Filter generated samples"))
 
     def execute(self, ctx):
@@ -213,7 +223,7 @@ class FilterGenerated(foo.Operator):
             ctx.target_view(), p["label_field"], texts=parse_cluster_texts(p.get("texts")),
             progress=progress_callback(ctx, "Scoring"),
             **given(p, ("embeddings_field", "bottom_fraction", "tag", "action", "method", "run_key", "overwrite")))
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return rounded(res.to_dict())
 
     def resolve_output(self, ctx):
@@ -226,3 +236,24 @@ class FilterGenerated(foo.Operator):
             ("weight_field", "str", "Weights for training (weight_field)"),
             ("mean_score", "float", "Mean similarity to the cluster"),
         )
+
+
+
+def _filter_generated_problems(ctx, inputs):
+    """What filter_generated would refuse, said before Execute: a view without generated or real samples, or
+    CLIP scores without the embeddings field."""
+    from fiftyone import ViewField as F
+
+    view = ctx.target_view()
+    if not len(view.match(F("generated") == True).limit(1)):  # noqa: E712
+        refuse(inputs, "no_generated", "The view has no generated samples: generate some first, or pick a view "
+                                       "(or clear the sidebar filter) that includes the samples tagged 'generated'")
+    elif not len(view.match(F("generated") != True).limit(1)) and not (ctx.params.get("texts") or "").strip():  # noqa: E712
+        refuse(inputs, "no_real", "The view has only generated samples: they are scored against the real samples "
+                                  "of their cluster, so pick a view with real samples too, or give cluster texts")
+    method = ctx.params.get("method") or default_of(filter_generated, "method")
+    field = ctx.params.get("embeddings_field") or default_of(filter_generated, "embeddings_field")
+    if method == "clip" and ctx.dataset.get_field(field) is None:
+        refuse(inputs, "no_embeddings", f"No field '{field}' on this dataset: compute SA features first (they "
+                                        "store the CLIP embeddings), name the field that holds them, or score by "
+                                        "pixels")

@@ -9,6 +9,7 @@ from fairbalance.lora_training import finetune_per_group
 from fairbalance.sharding import queue_sharded
 from fairbalance.validation import LIMITS
 
+from ._common import refresh_app
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       readable_bytes, result_view, rounded, run_key_input, sampling_inputs)
 
@@ -133,14 +134,14 @@ class GeneratePerGroup(foo.Operator):
                     "shards_requeued": len(job.requeued)}
         res = generate_per_group(ctx.target_view(), finetune_run=p["finetune_run"],
                                  progress=progress_callback(ctx, "Generating"), **given(p, names))
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         return rounded({**res.to_dict(), "added_per_group": ", ".join(
             f"{g}: {n}" for g, n in res.added.items() if n) or "nothing new (all images were there)"})
 
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Generated",
-            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
             ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("num_added", "int", "Samples added"),
             ("added_per_group", "str", "Added per group"),

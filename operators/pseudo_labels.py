@@ -7,6 +7,7 @@ import fiftyone.operators.types as types
 from fairbalance.pseudo_labels import compute_pseudo_labels
 from fairbalance.validation import LIMITS
 
+from ._common import output_field_input, refresh_app
 from ._common import default_of, field_dropdown, given, operator_config, result_view, rounded, run_key_input
 
 
@@ -39,7 +40,7 @@ class ComputePseudoLabels(foo.Operator):
             return types.Property(inputs)
         default = "sa_features" if "sa_features" in fields else fields[0]
         field_dropdown(inputs, "features_field", fields, "Features field", "SA features to cluster", default=default)
-        inputs.str("label_field", default=_default("label_field"), required=False, label="Label field to write")
+        output_field_input(ctx, inputs, "label_field", compute_pseudo_labels, "Label field to write")
         method = types.RadioGroup()
         method.add_choice("xmeans", label="X-means (chooses the number of clusters)")
         method.add_choice("kmeans", label="k-means (fixed number of clusters)")
@@ -66,7 +67,7 @@ class ComputePseudoLabels(foo.Operator):
             **given(p, ("label_field", "method", "kmax", "num_clusters", "criterion", "seed", "run_key", "overwrite")),
         )
         ctx.set_progress(progress=1.0, label="Clustering done")
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         out = result.to_dict()
         out["table"] = [{"cluster": k, "count": v} for k, v in result.counts.items()]
         out["how"] = ("X-means, " + {"pyclustering": "pyclustering's BIC splitting rule",

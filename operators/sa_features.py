@@ -7,6 +7,8 @@ from fairbalance.sa_features import compute_sa_features
 from fairbalance.sharding import queue_sharded
 from fairbalance.validation import LIMITS
 
+from ._common import clip_check
+from ._common import output_field_input, refresh_app
 from ._common import (attribute_or_texts_input, default_of, given, operator_config, progress_callback,
                       related_texts_columns, result_view, rounded, run_key_input, split_list, text_source)
 
@@ -40,7 +42,7 @@ class ComputeSAFeatures(foo.Operator):
         inputs.str("pretrained", default=_default("pretrained"), required=False,
                    label="Pretrained tag or checkpoint file")
         inputs.str("embeddings_field", default=_default("embeddings_field"), required=False, label="Embeddings field")
-        inputs.str("features_field", default=_default("features_field"), required=False, label="Features field")
+        output_field_input(ctx, inputs, "features_field", compute_sa_features, "Features field")
         inputs.int("batch_size", default=_default("batch_size"), min=1, max=LIMITS["batch_size"], label="Batch size")
         inputs.bool("skip_failures", default=_default("skip_failures"), label="Skip unreadable images")
         inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
@@ -52,6 +54,7 @@ class ComputeSAFeatures(foo.Operator):
                        description="A label field: when all shards are done, X-means on all the features writes "
                                    "pseudo-labels there (run 'pseudo_labels', as Compute pseudo-labels does)")
         run_key_input(ctx, inputs, compute_sa_features)
+        clip_check(ctx, inputs, compute_sa_features)
         return types.Property(inputs, view=types.View(label="Compute SA features"))
 
     def resolve_delegation(self, ctx):
@@ -77,7 +80,7 @@ class ComputeSAFeatures(foo.Operator):
             return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
                     "shards_requeued": len(job.requeued)}
         result = compute_sa_features(ctx.target_view(), progress=progress_callback(ctx, "Encoding images"), **kwargs)
-        ctx.ops.reload_dataset()
+        refresh_app(ctx)
         out = result.to_dict()
         out["num_failures"] = len(result.failures)
         return rounded(out)
@@ -85,7 +88,7 @@ class ComputeSAFeatures(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "SA features computed",
-            ("shards_queued", "int", "Shards queued (fairbalance.sharded_status shows their progress)"),
+            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
             ("shards_requeued", "int", "Shards of lost workers queued again"),
             ("query", "str", "Query text (W_SA)"),
             ("num_samples", "int", "Samples with features"),

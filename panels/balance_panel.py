@@ -48,11 +48,11 @@ class BalancePanel(foo.Panel):
         return self._refresh(ctx)
 
     def on_change_field(self, ctx):
-        ctx.panel.state.label_field = ctx.params.get("value")
+        _set_state(ctx, "label_field", ctx.params.get("value"))
         return self._refresh(ctx, label_field=ctx.params.get("value"))
 
     def on_change_attribute(self, ctx):
-        ctx.panel.state.attribute_field = ctx.params.get("value") or None
+        _set_state(ctx, "attribute_field", ctx.params.get("value") or None)
         return self._refresh(ctx, attribute_field=ctx.params.get("value") or None)
 
     def on_change_show(self, ctx):
@@ -64,6 +64,7 @@ class BalancePanel(foo.Panel):
         field = self._label_field(ctx)
         if label is None or field is None:
             return None
+        self._refresh(ctx)  # the numbers of the view before the click (the selection must not reset them)
         path = fields.label_path(ctx.dataset, field)
         view = ctx.view.match(F(path) == str(label))
         if len(view) == 0 and str(label).lstrip("-").isdigit():
@@ -72,12 +73,34 @@ class BalancePanel(foo.Panel):
         ctx.ops.set_view(view)
         return {"filtered_to": str(label), "num_samples": len(view)}
 
+    def on_click_cell(self, ctx):
+        """Filter the App's view to the clicked class x attribute cell (e.g. the bias-conflicting ones)."""
+        label, attr = ctx.params.get("y"), ctx.params.get("x")
+        field = self._label_field(ctx)
+        attr_field = ctx.panel.state.attribute_field
+        if label is None or attr is None or field is None or attr_field is None:
+            return None
+        self._refresh(ctx)  # the numbers of the view before the click (the selection must not reset them)
+        path, apath = fields.label_path(ctx.dataset, field), fields.label_path(ctx.dataset, attr_field)
+        view = None
+        for lv in _typed(label):
+            for av in _typed(attr):
+                view = ctx.view.match((F(path) == lv) & (F(apath) == av))  # one stage: "Clear selection" removes it
+                if len(view.limit(1)):
+                    break
+            if len(view.limit(1)):
+                break
+        _set_state(ctx, "filtered_to", f"{label} x {attr}")
+        ctx.ops.set_view(view)
+        return {"filtered_to": f"{label} x {attr}", "num_samples": len(view)}
+
     def on_click_refresh(self, ctx):
         """Read the progress of running sharded runs again (and the numbers, which they change)."""
         return self._refresh(ctx)
 
     def on_click_clear(self, ctx):
         """Back to the whole view after a bar click."""
+        self._refresh(ctx)
         ctx.panel.state.filtered_to = None
         ctx.ops.clear_view()
         return {"cleared": True}
@@ -114,12 +137,19 @@ class BalancePanel(foo.Panel):
         return fields[0] if fields else None
 
     def _refresh(self, ctx, label_field=None, attribute_field=None):
+        """Compute the numbers of the current view for :meth:`render`; returns the summary.
+
+        Only the user's choices go into the panel's state, and only when they
+        change: the App saves panel state with its spaces, and saving spaces
+        reloads the dataset page, which drops the user's sidebar filters
+        (numbers written on every view change reverted a filter within a second).
+        """
         field = self._label_field(ctx, label_field)
         view = ctx.view
         if ctx.panel.state.filtered_to is not None:  # after a bar click the numbers stay those of the whole view
             base = _without_last_match(ctx.view)
             if base is None:  # the user changed the view since: the selection is gone
-                ctx.panel.state.filtered_to = None
+                _set_state(ctx, "filtered_to", None)
             else:
                 view = base
         attr = attribute_field if attribute_field is not None else ctx.panel.state.attribute_field
@@ -132,11 +162,16 @@ class BalancePanel(foo.Panel):
                 summary["worst_groups"] = _last_evaluation(ctx.dataset)
             except ValueError as e:
                 summary = {"error": str(e)}
-        ctx.panel.state.label_field = field
-        ctx.panel.state.attribute_field = attr
-        ctx.panel.state.summary = summary
-        ctx.panel.state.sharded = _sharded_rows(ctx.dataset)
+        _set_state(ctx, "label_field", field)
+        _set_state(ctx, "attribute_field", attr)
+        ctx.fairbalance_panel = {"summary": summary, "sharded": _sharded_rows(ctx.dataset)}
         return summary
+
+    def _computed(self, ctx):
+        """What :meth:`_refresh` computed for this event (computed now for events that did not refresh)."""
+        if getattr(ctx, "fairbalance_panel", None) is None:
+            self._refresh(ctx)
+        return ctx.fairbalance_panel
 
     # ------------------------------------------------------------------ render
 
@@ -152,6 +187,7 @@ class BalancePanel(foo.Panel):
             )
             return types.Property(panel, view=types.GridView(align_x="center", align_y="center"))
         state = ctx.panel.state
+        computed = self._computed(ctx)
         panel.md("**Balance of a label field.** How evenly the samples spread over its groups: entropy, normalized "
                  "entropy (1 = balanced) and largest / smallest group, for the real samples and with the generated "
                  "ones. Click a bar to show that group's samples.", name="help")
@@ -166,14 +202,14 @@ class BalancePanel(foo.Panel):
         panel.enum("attribute_field", attr_choices.values(), view=attr_choices, label="Attribute (optional)",
                    default=state.attribute_field, on_change=self.on_change_attribute)
 
-        if state.sharded:
+        if computed["sharded"]:
             rows = "\n".join(f"| {r['run_key']} | {r['function']} | {r['shards']} | {r['samples']} | {r['state']} |"
-                             for r in state.sharded)
+                             for r in computed["sharded"])
             panel.md("**Sharded runs in progress** (delegated operations; one per shard)\n\n"
                      "| run | function | shards done | done (samples, or images for generators) | state |\n"
-                     "|---|---|---|---|---|\n" + rows, name="sharded")
+                     "|---|---|---|---|---|\n" + rows, name="sharded_progress")  # ("sharded" was a state key)
             panel.btn("refresh", label="Refresh progress", on_click=self.on_click_refresh)
-        summary = state.summary
+        summary = computed["summary"]
         if not summary:
             panel.md("The current view is empty." if len(ctx.view) == 0 else "Pick a label field.", name="note")
             return types.Property(panel, view=types.GridView(orientation="vertical"))
@@ -182,7 +218,8 @@ class BalancePanel(foo.Panel):
             return types.Property(panel, view=types.GridView(orientation="vertical"))
 
         if state.filtered_to is not None:
-            panel.md(f"Showing only **{state.filtered_to}** in the grid; the numbers are the whole view's.",
+            panel.md(f"The grid is filtered to **{self._label_field(ctx)} = {state.filtered_to}** (your click); "
+                     "the numbers below are the whole view's.",
                      name="filtered")
             panel.btn("clear", label="Clear selection", on_click=self.on_click_clear)
         panel.md(_numbers_markdown(summary), name="numbers")
@@ -197,16 +234,28 @@ class BalancePanel(foo.Panel):
             "barmode": "group", "xaxis": {"title": {"text": summary["label_field"]}, "type": "category"},
             "yaxis": {"title": {"text": "samples"}}, "margin": {"t": 30},
         }, on_click=self.on_click_bar, height=320, width="100%")
-        if summary.get("heatmap"):
-            hm = summary["heatmap"]
-            panel.plot("purity", data=[{"type": "heatmap", "x": hm["x"], "y": hm["y"], "z": hm["z"],
-                                        "colorscale": "Viridis", "zmin": 0, "zmax": 1,
-                                        "colorbar": {"title": {"text": "share of the group", "side": "right"}}}],
-                       layout={"xaxis": {"title": {"text": summary["attribute_field"], "standoff": 12},
+        maps = [("purity", "real", summary.get("heatmap"))]
+        if summary.get("heatmap_after"):
+            maps.append(("purity_after", "real + generated", summary["heatmap_after"]))
+            maps = {"before": maps[:1], "after": maps[1:]}.get(show, maps)
+        for name, title, hm in maps:
+            if not hm:
+                continue
+            counts = hm.get("counts")
+            trace = {"type": "heatmap", "x": hm["x"], "y": hm["y"], "z": hm["z"], "colorscale": "Viridis",
+                     "zmin": 0, "zmax": 1, "colorbar": {"title": {"text": "share of the group", "side": "right"}}}
+            if counts:  # the counts behind each share, in the tooltip
+                trace["customdata"] = counts
+                trace["hovertemplate"] = (f"{summary['label_field']} %{{y}}, {summary['attribute_field']} %{{x}}: "
+                                          "%{customdata} samples (%{z:.0%} of the group)<extra>" + title +
+                                          "</extra>")
+            panel.plot(name, data=[trace], on_click=self.on_click_cell,
+                       layout={"title": {"text": f"{title}: click a cell to show its samples", "font": {"size": 13}},
+                               "xaxis": {"title": {"text": summary["attribute_field"], "standoff": 12},
                                          "type": "category", "dtick": 1, "tickangle": -45, "automargin": True},
                                "yaxis": {"title": {"text": summary["label_field"], "standoff": 12},
                                          "type": "category", "dtick": 1, "automargin": True},
-                               "margin": {"t": 30}}, height=360, width="100%")
+                               "margin": {"t": 40}}, height=360, width="100%")
         if summary.get("worst_groups"):
             ev = summary["worst_groups"]
             rows = "\n".join(f"| {cls} | {attr} | {a:.3f} |" for (cls, attr), a in
@@ -222,6 +271,18 @@ class BalancePanel(foo.Panel):
                 table = "| text (given by the user) |\n|---|\n" + "\n".join(f"| {r['text']} |" for r in texts)
             panel.md("**Related texts of the last SA run**\n\n" + table, name="texts")
         return types.Property(panel, view=types.GridView(orientation="vertical"))
+
+
+def _typed(value):
+    """A clicked category as the field may store it: the string, and the integer it spells."""
+    text = str(value)
+    return [text, int(text)] if text.lstrip("-").isdigit() else [text]
+
+
+def _set_state(ctx, key, value):
+    """Write ``key`` of the panel's state only when it changes (each write makes the App save its spaces)."""
+    if ctx.panel.state.get(key) != value:
+        ctx.panel.state.set(key, value)
 
 
 def _sharded_rows(dataset):
@@ -284,5 +345,6 @@ def _numbers_markdown(summary):
     rows = [line("real", summary["before"])]
     if summary.get("after"):
         rows.append(line("real + generated", summary["after"]))
-    return ("| | samples | entropy / ln C | normalized | imbalance ratio |\n|---|---|---|---|---|\n"
+    return ("| | samples | entropy (of the most possible) | balance (1 = even) | largest / smallest group |\n"
+            "|---|---|---|---|---|\n"
             + "\n".join(rows))

@@ -487,8 +487,8 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
 
     content = app.open_balance_panel()
     app.choose("Attribute (optional)", "color", scope="//*[@data-cy='panel-content-balance_panel']")
-    assert _wait(lambda: len(app.d.find_elements(By.CSS_SELECTOR, f"{content} .js-plotly-plot")) == 2, 30), \
-        "no heat map for the attribute"
+    assert _wait(lambda: len(app.d.find_elements(By.CSS_SELECTOR, f"{content} .js-plotly-plot")) == 3, 30), \
+        "no heat maps (real, real + generated) for the attribute"
     panel = app.d.find_element(By.CSS_SELECTOR, content).text
     for shown in ("real + generated", "real only", "Worst groups of the last evaluation", "share of the group"):
         assert shown in panel, f"{shown!r} is not in the panel: {panel}"

@@ -107,3 +107,63 @@ def test_panel_edge_cases(make_dataset, digits_copy):
     summary = _call(one, "on_load")
     assert summary["before"]["entropy"] == 0.0 and summary["before"]["counts"] == {"a": 3}
     assert _call(digits_copy, "on_change_view", view=digits_copy.limit(0)) is None
+
+
+def test_panel_view_change_writes_no_state(digits_copy):
+    """The App saves panel state with its spaces, and saving them reloads the page, which dropped the user's
+    sidebar filter about 1 s after it was set (#25): a view change writes no state; the numbers still render."""
+    state = {"label_field": "ground_truth", "attribute_field": None}
+    ctx = {"dataset": digits_copy.name, "view": digits_copy.match_tags("train"),
+           "params": {"__method__": "on_change_view", "panel_id": "test-panel", "panel_state": state}}
+    result = foo.execute_operator(PANEL, ctx=ctx)
+    assert result.error is None, result.error
+    assert result.result["before"]["num_samples"] == len(digits_copy.match_tags("train"))
+    requests = result.executor._requests
+    assert [r.params["state"] for r in requests if r.operator_uri == "patch_panel_state"] == []
+    shown = [r.params["output"] for r in requests if r.operator_uri == "show_panel_output"]
+    assert shown and "numbers" in str(shown[0]) and f"| {len(digits_copy.match_tags('train'))} |" in str(shown[0])
+
+
+def test_panel_last_evaluation_is_the_newest_run_not_the_alphabetically_last(digits_copy):
+    """The panel showed pred_vanilla_eval after pred_jtt_eval ran (alphabetical order, #25 item 7)."""
+    from fairbalance import evaluate_classifier
+
+    labels = digits_copy.values("ground_truth.label")
+    digits_copy.set_values("pred", [fo.Classification(label=v) for v in labels])
+    evaluate_classifier(digits_copy, "pred", "ground_truth", attribute_field="color", run_key="pred_vanilla_eval")
+    digits_copy.set_values("pred", [fo.Classification(label="0") for _ in labels])  # worse: another accuracy
+    evaluate_classifier(digits_copy, "pred", "ground_truth", attribute_field="color", run_key="pred_jtt_eval")
+    summary = _call(digits_copy, "on_load", state={"label_field": "ground_truth"})
+    assert summary["worst_groups"]["run_key"] == "pred_jtt_eval" and summary["worst_groups"]["accuracy"] < 1
+
+
+def test_panel_heatmaps_real_and_generated_with_counts_and_cell_click(digits_copy, tmp_path):
+    """The repair shows in the panel: real and real + generated heat maps, counts in the tooltips, and a cell
+    click filters to that cell (#25 item 8)."""
+    gen = [fo.Sample(filepath=str(tmp_path / f"g{i}.png"), generated=True, ground_truth=fo.Classification(label="0"),
+                     color=fo.Classification(label="green")) for i in range(5)]
+    digits_copy.add_samples(gen)
+    ctx = {"dataset": digits_copy.name, "params": {"__method__": "on_change_attribute", "panel_id": "test-panel",
+                                                   "panel_state": {"label_field": "ground_truth"}, "value": "color"}}
+    result = foo.execute_operator(PANEL, ctx=ctx)
+    assert result.error is None, result.error
+    real, both = result.result["heatmap"], result.result["heatmap_after"]
+    row, col = real["y"].index("0"), real["x"].index("green")
+    assert both["counts"][both["y"].index("0")][both["x"].index("green")] == real["counts"][row][col] + 5
+    output = str([r.params["output"] for r in result.executor._requests if r.operator_uri == "show_panel_output"])
+    assert "purity_after" in output and "customdata" in output and "samples (%{z:.0%} of the group)" in output
+
+    clicked = _call(digits_copy, "on_click_cell", state={"label_field": "ground_truth", "attribute_field": "color"},
+                    x="green", y="0")
+    cell = digits_copy.match({"ground_truth.label": "0", "color.label": "green"})
+    assert clicked == {"filtered_to": "0 x green", "num_samples": len(cell)} and len(cell) >= 5
+
+
+def test_panel_bar_click_keeps_its_selection_in_the_state(digits_copy):
+    """The click's render must not reset the selection it just made (the App's view changes only after it)."""
+    ctx = {"dataset": digits_copy.name, "params": {"__method__": "on_click_bar", "panel_id": "test-panel",
+                                                   "panel_state": {"label_field": "ground_truth"}, "x": "3"}}
+    result = foo.execute_operator(PANEL, ctx=ctx)
+    assert result.error is None, result.error
+    patches = [r.params["state"] for r in result.executor._requests if r.operator_uri == "patch_panel_state"]
+    assert patches == [{"filtered_to": "3"}]

@@ -1,5 +1,8 @@
 """The plugin as FiftyOne sees it: discovered from FIFTYONE_PLUGINS_DIR, operators executed."""
 
+import json
+import os
+
 import numpy as np
 import fiftyone as fo
 import fiftyone.operators as foo
@@ -167,3 +170,228 @@ def test_sa_features_form_accepts_related_texts_alone(digits_dataset):
     assert not by_texts["related_texts"].invalid
     assert form({"source": "texts", "related_texts": "only one"})["related_texts"].invalid
     assert form({"source": "wordnet", "related_texts": "red ink, blue ink"})["attribute"].required
+
+
+def _triggered(result):
+    """The App operations an operator asked for (reload, set view, ...), by name."""
+    return [r.operator_uri for r in result.executor._requests] if result.executor else []
+
+
+def test_writers_refresh_the_app_without_dropping_the_users_filters(digits_dataset):
+    """A writer refreshes the samples; reload_dataset re-queried the page and dropped the sidebar filters (#25)."""
+    ds = digits_dataset.clone()
+    try:
+        filters = {"tags": {"values": ["train"], "exclude": False, "isMatching": True}}
+        res = foo.execute_operator(f"{PLUGIN}/compute_hardness_tags", ctx={
+            "dataset": ds.name, "filters": filters, "params": {
+                "label_field": "ground_truth", "top_k": 3, "backbone": "mlp", "image_size": 16, "epochs": 1,
+                "view_target": "CURRENT_VIEW"}})
+        assert res.error is None, res.error
+        assert ds.count("bias_loss") == len(ds.match_tags("train"))  # it ran on the filtered view
+        assert res.result["tagged_of"] == f"3 of {len(ds.match_tags('train'))} samples of the view"  # item 13
+        assert "reload_samples" in _triggered(res) and "reload_dataset" not in _triggered(res)
+    finally:
+        ds.delete()
+
+
+def test_filter_generated_form_refuses_what_the_library_would(digits_dataset, tmp_path):
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    ds = digits_dataset.clone()
+
+    def problems(view=None, **params):
+        request = {"dataset_name": ds.name, "params": {"label_field": "ground_truth", **params},
+                   "target": "inputs", **({"view": view._serialize(), "params": {
+                       "label_field": "ground_truth", "view_target": "CURRENT_VIEW", **params}} if view else {})}
+        prop = asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/filter_generated", request))
+        return {k: p.error_message for k, p in prop.type.properties.items() if p.invalid}
+
+    try:
+        assert "no_generated" in problems(method="pixels")  # no generated samples: said before Execute
+        assert "Traceback" not in problems(method="pixels")["no_generated"]
+        ds.add_samples([fo.Sample(filepath=str(tmp_path / f"g{i}.png"), generated=True,
+                                  ground_truth=fo.Classification(label="0")) for i in range(3)])
+        assert problems(method="pixels") == {}
+        assert "no_real" in problems(ds.match_tags("train", bool=False).match({"generated": True}),
+                                     method="pixels")
+        assert "no_embeddings" in problems(method="clip", embeddings_field="no_such_field")
+        with pytest.raises(Exception, match="no generated samples"):  # the executor checks the form too
+            foo.execute_operator(f"{PLUGIN}/filter_generated", ctx={
+                "dataset": ds.name, "view": ds.match_tags("train"),
+                "params": {"label_field": "ground_truth", "method": "pixels", "view_target": "CURRENT_VIEW"}})
+    finally:
+        ds.delete()
+
+
+def test_delete_run_lists_and_removes_what_the_run_wrote(digits_dataset, tmp_path):
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+    from PIL import Image
+
+    from fairbalance import runs
+    from fairbalance.hardness import compute_hardness
+
+    ds = digits_dataset.clone()
+    try:
+        compute_hardness(ds, top_k=4, run_key="hard", backbone="mlp", image_size=16, epochs=1)
+        # a generation run: its samples carry generation.run_key, their images are files
+        files = []
+        for i in range(2):
+            files.append(str(tmp_path / f"g{i}.png"))
+            Image.new("RGB", (8, 8)).save(files[-1])
+        runs.prepare(ds, "gen", "generate_balanced", {"output_dir": str(tmp_path)}, [], False).write(
+            lambda: ds.add_samples([fo.Sample(filepath=f, generated=True, tags=["generated"],
+                                              generation={"run_key": "gen"}) for f in files]))
+        request = {"dataset_name": ds.name, "params": {"run_key": "hard"}, "target": "inputs"}
+        form = asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/delete_run", request)).type.properties
+        assert list(form["run_key"].type.values) == ["gen", "hard"]  # newest first
+        plan = form["plan"].view.label if form["plan"].view.label else ""
+        plan = plan or str(form["plan"].to_json())
+        assert "bias_loss" in plan and "bias_conflicting" in plan and "4 samples" in plan
+
+        res = foo.execute_operator(f"{PLUGIN}/delete_run", ctx={"dataset": ds.name, "params": {"run_key": "hard"}})
+        assert res.error is None, res.error
+        assert not ds.has_run("hard") and not ds.has_field("bias_loss")
+        assert len(ds.match_tags("bias_conflicting")) == 0
+        assert res.result["samples_untagged"] == 4
+
+        res = foo.execute_operator(f"{PLUGIN}/delete_run", ctx={"dataset": ds.name, "params": {"run_key": "gen"}})
+        assert res.error is None, res.error
+        assert res.result["generated_deleted"] == 2 and len(ds.match_tags("generated")) == 0
+        assert not any(os.path.exists(f) for f in files) and not ds.has_run("gen")
+    finally:
+        ds.delete()
+
+
+def test_forms_offer_a_free_field_after_the_audit(digits_dataset, tiny_clip):
+    """After the one-click audit, SA features and pseudo-labels with their defaults were accepted by the form
+    and failed after Execute ("written by run 'audit_sa_features'"): the forms offer a free name (#25)."""
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    from fairbalance import audit_balance
+
+    ds = digits_dataset.clone()
+
+    def form(op, params):
+        request = {"dataset_name": ds.name, "params": params, "target": "inputs"}
+        return asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/{op}", request)).type.properties
+
+    try:
+        audit_balance(ds, related_texts_override=["red", "green", "blue"], model=tiny_clip, pretrained=None)
+        sa = form("compute_sa_features", {"source": "texts", "related_texts": "red, blue"})
+        assert sa["features_field"].default == "sa_features_2" and not sa["features_field"].invalid
+        typed = form("compute_sa_features", {"source": "texts", "related_texts": "red, blue",
+                                             "features_field": "sa_features"})["features_field"]
+        assert typed.invalid and "audit_sa_features" in typed.error_message and "sa_features_2" in \
+            typed.error_message
+        assert form("compute_pseudo_labels", {})["label_field"].default == "sa_cluster_2"
+        foreign = form("compute_pseudo_labels", {"label_field": "color"})["label_field"]
+        assert foreign.invalid and "not written by fairbalance" in foreign.error_message
+
+        params = {"source": "texts", "related_texts": "red, blue", "model": tiny_clip, "pretrained": ""}
+        res = foo.execute_operator(f"{PLUGIN}/compute_sa_features", ctx={"dataset": ds.name, "params": {
+            **params, "features_field": sa["features_field"].default}})
+        assert res.error is None, res.error
+        assert ds.count("sa_features_2") == len(ds)
+    finally:
+        ds.delete()
+
+
+def test_clip_forms_say_at_once_that_the_weights_are_missing_offline(digits_dataset, tiny_clip):
+    """Offline, the default CLIP ran 29 s and then showed a traceback (#25): the form says so in one line."""
+    import asyncio
+    import time
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    def invalid(op, params):
+        request = {"dataset_name": digits_dataset.name, "params": params, "target": "inputs"}
+        props = asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/{op}", request)).type.properties
+        return {k: p.error_message for k, p in props.items() if p.invalid}
+
+    for op in ("compute_sa_features", "audit_balance"):
+        start = time.time()
+        problems = invalid(op, {"source": "texts", "related_texts": "red, blue"})  # the default ViT-B-32/openai
+        assert time.time() - start < 10
+        assert "clip_missing" in problems, problems
+        assert "offline" in problems["clip_missing"] and "\n" not in problems["clip_missing"]
+        assert "Traceback" not in problems["clip_missing"]
+        assert "clip_missing" not in invalid(op, {"source": "texts", "related_texts": "red, blue", "model": tiny_clip,
+                                                  "pretrained": ""})
+
+
+def test_a_queued_sharded_run_says_it_is_queued_and_how_to_start_a_worker(digits_dataset):
+    """A sharded run's result was titled "SA features computed" though only queued, named a Python function
+    and gave no hint to start a worker (#25 item 11)."""
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    def output(results):
+        request = {"dataset_name": digits_dataset.name, "params": {}, "target": "outputs", "results": results}
+        return asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/compute_sa_features", request)).to_json()
+
+    queued = json.dumps(output({"run_key": "sa", "num_shards": 2, "shards_queued": 2, "shards_requeued": 0}))
+    assert "Queued for delegated workers" in queued and "fiftyone delegated launch" in queued
+    assert "SA features computed" not in queued and "fairbalance.sharded_status" not in queued
+    done = json.dumps(output({"run_key": "sa", "num_encoded": 3}))
+    assert "SA features computed" in done and "delegated launch" not in done
+
+
+def test_generate_form_follows_the_model(digits_dataset, tmp_path):
+    """The generate form defaulted the cluster field to sa_cluster while the only model was trained on color,
+    and offered cells mode for a single-factor model; accepted, then a traceback (#25 item 9)."""
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    import fairbalance as fb
+
+    ds = digits_dataset.clone()
+
+    def form(params):
+        request = {"dataset_name": ds.name, "params": params, "target": "inputs"}
+        return asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/generate_balanced", request)).type.properties
+
+    try:
+        ds.set_values("sa_cluster", [fo.Classification(label=c) for c in ds.values("ground_truth.label")])
+        fb.train_conditional_diffusion(ds.limit(12), "color", output_dir=str(tmp_path / "m"), epochs=1,
+                                       run_key="on_color", image_size=16, block_out_channels=(16, 32), batch_size=32)
+        props = form({})
+        assert props["label_field"].default == "color"  # the model's field, not sa_cluster
+        assert "cells" not in props["mode"].type.values  # a single-factor model cannot fill cells
+        wrong = form({"label_field": "sa_cluster", "diffusion_run": "on_color"})
+        assert wrong["field_mismatch"].invalid and "trained on 'color'" in wrong["field_mismatch"].error_message
+        assert "field_mismatch" not in form({"label_field": "color", "diffusion_run": "on_color"})
+    finally:
+        ds.delete()
+
+
+def test_create_dataset_forms_refuse_an_existing_name_in_the_apps_words(digits_dataset):
+    """An existing dataset name was refused only after Execute, with "pass overwrite=True" (#25 item 10)."""
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    def invalid(op, params):
+        request = {"params": params, "target": "inputs"}
+        props = asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/{op}", request)).type.properties
+        return {k: p.error_message for k, p in props.items() if p.invalid}
+
+    for op in ("create_colored_digits", "create_colored_mnist"):
+        taken = invalid(op, {"name": digits_dataset.name})
+        assert "name_taken" in taken and "overwrite=True" not in taken["name_taken"]
+        assert invalid(op, {"name": digits_dataset.name, "overwrite": True}) == {}
+        assert invalid(op, {"name": "fb-no-such-dataset"}) == {}

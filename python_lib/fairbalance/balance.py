@@ -249,13 +249,19 @@ def balance_summary(
         "related_texts": [],
     }
     if attribute_field and before.cross_table:
-        attrs = sorted({a for row in before.cross_table for a in row.counts})
-        out["heatmap"] = {
-            "x": attrs,
-            "y": [row.cluster for row in before.cross_table],
-            "z": [[row.counts.get(a, 0) / row.count for a in attrs] for row in before.cross_table],
-            "purity": {row.cluster: row.purity for row in before.cross_table},
-        }
+        # real, and real + generated (where the repair shows): shares of each row and the counts behind them
+        both = _report(joint, label_field, attribute_field) if has_generated else None
+        tables = [before.cross_table] + ([both.cross_table] if both and both.cross_table else [])
+        attrs = sorted({a for table in tables for row in table for a in row.counts}, key=str)
+
+        def grid(table):
+            return {"x": [str(a) for a in attrs], "y": [row.cluster for row in table],
+                    "z": [[row.counts.get(a, 0) / row.count for a in attrs] for row in table],
+                    "counts": [[row.counts.get(a, 0) for a in attrs] for row in table]}
+
+        out["heatmap"] = {**grid(before.cross_table),
+                          "purity": {row.cluster: row.purity for row in before.cross_table}}
+        out["heatmap_after"] = grid(tables[1]) if len(tables) > 1 else None
     keys = [sa_run_key] if sa_run_key else runs.list_runs(samples, "sa_features")[-1:]
     for key in keys:
         out["related_texts"] = runs.load_run_results(samples, key).get("related_texts", [])

@@ -323,6 +323,19 @@ def _hf_file(repo: str, filename: str, kind: str, how: str) -> str:
     raise ModelNotFoundError(f"{kind} could not be downloaded from {repo}: {last}") from last
 
 
+def clip_problem(model: str = "ViT-B-32", pretrained: str | None = "openai") -> str | None:
+    """Why :func:`load_clip` would fail for these arguments (e.g. weights missing offline), or None.
+
+    Resolves names and files only (no weights are loaded): quick enough for
+    a form to check as the user types.
+    """
+    try:
+        _resolve_clip(model, pretrained)
+    except ModelNotFoundError as e:
+        return str(e)
+    return None
+
+
 def load_clip(
     model: str = "ViT-B-32",
     pretrained: str | None = "openai",

@@ -52,14 +52,15 @@ def validate_run_key(run_key: str) -> None:
 
 
 def list_runs(samples, method: str | None = None) -> list[str]:
-    """Run keys recorded by fairbalance on this dataset (optionally of one method)."""
+    """Run keys recorded by fairbalance on this dataset (optionally of one method), oldest first: the last
+    is the newest (FiftyOne lists them alphabetically, so "the last run" was the alphabetically last)."""
     keys = []
     for key in samples._root_dataset.list_runs():
-        cfg = samples._root_dataset.get_run_info(key).config
-        m = getattr(cfg, "method", None)
+        info = samples._root_dataset.get_run_info(key)
+        m = getattr(info.config, "method", None)
         if isinstance(m, str) and m.startswith(CONFIG_PREFIX) and (method is None or m == CONFIG_PREFIX + method):
-            keys.append(key)
-    return keys
+            keys.append((str(info.timestamp or ""), key))
+    return [key for _, key in sorted(keys, key=lambda tk: tk[0])]
 
 
 def get_run_config(samples, run_key: str) -> dict:
