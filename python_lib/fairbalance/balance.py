@@ -151,6 +151,64 @@ def _joint_counts(samples, label_key: str, attribute_key: str | None = None,
     return out
 
 
+def assigned_joint_counts(samples, label_field: str, attribute_key: str | None = None,
+                          generated_field: str = "generated") -> tuple[dict[tuple, int], str | None, bool]:
+    """``{(label, attribute, generated): count}``, generated samples counted in the group their own features fall in.
+
+    A generator labels its samples with the group it *planned* (the cluster
+    it conditioned on); whether the image landed there is another matter.
+    When ``label_field`` is a pseudo-label field (a ``compute_pseudo_labels``
+    run wrote it) and generated samples have that run's features, each is
+    counted in the group of the nearest cluster centre (the mean of the real
+    samples' features per group); others by their planned group. Returns the
+    counts, how generated samples were counted (None when there are none) and
+    whether any was counted by its features. The gate and the panel share it.
+    """
+    from fiftyone import ViewField as Fv
+
+    from fairbalance import runs
+
+    root = samples._root_dataset
+    path = label_path(samples, label_field)
+    generated_key = generated_field if root.has_field(generated_field) else None
+    joint = _joint_counts(samples, path, attribute_key, generated_key)
+    if not any(g for (_, _, g) in joint):
+        return joint, None, False
+    made_by = [k for k in runs.list_runs(samples, "pseudo_labels")
+               if runs.get_run_config(samples, k).get("label_field") == label_field]
+    features = runs.get_run_config(samples, made_by[-1]).get("features_field") if made_by else None
+    if features is None or not root.has_field(features):
+        why = "no features to assign them by" if made_by else "not a pseudo-label field: no cluster centres"
+        return joint, f"by their planned '{label_field}' ({why})", False
+    real = samples.match(Fv(generated_field) != True)  # noqa: E712
+    labels, x = real.exists(features).exists(path).values([path, features])
+    groups = sorted(set(labels))
+    if not groups:
+        return joint, f"by their planned '{label_field}' (no real sample has features)", False
+    x = np.stack([np.asarray(v, dtype=np.float64) for v in x])
+    centres = np.stack([x[[i for i, lab in enumerate(labels) if lab == g]].mean(axis=0) for g in groups])
+    joint = {cell: n for cell, n in joint.items() if not cell[2]}  # the real samples; generated ones counted below
+    gen = samples.match(Fv(generated_field) == True)  # noqa: E712
+    planned, vectors = gen.values([path, features])
+    attributes = gen.values(attribute_key) if attribute_key is not None else [None] * len(planned)
+    assigned = moved = kept = 0
+    for label, v, a in zip(planned, vectors, attributes):
+        if v is not None:
+            d = ((centres - np.asarray(v, dtype=np.float64)) ** 2).sum(axis=1)
+            new = groups[int(np.argmin(d))]
+            assigned += 1
+            moved += new != label
+            label = new
+        else:
+            kept += 1
+        joint[(label, a, True)] = joint.get((label, a, True), 0) + 1
+    how = (f"{assigned} by the group their own '{features}' are nearest to (the centre of the real samples of each "
+           f"'{label_field}'; {moved} differ from the planned one)")
+    if kept:
+        how += f", {kept} without features by their planned '{label_field}'"
+    return joint, how, assigned > 0
+
+
 def _report(joint: Mapping[tuple, int], label_field: str, attribute_field: str | None,
             generated: bool | None = None) -> BalanceReport:
     """The report of the cells of ``joint`` (all, or those whose generated flag is ``generated``)."""

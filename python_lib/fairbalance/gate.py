@@ -124,53 +124,16 @@ def check_balance(
 def _report_with_assigned_groups(samples, label_field: str) -> tuple[BalanceReport, str | None]:
     """The balance of ``label_field``, generated samples counted in the group their own features fall in.
 
-    A generator labels its samples with the group it *planned* (the cluster
-    it conditioned on); whether the image landed there is another matter.
-    When ``label_field`` is a pseudo-label field (a ``compute_pseudo_labels``
-    run wrote it) and generated samples have that run's features, each is
-    counted in the group of the nearest cluster centre (the mean of the real
-    samples' features per group); others by their planned group. Returns the
-    report and how generated samples were counted (None when there are none).
+    See :func:`fairbalance.balance.assigned_joint_counts` (the Balance panel
+    counts them the same way). Returns the report and how generated samples
+    were counted (None when there are none).
     """
-    import numpy as np
-    from fiftyone import ViewField as Fv
-
     from fairbalance import balance
 
-    root = samples._root_dataset
-    if not root.has_field("generated") or not len(samples.match(Fv("generated") == True)):  # noqa: E712
+    validation.require_nonempty(samples)
+    joint, how, _ = balance.assigned_joint_counts(samples, label_field)
+    if how is None:
         return balance_report(samples, label_field), None
-    path = balance.label_path(samples, label_field)
-    made_by = [k for k in runs.list_runs(samples, "pseudo_labels")
-               if runs.get_run_config(samples, k).get("label_field") == label_field]
-    features = runs.get_run_config(samples, made_by[-1]).get("features_field") if made_by else None
-    if features is None or not root.has_field(features):
-        why = "no features to assign them by" if made_by else "not a pseudo-label field: no cluster centres"
-        return balance_report(samples, label_field), f"by their planned '{label_field}' ({why})"
-    real = samples.match(Fv("generated") != True)  # noqa: E712
-    labels, x = real.exists(features).exists(path).values([path, features])
-    groups = sorted(set(labels))
-    if not groups:
-        return balance_report(samples, label_field), f"by their planned '{label_field}' (no real sample has features)"
-    x = np.stack([np.asarray(v, dtype=np.float64) for v in x])
-    centres = np.stack([x[[i for i, lab in enumerate(labels) if lab == g]].mean(axis=0) for g in groups])
-    joint = balance._joint_counts(real, path)
-    planned, vectors = samples.match(Fv("generated") == True).values([path, features])  # noqa: E712
-    assigned = moved = kept = 0
-    for label, v in zip(planned, vectors):
-        if v is not None:
-            d = ((centres - np.asarray(v, dtype=np.float64)) ** 2).sum(axis=1)
-            new = groups[int(np.argmin(d))]
-            assigned += 1
-            moved += new != label
-            label = new
-        else:
-            kept += 1
-        joint[(label, None, True)] = joint.get((label, None, True), 0) + 1
-    how = (f"{assigned} by the group their own '{features}' are nearest to (the centre of the real samples of each "
-           f"'{label_field}'; {moved} differ from the planned one)")
-    if kept:
-        how += f", {kept} without features by their planned '{label_field}'"
     return balance._report(joint, label_field, None), how
 
 
