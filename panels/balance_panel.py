@@ -223,6 +223,8 @@ class BalancePanel(foo.Panel):
                      name="filtered")
             panel.btn("clear", label="Clear selection", on_click=self.on_click_clear)
         panel.md(_numbers_markdown(summary), name="numbers")
+        if summary.get("after") and summary.get("generated_counted_by"):
+            panel.md(_counted_by_line(summary), name="generated_counted_by")
         show = state.show or "both"
         if summary.get("after"):
             toggle = types.RadioGroup(orientation="horizontal")
@@ -348,3 +350,11 @@ def _numbers_markdown(summary):
     return ("| | samples | entropy (of the most possible) | balance (1 = even) | largest / smallest group |\n"
             "|---|---|---|---|---|\n"
             + "\n".join(rows))
+
+
+def _counted_by_line(summary):
+    """Which group the "real + generated" numbers count each generated sample in (as the gate counts them)."""
+    if summary.get("generated_assigned"):
+        return ("Generated samples counted by the cluster their features are nearest to: "
+                f"{summary['generated_counted_by']}.")
+    return f"Generated samples counted by their planned cluster: {summary['generated_counted_by']}."

@@ -124,8 +124,9 @@ def test_cached_summary_is_reused_only_while_the_dataset_is_unchanged(make_datas
     plain = balance.balance_summary(view, "cluster", attribute_field="color")
     assert balance.balance_summary(view, "cluster", attribute_field="color", cache=True) == plain
     coll = summary_cache._db()[summary_cache.COLLECTION]
-    key = summary_cache.cache_key(view, "balance_summary", {"label_field": "cluster", "attribute_field": "color",
-                                                            "generated_field": "generated", "sa_run_key": None})
+    key = summary_cache.cache_key(view, balance.SUMMARY_CACHE_NAME,
+                                  {"label_field": "cluster", "attribute_field": "color",
+                                   "generated_field": "generated", "sa_run_key": None})
     assert coll.find_one({"_id": key}) is not None
     # served from the store: plant a marker value and get it back
     coll.update_one({"_id": key}, {"$set": {"value": '{"marker": 1}'}})

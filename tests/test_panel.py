@@ -3,6 +3,7 @@
 import fiftyone as fo
 import fiftyone.operators as foo
 import pytest
+from fiftyone import ViewField as F
 
 from fairbalance import balance
 
@@ -167,3 +168,47 @@ def test_panel_bar_click_keeps_its_selection_in_the_state(digits_copy):
     assert result.error is None, result.error
     patches = [r.params["state"] for r in result.executor._requests if r.operator_uri == "patch_panel_state"]
     assert patches == [{"filtered_to": "3"}]
+
+
+def test_panel_counts_generated_samples_by_the_cluster_their_features_are_nearest_to(make_dataset):
+    """#27 item 8: as the gate, the panel's real + generated numbers count a generated sample in the cluster whose
+    centre its own features are nearest to, not the one it was planned for, and say which they used."""
+    import numpy as np
+
+    from fairbalance import compute_pseudo_labels
+
+    ds = make_dataset()
+    rng = np.random.default_rng(0)
+    centres = [np.zeros(4), np.full(4, 10.0)]
+    ds.add_samples([fo.Sample(filepath=f"/x/r{i}.png", sa_features=centres[i % 2] + rng.normal(0, 0.1, 4),
+                              color=fo.Classification(label="red")) for i in range(12)])
+    compute_pseudo_labels(ds, "sa_features", "sa_cluster", method="kmeans", num_clusters=2)
+    real = ds.count_values("sa_cluster.label")
+    assert sorted(real.values()) == [6, 6]
+    a, b = sorted(real)
+    near_a = ds.match(F("sa_cluster.label") == a).first()["sa_features"]
+    ds.add_samples([fo.Sample(filepath=f"/x/g{i}.png", generated=True, sa_features=near_a,
+                              sa_cluster=fo.Classification(label=b),  # planned: b; the image came out like a
+                              color=fo.Classification(label="green")) for i in range(3)])
+    ctx = {"dataset": ds.name, "params": {"__method__": "on_change_attribute", "panel_id": "test-panel",
+                                          "panel_state": {"label_field": "sa_cluster"}, "value": "color"}}
+    result = foo.execute_operator(PANEL, ctx=ctx)
+    assert result.error is None, result.error
+    summary = result.result
+    assert summary["before"]["counts"] == {a: 6, b: 6}
+    assert summary["after"]["counts"] == {a: 9, b: 6}  # by the planned cluster it would be 6 / 9
+    both = summary["heatmap_after"]
+    assert both["counts"][both["y"].index(a)][both["x"].index("green")] == 3
+    assert both["counts"][both["y"].index(b)][both["x"].index("green")] == 0
+    assert summary["generated_assigned"] and "3 differ from the planned one" in summary["generated_counted_by"]
+    output = str([r.params["output"] for r in result.executor._requests if r.operator_uri == "show_panel_output"])
+    assert "Generated samples counted by the cluster their features are nearest to" in output
+    # without features (the cached summary is not reused: the samples changed), the planned cluster, and it says so
+    ds.match(F("generated") == True).set_values("sa_features", [None] * 3)  # noqa: E712
+    planned = _call(ds, "on_load", state={"label_field": "sa_cluster"})
+    assert planned["after"]["counts"] == {a: 6, b: 9} and not planned["generated_assigned"]
+    assert "without features by their planned 'sa_cluster'" in planned["generated_counted_by"]
+    # a field no pseudo-label run wrote has no cluster centres: the planned value
+    plain = _call(ds, "on_load", state={"label_field": "color"})
+    assert plain["after"]["counts"] == {"green": 3, "red": 12}
+    assert "not a pseudo-label field" in plain["generated_counted_by"]

@@ -262,6 +262,11 @@ def _cross_table(table: Mapping[str, Mapping[str, int]]) -> list[CrossTableRow]:
     return rows
 
 
+# the name the panel's summaries are cached under; "/2": summaries stored before generated samples were counted by
+# their features (:func:`assigned_joint_counts`) are not reused
+SUMMARY_CACHE_NAME = "balance_summary/2"
+
+
 def balance_summary(
     samples,
     label_field: str,
@@ -273,7 +278,9 @@ def balance_summary(
     """Everything the Balance panel shows, from one database aggregation (no per-sample Python).
 
     ``before`` covers the original samples (``generated`` not True), ``after``
-    the whole view (original + generated) when generated samples exist. With
+    the whole view (original + generated) when generated samples exist, each
+    generated sample counted as the gate counts it (:func:`assigned_joint_counts`;
+    ``generated_counted_by`` says how, ``generated_assigned`` whether by features). With
     ``attribute_field``, a clusters x attribute heat map of row proportions.
     ``related_texts`` lists the texts chosen by the newest SA-features run.
     ``cache=True`` (the panel) reuses the summary stored for this view while
@@ -285,15 +292,15 @@ def balance_summary(
 
         arguments = {"label_field": label_field, "attribute_field": attribute_field,
                      "generated_field": generated_field, "sa_run_key": sa_run_key}
-        return summary_cache.cached(samples, "balance_summary", arguments,
+        return summary_cache.cached(samples, SUMMARY_CACHE_NAME, arguments,
                                     lambda: balance_summary(samples, **arguments))
     from fairbalance import runs
 
     validation.require_nonempty(samples)
     attribute_key = label_path(samples, attribute_field) if attribute_field is not None else None
-    generated_key = generated_field if samples._root_dataset.has_field(generated_field) else None
-    # one pass over the samples for all the counts below
-    joint = _joint_counts(samples, label_path(samples, label_field), attribute_key, generated_key)
+    # one pass over the samples for all the counts below; generated samples counted by the group their features
+    # fall in where a pseudo-label run gives cluster centres (as the gate counts them), else by the planned one
+    joint, counted_by, assigned = assigned_joint_counts(samples, label_field, attribute_key, generated_field)
     has_generated = any(g for (_, _, g) in joint)
     before = _report(joint, label_field, attribute_field, generated=False if has_generated else None)
     after = _report(joint, label_field, None) if has_generated else None
@@ -305,6 +312,8 @@ def balance_summary(
         "classes": list((after or before).counts),
         "heatmap": None,
         "related_texts": [],
+        "generated_counted_by": counted_by,
+        "generated_assigned": assigned,
     }
     if attribute_field and before.cross_table:
         # real, and real + generated (where the repair shows): shares of each row and the counts behind them
