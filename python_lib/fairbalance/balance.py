@@ -275,7 +275,8 @@ def balance_summary(
     sa_run_key: str | None = None,
     cache: bool = False,
 ) -> dict:
-    """Everything the Balance panel shows, from one database aggregation (no per-sample Python).
+    """Everything the Balance panel shows, from one database aggregation (no per-sample Python, except the
+    generated samples' features when they are counted by them: those vectors are read and assigned in numpy).
 
     ``before`` covers the original samples (``generated`` not True), ``after``
     the whole view (original + generated) when generated samples exist, each
