@@ -47,7 +47,6 @@ def _load_features(samples, features_field: str) -> tuple[list[str], np.ndarray,
     return [i for i, _ in have], x, len(ids) - len(have)
 
 
-@claims.exclusive
 def validate_inputs(samples, features_field="sa_features", label_field="sa_cluster", method="xmeans", kmax=20,
                     num_clusters=None, criterion="pyclustering", backend="auto", seed=0) -> None:
     """The up-front checks of :func:`compute_pseudo_labels` (also run by ``audit_balance`` before its first step)."""
@@ -67,6 +66,7 @@ def validate_inputs(samples, features_field="sa_features", label_field="sa_clust
     validation.require_seed(seed)
 
 
+@claims.exclusive
 def compute_pseudo_labels(
     samples,
     features_field: str = "sa_features",
