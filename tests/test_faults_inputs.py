@@ -289,3 +289,32 @@ except OSError as e:
                           env={**os.environ})
     assert "raised" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
+
+
+def test_a_full_disk_while_saving_a_model_is_one_clear_error_and_leaves_no_temp_file(tmp_path):
+    """Disk full at a checkpoint (#24 item 12): the write fails (RLIMIT_FSIZE makes the OS refuse to grow the file,
+    as a full disk does); the user gets one ``FairBalanceError`` naming the folder and what to do, not torch's raw
+    error, and no half-written temp file is left in the folder."""
+    out = str(tmp_path / "clf")
+    script = f"""
+import os, resource, signal, sys
+sys.path[:0] = {sys.path!r}
+import fairbalance as fb
+ds = fb.colored_digits("fb-disk-full", num_classes=3, train_per_class=8, test_per_class=2, persistent=True,
+                       overwrite=True, output_dir={str(tmp_path / "data")!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
+try:
+    fb.train_classifier(ds, backbone="mlp", image_size=8, epochs=1, batch_size=64, output_dir={out!r})
+    print("no error")
+except fb.FairBalanceError as e:
+    print("clear", type(e).__name__, "|", e)
+finally:
+    ds.delete()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ})
+    assert "clear DiskWriteError" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    message = proc.stdout.split("|", 1)[1]
+    assert out in message and "Free space" in message
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")], os.listdir(out)

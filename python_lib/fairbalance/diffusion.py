@@ -438,7 +438,8 @@ def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir
         # state of each); the main process alone writes the model, the pointer and removes old checkpoints.
         checkpoint_dir = os.path.join(state_dir, f"step-{step:09d}")
         distributed.on_main(shutil.rmtree, checkpoint_dir, ignore_errors=True)
-        accelerator.save_state(checkpoint_dir)
+        with validation.disk_write(f"the training checkpoint of step {step}", state_dir):
+            accelerator.save_state(checkpoint_dir)
         accelerator.wait_for_everyone()
 
         def publish():
@@ -454,7 +455,8 @@ def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir
                 if name.startswith("step-") and name != os.path.basename(checkpoint_dir):
                     shutil.rmtree(os.path.join(state_dir, name), ignore_errors=True)
 
-        distributed.on_main(publish)
+        with validation.disk_write(f"the training checkpoint of step {step}", state_dir):
+            distributed.on_main(publish)
 
     saved_step = start_step if latest is not None else None
     null = torch.as_tensor(cfg.factor_sizes)

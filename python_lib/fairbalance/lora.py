@@ -170,12 +170,20 @@ def _add_adapter(base: _Base, name: str, rank: int) -> None:
 
 def _save_adapter(base: _Base, name: str, folder: str, meta: dict) -> int:
     """The adapter's weights (+ config) and its metadata, written to a temp folder renamed into place."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        with validation.disk_write(f"the adapter of group {name!r}", os.path.dirname(folder)):
+            return _write_adapter(base, name, folder, tmp, meta)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # renamed into place on success; a failed write's half is removed
+
+
+def _write_adapter(base: _Base, name: str, folder: str, tmp: str, meta: dict) -> int:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
     state = get_peft_model_state_dict(base.unet, adapter_name=name)
     if base.kind == "stable_diffusion":
         from diffusers import StableDiffusionPipeline

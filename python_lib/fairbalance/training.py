@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import json
 import os
 import random
@@ -369,14 +370,23 @@ class TrainedClassifier:
     def save(self, folder: str) -> str:
         """Write ``model.pt`` and ``config.json`` atomically (temp file + rename, config last)."""
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, "model.pt.tmp")
-        torch.save(self.model.state_dict(), tmp)
-        os.replace(tmp, os.path.join(folder, "model.pt"))
-        tmp = os.path.join(folder, "config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"config": asdict(self.config), "history": self.history, "best_epoch": self.best_epoch}, f,
-                      indent=1)
-        os.replace(tmp, os.path.join(folder, "config.json"))
+        tmps = [os.path.join(folder, "model.pt.tmp"), os.path.join(folder, "config.json.tmp")]
+        try:
+            with validation.disk_write("the classifier", folder):
+                buffer = io.BytesIO()  # serialised in memory, written with plain file I/O: a full disk is an OSError
+                torch.save(self.model.state_dict(), buffer)
+                with open(tmps[0], "wb") as f:
+                    f.write(buffer.getbuffer())
+                os.replace(tmps[0], os.path.join(folder, "model.pt"))
+                with open(tmps[1], "w") as f:
+                    json.dump({"config": asdict(self.config), "history": self.history,
+                               "best_epoch": self.best_epoch}, f, indent=1)
+                os.replace(tmps[1], os.path.join(folder, "config.json"))
+        except BaseException:
+            for tmp in tmps:  # a failed write leaves no half-written temp file
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            raise
         return folder
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from typing import Iterable, Sequence
 
@@ -159,3 +161,34 @@ def require_writable_dir(folder: str) -> str:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise FairBalanceError(f"Output folder {folder} is not writable")
     return folder
+
+
+class DiskWriteError(FairBalanceError):
+    """A model or checkpoint could not be written: the disk is full, a quota or file-size limit was hit."""
+
+
+@contextlib.contextmanager
+def disk_write(what: str, folder: str):
+    """Turn "no space left"-kind OS errors while writing ``what`` into one error that says where and what to do.
+
+    Writes inside are atomic (temp file + rename), so the previous complete
+    file or checkpoint is still in place: freeing space and rerunning resumes.
+    """
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_FULL_ERRNOS:
+            raise
+        raise DiskWriteError(
+            f"Could not write {what} in {folder}: {os.strerror(e.errno)}. Free space there (or choose another "
+            "output folder) and run again: the last complete checkpoint is kept, so training resumes from it") from e
+    except Exception as e:  # torch's zip writer and safetensors report a failed write in their own words
+        if not any(words in str(e) for words in _DISK_FULL_WORDS):
+            raise
+        raise DiskWriteError(
+            f"Could not write {what} in {folder} ({e}). Free space there (or choose another output folder) and "
+            "run again: the last complete checkpoint is kept, so training resumes from it") from e
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DISK_FULL_WORDS = ("file write failed", "unexpected pos", "No space left", "File too large", "Disk quota")
