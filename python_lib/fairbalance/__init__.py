@@ -17,7 +17,8 @@ a FiftyOne run and returns a result with ``run_key`` and ``to_dict()``:
   (clusters, or class x attribute cells), :func:`compute_captions`,
   :func:`filter_captions`, :func:`generate_from_captions` (text-to-image,
   DiffuBias), :func:`filter_generated`, :func:`finetune_per_group` +
-  :func:`generate_per_group` (a LoRA / Clustered DreamBooth adapter per group)
+  :func:`generate_per_group` (a LoRA / Clustered DreamBooth adapter per group),
+  :func:`measure_realism` (can a classifier tell the generated from the real?)
 - in an MLOps flow: :func:`check_balance` (a balance gate),
   :func:`export_samples` and :class:`TorchImageDataset` (the repaired set
   for a trainer elsewhere), :func:`load_pipeline` / :func:`run_pipeline`
@@ -48,6 +49,7 @@ from fairbalance.lora_training import finetune_per_group
 from fairbalance.models import ModelNotFoundError
 from fairbalance.pipeline import load_pipeline, run_pipeline
 from fairbalance.pseudo_labels import compute_pseudo_labels
+from fairbalance.realism import RealismResult, measure_realism
 from fairbalance.sa_features import compute_sa_features, get_related_texts
 from fairbalance.sharding import queue_sharded, sharded_status
 from fairbalance.text_to_image import generate_from_captions
@@ -62,6 +64,7 @@ __all__ = [
     "FairBalanceError",
     "GateResult",
     "ModelNotFoundError",
+    "RealismResult",
     "TorchImageDataset",
     "apply_classifier",
     "audit_balance",
@@ -85,6 +88,7 @@ __all__ = [
     "get_related_texts",
     "inject_bias_conflicting",
     "load_pipeline",
+    "measure_realism",
     "normalized_entropy",
     "queue_sharded",
     "run_pipeline",
