@@ -97,3 +97,86 @@ def test_bad_input_is_refused_before_any_run(digits):
     with pytest.raises(FairBalanceError, match="folds"):
         fb.measure_realism(half, digits.match_tags("half_b"), folds=1, run_key="bad")
     assert not digits.has_run("bad")
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """Real train digits + generated ones: 40 exact copies of real images (pass for real) and 40 hazy ones."""
+    ds = fb.colored_digits(f"fb-realism-mixed-{os.getpid()}", num_classes=5, train_per_class=40, test_per_class=8,
+                           conflict_ratio=0.05, image_size=16, persistent=False, overwrite=True,
+                           output_dir=str(tmp_path / "digits"))
+    train = ds.match_tags("train")
+    rows = list(zip(*train.values(["filepath", "ground_truth.label", "color.label"])))
+    rng = np.random.default_rng(1)
+    samples = []
+    for k, j in enumerate(rng.permutation(len(rows))[:80]):
+        path, gt, col = rows[j]
+        out = str(tmp_path / f"gen_{k:03d}.png")
+        hazy = k >= 40
+        if hazy:
+            _haze(path, out)
+        else:  # another real-looking image: a real one with a little pixel noise
+            img = np.asarray(Image.open(path).convert("RGB"), dtype=float)
+            Image.fromarray(np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)).save(out)
+        samples.append(fo.Sample(filepath=out, tags=["generated"], generated=True, hazy=hazy,
+                                 ground_truth=fo.Classification(label=gt), color=fo.Classification(label=col)))
+    ds.add_samples(samples)
+    yield ds
+    ds.delete()
+
+
+def test_discriminator_filter_excludes_the_separable_without_any_label(mixed):
+    ds = mixed
+    view = ds.match_tags(["train", "generated"])
+    hazy = set(ds.match({"hazy": True}).values("id"))
+    # no bias, cluster or class label is needed: the label field named does not even exist
+    res = fb.filter_generated(view, "no_such_field", method="discriminator", bottom_fraction=0.5, action="exclude",
+                              score_field="realism_score")
+    marked = set(ds.match({"filtered_out": True}).values("id"))
+    assert res.num_scored == 80 and res.num_excluded == 40
+    assert len(marked & hazy) >= 36, len(marked & hazy)  # the hazy images are the most separable
+    assert 0.6 < res.two_sample_accuracy < 0.9  # half of the generated set passes for real
+    scores = dict(zip(*ds.match_tags("generated").values(["id", "realism_score"])))
+    assert np.median([scores[i] for i in hazy]) < 0.2 < np.median([s for i, s in scores.items() if i not in hazy])
+    cfg = runs.get_run_config(ds, "filter_generated")
+    assert cfg["score_method"] == "discriminator" and cfg["folds"] == 5 and cfg["label_field"] is None
+    assert runs.load_run_results(ds, "filter_generated")["two_sample_accuracy"] == res.two_sample_accuracy
+    clf = fb.train_classifier(view, method="synthetic", epochs=1, run_key=None)
+    assert clf.num_filtered_out == 40 and clf.num_generated_used == 40
+
+
+def test_discriminator_weights_are_density_ratios_training_uses(mixed):
+    from fairbalance import training
+
+    ds = mixed
+    view = ds.match_tags(["train", "generated"])
+    res = fb.filter_generated(view, method="discriminator", bottom_fraction=0.1, action="weight", max_weight=5.0,
+                              score_field="realism_score", run_key="fw")
+    gen = ds.match_tags("generated")
+    ids, p, w = gen.values(["id", "realism_score", "generation_weight"])
+    p, w = np.array(p), np.array(w)
+    ratio = np.minimum(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)), 5.0)
+    assert np.allclose(w, ratio / ratio.mean()) and res.mean_weight == pytest.approx(1.0)
+    hazy = np.array(gen.values("hazy"))
+    assert w[hazy].mean() < 0.5 * w[~hazy].mean()
+    data = training.labelled_samples(view, "ground_truth")
+    for method in ("synthetic", "two_stage"):
+        cfg = training.TrainConfig("ground_truth", data.classes, method, weight_field="generation_weight")
+        weights = training._sample_weights(view, data, cfg)
+        by_id = dict(zip(ids, w))
+        assert np.allclose(weights, [by_id.get(i, 1.0) for i in data.ids])  # real 1, generated their ratio
+    two = fb.train_classifier(view, method="two_stage", weight_field="generation_weight", epochs=1, head_epochs=1,
+                              run_key=None)
+    assert two.num_generated_used == 80
+
+
+def test_discriminator_filter_bad_input_writes_nothing(mixed):
+    ds = mixed
+    view = ds.match_tags(["train", "generated"])
+    for kwargs, match in [(dict(folds=1), "folds"), (dict(max_weight=0.5), "max_weight"),
+                          (dict(texts={"0": "a red digit"}), "compares images only")]:
+        with pytest.raises(FairBalanceError, match=match):
+            fb.filter_generated(view, method="discriminator", **kwargs)
+    with pytest.raises(FairBalanceError, match="real samples"):
+        fb.filter_generated(ds.match_tags("generated"), method="discriminator")
+    assert not ds.has_run("filter_generated") and not ds.has_field("generation_score")
