@@ -150,6 +150,8 @@ class GenerateBalanced(foo.Operator):
             ("added_per_cluster", "str", "Added per cluster"),
             ("entropy_before", "float", "Entropy of the groups, real samples (nats)"),
             ("entropy_after", "float", "Entropy of the groups, real + generated"),
+            ("two_sample_accuracy", "float", "Real-vs-generated accuracy (0.5 = indistinguishable)"),
+            ("realism_warning", "str", "Realism"),
             ("output_dir", "str", "Image folder"),
         )
 

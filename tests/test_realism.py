@@ -180,3 +180,43 @@ def test_discriminator_filter_bad_input_writes_nothing(mixed):
     with pytest.raises(FairBalanceError, match="real samples"):
         fb.filter_generated(ds.match_tags("generated"), method="discriminator")
     assert not ds.has_run("filter_generated") and not ds.has_field("generation_score")
+
+
+TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory):
+    """Colored Digits (3 classes) and a tiny class x colour diffusion model trained one epoch on it."""
+    tmp = tmp_path_factory.mktemp("cells")
+    ds = fb.colored_digits(f"fb-realism-cells-{os.getpid()}", num_classes=3, train_per_class=20, test_per_class=2,
+                           image_size=16, persistent=False, overwrite=True, output_dir=str(tmp / "digits"))
+    model = fb.train_conditional_diffusion(ds, "ground_truth", attribute_field="color", output_dir=str(tmp / "m"),
+                                           epochs=1, run_key="cells_model", **TINY)
+    yield ds, model
+    ds.delete()
+
+
+def test_generation_result_reports_realism(cells, tmp_path):
+    src, model = cells
+    ds = src.clone()
+    try:
+        kwargs = dict(mode="cells", per_cell=8, source="noise", num_inference_steps=3, realism_sample=40)
+        with pytest.warns(UserWarning, match="discriminator tells"):  # a one-epoch model from noise: noise
+            res = fb.generate_balanced(ds, "ground_truth", model=model, output_dir=str(tmp_path / "a"), **kwargs)
+        real = res.realism
+        assert real["num_generated"] == min(40, res.num_added) and real["num_real"] == 40
+        assert real["two_sample_accuracy"] >= 0.9 and "discriminator" in real["warning"]
+        out = res.to_dict()
+        assert out["two_sample_accuracy"] == real["two_sample_accuracy"] and out["realism_warning"]
+        stored = runs.load_run_results(ds, "generate_balanced")
+        assert stored["realism"]["two_sample_accuracy"] == real["two_sample_accuracy"]
+        assert real["generated_mean_intensity"] != real["real_mean_intensity"]
+        skipped = fb.generate_balanced(ds, "ground_truth", model=model, output_dir=str(tmp_path / "b"),
+                                       run_key="b", **{**kwargs, "realism_sample": 0})
+        assert skipped.realism is None and "two_sample_accuracy" not in skipped.to_dict()
+        with pytest.raises(FairBalanceError, match="realism_sample"):
+            fb.generate_balanced(ds, "ground_truth", model=model, run_key="c", **{**kwargs, "realism_sample": -1})
+        assert not ds.has_run("c")
+    finally:
+        ds.delete()

@@ -147,6 +147,7 @@ class GenerationResult:
     target_dataset: str
     resumed: bool = False
     counts_before: dict[str, int] | None = None  # real samples per group, when the generator balances groups
+    realism: dict | None = None  # real vs generated on a sample (fairbalance.realism.quick_realism), when measured
 
     @property
     def num_added(self) -> int:
@@ -161,6 +162,9 @@ class GenerationResult:
 
     def to_dict(self) -> dict:
         out = {**asdict(self), "num_added": self.num_added, "counts_after": self.counts_after}
+        if self.realism is not None:  # flat too, for result panels
+            out["two_sample_accuracy"] = self.realism.get("two_sample_accuracy")
+            out["realism_warning"] = self.realism.get("warning")
         if self.counts_before is not None:
             out["entropy_before"] = balance.entropy(self.counts_before)
             out["entropy_after"] = balance.entropy(self.counts_after)
@@ -228,6 +232,7 @@ def generate_balanced(
     num_shards: int | None = None,
     chunk_size: int = sharding.DEFAULT_CHUNK_SIZE,
     progress=None,
+    realism_sample: int = 500,
 ) -> GenerationResult | sharding.ShardResult:
     """Generate images per cluster, or per class x attribute cell, and add them with provenance.
 
@@ -263,16 +268,51 @@ def generate_balanced(
     done and the last shard to finish records the run (the same record as
     one unsharded run); returns a :class:`~fairbalance.sharding.ShardResult`.
     Sharded runs add their samples to the samples' own dataset.
+
+    ``realism_sample``: up to this many of the run's generated images and
+    of the view's real ones go through a small real-vs-generated
+    discriminator (:func:`fairbalance.realism.quick_realism`, seconds on a
+    CPU); the result's ``realism`` (and ``two_sample_accuracy``: 0.5 =
+    indistinguishable) report it, with a warning when the generated set is
+    trivially separable (then a classifier trained on it learns "looks
+    generated"; see :func:`fairbalance.measure_realism` and
+    ``filter_generated(method="discriminator")``). 0 skips it; sharded runs
+    do not measure it.
     """
+    if isinstance(realism_sample, bool) or not isinstance(realism_sample, int) or realism_sample < 0:
+        raise validation.FairBalanceError(f"realism_sample must be an integer >= 0, got {realism_sample!r}")
     sharded = _check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
     diff, jobs, plan, before, setting, provenance, config = _plan_balanced(
         samples, label_field, model, model_run, total, per_class, mode, per_cell, source, edit_strength,
         guidance_scale, attribute_guidance_scale, guidance_reference, num_inference_steps, scheduler, seed,
         batch_size, device, run_key)
     render = _diffusion_renderer(diff, provenance)
-    return generate_plan(samples, "generate_balanced", "generate_balanced", run_key, jobs, config, setting, render,
-                         provenance, batch_size, GenerationResult, {"planned": plan, "counts_before": before},
-                         target_dataset, output_dir, overwrite, sharded, shard, num_shards, chunk_size, progress)
+    result = generate_plan(samples, "generate_balanced", "generate_balanced", run_key, jobs, config, setting, render,
+                           provenance, batch_size, GenerationResult, {"planned": plan, "counts_before": before},
+                           target_dataset, output_dir, overwrite, sharded, shard, num_shards, chunk_size, progress)
+    if not sharded and realism_sample:
+        add_realism(samples, result, realism_sample, seed, device)
+    return result
+
+
+def add_realism(samples, result: GenerationResult, max_samples: int, seed: int = 0, device=None) -> None:
+    """Measure the run's generated images against the view's real ones; store it in the result and its run."""
+    import warnings
+
+    import fiftyone as fo
+    from fiftyone import ViewField as Fv
+
+    from fairbalance import realism
+
+    target = fo.load_dataset(result.target_dataset)
+    gen = target.match(Fv("generation.run_key") == result.run_key)
+    real = real_samples(samples)
+    if len(gen) == 0 or len(real) == 0:
+        return
+    result.realism = realism.quick_realism(real, gen, max_samples=max_samples, seed=seed, device=device)
+    if result.realism.get("warning") and result.realism.get("two_sample_accuracy") is not None:
+        warnings.warn(result.realism["warning"])
+    runs.PreparedRun(target, result.run_key, "", {}, [], False).save_results(result.to_dict())
 
 
 def _plan_balanced(samples, label_field="sa_cluster", model=None, model_run=None, total=None, per_class=None,
