@@ -220,3 +220,75 @@ def test_generation_result_reports_realism(cells, tmp_path):
         assert not ds.has_run("c")
     finally:
         ds.delete()
+
+
+def _sources(ds, diff, n=6):
+    from fairbalance import training
+
+    paths, gt, col = ds.match_tags("train").values(["filepath", "ground_truth.label", "color.label"])
+    x = training.load_images(paths[:n], [16, 16], scale="symmetric")
+    own = [(diff.classes.index(g), diff.attributes.index(c)) for g, c in zip(gt[:n], col[:n])]
+    return x, own, ((x + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+
+
+def test_ddim_inversion_gives_the_source_back_under_its_own_condition(cells):
+    from fairbalance.diffusion import load_conditional_diffusion, sample_images
+
+    ds, model = cells
+    diff = load_conditional_diffusion(model)
+    x, own, src = _sources(ds, diff)
+    kw = dict(guidance_scale=1.0, num_inference_steps=25, attribute_guidance_scale=1.0, init_images=x,
+              edit_strength=0.5, reference_labels=own)
+    noised = sample_images(diff, own, list(range(len(own))), **kw)
+    inverted = sample_images(diff, own, list(range(len(own))), inversion=True, **kw)
+    err_noised, err_inverted = (np.abs(a.astype(float) - src).mean() for a in (noised, inverted))
+    assert err_inverted < 10 and err_inverted < err_noised / 3, (err_inverted, err_noised)
+    # another colour asked: the inverted start changes the image (not a copy of the source)
+    other = [(c, (a + 1) % len(diff.attributes)) for c, a in own]
+    moved = sample_images(diff, other, list(range(len(own))), inversion=True,
+                          **{**kw, "attribute_guidance_scale": 4.0})
+    assert np.abs(moved.astype(float) - src).mean() > err_inverted
+    with pytest.raises(FairBalanceError, match="init_images"):
+        sample_images(diff, own, [0] * len(own), inversion=True)
+
+
+def test_keep_background_copies_the_source_background(cells, tmp_path):
+    from fairbalance.diffusion import background_mask, load_conditional_diffusion, sample_images
+
+    src_ds, model = cells
+    diff = load_conditional_diffusion(model)
+    x, own, src = _sources(src_ds, diff)
+    out = sample_images(diff, own, list(range(len(own))), num_inference_steps=4, init_images=x, edit_strength=0.8,
+                        keep_background=True)
+    mask = background_mask(x)[:, 0].numpy()
+    assert 0.3 < mask.mean() < 0.98  # a digit on a background
+    assert np.array_equal(out[mask], src[mask].astype(np.uint8))
+    plain = sample_images(diff, own, list(range(len(own))), num_inference_steps=4, init_images=x, edit_strength=0.8)
+    assert not np.array_equal(plain[mask], src[mask].astype(np.uint8))
+    # through generate_balanced: recorded in the provenance, the background of every edit is its source's
+    ds = src_ds.clone()
+    try:
+        res = fb.generate_balanced(ds, "ground_truth", model=model, mode="cells", per_cell=8, source="edit",
+                                   inversion=True, keep_background=True, guidance_reference="source",
+                                   attribute_guidance_scale=3.0, num_inference_steps=6, realism_sample=0,
+                                   output_dir=str(tmp_path / "kb"))
+        assert res.num_added > 0
+        cfg = runs.get_run_config(ds, "generate_balanced")
+        assert cfg["inversion"] is True and cfg["keep_background"] is True
+        for s in ds.match_tags("generated").select_fields("generation").iter_samples():
+            assert s.generation["inversion"] and s.generation["keep_background"]
+            gen = np.asarray(Image.open(s.filepath).convert("RGB"))
+            source = np.asarray(Image.open(s.generation["source_filepath"]).convert("RGB"))
+            from fairbalance import training
+
+            m = background_mask(training.load_images([s.generation["source_filepath"]], [16, 16],
+                                                     scale="symmetric"))[0, 0].numpy()
+            assert np.array_equal(gen[m], source[m])
+        for kwargs, match in [(dict(source="noise", inversion=True), "needs source='edit'"),
+                              (dict(source="edit", keep_background="yes"), "True or False")]:
+            with pytest.raises(FairBalanceError, match=match):
+                fb.generate_balanced(ds, "ground_truth", model=model, mode="cells", per_cell=8, run_key="bad",
+                                     **kwargs)
+        assert not ds.has_run("bad")
+    finally:
+        ds.delete()

@@ -221,6 +221,8 @@ def generate_balanced(
     guidance_reference: str = "null",
     num_inference_steps: int = 50,
     scheduler: str = "ddim",
+    inversion: bool = False,
+    keep_background: bool = False,
     output_dir: str | None = None,
     target_dataset=None,
     seed: int = 0,
@@ -248,6 +250,11 @@ def generate_balanced(
     class, ``attribute_guidance_scale`` toward the attribute) or, for edits,
     ``"source"`` (guide from the source image's own cell toward the asked
     one with ``attribute_guidance_scale``; see :func:`sample_images`).
+    Edits that keep what must not change: ``inversion=True`` starts from
+    the DDIM inversion of the source under its own cell instead of random
+    noise (regenerating it under its own cell gives it back), and
+    ``keep_background=True`` copies the source's background pixels into the
+    result (no haze; needs a plain background, such as a digit's).
 
     New samples get ``generated=True``, the condition's label field(s) (the
     class label for cells, so classifiers can train on them),
@@ -285,7 +292,7 @@ def generate_balanced(
     diff, jobs, plan, before, setting, provenance, config = _plan_balanced(
         samples, label_field, model, model_run, total, per_class, mode, per_cell, source, edit_strength,
         guidance_scale, attribute_guidance_scale, guidance_reference, num_inference_steps, scheduler, seed,
-        batch_size, device, run_key)
+        batch_size, device, run_key, inversion, keep_background)
     render = _diffusion_renderer(diff, provenance)
     result = generate_plan(samples, "generate_balanced", "generate_balanced", run_key, jobs, config, setting, render,
                            provenance, batch_size, GenerationResult, {"planned": plan, "counts_before": before},
@@ -318,7 +325,8 @@ def add_realism(samples, result: GenerationResult, max_samples: int, seed: int =
 def _plan_balanced(samples, label_field="sa_cluster", model=None, model_run=None, total=None, per_class=None,
                    mode="equal", per_cell=None, source="noise", edit_strength=0.5, guidance_scale=3.0,
                    attribute_guidance_scale=None, guidance_reference="null", num_inference_steps=50,
-                   scheduler="ddim", seed=0, batch_size=64, device=None, run_key="generate_balanced"):
+                   scheduler="ddim", seed=0, batch_size=64, device=None, run_key="generate_balanced",
+                   inversion=False, keep_background=False):
     """Every check of :func:`generate_balanced` and its plan (file names relative), before anything is claimed.
 
     Returns ``(model, jobs, planned, counts_before, setting, provenance, run config)``.
@@ -344,11 +352,18 @@ def _plan_balanced(samples, label_field="sa_cluster", model=None, model_run=None
         raise validation.FairBalanceError(f"guidance_reference must be 'null' or 'source', not {guidance_reference!r}")
     if guidance_reference == "source" and source != "edit":
         raise validation.FairBalanceError("guidance_reference='source' needs source='edit' (a source image)")
+    for name, value in (("inversion", inversion), ("keep_background", keep_background)):
+        if not isinstance(value, bool):
+            raise validation.FairBalanceError(f"{name} must be True or False, not {value!r}")
+        if value and source != "edit":
+            raise validation.FairBalanceError(f"{name}=True edits a source image: it needs source='edit'")
     setting = {"model": diff.folder, "model_step": diff.step, "label_field": label_field,
                "attribute_field": diff.attribute_field, "guidance_scale": guidance_scale,
                "attribute_guidance_scale": attribute_guidance_scale, "guidance_reference": guidance_reference,
                "num_inference_steps": num_inference_steps,
-               "scheduler": scheduler, "source": source, "edit_strength": edit_strength if source == "edit" else None}
+               "scheduler": scheduler, "source": source, "edit_strength": edit_strength if source == "edit" else None,
+               # recorded only when on, so folders and runs made before these options still resume
+               **({"inversion": True} if inversion else {}), **({"keep_background": True} if keep_background else {})}
     provenance = {**setting, "mode": mode, "run_key": run_key}
     if mode == "cells":  # planned (and checked) before anything is claimed or replaced; file names relative
         jobs, plan, before = _cell_jobs(samples, diff, per_cell, source, seed, "")
@@ -568,7 +583,10 @@ def _diffusion_renderer(diff: ConditionalDiffusionModel, provenance: dict) -> Ca
         return sample_images(diff, [d.condition for d in inputs], [d.seed for d in inputs],
                              provenance["guidance_scale"], provenance["num_inference_steps"],
                              provenance["scheduler"], provenance["attribute_guidance_scale"], init,
-                             provenance["edit_strength"] if init is not None else None, reference)
+                             provenance["edit_strength"] if init is not None else None, reference,
+                             inversion=bool(provenance.get("inversion")),
+                             keep_background=bool(provenance.get("keep_background")),
+                             inversion_labels=[d.source_condition for d in inputs] if init is not None else None)
 
     return render
 
