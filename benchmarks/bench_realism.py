@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--attribute-guidance", type=float, default=4.0)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--judge-epochs", type=int, default=15)
     ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     ap.add_argument("--work-dir", default=None)
     args = ap.parse_args()
@@ -63,7 +64,10 @@ def main():
         ds = fb.colored_mnist(f"fb-bench-realism-{args.ratio}", conflict_ratio=args.ratio, seed=0,
                               output_dir=os.path.join(work, "data"), overwrite=True)
         train, test = ds.match_tags("train"), ds.match_tags("test")
-        judge = digit_judge(*arrays(train))
+        judge = digit_judge(*arrays(train), epochs=args.judge_epochs)
+        x_test, y_test = arrays(test)
+        print(f"colour-blind digit judge: {100 * float((judge(x_test) == y_test).float().mean()):.1f}% on the real "
+              "test digits", flush=True)
         gen_args = SimpleNamespace(base_model=None, diffusion_epochs=args.diffusion_epochs,
                                    diffusion_lr=args.diffusion_lr)
         model, num_clusters, t_train = train_generator(train, gen_args, work, args.ratio)
