@@ -30,7 +30,16 @@ on real + injected. The injected images are judged like the generated cells
 original's), timed against plain DDIM sampling of the same model, and a grid
 of originals / contents / results is saved (``--grid-dir``).
 
-Usage: python benchmarks/bench_repair.py [--ratios 0.01 0.05] [--seeds 0 1 2]
+Realism (issue #28): the generated cells against the real training images
+(``measure_realism``: held-out two-sample accuracy of a small discriminator,
+0.5 = indistinguishable; train-on-generated / test-on-real (the unbiased test
+split) beside the same MLP on as many real images; intensity ratio), and
+``--inversion`` / ``--keep-background`` for content-preserving edits.
+``--build b`` is a second build fixed before any result was seen: colour
+noise 0.03, 800 test images, dataset seed 1 (same palette: ``colored_mnist``
+takes no palette).
+
+Usage: python benchmarks/bench_repair.py [--build a|b] [--ratios 0.01 0.05] [--seeds 0 1 2]
            [--methods plain vanilla jtt lff cells diffinject] [--diffusion-epochs 15]
            [--per-cell 20] [--inject-ratio 0.1] [--work-dir DIR]
 """
@@ -61,6 +70,11 @@ from fairbalance.diffinject import inject_bias_conflicting  # noqa: E402
 from fairbalance.diffusion import load_conditional_diffusion, sample_images  # noqa: E402
 
 METHODS = ("plain", "vanilla", "jtt", "lff", "cells", "diffinject")
+
+BUILDS = {  # fixed before any result of build b was seen
+    "a": dict(seed=0, color_std=0.05, num_val=200, num_test=1000),
+    "b": dict(seed=1, color_std=0.03, num_val=200, num_test=800),
+}
 
 PUBLISHED = {  # LfF / DisEnt / DiffInject papers, 60k train images: vanilla / LfF / DisEnt / DiffInject
     0.01: "32.6 / 74.2 / 78.9 / 85.6", 0.05: "82.4 / 85.3 / 89.6 / 92.3",
@@ -204,9 +218,19 @@ def build_generator(train, model, args, work):
     res = generate_balanced(train, "ground_truth", model=model, mode="cells", per_cell=args.per_cell,
                             source="edit", edit_strength=args.edit_strength, guidance_scale=args.guidance,
                             attribute_guidance_scale=args.attribute_guidance, num_inference_steps=args.steps,
-                            guidance_reference=args.guidance_reference,
+                            guidance_reference=args.guidance_reference, inversion=args.inversion,
+                            keep_background=args.keep_background, realism_sample=0,
                             output_dir=os.path.join(work, "generated"), overwrite=True, progress=False)
     return res.num_added, time.time() - t0
+
+
+def realism(ds, train, test, run_key="generate_balanced"):
+    """Two-sample accuracy, TSTR / TRTR on the unbiased test split, intensity ratio of a generation run."""
+    from fiftyone import ViewField as Fv
+
+    res = fb.measure_realism(train, ds.match(Fv("generation.run_key") == run_key), "ground_truth",
+                             test_samples=test, run_key=f"realism_{run_key}", overwrite=True)
+    return res
 
 
 def real_plus(ds, run_key):
@@ -313,8 +337,9 @@ def run_diffinject(ds, train, model, args, work, label_from, tags=True):
 def run_ratio(ratio, args, work):
     t_start = time.time()
     methods = set(args.methods)
-    ds = fb.colored_mnist(f"fb-bench-repair-{ratio}", conflict_ratio=ratio, seed=0,
-                          output_dir=os.path.join(work, "data"), overwrite=True)
+    build = BUILDS[args.build]
+    ds = fb.colored_mnist(f"fb-bench-repair-{ratio}", conflict_ratio=ratio, output_dir=os.path.join(work, "data"),
+                          overwrite=True, **build)
     train, val, test = ds.match_tags("train"), ds.match_tags("val"), ds.match_tags("test")
     x, y = arrays(train)
     xv, yv = arrays(val)
@@ -362,6 +387,7 @@ def run_ratio(ratio, args, work):
     if "cells" in methods:
         n_gen, t_gen = build_generator(train, model, args, work)
         fid = fidelity(ds, train, judge)
+        real = realism(ds, train, test)
         gen_info = (num_clusters, n_gen, t_train, t_gen)
         with_gen = real_plus(ds, "generate_balanced")
         for seed in args.seeds:
@@ -380,7 +406,7 @@ def run_ratio(ratio, args, work):
             add(f"fairbalance DiffInject (real + {inj['num_added']} injected, {label_from}'s label)", seed,
                 lambda s: evaluate(train_classifier(with_inj, method="synthetic", seed=s, **common),
                                    test, xt, yt, conflicting))
-    print(f"\n## Colored MNIST, {ratio:.1%} conflicting: {len(train)} train, {len(val)} val, {len(test)} test; "
+    print(f"\n## Colored MNIST (build {args.build}: {build}), {ratio:.1%} conflicting: {len(train)} train, {len(val)} val, {len(test)} test; "
           f"seeds {args.seeds}; {args.epochs} epochs; {time.time() - t_start:.0f} s")
     print(f"colour-blind digit judge: {judge_acc:.1f}% on the real test digits")
     if tag_stats:
@@ -395,6 +421,11 @@ def run_ratio(ratio, args, work):
         print(f"generated images: right digit {fid['digit']:.1f}% (colour-mismatched cells "
               f"{fid['digit_conflicting']:.1f}%, worst cell {fid['worst_cell_digit']:.1f}%), right colour "
               f"{fid['colour']:.1f}%")
+        print(f"realism: two-sample accuracy {real.two_sample_accuracy:.3f} (0.5 = indistinguishable), mean "
+              f"intensity generated / real {real.intensity_ratio:.2f}, train on generated / test on real "
+              f"(unbiased test) {100 * real.tstr_accuracy:.1f}% vs the same MLP on as many real train images "
+              f"{100 * real.trtr_accuracy:.1f}%; edits: inversion {args.inversion}, keep background "
+              f"{args.keep_background}")
     for label_from, (inj, ifid) in injected.items():
         print(f"DiffInject, {label_from}'s label: {inj['num_added']} images from {inj['num_contents']} contents "
               f"(error set of the seed-0 GCE model, {inj['tag_precision']:.1f}% truly bias-conflicting), gamma {args.inject_gamma} "
@@ -565,6 +596,9 @@ def main():
     ap.add_argument("--attribute-guidance", type=float, default=4.0)
     ap.add_argument("--guidance-reference", default="source", choices=["null", "source"])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--build", default="a", choices=list(BUILDS), help="a: the README's; b: a second build")
+    ap.add_argument("--inversion", action="store_true", help="edits start from the DDIM inversion of the source")
+    ap.add_argument("--keep-background", action="store_true", help="edits keep the source's background pixels")
     ap.add_argument("--no-generation", action="store_true", help="the same as leaving cells and diffinject out")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--base-model", default=None,

@@ -161,6 +161,8 @@ class GenerateBalanced(foo.Operator):
             ("added_per_cluster", "str", "Added per cluster"),
             ("entropy_before", "float", "Entropy of the groups, real samples (nats)"),
             ("entropy_after", "float", "Entropy of the groups, real + generated"),
+            ("two_sample_accuracy", "float", "Real-vs-generated accuracy (0.5 = indistinguishable)"),
+            ("realism_warning", "str", "Realism"),
             ("output_dir", "str", "Image folder"),
         )
 
@@ -208,6 +210,8 @@ class FilterGenerated(foo.Operator):
         score = types.RadioGroup()
         score.add_choice("clip", label="CLIP similarity (needs the embeddings of the SA features)")
         score.add_choice("pixels", label="Pixel similarity (no CLIP weights needed; much weaker)")
+        score.add_choice("discriminator", label="Realism: a real-vs-generated discriminator (no labels; "
+                                                "weights = density ratio p(real)/p(generated))")
         inputs.enum("method", score.values(), default=default_of(filter_generated, "method"), view=score,
                     label="Score")
         inputs.str("texts", required=False, label="Cluster texts (optional)", view=types.TextFieldView(
@@ -234,7 +238,8 @@ class FilterGenerated(foo.Operator):
             ("tag", "str", "With the tag"),
             ("num_excluded", "int", "Left out of training"),
             ("weight_field", "str", "Weights for training (weight_field)"),
-            ("mean_score", "float", "Mean similarity to the cluster"),
+            ("mean_score", "float", "Mean score (similarity to the cluster, or p(real))"),
+            ("two_sample_accuracy", "float", "Real-vs-generated accuracy (0.5 = indistinguishable)"),
         )
 
 

@@ -9,7 +9,7 @@ CAPABILITIES = [
     "compute_hardness_tags", "train_conditional_diffusion", "generate_balanced", "filter_generated",
     "train_classifier", "apply_classifier", "evaluate_classifier", "inject_bias_conflicting", "audit_balance",
     "compute_captions", "filter_captions", "generate_from_captions", "finetune_per_group", "generate_per_group",
-    "check_balance", "export_samples",
+    "check_balance", "export_samples", "measure_realism",
 ]
 
 

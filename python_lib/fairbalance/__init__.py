@@ -17,7 +17,8 @@ a FiftyOne run and returns a result with ``run_key`` and ``to_dict()``:
   (clusters, or class x attribute cells), :func:`compute_captions`,
   :func:`filter_captions`, :func:`generate_from_captions` (text-to-image,
   DiffuBias), :func:`filter_generated`, :func:`finetune_per_group` +
-  :func:`generate_per_group` (a LoRA / Clustered DreamBooth adapter per group)
+  :func:`generate_per_group` (a LoRA / Clustered DreamBooth adapter per group),
+  :func:`measure_realism` (can a classifier tell the generated from the real?)
 - in an MLOps flow: :func:`check_balance` (a balance gate),
   :func:`export_samples` and :class:`TorchImageDataset` (the repaired set
   for a trainer elsewhere), :func:`load_pipeline` / :func:`run_pipeline`
@@ -65,6 +66,8 @@ _LAZY = {
     'load_pipeline': ('fairbalance.pipeline', 'load_pipeline'),
     'run_pipeline': ('fairbalance.pipeline', 'run_pipeline'),
     'compute_pseudo_labels': ('fairbalance.pseudo_labels', 'compute_pseudo_labels'),
+    'RealismResult': ('fairbalance.realism', 'RealismResult'),
+    'measure_realism': ('fairbalance.realism', 'measure_realism'),
     'compute_sa_features': ('fairbalance.sa_features', 'compute_sa_features'),
     'get_related_texts': ('fairbalance.sa_features', 'get_related_texts'),
     'queue_sharded': ('fairbalance.sharding', 'queue_sharded'),
@@ -113,6 +116,7 @@ __all__ = [
     "FairBalanceError",
     "GateResult",
     "ModelNotFoundError",
+    "RealismResult",
     "TorchImageDataset",
     "apply_classifier",
     "audit_balance",
@@ -136,6 +140,7 @@ __all__ = [
     "get_related_texts",
     "inject_bias_conflicting",
     "load_pipeline",
+    "measure_realism",
     "normalized_entropy",
     "queue_sharded",
     "run_pipeline",

@@ -5,6 +5,11 @@ pixels when no CLIP weights are at hand); the worst are tagged and, with
 ``action="exclude"``, marked so that training on generated samples leaves
 them out, or with ``action="weight"`` every scored sample gets a weight
 derived from its score that training uses as its loss weight.
+
+``method="discriminator"`` needs no cluster, caption or bias label: a small
+real-vs-generated discriminator (:mod:`fairbalance.realism`) scores each
+generated image by its held-out p(real | x); the most separable are tagged,
+and weights are the density ratio p(real | x) / p(generated | x).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 from fairbalance import claims, models, runs, validation
 
 ACTIONS = ("tag", "exclude", "weight")
-SCORE_METHODS = ("clip", "pixels")
+SCORE_METHODS = ("clip", "pixels", "discriminator")
 
 
 @claims.exclusive
@@ -38,6 +43,10 @@ def filter_generated(
     action: str = "tag",
     exclude_field: str = "filtered_out",
     weight_field: str = "generation_weight",
+    folds: int = 5,
+    epochs: int = 10,
+    max_weight: float = 10.0,
+    seed: int = 0,
 ) -> "FilterResult":
     """Score generated images by CLIP similarity to their cluster; tag the worst, and exclude or weight them.
 
@@ -58,7 +67,16 @@ def filter_generated(
     pass as ``train_classifier(weight_field=...)``. ``method``: ``"clip"``,
     or ``"pixels"`` (no CLIP weights needed, much weaker: cosine similarity
     of the mean-centred pixels to the centroid of the cluster's real
-    images; ``embeddings_field`` and ``texts`` are not used).
+    images; ``embeddings_field`` and ``texts`` are not used), or
+    ``"discriminator"`` (realism, no label needed: ``label_field``,
+    ``embeddings_field`` and ``texts`` are not used): LfF's MLP trained to
+    tell the view's real images from its generated ones, cross-fitted over
+    ``folds`` (each image scored by a model that never saw it, ``epochs``
+    each, class-balanced), score = p(real | x), so the lowest scores are
+    the most separable; with ``action="weight"`` the weight is the density
+    ratio p(real | x) / p(generated | x), clipped at ``max_weight`` and
+    scaled to mean 1 over the generated samples (their total weight stays
+    their count). The run's results hold the two-sample accuracy.
     """
     from fiftyone import ViewField as Fv
 
@@ -70,23 +88,30 @@ def filter_generated(
     if action not in ACTIONS:
         raise validation.FairBalanceError(f"action must be one of {ACTIONS}, not {action!r}")
     if method not in SCORE_METHODS:
-        raise validation.FairBalanceError(f"method must be 'clip' or 'pixels', not {method!r}")
-    if method == "pixels" and texts is not None:
-        raise validation.FairBalanceError("texts are scored with CLIP: method='pixels' compares images only")
+        raise validation.FairBalanceError(f"method must be 'clip', 'pixels' or 'discriminator', not {method!r}")
+    if method != "clip" and texts is not None:
+        raise validation.FairBalanceError(f"texts are scored with CLIP: method='{method}' compares images only")
+    if method == "discriminator":
+        validation.require_positive_int("folds", folds, 2)
+        validation.require_positive_int("epochs", epochs)
+        if isinstance(max_weight, bool) or not (isinstance(max_weight, (int, float)) and np.isfinite(max_weight)
+                                                and max_weight >= 1):
+            raise validation.FairBalanceError(f"max_weight must be a finite number >= 1, got {max_weight!r}")
     extra = [exclude_field] if action == "exclude" else [weight_field] if action == "weight" else []
     if len({score_field, *extra}) != 1 + len(extra):
         raise validation.FairBalanceError("score_field and the exclude / weight field must differ")
-    validation.require_fields(samples, [label_field, "generated"] + ([embeddings_field] if method == "clip" else []))
+    validation.require_fields(samples, ["generated"] + ([label_field] if method != "discriminator" else [])
+                              + ([embeddings_field] if method == "clip" else []))
     if (threshold is None) == (bottom_fraction is None):
         raise validation.FairBalanceError("pass exactly one of threshold or bottom_fraction")
     if bottom_fraction is not None and not (isinstance(bottom_fraction, (int, float)) and 0 < bottom_fraction < 1):
         raise validation.FairBalanceError(f"bottom_fraction must be in (0, 1), got {bottom_fraction!r}")
     if threshold is not None and not (isinstance(threshold, (int, float)) and np.isfinite(threshold)):
         raise validation.FairBalanceError(f"threshold must be a finite number, got {threshold!r}")
-    spec = embeddings.stored_model(samples, embeddings_field) if method == "clip" else {"pixels": True}
+    spec = embeddings.stored_model(samples, embeddings_field) if method == "clip" else {method: True}
     if spec is None:
         raise validation.FairBalanceError(f"'{embeddings_field}' was not written by fairbalance; no model recorded")
-    path = label_path(samples, label_field)
+    path = label_path(samples, label_field) if method != "discriminator" else None
     gen = samples.match(Fv("generated") == True)  # noqa: E712
     real = samples.match(Fv("generated") != True)  # noqa: E712
     if len(gen) == 0:
@@ -99,14 +124,25 @@ def filter_generated(
             raise validation.FairBalanceError(
                 "texts must give a non-empty text for every cluster of the generated samples; "
                 f"missing: {lacking}, empty: {empty}")
+    if method == "discriminator" and len(real) < folds:
+        raise validation.FairBalanceError(f"method='discriminator' needs at least {folds} real samples in the view")
+    if method == "discriminator" and len(gen) < folds:
+        raise validation.FairBalanceError(f"method='discriminator' needs at least {folds} generated samples")
     run = runs.prepare(samples, run_key, "filter_generated", {
-        "label_field": label_field, "embeddings_field": embeddings_field, "threshold": threshold,
+        "label_field": label_field if method != "discriminator" else None,
+        "embeddings_field": embeddings_field if method == "clip" else None, "threshold": threshold,
         "bottom_fraction": bottom_fraction, "tag": tag, "model": spec, "score_method": method,
         "texts": sorted(texts.items()) if texts is not None else None, "action": action,
         "exclude_field": exclude_field if action == "exclude" else None,
-        "weight_field": weight_field if action == "weight" else None},
+        "weight_field": weight_field if action == "weight" else None,
+        **({"folds": int(folds), "epochs": int(epochs), "max_weight": float(max_weight), "seed": seed}
+           if method == "discriminator" else {})},
         [score_field] + extra, overwrite)
-    if method == "pixels":
+    separability = None
+    if method == "discriminator":
+        clip, new = None, {}
+        scores, separability = _discriminator_scores(real, gen, folds, epochs, seed, device)
+    elif method == "pixels":
         clip, new = None, {}
         centroids, vectors = _pixel_vectors(real, gen, path)
     else:
@@ -128,16 +164,17 @@ def filter_generated(
             _, emb, _ = embeddings.load(real.match(Fv(path) == c), embeddings_field)
             if len(emb):
                 centroids[c] = embeddings.normalize(emb.mean(0, keepdims=True))[0]
-    if clip is None:
-        gids, glabels = gen.values(["id", path])
-        gstored = [vectors[i] for i in gids]
-    else:
-        gids, glabels, gstored = gen.values(["id", path, embeddings_field])
-    scores = {}
-    for i, c, e in zip(gids, glabels, gstored):
-        vec = new.get(i) if new.get(i) is not None else e
-        if c in centroids and vec is not None:
-            scores[i] = float(embeddings.normalize(np.asarray(vec)[None])[0] @ centroids[c])
+    if method != "discriminator":
+        if clip is None:
+            gids, glabels = gen.values(["id", path])
+            gstored = [vectors[i] for i in gids]
+        else:
+            gids, glabels, gstored = gen.values(["id", path, embeddings_field])
+        scores = {}
+        for i, c, e in zip(gids, glabels, gstored):
+            vec = new.get(i) if new.get(i) is not None else e
+            if c in centroids and vec is not None:
+                scores[i] = float(embeddings.normalize(np.asarray(vec)[None])[0] @ centroids[c])
     if not scores:
         raise validation.FairBalanceError("No generated sample has a cluster with real embeddings to compare to")
     values = np.array(list(scores.values()))
@@ -145,6 +182,11 @@ def filter_generated(
     low = [i for i, v in scores.items() if v < cut or (threshold is None and v <= cut)]
     ranks = np.argsort(np.argsort(values, kind="stable"), kind="stable")
     weights = {i: float((r + 1) / len(values)) for i, r in zip(scores, ranks)}
+    if method == "discriminator":  # the density ratio p(real|x) / p(gen|x), clipped, mean 1
+        p = np.clip(values, 1e-6, 1 - 1e-6)
+        ratio = np.minimum(p / (1 - p), max_weight)
+        ratio = ratio / ratio.mean()
+        weights = {i: float(r) for i, r in zip(scores, ratio)}
     low_set = set(low)
 
     def write():
@@ -167,7 +209,7 @@ def filter_generated(
     result = FilterResult(run_key, score_field, tag, len(scores), len(low), cut, float(values.mean()), action,
                           exclude_field if action == "exclude" else None, weight_field if action == "weight" else None,
                           len(low) if action == "exclude" else 0,
-                          float(np.mean(list(weights.values()))) if action == "weight" else None)
+                          float(np.mean(list(weights.values()))) if action == "weight" else None, separability)
     run.save_results({**result.to_dict(), "tagged_ids": tagged})
     return result
 
@@ -188,6 +230,7 @@ class FilterResult:
     weight_field: str | None = None  # "weight": pass as train_classifier(weight_field=...)
     num_excluded: int = 0
     mean_weight: float | None = None
+    two_sample_accuracy: float | None = None  # "discriminator": held-out real-vs-generated accuracy (0.5 = real)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,3 +253,16 @@ def _pixel_vectors(real, gen, path: str):
                  for c in sorted(set(labels))}
     xg = training.load_images(gpaths, size, progress=False).flatten(1).numpy() - mean
     return centroids, dict(zip(gids, xg))
+
+
+def _discriminator_scores(real, gen, folds: int, epochs: int, seed: int, device) -> tuple[dict, float]:
+    """Held-out p(real | x) of every generated sample, and the two-sample accuracy (:mod:`fairbalance.realism`)."""
+    from fairbalance import realism, training
+
+    gids, gpaths = gen.values(["id", "filepath"])
+    rpaths = real.values("filepath")
+    size = training.native_size(rpaths[:1])
+    xr = training.load_images(rpaths, size, progress=False)
+    xg = training.load_images(gpaths, size, progress=False)
+    pr, pg = realism.discriminator_scores(xr, xg, folds, epochs, "mlp", seed, device)
+    return dict(zip(gids, (float(v) for v in pg))), realism.two_sample_accuracy(pr, pg)

@@ -152,6 +152,7 @@ class GenerationResult:
     target_dataset: str
     resumed: bool = False
     counts_before: dict[str, int] | None = None  # real samples per group, when the generator balances groups
+    realism: dict | None = None  # real vs generated on a sample (fairbalance.realism.quick_realism), when measured
 
     @property
     def num_added(self) -> int:
@@ -166,6 +167,9 @@ class GenerationResult:
 
     def to_dict(self) -> dict:
         out = {**asdict(self), "num_added": self.num_added, "counts_after": self.counts_after}
+        if self.realism is not None:  # flat too, for result panels
+            out["two_sample_accuracy"] = self.realism.get("two_sample_accuracy")
+            out["realism_warning"] = self.realism.get("warning")
         if self.counts_before is not None:
             out["entropy_before"] = balance.entropy(self.counts_before)
             out["entropy_after"] = balance.entropy(self.counts_after)
@@ -222,6 +226,8 @@ def generate_balanced(
     guidance_reference: str = "null",
     num_inference_steps: int = 50,
     scheduler: str = "ddim",
+    inversion: bool = False,
+    keep_background: bool = False,
     output_dir: str | None = None,
     target_dataset=None,
     seed: int = 0,
@@ -233,6 +239,7 @@ def generate_balanced(
     num_shards: int | None = None,
     chunk_size: int = sharding.DEFAULT_CHUNK_SIZE,
     progress=None,
+    realism_sample: int = 500,
 ) -> GenerationResult | sharding.ShardResult:
     """Generate images per cluster, or per class x attribute cell, and add them with provenance.
 
@@ -248,6 +255,11 @@ def generate_balanced(
     class, ``attribute_guidance_scale`` toward the attribute) or, for edits,
     ``"source"`` (guide from the source image's own cell toward the asked
     one with ``attribute_guidance_scale``; see :func:`sample_images`).
+    Edits that keep what must not change: ``inversion=True`` starts from
+    the DDIM inversion of the source under its own cell instead of random
+    noise (regenerating it under its own cell gives it back), and
+    ``keep_background=True`` copies the source's background pixels into the
+    result (no haze; needs a plain background, such as a digit's).
 
     New samples get ``generated=True``, the condition's label field(s) (the
     class label for cells, so classifiers can train on them),
@@ -268,22 +280,58 @@ def generate_balanced(
     done and the last shard to finish records the run (the same record as
     one unsharded run); returns a :class:`~fairbalance.sharding.ShardResult`.
     Sharded runs add their samples to the samples' own dataset.
+
+    ``realism_sample``: up to this many of the run's generated images and
+    of the view's real ones go through a small real-vs-generated
+    discriminator (:func:`fairbalance.realism.quick_realism`, seconds on a
+    CPU); the result's ``realism`` (and ``two_sample_accuracy``: 0.5 =
+    indistinguishable) report it, with a warning when the generated set is
+    trivially separable (then a classifier trained on it learns "looks
+    generated"; see :func:`fairbalance.measure_realism` and
+    ``filter_generated(method="discriminator")``). 0 skips it; sharded runs
+    do not measure it.
     """
+    if isinstance(realism_sample, bool) or not isinstance(realism_sample, int) or realism_sample < 0:
+        raise validation.FairBalanceError(f"realism_sample must be an integer >= 0, got {realism_sample!r}")
     sharded = _check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
     diff, jobs, plan, before, setting, provenance, config = _plan_balanced(
         samples, label_field, model, model_run, total, per_class, mode, per_cell, source, edit_strength,
         guidance_scale, attribute_guidance_scale, guidance_reference, num_inference_steps, scheduler, seed,
-        batch_size, device, run_key)
+        batch_size, device, run_key, inversion, keep_background)
     render = _diffusion_renderer(diff, provenance)
-    return generate_plan(samples, "generate_balanced", "generate_balanced", run_key, jobs, config, setting, render,
-                         provenance, batch_size, GenerationResult, {"planned": plan, "counts_before": before},
-                         target_dataset, output_dir, overwrite, sharded, shard, num_shards, chunk_size, progress)
+    result = generate_plan(samples, "generate_balanced", "generate_balanced", run_key, jobs, config, setting, render,
+                           provenance, batch_size, GenerationResult, {"planned": plan, "counts_before": before},
+                           target_dataset, output_dir, overwrite, sharded, shard, num_shards, chunk_size, progress)
+    if not sharded and realism_sample:
+        add_realism(samples, result, realism_sample, seed, device)
+    return result
+
+
+def add_realism(samples, result: GenerationResult, max_samples: int, seed: int = 0, device=None) -> None:
+    """Measure the run's generated images against the view's real ones; store it in the result and its run."""
+    import warnings
+
+    import fiftyone as fo
+    from fiftyone import ViewField as Fv
+
+    from fairbalance import realism
+
+    target = fo.load_dataset(result.target_dataset)
+    gen = target.match(Fv("generation.run_key") == result.run_key)
+    real = real_samples(samples)
+    if len(gen) == 0 or len(real) == 0:
+        return
+    result.realism = realism.quick_realism(real, gen, max_samples=max_samples, seed=seed, device=device)
+    if result.realism.get("warning") and result.realism.get("two_sample_accuracy") is not None:
+        warnings.warn(result.realism["warning"])
+    runs.PreparedRun(target, result.run_key, "", {}, [], False).save_results(result.to_dict())
 
 
 def _plan_balanced(samples, label_field="sa_cluster", model=None, model_run=None, total=None, per_class=None,
                    mode="equal", per_cell=None, source="noise", edit_strength=0.5, guidance_scale=3.0,
                    attribute_guidance_scale=None, guidance_reference="null", num_inference_steps=50,
-                   scheduler="ddim", seed=0, batch_size=64, device=None, run_key="generate_balanced"):
+                   scheduler="ddim", seed=0, batch_size=64, device=None, run_key="generate_balanced",
+                   inversion=False, keep_background=False):
     """Every check of :func:`generate_balanced` and its plan (file names relative), before anything is claimed.
 
     Returns ``(model, jobs, planned, counts_before, setting, provenance, run config)``.
@@ -314,11 +362,18 @@ def _plan_balanced(samples, label_field="sa_cluster", model=None, model_run=None
         raise validation.FairBalanceError(f"guidance_reference must be 'null' or 'source', not {guidance_reference!r}")
     if guidance_reference == "source" and source != "edit":
         raise validation.FairBalanceError("guidance_reference='source' needs source='edit' (a source image)")
+    for name, value in (("inversion", inversion), ("keep_background", keep_background)):
+        if not isinstance(value, bool):
+            raise validation.FairBalanceError(f"{name} must be True or False, not {value!r}")
+        if value and source != "edit":
+            raise validation.FairBalanceError(f"{name}=True edits a source image: it needs source='edit'")
     setting = {"model": diff.folder, "model_step": diff.step, "label_field": label_field,
                "attribute_field": diff.attribute_field, "guidance_scale": guidance_scale,
                "attribute_guidance_scale": attribute_guidance_scale, "guidance_reference": guidance_reference,
                "num_inference_steps": num_inference_steps,
-               "scheduler": scheduler, "source": source, "edit_strength": edit_strength if source == "edit" else None}
+               "scheduler": scheduler, "source": source, "edit_strength": edit_strength if source == "edit" else None,
+               # recorded only when on, so folders and runs made before these options still resume
+               **({"inversion": True} if inversion else {}), **({"keep_background": True} if keep_background else {})}
     provenance = {**setting, "mode": mode, "run_key": run_key}
     if mode == "cells":  # planned (and checked) before anything is claimed or replaced; file names relative
         jobs, plan, before = _cell_jobs(samples, diff, per_cell, source, seed, "")
@@ -555,7 +610,10 @@ def _diffusion_renderer(diff: ConditionalDiffusionModel, provenance: dict) -> Ca
         return sample_images(diff, [d.condition for d in inputs], [d.seed for d in inputs],
                              provenance["guidance_scale"], provenance["num_inference_steps"],
                              provenance["scheduler"], provenance["attribute_guidance_scale"], init,
-                             provenance["edit_strength"] if init is not None else None, reference)
+                             provenance["edit_strength"] if init is not None else None, reference,
+                             inversion=bool(provenance.get("inversion")),
+                             keep_background=bool(provenance.get("keep_background")),
+                             inversion_labels=[d.source_condition for d in inputs] if init is not None else None)
 
     return render
 

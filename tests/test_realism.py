@@ -1,0 +1,294 @@
+"""Realism of generated sets: the classifier two-sample test, TSTR, image statistics, the discriminator filter.
+
+Real Colored Digits on the real MongoDB; the "generated" images are real
+files written here: either other real images (indistinguishable) or real
+images with a bright haze (what issue #28 found: generated images 1.8x as
+bright), so the measurement has a known answer. No mocks.
+"""
+
+import os
+
+import fiftyone as fo
+import numpy as np
+import pytest
+from PIL import Image
+
+import fairbalance as fb
+from fairbalance import runs
+from fairbalance.validation import FairBalanceError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def _haze(path: str, out: str) -> None:
+    img = np.asarray(Image.open(path).convert("RGB"), dtype=float)
+    Image.fromarray(np.clip(img * 1.3 + 30, 0, 255).astype(np.uint8)).save(out)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Colored Digits (16 px) whose train split is cut in two halves, plus hazy copies of the second half."""
+    tmp = tmp_path_factory.mktemp("realism")
+    ds = fb.colored_digits(f"fb-realism-{os.getpid()}", num_classes=10, train_per_class=40, test_per_class=10,
+                           conflict_ratio=0.05, image_size=16, persistent=False, overwrite=True,
+                           output_dir=str(tmp / "digits"))
+    train = ds.match_tags("train")
+    ids = train.values("id")
+    perm = np.random.default_rng(0).permutation(len(ids))
+    ds.select([ids[i] for i in perm[: len(ids) // 2]]).tag_samples("half_a")
+    ds.select([ids[i] for i in perm[len(ids) // 2:]]).tag_samples("half_b")
+    samples = []
+    for k, (path, gt, col) in enumerate(zip(*ds.match_tags("half_b").values(
+            ["filepath", "ground_truth.label", "color.label"]))):
+        out = str(tmp / f"haze_{k:04d}.png")
+        _haze(path, out)
+        samples.append(fo.Sample(filepath=out, tags=["generated"], generated=True,
+                                 ground_truth=fo.Classification(label=gt), color=fo.Classification(label=col)))
+    ds.add_samples(samples)
+    yield ds
+    ds.delete()
+
+
+def _clear(ds, key):
+    if ds.has_run(key):
+        runs.delete_run(ds, key)
+
+
+def test_real_versus_real_is_indistinguishable(digits):
+    _clear(digits, "rr")
+    res = fb.measure_realism(digits.match_tags("half_a"), digits.match_tags("half_b"), attribute_field="color",
+                             run_key="rr")
+    assert abs(res.two_sample_accuracy - 0.5) <= 0.12, res.two_sample_accuracy
+    assert not res.separable and res.warnings == []
+    assert 0.8 <= res.intensity_ratio <= 1.25
+    # both halves are real: a classifier trained on either reads the other as well (same count)
+    assert res.tstr_accuracy > 0.6 and abs(res.tstr_accuracy - res.trtr_accuracy) <= 0.15
+    assert res.num_real == res.num_generated == 200
+    assert runs.get_run_config(digits, "rr")["method"] == "fairbalance.realism"
+    assert runs.load_run_results(digits, "rr")["two_sample_accuracy"] == res.two_sample_accuracy
+
+
+def test_hazy_images_are_trivially_separable_and_warned(digits):
+    _clear(digits, "rs")
+    res = fb.measure_realism(digits.match_tags(["half_a", "generated"]), label_field="ground_truth",
+                             attribute_field="color", test_samples=digits.match_tags("test"), run_key="rs")
+    assert res.two_sample_accuracy >= 0.95 and res.separable
+    assert any("discriminator" in w for w in res.warnings) and any("bright" in w for w in res.warnings)
+    assert res.intensity_ratio > 1.5
+    g, r = res.generated_statistics, res.real_statistics
+    assert g["background_intensity"] > r["background_intensity"] + 0.05 and g["count"] == r["count"] == 200
+    cell = next(c for c, v in res.cell_statistics.items() if "real" in v and "generated" in v)
+    assert "|" in cell and res.cell_statistics[cell]["generated"]["mean_intensity"] > \
+        res.cell_statistics[cell]["real"]["mean_intensity"]
+    assert res.num_tstr_test == len(digits.match_tags("test")) and res.tstr_accuracy is not None
+    assert res.to_dict()["separable"] is True
+    with pytest.raises(FairBalanceError, match="already exists"):
+        fb.measure_realism(digits.match_tags(["half_a", "generated"]), run_key="rs")
+
+
+def test_bad_input_is_refused_before_any_run(digits):
+    half = digits.match_tags("half_a")
+    with pytest.raises(FairBalanceError, match="discriminator"):
+        fb.measure_realism(half, digits.match_tags("half_b"), discriminator="svm", run_key="bad")
+    with pytest.raises(FairBalanceError, match="share images"):
+        fb.measure_realism(half, half, run_key="bad")
+    with pytest.raises(FairBalanceError, match="not found"):
+        fb.measure_realism(half, digits.match_tags("half_b"), label_field="nope", run_key="bad")
+    with pytest.raises(FairBalanceError, match="folds"):
+        fb.measure_realism(half, digits.match_tags("half_b"), folds=1, run_key="bad")
+    assert not digits.has_run("bad")
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """Real train digits + generated ones: 40 exact copies of real images (pass for real) and 40 hazy ones."""
+    ds = fb.colored_digits(f"fb-realism-mixed-{os.getpid()}", num_classes=5, train_per_class=40, test_per_class=8,
+                           conflict_ratio=0.05, image_size=16, persistent=False, overwrite=True,
+                           output_dir=str(tmp_path / "digits"))
+    train = ds.match_tags("train")
+    rows = list(zip(*train.values(["filepath", "ground_truth.label", "color.label"])))
+    rng = np.random.default_rng(1)
+    samples = []
+    for k, j in enumerate(rng.permutation(len(rows))[:80]):
+        path, gt, col = rows[j]
+        out = str(tmp_path / f"gen_{k:03d}.png")
+        hazy = k >= 40
+        if hazy:
+            _haze(path, out)
+        else:  # another real-looking image: a real one with a little pixel noise
+            img = np.asarray(Image.open(path).convert("RGB"), dtype=float)
+            Image.fromarray(np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)).save(out)
+        samples.append(fo.Sample(filepath=out, tags=["generated"], generated=True, hazy=hazy,
+                                 ground_truth=fo.Classification(label=gt), color=fo.Classification(label=col)))
+    ds.add_samples(samples)
+    yield ds
+    ds.delete()
+
+
+def test_discriminator_filter_excludes_the_separable_without_any_label(mixed):
+    ds = mixed
+    view = ds.match_tags(["train", "generated"])
+    hazy = set(ds.match({"hazy": True}).values("id"))
+    # no bias, cluster or class label is needed: the label field named does not even exist
+    res = fb.filter_generated(view, "no_such_field", method="discriminator", bottom_fraction=0.5, action="exclude",
+                              score_field="realism_score")
+    marked = set(ds.match({"filtered_out": True}).values("id"))
+    assert res.num_scored == 80 and res.num_excluded == 40
+    assert len(marked & hazy) >= 36, len(marked & hazy)  # the hazy images are the most separable
+    assert 0.6 < res.two_sample_accuracy < 0.9  # half of the generated set passes for real
+    scores = dict(zip(*ds.match_tags("generated").values(["id", "realism_score"])))
+    assert np.median([scores[i] for i in hazy]) < 0.2 < np.median([s for i, s in scores.items() if i not in hazy])
+    cfg = runs.get_run_config(ds, "filter_generated")
+    assert cfg["score_method"] == "discriminator" and cfg["folds"] == 5 and cfg["label_field"] is None
+    assert runs.load_run_results(ds, "filter_generated")["two_sample_accuracy"] == res.two_sample_accuracy
+    clf = fb.train_classifier(view, method="synthetic", epochs=1, run_key=None)
+    assert clf.num_filtered_out == 40 and clf.num_generated_used == 40
+
+
+def test_discriminator_weights_are_density_ratios_training_uses(mixed):
+    from fairbalance import training
+
+    ds = mixed
+    view = ds.match_tags(["train", "generated"])
+    res = fb.filter_generated(view, method="discriminator", bottom_fraction=0.1, action="weight", max_weight=5.0,
+                              score_field="realism_score", run_key="fw")
+    gen = ds.match_tags("generated")
+    ids, p, w = gen.values(["id", "realism_score", "generation_weight"])
+    p, w = np.array(p), np.array(w)
+    ratio = np.minimum(np.clip(p, 1e-6, 1 - 1e-6) / (1 - np.clip(p, 1e-6, 1 - 1e-6)), 5.0)
+    assert np.allclose(w, ratio / ratio.mean()) and res.mean_weight == pytest.approx(1.0)
+    hazy = np.array(gen.values("hazy"))
+    assert w[hazy].mean() < 0.5 * w[~hazy].mean()
+    data = training.labelled_samples(view, "ground_truth")
+    for method in ("synthetic", "two_stage"):
+        cfg = training.TrainConfig("ground_truth", data.classes, method, weight_field="generation_weight")
+        weights = training._sample_weights(view, data, cfg)
+        by_id = dict(zip(ids, w))
+        assert np.allclose(weights, [by_id.get(i, 1.0) for i in data.ids])  # real 1, generated their ratio
+    two = fb.train_classifier(view, method="two_stage", weight_field="generation_weight", epochs=1, head_epochs=1,
+                              run_key=None)
+    assert two.num_generated_used == 80
+
+
+def test_discriminator_filter_bad_input_writes_nothing(mixed):
+    ds = mixed
+    view = ds.match_tags(["train", "generated"])
+    for kwargs, match in [(dict(folds=1), "folds"), (dict(max_weight=0.5), "max_weight"),
+                          (dict(texts={"0": "a red digit"}), "compares images only")]:
+        with pytest.raises(FairBalanceError, match=match):
+            fb.filter_generated(view, method="discriminator", **kwargs)
+    with pytest.raises(FairBalanceError, match="real samples"):
+        fb.filter_generated(ds.match_tags("generated"), method="discriminator")
+    assert not ds.has_run("filter_generated") and not ds.has_field("generation_score")
+
+
+TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory):
+    """Colored Digits (3 classes) and a tiny class x colour diffusion model trained one epoch on it."""
+    tmp = tmp_path_factory.mktemp("cells")
+    ds = fb.colored_digits(f"fb-realism-cells-{os.getpid()}", num_classes=3, train_per_class=20, test_per_class=2,
+                           image_size=16, persistent=False, overwrite=True, output_dir=str(tmp / "digits"))
+    model = fb.train_conditional_diffusion(ds, "ground_truth", attribute_field="color", output_dir=str(tmp / "m"),
+                                           epochs=1, run_key="cells_model", **TINY)
+    yield ds, model
+    ds.delete()
+
+
+def test_generation_result_reports_realism(cells, tmp_path):
+    src, model = cells
+    ds = src.clone()
+    try:
+        kwargs = dict(mode="cells", per_cell=8, source="noise", num_inference_steps=3, realism_sample=40)
+        with pytest.warns(UserWarning, match="discriminator tells"):  # a one-epoch model from noise: noise
+            res = fb.generate_balanced(ds, "ground_truth", model=model, output_dir=str(tmp_path / "a"), **kwargs)
+        real = res.realism
+        assert real["num_generated"] == min(40, res.num_added) and real["num_real"] == 40
+        assert real["two_sample_accuracy"] >= 0.9 and "discriminator" in real["warning"]
+        out = res.to_dict()
+        assert out["two_sample_accuracy"] == real["two_sample_accuracy"] and out["realism_warning"]
+        stored = runs.load_run_results(ds, "generate_balanced")
+        assert stored["realism"]["two_sample_accuracy"] == real["two_sample_accuracy"]
+        assert real["generated_mean_intensity"] != real["real_mean_intensity"]
+        skipped = fb.generate_balanced(ds, "ground_truth", model=model, output_dir=str(tmp_path / "b"),
+                                       run_key="b", **{**kwargs, "realism_sample": 0})
+        assert skipped.realism is None and "two_sample_accuracy" not in skipped.to_dict()
+        with pytest.raises(FairBalanceError, match="realism_sample"):
+            fb.generate_balanced(ds, "ground_truth", model=model, run_key="c", **{**kwargs, "realism_sample": -1})
+        assert not ds.has_run("c")
+    finally:
+        ds.delete()
+
+
+def _sources(ds, diff, n=6):
+    from fairbalance import training
+
+    paths, gt, col = ds.match_tags("train").values(["filepath", "ground_truth.label", "color.label"])
+    x = training.load_images(paths[:n], [16, 16], scale="symmetric")
+    own = [(diff.classes.index(g), diff.attributes.index(c)) for g, c in zip(gt[:n], col[:n])]
+    return x, own, ((x + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+
+
+def test_ddim_inversion_gives_the_source_back_under_its_own_condition(cells):
+    from fairbalance.diffusion import load_conditional_diffusion, sample_images
+
+    ds, model = cells
+    diff = load_conditional_diffusion(model)
+    x, own, src = _sources(ds, diff)
+    kw = dict(guidance_scale=1.0, num_inference_steps=25, attribute_guidance_scale=1.0, init_images=x,
+              edit_strength=0.5, reference_labels=own)
+    noised = sample_images(diff, own, list(range(len(own))), **kw)
+    inverted = sample_images(diff, own, list(range(len(own))), inversion=True, **kw)
+    err_noised, err_inverted = (np.abs(a.astype(float) - src).mean() for a in (noised, inverted))
+    assert err_inverted < 10 and err_inverted < err_noised / 3, (err_inverted, err_noised)
+    # another colour asked: the inverted start changes the image (not a copy of the source)
+    other = [(c, (a + 1) % len(diff.attributes)) for c, a in own]
+    moved = sample_images(diff, other, list(range(len(own))), inversion=True,
+                          **{**kw, "attribute_guidance_scale": 4.0})
+    assert np.abs(moved.astype(float) - src).mean() > err_inverted
+    with pytest.raises(FairBalanceError, match="init_images"):
+        sample_images(diff, own, [0] * len(own), inversion=True)
+
+
+def test_keep_background_copies_the_source_background(cells, tmp_path):
+    from fairbalance.diffusion import background_mask, load_conditional_diffusion, sample_images
+
+    src_ds, model = cells
+    diff = load_conditional_diffusion(model)
+    x, own, src = _sources(src_ds, diff)
+    out = sample_images(diff, own, list(range(len(own))), num_inference_steps=4, init_images=x, edit_strength=0.8,
+                        keep_background=True)
+    mask = background_mask(x)[:, 0].numpy()
+    assert 0.3 < mask.mean() < 0.98  # a digit on a background
+    assert np.array_equal(out[mask], src[mask].astype(np.uint8))
+    plain = sample_images(diff, own, list(range(len(own))), num_inference_steps=4, init_images=x, edit_strength=0.8)
+    assert not np.array_equal(plain[mask], src[mask].astype(np.uint8))
+    # through generate_balanced: recorded in the provenance, the background of every edit is its source's
+    ds = src_ds.clone()
+    try:
+        res = fb.generate_balanced(ds, "ground_truth", model=model, mode="cells", per_cell=8, source="edit",
+                                   inversion=True, keep_background=True, guidance_reference="source",
+                                   attribute_guidance_scale=3.0, num_inference_steps=6, realism_sample=0,
+                                   output_dir=str(tmp_path / "kb"))
+        assert res.num_added > 0
+        cfg = runs.get_run_config(ds, "generate_balanced")
+        assert cfg["inversion"] is True and cfg["keep_background"] is True
+        for s in ds.match_tags("generated").select_fields("generation").iter_samples():
+            assert s.generation["inversion"] and s.generation["keep_background"]
+            gen = np.asarray(Image.open(s.filepath).convert("RGB"))
+            source = np.asarray(Image.open(s.generation["source_filepath"]).convert("RGB"))
+            from fairbalance import training
+
+            m = background_mask(training.load_images([s.generation["source_filepath"]], [16, 16],
+                                                     scale="symmetric"))[0, 0].numpy()
+            assert np.array_equal(gen[m], source[m])
+        for kwargs, match in [(dict(source="noise", inversion=True), "needs source='edit'"),
+                              (dict(source="edit", keep_background="yes"), "True or False")]:
+            with pytest.raises(FairBalanceError, match=match):
+                fb.generate_balanced(ds, "ground_truth", model=model, mode="cells", per_cell=8, run_key="bad",
+                                     **kwargs)
+        assert not ds.has_run("bad")
+    finally:
+        ds.delete()
