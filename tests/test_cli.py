@@ -507,11 +507,17 @@ def test_runtime_failure_exits_4_and_sdk_words_become_cli_words(small, tmp_path,
     assert out.returncode == 4 and "Traceback" in out.stderr and "fairbalance: failed:" in out.stderr, \
         (out.returncode, out.stderr[-2000:])
     folder = tmp_path / "out"
-    folder.mkdir()
-    (folder / "keep.txt").write_text("x")
-    assert cli.main(["export", small.name, "--output", str(folder)]) == 2
+    assert cli.main(["export", small.name, "--output", str(folder)]) == 0
+    capsys.readouterr()
+    assert cli.main(["export", small.name, "--output", str(folder)]) == 2  # an earlier export: needs the flag
     err = capsys.readouterr().err
     assert "--overwrite" in err and "overwrite=True" not in err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")  # a folder of the user's own files: refused, and the flag is not offered
+    assert cli.main(["export", small.name, "--output", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "did not write" in err and "overwrite=True" not in err
 
 
 def test_a_record_of_the_earlier_format_counts_as_done(small, tmp_path, capsys):
