@@ -158,14 +158,9 @@ def claim_output_folder(folder: str, dataset, run_key: str, overwrite: bool = Fa
     """
     folder = os.path.abspath(os.fspath(folder))
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise validation.FairBalanceError(f"Output folder {folder} is a file, not a folder")
+        raise validation.FairBalanceError(f"Output folder {folder} is a file, not a folder; choose another output_dir")
     claims.claim_folder(folder, shared_by)  # first: a folder another operation holds is not even created
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise validation.FairBalanceError(f"Cannot create output folder {folder}: {e}") from e
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise validation.FairBalanceError(f"Output folder {folder} is not writable")
+    validation.require_writable_dir(folder)
     me = _owner_of(dataset, run_key)
     owner = read_owner(folder)
     if owner is None:
