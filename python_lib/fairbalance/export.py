@@ -173,7 +173,7 @@ def export_samples(
     if format not in FORMATS:
         raise validation.FairBalanceError(f"format must be one of {FORMATS}, not {format!r}")
     validation.require_fields(samples, [label_field] + ([weights_field] if weights_field else []))
-    label_path(samples, label_field)  # a class field, refused before anything is touched
+    path = label_path(samples, label_field)  # a class field, refused before anything is touched
     _require_weights(samples, weights_field)
     _, excluded = _exclusions(samples, label_field, include_generated, exclude_tags)
     unlabelled = [e for e in excluded if e[2].startswith("generated sample without")]
@@ -181,7 +181,7 @@ def export_samples(
         from fiftyone import ViewField as Fv
 
         gen_runs = sorted(set(samples.match(Fv("generated") == True).exists(  # noqa: E712
-            label_path(samples, label_field), False).distinct("generation.run_key")) - {None}) \
+            path, False).distinct("generation.run_key")) - {None}) \
             if samples._root_dataset.has_field("generation") else []
         raise validation.FairBalanceError(
             f"{len(unlabelled)} generated sample(s) (run(s) {gen_runs}) have no '{label_field}' and would be left "
@@ -197,9 +197,8 @@ def export_samples(
     output_dir = folders.claim_output_folder(output_dir, samples._root_dataset, EXPORT_OWNER, overwrite)
     before = set(os.listdir(output_dir))
     own_files = [n + t for n in (MANIFEST, RUNS_FILE, EXCLUDED_FILE) for t in ("", ".tmp")]
-    folders.record(output_dir, own_files + ([str(c) for c in view.distinct(label_path(samples, label_field))]
+    folders.record(output_dir, own_files + ([str(c) for c in view.distinct(path)]
                                             if format == "image-classification-dir" else []))
-    path = label_path(samples, label_field)
     if format == "image-classification-dir":
         exporter = _RecordingDirectoryTreeExporter(output_dir)
         view.export(dataset_exporter=exporter, label_field=label_field, progress=progress)
