@@ -61,6 +61,7 @@ class BalanceReport:
     imbalance_ratio: float
     attribute_field: str | None = None
     cross_table: list[CrossTableRow] = field(default_factory=list)
+    run_key: str | None = None  # the run it was saved as, if any
 
     @property
     def num_classes(self) -> int:
@@ -125,6 +126,7 @@ def balance_report(
             {"label_field": label_field, "attribute_field": attribute_field}, [], overwrite,
         )
     report = _compute_report(samples, label_field, attribute_field)
+    report.run_key = run_key
     if run is not None:
         run.write(lambda: None)
         run.save_results(report.to_dict())

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from fairbalance import validation
+from fairbalance import claims, validation
 from fairbalance.fields import label_path
 
 FORMATS = ("image-classification-dir", "fiftyone", "csv-manifest")
@@ -142,6 +142,7 @@ def _training_view(samples, label_field: str, include_generated: bool, exclude_t
     return view
 
 
+@claims.exclusive  # the output folder is claimed while it is written: a second export into it is refused
 def export_samples(
     samples,
     output_dir: str,
