@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fairbalance import claims, validation
+from fairbalance import runs, validation
 from fairbalance.balance import BalanceReport, balance_report
 from fairbalance.pseudo_labels import PseudoLabelsResult, compute_pseudo_labels
 from fairbalance.pseudo_labels import validate_inputs as validate_pseudo_label_inputs
@@ -32,7 +32,7 @@ class AuditResult:
                 "pseudo_labels": self.pseudo_labels.to_dict(), "report": self.report.to_dict()}
 
 
-@claims.exclusive
+@runs.writer("balance_report", keys=lambda a: {a["run_key"]: "balance_report", f"{a['run_key']}_sa_features": "sa_features", f"{a['run_key']}_pseudo_labels": "pseudo_labels"})
 def audit_balance(
     samples,
     attribute: str | None = None,

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from fairbalance import claims, validation
+from fairbalance import runs, validation
 from fairbalance.fields import label_path
 
 
@@ -101,7 +101,7 @@ def _sorted_counts(raw: Mapping) -> dict[str, int]:
     return dict(sorted(((str(k), int(v)) for k, v in raw.items()), key=key))
 
 
-@claims.exclusive
+@runs.writer("balance_report")
 def balance_report(
     samples,
     label_field: str,

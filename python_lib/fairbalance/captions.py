@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from fairbalance import claims, images, models, runs, sharding, validation, writeback
+from fairbalance import images, models, runs, sharding, validation, writeback
 
 CAPTION_PROMPT = "Describe this image in one sentence."
 
@@ -167,7 +167,7 @@ def validate_inputs(samples, num_captions=3, caption_field="captions", batch_siz
         raise validation.FairBalanceError(f"seed must be an integer, got {seed!r}")
 
 
-@claims.exclusive
+@runs.writer("captions")
 def compute_captions(
     samples,
     model: str = "Salesforce/blip-image-captioning-base",
@@ -300,7 +300,7 @@ def keep_caption(caption: str, words: set[str]) -> bool:
     return any(w in words for w in tokenize(caption))
 
 
-@claims.exclusive
+@runs.writer("caption_filter")
 def filter_captions(
     samples,
     caption_field: str = "captions",

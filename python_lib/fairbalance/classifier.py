@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from fairbalance import claims, distributed, folders, runs, training, validation, writeback
+from fairbalance import distributed, folders, runs, training, validation, writeback
 from fairbalance.balance import label_path
 from fairbalance.training import TrainedClassifier, load_classifier
 
 
-@claims.exclusive
+@runs.writer("train_classifier")
 def train_classifier(
     samples,
     label_field: str = "ground_truth",
@@ -137,7 +137,7 @@ class ApplyResult:
         return asdict(self)
 
 
-@claims.exclusive
+@runs.writer("apply_classifier", keys=lambda a: {a["run_key"] or a["predictions_field"]: "apply_classifier"})
 def apply_classifier(
     samples,
     model=None,
@@ -207,7 +207,7 @@ class Evaluation:
         return asdict(self)
 
 
-@claims.exclusive
+@runs.writer("evaluate_classifier")
 def evaluate_classifier(
     samples,
     predictions_field: str = "predictions",

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fairbalance import claims, runs, sharding, training, validation
+from fairbalance import runs, sharding, training, validation
 from fairbalance.diffusion import ConditionalDiffusionModel, load_conditional_diffusion
 from fairbalance.generation import (GenerationJob, GenerationResult, _check_shard_args, _require_own_target,
                                     generate_plan)
@@ -356,7 +356,7 @@ class InjectionResult(GenerationResult):
     model_dir: str = ""
 
 
-@claims.exclusive
+@runs.writer("diffinject", resumable=True)
 def inject_bias_conflicting(
     samples,
     model: str | None = None,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fairbalance import claims, distributed, folders, models, runs, training, validation
+from fairbalance import distributed, folders, models, runs, training, validation
 
 LABELS_FILE = "fairbalance_labels.json"
 CONDITION_FILE = "condition.safetensors"
@@ -165,7 +165,7 @@ def _factor_labels(samples, label_field, attribute_field):
     return data, y, attributes
 
 
-@claims.exclusive
+@runs.writer("conditional_diffusion", resumable=True)
 def train_conditional_diffusion(
     samples,
     label_field: str = "sa_cluster",

@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fairbalance import claims, models, runs, validation
+from fairbalance import models, runs, validation
 
 ACTIONS = ("tag", "exclude", "weight")
 SCORE_METHODS = ("clip", "pixels", "discriminator")
 
 
-@claims.exclusive
+@runs.writer("filter_generated")
 def filter_generated(
     samples,
     label_field: str = "sa_cluster",

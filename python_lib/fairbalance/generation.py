@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fairbalance import balance, claims, folders, runs, sharding, training, validation, writeback
+from fairbalance import balance, folders, runs, sharding, training, validation, writeback
 from fairbalance.balance import label_path
 from fairbalance.diffusion import ConditionalDiffusionModel, load_conditional_diffusion, sample_images, validate_sampling
 
@@ -209,7 +209,7 @@ def finish_generation(run: runs.PreparedRun, result: GenerationResult, **extra) 
     return result
 
 
-@claims.exclusive
+@runs.writer("generate_balanced", resumable=True)
 def generate_balanced(
     samples,
     label_field: str = "sa_cluster",

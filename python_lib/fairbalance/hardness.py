@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fairbalance import claims, distributed, folders, models, runs, sharding, training, validation, writeback
+from fairbalance import distributed, folders, models, runs, sharding, training, validation, writeback
 
 # the settings that train the biased model: with a trained ``classifier`` they are its own, not the caller's
 TRAINING_SETTINGS = ("q", "backbone", "pretrained", "image_size", "normalize", "epochs", "lr", "seed")
@@ -189,7 +189,7 @@ def validate_inputs(samples, label_field: str = "ground_truth", loss_field: str 
     return _Inputs(data, k, clf, folder)
 
 
-@claims.exclusive
+@runs.writer("hardness")
 def compute_hardness(
     samples,
     label_field: str = "ground_truth",

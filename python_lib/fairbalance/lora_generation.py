@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fairbalance import claims, runs, sharding, training, validation
+from fairbalance import runs, sharding, training, validation
 from fairbalance.generation import (GenerationJob, GenerationResult, _check_shard_args, _require_own_target,
                                     generate_plan, plan_counts)
 from fairbalance.lora import (GroupAdapters, _model_condition, _real_groups, activate, group_key,
@@ -31,7 +31,7 @@ class _Input:
     source_condition: tuple[int, ...] | None = None
 
 
-@claims.exclusive
+@runs.writer("generate_per_group", resumable=True)
 def generate_per_group(
     samples,
     adapters=None,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fairbalance import claims, distributed, folders, runs, training, validation
+from fairbalance import distributed, folders, runs, training, validation
 from fairbalance.lora import (MANIFEST_FILE, METHODS, MIN_IMAGES_PER_GROUP, PRIOR_STEPS, _add_adapter, _Base,
                               _cluster, _delete_adapter, _group_fields, _load_base, _model_condition, _read_meta,
                               _real_groups, _save_adapter, activate, base_kind, group_key, require_peft)
@@ -82,7 +82,7 @@ def _check_number(name, value, low=0.0, strict=True):
                                           f"got {value!r}")
 
 
-@claims.exclusive
+@runs.writer("finetune_per_group", resumable=True)
 def finetune_per_group(
     samples,
     group_field="ground_truth",

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fairbalance import balance, claims, clustering, runs, validation, writeback
+from fairbalance import balance, clustering, runs, validation, writeback
 
 
 @dataclass
@@ -66,7 +66,7 @@ def validate_inputs(samples, features_field="sa_features", label_field="sa_clust
     validation.require_seed(seed)
 
 
-@claims.exclusive
+@runs.writer("pseudo_labels")
 def compute_pseudo_labels(
     samples,
     features_field: str = "sa_features",

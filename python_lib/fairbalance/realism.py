@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fairbalance import claims, models, runs, training, validation
+from fairbalance import models, runs, training, validation
 
 DISCRIMINATORS = ("mlp", "cnn")
 SEPARABLE_ACCURACY = 0.9  # two-sample accuracy at or above which the generated set is called trivially separable
@@ -220,7 +220,7 @@ def _tstr(xg, yg, xr, yr, xt, yt, epochs, seed, dev) -> tuple[float, float, int]
     return out[0], out[1], n
 
 
-@claims.exclusive
+@runs.writer("realism")
 def measure_realism(
     real_samples,
     generated_samples=None,

@@ -16,6 +16,8 @@ Typical use inside a capability::
 from __future__ import annotations
 
 import datetime as _dt
+import functools
+import inspect
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -172,6 +174,69 @@ class PreparedRun:
         dataset.save_run_results(self.run_key, dataset.init_run_results(self.run_key, **payload), overwrite=True)
 
 
+def check_run_key(samples, run_key: str, method: str, overwrite: bool = False, resumable: bool = False) -> bool:
+    """Claim ``run_key`` and refuse it if taken: another kind's run, or (unless ``overwrite`` or ``resumable``)
+    any run; whether the run exists. The first check of every writer (:func:`writer`) and of :func:`prepare`."""
+    validate_run_key(run_key)
+    dataset = samples._root_dataset
+    claims.claim_run(dataset, run_key)
+    if not dataset.has_run(run_key):
+        return False
+    method_old = getattr(dataset.get_run_info(run_key).config, "method", None)
+    if method_old != CONFIG_PREFIX + method:
+        raise validation.FairBalanceError(
+            f"Run '{run_key}' was made by {method_old!r}, not {CONFIG_PREFIX + method!r}; use another key")
+    if not overwrite and not resumable:
+        raise validation.FairBalanceError(
+            f"Run '{run_key}' already exists on dataset '{dataset.name}'; pass overwrite=True to replace it")
+    return True
+
+
+def _existing_dataset(target):
+    """A generator's ``target_dataset`` when it exists already (a dataset, or the name of one), else None."""
+    if not isinstance(target, str):
+        return target
+    import fiftyone as fo
+
+    return fo.load_dataset(target) if fo.dataset_exists(target) else None
+
+
+def writer(method: str | None, resumable: bool = False, keys: Callable[[dict], dict] | None = None):
+    """Decorate a public writer: it runs holding its claims (:func:`claims.exclusive`), and its run key is
+    checked and claimed (:func:`check_run_key`) before its body runs, so before any model is loaded or any
+    folder or dataset created, in every writer alike.
+
+    ``method``: the kind of run it records; ``resumable``: a rerun of the same
+    kind may resume (its config is compared later, by :func:`prepare`);
+    ``keys(arguments) -> {run_key: method}`` when it records other or more
+    keys than ``run_key`` (None skips one). The run lives on the samples'
+    dataset, or on an existing ``target_dataset``; a shard's call is not
+    checked (its job owns the run: :mod:`fairbalance.sharding`).
+    """
+
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            a = bound.arguments
+            if a.get("shard") is None:
+                samples = next(iter(a.values()))
+                target = _existing_dataset(a["target_dataset"]) if a.get("target_dataset") is not None else samples
+                for key, kind in (keys(a) if keys else {a.get("run_key"): method}).items():
+                    if key is not None and target is not None and hasattr(samples, "_root_dataset"):
+                        check_run_key(target, key, kind, bool(a.get("overwrite")), resumable)
+            return fn(*args, **kwargs)
+
+        wrapped = claims.exclusive(checked)
+        wrapped.run_method = method  # what the writer records (the contract test checks every writer has one)
+        return wrapped
+
+    return decorate
+
+
 def _config_differences(stored: dict, config: dict, ignore: Iterable[str], defaults: dict | None = None) -> list[str]:
     """Keys whose values differ; a key an older version did not record counts as its ``defaults`` value."""
     new, defaults = _jsonable(config), _jsonable(defaults or {})
@@ -207,23 +272,14 @@ def prepare(
     for f in fields:
         validation.require_field_name(f)
     dataset = samples._root_dataset
-    claims.claim_run(dataset, run_key)
+    exists = check_run_key(dataset, run_key, method, overwrite, resumable=rerun_same_config)
     for f in fields:
         claims.claim_field(dataset, f)
     resumed = False
-    if dataset.has_run(run_key):
-        method_old = getattr(dataset.get_run_info(run_key).config, "method", None)
-        if method_old != CONFIG_PREFIX + method:
-            raise validation.FairBalanceError(
-                f"Run '{run_key}' was made by {method_old!r}, not {CONFIG_PREFIX + method!r}; use another key"
-            )
+    if exists:
         if not overwrite:
             differs = _config_differences(get_run_config(dataset, run_key), config, ignore_for_rerun,
                                           defaults_for_unrecorded)
-            if not rerun_same_config:
-                raise validation.FairBalanceError(
-                    f"Run '{run_key}' already exists on dataset '{dataset.name}'; pass overwrite=True to replace it"
-                )
             if differs:
                 raise validation.FairBalanceError(
                     f"Run '{run_key}' already exists on dataset '{dataset.name}' with another configuration "

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from fairbalance import claims, embeddings, models, related_texts, runs, sharding, validation, writeback
+from fairbalance import embeddings, models, related_texts, runs, sharding, validation, writeback
 
 FEATURES_CHUNK = 65_536
 
@@ -32,7 +32,7 @@ class SAFeaturesResult:
         return asdict(self)
 
 
-@claims.exclusive
+@runs.writer("sa_features")
 def compute_sa_features(
     samples,
     attribute: str | None = None,

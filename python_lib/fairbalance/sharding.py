@@ -615,6 +615,13 @@ def require_same_weights_everywhere(function: str, kwargs: dict) -> None:
             "checkpoint file) or a model folder (model='local-dir:/path')")
 
 
+def _job_run_key(arguments: dict) -> dict:
+    """The run a ``queue_sharded`` call records: ``{run key: method}`` (checked first by :func:`runs.writer`)."""
+    spec = shardable(arguments["function"])
+    return {arguments["run_key"] or _default(spec.function, "run_key"): spec.method}
+
+
+@runs.writer(None, resumable=True, keys=_job_run_key)
 def queue_sharded(samples, function: str, num_shards: int, run_key: str | None = None, overwrite: bool = False,
                   then=None, orphan_after_s: float = ORPHAN_AFTER_S, **kwargs) -> ShardedJob:
     """Queue ``function`` on ``samples`` as ``num_shards`` delegated operations (one per shard).

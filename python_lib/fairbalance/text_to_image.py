@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from fairbalance import claims, models, sharding, validation
+from fairbalance import models, runs, sharding, validation
 from fairbalance.generation import (GenerationJob, GenerationResult, _check_shard_args, _require_own_target,
                                     generate_plan)
 
@@ -34,7 +34,7 @@ def _truncate(pipe, prompts: list[str]) -> list[str]:
     return out
 
 
-@claims.exclusive
+@runs.writer("text_to_image", resumable=True)
 def generate_from_captions(
     samples,
     caption_field: str = "filtered_captions",
