@@ -45,6 +45,8 @@ for (const el of arguments[0].querySelectorAll('*')) {
 return false;"""
 RAW_FLOAT = re.compile(r"(?<![\w/.-])-?\d+\.\d{4,}(?![\w/])")  # 4+ decimals: not rounded for reading
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # a real browser against a real App
+
 
 def _browser():
     try:

@@ -13,6 +13,8 @@ import pytest
 from test_app_server import app_server  # noqa: F401  (fixture: App server on loopback)
 from test_browser import App, _browser, _wait  # noqa: F401
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a real browser against a real App
+
 PLACE = "fb-browser-place"
 
 

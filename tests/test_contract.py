@@ -88,6 +88,8 @@ def fresh(colors):
     clone.delete()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_second_generator_refused_then_killed_writer_resumes_without_duplicates(fresh, tmp_path):
     ds, model = fresh
     out = tmp_path / "gen"
@@ -111,6 +113,8 @@ def test_second_generator_refused_then_killed_writer_resumes_without_duplicates(
 
 
 @pytest.mark.parametrize("held", ["run", "field", "folder"])
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_claims_refuse_before_any_work_and_die_with_their_holder(fresh, tmp_path, held):
     ds, _ = fresh
     ids = ds.values("id")

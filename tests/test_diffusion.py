@@ -308,6 +308,8 @@ def test_diffusion_operators(three_colors, tmp_path):
         ds.delete()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_class_conditioning_sets_the_colour(tmp_path):
     """A short CPU training run must learn that the class decides the colour (not the initial noise).
 

@@ -186,6 +186,8 @@ def test_bad_input_is_one_clear_error_before_any_write(prepared, model, tiny_cli
     assert not os.path.exists(os.path.join(ctx.out, generation.GENERATION_FILE))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_cli_maps_bad_input_to_exit_2(prepared):
     """fields.label_path's refusal reaches the CLI as exit 2 (usage), not 1 (gate failed) with a traceback."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -267,6 +269,8 @@ def test_operator_forms_have_the_library_ceilings():
             assert "LIMITS" in src or float(ast.literal_eval(src)) == validation.LIMITS[name], (where, name, src)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_tmp_png_removed_when_the_disk_is_full(tmp_path):
     """A write that fails part-way (RLIMIT_FSIZE: the OS refuses to grow the file, as on a full disk) leaves no
     ``.tmp.png`` behind. A PNG smaller than Python's write buffer fails at close(), after PIL's own clean-up."""
@@ -291,6 +295,8 @@ except OSError as e:
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_a_full_disk_while_saving_a_model_is_one_clear_error_and_leaves_no_temp_file(tmp_path):
     """Disk full at a checkpoint (#24 item 12): the write fails (RLIMIT_FSIZE makes the OS refuse to grow the file,
     as a full disk does); the user gets one ``FairBalanceError`` naming the folder and what to do, not torch's raw

@@ -141,6 +141,8 @@ def _training_weights(model_dir: str) -> dict:
         return load_file(os.path.join(state, json.load(f)["folder"], "model.safetensors"))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_two_processes_train_like_one(digits, tmp_path):
     out, busy = tmp_path / "mp", tmp_path / "busy"
     out.mkdir()

@@ -242,6 +242,8 @@ def _wait(ds, predicate, what, timeout=600, logs=(), allowed_failures=()):
     raise AssertionError(f"waiting for {what}: {failed}\n{tails}")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_two_workers_run_four_shards_once_and_a_killed_shard_resumes(digits_copy, sa_kwargs, tmp_path):
     import fiftyone.operators.delegated as food
     from bson import ObjectId

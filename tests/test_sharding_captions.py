@@ -132,6 +132,7 @@ def test_captions_form_with_shards_queues_them_and_a_worker_loop_finishes_the_ru
 
 
 @pytest.mark.slow  # a worker process imports fiftyone, torch and transformers: ~60 s on the loaded 2-core machine
+@pytest.mark.timeout(600)
 def test_a_real_delegated_worker_runs_the_queued_caption_shards(digits_copy, tiny_blip, one_thread, tmp_path):
     """``fiftyone delegated launch`` in its own process runs the shards; the result equals one process's run."""
     import os

@@ -358,6 +358,8 @@ def test_per_group_lora_shards_equal_one_run(pair, digits, tmp_path_factory, one
         form_ds.delete()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_two_real_workers_make_the_shards_of_a_queued_generation(digits, model, tmp_path):
     """Two ``fiftyone delegated launch`` processes run the shards at once: one folder, one dataset, one record."""
     import fiftyone.operators.delegated as food

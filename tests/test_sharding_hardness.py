@@ -160,6 +160,8 @@ def _worker(log_path):
                             stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_queued_shards_run_by_a_worker_replace_the_previous_run_and_its_tags(digits_copy, biased_folder, tmp_path):
     import signal
 
