@@ -5,8 +5,9 @@ from collections import Counter
 import fiftyone as fo
 import pytest
 
-from fairbalance import demo, models
-from fairbalance.datasets import nearest_color
+from fairbalance.core import models
+from fairbalance.ops import demo
+from fairbalance.datasets.colored_digits import nearest_color
 
 
 @pytest.mark.slow

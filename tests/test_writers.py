@@ -30,7 +30,7 @@ import pytest
 
 import fairbalance as fb
 import tiny_models
-from fairbalance.validation import FairBalanceError
+from fairbalance.core.validation import FairBalanceError
 
 TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)
 TEXTS = ["a red digit", "a green digit", "a yellow digit"]
@@ -238,7 +238,7 @@ class _held:
         self.name = name
 
     def __enter__(self):
-        from fairbalance import claims
+        from fairbalance.core import claims
 
         now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
         claims._collection().insert_one({"_id": self.name, "token": "another", "pid": os.getppid(),
@@ -246,7 +246,7 @@ class _held:
                                          "heartbeat": now})
 
     def __exit__(self, *exc):
-        from fairbalance import claims
+        from fairbalance.core import claims
 
         claims._collection().delete_many({"_id": self.name})
 
@@ -265,7 +265,7 @@ def _state(ds, out):
 def test_a_taken_run_key_is_refused_before_any_model_folder_or_dataset(world, view, tmp_path, name, taken):
     """The run key is another writer's (a recorded run of another kind, or held by a running operation): the
     error names the run key, though the model paths given do not exist and the output folder is new."""
-    from fairbalance import claims
+    from fairbalance.core import claims
 
     key = "taken"
     out = tmp_path / "out"
