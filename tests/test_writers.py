@@ -84,21 +84,21 @@ RECIPES = {
     "filter_captions": lambda c, v, k: fb.filter_captions(v, caption_field="caps", output_field=k, top_f=2,
                                                           run_key=k),
     "filter_generated": lambda c, v, k: fb.filter_generated(v, "color", method="pixels", tag=k, run_key=k),
-    "finetune_per_group": lambda c, v, k: fb.finetune_per_group(
+    "finetune_per_group": lambda c, v, k, **kw: fb.finetune_per_group(
         v.match_tags("train"), group_field="color", base_model=c.diff, rank=2, steps=2, min_images=1,
-        output_dir=c.out, run_key=k),
-    "generate_balanced": lambda c, v, k: fb.generate_balanced(
+        output_dir=c.out, run_key=k, **kw),
+    "generate_balanced": lambda c, v, k, **kw: fb.generate_balanced(
         v.match_tags("train"), "color", model=c.diff, per_class=1, num_inference_steps=2, realism_sample=0,
-        output_dir=c.out, run_key=k),
-    "generate_from_captions": lambda c, v, k: fb.generate_from_captions(
+        output_dir=c.out, run_key=k, **kw),
+    "generate_from_captions": lambda c, v, k, **kw: fb.generate_from_captions(
         v.limit(2), caption_field="caps", model=c.sd, num_inference_steps=2, height=16, width=16,
-        safety_checker=False, device="cpu", output_dir=c.out, run_key=k),
-    "generate_per_group": lambda c, v, k: fb.generate_per_group(
+        safety_checker=False, device="cpu", output_dir=c.out, run_key=k, **kw),
+    "generate_per_group": lambda c, v, k, **kw: fb.generate_per_group(
         v.match_tags("train"), adapters=c.adapters, per_group=1, num_inference_steps=2, output_dir=c.out,
-        run_key=k),
-    "inject_bias_conflicting": lambda c, v, k: fb.inject_bias_conflicting(
+        run_key=k, **kw),
+    "inject_bias_conflicting": lambda c, v, k, **kw: fb.inject_bias_conflicting(
         v.match_tags("train"), model=c.diff, content_tag="bias_conflicting", label_field="ground_truth",
-        ratio=0.2, t_edit=500, t_boost=200, num_inference_steps=4, output_dir=c.out, run_key=k),
+        ratio=0.2, t_edit=500, t_boost=200, num_inference_steps=4, output_dir=c.out, run_key=k, **kw),
     "measure_realism": lambda c, v, k: fb.measure_realism(
         v.match_tags("train").match({"generated": {"$ne": True}}), v.match_tags("generated"),
         label_field="ground_truth", folds=2, epochs=1, tstr_epochs=1, run_key=k),
@@ -107,8 +107,8 @@ RECIPES = {
         embeddings_field=f"{k}_emb", features_field=k),
     "train_classifier": lambda c, v, k: fb.train_classifier(v, "ground_truth", epochs=1, batch_size=64,
                                                             output_dir=c.out, run_key=k),
-    "train_conditional_diffusion": lambda c, v, k: fb.train_conditional_diffusion(
-        v.match_tags("train"), "color", epochs=1, output_dir=c.out, run_key=k, **TINY),
+    "train_conditional_diffusion": lambda c, v, k, **kw: fb.train_conditional_diffusion(
+        v.match_tags("train"), "color", epochs=1, output_dir=c.out, run_key=k, **TINY, **kw),
 }
 # writers without a run key: their "key" is the dataset name (dataset builders) or the output folder (export)
 DATASET_BUILDERS = {
@@ -119,6 +119,10 @@ DATASET_BUILDERS = {
 FOLDER_WRITERS = {
     "export_samples": lambda c, v: fb.export_samples(v, c.out, label_field="color"),
 }
+# resumable writers: a rerun with the same settings resumes; one other number they record, for the refusal test
+OTHER_SETTING = {"finetune_per_group": {"lr": 0.5}, "generate_balanced": {"guidance_scale": 1.0},
+                 "generate_from_captions": {"guidance_scale": 1.0}, "generate_per_group": {"guidance_scale": 1.0},
+                 "inject_bias_conflicting": {"gamma": 0.5}, "train_conditional_diffusion": {"lr": 0.5}}
 SLOW = {"colored_mnist"}  # builds 5,000 real MNIST digits
 
 
@@ -283,3 +287,18 @@ def test_a_taken_run_key_is_refused_before_any_model_folder_or_dataset(world, vi
     assert _state(view, out) == before  # no sample, field, run, dataset or folder
     assert not glob.glob(str(tmp_path / "**" / "*.png"), recursive=True)
     assert not claims.list_claims()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", sorted(OTHER_SETTING))
+def test_a_resumable_run_given_other_settings_is_refused_before_any_model_or_folder(world, view, tmp_path, name):
+    """A rerun resumes; the same run key with another recorded setting is refused before the model is loaded
+    (the model paths given now do not exist) and before the new output folder is made."""
+    key = f"r_{name}"
+    RECIPES[name](Ctx(world, tmp_path / "first"), view, key)
+    out = tmp_path / "out"
+    before = _state(view, out)
+    (setting, value), = OTHER_SETTING[name].items()
+    with pytest.raises(FairBalanceError, match=f"Run '{key}' already exists .*differs in: {setting}"):
+        RECIPES[name](Ctx(world, out, missing=True), view, key, **OTHER_SETTING[name])
+    assert _state(view, out) == before

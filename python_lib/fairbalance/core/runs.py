@@ -201,7 +201,23 @@ def _existing_dataset(target):
     return fo.load_dataset(target) if fo.dataset_exists(target) else None
 
 
-def writer(method: str | None, resumable: bool = False, keys: Callable[[dict], dict] | None = None):
+def _refuse_other_config(dataset, run_key: str, differs: list[str]) -> None:
+    if differs:
+        raise validation.FairBalanceError(
+            f"Run '{run_key}' already exists on dataset '{dataset.name}' with another configuration "
+            f"(differs in: {', '.join(differs)}); pass overwrite=True to replace it or use another run key")
+
+
+def _given_differences(dataset, run_key: str, arguments: dict, ignore: Iterable[str]) -> list[str]:
+    """The number/flag arguments a stored resumable run recorded with another value (paths and names are
+    resolved by the writer, and a setting recorded as None did not apply: :func:`prepare` compares those)."""
+    stored = get_run_config(dataset, run_key)
+    return sorted(n for n, v in arguments.items() if stored.get(n) is not None and n not in set(ignore)
+                  and isinstance(v, (bool, int, float)) and _jsonable(v) != stored[n])
+
+
+def writer(method: str | None, resumable: bool = False, keys: Callable[[dict], dict] | None = None,
+           ignore_for_rerun: Iterable[str] = ()):
     """Decorate a public writer: it runs holding its claims (:func:`claims.exclusive`), and its run key is
     checked and claimed (:func:`check_run_key`) before its body runs, so before any model is loaded or any
     folder or dataset created, in every writer alike.
@@ -211,7 +227,9 @@ def writer(method: str | None, resumable: bool = False, keys: Callable[[dict], d
     ``keys(arguments) -> {run_key: method}`` when it records other or more
     keys than ``run_key`` (None skips one). The run lives on the samples'
     dataset, or on an existing ``target_dataset``; a shard's call is not
-    checked (its job owns the run: :mod:`fairbalance.sharding`).
+    checked (its job owns the run: :mod:`fairbalance.sharding`). A
+    resumable run given other numbers or flags than it recorded (less
+    ``ignore_for_rerun``) is refused here too, before the model is loaded.
     """
 
     def decorate(fn):
@@ -226,8 +244,12 @@ def writer(method: str | None, resumable: bool = False, keys: Callable[[dict], d
                 samples = next(iter(a.values()))
                 target = _existing_dataset(a["target_dataset"]) if a.get("target_dataset") is not None else samples
                 for key, kind in (keys(a) if keys else {a.get("run_key"): method}).items():
-                    if key is not None and target is not None and hasattr(samples, "_root_dataset"):
-                        check_run_key(target, key, kind, bool(a.get("overwrite")), resumable)
+                    if key is None or target is None or not hasattr(samples, "_root_dataset"):
+                        continue
+                    target = target._root_dataset
+                    if check_run_key(target, key, kind, bool(a.get("overwrite")), resumable) and \
+                            resumable and not a.get("overwrite"):
+                        _refuse_other_config(target, key, _given_differences(target, key, a, ignore_for_rerun))
             return fn(*args, **kwargs)
 
         wrapped = claims.exclusive(checked)
@@ -280,11 +302,7 @@ def prepare(
         if not overwrite:
             differs = _config_differences(get_run_config(dataset, run_key), config, ignore_for_rerun,
                                           defaults_for_unrecorded)
-            if differs:
-                raise validation.FairBalanceError(
-                    f"Run '{run_key}' already exists on dataset '{dataset.name}' with another configuration "
-                    f"(differs in: {', '.join(differs)}); pass overwrite=True to replace it or use another run key"
-                )
+            _refuse_other_config(dataset, run_key, differs)
             resumed = True
     owners = {f: key for key in list_runs(dataset) for f in get_run_config(dataset, key).get("fields_written", [])}
     schema = dataset.get_field_schema()

@@ -621,7 +621,7 @@ def _job_run_key(arguments: dict) -> dict:
     return {arguments["run_key"] or _default(spec.function, "run_key"): spec.method}
 
 
-@runs.writer(None, resumable=True, keys=_job_run_key)
+@runs.writer(None, resumable=True, keys=_job_run_key, ignore_for_rerun=("num_shards",))  # its job resumes
 def queue_sharded(samples, function: str, num_shards: int, run_key: str | None = None, overwrite: bool = False,
                   then=None, orphan_after_s: float = ORPHAN_AFTER_S, **kwargs) -> ShardedJob:
     """Queue ``function`` on ``samples`` as ``num_shards`` delegated operations (one per shard).

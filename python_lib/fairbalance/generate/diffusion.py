@@ -38,6 +38,7 @@ from fairbalance.core import distributed, folders, models, runs, validation
 from fairbalance.train import training
 
 LABELS_FILE = "fairbalance_labels.json"
+RESUME_IGNORES = ("epochs",)  # a rerun with more epochs resumes the same run
 CONDITION_FILE = "condition.safetensors"
 STATE_DIR = "training_state"
 LATEST_FILE = "latest.json"  # in STATE_DIR: the step and folder of the last complete checkpoint
@@ -166,7 +167,7 @@ def _factor_labels(samples, label_field, attribute_field):
     return data, y, attributes
 
 
-@runs.writer("conditional_diffusion", resumable=True)
+@runs.writer("conditional_diffusion", resumable=True, ignore_for_rerun=RESUME_IGNORES)
 def train_conditional_diffusion(
     samples,
     label_field: str = "sa_cluster",
@@ -268,7 +269,7 @@ def train_conditional_diffusion(
 
     def prepare():  # the main process only (claims, the run, the folder); the others wait for it
         run = runs.prepare(samples, run_key, "conditional_diffusion", {**asdict(cfg), "model_dir": output_dir}, [],
-                           overwrite, rerun_same_config=True, ignore_for_rerun=("epochs",),
+                           overwrite, rerun_same_config=True, ignore_for_rerun=RESUME_IGNORES,
                            defaults_for_unrecorded=ADDED_CONFIG_DEFAULTS)
         folders.claim_output_folder(output_dir, dataset, run_key)  # this run's of this dataset alone
         start_fresh = _check_model_folder(output_dir, cfg, resume, overwrite)
