@@ -179,8 +179,9 @@ def test_every_public_writer_has_a_recipe():
     writers = public_writers()
     assert {"generate_balanced", "train_classifier", "export_samples", "colored_digits"} <= set(writers)
     assert set(writers) == set(RECIPES) | set(DATASET_BUILDERS) | set(FOLDER_WRITERS)
-    for name in RECIPES:  # every run writer takes a run key
+    for name in RECIPES:  # every run writer takes a run key, checked up front by the one shared check
         assert "run_key" in inspect.signature(getattr(fb, name)).parameters, name
+        assert hasattr(getattr(fb, name), "run_method"), f"{name} is not decorated with runs.writer"
 
 
 @pytest.mark.timeout(600)
