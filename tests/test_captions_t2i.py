@@ -64,7 +64,7 @@ def test_text_filter_defaults_and_bad_input(make_dataset):
     with pytest.raises(FairBalanceError, match="Pass top_f"):
         filter_captions(ds, overwrite=True)
     with pytest.raises(FairBalanceError, match="not found"):
-        filter_captions(ds, caption_field="nope", top_f=2)
+        filter_captions(ds, caption_field="nope", top_f=2, overwrite=True)  # the run key is checked first
     empty = make_dataset()
     empty.add_samples([fo.Sample(filepath="/x/a.png", captions=["the a an"])])
     with pytest.raises(FairBalanceError, match="nothing kept"):

@@ -618,7 +618,13 @@ def require_same_weights_everywhere(function: str, kwargs: dict) -> None:
 def _job_run_key(arguments: dict) -> dict:
     """The run a ``queue_sharded`` call records: ``{run key: method}`` (checked first by :func:`runs.writer`)."""
     spec = shardable(arguments["function"])
-    return {arguments["run_key"] or _default(spec.function, "run_key"): spec.method}
+    key = arguments["run_key"] or _default(spec.function, "run_key")
+    dataset = getattr(arguments["samples"], "_root_dataset", None)
+    if dataset is not None and isinstance(key, str) and dataset.has_run(key):
+        cfg = runs.get_run_config(dataset, key)
+        if cfg.get("method") == runs.CONFIG_PREFIX + PENDING_METHOD and cfg.get("function") == arguments["function"]:
+            return {key: PENDING_METHOD}  # this job's own pending record: the job resumes (or overwrite replaces it)
+    return {key: spec.method}
 
 
 @runs.writer(None, resumable=True, keys=_job_run_key, ignore_for_rerun=("num_shards",))  # its job resumes
