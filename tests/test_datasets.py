@@ -102,6 +102,8 @@ def test_num_conflicting():
     assert datasets.num_conflicting(10, 0.0) == 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_colored_digits_color_distribution():
     ds = datasets.colored_digits("fb-colordist", num_classes=4, train_per_class=100, test_per_class=5,
                                  color_distribution=[0.7, 0.1, 0.1, 0.1], persistent=False)

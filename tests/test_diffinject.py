@@ -48,6 +48,8 @@ def _load(paths):
     return training.load_images(paths, [16, 16], scale="symmetric")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_inversion_then_reverse_reconstructs(digits, model):
     """DDIM inversion + the plain reverse pass give the input back, ever closer with more steps
     (the inversion's one-step approximation vanishes as the steps shrink; a wrong inversion would not converge)."""
@@ -83,6 +85,8 @@ def test_slerp_h():
     assert di.default_local_mask((7, 7)).sum() == 9 and di.default_local_mask((7, 7))[3, 3] == 1
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_inject_adds_samples_with_provenance_and_is_idempotent(digits, model, tmp_path):
     ds = digits.clone()
     try:

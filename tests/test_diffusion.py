@@ -144,6 +144,8 @@ def cells_model(three_colors, tmp_path_factory):
                                        epochs=1, run_key="cells_model", **TINY)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_cells_fill_every_class_x_attribute_cell(three_colors, cells_model, tmp_path):
     ds = three_colors.clone()
     try:
@@ -233,6 +235,8 @@ def test_corrupt_model_gets_one_clear_error(three_colors, cells_model, tmp_path)
         load_conditional_diffusion(broken)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_filter_generated_scores_and_tags(three_colors, trained, tiny_clip, tmp_path):
     from fairbalance.find.sa_features import compute_sa_features
 

@@ -100,6 +100,8 @@ def test_adapters_side_by_side_change_the_images(cell_adapters):
     assert np.array_equal(outs[names[0]], sample_images(diff, cond, [1, 2], num_inference_steps=3))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_generate_per_group_fills_every_cell_with_provenance(digits, cell_adapters, tmp_path):
     ds = digits.clone()
     try:
@@ -228,6 +230,8 @@ def tiny_sd(model_dir):
     return tiny_models.build_stable_diffusion(str(model_dir / "sd_for_lora"))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_stable_diffusion_dreambooth_tokens_prior_preservation_and_generation(digits, tiny_sd, tmp_path):
     ds = digits.clone()
     try:

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from fairbalance.find import resources
 
 
@@ -14,6 +16,8 @@ def test_wordnet_noun_glosses_offline():
     assert resources.wordnet_version() == "3.0"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_check_wordnet_cli():
     out = subprocess.run(
         [sys.executable, "-m", "fairbalance.find.resources", "check-wordnet"], capture_output=True, text=True

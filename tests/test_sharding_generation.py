@@ -161,6 +161,8 @@ def test_an_interrupted_shard_resumes_and_the_union_is_one_run(pair, model, tmp_
     _assert_same_runs(single_ds, ds, "gen")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_inject_shards_equal_one_run(pair, model, tmp_path):
     single_ds, ds = pair
     kw = dict(model=model.model_dir, ratio=0.25, gamma=0.5, t_edit=500, t_boost=200, num_inference_steps=4,
@@ -336,6 +338,8 @@ def test_text_to_image_shards_equal_one_run_and_the_form_queues_them(pair, tiny_
     assert fb.sharded_status(ds, "t2i_form")["merged"] and len(ds.match({"generation.run_key": "t2i_form"})) == 4
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_per_group_lora_shards_equal_one_run(pair, digits, tmp_path_factory, one_thread):
     import warnings
 
