@@ -223,11 +223,11 @@ def writer(method: str | None, resumable: bool = False, keys: Callable[[dict], d
     folder or dataset created, in every writer alike.
 
     ``method``: the kind of run it records; ``resumable``: a rerun of the same
-    kind may resume (its config is compared later, by :func:`prepare`);
+    kind may resume (its full config is compared later, by :func:`prepare`);
     ``keys(arguments) -> {run_key: method}`` when it records other or more
     keys than ``run_key`` (None skips one). The run lives on the samples'
     dataset, or on an existing ``target_dataset``; a shard's call is not
-    checked (its job owns the run: :mod:`fairbalance.sharding`). A
+    checked (its job owns the run: :mod:`fairbalance.core.sharding`). A
     resumable run given other numbers or flags than it recorded (less
     ``ignore_for_rerun``) is refused here too, before the model is loaded.
     """
