@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from fairbalance.core import claims, runs, sharding, validation
 from fairbalance.train import training
 from fairbalance.generate.diffusion import ConditionalDiffusionModel, load_conditional_diffusion
-from fairbalance.generate.generation import (GenerationJob, GenerationResult, _check_shard_args, _require_own_target,
-                                    generate_plan)
+from fairbalance.generate.generation import (GenerationJob, GenerationResult, check_shard_args, require_own_target,
+                                             generate_plan)
 
 INJECTIONS = ("local", "global")
 LABEL_SOURCES = ("content", "original")
@@ -427,7 +427,7 @@ def inject_bias_conflicting(
     planned pairs (pair ``i`` to shard ``i % num_shards``), as
     :func:`fairbalance.generate.generation.generate_balanced` does (see there).
     """
-    sharded = _check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
+    sharded = check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
     prep = _prepare(samples, model, model_run, content_tag, label_field, ratio, gamma, injection, mask, t_edit, t_boost,
                     num_inference_steps, label_from, seed, batch_size, device, run_key)
     diff, path, hook, size, mask_t, pairs, num_contents, num_originals, setting, provenance, config = prep
@@ -520,7 +520,7 @@ def _prepare(samples, model=None, model_run=None, content_tag="bias_conflicting"
 
 def validate_inputs(samples, target_dataset=None, **kwargs) -> None:
     """The up-front checks of a sharded :func:`inject_bias_conflicting` (run by ``queue_sharded`` before queuing)."""
-    _require_own_target(samples, target_dataset)
+    require_own_target(samples, target_dataset)
     names = set(inspect.signature(_prepare).parameters) - {"samples"}
     hook = _prepare(samples, **{**{k: v for k, v in kwargs.items() if k in names}, "device": "cpu"})[2]
     hook.remove()

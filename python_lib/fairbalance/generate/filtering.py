@@ -81,7 +81,7 @@ def filter_generated(
     from fiftyone import ViewField as Fv
 
     from fairbalance.find import embeddings
-    from fairbalance.find.balance import label_path
+    from fairbalance.core.fields import label_path
 
     validation.require_nonempty(samples)
     validation.require_tag("tag", tag)

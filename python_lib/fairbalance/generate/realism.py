@@ -52,7 +52,7 @@ def _fit(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, num_classes: int, ba
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net, _ = training.build_backbone(backbone, num_classes, tuple(x.shape[1:]))
-        mean, std = training._channel_stats(x)
+        mean, std = training.channel_stats(x)
         net = torch.nn.Sequential(training.Normalize(mean, std), net).to(dev)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         gen = torch.Generator().manual_seed(seed)

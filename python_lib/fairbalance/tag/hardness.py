@@ -58,7 +58,7 @@ def shard_fields(kwargs: dict) -> list[str]:
     """The fields a sharded run with these ``compute_hardness`` arguments writes (asked by the sharding registry)."""
     import inspect
 
-    return output_fields(kwargs.get("loss_field") or inspect.signature(compute_hardness).parameters["loss_field"].default)
+    return output_fields(kwargs.get("loss_field") or inspect.signature(compute_hardness_tags).parameters["loss_field"].default)
 
 
 def loss_ranks(losses: np.ndarray, labels: np.ndarray, per_class: bool) -> np.ndarray:
@@ -175,7 +175,7 @@ def validate_inputs(samples, label_field: str = "ground_truth", loss_field: str 
             "checkpoint folder> or classifier_run='biased'")
     clf = folder = None
     if given:
-        defaults = inspect.signature(compute_hardness).parameters
+        defaults = inspect.signature(compute_hardness_tags).parameters
         extra = [n for n in TRAINING_SETTINGS if n in settings and settings[n] != defaults[n].default]
         extra += ["output_dir"] if output_dir is not None else []
         if extra:
@@ -191,7 +191,7 @@ def validate_inputs(samples, label_field: str = "ground_truth", loss_field: str 
 
 
 @claims.exclusive
-def compute_hardness(
+def compute_hardness_tags(
     samples,
     label_field: str = "ground_truth",
     loss_field: str = "bias_loss",
@@ -314,6 +314,9 @@ def compute_hardness(
     distributed.on_main(lambda: (run.write(write),
                                  run.save_results({**result.to_dict(), "tagged_ids": tagged})))
     return result
+
+
+compute_hardness = compute_hardness_tags  # its name before the SDK name matched the App's (kept as an alias)
 
 
 def _retag(dataset, ids: list[str], hard_ids: list[str], tag: str, old_tag: str | None,

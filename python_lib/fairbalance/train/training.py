@@ -314,7 +314,7 @@ class LabelledSamples:
 
 def labelled_samples(samples, label_field: str, classes: list[str] | None = None) -> LabelledSamples:
     """The samples of ``samples`` that have a ``label_field`` label; an error when none do."""
-    from fairbalance.find.balance import label_path
+    from fairbalance.core.fields import label_path
 
     path = label_path(samples, label_field)
     fields = ["id", "filepath", path]
@@ -450,10 +450,13 @@ def select_training_samples(data: LabelledSamples, config: TrainConfig, rng: np.
     return data.subset(keep), len(np.flatnonzero(data.generated)) - len(gen)
 
 
-def _channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
+def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return mean.tolist(), std.tolist()
+
+
+_channel_stats = channel_stats  # its name before it was public
 
 
 @torch.no_grad()
@@ -561,7 +564,7 @@ def train_classifier(
         "last_epoch (the validation view is empty)" if val_samples is not None else "last_epoch")
     x = load_images(data.filepaths, size, num_workers=num_workers, progress=False)
     if normalize == "dataset":
-        config.mean, config.std = _channel_stats(x)
+        config.mean, config.std = channel_stats(x)
     elif normalize == "imagenet":
         config.mean, config.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     dev = distributed.device(device)
