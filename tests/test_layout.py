@@ -223,3 +223,19 @@ def test_names_are_imported_from_the_module_that_defines_them():
     through = [f"{mod}: {name} from {target}" for mod, (_, tree) in modules.items()
                for target, name in _imports(mod, tree, modules) if name and name not in defined[target]]
     assert not through, through
+
+
+def test_generators_take_their_data_helpers_from_core_data():
+    """Images, labelled samples, sizes and seeds come from ``core.data``; ``generate`` and ``tag`` never reach into
+    the classifier recipes (``train.training``) for them."""
+    helpers = ("load_images", "labelled_samples", "LabelledSamples", "native_size", "seed_everything",
+               "image_transform", "class_order")
+    found = []
+    for folder in ("generate", "tag"):
+        for root, _, files in os.walk(os.path.join(LIB, folder)):
+            for name in files:
+                if name.endswith(".py"):
+                    with open(os.path.join(root, name)) as f:
+                        text = f.read()
+                    found += [f"{name}: training.{h}" for h in helpers if f"training.{h}" in text]
+    assert not found, found

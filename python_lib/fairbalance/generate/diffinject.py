@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance.core import claims, runs, sharding, validation
-from fairbalance.train import training
+from fairbalance.core.data import labelled_samples, load_images
 from fairbalance.generate.diffusion import ConditionalDiffusionModel, load_conditional_diffusion
 from fairbalance.generate.generation import (GenerationJob, GenerationResult, check_shard_args, require_own_target,
                                              generate_plan)
@@ -314,7 +314,7 @@ def plan_pairs(samples, label_field: str, content_tag: str, ratio: float, seed: 
     would give another image of that class's usual look). Returns the pairs
     and the numbers of contents and originals.
     """
-    real = training.labelled_samples(samples, label_field).real()
+    real = labelled_samples(samples, label_field).real()
     tagged = set(samples.match_tags(content_tag).values("id"))
     contents = [j for j, i in enumerate(real.ids) if i in tagged]
     if not contents:
@@ -535,11 +535,11 @@ def _renderer(path: DDIMPath, hook: HSpaceHook, size: int, gamma: float, mask: t
         pairs = [j.payload for j in batch]
         todo = sorted({p.content[1] for p in pairs} - set(cache))
         if todo:
-            x = training.load_images(todo, [size, size], scale="symmetric")
+            x = load_images(todo, [size, size], scale="symmetric")
             hs = content_trajectory(path, hook, ddim_invert(path, x), t_edit)
             for k, p in enumerate(todo):
                 cache[p] = [h[k: k + 1] for h in hs]
-        x = training.load_images([p.original[1] for p in pairs], [size, size], scale="symmetric")
+        x = load_images([p.original[1] for p in pairs], [size, size], scale="symmetric")
         content_h = [torch.cat([cache[p.content[1]][i] for p in pairs]) for i in range(len(cache[pairs[0].content[1]]))]
         out = ddim_reverse(path, hook, ddim_invert(path, x), content_h=content_h, gamma=gamma, mask=mask,
                            t_edit=t_edit, t_boost=t_boost, seeds=[p.seed for p in pairs])

@@ -23,8 +23,8 @@ import numpy as np
 
 from fairbalance.core import claims, folders, jobs, runs, sharding, validation, writeback
 from fairbalance.find import balance
-from fairbalance.train import training
 from fairbalance.core.fields import label_path
+from fairbalance.core.data import labelled_samples, load_images
 from fairbalance.generate.diffusion import (ConditionalDiffusionModel, load_conditional_diffusion, sample_images,
                                             validate_sampling)
 
@@ -90,7 +90,7 @@ class _DiffusionInput:
 
 def _cell_jobs(samples, diff: ConditionalDiffusionModel, per_cell: int, source: str, seed: int, output_dir: str):
     """Jobs that fill every class x attribute cell of the view's real samples up to ``per_cell``."""
-    real = training.labelled_samples(samples, diff.label_field, diff.classes).real(required=False)
+    real = labelled_samples(samples, diff.label_field, diff.classes).real(required=False)
     attr = dict(zip(*samples.select(real.ids).values(["id", label_path(samples, diff.attribute_field)])))
     index = {a: j for j, a in enumerate(diff.attributes)}
     cells = np.array([[c, index.get(attr.get(i), -1)] for c, i in zip(real.labels, real.ids)])
@@ -620,7 +620,7 @@ def _diffusion_renderer(diff: ConditionalDiffusionModel, provenance: dict) -> Ca
         inputs = [j.payload for j in batch]
         init = None
         if inputs[0].source is not None:
-            init = training.load_images([d.source[1] for d in inputs], [size, size], scale="symmetric")
+            init = load_images([d.source[1] for d in inputs], [size, size], scale="symmetric")
         reference = [d.source_condition for d in inputs] if provenance["guidance_reference"] == "source" else None
         return sample_images(diff, [d.condition for d in inputs], [d.seed for d in inputs],
                              provenance["guidance_scale"], provenance["num_inference_steps"],

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance.core import claims, distributed, folders, runs, validation
-from fairbalance.train import training
+from fairbalance.core.data import load_images
 from fairbalance.generate.lora.adapters import (MANIFEST_FILE, METHODS, MIN_IMAGES_PER_GROUP, PRIOR_STEPS, add_adapter,
                                                 LoraBase, cluster_features, delete_adapter, group_fields, load_base,
                                                 model_condition, read_meta, real_groups, save_adapter, activate,
@@ -195,7 +195,7 @@ def finetune_per_group(
                 raise validation.FairBalanceError(f"{len(missing)} sample(s) have no '{embeddings_field}'")
             feats = np.stack([np.asarray(emb[i], dtype=float) for i in ids])
         else:
-            feats = training.load_images(paths, _base_size(base, resolution), progress=False).flatten(1).numpy()
+            feats = load_images(paths, _base_size(base, resolution), progress=False).flatten(1).numpy()
         for gi, v in enumerate(order):
             idx = np.array(members[v])
             cluster_of[idx] = cluster_features(feats[idx], clusters_per_group, seed + gi)
@@ -370,7 +370,7 @@ def _conditional_step(base: LoraBase, meta: dict, paths, gen, dev):
 
     diff = base.diff
     sched = DDPMScheduler.from_pretrained(os.path.join(diff.folder, "scheduler"))
-    x = training.load_images(paths, _base_size(base, None), scale="symmetric", progress=False)
+    x = load_images(paths, _base_size(base, None), scale="symmetric", progress=False)
     net = diff.model
     null = net.condition.null(1)[0]
     cond = null if meta["condition"] is None else torch.as_tensor(meta["condition"])
@@ -410,7 +410,7 @@ def _sd_step(base: LoraBase, meta: dict, paths, resolution, prior_loss_weight, n
             return torch.cat([pipe.vae.encode(pixels[b:b + 16].to(dev)).latent_dist.sample(gen) * scale
                               for b in range(0, len(pixels), 16)])
 
-    inst = latents(training.load_images(paths, size, scale="symmetric", progress=False))
+    inst = latents(load_images(paths, size, scale="symmetric", progress=False))
     inst_text = _encode_prompt(pipe, meta["prompt"], dev)
     prior = prior_text = None
     if prior_loss_weight > 0:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fairbalance.core import claims, runs, sharding, validation
-from fairbalance.train import training
+from fairbalance.core.data import load_images
 from fairbalance.generate.generation import (GenerationJob, GenerationResult, check_shard_args, require_own_target,
                                              generate_plan, plan_counts)
 from fairbalance.generate.lora.adapters import (GroupAdapters, model_condition, real_groups, activate, group_key,
@@ -270,7 +270,7 @@ def _conditional_renderer(loaded: GroupAdapters, provenance: dict):
             conds = [d.condition if d.condition is not None else null for d in inputs]
             init = ref = None
             if inputs[0].source is not None:
-                init = training.load_images([d.source for d in inputs], [size, size], scale="symmetric",
+                init = load_images([d.source for d in inputs], [size, size], scale="symmetric",
                                             progress=False)
                 if provenance["guidance_reference"] == "source":
                     ref = [d.source_condition for d in inputs]
