@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from fairbalance.core import claims, folders, jobs, runs, sharding, validation, writeback
+from fairbalance.core import claims, folders, runs, sharding, validation, writeback
+from fairbalance.core.jobs import job_id as shard_job_id
 from fairbalance.find import balance
 from fairbalance.core.fields import label_path
 from fairbalance.core.data import labelled_samples, load_images
@@ -522,7 +523,7 @@ def shard_generation(samples, function: str, run_key: str, shard: int, num_shard
     dataset = samples._root_dataset
     digest = _plan_digest(jobs)
     target, output_dir = writeback.generation_target(samples, None, output_dir, run_key,
-                                                     shared_by=f"{jobs.job_id(dataset, run_key)}|{shard}")
+                                                     shared_by=f"{shard_job_id(dataset, run_key)}|{shard}")
     _claim_output_dir(output_dir, target, setting, False)
     for job in jobs:
         job.filepath = os.path.join(output_dir, job.filepath)
