@@ -258,6 +258,25 @@ QUEUED_HINT = ("The shards run when a worker picks them up: start one with `fift
                "'Sharded runs in progress' shows their progress; the run is recorded when the last shard is done.")
 
 
+SCHEDULE_HINT = ("Ran here in the App. To run it in the background instead (the Execute menu's Schedule, which reads "
+                 "NOT AVAILABLE now): start the App with `FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true` (or "
+                 "`\"allow_legacy_orchestrators\": true` in ~/.fiftyone/config.json) and a worker with "
+                 "`fiftyone delegated launch` in another terminal (same database and plugins folder).")
+
+
+def _schedule_hint(ctx):
+    """How to enable Schedule, for an operator that allows it when the App cannot offer it (or None)."""
+    if ctx is None or getattr(ctx, "delegated", False) or fo.config.allow_legacy_orchestrators:
+        return None
+    try:
+        from fiftyone.operators.registry import get_operator
+
+        allowed = get_operator(ctx.operator_uri).config.allow_delegated_execution
+    except Exception:  # not a registered operator (a library caller): no hint
+        return None
+    return SCHEDULE_HINT if allowed else None
+
+
 def result_view(*args):
     """An operator's output panel: ``result_view(ctx, title, *rows)`` (or ``result_view(title, *rows)``).
 
@@ -291,6 +310,9 @@ def result_view(*args):
             getattr(outputs, kind)(name, label=label)
         else:
             raise ValueError(f"unknown output kind {kind!r}")
+    hint = _schedule_hint(ctx) if results is not None and results.get("shards_queued") is None else None
+    if hint:
+        outputs.view("schedule_hint", types.Notice(label=hint))
     return types.Property(outputs, view=types.View(label=title))
 
 

@@ -124,6 +124,7 @@ def test_old_dict_provenance_still_reads_and_takes_new_samples(three_colors, tra
     ds = three_colors.clone()
     try:
         ds.add_sample_field("generation", fo.DictField)  # a dataset made before provenance was a document
+        Image.new("RGB", (16, 16)).save(tmp_path / "old.png")  # an earlier generated image, still on disk
         ds.add_sample(fo.Sample(filepath=str(tmp_path / "old.png"), generation={"run_key": "old", "seed": 1}))
         res = generate_balanced(ds, "color", model=trained, per_class=1, num_inference_steps=2,
                                 output_dir=str(tmp_path / "gen"), run_key="new")

@@ -345,7 +345,43 @@ def test_a_queued_sharded_run_says_it_is_queued_and_how_to_start_a_worker(digits
     assert "Queued for delegated workers" in queued and "fiftyone delegated launch" in queued
     assert "SA features computed" not in queued and "fairbalance.sharded_status" not in queued
     done = json.dumps(output({"run_key": "sa", "num_encoded": 3}))
-    assert "SA features computed" in done and "delegated launch" not in done
+    assert "SA features computed" in done and "when a worker picks them up" not in done
+    # ran in the App while Schedule is NOT AVAILABLE: the dialog says how to enable it and start a worker (item 6)
+    assert "FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true" in done and "fiftyone delegated launch" in done
+
+
+def test_quality_lines_after_training_and_generation(digits_dataset, tmp_path):
+    """A 4-step diffusion model produced noise labelled '0 blue' without a warning; 'Samples tagged: 84' had no
+    'of N' (#25 item 13): training says its steps against a sensible minimum, generation how many images an
+    independent check (the strokes' colour) confirms, filtering 'N of M'."""
+    from fiftyone import ViewField as F
+
+    ds = digits_dataset.clone()
+    try:
+        train = foo.execute_operator(f"{PLUGIN}/train_conditional_diffusion", ctx={
+            "dataset": ds.name, "view": ds.limit(12),
+            "params": {"label_field": "color", "epochs": 1, "batch_size": 32, "image_size": 16, "run_key": "weak",
+                       "view_target": "CURRENT_VIEW"}})
+        assert train.error is None, train.error
+        steps = train.result["steps"]
+        assert steps < 500 and train.result["quality"].startswith(f"Weak: {steps} training steps, below the ~500")
+        gen = foo.execute_operator(f"{PLUGIN}/generate_balanced", ctx={
+            "dataset": ds.name, "params": {"label_field": "color", "diffusion_run": "weak", "mode": "equal",
+                                           "total": 8, "num_inference_steps": 2, "run_key": "g"}})
+        assert gen.error is None, gen.error
+        mine = ds.match(F("generation.run_key") == "g")
+        from fairbalance.datasets import nearest_color
+
+        ok = sum(nearest_color(p) == c for p, c in zip(*mine.values(["filepath", "color.label"])))
+        quality = gen.result["quality"]
+        assert quality.startswith(f"Weak: {steps} training steps")  # the model's own warning is repeated
+        assert f"{ok} of {len(mine)} generated images ({round(100 * ok / len(mine))}%) show the colour" in quality
+        filt = foo.execute_operator(f"{PLUGIN}/filter_generated", ctx={
+            "dataset": ds.name, "params": {"label_field": "color", "method": "pixels", "bottom_fraction": 0.4}})
+        assert filt.error is None, filt.error
+        assert filt.result["tagged_of"] == f"{filt.result['num_tagged']} of the {len(mine)} generated samples scored"
+    finally:
+        ds.delete()
 
 
 def test_generate_form_follows_the_model(digits_dataset, tmp_path):
