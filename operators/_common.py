@@ -246,7 +246,9 @@ def operator_config(name, label, description, icon, dynamic=True, delegated="opt
         **({"default_choice_to_delegated": True} if delegated == "default" else {}),
     }
     if name in ROAD and label.startswith("fairbalance: "):
-        label = f"fairbalance {ROAD[name]} · {label[len('fairbalance: '):]}"
+        # "fairbalance audit hidden imbalance · 1 find": the browser matches what a user types ("fairbalance
+        # audit", "fairbalance train") as a substring of the label, so the words follow "fairbalance" directly
+        label = f"fairbalance {label[len('fairbalance: '):]} · {ROAD[name]}"
         # the App's operator browser sorts by the first character of the description (ties: registration
         # order), not by label: the step's number leads it, so the list follows the road
         description = f"{ROAD[name]} · {description}"

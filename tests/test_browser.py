@@ -138,9 +138,10 @@ class App:
         """Find the operator by (part of) its label in the operator browser, as a user types it; open its form."""
         from selenium.webdriver.common.keys import Keys
 
-        search = self.browse(label)
-        entry = _wait(lambda: self.find(f"//*[contains(normalize-space(text()), {_lit('· ' + label)})]"), 20)
-        assert entry, f"no operator labelled '… · {label}' in the operator browser"
+        search = self.browse(f"fairbalance {label}")
+        entry = _wait(lambda: self.find(f"//*[starts-with(normalize-space(text()), {_lit('fairbalance ' + label)})]"),
+                      20)
+        assert entry, f"no operator labelled 'fairbalance {label} · …' in the operator browser"
         search.send_keys(Keys.ENTER)
         assert _wait(lambda: self.find(f"{MODAL}//*[normalize-space(text())={_lit(title)}]"), 60), \
             f"the form '{title}' did not open; dialog: {self.modal_text()!r}"
@@ -326,7 +327,7 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     # the operator browser lists fairbalance's operators in the order of the road, data first
     app.browse("fairbalance ")
     steps = _wait(lambda: [int(m.group(1)) for e in app.find("//*[starts-with(normalize-space(text()), 'fairbalance ')]")
-                           for m in [re.match(r"fairbalance (\d) ", e.text)] if m], 20)
+                           for m in [re.match(r"fairbalance .+ · (\d) ", e.text)] if m], 20)
     assert len(steps) == 19 and steps == sorted(steps), steps
     app.d.save_screenshot(os.path.join(app.shots, "00-operator-browser.png"))
     from selenium.webdriver.common.keys import Keys

@@ -431,3 +431,18 @@ def test_create_dataset_forms_refuse_an_existing_name_in_the_apps_words(digits_d
         assert "name_taken" in taken and "overwrite=True" not in taken["name_taken"]
         assert invalid(op, {"name": digits_dataset.name, "overwrite": True}) == {}
         assert invalid(op, {"name": "fb-no-such-dataset"}) == {}
+
+
+def test_the_operator_browser_finds_what_a_user_types():
+    """Typing "fairbalance audit" or "fairbalance train" found nothing: labels read "fairbalance 1 find · ..."
+    (#25 item 14). The App's browser keeps operators whose label, URI or description contains the query."""
+    ops = {op.name: op.config for op in foo.list_operators() if op.plugin_name == PLUGIN}
+
+    def found(query):
+        q = query.lower()
+        return sorted(n for n, c in ops.items() if q in (c.label or "").lower() or q in (c.description or "").lower())
+
+    assert found("fairbalance audit") == ["audit_balance"]
+    assert found("fairbalance train") == ["train_classifier", "train_conditional_diffusion"]
+    assert ops["audit_balance"].label == "fairbalance audit hidden imbalance · 1 find"
+    assert ops["audit_balance"].description.startswith("1 find · ")  # the browser's order follows the road
