@@ -5,8 +5,7 @@ import fiftyone.operators.types as types
 
 from fairbalance import balance
 
-from ._common import (as_text_block, categorical_fields, field_dropdown, given, operator_config, result_view,
-                      rounded)
+from ._common import categorical_fields, field_dropdown, given, operator_config, result_view, rounded
 
 
 class BalanceReport(foo.Operator):
@@ -46,11 +45,9 @@ class BalanceReport(foo.Operator):
         report = balance.balance_report(ctx.target_view(), p["label_field"],
                                         **given(p, ("attribute_field", "run_key", "overwrite")))
         out = report.to_dict()
-        out["table"] = [
-            {"label": k, "count": v, "percent": round(100 * report.proportions[k], 2)} for k, v in report.counts.items()
-        ]
+        out["table"] = count_rows(report)
         out["cross_rows"] = cross_rows(report)
-        out["summary"] = as_text_block(report.format())
+        out["reading"] = plain_reading(report)
         return rounded(out)
 
     def resolve_output(self, ctx):
@@ -59,11 +56,39 @@ class BalanceReport(foo.Operator):
             ("entropy", "float", "Entropy (nats)"),
             ("normalized_entropy", "float", "Normalized entropy (1 = balanced)"),
             ("imbalance_ratio", "float", "Imbalance ratio (largest / smallest)"),
+            ("reading", "str", "In plain words"),
             ("num_classes", "int", "Classes"),
-            ("table", "table", "Counts", {"label": "Class", "count": "Count", "percent": "%"}),
+            ("table", "table", "Samples per class or cluster", COUNT_COLUMNS),
             ("cross_rows", "table", "Classes x attribute", CROSS_COLUMNS),
-            ("summary", "text", "Report"),
         )
+
+
+COUNT_COLUMNS = {"label": "Class / cluster", "count": "Samples", "percent": "Share", "note": "Note"}
+
+#: Groups with fewer samples than this are flagged: their shares and accuracies rest on too few samples.
+SMALL_GROUP = 5
+
+
+def count_rows(report):
+    """Samples per class or cluster, largest first, shares as percentages, small ones flagged."""
+    total = sum(report.counts.values()) or 1
+    return [{"label": str(k), "count": v, "percent": f"{100 * v / total:.1f}%",
+             "note": f"small (under {SMALL_GROUP} samples)" if v < SMALL_GROUP else ""}
+            for k, v in sorted(report.counts.items(), key=lambda kv: (-kv[1], str(kv[0])))]
+
+
+def plain_reading(report):
+    """One sentence on how balanced the counts are, without the formulas."""
+    counts = [v for v in report.counts.values() if v]
+    if not counts:
+        return "No samples with a value in this field"
+    big, small = max(counts), min(counts)
+    ne = report.normalized_entropy
+    verdict = ("close to balanced" if ne is not None and ne >= 0.95 else
+               "somewhat imbalanced" if ne is not None and ne >= 0.8 else "strongly imbalanced")
+    return (f"{len(counts)} groups, {verdict}: the largest has {big} samples, the smallest {small}"
+            + (f" ({big / small:.1f}x fewer)" if small and big != small else "")
+            + (f"; balance score {ne:.2f} of 1 (1 = every group the same size)" if ne is not None else ""))
 
 
 CROSS_COLUMNS = {"cluster": "Class / cluster", "count": "Samples", "majority": "Most common attribute value",

@@ -361,7 +361,8 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     app.choose("Known attribute (optional)", "color")
     text = app.execute("Audit", "03-audit_balance")
     browser_dataset.reload()
-    assert browser_dataset.count("sa_cluster") == len(browser_dataset) and "Report" in text
+    assert browser_dataset.count("sa_cluster") == len(browser_dataset) and "Samples per cluster" in text
+    assert "max ln" not in text and "Report" not in text and "In plain words" in text  # item 15: no monospace block
 
     # the rest of the road on the dataset built from the browser
     app.open_dataset(CREATED)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import fiftyone as fo
@@ -130,11 +131,22 @@ def test_hardness_train_apply_operators_match_sdk(digits_dataset):
                   "run_key": "debiased", **fast}
         res = foo.execute_operator(f"{PLUGIN}/train_classifier", ctx={"dataset": op_ds.name, "params": params})
         assert res.error is None, res.error
+        assert res.result["model_selection"] == "the last epoch's weights (no validation set given)"
         res = foo.execute_operator(f"{PLUGIN}/apply_classifier", ctx={
             "dataset": op_ds.name, "params": {"classifier_run": "debiased", "attribute_field": "color"}})
         assert res.error is None, res.error
         assert op_ds.count("predictions") == len(op_ds)
-        assert 0 <= res.result["worst_group_accuracy"] <= res.result["accuracy"] <= 1
+        # for people (#25 item 15): percentages, groups in words with their sample counts, worst first, small
+        # groups flagged and not ranked as the worst group
+        assert re.fullmatch(r"\d{1,3}\.\d%", res.result["accuracy"])
+        rows = res.result["group_table"]
+        accs = [float(r["accuracy"].rstrip("%")) for r in rows]
+        assert accs == sorted(accs) and sum(r["samples"] for r in rows) == len(op_ds)
+        assert all(re.fullmatch(r"ground_truth \d, color \w+", r["group"]) for r in rows)
+        assert all((r["samples"] < 5) == r["note"].startswith("small") for r in rows)
+        assert any(r["samples"] < 5 for r in rows) and any(r["samples"] >= 5 for r in rows)
+        big = [r for r in rows if r["samples"] >= 5][0]
+        assert res.result["worst_group"] == f"{big['group']}: {big['accuracy']} of {big['samples']} samples"
     finally:
         op_ds.delete()
         sdk_ds.delete()
@@ -446,3 +458,21 @@ def test_the_operator_browser_finds_what_a_user_types():
     assert found("fairbalance train") == ["train_classifier", "train_conditional_diffusion"]
     assert ops["audit_balance"].label == "fairbalance audit hidden imbalance · 1 find"
     assert ops["audit_balance"].description.startswith("1 find · ")  # the browser's order follows the road
+
+
+def test_audit_and_balance_report_read_as_tables_in_plain_words(digits_dataset):
+    """Audit and balance report repeated their tables as a monospace "Report" block ("max ln|C|") (#25 item 15):
+    now a table of samples per class or cluster (largest first, shares, small groups flagged) and one plain line."""
+    view = digits_dataset.match_tags("train").limit(40)
+    res = foo.execute_operator(f"{PLUGIN}/balance_report", ctx={
+        "dataset": digits_dataset.name, "view": view,
+        "params": {"label_field": "color", "view_target": "CURRENT_VIEW"}})
+    assert res.error is None, res.error
+    out = res.result
+    assert "summary" not in out and "max ln" not in json.dumps(out)
+    counts = balance.balance_report(view, "color").counts
+    assert [(r["label"], r["count"]) for r in out["table"]] == sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    assert all((r["count"] < 5) == (r["note"] != "") for r in out["table"])
+    big, small = max(counts.values()), min(counts.values())
+    assert out["reading"].startswith(f"{len(counts)} groups, ") and f"the largest has {big} samples, the " \
+                                                                       f"smallest {small}" in out["reading"]
