@@ -48,6 +48,7 @@ class CreateColoredDigits(foo.Operator):
             name=p["name"], progress=progress_callback(ctx, "Writing images"),
             **given(p, ("num_classes", "train_per_class", "test_per_class", "conflict_ratio", "image_size", "seed",
                         "overwrite")))
+        show_new_dataset(ctx, dataset.name)
         train = dataset.match_tags("train")
         conflicting = len(train.match({"bias_aligned": False}))
         return {
@@ -110,6 +111,7 @@ class CreateColoredMnist(foo.Operator):
         p = ctx.params
         dataset = colored_mnist(name=p["name"], persistent=True, progress=progress_callback(ctx, "Writing images"),
                                 **given(p, ("conflict_ratio", "num_val", "num_test", "seed", "overwrite")))
+        show_new_dataset(ctx, dataset.name)
         train = dataset.match_tags("train")
         return {
             "dataset": dataset.name,
@@ -128,6 +130,13 @@ class CreateColoredMnist(foo.Operator):
             ("num_test", "int", "Test samples"),
             ("train_bias_conflicting", "int", "Bias-conflicting train samples"),
         )
+
+
+def show_new_dataset(ctx, name):
+    """Created from the home page (no dataset open): open the new dataset, since the home page's list is not
+    refreshed by the App ("No datasets yet" until a reload). With a dataset open the user's place is kept."""
+    if ctx.dataset_name is None:
+        ctx.ops.open_dataset(name)
 
 
 def _check_name(ctx, inputs):

@@ -142,3 +142,46 @@ def d_text(app, css):
 
     found = app.d.find_elements(By.CSS_SELECTOR, css)
     return found[0].text if found else ""
+
+
+HOME_MADE = "fb-browser-home-made"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_dataset_created_from_the_home_page_shows_without_a_reload(app):
+    """Created from the home page, the dataset stayed invisible ("No datasets yet") until a reload (#25 item 5)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    if fo.dataset_exists(HOME_MADE):
+        fo.delete_dataset(HOME_MADE)
+    try:
+        app.d.get(app.base)
+        assert _wait(lambda: app.d.find_elements(By.TAG_NAME, "body") and "FiftyOne" in app.d.title, 60)
+        time.sleep(2)
+        for el in app.d.find_elements(By.CSS_SELECTOR, "[data-cy=btn-disable-cookies]"):
+            app.click(el)
+        app.d.find_element(By.TAG_NAME, "body").send_keys("`")  # the operator browser, as the README says
+        search = _wait(lambda: app.d.find_elements(By.CSS_SELECTOR, "[data-cy=operators-browser-search]"), 20)
+        assert search, "the operator browser did not open on the home page"
+        search[0].send_keys("fairbalance create Colored Digits")
+        assert _wait(lambda: app.find("//*[starts-with(normalize-space(text()), "
+                                      "'fairbalance create Colored Digits')]"), 20)
+        search[0].send_keys(Keys.ENTER)
+        assert _wait(lambda: app.find("//*[@data-cy='operators-prompt-modal']"
+                                      "//*[normalize-space(text())='Create Colored Digits']"), 60)
+        app.settle()
+        app.type("Dataset name", HOME_MADE)
+        for label, value in (("Train images per class", 4), ("Test images per class", 1), ("Classes", 3),
+                             ("Image size (px)", 16)):
+            app.type(label, value)
+        app.execute("Colored Digits created", "place-08-created-from-home")
+        # no reload: the new dataset is on screen, its samples counted
+        assert _wait(lambda: f"/datasets/{HOME_MADE}" in app.d.current_url, 30), app.d.current_url
+        assert _wait(lambda: app.d.find_elements(By.CSS_SELECTOR, "[data-cy=entry-counts]") and
+                     app.sample_count() == "15 samples", 60), "the new dataset's samples are not shown"
+        app.d.save_screenshot(os.path.join(app.shots, "place-09-new-dataset-shown.png"))
+    finally:
+        if fo.dataset_exists(HOME_MADE):
+            fo.delete_dataset(HOME_MADE)

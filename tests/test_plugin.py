@@ -476,3 +476,26 @@ def test_audit_and_balance_report_read_as_tables_in_plain_words(digits_dataset):
     big, small = max(counts.values()), min(counts.values())
     assert out["reading"].startswith(f"{len(counts)} groups, ") and f"the largest has {big} samples, the " \
                                                                        f"smallest {small}" in out["reading"]
+
+
+def test_progress_says_steps_done_of_the_total():
+    """Runs showed only a percentage (or "Executing...") with no steps or time left (#25 item 17): the progress a
+    scheduled run reports through FiftyOne's ExecutionContext says steps done of the total, and the time left."""
+    import time
+
+    import fiftyone.core.utils as fou
+    from fiftyone.operators.executor import ExecutionContext
+
+    import operators._common as common  # the plugin's own module, as FiftyOne loads it
+
+    seen = []
+    ctx = ExecutionContext({"params": {}}, set_progress=lambda _id, p: seen.append((p.progress, p.label)),
+                           delegated_operation_id="op")
+    with fou.ProgressBar(total=6, progress=common.progress_callback(ctx, "Training steps")) as pb:
+        for _ in range(6):
+            time.sleep(0.3)
+            pb.update()
+    assert seen and seen[-1] == (1.0, "Training steps: 6 of 6 (100%)")
+    assert all(label.startswith("Training steps: ") and " of 6 (" in label for _, label in seen)
+    assert common.progress_label("Generating", 120, 900, 130) == "Generating: 120 of 900 (13%), about 2 min left"
+    assert common.progress_label("Generating", 5, 10, 12.4) == "Generating: 5 of 10 (50%), about 12 s left"
