@@ -162,7 +162,11 @@ def test_a_dataset_created_from_the_home_page_shows_without_a_reload(app):
         time.sleep(2)
         for el in app.d.find_elements(By.CSS_SELECTOR, "[data-cy=btn-disable-cookies]"):
             app.click(el)
-        app.d.find_element(By.TAG_NAME, "body").send_keys("`")  # the operator browser, as the README says
+        for el in app.find("//button[normalize-space(.)='Dismiss']"):  # the Enterprise promotion popover
+            app.click(el)
+        browse = _wait(lambda: app.find("//*[normalize-space(text())='browse operations']"), 30)
+        assert browse, "the home page offers no 'browse operations'"
+        app.click(browse[0])  # the home page's own link to the operator browser
         search = _wait(lambda: app.d.find_elements(By.CSS_SELECTOR, "[data-cy=operators-browser-search]"), 20)
         assert search, "the operator browser did not open on the home page"
         search[0].send_keys("fairbalance create Colored Digits")

@@ -499,3 +499,13 @@ def test_progress_says_steps_done_of_the_total():
     assert all(label.startswith("Training steps: ") and " of 6 (" in label for _, label in seen)
     assert common.progress_label("Generating", 120, 900, 130) == "Generating: 120 of 900 (13%), about 2 min left"
     assert common.progress_label("Generating", 5, 10, 12.4) == "Generating: 5 of 10 (50%), about 12 s left"
+
+
+def test_panel_entropy_pair_stays_on_one_line():
+    """"1.608 / 1.609" wrapped in the panel's numbers table (#25 item 16): no-break spaces hold the pair."""
+    from panels.balance_panel import _numbers_markdown
+
+    row = {"num_samples": 240, "entropy": 1.6081, "max_entropy": 1.6094, "normalized_entropy": 0.9992,
+           "imbalance_ratio": 1.1}
+    md = _numbers_markdown({"before": row, "after": row})
+    assert md.count("1.608\u00a0/\u00a01.609") == 2 and "1.608 / 1.609" not in md
