@@ -318,8 +318,14 @@ def _assert_offline(app):
     assert outside == [], f"requests outside the App's origin {app.base}: {outside}"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_dir, tmp_path):
-    """The road a user walks, every operator's form in the App, on tiny models and datasets."""
+    """The road a user walks, every operator's form in the App, on tiny models and datasets; issue 25's items
+    are asserted where the road meets them (the user's place: test_browser_place.py; Schedule with a worker:
+    test_browser_schedule.py)."""
+    from selenium.webdriver.common.by import By
+
     blip = tiny_models.build_blip(str(model_dir / "browser-blip"))
     sd = tiny_models.build_stable_diffusion(str(model_dir / "browser-sd"))
     app.open_dataset(browser_dataset.name)
@@ -401,22 +407,32 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     app.refuses("Between 0 and the 30 samples of the view")
     app.type("How many to tag (optional)", 3)
     app.type("Epochs", 1)
-    app.execute("Hardness tags computed", "07-compute_hardness_tags")
+    text = app.execute("Hardness tags computed", "07-compute_hardness_tags")
     assert len(ds.match_tags("bias_conflicting")) == 3
+    assert "3 of 30 samples of the view" in text  # item 13: "N of M"
+    assert "FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true" in text and "fiftyone delegated launch" in text  # item 6
 
     # 3 generate: the conditional diffusion model, balanced generation, adapters, captions, filtering
     app.open_operator("train conditional diffusion on clusters", "Train conditional diffusion")
     app.type("Epochs", 1)
     app.type("Batch size", 32)
-    app.execute("Diffusion model trained", "08-train_conditional_diffusion")
+    text = app.execute("Diffusion model trained", "08-train_conditional_diffusion")
+    assert "Weak: " in text and "training steps, below the ~500" in text  # item 13: a 1-epoch model is flagged
 
     app.open_operator("generate balanced samples", "Generate balanced samples")
     app.type("Total images (equal mode)", 1)
     app.refuses("At least one image per cluster")
     app.type("Total images (equal mode)", 8)
     app.type("Sampling steps", 2)
-    app.execute("Generated", "09-generate_balanced")
+    text = app.execute("Generated", "09-generate_balanced")
     assert len(ds.match_tags("generated")) > 0
+    assert "Quality" in text and "Weak: " in text  # item 13: the model's warning, after generation too
+    # item 12: provenance is an embedded document whose subfields the sidebar lists (after the next page load)
+    app.open_dataset(CREATED)
+    ds.reload()
+    assert {"run_key", "cell", "seed"} <= set(ds.get_field("generation").get_field_schema())
+    assert _wait(lambda: re.search(r"\bgeneration\b", app.d.find_element(By.TAG_NAME, "body").text), 20), \
+        "no 'generation' field in the sidebar"
 
     app.open_operator("fine-tune an adapter per group", "Fine-tune per group")
     app.choose("Group field", "sa_cluster")
@@ -440,7 +456,8 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
 
     app.open_operator("filter generated samples", "Filter generated samples")
     app.radio("pixels")
-    app.execute("Filtered", "12-filter_generated")
+    text = app.execute("Filtered", "12-filter_generated")
+    assert re.search(r"\d+ of the \d+ generated samples scored", text)  # item 13
 
     app.open_operator("caption samples", "Caption samples")
     app.type("Captioning model", blip)
@@ -470,6 +487,7 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     app.choose("Attribute for worst-group accuracy (optional)", "color")
     text = app.execute("Predictions written", "17-apply_classifier")
     assert "Worst group" in text and "Accuracy per group" in text and "|None" not in text
+    assert "Samples" in text and "%" in text and "ground_truth " in text  # item 15: words, counts, percents
 
     # 6 all steps: a pipeline file
     from fairbalance import folders
