@@ -48,10 +48,12 @@ class CreateColoredDigits(foo.Operator):
             name=p["name"], progress=progress_callback(ctx, "Writing images"),
             **given(p, ("num_classes", "train_per_class", "test_per_class", "conflict_ratio", "image_size", "seed",
                         "overwrite")))
-        show_new_dataset(ctx, dataset.name)
         train = dataset.match_tags("train")
         conflicting = len(train.match({"bias_aligned": False}))
+        opened = show_new_dataset(ctx, dataset.name, f"Colored Digits '{dataset.name}' created: {len(train)} train "
+                                                     f"and {len(dataset) - len(train)} test samples")
         return {
+            "opened": opened,
             "dataset": dataset.name,
             "num_samples": len(dataset),
             "num_train": len(train),
@@ -62,6 +64,8 @@ class CreateColoredDigits(foo.Operator):
         }
 
     def resolve_output(self, ctx):
+        if on_home_page(ctx):
+            return None
         return result_view(
             ctx, "Colored Digits created",
             ("dataset", "str", "Dataset"),
@@ -111,9 +115,11 @@ class CreateColoredMnist(foo.Operator):
         p = ctx.params
         dataset = colored_mnist(name=p["name"], persistent=True, progress=progress_callback(ctx, "Writing images"),
                                 **given(p, ("conflict_ratio", "num_val", "num_test", "seed", "overwrite")))
-        show_new_dataset(ctx, dataset.name)
         train = dataset.match_tags("train")
+        opened = show_new_dataset(ctx, dataset.name, f"Colored MNIST '{dataset.name}' created: {len(train)} train "
+                                                     f"samples")
         return {
+            "opened": opened,
             "dataset": dataset.name,
             "num_train": len(train),
             "num_val": len(dataset.match_tags("val")),
@@ -122,6 +128,8 @@ class CreateColoredMnist(foo.Operator):
         }
 
     def resolve_output(self, ctx):
+        if on_home_page(ctx):
+            return None
         return result_view(
             ctx, "Colored MNIST created",
             ("dataset", "str", "Dataset"),
@@ -132,11 +140,21 @@ class CreateColoredMnist(foo.Operator):
         )
 
 
-def show_new_dataset(ctx, name):
+def show_new_dataset(ctx, name, summary):
     """Created from the home page (no dataset open): open the new dataset, since the home page's list is not
-    refreshed by the App ("No datasets yet" until a reload). With a dataset open the user's place is kept."""
+    refreshed by the App ("No datasets yet" until a reload), and say what was made in a notification (the
+    result dialog would come back as the form once the page changes). With a dataset open the user's place is
+    kept and the result dialog shows."""
     if ctx.dataset_name is None:
+        ctx.ops.notify(summary, variant="success")
         ctx.ops.open_dataset(name)
+        return True
+    return False
+
+
+def on_home_page(ctx):
+    """The result of a run from the home page is its notification and the opened dataset: no dialog."""
+    return ctx.dataset_name is None and bool((ctx.results or {}).get("opened"))
 
 
 def _check_name(ctx, inputs):

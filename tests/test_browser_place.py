@@ -180,9 +180,17 @@ def test_a_dataset_created_from_the_home_page_shows_without_a_reload(app):
         for label, value in (("Train images per class", 4), ("Test images per class", 1), ("Classes", 3),
                              ("Image size (px)", 16)):
             app.type(label, value)
-        app.execute("Colored Digits created", "place-08-created-from-home")
-        # no reload: the new dataset is on screen, its samples counted
-        assert _wait(lambda: f"/datasets/{HOME_MADE}" in app.d.current_url, 30), app.d.current_url
+        execute = _wait(lambda: [b for b in app.find("//*[@data-cy='operators-prompt-modal']//button")
+                                 if b.text.strip() == "Execute" and b.is_enabled()], 30)
+        assert execute, app.modal_text()
+        app.click(execute[0])
+        # no reload: the new dataset is opened and on screen, its samples counted; what was made is notified
+        assert _wait(lambda: f"/datasets/{HOME_MADE}" in app.d.current_url, 120), app.d.current_url
+        assert _wait(lambda: f"Colored Digits '{HOME_MADE}' created: 12 train and 3 test samples" in
+                     app.d.find_element(By.TAG_NAME, "body").text, 30), "no notification of what was made"
+        app.d.save_screenshot(os.path.join(app.shots, "place-08-created-from-home.png"))
+        time.sleep(2)
+        assert not app.find("//*[@data-cy='operators-prompt-modal']"), f"a dialog stays: {app.modal_text()!r}"
         assert _wait(lambda: app.d.find_elements(By.CSS_SELECTOR, "[data-cy=entry-counts]") and
                      app.sample_count() == "15 samples", 60), "the new dataset's samples are not shown"
         app.d.save_screenshot(os.path.join(app.shots, "place-09-new-dataset-shown.png"))

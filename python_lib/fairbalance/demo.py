@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import Counter
 
 from fairbalance import balance, datasets, models
@@ -41,7 +42,7 @@ from fairbalance.hardness import compute_hardness
 
 #: ``make demo``: a first look in a few minutes on 2 CPU cores (the diffusion model still trains the ~500
 #: steps after which its images follow their condition). ``--full``: the larger run and the cells repair.
-QUICK = dict(train_per_class=100, test_per_class=20, image_size=16, epochs=10, balance_epochs=100,
+QUICK = dict(train_per_class=100, test_per_class=20, image_size=16, epochs=40, balance_epochs=100,
              balance_per_class=60, balance_total=250)
 FULL = dict(train_per_class=500, test_per_class=100, image_size=32, epochs=30, balance_epochs=40,
             balance_per_class=200, balance_total=2000)
@@ -166,6 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--clip-pretrained", default="openai")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    start = time.time()
     for key, value in (FULL if args.full else QUICK).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -213,6 +215,7 @@ def main(argv=None) -> int:
     repaired = f"{args.name}-imbalanced" if args.balance_epochs > 0 else None
     if repaired:
         _repair(repaired, args, have_clip)
+    print(f"\nDemo finished in {(time.time() - start) / 60:.1f} min.")
     _open_the_app([n for n in (dataset.name, repaired) if n], repaired)
     return 0
 
