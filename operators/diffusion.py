@@ -48,7 +48,7 @@ def condition_quality(dataset, run_key, fields):
     independently of the model (palette colours, read off the strokes); None where no check is available."""
     from fiftyone import ViewField as F
 
-    from fairbalance.datasets import confirm_colors
+    from fairbalance.datasets.colored_digits import confirm_colors
 
     mine = dataset.match(F("generation.run_key") == run_key)
     lines = []

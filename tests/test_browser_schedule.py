@@ -32,7 +32,7 @@ def legacy_app_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def schedule_dataset():
-    from fairbalance import datasets
+    from fairbalance.datasets import colored_digits as datasets
 
     ds = datasets.colored_digits(NAME, num_classes=3, train_per_class=6, test_per_class=2, image_size=16,
                                  persistent=False, overwrite=True)

@@ -77,7 +77,7 @@ def test_demo_full_runs_the_cells_repair_with_two_stage_training(capsys):
         for name in ("vanilla", "two_stage"):
             assert re.search(rf"{name} +test accuracy +\d+\.\d%", out)
             assert ds.count(f"cells_{name}_predictions") == len(ds.match_tags("test"))
-        from fairbalance import runs
+        from fairbalance.core import runs
 
         assert runs.get_run_config(ds, "cells_two_stage_classifier")["train_config"]["method"] == "two_stage"
         assert runs.load_run_results(ds, "cells_two_stage_classifier")["num_generated_used"] == len(gen)

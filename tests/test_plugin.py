@@ -382,7 +382,7 @@ def test_quality_lines_after_training_and_generation(digits_dataset, tmp_path):
                                            "total": 8, "num_inference_steps": 2, "run_key": "g"}})
         assert gen.error is None, gen.error
         mine = ds.match(F("generation.run_key") == "g")
-        from fairbalance.datasets import nearest_color
+        from fairbalance.datasets.colored_digits import nearest_color
 
         ok = sum(nearest_color(p) == c for p, c in zip(*mine.values(["filepath", "color.label"])))
         quality = gen.result["quality"]
