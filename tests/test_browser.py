@@ -43,6 +43,15 @@ for (const el of arguments[0].querySelectorAll('*')) {
   }
 }
 return false;"""
+SCROLL_SIDEBAR = """
+for (const el of document.querySelectorAll('*')) {
+  const style = getComputedStyle(el);
+  if (/(auto|scroll)/.test(style.overflowY) && el.scrollHeight > el.clientHeight + 5
+      && el.innerText.toUpperCase().includes('PRIMITIVES')) {
+    el.scrollTop = el.scrollHeight; return el.innerText;
+  }
+}
+return document.body.innerText;"""
 RAW_FLOAT = re.compile(r"(?<![\w/.-])-?\d+\.\d{4,}(?![\w/])")  # 4+ decimals: not rounded for reading
 
 
@@ -431,8 +440,10 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     app.open_dataset(CREATED)
     ds.reload()
     assert {"run_key", "cell", "seed"} <= set(ds.get_field("generation").get_field_schema())
-    assert _wait(lambda: re.search(r"\bgeneration\b", app.d.find_element(By.TAG_NAME, "body").text), 20), \
-        "no 'generation' field in the sidebar"
+    shown = _wait(lambda: (lambda t: t if re.search(r"\bgeneration\b", t, re.I) and re.search(r"\brun_key\b", t)
+                           else None)(app.d.execute_script(SCROLL_SIDEBAR)), 30)
+    assert shown, "no 'generation' field with its 'run_key' in the sidebar"
+    app.d.save_screenshot(os.path.join(app.shots, "09b-provenance-in-the-sidebar.png"))
 
     app.open_operator("fine-tune an adapter per group", "Fine-tune per group")
     app.choose("Group field", "sa_cluster")
