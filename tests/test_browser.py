@@ -359,6 +359,12 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     text = app.execute("Colored Digits created", "01-create_colored_digits")
     assert fo.dataset_exists(CREATED) and len(fo.load_dataset(CREATED)) == 30
     assert "Asked for 1.0% bias-conflicting" in text  # 24 training images cannot give 1%: the user is told
+    # item 10: the name is taken now: said in the form, before Execute, in the App's words
+    app.open_operator("create Colored Digits dataset", "Create Colored Digits")
+    app.type("Dataset name", CREATED)
+    app.refuses(f"A dataset named '{CREATED}' exists already")
+    assert "overwrite=True" not in app.modal_text()
+    app.cancel()
 
     app.open_operator("create Colored MNIST dataset", "Create Colored MNIST")
     app.type("Dataset name", MNIST)
