@@ -44,14 +44,16 @@ for (const el of arguments[0].querySelectorAll('*')) {
 }
 return false;"""
 SCROLL_SIDEBAR = """
-for (const el of document.querySelectorAll('*')) {
+const found = [...document.querySelectorAll('*')].filter(el => {
   const style = getComputedStyle(el);
-  if (/(auto|scroll)/.test(style.overflowY) && el.scrollHeight > el.clientHeight + 5
-      && el.innerText.toUpperCase().includes('PRIMITIVES')) {
-    el.scrollTop = el.scrollHeight; return el.innerText;
-  }
-}
-return document.body.innerText;"""
+  return /(auto|scroll)/.test(style.overflowY) && el.scrollHeight > el.clientHeight + 5
+         && el.innerText.toUpperCase().includes('PRIMITIVES');
+});
+if (!found.length) return document.body.innerText;
+const el = found[found.length - 1];  // the innermost: the sidebar's own list
+el.scrollTop = el.scrollHeight;
+el.dispatchEvent(new Event('scroll'));
+return el.innerText;"""
 RAW_FLOAT = re.compile(r"(?<![\w/.-])-?\d+\.\d{4,}(?![\w/])")  # 4+ decimals: not rounded for reading
 
 
