@@ -363,6 +363,7 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     assert "Asked for 1.0% bias-conflicting" in text  # 24 training images cannot give 1%: the user is told
     # item 10: the name is taken now: said in the form, before Execute, in the App's words
     app.open_operator("create Colored Digits dataset", "Create Colored Digits")
+    app.type("Dataset name", CREATED + "-2")  # a change the form resolves on, then the taken name
     app.type("Dataset name", CREATED)
     app.refuses(f"A dataset named '{CREATED}' exists already")
     assert "overwrite=True" not in app.modal_text()
