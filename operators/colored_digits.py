@@ -17,7 +17,7 @@ class CreateColoredDigits(foo.Operator):
         return operator_config(
             "create_colored_digits", "fairbalance: create Colored Digits dataset",
             "Build a colour-biased digits dataset (Colored MNIST protocol) for trying fairbalance",
-            "palette", dynamic=False,
+            "palette",
         )
 
     def resolve_input(self, ctx):
@@ -91,7 +91,7 @@ class CreateColoredMnist(foo.Operator):
         return operator_config(
             "create_colored_mnist", "fairbalance: create Colored MNIST dataset",
             "Build Colored MNIST (LfF protocol) from 5,000 real MNIST digits: biased train, unbiased val/test",
-            "palette", dynamic=False,
+            "palette",
         )
 
     def resolve_input(self, ctx):
