@@ -3,14 +3,14 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.find.audit import audit_balance
+from fairbalance import audit_balance
 
 from ._common import clip_check
 from ._common import refresh_app
 from ._common import (attribute_or_texts_input, categorical_fields, default_of, field_dropdown, given,
                       operator_config, progress_callback, related_texts_columns, result_view, rounded, run_key_input,
                       split_list, text_source)
-from .balance_report import COUNT_COLUMNS, CROSS_COLUMNS, count_rows, cross_rows, plain_reading
+from ._common import COUNT_COLUMNS, CROSS_COLUMNS, count_rows, cross_rows, plain_reading
 
 
 class AuditBalance(foo.Operator):
