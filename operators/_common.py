@@ -15,12 +15,26 @@ from fairbalance.core.validation import LIMITS
 
 
 def progress_callback(ctx, label):
-    """A FiftyOne ``progress`` callable that forwards to ``ctx.set_progress``."""
+    """A FiftyOne ``progress`` callable that forwards to ``ctx.set_progress``: steps done of the total and the
+    time left ("Training steps: 120 of 900 (13%), about 2 min left"), shown by FiftyOne for scheduled runs."""
 
     def report(pb):
-        ctx.set_progress(progress=pb.progress, label=f"{label} ({pb.progress:.0%})")
+        ctx.set_progress(progress=pb.progress, label=progress_label(label, pb.iteration, pb.total,
+                                                                    pb.time_remaining))
 
     return fo.report_progress(report, dt=0.5)
+
+
+def progress_label(label, done, total, seconds_left=None):
+    """``"<label>: <done> of <total> (<pct>), about <t> left"``; the time once a step gives a rate."""
+    if not total:
+        return f"{label}: {done}"
+    text = f"{label}: {done:,} of {total:,} ({done / total:.0%})"
+    if seconds_left is not None and done and done < total:
+        s = max(1, int(round(seconds_left)))
+        text += ", about " + (f"{s} s" if s < 90 else f"{round(s / 60)} min" if s < 5400 else
+                              f"{s / 3600:.1f} h") + " left"
+    return text
 
 
 def refresh_app(ctx):
@@ -237,7 +251,9 @@ def operator_config(name, label, description, icon, dynamic=True, delegated="opt
         **({"default_choice_to_delegated": True} if delegated == "default" else {}),
     }
     if name in ROAD and label.startswith("fairbalance: "):
-        label = f"fairbalance {ROAD[name]} · {label[len('fairbalance: '):]}"
+        # "fairbalance audit hidden imbalance · 1 find": the browser matches what a user types ("fairbalance
+        # audit", "fairbalance train") as a substring of the label, so the words follow "fairbalance" directly
+        label = f"fairbalance {label[len('fairbalance: '):]} · {ROAD[name]}"
         # the App's operator browser sorts by the first character of the description (ties: registration
         # order), not by label: the step's number leads it, so the list follows the road
         description = f"{ROAD[name]} · {description}"
@@ -280,6 +296,25 @@ QUEUED_HINT = ("The shards run when a worker picks them up: start one with `fift
                "'Sharded runs in progress' shows their progress; the run is recorded when the last shard is done.")
 
 
+SCHEDULE_HINT = ("Ran here in the App. To run it in the background instead (the Execute menu's Schedule, which reads "
+                 "NOT AVAILABLE now): start the App with `FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true` (or "
+                 "`\"allow_legacy_orchestrators\": true` in ~/.fiftyone/config.json) and a worker with "
+                 "`fiftyone delegated launch` in another terminal (same database and plugins folder).")
+
+
+def _schedule_hint(ctx):
+    """How to enable Schedule, for an operator that allows it when the App cannot offer it (or None)."""
+    if ctx is None or getattr(ctx, "delegated", False) or fo.config.allow_legacy_orchestrators:
+        return None
+    try:
+        from fiftyone.operators.registry import get_operator
+
+        allowed = get_operator(ctx.operator_uri).config.allow_delegated_execution
+    except Exception:  # not a registered operator (a library caller): no hint
+        return None
+    return SCHEDULE_HINT if allowed else None
+
+
 def result_view(*args):
     """An operator's output panel: ``result_view(ctx, title, *rows)`` (or ``result_view(title, *rows)``).
 
@@ -313,6 +348,9 @@ def result_view(*args):
             getattr(outputs, kind)(name, label=label)
         else:
             raise ValueError(f"unknown output kind {kind!r}")
+    hint = _schedule_hint(ctx) if results is not None and results.get("shards_queued") is None else None
+    if hint:
+        outputs.view("schedule_hint", types.Notice(label=hint))
     return types.Property(outputs, view=types.View(label=title))
 
 
@@ -330,3 +368,38 @@ def cross_rows(report):
     """The clusters x attribute table of a report as table rows (None without an attribute field)."""
     return [{"cluster": r.cluster, "count": r.count, "majority": r.majority, "purity": r.purity}
             for r in report.cross_table] or None
+
+
+COUNT_COLUMNS = {"label": "Class / cluster", "count": "Samples", "percent": "Share", "note": "Note"}
+
+#: Groups with fewer samples than this are flagged: their shares and accuracies rest on too few samples.
+SMALL_GROUP = 5
+
+
+def count_rows(report):
+    """Samples per class or cluster, largest first, shares as percentages, small ones flagged."""
+    total = sum(report.counts.values()) or 1
+    return [{"label": str(k), "count": v, "percent": f"{100 * v / total:.1f}%",
+             "note": f"small (under {SMALL_GROUP} samples)" if v < SMALL_GROUP else ""}
+            for k, v in sorted(report.counts.items(), key=lambda kv: (-kv[1], str(kv[0])))]
+
+
+def plain_reading(report):
+    """One sentence on how balanced the counts are, without the formulas."""
+    counts = [v for v in report.counts.values() if v]
+    if not counts:
+        return "No samples with a value in this field"
+    big, small = max(counts), min(counts)
+    ne = report.normalized_entropy
+    verdict = ("close to balanced" if ne is not None and ne >= 0.95 else
+               "somewhat imbalanced" if ne is not None and ne >= 0.8 else "strongly imbalanced")
+    return (f"{len(counts)} groups, {verdict}: the largest has {big} samples, the smallest {small}"
+            + (f" ({big / small:.1f}x fewer)" if small and big != small else "")
+            + (f"; balance score {ne:.2f} of 1 (1 = every group the same size)" if ne is not None else ""))
+
+
+def confirm_colors(samples, field):
+    """The library's independent colour check of generated images (``datasets.colored_digits``)."""
+    from fairbalance.datasets.colored_digits import confirm_colors as check
+
+    return check(samples, field)

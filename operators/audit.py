@@ -7,10 +7,10 @@ from fairbalance import audit_balance
 
 from ._common import clip_check
 from ._common import refresh_app
-from ._common import (as_text_block, attribute_or_texts_input, categorical_fields, default_of, field_dropdown, given,
+from ._common import (attribute_or_texts_input, categorical_fields, default_of, field_dropdown, given,
                       operator_config, progress_callback, related_texts_columns, result_view, rounded, run_key_input,
                       split_list, text_source)
-from ._common import CROSS_COLUMNS, cross_rows
+from ._common import COUNT_COLUMNS, CROSS_COLUMNS, count_rows, cross_rows, plain_reading
 
 
 class AuditBalance(foo.Operator):
@@ -49,15 +49,16 @@ class AuditBalance(foo.Operator):
         return rounded({"related_texts": res.sa_features.related_texts, "num_clusters": res.pseudo_labels.num_clusters,
                         "entropy": report.entropy, "normalized_entropy": report.normalized_entropy,
                         "imbalance_ratio": report.imbalance_ratio, "cross_rows": cross_rows(report),
-                        "summary": as_text_block(report.format())})
+                        "table": count_rows(report), "reading": plain_reading(report)})
 
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Audit",
+            ("reading", "str", "In plain words"),
             ("num_clusters", "int", "Pseudo-label clusters"),
             ("normalized_entropy", "float", "Normalized entropy (1 = balanced)"),
-            ("imbalance_ratio", "float", "Imbalance ratio"),
+            ("imbalance_ratio", "float", "Imbalance ratio (largest / smallest)"),
+            ("table", "table", "Samples per cluster", COUNT_COLUMNS),
             ("related_texts", "table", "Related texts", related_texts_columns(ctx)),
             ("cross_rows", "table", "Clusters x known attribute", CROSS_COLUMNS),
-            ("summary", "text", "Report"),
         )

@@ -5,9 +5,8 @@ import fiftyone.operators.types as types
 
 from fairbalance import balance_report
 
-from ._common import CROSS_COLUMNS, cross_rows
-from ._common import (as_text_block, categorical_fields, field_dropdown, given, operator_config, result_view,
-                      rounded)
+from ._common import COUNT_COLUMNS, CROSS_COLUMNS, count_rows, cross_rows, plain_reading
+from ._common import categorical_fields, field_dropdown, given, operator_config, result_view, rounded
 
 
 class BalanceReport(foo.Operator):
@@ -47,11 +46,9 @@ class BalanceReport(foo.Operator):
         report = balance_report(ctx.target_view(), p["label_field"],
                                         **given(p, ("attribute_field", "run_key", "overwrite")))
         out = report.to_dict()
-        out["table"] = [
-            {"label": k, "count": v, "percent": round(100 * report.proportions[k], 2)} for k, v in report.counts.items()
-        ]
+        out["table"] = count_rows(report)
         out["cross_rows"] = cross_rows(report)
-        out["summary"] = as_text_block(report.format())
+        out["reading"] = plain_reading(report)
         return rounded(out)
 
     def resolve_output(self, ctx):
@@ -60,8 +57,8 @@ class BalanceReport(foo.Operator):
             ("entropy", "float", "Entropy (nats)"),
             ("normalized_entropy", "float", "Normalized entropy (1 = balanced)"),
             ("imbalance_ratio", "float", "Imbalance ratio (largest / smallest)"),
+            ("reading", "str", "In plain words"),
             ("num_classes", "int", "Classes"),
-            ("table", "table", "Counts", {"label": "Class", "count": "Count", "percent": "%"}),
+            ("table", "table", "Samples per class or cluster", COUNT_COLUMNS),
             ("cross_rows", "table", "Classes x attribute", CROSS_COLUMNS),
-            ("summary", "text", "Report"),
         )

@@ -181,7 +181,8 @@ class TrainClassifier(foo.Operator):
         last = clf.history[-1]
         return rounded({"run_key": clf.run_key, "checkpoint": clf.checkpoint,
                         "final_train_accuracy": last["train_accuracy"], "best_epoch": clf.best_epoch,
-                        "model_selection": clf.config.model_selection,
+                        "model_selection": MODEL_SELECTION.get(clf.config.model_selection,
+                                                               clf.config.model_selection),
                         "num_generated_used": clf.num_generated_used})
 
     def resolve_output(self, ctx):
@@ -242,9 +243,12 @@ class ApplyClassifier(foo.Operator):
                                  run_key=f"{applied.predictions_field}_eval", overwrite=True)
         refresh_app(ctx)
         out = {k: v for k, v in ev.to_dict().items() if v is not None}
-        out["group_table"] = [{"group": _group_name(g), "accuracy": a} for g, a in sorted(ev.group_accuracy.items())]
-        if out.get("worst_group") is not None:
-            out["worst_group"] = _group_name(out["worst_group"])
+        for key in ("accuracy", "aligned_accuracy", "conflicting_accuracy"):
+            if out.get(key) is not None:
+                out[key] = f"{100 * out[key]:.1f}%"
+        out.pop("worst_group", None), out.pop("worst_group_accuracy", None)
+        if ev.group_accuracy and p.get("attribute_field"):
+            out.update(_group_rows(view, label_field, p["attribute_field"], ev.group_accuracy))
         return rounded({**out, "predictions_field": applied.predictions_field})
 
     def resolve_output(self, ctx):
@@ -254,13 +258,45 @@ class ApplyClassifier(foo.Operator):
             rows += [("aligned_accuracy", "float", "Accuracy on bias-aligned samples"),
                      ("conflicting_accuracy", "float", "Accuracy on bias-conflicting samples")]
         if res.get("worst_group") is not None:
-            rows += [("worst_group_accuracy", "float", "Worst-group accuracy"),
-                     ("worst_group", "str", "Worst group (class|attribute)"),
-                     ("group_table", "table", "Accuracy per group", {"group": "Group", "accuracy": "Accuracy"})]
+            rows += [("worst_group", "str", "Worst group"),
+                     ("group_table", "table", "Accuracy per group, worst first",
+                      {"group": "Group", "samples": "Samples", "accuracy": "Accuracy", "note": "Note"})]
         return result_view(ctx, "Predictions written", *rows)
 
 
-def _group_name(group):
-    """A "class|attribute" group for people: samples without the attribute (e.g. generated ones) say so."""
+#: What ``TrainConfig.model_selection`` means, for people.
+MODEL_SELECTION = {"last_epoch": "the last epoch's weights (no validation set given)",
+                   "best_val_accuracy": "the epoch with the best validation accuracy",
+                   "last_epoch (the validation view is empty)": "the last epoch's weights (the validation view is empty)"}
+
+
+def _group_rows(view, label_field, attribute_field, group_accuracy):
+    """Per class x attribute group: its name in words, sample count and accuracy (worst first), small groups
+    flagged and left out of the worst group (a 1-sample group at 0% says nothing)."""
+    from collections import Counter
+
+    from ._common import SMALL_GROUP
+
+    counts = Counter(f"{c}|{a}" for c, a in zip(*view.values([f"{label_field}.label", f"{attribute_field}.label"])))
+    rows = []
+    for group, acc in sorted(group_accuracy.items(), key=lambda ga: (ga[1], str(ga[0]))):
+        n = counts.get(group, counts.get(str(group), 0))
+        rows.append({"group": _group_name(group, label_field, attribute_field), "samples": n,
+                     "accuracy": f"{100 * acc:.1f}%", "_acc": acc,
+                     "note": f"small (under {SMALL_GROUP} samples): not ranked" if n < SMALL_GROUP else ""})
+    ranked = [r for r in rows if not r["note"]] or rows
+    worst = ranked[0]
+    for r in rows:
+        r.pop("_acc")
+    return {"group_table": rows,
+            "worst_group": f"{worst['group']}: {worst['accuracy']} of {worst['samples']} samples"
+                           + ("" if ranked is not rows else " (every group is small)")}
+
+
+def _group_name(group, label_field="class", attribute_field="attribute"):
+    """A "class|attribute" group in words ("ground_truth 0, color blue"); samples without the attribute (e.g.
+    generated ones) say so."""
     cls, sep, attr = str(group).partition("|")
-    return f"{cls}|(no value)" if sep and attr in ("None", "") else str(group)
+    if not sep:
+        return str(group)
+    return f"{label_field} {cls}, {attribute_field} " + ("(no value)" if attr in ("None", "") else attr)

@@ -15,7 +15,7 @@ class CreateColoredDigits(foo.Operator):
         return operator_config(
             "create_colored_digits", "fairbalance: create Colored Digits dataset",
             "Build a colour-biased digits dataset (Colored MNIST protocol) for trying fairbalance",
-            "palette", dynamic=False,
+            "palette",
         )
 
     def resolve_input(self, ctx):
@@ -48,7 +48,10 @@ class CreateColoredDigits(foo.Operator):
                         "overwrite")))
         train = dataset.match_tags("train")
         conflicting = len(train.match({"bias_aligned": False}))
+        opened = show_new_dataset(ctx, dataset.name, f"Colored Digits '{dataset.name}' created: {len(train)} train "
+                                                     f"and {len(dataset) - len(train)} test samples")
         return {
+            "opened": opened,
             "dataset": dataset.name,
             "num_samples": len(dataset),
             "num_train": len(train),
@@ -59,6 +62,8 @@ class CreateColoredDigits(foo.Operator):
         }
 
     def resolve_output(self, ctx):
+        if on_home_page(ctx):
+            return None
         return result_view(
             ctx, "Colored Digits created",
             ("dataset", "str", "Dataset"),
@@ -84,7 +89,7 @@ class CreateColoredMnist(foo.Operator):
         return operator_config(
             "create_colored_mnist", "fairbalance: create Colored MNIST dataset",
             "Build Colored MNIST (LfF protocol) from 5,000 real MNIST digits: biased train, unbiased val/test",
-            "palette", dynamic=False,
+            "palette",
         )
 
     def resolve_input(self, ctx):
@@ -109,7 +114,10 @@ class CreateColoredMnist(foo.Operator):
         dataset = create_colored_mnist(name=p["name"], persistent=True, progress=progress_callback(ctx, "Writing images"),
                                 **given(p, ("conflict_ratio", "num_val", "num_test", "seed", "overwrite")))
         train = dataset.match_tags("train")
+        opened = show_new_dataset(ctx, dataset.name, f"Colored MNIST '{dataset.name}' created: {len(train)} train "
+                                                     f"samples")
         return {
+            "opened": opened,
             "dataset": dataset.name,
             "num_train": len(train),
             "num_val": len(dataset.match_tags("val")),
@@ -118,6 +126,8 @@ class CreateColoredMnist(foo.Operator):
         }
 
     def resolve_output(self, ctx):
+        if on_home_page(ctx):
+            return None
         return result_view(
             ctx, "Colored MNIST created",
             ("dataset", "str", "Dataset"),
@@ -126,6 +136,23 @@ class CreateColoredMnist(foo.Operator):
             ("num_test", "int", "Test samples"),
             ("train_bias_conflicting", "int", "Bias-conflicting train samples"),
         )
+
+
+def show_new_dataset(ctx, name, summary):
+    """Created from the home page (no dataset open): open the new dataset, since the home page's list is not
+    refreshed by the App ("No datasets yet" until a reload), and say what was made in a notification (the
+    result dialog would come back as the form once the page changes). With a dataset open the user's place is
+    kept and the result dialog shows."""
+    if ctx.dataset_name is None:
+        ctx.ops.notify(summary, variant="success")
+        ctx.ops.open_dataset(name)
+        return True
+    return False
+
+
+def on_home_page(ctx):
+    """The result of a run from the home page is its notification and the opened dataset: no dialog."""
+    return ctx.dataset_name is None and bool((ctx.results or {}).get("opened"))
 
 
 def _check_name(ctx, inputs):

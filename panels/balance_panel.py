@@ -342,7 +342,8 @@ def _score(value):
 
 def _numbers_markdown(summary):
     def line(name, r):
-        return (f"| {name} | {r['num_samples']} | {abs(r['entropy']):.3f} / {r['max_entropy']:.3f} | "
+        # no-break spaces: "1.608 / 1.609" stays on one line in a narrow panel (#25 item 16)
+        return (f"| {name} | {r['num_samples']} | {abs(r['entropy']):.3f}\u00a0/\u00a0{r['max_entropy']:.3f} | "
                 f"{abs(r['normalized_entropy']):.3f} | {r['imbalance_ratio']:.2f} |")
 
     rows = [line("real", summary["before"])]

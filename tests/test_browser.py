@@ -140,9 +140,10 @@ class App:
         """Find the operator by (part of) its label in the operator browser, as a user types it; open its form."""
         from selenium.webdriver.common.keys import Keys
 
-        search = self.browse(label)
-        entry = _wait(lambda: self.find(f"//*[contains(normalize-space(text()), {_lit('· ' + label)})]"), 20)
-        assert entry, f"no operator labelled '… · {label}' in the operator browser"
+        search = self.browse(f"fairbalance {label}")
+        entry = _wait(lambda: self.find(f"//*[starts-with(normalize-space(text()), {_lit('fairbalance ' + label)})]"),
+                      20)
+        assert entry, f"no operator labelled 'fairbalance {label} · …' in the operator browser"
         search.send_keys(Keys.ENTER)
         assert _wait(lambda: self.find(f"{MODAL}//*[normalize-space(text())={_lit(title)}]"), 60), \
             f"the form '{title}' did not open; dialog: {self.modal_text()!r}"
@@ -319,8 +320,14 @@ def _assert_offline(app):
     assert outside == [], f"requests outside the App's origin {app.base}: {outside}"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_dir, tmp_path):
-    """The road a user walks, every operator's form in the App, on tiny models and datasets."""
+    """The road a user walks, every operator's form in the App, on tiny models and datasets; issue 25's items
+    are asserted where the road meets them (the user's place: test_browser_place.py; Schedule with a worker:
+    test_browser_schedule.py)."""
+    from selenium.webdriver.common.by import By
+
     blip = tiny_models.build_blip(str(model_dir / "browser-blip"))
     sd = tiny_models.build_stable_diffusion(str(model_dir / "browser-sd"))
     app.open_dataset(browser_dataset.name)
@@ -328,7 +335,7 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     # the operator browser lists fairbalance's operators in the order of the road, data first
     app.browse("fairbalance ")
     steps = _wait(lambda: [int(m.group(1)) for e in app.find("//*[starts-with(normalize-space(text()), 'fairbalance ')]")
-                           for m in [re.match(r"fairbalance (\d) ", e.text)] if m], 20)
+                           for m in [re.match(r"fairbalance .+ · (\d) ", e.text)] if m], 20)
     assert len(steps) == 19 and steps == sorted(steps), steps
     app.d.save_screenshot(os.path.join(app.shots, "00-operator-browser.png"))
     from selenium.webdriver.common.keys import Keys
@@ -345,6 +352,13 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     text = app.execute("Colored Digits created", "01-create_colored_digits")
     assert fo.dataset_exists(CREATED) and len(fo.load_dataset(CREATED)) == 30
     assert "Asked for 1.0% bias-conflicting" in text  # 24 training images cannot give 1%: the user is told
+    # item 10: the name is taken now: said in the form, before Execute, in the App's words
+    app.open_operator("create Colored Digits dataset", "Create Colored Digits")
+    app.type("Dataset name", CREATED + "-2")  # a change the form resolves on, then the taken name
+    app.type("Dataset name", CREATED)
+    app.refuses(f"A dataset named '{CREATED}' exists already")
+    assert "overwrite=True" not in app.modal_text()
+    app.cancel()
 
     app.open_operator("create Colored MNIST dataset", "Create Colored MNIST")
     app.type("Dataset name", MNIST)
@@ -362,7 +376,8 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     app.choose("Known attribute (optional)", "color")
     text = app.execute("Audit", "03-audit_balance")
     browser_dataset.reload()
-    assert browser_dataset.count("sa_cluster") == len(browser_dataset) and "Report" in text
+    assert browser_dataset.count("sa_cluster") == len(browser_dataset) and "Samples per cluster" in text
+    assert "max ln" not in text and "Report" not in text and "In plain words" in text  # item 15: no monospace block
 
     # the rest of the road on the dataset built from the browser
     app.open_dataset(CREATED)
@@ -401,22 +416,30 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     app.refuses("Between 0 and the 30 samples of the view")
     app.type("How many to tag (optional)", 3)
     app.type("Epochs", 1)
-    app.execute("Hardness tags computed", "07-compute_hardness_tags")
+    text = app.execute("Hardness tags computed", "07-compute_hardness_tags")
     assert len(ds.match_tags("bias_conflicting")) == 3
+    assert "3 of 30 samples of the view" in text  # item 13: "N of M"
+    assert "FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true" in text and "fiftyone delegated launch" in text  # item 6
 
     # 3 generate: the conditional diffusion model, balanced generation, adapters, captions, filtering
     app.open_operator("train conditional diffusion on clusters", "Train conditional diffusion")
     app.type("Epochs", 1)
     app.type("Batch size", 32)
-    app.execute("Diffusion model trained", "08-train_conditional_diffusion")
+    text = app.execute("Diffusion model trained", "08-train_conditional_diffusion")
+    assert "Weak: " in text and "training steps, below the ~500" in text  # item 13: a 1-epoch model is flagged
 
     app.open_operator("generate balanced samples", "Generate balanced samples")
     app.type("Total images (equal mode)", 1)
     app.refuses("At least one image per cluster")
     app.type("Total images (equal mode)", 8)
     app.type("Sampling steps", 2)
-    app.execute("Generated", "09-generate_balanced")
+    text = app.execute("Generated", "09-generate_balanced")
     assert len(ds.match_tags("generated")) > 0
+    assert "Quality" in text and "Weak: " in text  # item 13: the model's warning, after generation too
+    # item 12: provenance is an embedded document with declared subfields, which the App's sidebar lists
+    # (seeing them there needs the sidebar scrolled; not asserted in Chromium yet)
+    ds.reload()
+    assert {"run_key", "cell", "seed"} <= set(ds.get_field("generation").get_field_schema())
 
     app.open_operator("fine-tune an adapter per group", "Fine-tune per group")
     app.choose("Group field", "sa_cluster")
@@ -440,7 +463,8 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
 
     app.open_operator("filter generated samples", "Filter generated samples")
     app.radio("pixels")
-    app.execute("Filtered", "12-filter_generated")
+    text = app.execute("Filtered", "12-filter_generated")
+    assert re.search(r"\d+ of the \d+ generated samples scored", text)  # item 13
 
     app.open_operator("caption samples", "Caption samples")
     app.type("Captioning model", blip)
@@ -470,6 +494,7 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     app.choose("Attribute for worst-group accuracy (optional)", "color")
     text = app.execute("Predictions written", "17-apply_classifier")
     assert "Worst group" in text and "Accuracy per group" in text and "|None" not in text
+    assert "Samples" in text and "%" in text and "ground_truth " in text  # item 15: words, counts, percents
 
     # 6 all steps: a pipeline file
     from fairbalance.core import folders

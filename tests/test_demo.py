@@ -44,6 +44,11 @@ def test_demo_runs_end_to_end(capsys):
         assert shown == dict(Counter(nearest_color(p) for p in repaired.match_tags("generated").values("filepath")))
         assert re.search(r"real -> real \+ generated: \d\.\d{3} -> \d\.\d{3} \(max ln 5", out)
         assert len(repaired.match_tags("generated")) == generated and repaired.has_run("generate_balanced")
+        # it ends by saying how to open the App on what it made, and what the Balance panel shows there
+        tail = out[out.index("== Open it in the FiftyOne App"):]
+        assert "fiftyone app launch fb-demo-test\n" in tail and "FIFTYONE_PLUGINS_DIR=" in tail
+        assert "'fb-demo-test-imbalanced'" in tail and "Balance" in tail and "real + generated" in tail
+        assert "== Cells repair" not in out  # the long repair only with --full
     finally:
         for name in ("fb-demo-test", "fb-demo-test-imbalanced"):
             if fo.dataset_exists(name):
@@ -63,3 +68,34 @@ def test_demo_audit_with_local_clip(capsys, tiny_clip):
     finally:
         if fo.dataset_exists("fb-demo-clip"):
             fo.delete_dataset("fb-demo-clip")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_full_runs_the_cells_repair_with_two_stage_training(capsys):
+    """``make demo DEMO_ARGS=--full``: the README's repair row (cells filled by editing real digits, two-stage
+    training) on a smaller scale; here with tiny settings."""
+    from fiftyone import ViewField as F
+
+    try:
+        assert demo.main(["--full", "--name", "fb-demo-full", "--train-per-class", "12", "--test-per-class", "3",
+                          "--image-size", "16", "--epochs", "1", "--cells-epochs", "1", "--per-cell", "2",
+                          "--balance-epochs", "0"]) == 0
+        out = capsys.readouterr().out
+        assert "== Cells repair (--full)" in out
+        ds = fo.load_dataset("fb-demo-full")
+        gen = ds.match(F("generation.run_key") == "cells")
+        asked, shown = gen.values("color.label"), [nearest_color(p) for p in gen.values("filepath")]
+        right = sum(a == b for a, b in zip(asked, shown))
+        assert len(gen) > 0 and f"{len(gen)} images generated, {right} of {len(gen)}" in out
+        for name in ("vanilla", "two_stage"):
+            assert re.search(rf"{name} +test accuracy +\d+\.\d%", out)
+            assert ds.count(f"cells_{name}_predictions") == len(ds.match_tags("test"))
+        from fairbalance.core import runs
+
+        assert runs.get_run_config(ds, "cells_two_stage_classifier")["train_config"]["method"] == "two_stage"
+        assert runs.load_run_results(ds, "cells_two_stage_classifier")["num_generated_used"] == len(gen)
+        assert "fiftyone app launch fb-demo-full" in out
+    finally:
+        if fo.dataset_exists("fb-demo-full"):
+            fo.delete_dataset("fb-demo-full")

@@ -96,6 +96,46 @@ def test_generate_balanced_equal_fill_idempotent(three_colors, trained, tmp_path
         ds.delete()
 
 
+def test_provenance_is_a_document_the_app_shows_and_filters(three_colors, trained, tmp_path):
+    import fiftyone as fo
+    from fiftyone import ViewField as F
+
+    ds = three_colors.clone()
+    try:
+        generate_balanced(ds, "color", model=trained, per_class=2, num_inference_steps=2,
+                          output_dir=str(tmp_path / "gen"), run_key="prov")
+        field = ds.get_field_schema()["generation"]
+        assert isinstance(field, fo.EmbeddedDocumentField)
+        sub = field.get_field_schema()
+        assert {"run_key", "cell", "seed", "model", "guidance_scale"} <= set(sub)  # each one a sidebar entry
+        assert isinstance(sub["seed"], fo.IntField) and isinstance(sub["guidance_scale"], fo.FloatField)
+        gen = ds.match_tags("generated")
+        seed = gen.first().generation.seed
+        assert len(ds.match(F("generation.seed") == seed)) == 1
+        assert ds.count_values("generation.run_key") == {"prov": 6, None: len(ds) - 6}
+        assert gen.first().generation["cell"] == gen.first().color.label  # still readable as a mapping
+    finally:
+        ds.delete()
+
+
+def test_old_dict_provenance_still_reads_and_takes_new_samples(three_colors, trained, tmp_path):
+    import fiftyone as fo
+
+    ds = three_colors.clone()
+    try:
+        ds.add_sample_field("generation", fo.DictField)  # a dataset made before provenance was a document
+        Image.new("RGB", (16, 16)).save(tmp_path / "old.png")  # an earlier generated image, still on disk
+        ds.add_sample(fo.Sample(filepath=str(tmp_path / "old.png"), generation={"run_key": "old", "seed": 1}))
+        res = generate_balanced(ds, "color", model=trained, per_class=1, num_inference_steps=2,
+                                output_dir=str(tmp_path / "gen"), run_key="new")
+        assert isinstance(ds.get_field("generation"), fo.DictField)
+        counts = ds.count_values("generation.run_key")
+        assert counts["old"] == 1 and counts["new"] == res.num_added == 3
+        assert set(ds.match_tags("generated").values("generation.guidance_scale")) == {3.0}
+    finally:
+        ds.delete()
+
+
 def test_generate_refuses_a_folder_of_another_setting(three_colors, trained, tmp_path):
     ds = three_colors.clone()
     try:

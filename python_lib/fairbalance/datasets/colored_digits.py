@@ -88,6 +88,21 @@ def nearest_color(image, num_classes: int = len(CLASS_COLORS)) -> str:
     return CLASS_COLORS[int(np.argmin(((palette - color) ** 2).sum(1)))][0]
 
 
+def confirm_colors(samples, field: str) -> tuple[int, int] | None:
+    """How many of ``samples`` show the palette colour their ``field`` names, and of how many.
+
+    An independent check of generated images' condition: what each image
+    shows is read off its strokes (:func:`nearest_color`), not from the
+    model. None when ``field`` holds anything but palette colour names (no
+    such check for it).
+    """
+    names = {name for name, _ in CLASS_COLORS}
+    pairs = [(p, v) for p, v in zip(*samples.values(["filepath", f"{field}.label"])) if v is not None]
+    if not pairs or not all(v in names for _, v in pairs):
+        return None
+    return sum(nearest_color(p) == v for p, v in pairs), len(pairs)
+
+
 def num_conflicting(per_class: int, ratio: float) -> int:
     """Conflicting images per class: ``ratio * per_class`` rounded half up, at least 1 if ratio > 0."""
     if ratio <= 0:

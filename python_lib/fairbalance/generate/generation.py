@@ -449,7 +449,7 @@ def _count(jobs: Sequence[GenerationJob], paths: set) -> dict[str, int]:
     return out
 
 
-def _declare_fields(target, jobs: Sequence[GenerationJob]) -> None:
+def _declare_fields(target, jobs: Sequence[GenerationJob], provenance: dict | None = None) -> None:
     """The fields generated samples get, declared before the first one is added.
 
     Shards add samples at once from several processes; declaring the
@@ -461,10 +461,88 @@ def _declare_fields(target, jobs: Sequence[GenerationJob]) -> None:
     if not target.has_sample_field("generated"):
         target.add_sample_field("generated", fo.BooleanField)
     if not target.has_sample_field("generation"):
-        target.add_sample_field("generation", fo.DictField)
+        target.add_sample_field("generation", fo.EmbeddedDocumentField, embedded_doc_type=fo.DynamicEmbeddedDocument)
+    if provenance is not None:
+        merged = dict(provenance)
+        for j in jobs:  # every key any job carries (an edit's source_id, say), with a value to type it by
+            merged.update({k: v for k, v in j.provenance.items() if merged.get(k) is None})
+        _declare_provenance(target, merged)
     for f in sorted({f for j in jobs for f in j.fields}):
         if not target.has_sample_field(f):
             target.add_sample_field(f, fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
+
+
+#: The subfields every generated sample's ``generation`` document may carry, each shown and filterable in
+#: the App's sidebar: the run, the cell or group it balances, the real image it edits, the seed, the model
+#: and its training step. Generators add their own settings (``guidance_scale``, ``prompt``, ...) beside them.
+PROVENANCE_FIELDS = ("run_key", "cell", "group", "source_id", "source_filepath", "seed", "model", "model_step")
+
+
+def _generation_is_document(target) -> bool:
+    import fiftyone as fo
+
+    field = target.get_field("generation") if target.has_sample_field("generation") else None
+    return isinstance(field, fo.EmbeddedDocumentField)
+
+
+def _declare_provenance(target, prov: dict) -> None:
+    """Declare ``generation``'s subfields for ``prov``'s keys (an embedded document only), before samples are added.
+
+    Declared up front so shards adding samples at once race on no schema
+    expansion, and so the App lists each subfield in its sidebar. A
+    ``generation`` that is a ``DictField`` (datasets made before provenance
+    was a document) is left as it is.
+    """
+    if not _generation_is_document(target):
+        return
+    schema = target.get_field("generation").get_field_schema()
+    for key, value in prov.items():
+        if key in schema or value is None or key.startswith("_") or not key.isidentifier():
+            continue
+        if isinstance(value, dict):  # nested settings: one subfield holding the dict, not a sub-document
+            import fiftyone as fo
+
+            target.add_sample_field(f"generation.{key}", fo.DictField)
+            continue
+        kwargs = _implied_kwargs(value)
+        if kwargs is not None:
+            target.add_sample_field(f"generation.{key}", **kwargs)
+
+
+def _implied_kwargs(value):
+    import fiftyone.core.odm as foo
+
+    try:
+        return foo.get_implied_field_kwargs(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def provenance_value(target, prov: dict):
+    """The ``generation`` value of a new sample of ``target``: an embedded document, or a dict where the dataset's
+    ``generation`` is still a ``DictField``. Either reads the same through ``values("generation.<key>")``.
+
+    A value whose type differs from the declared subfield (an ``int`` where
+    a float was declared, say) is converted when that loses nothing;
+    a string subfield gets other values as text.
+    """
+    import fiftyone as fo
+
+    if not _generation_is_document(target):
+        return dict(prov)
+    schema = target.get_field("generation").get_field_schema()
+    out = {}
+    for key, value in prov.items():
+        field = schema.get(key)
+        if value is None or field is None:
+            out[key] = value
+        elif isinstance(field, fo.FloatField) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
+        elif isinstance(field, fo.IntField) and isinstance(value, float) and value.is_integer():
+            out[key] = int(value)
+        else:
+            out[key] = str(value) if isinstance(field, fo.StringField) and not isinstance(value, str) else value
+    return fo.DynamicEmbeddedDocument(**out)
 
 
 def generate_plan(samples, function: str, method: str, run_key: str, jobs: list[GenerationJob], config: dict,
@@ -545,7 +623,7 @@ def shard_generation(samples, function: str, run_key: str, shard: int, num_shard
             "view's samples or labels changed since?); delete the run, or queue_sharded(..., overwrite=True)")
     # what this shard's part held before its first attempt: a rerun counts only what the job added
     pre = dict(run.shared(f"present_before_{shard}", lambda: list(_count(mine, present).items())))
-    _declare_fields(target, mine)
+    _declare_fields(target, mine, provenance)
     with fou.ProgressBar(total=max(run.total, 1), progress=progress) as pb:
         pb.update(run.resumed)
         for chunk in run.chunks():
@@ -651,6 +729,8 @@ def run_generation(jobs: Sequence[GenerationJob], target, render: Callable[[list
     from PIL import Image
 
     added: dict[str, int] = {}
+    if jobs:
+        _declare_fields(target, jobs, provenance)
     with fou.ProgressBar(total=len(jobs), progress=progress) as pb:
         for b in range(0, len(jobs), batch_size):
             batch = list(jobs[b: b + batch_size])
@@ -672,7 +752,7 @@ def run_generation(jobs: Sequence[GenerationJob], target, render: Callable[[list
             paths = [j.filepath for j in batch]
             present = set(target.match(Fv("filepath").is_in(paths)).values("filepath"))
             new = [fo.Sample(filepath=j.filepath, tags=list(tags), generated=True,
-                             generation={**provenance, **j.provenance},
+                             generation=provenance_value(target, {**provenance, **j.provenance}),
                              **{f: fo.Classification(label=str(v)) for f, v in j.fields.items()})
                    for j in batch if j.filepath not in present]
             for j in batch:

@@ -14,6 +14,15 @@
    same number per cluster; the colour of every generated image is read off
    the image (nearest palette colour of its strokes), not from the plan, and
    the colour entropy before/after is printed.
+6. With ``--full`` only: the repair of the README's repair table on a smaller
+   scale: a digit x colour model fills every class x colour cell of the 1%
+   training set by editing real digits, and two-stage training (CE + SupCon
+   on the generated samples, the head on the real ones) is compared with
+   vanilla on the unbiased test split.
+
+The default is sized for a first look (a few minutes on 2 CPU cores); it ends
+by printing how to open the App on what it made. ``--full`` runs the larger
+settings and the cells repair (tens of minutes on 2 cores).
 Needs no GPU, network or weights it cannot find.
 """
 
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import Counter
 
 from fairbalance.core import models
@@ -31,6 +41,13 @@ from fairbalance.train.classifier import apply_classifier, evaluate_classifier, 
 from fairbalance.generate.diffusion import train_conditional_diffusion
 from fairbalance.generate.generation import generate_balanced
 from fairbalance.tag.hardness import compute_hardness
+
+#: ``make demo``: a first look in a few minutes on 2 CPU cores (the diffusion model still trains the ~500
+#: steps after which its images follow their condition). ``--full``: the larger run and the cells repair.
+QUICK = dict(train_per_class=100, test_per_class=20, image_size=16, epochs=40, balance_epochs=100,
+             balance_per_class=60, balance_total=250)
+FULL = dict(train_per_class=500, test_per_class=100, image_size=32, epochs=30, balance_epochs=40,
+            balance_per_class=200, balance_total=2000)
 
 
 def _audit(dataset, clip_model: str, pretrained: str | None) -> str | None:
@@ -65,6 +82,7 @@ def _repair(name: str, args, have_clip: bool) -> None:
     before_color = balance.balance_report(train, "color")
     model = train_conditional_diffusion(train, field, image_size=16, epochs=args.balance_epochs, lr=1e-3, seed=seed,
                                         overwrite=True)  # resumes only when the data and settings are the same
+    print(f"  diffusion model: {model.steps} training steps")
     res = generate_balanced(train, field, model=model, total=args.balance_total, guidance_scale=2.0,
                             num_inference_steps=20, seed=seed, overwrite=True)
     print(f"  generated {res.num_added} images: {res.added} (tag 'generated', field 'generation')")
@@ -77,21 +95,84 @@ def _repair(name: str, args, have_clip: bool) -> None:
           f"{balance.entropy(both):.3f} (max ln {len(real.counts)} = {real.max_entropy:.3f})")
 
 
+def _cells_repair(dataset, args) -> None:
+    """Step 6 (``--full``): fill every digit x colour cell by editing real digits; two-stage vs vanilla."""
+    from fiftyone import ViewField as F
+
+    train, test = dataset.match_tags("train"), dataset.match_tags("test")
+    print(f"\n== Cells repair (--full): a digit x colour model fills every cell of '{dataset.name}' to "
+          f"{args.per_cell} images by editing real digits; two-stage training on them")
+    model = train_conditional_diffusion(train, "ground_truth", attribute_field="color", image_size=args.image_size,
+                                        epochs=args.cells_epochs, lr=1e-3, seed=args.seed, run_key="cells_model",
+                                        overwrite=True)
+    gen = generate_balanced(train, "ground_truth", model=model, mode="cells", per_cell=args.per_cell, source="edit",
+                            edit_strength=0.5, guidance_scale=1.0, attribute_guidance_scale=4.0,
+                            guidance_reference="source", num_inference_steps=20, seed=args.seed, run_key="cells",
+                            overwrite=True, realism_sample=0)
+    generated = dataset.match(F("generation.run_key") == "cells")
+    asked = generated.values("color.label")
+    shown = [datasets.nearest_color(p) for p in generated.values("filepath")]
+    right = sum(a == b for a, b in zip(asked, shown))
+    print(f"  {model.steps} training steps; {gen.num_added} images generated, {right} of {len(asked)} "
+          f"({100 * right / max(1, len(asked)):.0f}%) show the colour of their cell")
+    view = dataset.match(F("tags").contains("train") | (F("generation.run_key") == "cells"))
+    for name, extra in (("vanilla", {"method": "vanilla"}), ("two_stage", {"method": "two_stage"})):
+        clf = train_classifier(view if name == "two_stage" else train, run_key=f"cells_{name}_classifier",
+                               overwrite=True, epochs=args.epochs, seed=args.seed, **extra)
+        apply_classifier(test, clf, f"cells_{name}_predictions")
+        ev = evaluate_classifier(test, f"cells_{name}_predictions", attribute_field="color",
+                                 aligned_field="bias_aligned", run_key=f"cells_{name}_eval", overwrite=True)
+        print(f"  {name:<9} test accuracy {100 * ev.accuracy:5.1f}%  bias-conflicting "
+              f"{100 * ev.conflicting_accuracy:5.1f}%")
+
+
+def _open_the_app(names: list[str], repaired: str | None) -> None:
+    """The last lines: how to look at what the demo made in the App, and what the Balance panel shows."""
+    print("\n== Open it in the FiftyOne App")
+    print(f"  export FIFTYONE_PLUGINS_DIR={_plugins_dir()}")
+    print(f"  fiftyone app launch {names[0]}")
+    print(f"  Datasets made (persistent): {', '.join(names)}.")
+    if repaired:
+        print(f"  In the App, pick '{repaired}', then '+' beside the Samples tab -> Balance: label field 'color' "
+              "shows the colour bars of the real samples beside real + generated (before / after the repair), "
+              "and the entropy of both; attribute 'ground_truth' adds the class x colour heat maps.")
+    print("  Press ` in the App for the operator browser and type 'fairbalance' for every step of this demo.")
+
+
+def _plugins_dir() -> str:
+    """The folder holding this checkout (FiftyOne finds the plugin's fiftyone.yml one level down)."""
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if os.path.isfile(os.path.join(repo, "fiftyone.yml")):
+        return os.path.dirname(repo)
+    return "/path/to/folder-containing-fairbalance"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true",
+                        help="the larger run and the cells repair with two-stage training (tens of minutes)")
     parser.add_argument("--name", default="colored-digits-demo", help="FiftyOne dataset name")
     parser.add_argument("--conflict-ratio", type=float, default=0.01)
-    parser.add_argument("--train-per-class", type=int, default=500)
-    parser.add_argument("--test-per-class", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=30, help="classifier epochs (0 skips training)")
-    parser.add_argument("--balance-epochs", type=int, default=40,
+    parser.add_argument("--train-per-class", type=int)
+    parser.add_argument("--test-per-class", type=int)
+    parser.add_argument("--image-size", type=int, help="px of the Colored Digits images")
+    parser.add_argument("--epochs", type=int, help="classifier epochs (0 skips training)")
+    parser.add_argument("--balance-epochs", type=int,
                         help="conditional diffusion epochs for the repair step (0 skips it)")
-    parser.add_argument("--balance-per-class", type=int, default=200, help="repair set: images per digit")
-    parser.add_argument("--balance-total", type=int, default=2000, help="repair step: images generated in all")
+    parser.add_argument("--balance-per-class", type=int, help="repair set: images per digit")
+    parser.add_argument("--balance-total", type=int, help="repair step: images generated in all")
+    parser.add_argument("--cells-epochs", type=int, default=15, help="--full: digit x colour model epochs")
+    parser.add_argument("--per-cell", type=int, default=20, help="--full: images per digit x colour cell")
     parser.add_argument("--clip-model", default="ViT-B-32")
     parser.add_argument("--clip-pretrained", default="openai")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    start = time.time()
+    for key, value in (FULL if args.full else QUICK).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if not sys.stdout.isatty():  # a log, not a terminal: step lines only, no carriage-return progress bars
         import fiftyone as fo
 
@@ -99,7 +180,7 @@ def main(argv=None) -> int:
 
     dataset = datasets.colored_digits(
         name=args.name, conflict_ratio=args.conflict_ratio, train_per_class=args.train_per_class,
-        test_per_class=args.test_per_class, seed=args.seed, overwrite=True,
+        test_per_class=args.test_per_class, image_size=args.image_size, seed=args.seed, overwrite=True,
     )
     print(dataset)
     train, test = dataset.match_tags("train"), dataset.match_tags("test")
@@ -131,12 +212,13 @@ def main(argv=None) -> int:
             print(f"  {name:<7} test accuracy {100 * ev.accuracy:5.1f}%  bias-conflicting "
                   f"{100 * ev.conflicting_accuracy:5.1f}%  worst group {100 * ev.worst_group_accuracy:5.1f}%")
 
-    if args.balance_epochs > 0:
-        _repair(f"{args.name}-imbalanced", args, have_clip)
-        print(f"\nDatasets '{dataset.name}' and '{args.name}-imbalanced' are persistent: open them with "
-              f"`fiftyone app launch` and the Balance panel.")
-    else:
-        print(f"\nDataset '{dataset.name}' is persistent: open it with `fiftyone app launch {dataset.name}`.")
+    if args.full and args.epochs > 0 and args.cells_epochs > 0:
+        _cells_repair(dataset, args)
+    repaired = f"{args.name}-imbalanced" if args.balance_epochs > 0 else None
+    if repaired:
+        _repair(repaired, args, have_clip)
+    print(f"\nDemo finished in {(time.time() - start) / 60:.1f} min.")
+    _open_the_app([n for n in (dataset.name, repaired) if n], repaired)
     return 0
 
 
