@@ -12,7 +12,8 @@ a FiftyOne run and returns a result with ``run_key`` and ``to_dict()``:
   :func:`compute_sa_features` (CLIP features for a text-specified
   sensitive attribute), :func:`compute_pseudo_labels` (X-means),
   :func:`balance_report`, :func:`entropy`, :func:`normalized_entropy`
-- tag: :func:`compute_hardness_tags` (the errors or top-K losses of a GCE-biased model)
+- tag: :func:`compute_hardness_tags` (the errors or top-K losses of a GCE-biased model),
+  :func:`discover_slices` (unnamed under-performing slices per class, with names)
 - generate: :func:`train_conditional_diffusion`, :func:`generate_balanced`
   (clusters, or class x attribute cells), :func:`compute_captions`,
   :func:`filter_captions`, :func:`generate_from_captions` (text-to-image,
@@ -51,6 +52,7 @@ _LAZY = {
     'xmeans': ('fairbalance.clustering', 'xmeans'),
     'colored_mnist': ('fairbalance.colored_mnist', 'colored_mnist'),
     'colored_digits': ('fairbalance.datasets', 'colored_digits'),
+    'discover_slices': ('fairbalance.discovery', 'discover_slices'),
     'inject_bias_conflicting': ('fairbalance.diffinject', 'inject_bias_conflicting'),
     'train_conditional_diffusion': ('fairbalance.diffusion', 'train_conditional_diffusion'),
     'TorchImageDataset': ('fairbalance.export', 'TorchImageDataset'),
@@ -128,6 +130,7 @@ __all__ = [
     "compute_hardness_tags",
     "compute_pseudo_labels",
     "compute_sa_features",
+    "discover_slices",
     "entropy",
     "evaluate_classifier",
     "export_samples",
