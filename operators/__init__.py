@@ -7,6 +7,7 @@ from .classifier import ApplyClassifier, ComputeHardnessTags, TrainClassifier
 from .colored_digits import CreateColoredDigits, CreateColoredMnist
 from .delete_run import DeleteRun
 from .diffinject import InjectBiasConflicting
+from .discovery import DiscoverSlices
 from .diffusion import FilterGenerated, GenerateBalanced, TrainConditionalDiffusion
 from .lora import FinetunePerGroup, GeneratePerGroup
 from .pipeline import RunPipeline
@@ -22,6 +23,7 @@ OPERATORS = [  # in the order of the road (operators/_common.py ROAD): the opera
     ComputePseudoLabels,
     BalanceReport,
     ComputeHardnessTags,
+    DiscoverSlices,
     TrainConditionalDiffusion,
     GenerateBalanced,
     FinetunePerGroup,

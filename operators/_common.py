@@ -219,7 +219,7 @@ ROAD = {
     "create_colored_digits": "0 data", "create_colored_mnist": "0 data",
     "audit_balance": "1 find", "compute_sa_features": "1 find", "compute_pseudo_labels": "1 find",
     "balance_report": "1 find",
-    "compute_hardness_tags": "2 tag",
+    "compute_hardness_tags": "2 tag", "discover_slices": "2 tag",
     "train_conditional_diffusion": "3 generate", "generate_balanced": "3 generate",
     "finetune_per_group": "3 generate", "generate_per_group": "3 generate", "inject_bias_conflicting": "3 generate",
     "compute_captions": "3 generate", "filter_captions": "3 generate", "generate_from_captions": "3 generate",

@@ -118,3 +118,22 @@ def test_find_slices_orders_by_error_and_scores_within_class():
     assert fit.slice_class.tolist() == [0, 0, 1, 1]
     assert set(fit.assign[60:70]) == {0}  # the failing group is slice 0 of class 0 (highest error first)
     assert (fit.scores[:70, 2:] == 0).all() and (fit.scores[70:, :2] == 0).all()
+
+
+def test_operator_matches_sdk(digits_dataset, one_thread):
+    import fiftyone.operators as foo
+
+    op_ds, sdk_ds = digits_dataset.clone(), digits_dataset.clone()
+    try:
+        params = {"label_field": "ground_truth", "method": "george", "slices_per_class": 2, "epochs": 2,
+                  "run_key": "sl", "slice_field": "sl"}
+        result = foo.execute_operator("@fairbalance/fairbalance/discover_slices",
+                                      ctx={"dataset": op_ds.name, "params": params})
+        assert result.error is None, result.error
+        sdk = fb.discover_slices(sdk_ds, "ground_truth", method="george", slices_per_class=2, epochs=2,
+                                 run_key="sl", slice_field="sl")
+        assert [r["slice"] for r in result.result["table"]] == [r["slice"] for r in sdk.slices]
+        assert op_ds.values("sl") == sdk_ds.values("sl")
+    finally:
+        op_ds.delete()
+        sdk_ds.delete()

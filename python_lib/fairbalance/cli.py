@@ -31,6 +31,7 @@ CAPABILITIES = {
     "compute-pseudo-labels": ("fairbalance.pseudo_labels", "compute_pseudo_labels"),
     "balance-report": ("fairbalance.balance", "balance_report"),
     "compute-hardness-tags": ("fairbalance.hardness", "compute_hardness"),
+    "discover-slices": ("fairbalance.discovery", "discover_slices"),
     "compute-captions": ("fairbalance.captions", "compute_captions"),
     "filter-captions": ("fairbalance.captions", "filter_captions"),
     "generate-from-captions": ("fairbalance.text_to_image", "generate_from_captions"),
