@@ -24,7 +24,7 @@ predicted slice is the planted attribute, from the ``effect`` metadata
 field (with a distractor field ``scanner``).
 
 Usage: nice -n 10 python benchmarks/bench_discovery.py [--settings 27] [--slices-per-class 5] [--epochs 10]
-           [--out results.json]
+           [--out results.json] [--part i/n]   (then --merge part0.json part1.json ... for the joint summary)
 """
 
 from __future__ import annotations
@@ -199,12 +199,25 @@ def main():
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--out", default=None)
     ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--part", default="0/1", help="i/n: only the settings s with s %% n == i (parallel parts)")
+    ap.add_argument("--merge", nargs="+", default=None, help="JSON files of parts: print their joint summary")
     args = ap.parse_args()
+    if args.merge:
+        rows = sorted((r for f in args.merge for r in json.load(open(f))["settings"]), key=lambda r: r["seed"])
+        result = {"settings": rows, "summary": summary(rows)}
+        print(json.dumps(result["summary"], indent=1))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
+    part, parts = (int(v) for v in args.part.split("/"))
     digits, labels = colored_mnist.load_mnist_5k()
     work = args.work_dir or tempfile.mkdtemp(prefix="bench-discovery-")
     grid = [(kind, alpha, draw) for draw in range(3) for kind, alphas in KINDS.items() for alpha in alphas]
     rows = []
     for s, (kind, alpha, draw) in enumerate(grid[:args.settings]):
+        if s % parts != part:
+            continue
         attribute = ATTRIBUTES[(s * 7 + draw) % len(ATTRIBUTES)]
         row = run_setting(work, np.asarray(digits), np.asarray(labels), kind, alpha, attribute, s, args)
         rows.append(row)
