@@ -7,7 +7,8 @@ run key and output folder before doing any work, claims them while it runs
 a FiftyOne run and returns a result with ``run_key`` and ``to_dict()``:
 
 - data: :func:`colored_digits` (fast fixture), :func:`colored_mnist` (Colored
-  MNIST, LfF protocol, on 5,000 real MNIST digits)
+  MNIST, LfF protocol, on 5,000 real MNIST digits), :func:`corrupted_mnist`
+  (each class tied to a corruption type: a bias that is not colour)
 - find: :func:`audit_balance` (the three steps below in one call),
   :func:`compute_sa_features` (CLIP features for a text-specified
   sensitive attribute), :func:`compute_pseudo_labels` (X-means),
@@ -51,6 +52,7 @@ _LAZY = {
     'train_classifier': ('fairbalance.classifier', 'train_classifier'),
     'xmeans': ('fairbalance.clustering', 'xmeans'),
     'colored_mnist': ('fairbalance.colored_mnist', 'colored_mnist'),
+    'corrupted_mnist': ('fairbalance.corrupted_mnist', 'corrupted_mnist'),
     'colored_digits': ('fairbalance.datasets', 'colored_digits'),
     'discover_slices': ('fairbalance.discovery', 'discover_slices'),
     'inject_bias_conflicting': ('fairbalance.diffinject', 'inject_bias_conflicting'),
@@ -77,7 +79,7 @@ _LAZY = {
     'generate_from_captions': ('fairbalance.text_to_image', 'generate_from_captions'),
     'FairBalanceError': ('fairbalance.validation', 'FairBalanceError'),
 }
-_SHADOWED = {"colored_mnist"}  # functions named like their module: importing the module must not replace them
+_SHADOWED = {"colored_mnist", "corrupted_mnist"}  # functions named like their module: importing the module must not replace them
 
 
 class _Package(types.ModuleType):
@@ -130,6 +132,7 @@ __all__ = [
     "compute_hardness_tags",
     "compute_pseudo_labels",
     "compute_sa_features",
+    "corrupted_mnist",
     "discover_slices",
     "entropy",
     "evaluate_classifier",
