@@ -71,6 +71,7 @@ def test_planted_slice_is_found_named_and_recorded(planted, planted_files, one_t
     assert record["error_rate"] > record["class_error_rate"] and record["error_gap"] > 0
     assert record["name"] == "stroke = blue"
     assert record["names"][0]["count"] >= 8 and record["names"][0]["lift"] > 1
+    assert res.clip_naming.startswith("skipped")  # no CLIP embeddings: said, not silently left out
     assert res.slices[0]["error_gap"] >= res.slices[-1]["error_gap"]  # ranked by the gap
     # recorded as a run with its config; slices usable as an attribute field (a plain string field)
     cfg = fb.runs.get_run_config(planted, "slices")
@@ -137,3 +138,27 @@ def test_operator_matches_sdk(digits_dataset, one_thread):
     finally:
         op_ds.delete()
         sdk_ds.delete()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_names_from_captions_and_the_clip_text_bank(digits_copy, tiny_clip, one_thread):
+    """B2T keywords from a captions field; WordNet glosses when the features are CLIP embeddings whose model loads."""
+    fb.compute_sa_features(digits_copy, "colors", ["red", "blue"], num_related_texts=4, model=tiny_clip,
+                           pretrained=None, device="cpu", num_workers=0)
+    colors = digits_copy.values("color.label")
+    digits_copy.set_values("captions", [[f"a {c} digit on black", "a handwritten number"] for c in colors])
+    res = fb.discover_slices(digits_copy, "ground_truth", features_field="clip_embedding", captions_field="captions",
+                             epochs=2, slices_per_class=2)
+    assert res.clip_naming.startswith("WordNet glosses")
+    assert res.features == "clip_embedding"
+    sources = {n["source"] for r in res.slices for n in r["names"]}
+    assert {"clip", "metadata"} <= sources
+    for r in res.slices:
+        clip = [n for n in r["names"] if n["source"] == "clip"]
+        assert len(clip) == 3 and all(n["text"] and -1 <= n["score"] <= 1 for n in clip)
+        words = [n["text"] for n in r["names"] if n["source"] == "captions"]
+        # a slice richer in one stroke colour than the rest of its class is named by that colour's word
+        meta = [n for n in r["names"] if n["source"] == "metadata" and n["field"] == "color"]
+        if meta and meta[0]["share_rest_of_class"] == 0:
+            assert meta[0]["value"] in words

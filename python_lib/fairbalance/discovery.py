@@ -172,17 +172,56 @@ def caption_names(slice_members: np.ndarray, class_members: np.ndarray, captions
     return sorted(out, key=lambda d: (-d["score"], -d["count"], d["text"]))[:top]
 
 
-def name_slices(samples_columns: dict[str, list], captions: list | None, fit: SliceFit, labels: np.ndarray
-                ) -> list[list[dict]]:
-    """The names of every slice of ``fit``: metadata first, then caption keywords (when captions exist)."""
+def clip_names(slice_members: np.ndarray, class_members: np.ndarray, embeddings: np.ndarray, bank: np.ndarray,
+               texts: list[str], top: int = 3) -> list[dict]:
+    """WordNet texts closest in CLIP space to what sets a slice apart from the rest of its class.
+
+    The direction is the mean normalised image embedding of the slice minus
+    that of the rest of its class (Domino's text-bank naming); ``bank``: the
+    normalised text embeddings of ``texts`` (the SA step's WordNet glosses).
+    """
+    rest = class_members & ~slice_members
+    if not rest.any():
+        return []
+    e = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(1e-12)
+    direction = e[slice_members].mean(0) - e[rest].mean(0)
+    direction /= max(float(np.linalg.norm(direction)), 1e-12)
+    sims = np.asarray(bank, dtype=np.float32) @ direction.astype(np.float32)
+    best = np.argsort(-sims)[:top]
+    return [{"source": "clip", "text": texts[j].split(", which means ")[0], "description": texts[j],
+             "score": round(float(sims[j]), 4)} for j in best]
+
+
+def name_slices(samples_columns: dict[str, list], captions: list | None, fit: SliceFit, labels: np.ndarray,
+                clip_bank: tuple | None = None) -> list[list[dict]]:
+    """The names of every slice of ``fit``: metadata first, then caption keywords (when captions exist), then
+    the CLIP text bank (``clip_bank``: ``(image embeddings, text embeddings, texts)``, when CLIP is at hand)."""
     names = []
     for s, c in enumerate(fit.slice_class):
         members, cls = fit.assign == s, labels == c
         found = metadata_names(members, cls, samples_columns) if samples_columns else []
         if captions is not None:
             found += caption_names(members, cls, captions)
+        if clip_bank is not None:
+            found += clip_names(members, cls, *clip_bank)
         names.append(found)
     return names
+
+
+def _clip_bank(samples, features_field: str | None, features, device=None) -> tuple[tuple | None, str]:
+    """``((embeddings, WordNet text embeddings, texts), how)`` when ``features_field`` holds CLIP embeddings
+    whose model loads here; else ``(None, why not)``."""
+    from fairbalance import embeddings, models, related_texts
+
+    spec = embeddings.stored_model(samples, features_field) if features_field else None
+    if not spec:
+        return None, "skipped: no CLIP embeddings (features_field) to name slices with"
+    try:
+        clip = models.load_clip(spec.get("model"), spec.get("pretrained"), device=device)
+    except Exception as e:  # weights not on disk (offline): named from the rest, and the record says why
+        return None, f"skipped: {spec.get('model')}/{spec.get('pretrained')} not available ({type(e).__name__})"
+    texts, _ = related_texts.wordnet_candidates()
+    return (features, related_texts.gloss_embeddings(clip), texts), f"WordNet glosses, {spec.get('model')}"
 
 
 # --- the writer ------------------------------------------------------------------------------------------------
@@ -201,6 +240,7 @@ class DiscoveryResult:
     class_error_rate: dict[str, float]
     slices: list[dict] = field(default_factory=list)  # ranked by error gap, largest first
     checkpoint: str | None = None
+    clip_naming: str | None = None  # how the CLIP text bank named the slices, or why it did not
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -288,6 +328,7 @@ def discover_slices(
     seed: int = 0,
     device: str | None = None,
     num_workers: int = 0,
+    name_with_clip: bool = True,
     run_key: str = "slices",
     output_dir: str | None = None,
     overwrite: bool = False,
@@ -306,7 +347,9 @@ def discover_slices(
     class) and ``<slice_field>_score`` on the real labelled samples, and
     records the run with every slice: size, class, error rate, gap to its
     class, names (categorical metadata over-represented in the slice; caption
-    keywords from ``captions_field`` when given). Rerun with
+    keywords from ``captions_field`` when given; the WordNet text bank when
+    ``features_field`` holds CLIP embeddings whose weights are on disk,
+    ``name_with_clip``). Rerun with
     ``overwrite=True`` to replace the slices (never mixed with the old ones).
     """
     from fairbalance import hardness, training
@@ -344,7 +387,7 @@ def discover_slices(
     config = {"label_field": label_field, "algorithm": method, "features_field": features_field,
               "features": features_field or "penultimate layer of the classifier", "slice_field": slice_field,
               "score_field": fields[1], "slices_per_class": slices_per_class, "error_weight": error_weight,
-              "captions_field": captions_field, "seed": seed, "checkpoint": output_dir,
+              "captions_field": captions_field, "name_with_clip": name_with_clip, "seed": seed, "checkpoint": output_dir,
               "classifier": classifier and os.path.abspath(os.fspath(classifier)), "classifier_run": classifier_run}
     if clf is None:
         config.update(q=q, backbone=backbone, image_size=image_size, normalize=normalize, epochs=epochs,
@@ -374,7 +417,9 @@ def discover_slices(
     if captions_field:
         by_id = dict(zip(*samples.select(ids).values(["id", captions_field])))
         captions = [by_id.get(i) for i in ids]
-    names = name_slices(columns, captions, fit, labels)
+    bank, clip_naming = _clip_bank(samples, features_field, features, device) if name_with_clip else (
+        None, "off")
+    names = name_slices(columns, captions, fit, labels, bank)
     class_error = {classes[c]: float(wrong[labels == c].mean()) for c in np.unique(labels)}
     slice_names = []
     records = []
@@ -402,6 +447,6 @@ def discover_slices(
 
     run.write(write)
     result = DiscoveryResult(run_key, fields[0], fields[1], method, config["features"], len(records), len(ids),
-                             data.num_unlabelled, class_error, records, output_dir)
+                             data.num_unlabelled, class_error, records, output_dir, clip_naming)
     run.save_results(result.to_dict())
     return result
