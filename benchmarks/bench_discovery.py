@@ -30,7 +30,6 @@ Usage: nice -n 10 python benchmarks/bench_discovery.py [--settings 27] [--slices
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -45,9 +44,8 @@ os.environ.setdefault("FIFTYONE_SHOW_PROGRESS_BARS", "false")
 import fiftyone as fo  # noqa: E402
 
 import fairbalance as fb  # noqa: E402
-from fairbalance import training  # noqa: E402
-
-colored_mnist = importlib.import_module("fairbalance.colored_mnist")
+from fairbalance.datasets import colored_mnist  # noqa: E402
+from fairbalance.train import training  # noqa: E402
 
 KINDS = {"rare": (0.02, 0.05, 0.10), "correlation": (0.2, 0.5, 0.8), "noisy": (0.02, 0.10, 0.30)}
 ATTRIBUTES = ("tint", "background", "thick", "rotation", "blur", "noise")

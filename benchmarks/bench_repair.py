@@ -67,13 +67,14 @@ os.environ.setdefault("FIFTYONE_SHOW_PROGRESS_BARS", "false")
 
 import fairbalance as fb  # noqa: E402
 from bench_balance import colour_features  # noqa: E402  (mean stroke colour: the SA-feature stand-in offline)
-from fairbalance import datasets, images, writeback  # noqa: E402
-from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier  # noqa: E402
-from fairbalance.diffusion import train_conditional_diffusion  # noqa: E402
-from fairbalance.generation import generate_balanced  # noqa: E402
-from fairbalance.hardness import compute_hardness  # noqa: E402
-from fairbalance.diffinject import inject_bias_conflicting  # noqa: E402
-from fairbalance.diffusion import load_conditional_diffusion, sample_images  # noqa: E402
+from fairbalance.core import images, writeback
+from fairbalance.datasets import colored_digits as datasets  # noqa: E402
+from fairbalance.train.classifier import apply_classifier, evaluate_classifier, train_classifier  # noqa: E402
+from fairbalance.generate.diffusion import train_conditional_diffusion  # noqa: E402
+from fairbalance.generate.generation import generate_balanced  # noqa: E402
+from fairbalance.tag.hardness import compute_hardness  # noqa: E402
+from fairbalance.generate.diffinject import inject_bias_conflicting  # noqa: E402
+from fairbalance.generate.diffusion import load_conditional_diffusion, sample_images  # noqa: E402
 
 METHODS = ("plain", "vanilla", "jtt", "lff", "cells", "diffinject")
 
@@ -469,7 +470,7 @@ def run_corrupted(ratio, args, work):
     penultimate features); GroupDRO on our discovered slices (error-aware); and the road from discovery:
     slices -> class x slice diffusion -> cells filled by editing real digits -> two-stage training.
     """
-    from fairbalance.corrupted_mnist import corrupted_mnist
+    from fairbalance.datasets.corrupted_mnist import corrupted_mnist
 
     t_start = time.time()
     methods = set(args.corrupted_methods)

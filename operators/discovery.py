@@ -4,8 +4,8 @@ import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.discovery import discover_slices
-from fairbalance.validation import LIMITS
+from fairbalance.find.discovery import discover_slices
+from fairbalance.core.validation import LIMITS
 
 from ._common import refresh_app
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, output_field_input,

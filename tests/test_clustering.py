@@ -3,7 +3,7 @@ import pytest
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from fairbalance import clustering
+from fairbalance.find import clustering
 
 # unequal cluster sizes, like the paper's tables
 SIZES = [400, 200, 120, 60, 40]

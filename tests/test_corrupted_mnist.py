@@ -1,14 +1,14 @@
 """Corrupted MNIST: each class tied to one corruption, a fraction conflicting, unbiased val/test (real digits)."""
 
 import collections
-import importlib
 
 import numpy as np
 import pytest
 
 import fairbalance as fb
 
-cm = importlib.import_module("fairbalance.corrupted_mnist")
+from fairbalance.datasets import colored_mnist
+from fairbalance.datasets import corrupted_mnist as cm
 
 
 @pytest.mark.slow
@@ -34,7 +34,7 @@ def test_corrupted_mnist_follows_the_protocol(tmp_path):
 
 
 def test_every_corruption_changes_the_image_and_bad_ratio_fails_first(tmp_path):
-    images, _ = importlib.import_module("fairbalance.colored_mnist").load_mnist_5k()
+    images, _ = colored_mnist.load_mnist_5k()
     rng = np.random.default_rng(0)
     base = np.asarray(cm.corrupt(images[0], "none", rng), dtype=float)
     for kind in cm.CORRUPTIONS:

@@ -8,10 +8,9 @@ import pytest
 import fiftyone as fo
 
 import fairbalance as fb
-from fairbalance import discovery
-import importlib
-
-colored_mnist = importlib.import_module("fairbalance.colored_mnist")
+from fairbalance.datasets import colored_mnist
+from fairbalance.core import runs
+from fairbalance.find import discovery
 
 COLORS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 1.0, 0.1), "blue": (0.1, 0.1, 1.0)}
 PER_CLASS, PLANTED = 120, 16
@@ -74,10 +73,10 @@ def test_planted_slice_is_found_named_and_recorded(planted, planted_files, one_t
     assert res.clip_naming.startswith("skipped")  # no CLIP embeddings: said, not silently left out
     assert res.slices[0]["error_gap"] >= res.slices[-1]["error_gap"]  # ranked by the gap
     # recorded as a run with its config; slices usable as an attribute field (a plain string field)
-    cfg = fb.runs.get_run_config(planted, "slices")
+    cfg = runs.get_run_config(planted, "slices")
     assert cfg["method"] == "fairbalance.discover_slices" and cfg["slices_per_class"] == 4
     assert cfg["fields_written"] == ["slice", "slice_score"]
-    stored = fb.runs.load_run_results(planted, "slices")
+    stored = runs.load_run_results(planted, "slices")
     assert [r["slice"] for r in stored["slices"]] == [r["slice"] for r in res.slices]
     assert fb.balance_report(planted, "slice").counts  # the rest of the road reads it as an attribute
 
@@ -94,7 +93,7 @@ def test_rerun_is_refused_and_overwrite_replaces(planted, one_thread):
     assert set(planted.match(fo.ViewField("ground_truth.label") == "2").values("slice")) == {None}
     assert {s.split("/")[0] for s in planted.exists("slice").values("slice")} == {"0", "1"}
     assert values  # every sample was read
-    assert fb.runs.get_run_config(planted, "slices")["method"] == "fairbalance.discover_slices"
+    assert runs.get_run_config(planted, "slices")["method"] == "fairbalance.discover_slices"
 
 
 @pytest.mark.parametrize("kwargs, message", [

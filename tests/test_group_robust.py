@@ -7,7 +7,8 @@ import pytest
 import fiftyone as fo
 
 import fairbalance as fb
-from fairbalance.datasets import CLASS_COLORS
+from fairbalance.core import runs
+from fairbalance.datasets.colored_digits import CLASS_COLORS
 
 COLOR_OF = {str(c): name for c, (name, _) in enumerate(CLASS_COLORS)}
 
@@ -20,7 +21,7 @@ def test_group_dro_records_its_groups_and_their_weights(digits_copy, one_thread)
     colors = dict(zip(*train.values(["ground_truth.label", "color.label"])))
     assert len(groups) == len({(y, c) for y, c in zip(*train.values(["ground_truth.label", "color.label"]))})
     assert abs(sum(clf.history[-1]["group_weights"]) - 1) < 1e-4 and len(clf.history[-1]["group_weights"]) == len(groups)
-    cfg = fb.runs.get_run_config(digits_copy, "dro")
+    cfg = runs.get_run_config(digits_copy, "dro")
     assert cfg["training_method"] == "group_dro" and cfg["group_field"] == "color" and cfg["dro_step"] == 0.1
     assert cfg["train_config"]["groups"] == groups
     assert colors
@@ -30,7 +31,7 @@ def test_group_dro_moves_the_weight_to_the_group_it_cannot_fit(one_thread):
     """Two groups of one class pair: one learnable from the image, one with random labels: q goes to the second."""
     import torch
 
-    from fairbalance import group_robust, training
+    from fairbalance.train import group_robust, training
 
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(400, 3, 4, 4, generator=gen)
