@@ -23,7 +23,7 @@ planted slice inside it). Naming: whether the first name of the best
 predicted slice is the planted attribute, from the ``effect`` metadata
 field (with a distractor field ``scanner``).
 
-Usage: nice -n 10 python benchmarks/bench_discovery.py [--settings 27] [--slices-per-class 5] [--epochs 10]
+Usage: nice -n 10 python benchmarks/bench_discovery.py [--settings 24] [--num-digits 2500] [--slices-per-class 5] [--epochs 10]
            [--out results.json] [--part i/n]   (then --merge part0.json part1.json ... for the joint summary)
 """
 

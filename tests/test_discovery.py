@@ -93,6 +93,11 @@ def test_rerun_is_refused_and_overwrite_replaces(planted, one_thread):
     assert set(planted.match(fo.ViewField("ground_truth.label") == "2").values("slice")) == {None}
     assert {s.split("/")[0] for s in planted.exists("slice").values("slice")} == {"0", "1"}
     assert values  # every sample was read
+    # a rerun with the same settings writes the same slices (deterministic for a seed)
+    before = planted.values("slice")
+    third = fb.discover_slices(view, "ground_truth", epochs=2, slices_per_class=3, overwrite=True)
+    assert planted.values("slice") == before and [r["slice"] for r in third.slices] == [
+        r["slice"] for r in second.slices]
     assert runs.get_run_config(planted, "slices")["method"] == "fairbalance.discover_slices"
 
 
