@@ -4,10 +4,9 @@ import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.find.discovery import discover_slices
-from fairbalance.core.validation import LIMITS
+from fairbalance import discover_slices
 
-from ._common import refresh_app
+from ._common import LIMITS, refresh_app
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, output_field_input,
                       result_view, rounded, run_key_input)
 

@@ -10,7 +10,7 @@ import fiftyone as fo
 import fairbalance as fb
 from fairbalance.datasets import colored_mnist
 from fairbalance.core import runs
-from fairbalance.find import discovery
+from fairbalance.tag import discovery
 
 COLORS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 1.0, 0.1), "blue": (0.1, 0.1, 1.0)}
 PER_CLASS, PLANTED = 120, 16

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from fairbalance.core import claims, distributed, folders, runs, validation, writeback
-from fairbalance.train import training
-from fairbalance.find.balance import label_path
+from fairbalance.train import group_robust, training
+from fairbalance.core.fields import label_path
 from fairbalance.train.training import TrainedClassifier, load_classifier
 
 
@@ -88,8 +88,9 @@ def train_classifier(
                   max_synthetic_fraction=max_synthetic_fraction, seed=seed)
     params.update(supcon_weight=supcon_weight, supcon_temperature=supcon_temperature, projection_dim=projection_dim,
                   head_epochs=head_epochs, stage1_real=stage1_real, exclude_field=exclude_field)
-    if group_field is not None or method in ("group_dro", "dfr"):  # older runs' configs stay as they were
+    if group_field is not None or method in group_robust.METHODS:  # older runs' configs stay as they were
         params.update(group_field=group_field, dro_step=dro_step)
+        group_robust.check(method, group_field, dro_step, val_samples)  # before the run is prepared
     run = folder = None
     distributed.setup(device)
     if run_key is not None:
@@ -104,7 +105,7 @@ def train_classifier(
 
         run = distributed.on_main(prepare)
     clf = training.train_classifier(samples, val_samples=val_samples, device=device, num_workers=num_workers,
-                                    progress=progress, **params)
+                                    progress=progress, make_loop=group_robust.loop_for, **params)
     if run_key is not None:
         clf.run_key, clf.checkpoint = run_key, folder
 

@@ -52,38 +52,37 @@ def group_index(labels: np.ndarray, values: list[str], classes: list[str]) -> tu
     return np.array([index[f"{classes[c]}|{v}"] for c, v in zip(labels, values)], dtype=int), names
 
 
-def check(config, val_samples) -> None:
-    """Up-front checks of the group-robust settings."""
-    if config.method in METHODS and not config.group_field:
-        raise validation.FairBalanceError(f"method='{config.method}' needs group_field (e.g. 'slice' or a bias "
-                                          "attribute)")
-    if config.group_field and config.method not in METHODS:
-        raise validation.FairBalanceError(f"group_field is used by method='group_dro' or 'dfr' only, "
-                                          f"not {config.method!r}")
-    if config.group_field:
-        validation.require_field_name(config.group_field)
-    if not (isinstance(config.dro_step, (int, float)) and np.isfinite(config.dro_step) and config.dro_step > 0):
-        raise validation.FairBalanceError(f"dro_step must be a finite number > 0, got {config.dro_step!r}")
-    if config.method == "dfr" and (val_samples is None or not len(val_samples)):
+def check(method: str, group_field: str | None, dro_step: float, val_samples) -> None:
+    """Up-front checks of the group-robust settings (before the run is prepared)."""
+    if method in METHODS and not group_field:
+        raise validation.FairBalanceError(f"method='{method}' needs group_field (e.g. 'slice' or a bias attribute)")
+    if group_field and method not in METHODS:
+        raise validation.FairBalanceError(f"group_field is used by method='group_dro' or 'dfr' only, not {method!r}")
+    if group_field:
+        validation.require_field_name(group_field)
+    if isinstance(dro_step, bool) or not (isinstance(dro_step, (int, float)) and np.isfinite(dro_step)
+                                          and dro_step > 0):
+        raise validation.FairBalanceError(f"dro_step must be a finite number > 0, got {dro_step!r}")
+    if method == "dfr" and (val_samples is None or not len(val_samples)):
         raise validation.FairBalanceError(
             "method='dfr' retrains the last layer on a held-out split: pass val_samples (labelled, with "
             "group_field), disjoint from the training samples")
-    if config.method in METHODS and distributed.world_size() > 1:
-        raise validation.FairBalanceError(f"method='{config.method}' runs in one process, not under a launcher")
+    if method in METHODS and distributed.world_size() > 1:
+        raise validation.FairBalanceError(f"method='{method}' runs in one process, not under a launcher")
 
 
 def fit_group_dro(net, config, x, y, w, val, dev, gen, progress, groups=None, num_groups=None):
     """GroupDRO's online algorithm; sample weights multiply the per-sample losses as in the other methods."""
     import fiftyone.core.utils as fou
 
-    from fairbalance.train.training import _Selector
+    from fairbalance.train import training
 
     net = net.to(dev)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     q = torch.full((num_groups,), 1.0 / num_groups, device=dev)
     g_all = torch.as_tensor(groups)
     draw = 1.0 / torch.bincount(g_all, minlength=num_groups).double()[g_all]
-    selector, history = _Selector(val, dev), []
+    selector, history = training._Selector(val, dev), []
     with fou.ProgressBar(total=config.epochs, progress=progress) as pb:
         for epoch in range(1, config.epochs + 1):
             net.train()
@@ -120,11 +119,11 @@ def fit_group_dro(net, config, x, y, w, val, dev, gen, progress, groups=None, nu
 
 def fit_dfr(net, config, x, y, w, val, dev, gen, progress, held_out=None, held_groups=None):
     """ERM on the training samples, then the last layer alone on group-balanced held-out samples."""
-    from fairbalance.train.training import _fit_single, _loader, split_encoder_head
+    from fairbalance.train import training
 
-    history, _ = _fit_single(net, config, x, y, w, None, dev, gen, progress)
+    history, _ = training._fit_single(net, config, x, y, w, None, dev, gen, progress)
     xv, yv = held_out
-    encoder, head = split_encoder_head(net)
+    encoder, head = training.split_encoder_head(net)
     encoder.eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
@@ -140,7 +139,7 @@ def fit_dfr(net, config, x, y, w, val, dev, gen, progress, held_out=None, held_g
         pick = torch.as_tensor(np.concatenate([rng.choice(m, per_group, replace=False) for m in members]))
         head.train()
         total = count = correct = 0
-        for fb_, yb, _, _ in _loader(feats[pick.to(dev)], yv_dev[pick.to(dev)], torch.ones(len(pick)),
+        for fb_, yb, _, _ in training._loader(feats[pick.to(dev)], yv_dev[pick.to(dev)], torch.ones(len(pick)),
                                      config.batch_size, gen):
             logits = head(fb_).float()
             per = F.cross_entropy(logits, yb, reduction="none")
@@ -162,7 +161,7 @@ def loop_for(samples, data, config, val_samples, size, num_workers):
     """The training loop of ``config.method`` with its groups bound; ``None`` for the other methods."""
     import functools
 
-    from fairbalance.train.training import labelled_samples, load_images
+    from fairbalance.core.data import labelled_samples, load_images
 
     if config.method == "group_dro":
         values = group_values(samples, data.ids, config.group_field, "training samples")

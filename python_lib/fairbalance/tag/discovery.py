@@ -28,6 +28,7 @@ mode="cells", attribute_field="slice")``, ``finetune_per_group``, the gate,
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -143,20 +144,33 @@ def metadata_names(slice_members: np.ndarray, class_members: np.ndarray, columns
     return sorted(out, key=lambda d: (-d["score"], -d["count"], d["text"]))[:top]
 
 
+def _stopwords() -> frozenset[str]:
+    """English stopwords: NLTK's when its corpus is installed, else scikit-learn's (the caption filter's rule)."""
+    try:
+        import nltk
+
+        nltk.data.find("corpora/stopwords")
+        from nltk.corpus import stopwords
+
+        return frozenset(stopwords.words("english"))
+    except (ImportError, LookupError):
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+        return frozenset(ENGLISH_STOP_WORDS)
+
+
 def caption_names(slice_members: np.ndarray, class_members: np.ndarray, captions: list, top: int = 5,
                   min_share: float = 0.2) -> list[dict]:
     """Caption words over-represented in a slice against the rest of its class (B2T's keyword step).
 
     A word counts once per sample (in any of its captions); English stopwords
-    are dropped (:func:`fairbalance.generate.captions.stopwords`).
+    are dropped (NLTK's list when its corpus is installed, else scikit-learn's, as ``filter_captions``).
     """
-    from fairbalance.generate.captions import stopwords, tokenize
-
-    stop, _ = stopwords()
+    stop = _stopwords()
     words = []
     for caps in captions:
         caps = [caps] if isinstance(caps, str) else list(caps or [])
-        words.append({w for cap in caps for w in tokenize(str(cap)) if w not in stop and len(w) > 1})
+        words.append({w for cap in caps for w in re.findall(r"[a-z0-9]+(?:'[a-z]+)?", str(cap).lower()) if w not in stop and len(w) > 1})
     rest = class_members & ~slice_members
     size, n_rest = int(slice_members.sum()), int(rest.sum())
     in_slice = Counter(w for j in np.flatnonzero(slice_members) for w in words[j])
@@ -257,13 +271,14 @@ def _model_outputs(clf, paths, device=None, batch_size: int = 256, num_workers: 
     import torch
 
     from fairbalance.core import images, models
+    from fairbalance.core.data import image_transform
     from fairbalance.train import training
 
     dev = models.resolve_device(device)
     encoder, head = training.split_encoder_head(clf.model.to(dev).eval())
     feats, logits = None, None
     with torch.inference_mode():
-        for idx, batch in images.iter_batches(paths, training.image_transform(clf.config.image_size), batch_size,
+        for idx, batch in images.iter_batches(paths, image_transform(clf.config.image_size), batch_size,
                                               num_workers):
             f = encoder(batch.to(dev)).float()
             lg = head(f).float()
@@ -284,6 +299,75 @@ def _name_columns(samples, ids: list[str], exclude: set[str]) -> dict[str, list]
     paths = [label_path(samples, f) for f in names]
     cols = samples.select(ids, ordered=True).values(paths)
     return {n: list(col) for n, col in zip(names, cols) if 1 < len({str(v) for v in col}) <= MAX_NAME_VALUES}
+
+
+def _stored_features(samples, ids: list[str], features_field: str) -> np.ndarray:
+    """The ``features_field`` vectors of ``ids``, in that order; an error when one is missing."""
+    from fairbalance.find import embeddings
+
+    fids, matrix, missing = embeddings.load(samples.select(ids), features_field)
+    if missing:
+        raise validation.FairBalanceError(
+            f"{len(missing)} labelled sample(s) have no '{features_field}': compute it for the whole view first")
+    row = {i: j for j, i in enumerate(fids)}
+    return validation.require_finite_matrix(features_field, matrix[[row[i] for i in ids]])
+
+
+def _records(fit: SliceFit, classes, wrong, errors, names, class_error) -> tuple[list[str], list[dict]]:
+    """Each slice's id (``"<class>/<j>"``, in ``fit``'s order) and its records, ranked by error gap."""
+    slice_names, records = [], []
+    for s, c in enumerate(fit.slice_class):
+        j = s - int(np.flatnonzero(fit.slice_class == c)[0])
+        sid = f"{classes[c]}/{j}"
+        slice_names.append(sid)
+        members = fit.assign == s
+        rate = float(wrong[members].mean())
+        records.append({"slice": sid, "class": classes[c], "size": int(members.sum()),
+                        "errors": int(wrong[members].sum()), "error_rate": rate,
+                        "class_error_rate": class_error[classes[c]], "error_gap": rate - class_error[classes[c]],
+                        "mean_error": float(errors[members].mean()),
+                        "name": names[s][0]["text"] if names[s] else None, "names": names[s]})
+    records.sort(key=lambda r: (-r["error_gap"], -r["size"], r["slice"]))
+    return slice_names, records
+
+
+def _errors(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(1 - p(y|x), misclassified)`` per sample."""
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    return 1.0 - probs[np.arange(len(labels)), labels], probs.argmax(1) != labels
+
+
+def _names(samples, ids, fit, labels, exclude, captions_field, name_with_clip, features_field, features, device):
+    """Every slice's names (metadata, captions, CLIP text bank) and how the CLIP bank was used."""
+    columns = _name_columns(samples, ids, exclude)
+    captions = None
+    if captions_field:
+        by_id = dict(zip(*samples.select(ids).values(["id", captions_field])))
+        captions = [by_id.get(i) for i in ids]
+    bank, clip_naming = _clip_bank(samples, features_field, features, device) if name_with_clip else (None, "off")
+    return name_slices(columns, captions, fit, labels, bank), clip_naming
+
+
+def _given_classifier(samples, classifier, classifier_run, settings: dict):
+    """The trained classifier and its folder; training settings other than the defaults are refused."""
+    from fairbalance.tag import hardness
+
+    defaults = {"epochs": 10, "q": 0.7, "backbone": "auto", "lr": 1e-3, "image_size": None, "normalize": "none",
+                "output_dir": None}
+    extra = [n for n, v in settings.items() if v != defaults[n]]
+    if extra:
+        raise validation.FairBalanceError(f"With a trained classifier nothing is trained here: drop {', '.join(extra)}")
+    return hardness._load_given(samples, classifier, classifier_run)
+
+
+def _model_config(clf, settings: dict) -> dict:
+    """The settings of the model that ranked the samples: the caller's when trained here, else its own."""
+    if clf is None:
+        return {**settings, "trained_here": True}
+    tc = clf.config
+    return dict(q=tc.q, backbone=tc.backbone, image_size=tc.image_size, normalize=tc.normalize, epochs=tc.epochs,
+                batch_size=tc.batch_size, lr=tc.lr, training_method=tc.method, trained_here=False)
 
 
 def validate_inputs(samples, label_field="ground_truth", method="error_aware", features_field=None,
@@ -349,40 +433,24 @@ def discover_slices(
     class) and ``<slice_field>_score`` on the real labelled samples, and
     records the run with every slice: size, class, error rate, gap to its
     class, names (categorical metadata over-represented in the slice; caption
-    keywords from ``captions_field`` when given; the WordNet text bank when
-    ``features_field`` holds CLIP embeddings whose weights are on disk,
-    ``name_with_clip``). Rerun with
-    ``overwrite=True`` to replace the slices (never mixed with the old ones).
+    keywords from ``captions_field``; the WordNet text bank when ``features_field``
+    holds CLIP embeddings whose weights are on disk). ``overwrite=True`` replaces them.
     """
     from fairbalance.tag import hardness
     from fairbalance.train import training
 
     validate_inputs(samples, label_field, method, features_field, slice_field, slices_per_class, error_weight,
                     captions_field, classifier, classifier_run, seed)
-    given = classifier is not None or classifier_run is not None
     clf = None
-    if given:
-        extra = [n for n, v, d in (("epochs", epochs, 10), ("q", q, 0.7), ("backbone", backbone, "auto"),
-                                   ("lr", lr, 1e-3), ("image_size", image_size, None), ("normalize", normalize, "none"))
-                 if v != d] + (["output_dir"] if output_dir is not None else [])
-        if extra:
-            raise validation.FairBalanceError(
-                f"With a trained classifier nothing is trained here: drop {', '.join(extra)}")
-        clf, output_dir = hardness._load_given(samples, classifier, classifier_run)
+    if classifier is not None or classifier_run is not None:
+        training_settings = dict(epochs=epochs, q=q, backbone=backbone, lr=lr, image_size=image_size,
+                                 normalize=normalize, output_dir=output_dir)
+        clf, output_dir = _given_classifier(samples, classifier, classifier_run, training_settings)
     data = hardness.real_labelled(samples, label_field, clf)
     ids, paths, labels, classes = data.ids, data.filepaths, data.labels, data.classes
     if len(set(labels.tolist())) < 2:
         raise validation.FairBalanceError(f"'{label_field}' has only one class in this view")
-    features = None
-    if features_field:
-        from fairbalance.find import embeddings
-
-        fids, matrix, missing = embeddings.load(samples.select(ids), features_field)
-        if missing:
-            raise validation.FairBalanceError(
-                f"{len(missing)} labelled sample(s) have no '{features_field}': compute it for the whole view first")
-        row = {i: j for j, i in enumerate(fids)}
-        features = validation.require_finite_matrix(features_field, matrix[[row[i] for i in ids]])
+    features = _stored_features(samples, ids, features_field) if features_field else None
     dataset = samples._root_dataset
     fields = output_fields(slice_field)
     if clf is None:
@@ -391,15 +459,9 @@ def discover_slices(
               "features": features_field or "penultimate layer of the classifier", "slice_field": slice_field,
               "score_field": fields[1], "slices_per_class": slices_per_class, "error_weight": error_weight,
               "captions_field": captions_field, "name_with_clip": name_with_clip, "seed": seed, "checkpoint": output_dir,
-              "classifier": classifier and os.path.abspath(os.fspath(classifier)), "classifier_run": classifier_run}
-    if clf is None:
-        config.update(q=q, backbone=backbone, image_size=image_size, normalize=normalize, epochs=epochs,
-                      batch_size=batch_size, lr=lr, trained_here=True)
-    else:
-        tc = clf.config
-        config.update(q=tc.q, backbone=tc.backbone, image_size=tc.image_size, normalize=tc.normalize,
-                      epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr, training_method=tc.method,
-                      trained_here=False)
+              "classifier": classifier and os.path.abspath(os.fspath(classifier)), "classifier_run": classifier_run,
+              **_model_config(clf, dict(q=q, backbone=backbone, image_size=image_size, normalize=normalize,
+                                        epochs=epochs, batch_size=batch_size, lr=lr))}
     run = runs.prepare(samples, run_key, "discover_slices", config, fields, overwrite)
     trained = clf is None
     if trained:
@@ -409,35 +471,13 @@ def discover_slices(
             image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
             device=device, num_workers=num_workers, progress=progress)
     feats, logits = _model_outputs(clf, paths, device, batch_size, num_workers)
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    errors = 1.0 - probs[np.arange(len(ids)), labels]
-    wrong = probs.argmax(1) != labels
+    errors, wrong = _errors(logits, labels)
     fit = find_slices(features if features is not None else feats, labels, errors, method, slices_per_class,
                       error_weight, seed)
-    columns = _name_columns(samples, ids, {label_field, *fields})
-    captions = None
-    if captions_field:
-        by_id = dict(zip(*samples.select(ids).values(["id", captions_field])))
-        captions = [by_id.get(i) for i in ids]
-    bank, clip_naming = _clip_bank(samples, features_field, features, device) if name_with_clip else (
-        None, "off")
-    names = name_slices(columns, captions, fit, labels, bank)
+    names, clip_naming = _names(samples, ids, fit, labels, {label_field, *fields}, captions_field, name_with_clip,
+                                features_field, features, device)
     class_error = {classes[c]: float(wrong[labels == c].mean()) for c in np.unique(labels)}
-    slice_names = []
-    records = []
-    for s, c in enumerate(fit.slice_class):
-        j = s - int(np.flatnonzero(fit.slice_class == c)[0])
-        sid = f"{classes[c]}/{j}"
-        slice_names.append(sid)
-        members = fit.assign == s
-        rate = float(wrong[members].mean())
-        records.append({"slice": sid, "class": classes[c], "size": int(members.sum()),
-                        "errors": int(wrong[members].sum()), "error_rate": rate,
-                        "class_error_rate": class_error[classes[c]], "error_gap": rate - class_error[classes[c]],
-                        "mean_error": float(errors[members].mean()),
-                        "name": names[s][0]["text"] if names[s] else None, "names": names[s]})
-    records.sort(key=lambda r: (-r["error_gap"], -r["size"], r["slice"]))
+    slice_names, records = _records(fit, classes, wrong, errors, names, class_error)
     score = fit.scores[np.arange(len(ids)), fit.assign]
 
     def write():
