@@ -27,6 +27,7 @@ BENCHMARKS = {
     "captions": ["bench_captions.py", "--repeats", "5", "--threads", "1"],  # per-caption random streams
     "repair": ["bench_repair.py"],  # real Colored MNIST, 1% and 5%, 3 seeds (~1 h on 2 CPU cores)
     "balance": ["bench_balance.py"],  # its defaults are the README settings
+    "discovery": ["bench_discovery.py"],  # 24 planted slices on real MNIST digits (~30 min on 2 CPU cores)
     "requery": ["bench_sa.py", "requery", "--n", "100000"],
     "scale": ["bench_scale.py", "--n", "1000000"],  # 1M samples: panel, X-means, write-back, re-query
 }

@@ -9,6 +9,7 @@ from .captions import ComputeCaptions, FilterCaptions, GenerateFromCaptions
 from .classifier import ApplyClassifier, ComputeHardnessTags, TrainClassifier
 from .colored_digits import CreateColoredDigits, CreateColoredMnist
 from .delete_run import DeleteRun
+from .discovery import DiscoverSlices
 from .diffinject import InjectBiasConflicting
 from .diffusion import FilterGenerated, GenerateBalanced, TrainConditionalDiffusion
 from .lora import FinetunePerGroup, GeneratePerGroup
@@ -26,6 +27,7 @@ _CLASSES = {
     "compute_pseudo_labels": ComputePseudoLabels,
     "balance_report": BalanceReport,
     "compute_hardness_tags": ComputeHardnessTags,
+    "discover_slices": DiscoverSlices,
     "train_conditional_diffusion": TrainConditionalDiffusion,
     "generate_balanced": GenerateBalanced,
     "finetune_per_group": FinetunePerGroup,

@@ -95,6 +95,18 @@ class BalancePanel(foo.Panel):
         ctx.ops.set_view(view)
         return {"filtered_to": f"{label} x {attr}", "num_samples": len(view)}
 
+    def on_change_slice(self, ctx):
+        """Filter the App's view to the picked discovered slice (``discover_slices``)."""
+        found = _last_slices(ctx.dataset)
+        value = ctx.params.get("value")
+        if not value or found is None:
+            return None
+        self._refresh(ctx)  # the numbers of the view before the pick (the selection must not reset them)
+        view = ctx.view.match(F(found["slice_field"]) == str(value))
+        _set_state(ctx, "filtered_to", f"slice {value}")
+        ctx.ops.set_view(view)
+        return {"filtered_to": f"slice {value}", "num_samples": len(view)}
+
     def on_click_refresh(self, ctx):
         """Read the progress of running sharded runs again (and the numbers, which they change)."""
         return self._refresh(ctx)
@@ -265,6 +277,18 @@ class BalancePanel(foo.Panel):
                              ((_class_and_attribute(g), a) for g, a in ev["groups"]))
             panel.md(f"**Worst groups of the last evaluation** (`{ev['run_key']}`, accuracy {ev['accuracy']:.3f})"
                      f"\n\n| class | attribute | accuracy |\n|---|---|---|\n{rows}", name="worst")
+        found = _last_slices(ctx.dataset)
+        if found:
+            rows = "\n".join(f"| {r['slice']} | {r['name'] or ''} | {r['size']} | {r['error_rate']:.3f} | "
+                             f"{r['error_gap']:+.3f} |" for r in found["slices"])
+            panel.md(f"**Discovered slices** (`{found['run_key']}`, ranked by the gap between the slice's error rate "
+                     "and its class's)\n\n| slice | name | samples | error rate | gap |\n|---|---|---|---|---|\n"
+                     + rows, name="slices")
+            pick = types.DropdownView()
+            for r in found["slices"]:
+                pick.add_choice(r["slice"], label=f"{r['slice']}  {r['name'] or ''}")
+            panel.enum("slice_pick", pick.values(), view=pick, label="Show a slice's samples",
+                       on_change=self.on_change_slice)
         if summary.get("related_texts"):
             texts = summary["related_texts"]
             if any(r.get("score") is not None for r in texts):
@@ -327,6 +351,19 @@ def _last_evaluation(dataset, top=8):
         if res.get("group_accuracy"):
             worst = sorted(res["group_accuracy"].items(), key=lambda kv: kv[1])[:top]
             return {"run_key": key, "accuracy": res["accuracy"], "groups": worst}
+    return None
+
+
+def _last_slices(dataset, top=8):
+    """The slices of the newest ``discover_slices`` run with the largest error gaps, or None."""
+    from fairbalance.core import runs
+
+    if dataset is None:
+        return None
+    for key in reversed(runs.list_runs(dataset, "discover_slices")):
+        res = runs.load_run_results(dataset, key)
+        if res.get("slices"):
+            return {"run_key": key, "slice_field": res["slice_field"], "slices": res["slices"][:top]}
     return None
 
 

@@ -8,12 +8,14 @@ a FiftyOne run and returns a result with ``run_key`` and ``to_dict()``:
 
 - data: :func:`create_colored_digits` (fast fixture), :func:`create_colored_mnist`
   (Colored MNIST, LfF protocol, on 5,000 real MNIST digits); also under their
-  older names ``colored_digits`` and ``colored_mnist``
+  older names ``colored_digits`` and ``colored_mnist``; :func:`create_corrupted_mnist`
+  (each class tied to a corruption type: a bias that is not colour; also ``corrupted_mnist``)
 - find: :func:`audit_balance` (the three steps below in one call),
   :func:`compute_sa_features` (CLIP features for a text-specified
   sensitive attribute), :func:`compute_pseudo_labels` (X-means),
   :func:`balance_report`, :func:`entropy`, :func:`normalized_entropy`
-- tag: :func:`compute_hardness_tags` (the errors or top-K losses of a GCE-biased model)
+- tag: :func:`compute_hardness_tags` (the errors or top-K losses of a GCE-biased model),
+  :func:`discover_slices` (unnamed under-performing slices per class, with names)
 - generate: :func:`train_conditional_diffusion`, :func:`generate_balanced`
   (clusters, or class x attribute cells), :func:`compute_captions`,
   :func:`filter_captions`, :func:`generate_from_captions` (text-to-image,
@@ -29,7 +31,7 @@ a FiftyOne run and returns a result with ``run_key`` and ``to_dict()``:
 - the table of all of them (name, function, step, command, operator, shards):
   :func:`capabilities`
 - train / verify: :func:`train_classifier` (vanilla, JTT, LfF, real +
-  generated, two-stage), :func:`apply_classifier`, :func:`evaluate_classifier`
+  generated, two-stage, GroupDRO / DFR on real or discovered groups), :func:`apply_classifier`, :func:`evaluate_classifier`
 """
 
 import importlib

@@ -89,6 +89,8 @@ TABLE: tuple[Capability, ...] = (
                aliases=("colored_digits",)),
     Capability("create_colored_mnist", f"{_D}.colored_mnist:colored_mnist", "0 data", "colored-mnist", "creates",
                aliases=("colored_mnist",)),
+    Capability("create_corrupted_mnist", f"{_D}.corrupted_mnist:corrupted_mnist", "0 data", operator=False,
+               aliases=("corrupted_mnist",)),  # (no pipeline data step yet: the benchmark builds it)
     Capability("audit_balance", f"{_F}.audit:audit_balance", "1 find", "audit-balance"),
     Capability("compute_sa_features", f"{_F}.sa_features:compute_sa_features", "1 find", "compute-sa-features",
                shard=Shardable(
@@ -104,6 +106,7 @@ TABLE: tuple[Capability, ...] = (
     Capability("compute_hardness_tags", f"{_T}.hardness:compute_hardness_tags", "2 tag", "compute-hardness-tags",
                shard=Shardable(f"{_T}.hardness:compute_hardness_tags", "hardness", f"{_T}.hardness:shard_fields",
                                f"{_T}.hardness:merge_shards")),
+    Capability("discover_slices", f"{_T}.discovery:discover_slices", "2 tag", "discover-slices"),
     Capability("train_conditional_diffusion", f"{_G}.diffusion:train_conditional_diffusion", "3 generate",
                "train-conditional-diffusion"),
     Capability("generate_balanced", f"{_G}.generation:generate_balanced", "3 generate", "generate-balanced",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fairbalance.core import distributed, folders, runs, validation, writeback
-from fairbalance.train import training
+from fairbalance.train import group_robust, training
 from fairbalance.core.fields import label_path
 from fairbalance.train.training import TrainedClassifier, load_classifier
 
@@ -52,6 +52,8 @@ def train_classifier(
     head_epochs: int = 20,
     stage1_real: bool = False,
     exclude_field: str | None = "filtered_out",
+    group_field: str | None = None,
+    dro_step: float = 0.01,
     run_key: str | None = "classifier",
     output_dir: str | None = None,
     overwrite: bool = False,
@@ -66,6 +68,9 @@ def train_classifier(
     ``supcon_weight``, ``supcon_temperature``, ``projection_dim``,
     ``head_epochs``, ``stage1_real``); generated samples marked in
     ``exclude_field`` (``filter_generated(action="exclude")``) are left out;
+    ``group_dro`` / ``dfr`` train on the (class, ``group_field``) groups
+    (GroupDRO with step ``dro_step``; DFR retrains the last layer on
+    group-balanced subsets of ``val_samples``, a held-out split);
     see :mod:`fairbalance.train.training` for the recipe. The run (``run_key``; None trains without recording)
     holds the full config, the history, the selected epoch and the
     checkpoint folder (``output_dir``, default under
@@ -83,6 +88,9 @@ def train_classifier(
                   max_synthetic_fraction=max_synthetic_fraction, seed=seed)
     params.update(supcon_weight=supcon_weight, supcon_temperature=supcon_temperature, projection_dim=projection_dim,
                   head_epochs=head_epochs, stage1_real=stage1_real, exclude_field=exclude_field)
+    if group_field is not None or method in group_robust.METHODS:  # older runs' configs stay as they were
+        params.update(group_field=group_field, dro_step=dro_step)
+        group_robust.check(method, group_field, dro_step, val_samples)  # before the run is prepared
     run = folder = None
     distributed.setup(device)
     if run_key is not None:
@@ -97,7 +105,7 @@ def train_classifier(
 
         run = distributed.on_main(prepare)
     clf = training.train_classifier(samples, val_samples=val_samples, device=device, num_workers=num_workers,
-                                    progress=progress, **params)
+                                    progress=progress, make_loop=group_robust.loop_for, **params)
     if run_key is not None:
         clf.run_key, clf.checkpoint = run_key, folder
 

@@ -20,6 +20,8 @@ Methods (``method=``):
   head (``supcon_weight``, ``supcon_temperature``, ``projection_dim``);
   stage 2 freezes the encoder and trains only the linear head on the real
   samples for ``head_epochs`` (model selection on the validation view here).
+- ``group_dro`` / ``dfr``: GroupDRO and Deep Feature Reweighting on the
+  (class, ``group_field``) groups, real or discovered (:mod:`fairbalance.train.group_robust`).
 
 Only ``synthetic`` and ``two_stage`` train on generated samples; the other
 methods leave them out (counted in ``num_generated_excluded``), so every
@@ -62,7 +64,7 @@ from fairbalance.core import distributed, images, models, validation
 from fairbalance.core.data import (  # noqa: F401  (also training.<name>: the recipes' data helpers)
     LabelledSamples, class_order, image_transform, labelled_samples, load_images, native_size, seed_everything)
 
-METHODS = ("vanilla", "biased", "jtt", "lff", "synthetic", "two_stage")
+METHODS = ("vanilla", "biased", "jtt", "lff", "synthetic", "two_stage", "group_dro", "dfr")
 GENERATED_METHODS = ("synthetic", "two_stage")  # the methods that train on generated samples
 BACKBONES = ("auto", "resnet18", "cnn", "mlp")
 NORMALIZATIONS = ("none", "dataset", "imagenet")
@@ -113,6 +115,9 @@ class TrainConfig:
     head_epochs: int = 20
     stage1_real: bool = False
     exclude_field: str | None = "filtered_out"
+    group_field: str | None = None  # group_dro / dfr: groups are (class, this field's value)
+    dro_step: float = 0.01
+    groups: list[str] | None = None  # the group names trained on (set while training)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -419,6 +424,9 @@ def train_classifier(
     head_epochs: int = 20,
     stage1_real: bool = False,
     exclude_field: str | None = "filtered_out",
+    group_field: str | None = None,
+    dro_step: float = 0.01,
+    make_loop=None,
 ) -> TrainedClassifier:
     """Train an image classifier on ``samples`` with a debiasing ``method`` (see the module docstring).
 
@@ -439,8 +447,10 @@ def train_classifier(
                          hard_tag, upweight, synthetic_weight, max_synthetic_fraction, num_workers=num_workers,
                          supcon_weight=supcon_weight, supcon_temperature=supcon_temperature,
                          projection_dim=projection_dim, head_epochs=head_epochs, stage1_real=stage1_real,
-                         exclude_field=exclude_field)
+                         exclude_field=exclude_field, group_field=group_field, dro_step=dro_step)
     config.validate()
+    if config.method in ("group_dro", "dfr") and make_loop is None:
+        raise validation.FairBalanceError(f"method='{config.method}' is trained through fairbalance.train_classifier")
     if pretrained and config.backbone == "resnet18":
         resnet18_weights()  # before any work
     gen = seed_everything(seed)
@@ -465,6 +475,10 @@ def train_classifier(
     progress = distributed.progress_for(progress)
     net, config.pretrained_weights = build_model(config)
     loop = _fit_lff if method == "lff" else _fit_single
+    if make_loop is not None:  # recipes defined in their own module (train.group_robust), which imports this one
+        loop = make_loop(samples, data, config, val_samples, size, num_workers) or loop
+    if method == "dfr":  # the validation view trains the last layer: nothing is selected on it
+        val, config.model_selection = None, "last_epoch (val_samples train DFR's last layer)"
     if method == "two_stage":
         loop = functools.partial(_fit_two_stage, generated=torch.as_tensor(data.generated))
     history, best_epoch = loop(net, config, x, torch.as_tensor(data.labels), torch.as_tensor(weights).float(), val,

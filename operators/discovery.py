@@ -1,0 +1,87 @@
+"""Operator: discover under-performing slices nobody named, with names, ranked by error gap."""
+
+import fiftyone as fo
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from fairbalance import discover_slices
+
+from ._common import LIMITS, refresh_app
+from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, output_field_input,
+                      result_view, rounded, run_key_input)
+
+
+def _default(name):
+    return default_of(discover_slices, name)
+
+
+def _fields_of(dataset, types_):
+    if dataset is None:
+        return []
+    return [n for n, f in dataset.get_field_schema().items() if isinstance(f, types_)]
+
+
+class DiscoverSlices(foo.Operator):
+    @property
+    def config(self):
+        return operator_config(
+            "discover_slices", "fairbalance: discover slices",
+            "Find slices of each class a biased model fails on, from its own features, and name them",
+            "travel_explore",
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        inputs.view_target(ctx)
+        labels = categorical_fields(ctx.dataset)
+        if not labels:
+            inputs.view("no_fields", types.Error(label="No label field", description="The view needs class labels"))
+            return types.Property(inputs)
+        field_dropdown(inputs, "label_field", labels, "Label field", "Class labels",
+                       default="ground_truth" if "ground_truth" in labels else labels[0])
+        method = types.RadioGroup()
+        method.add_choice("error_aware", label="Error-aware (features + the model's errors, per class)")
+        method.add_choice("george", label="GEORGE (features alone, per class)")
+        inputs.enum("method", method.values(), default=_default("method"), view=method, label="Method")
+        inputs.int("slices_per_class", default=_default("slices_per_class"), min=1, max=LIMITS["num_clusters"],
+                   label="Slices per class")
+        vectors = _fields_of(ctx.dataset, (fo.VectorField, fo.ListField))
+        if vectors:
+            field_dropdown(inputs, "features_field", vectors, "Features (optional)",
+                           "A vector field (e.g. CLIP embeddings); empty: the classifier's penultimate layer",
+                           required=False)
+        texts = _fields_of(ctx.dataset, (fo.ListField, fo.StringField))
+        if texts:
+            field_dropdown(inputs, "captions_field", texts, "Captions (optional)",
+                           "Caption keywords over-represented in a slice name it (B2T)", required=False)
+        inputs.str("classifier", required=False, label="Trained classifier (optional)",
+                   description="The folder of a trained classifier; empty: a GCE-biased one is trained here")
+        if not (ctx.params.get("classifier") or "").strip():
+            inputs.int("epochs", default=_default("epochs"), min=1, max=LIMITS["epochs"], label="Epochs")
+        inputs.int("seed", default=_default("seed"), max=LIMITS["seed"], label="Seed")
+        output_field_input(ctx, inputs, "slice_field", discover_slices, "Slice field to write")
+        run_key_input(ctx, inputs, discover_slices)
+        return types.Property(inputs, view=types.View(label="Discover slices"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        classifier = (p.get("classifier") or "").strip() or None
+        names = ("method", "slices_per_class", "features_field", "captions_field", "seed", "slice_field", "run_key",
+                 "overwrite") + (() if classifier else ("epochs",))
+        result = discover_slices(ctx.target_view(), p["label_field"], classifier=classifier, **given(p, names))
+        refresh_app(ctx)
+        out = result.to_dict()
+        out["table"] = [{"slice": r["slice"], "name": r["name"] or "", "size": r["size"],
+                         "error_rate": round(r["error_rate"], 3), "error_gap": round(r["error_gap"], 3)}
+                        for r in result.slices]
+        return rounded(out)
+
+    def resolve_output(self, ctx):
+        return result_view(
+            ctx, "Slices discovered",
+            ("num_slices", "int", "Slices"),
+            ("slice_field", "str", "Slice field (use it as an attribute: cells, per-group, the gate)"),
+            ("table", "table", "Slices ranked by error gap",
+             {"slice": "Slice", "name": "Name", "size": "Samples", "error_rate": "Error rate",
+              "error_gap": "Gap to its class"}),
+        )

@@ -1,0 +1,495 @@
+"""Slice discovery: groups of samples a model gets wrong that nobody named, and words for them.
+
+``discover_slices`` finds coherent, under-performing slices without any
+bias label, from the model's own features:
+
+- features: the penultimate layer of a classifier (by default the
+  GCE-biased model of :func:`fairbalance.compute_hardness_tags`, trained
+  here: no pretrained weights needed; or any trained classifier run), or any
+  stored vector field (CLIP embeddings, ...);
+- ``method="error_aware"`` (Domino-like, Eyuboglu et al. 2022): per class, the
+  features (PCA, unit total variance) together with the model's error
+  ``1 - p(y|x)`` scaled by ``error_weight`` are clustered, so that samples the
+  model fails on *and* that look alike fall in one slice;
+- ``method="george"`` (Sohoni et al. 2020): per class, the features alone.
+
+Each sample gets a slice label (``"<class>/<j>"``, j = 0 the highest error
+rate of its class) and its membership score; each slice is recorded with its
+size, class, the model's error rate there, the gap to its class's error rate,
+and names in words from what is at hand (:func:`name_slices`): categorical
+metadata over-represented in the slice (lift and count, like sliceguard and
+Spotlight) and caption keywords over-represented against the rest of its
+class (B2T, Kim et al. 2024). The slice field is a plain string field, so it
+plugs into the rest of the road as an attribute (``generate_balanced(
+mode="cells", attribute_field="slice")``, ``finetune_per_group``, the gate,
+``train_classifier(method="group_dro", group_field="slice")``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from fairbalance.core import claims, folders, runs, validation, writeback
+
+METHODS = ("error_aware", "george")
+# the settings that train the biased model: with a trained classifier they are its own
+TRAINING_SETTINGS = ("q", "backbone", "epochs", "lr", "image_size", "normalize")
+MAX_PCA_DIMS = 32
+MAX_NAME_VALUES = 50  # a categorical field with more distinct values (ids, paths) names nothing
+
+
+@dataclass
+class SliceFit:
+    """Slices of n samples: ``assign`` (n,) slice index, ``slice_class`` (S,) class index, ``scores`` (n x S)
+    membership (0 outside the slice's class): how strongly each sample belongs to each slice."""
+
+    assign: np.ndarray
+    slice_class: np.ndarray
+    scores: np.ndarray
+
+
+def _reduce(x: np.ndarray, max_dims: int = MAX_PCA_DIMS) -> np.ndarray:
+    """Centred PCA of ``x`` to at most ``max_dims`` dimensions, scaled to unit total variance."""
+    x = x - x.mean(0)
+    r = int(min(max_dims, x.shape[1], max(1, len(x) - 1)))
+    if x.shape[1] > r:
+        u, s, _ = np.linalg.svd(x, full_matrices=False)
+        x = u[:, :r] * s[:r]
+    total = float((x ** 2).sum(1).mean())
+    return x / np.sqrt(total) if total > 0 else x
+
+
+def _cluster(z: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """k-means labels and soft memberships (Gaussian responsibilities, one shared variance)."""
+    from sklearn.cluster import KMeans
+
+    k = int(min(k, len(z)))
+    if k < 2:
+        return np.zeros(len(z), dtype=int), np.ones((len(z), 1))
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(z)
+    d2 = ((z[:, None, :] - km.cluster_centers_[None]) ** 2).sum(-1)
+    sigma2 = max(float(d2[np.arange(len(z)), km.labels_].mean()), 1e-12)
+    logits = -d2 / (2 * sigma2)
+    resp = np.exp(logits - logits.max(1, keepdims=True))
+    return km.labels_, resp / resp.sum(1, keepdims=True)
+
+
+def find_slices(features: np.ndarray, labels: np.ndarray, errors: np.ndarray | None, method: str = "error_aware",
+                slices_per_class: int = 5, error_weight: float = 2.0, seed: int = 0) -> SliceFit:
+    """Slices of every class (the computation of :func:`discover_slices`, on arrays).
+
+    ``errors``: the model's per-sample error ``1 - p(y|x)`` in [0, 1]
+    (needed by ``error_aware``, and to order the slices of a class, highest
+    error first). Slices with no sample are dropped.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    n = len(labels)
+    assign = np.empty(n, dtype=int)
+    parts, slice_class = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        z = _reduce(features[idx])
+        if method == "error_aware":
+            z = np.concatenate([z, error_weight * errors[idx, None]], axis=1)
+        local, resp = _cluster(z, slices_per_class, seed)
+        used = np.unique(local)
+        order = sorted(used, key=lambda j: -float(errors[idx][local == j].mean()) if errors is not None else 0)
+        for new, j in enumerate(order):
+            assign[idx[local == j]] = len(slice_class) + new
+        parts.append((idx, resp[:, order]))
+        slice_class.extend([int(c)] * len(order))
+    scores = np.zeros((n, len(slice_class)), dtype=np.float32)
+    start = 0
+    for idx, resp in parts:
+        scores[np.ix_(idx, np.arange(start, start + resp.shape[1]))] = resp
+        start += resp.shape[1]
+    return SliceFit(assign, np.array(slice_class, dtype=int), scores)
+
+
+# --- names -----------------------------------------------------------------------------------------------------
+
+
+def metadata_names(slice_members: np.ndarray, class_members: np.ndarray, columns: dict[str, list],
+                   top: int = 3, min_share: float = 0.3) -> list[dict]:
+    """Categorical values over-represented in a slice against its class (sliceguard/Spotlight's lift).
+
+    ``columns``: field -> one value per sample. A value is a candidate when
+    at least ``min_share`` of the slice has it and it is more common there
+    than in the rest of the class; candidates rank by the share difference
+    (slice minus rest), which weighs both lift and count.
+    """
+    rest = class_members & ~slice_members
+    size, n_rest = int(slice_members.sum()), int(rest.sum())
+    out = []
+    for name, values in columns.items():
+        vals = np.asarray([str(v) if v is not None else None for v in values], dtype=object)
+        in_slice = Counter(vals[slice_members])
+        in_rest = Counter(vals[rest])
+        for value, count in in_slice.items():
+            if value is None:
+                continue
+            share = count / size
+            share_rest = in_rest.get(value, 0) / n_rest if n_rest else 0.0
+            share_class = (count + in_rest.get(value, 0)) / max(1, size + n_rest)
+            if share >= min_share and share > share_rest:
+                out.append({"source": "metadata", "field": name, "value": value, "count": int(count),
+                            "share": round(share, 4), "share_rest_of_class": round(share_rest, 4),
+                            "lift": round(share / share_class, 4) if share_class else None,
+                            "score": round(share - share_rest, 4), "text": f"{name} = {value}"})
+    return sorted(out, key=lambda d: (-d["score"], -d["count"], d["text"]))[:top]
+
+
+def _stopwords() -> frozenset[str]:
+    """English stopwords: NLTK's when its corpus is installed, else scikit-learn's (the caption filter's rule)."""
+    try:
+        import nltk
+
+        nltk.data.find("corpora/stopwords")
+        from nltk.corpus import stopwords
+
+        return frozenset(stopwords.words("english"))
+    except (ImportError, LookupError):
+        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+        return frozenset(ENGLISH_STOP_WORDS)
+
+
+def caption_names(slice_members: np.ndarray, class_members: np.ndarray, captions: list, top: int = 5,
+                  min_share: float = 0.2) -> list[dict]:
+    """Caption words over-represented in a slice against the rest of its class (B2T's keyword step).
+
+    A word counts once per sample (in any of its captions); English stopwords
+    are dropped (NLTK's list when its corpus is installed, else scikit-learn's, as ``filter_captions``).
+    """
+    stop = _stopwords()
+    words = []
+    for caps in captions:
+        caps = [caps] if isinstance(caps, str) else list(caps or [])
+        words.append({w for cap in caps for w in re.findall(r"[a-z0-9]+(?:'[a-z]+)?", str(cap).lower()) if w not in stop and len(w) > 1})
+    rest = class_members & ~slice_members
+    size, n_rest = int(slice_members.sum()), int(rest.sum())
+    in_slice = Counter(w for j in np.flatnonzero(slice_members) for w in words[j])
+    in_rest = Counter(w for j in np.flatnonzero(rest) for w in words[j])
+    out = []
+    for word, count in in_slice.items():
+        share = count / size
+        share_rest = in_rest.get(word, 0) / n_rest if n_rest else 0.0
+        if share >= min_share and share > share_rest:
+            out.append({"source": "captions", "word": word, "count": int(count), "share": round(share, 4),
+                        "share_rest_of_class": round(share_rest, 4), "score": round(share - share_rest, 4),
+                        "text": word})
+    return sorted(out, key=lambda d: (-d["score"], -d["count"], d["text"]))[:top]
+
+
+def clip_names(slice_members: np.ndarray, class_members: np.ndarray, embeddings: np.ndarray, bank: np.ndarray,
+               texts: list[str], top: int = 3) -> list[dict]:
+    """WordNet texts closest in CLIP space to what sets a slice apart from the rest of its class.
+
+    The direction is the mean normalised image embedding of the slice minus
+    that of the rest of its class (Domino's text-bank naming); ``bank``: the
+    normalised text embeddings of ``texts`` (the SA step's WordNet glosses).
+    """
+    rest = class_members & ~slice_members
+    if not rest.any():
+        return []
+    e = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(1e-12)
+    direction = e[slice_members].mean(0) - e[rest].mean(0)
+    direction /= max(float(np.linalg.norm(direction)), 1e-12)
+    sims = np.asarray(bank, dtype=np.float32) @ direction.astype(np.float32)
+    best = np.argsort(-sims)[:top]
+    return [{"source": "clip", "text": texts[j].split(", which means ")[0], "description": texts[j],
+             "score": round(float(sims[j]), 4)} for j in best]
+
+
+def name_slices(samples_columns: dict[str, list], captions: list | None, fit: SliceFit, labels: np.ndarray,
+                clip_bank: tuple | None = None) -> list[list[dict]]:
+    """The names of every slice of ``fit``: metadata first, then caption keywords (when captions exist), then
+    the CLIP text bank (``clip_bank``: ``(image embeddings, text embeddings, texts)``, when CLIP is at hand)."""
+    names = []
+    for s, c in enumerate(fit.slice_class):
+        members, cls = fit.assign == s, labels == c
+        found = metadata_names(members, cls, samples_columns) if samples_columns else []
+        if captions is not None:
+            found += caption_names(members, cls, captions)
+        if clip_bank is not None:
+            found += clip_names(members, cls, *clip_bank)
+        names.append(found)
+    return names
+
+
+def _clip_bank(samples, features_field: str | None, features, device=None) -> tuple[tuple | None, str]:
+    """``((embeddings, WordNet text embeddings, texts), how)`` when ``features_field`` holds CLIP embeddings
+    whose model loads here; else ``(None, why not)``."""
+    from fairbalance.core import models
+    from fairbalance.find import embeddings, related_texts
+
+    spec = embeddings.stored_model(samples, features_field) if features_field else None
+    if not spec:
+        return None, "skipped: no CLIP embeddings (features_field) to name slices with"
+    try:
+        clip = models.load_clip(spec.get("model"), spec.get("pretrained"), device=device)
+    except Exception as e:  # weights not on disk (offline): named from the rest, and the record says why
+        return None, f"skipped: {spec.get('model')}/{spec.get('pretrained')} not available ({type(e).__name__})"
+    texts, _ = related_texts.wordnet_candidates()
+    return (features, related_texts.gloss_embeddings(clip), texts), f"WordNet glosses, {spec.get('model')}"
+
+
+# --- the writer ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiscoveryResult:
+    run_key: str
+    slice_field: str
+    score_field: str
+    method: str
+    features: str
+    num_slices: int
+    num_samples: int
+    num_skipped: int
+    class_error_rate: dict[str, float]
+    slices: list[dict] = field(default_factory=list)  # ranked by error gap, largest first
+    checkpoint: str | None = None
+    clip_naming: str | None = None  # how the CLIP text bank named the slices, or why it did not
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def output_fields(slice_field: str) -> list[str]:
+    """The fields a discovery run writes: the slice label and its membership score (``_score``)."""
+    return [slice_field, f"{slice_field}_score"]
+
+
+def _model_outputs(clf, paths, device=None, batch_size: int = 256, num_workers: int = 0):
+    """Penultimate-layer features and logits of ``clf`` for image files (eval mode)."""
+    import torch
+
+    from fairbalance.core import images, models
+    from fairbalance.core.data import image_transform
+    from fairbalance.train import training
+
+    dev = models.resolve_device(device)
+    encoder, head = training.split_encoder_head(clf.model.to(dev).eval())
+    feats, logits = None, None
+    with torch.inference_mode():
+        for idx, batch in images.iter_batches(paths, image_transform(clf.config.image_size), batch_size,
+                                              num_workers):
+            f = encoder(batch.to(dev)).float()
+            lg = head(f).float()
+            if feats is None:
+                feats = np.empty((len(paths), f.shape[1]), dtype=np.float32)
+                logits = np.empty((len(paths), lg.shape[1]), dtype=np.float32)
+            feats[idx], logits[idx] = f.cpu().numpy(), lg.cpu().numpy()
+    return feats, logits
+
+
+def _name_columns(samples, ids: list[str], exclude: set[str]) -> dict[str, list]:
+    """The categorical fields of the view that can name a slice (few distinct values), one value per id."""
+    from fairbalance.core.fields import categorical_fields, label_path
+
+    names = [f for f in categorical_fields(samples) if f not in exclude]
+    if not names:
+        return {}
+    paths = [label_path(samples, f) for f in names]
+    cols = samples.select(ids, ordered=True).values(paths)
+    return {n: list(col) for n, col in zip(names, cols) if 1 < len({str(v) for v in col}) <= MAX_NAME_VALUES}
+
+
+def _stored_features(samples, ids: list[str], features_field: str) -> np.ndarray:
+    """The ``features_field`` vectors of ``ids``, in that order; an error when one is missing."""
+    from fairbalance.find import embeddings
+
+    fids, matrix, missing = embeddings.load(samples.select(ids), features_field)
+    if missing:
+        raise validation.FairBalanceError(
+            f"{len(missing)} labelled sample(s) have no '{features_field}': compute it for the whole view first")
+    row = {i: j for j, i in enumerate(fids)}
+    return validation.require_finite_matrix(features_field, matrix[[row[i] for i in ids]])
+
+
+def _records(fit: SliceFit, classes, wrong, errors, names, class_error) -> tuple[list[str], list[dict]]:
+    """Each slice's id (``"<class>/<j>"``, in ``fit``'s order) and its records, ranked by error gap."""
+    slice_names, records = [], []
+    for s, c in enumerate(fit.slice_class):
+        j = s - int(np.flatnonzero(fit.slice_class == c)[0])
+        sid = f"{classes[c]}/{j}"
+        slice_names.append(sid)
+        members = fit.assign == s
+        rate = float(wrong[members].mean())
+        records.append({"slice": sid, "class": classes[c], "size": int(members.sum()),
+                        "errors": int(wrong[members].sum()), "error_rate": rate,
+                        "class_error_rate": class_error[classes[c]], "error_gap": rate - class_error[classes[c]],
+                        "mean_error": float(errors[members].mean()),
+                        "name": names[s][0]["text"] if names[s] else None, "names": names[s]})
+    records.sort(key=lambda r: (-r["error_gap"], -r["size"], r["slice"]))
+    return slice_names, records
+
+
+def _errors(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(1 - p(y|x), misclassified)`` per sample."""
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    return 1.0 - probs[np.arange(len(labels)), labels], probs.argmax(1) != labels
+
+
+def _names(samples, ids, fit, labels, exclude, captions_field, name_with_clip, features_field, features, device):
+    """Every slice's names (metadata, captions, CLIP text bank) and how the CLIP bank was used."""
+    columns = _name_columns(samples, ids, exclude)
+    captions = None
+    if captions_field:
+        by_id = dict(zip(*samples.select(ids).values(["id", captions_field])))
+        captions = [by_id.get(i) for i in ids]
+    bank, clip_naming = _clip_bank(samples, features_field, features, device) if name_with_clip else (None, "off")
+    return name_slices(columns, captions, fit, labels, bank), clip_naming
+
+
+def _given_classifier(samples, classifier, classifier_run, settings: dict):
+    """The trained classifier and its folder; training settings other than the defaults are refused."""
+    from fairbalance.tag import hardness
+
+    defaults = {"epochs": 10, "q": 0.7, "backbone": "auto", "lr": 1e-3, "image_size": None, "normalize": "none",
+                "output_dir": None}
+    extra = [n for n, v in settings.items() if v != defaults[n]]
+    if extra:
+        raise validation.FairBalanceError(f"With a trained classifier nothing is trained here: drop {', '.join(extra)}")
+    return hardness._load_given(samples, classifier, classifier_run)
+
+
+def _model_config(clf, settings: dict) -> dict:
+    """The settings of the model that ranked the samples: the caller's when trained here, else its own."""
+    if clf is None:
+        return {**settings, "trained_here": True}
+    tc = clf.config
+    return dict(q=tc.q, backbone=tc.backbone, image_size=tc.image_size, normalize=tc.normalize, epochs=tc.epochs,
+                batch_size=tc.batch_size, lr=tc.lr, training_method=tc.method, trained_here=False)
+
+
+def validate_inputs(samples, label_field="ground_truth", method="error_aware", features_field=None,
+                    slice_field="slice", slices_per_class=5, error_weight=2.0, captions_field=None,
+                    classifier=None, classifier_run=None, seed=0) -> None:
+    """The up-front checks of :func:`discover_slices`."""
+    validation.require_nonempty(samples)
+    validation.require_image_collection(samples)
+    if method not in METHODS:
+        raise validation.FairBalanceError(f"method must be one of {METHODS}, not {method!r}")
+    for name in output_fields(slice_field):
+        validation.require_field_name(name)
+    if slice_field == label_field:
+        raise validation.FairBalanceError(f"slice_field '{slice_field}' is the label field: choose another name")
+    validation.require_positive_int("slices_per_class", slices_per_class, minimum=1)
+    if isinstance(error_weight, bool) or not isinstance(error_weight, (int, float)) or not (
+            np.isfinite(error_weight) and error_weight >= 0):
+        raise validation.FairBalanceError(f"error_weight must be a finite number >= 0, got {error_weight!r}")
+    validation.require_seed(seed)
+    validation.require_fields(samples, [label_field] + [f for f in (features_field, captions_field) if f])
+    if classifier is not None and classifier_run is not None:
+        raise validation.FairBalanceError("pass classifier or classifier_run, not both")
+
+
+@claims.exclusive
+def discover_slices(
+    samples,
+    label_field: str = "ground_truth",
+    method: str = "error_aware",
+    features_field: str | None = None,
+    slice_field: str = "slice",
+    slices_per_class: int = 5,
+    error_weight: float = 2.0,
+    captions_field: str | None = None,
+    classifier: str | None = None,
+    classifier_run: str | None = None,
+    q: float = 0.7,
+    backbone: str = "auto",
+    image_size: int | None = None,
+    normalize: str = "none",
+    epochs: int = 10,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device: str | None = None,
+    num_workers: int = 0,
+    name_with_clip: bool = True,
+    run_key: str = "slices",
+    output_dir: str | None = None,
+    overwrite: bool = False,
+    progress=None,
+) -> DiscoveryResult:
+    """Find under-performing slices of every class with no bias label; store and name them.
+
+    The model: ``classifier`` (a checkpoint folder) or ``classifier_run`` (a
+    ``train_classifier`` run), else a GCE-biased classifier trained here
+    (``q``, ``backbone``, ``epochs``, ... as in ``compute_hardness_tags``;
+    saved under ``output_dir``). Features: its penultimate layer, or
+    ``features_field`` (any vector field, e.g. CLIP embeddings). ``method``:
+    ``"error_aware"`` (features + the model's error, per class) or
+    ``"george"`` (features alone, per class); ``slices_per_class`` clusters
+    each. Writes ``slice_field`` (``"<class>/<j>"``, j = 0 the worst of its
+    class) and ``<slice_field>_score`` on the real labelled samples, and
+    records the run with every slice: size, class, error rate, gap to its
+    class, names (categorical metadata over-represented in the slice; caption
+    keywords from ``captions_field``; the WordNet text bank when ``features_field``
+    holds CLIP embeddings whose weights are on disk). ``overwrite=True`` replaces them.
+    """
+    from fairbalance.tag import hardness
+    from fairbalance.train import training
+
+    validate_inputs(samples, label_field, method, features_field, slice_field, slices_per_class, error_weight,
+                    captions_field, classifier, classifier_run, seed)
+    clf = None
+    if classifier is not None or classifier_run is not None:
+        training_settings = dict(epochs=epochs, q=q, backbone=backbone, lr=lr, image_size=image_size,
+                                 normalize=normalize, output_dir=output_dir)
+        clf, output_dir = _given_classifier(samples, classifier, classifier_run, training_settings)
+    data = hardness.real_labelled(samples, label_field, clf)
+    ids, paths, labels, classes = data.ids, data.filepaths, data.labels, data.classes
+    if len(set(labels.tolist())) < 2:
+        raise validation.FairBalanceError(f"'{label_field}' has only one class in this view")
+    features = _stored_features(samples, ids, features_field) if features_field else None
+    dataset = samples._root_dataset
+    fields = output_fields(slice_field)
+    if clf is None:
+        output_dir = os.path.abspath(output_dir or folders.default_folder("checkpoints", dataset.name, run_key))
+    config = {"label_field": label_field, "algorithm": method, "features_field": features_field,
+              "features": features_field or "penultimate layer of the classifier", "slice_field": slice_field,
+              "score_field": fields[1], "slices_per_class": slices_per_class, "error_weight": error_weight,
+              "captions_field": captions_field, "name_with_clip": name_with_clip, "seed": seed, "checkpoint": output_dir,
+              "classifier": classifier and os.path.abspath(os.fspath(classifier)), "classifier_run": classifier_run,
+              **_model_config(clf, dict(q=q, backbone=backbone, image_size=image_size, normalize=normalize,
+                                        epochs=epochs, batch_size=batch_size, lr=lr))}
+    run = runs.prepare(samples, run_key, "discover_slices", config, fields, overwrite)
+    trained = clf is None
+    if trained:
+        folders.claim_output_folder(output_dir, dataset, run_key)
+        clf = training.train_classifier(
+            samples.select(ids), label_field, method="biased", classes=classes, q=q, backbone=backbone,
+            image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+            device=device, num_workers=num_workers, progress=progress)
+    feats, logits = _model_outputs(clf, paths, device, batch_size, num_workers)
+    errors, wrong = _errors(logits, labels)
+    fit = find_slices(features if features is not None else feats, labels, errors, method, slices_per_class,
+                      error_weight, seed)
+    names, clip_naming = _names(samples, ids, fit, labels, {label_field, *fields}, captions_field, name_with_clip,
+                                features_field, features, device)
+    class_error = {classes[c]: float(wrong[labels == c].mean()) for c in np.unique(labels)}
+    slice_names, records = _records(fit, classes, wrong, errors, names, class_error)
+    score = fit.scores[np.arange(len(ids)), fit.assign]
+
+    def write():
+        if trained:
+            folders.replace_contents(output_dir, clf.save)
+        writeback.set_values_by_id(dataset, {
+            fields[0]: {i: slice_names[s] for i, s in zip(ids, fit.assign)},
+            fields[1]: {i: float(v) for i, v in zip(ids, score)},
+        }, ids=ids)
+
+    run.write(write)
+    result = DiscoveryResult(run_key, fields[0], fields[1], method, config["features"], len(records), len(ids),
+                             data.num_unlabelled, class_error, records, output_dir, clip_naming)
+    run.save_results(result.to_dict())
+    return result

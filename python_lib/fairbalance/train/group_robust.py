@@ -1,0 +1,183 @@
+"""Group-robust training on real or discovered groups: GroupDRO and Deep Feature Reweighting.
+
+The groups are the (class, ``group_field`` value) pairs of the samples, so a
+bias attribute (``color``) and discovered slices (``slice`` of
+:func:`fairbalance.discover_slices`, already per class) both work.
+
+- ``group_dro`` (Sagawa et al. 2020, online algorithm): the loss is the
+  group losses weighted by ``q``; after each batch ``q_g <- q_g *
+  exp(dro_step * loss_g)`` for the groups in it, renormalised, so the worst
+  groups weigh most; batches are drawn group-balanced (with replacement), as
+  in the paper's released runs.
+- ``dfr`` (Kirichenko et al. 2023): train the whole model with plain
+  cross-entropy on ``samples``, then freeze its features and retrain only the
+  last layer (reset) on group-balanced subsets of the held-out
+  ``val_samples`` (a new balanced draw, ``min group size`` per group, each
+  epoch), for ``head_epochs``. The validation view is then training data, so
+  no epoch is selected on it.
+
+Single process (not under ``accelerate launch``): both methods refuse a launcher.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fairbalance.core import distributed, validation
+
+METHODS = ("group_dro", "dfr")
+
+
+def group_values(samples, ids: list[str], group_field: str, what: str) -> list[str]:
+    """The ``group_field`` value of every sample of ``ids`` (as text); an error naming how many have none."""
+    from fairbalance.core.fields import label_path
+
+    path = label_path(samples, group_field)
+    by_id = dict(zip(*samples.values(["id", path])))
+    values = [by_id.get(i) for i in ids]
+    missing = sum(v is None for v in values)
+    if missing:
+        raise validation.FairBalanceError(
+            f"{missing} of the {len(ids)} {what} have no '{group_field}': every sample needs a group "
+            "(discover_slices writes one on every labelled sample)")
+    return [str(v) for v in values]
+
+
+def group_index(labels: np.ndarray, values: list[str], classes: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Group index per sample and the group names ``"<class>|<value>"``, sorted."""
+    names = sorted({f"{classes[c]}|{v}" for c, v in zip(labels, values)})
+    index = {n: j for j, n in enumerate(names)}
+    return np.array([index[f"{classes[c]}|{v}"] for c, v in zip(labels, values)], dtype=int), names
+
+
+def check(method: str, group_field: str | None, dro_step: float, val_samples) -> None:
+    """Up-front checks of the group-robust settings (before the run is prepared)."""
+    if method in METHODS and not group_field:
+        raise validation.FairBalanceError(f"method='{method}' needs group_field (e.g. 'slice' or a bias attribute)")
+    if group_field and method not in METHODS:
+        raise validation.FairBalanceError(f"group_field is used by method='group_dro' or 'dfr' only, not {method!r}")
+    if group_field:
+        validation.require_field_name(group_field)
+    if isinstance(dro_step, bool) or not (isinstance(dro_step, (int, float)) and np.isfinite(dro_step)
+                                          and dro_step > 0):
+        raise validation.FairBalanceError(f"dro_step must be a finite number > 0, got {dro_step!r}")
+    if method == "dfr" and (val_samples is None or not len(val_samples)):
+        raise validation.FairBalanceError(
+            "method='dfr' retrains the last layer on a held-out split: pass val_samples (labelled, with "
+            "group_field), disjoint from the training samples")
+    if method in METHODS and distributed.world_size() > 1:
+        raise validation.FairBalanceError(f"method='{method}' runs in one process, not under a launcher")
+
+
+def fit_group_dro(net, config, x, y, w, val, dev, gen, progress, groups=None, num_groups=None):
+    """GroupDRO's online algorithm; sample weights multiply the per-sample losses as in the other methods."""
+    import fiftyone.core.utils as fou
+
+    from fairbalance.train import training
+
+    net = net.to(dev)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    q = torch.full((num_groups,), 1.0 / num_groups, device=dev)
+    g_all = torch.as_tensor(groups)
+    draw = 1.0 / torch.bincount(g_all, minlength=num_groups).double()[g_all]
+    selector, history = training._Selector(val, dev), []
+    with fou.ProgressBar(total=config.epochs, progress=progress) as pb:
+        for epoch in range(1, config.epochs + 1):
+            net.train()
+            total, count, correct = 0.0, 0, 0
+            # group-balanced draws (Sagawa et al.'s released runs, ``reweight_groups``): every group is seen
+            # about equally often, so its weight follows its loss, not its size
+            order = torch.multinomial(draw, len(y), replacement=True, generator=gen)
+            for b in range(0, len(y), config.batch_size):
+                idx = order[b:b + config.batch_size]
+                xb, yb, wb, gb = x[idx].to(dev), y[idx].to(dev), w[idx].to(dev), g_all[idx].to(dev)
+                logits = net(xb).float()
+                per = F.cross_entropy(logits, yb, reduction="none") * wb
+                onehot = F.one_hot(gb, num_groups).float()
+                counts = onehot.sum(0)
+                group_loss = (onehot * per[:, None]).sum(0) / counts.clamp_min(1)
+                with torch.no_grad():
+                    q = q * torch.exp(config.dro_step * group_loss.detach() * (counts > 0))
+                    q = q / q.sum()
+                loss = (q * group_loss).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(per.detach().sum())
+                count += len(yb)
+                correct += int((logits.argmax(1) == yb).sum())
+            record = {"epoch": epoch, "loss": total / count, "train_accuracy": correct / count,
+                      "max_group_weight": float(q.max()), "worst_group": int(q.argmax()),
+                      "group_weights": [round(float(v), 6) for v in q.cpu()]}
+            selector.after_epoch(net, epoch, record)
+            history.append(record)
+            pb.update()
+    return history, selector.finish(net)
+
+
+def fit_dfr(net, config, x, y, w, val, dev, gen, progress, held_out=None, held_groups=None):
+    """ERM on the training samples, then the last layer alone on group-balanced held-out samples."""
+    from fairbalance.train import training
+
+    history, _ = training._fit_single(net, config, x, y, w, None, dev, gen, progress)
+    xv, yv = held_out
+    encoder, head = training.split_encoder_head(net)
+    encoder.eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        feats = torch.cat([encoder(xv[b:b + 1024].to(dev)).float() for b in range(0, len(xv), 1024)])
+    head.reset_parameters()
+    opt = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    rng = np.random.default_rng(config.seed)
+    members = [np.flatnonzero(held_groups == g) for g in np.unique(held_groups)]
+    per_group = min(len(m) for m in members)
+    yv_dev = yv.to(dev)
+    for epoch in range(1, config.head_epochs + 1):
+        pick = torch.as_tensor(np.concatenate([rng.choice(m, per_group, replace=False) for m in members]))
+        head.train()
+        total = count = correct = 0
+        for fb_, yb, _, _ in training._loader(feats[pick.to(dev)], yv_dev[pick.to(dev)], torch.ones(len(pick)),
+                                     config.batch_size, gen):
+            logits = head(fb_).float()
+            per = F.cross_entropy(logits, yb, reduction="none")
+            opt.zero_grad(set_to_none=True)
+            per.mean().backward()
+            opt.step()
+            total += float(per.detach().sum())
+            count += len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+        history.append({"epoch": config.epochs + epoch, "stage": "dfr_head", "loss": total / count,
+                        "train_accuracy": correct / count, "num_samples": count, "per_group": per_group,
+                        "num_groups": len(members)})
+    for p in encoder.parameters():
+        p.requires_grad_(True)
+    return history, config.epochs + config.head_epochs
+
+
+def loop_for(samples, data, config, val_samples, size, num_workers):
+    """The training loop of ``config.method`` with its groups bound; ``None`` for the other methods."""
+    import functools
+
+    from fairbalance.core.data import labelled_samples, load_images
+
+    if config.method == "group_dro":
+        values = group_values(samples, data.ids, config.group_field, "training samples")
+        groups, names = group_index(data.labels, values, data.classes)
+        config.groups = names
+        return functools.partial(fit_group_dro, groups=groups, num_groups=len(names))
+    if config.method == "dfr":
+        vdata = labelled_samples(val_samples, config.label_field, data.classes).real()
+        overlap = set(vdata.ids) & set(data.ids)
+        if overlap:
+            raise validation.FairBalanceError(
+                f"{len(overlap)} sample(s) are in both the training view and val_samples: DFR's held-out split "
+                "must be disjoint from the training samples")
+        values = group_values(val_samples, vdata.ids, config.group_field, "held-out samples")
+        groups, names = group_index(vdata.labels, values, data.classes)
+        config.groups = names
+        held = (load_images(vdata.filepaths, size, num_workers=num_workers), torch.as_tensor(vdata.labels))
+        return functools.partial(fit_dfr, held_out=held, held_groups=groups)
+    return None

@@ -1,0 +1,91 @@
+"""GroupDRO and DFR on real Colored Digits and the real MongoDB, with real and with discovered groups."""
+
+import collections
+
+import pytest
+
+import fiftyone as fo
+
+import fairbalance as fb
+from fairbalance.core import runs
+from fairbalance.datasets.colored_digits import CLASS_COLORS
+
+COLOR_OF = {str(c): name for c, (name, _) in enumerate(CLASS_COLORS)}
+
+
+def test_group_dro_records_its_groups_and_their_weights(digits_copy, one_thread):
+    train = digits_copy.match_tags("train")
+    clf = fb.train_classifier(train, "ground_truth", method="group_dro", group_field="color", epochs=4, batch_size=32,
+                              dro_step=0.1, run_key="dro")
+    groups = clf.config.groups
+    colors = dict(zip(*train.values(["ground_truth.label", "color.label"])))
+    assert len(groups) == len({(y, c) for y, c in zip(*train.values(["ground_truth.label", "color.label"]))})
+    assert abs(sum(clf.history[-1]["group_weights"]) - 1) < 1e-4 and len(clf.history[-1]["group_weights"]) == len(groups)
+    cfg = runs.get_run_config(digits_copy, "dro")
+    assert cfg["training_method"] == "group_dro" and cfg["group_field"] == "color" and cfg["dro_step"] == 0.1
+    assert cfg["train_config"]["groups"] == groups
+    assert colors
+
+
+def test_group_dro_moves_the_weight_to_the_group_it_cannot_fit(one_thread):
+    """Two groups of one class pair: one learnable from the image, one with random labels: q goes to the second."""
+    import torch
+
+    from fairbalance.train import group_robust, training
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 3, 4, 4, generator=gen)
+    y = (x[:, 0, 0, 0] > 0.5).long()
+    noisy = torch.arange(400) >= 300
+    y[noisy] = torch.randint(0, 2, (100,), generator=gen)
+    groups = noisy.long().numpy()
+    config = training.TrainConfig("y", ["0", "1"], "group_dro", "mlp", image_size=[4, 4], epochs=15, batch_size=50,
+                                  lr=1e-2, group_field="g", dro_step=0.2)
+    net, _ = training.build_model(config)
+    history, _ = group_robust.fit_group_dro(net, config, x, y, torch.ones(400), None, torch.device("cpu"), gen,
+                                            False, groups=groups, num_groups=2)
+    weights = history[-1]["group_weights"]
+    assert weights[1] > 0.6 and history[-1]["worst_group"] == 1  # from 0.5 each
+
+
+def test_dfr_retrains_the_last_layer_on_group_balanced_held_out_samples(digits_copy, one_thread):
+    train, held = digits_copy.match_tags("train"), digits_copy.match_tags("test")
+    clf = fb.train_classifier(train, "ground_truth", method="dfr", group_field="color", val_samples=held,
+                              epochs=3, head_epochs=4, run_key="dfr")
+    counts = collections.Counter(zip(*held.values(["ground_truth.label", "color.label"])))
+    last = clf.history[-1]
+    assert last["stage"] == "dfr_head" and last["per_group"] == min(counts.values())
+    assert last["num_groups"] == len(counts) and last["num_samples"] == len(counts) * min(counts.values())
+    assert len(clf.history) == 3 + 4 and clf.config.model_selection.startswith("last_epoch")
+
+
+def test_group_dro_on_discovered_slices(digits_copy, one_thread):
+    train = digits_copy.match_tags("train")
+    fb.discover_slices(train, "ground_truth", epochs=2, slices_per_class=2)
+    clf = fb.train_classifier(train, "ground_truth", method="group_dro", group_field="slice", epochs=2,
+                              run_key=None)
+    assert all(g.split("|")[1].startswith(g.split("|")[0] + "/") for g in clf.config.groups)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "group_dro"}, "needs group_field"),
+    ({"method": "vanilla", "group_field": "color"}, "group_field is used by"),
+    ({"method": "dfr", "group_field": "color"}, "held-out split"),
+    ({"method": "group_dro", "group_field": "color", "dro_step": 0.0}, "dro_step"),
+])
+def test_bad_group_settings_fail_before_training(digits_copy, kwargs, message):
+    with pytest.raises(fb.FairBalanceError, match=message):
+        fb.train_classifier(digits_copy.match_tags("train"), "ground_truth", epochs=1, run_key=None, **kwargs)
+
+
+def test_samples_without_a_group_and_overlapping_held_out_are_refused(digits_copy):
+    train = digits_copy.match_tags("train")
+    first = train.first()
+    first["color"] = None
+    first.save()
+    with pytest.raises(fb.FairBalanceError, match="1 of the .* training samples have no 'color'"):
+        fb.train_classifier(train, "ground_truth", method="group_dro", group_field="color", epochs=1, run_key=None)
+    with pytest.raises(fb.FairBalanceError, match="disjoint"):
+        fb.train_classifier(digits_copy.match_tags("test"), "ground_truth", method="dfr", group_field="color",
+                            val_samples=digits_copy.match_tags("test"), epochs=1, run_key=None)
+    assert fo.dataset_exists(digits_copy.name)
