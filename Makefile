@@ -17,7 +17,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m fairbalance.demo $(DEMO_ARGS)
+	$(PY) -m fairbalance.ops.demo $(DEMO_ARGS)
 
 bench: setup
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)

@@ -23,11 +23,13 @@ import time
 
 import numpy as np
 
-from fairbalance import balance, datasets, images, writeback
-from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
-from fairbalance.diffusion import train_conditional_diffusion
-from fairbalance.generation import generate_balanced
-from fairbalance.pseudo_labels import compute_pseudo_labels
+from fairbalance.core import images, writeback
+from fairbalance.datasets import colored_digits as datasets
+from fairbalance.find import balance
+from fairbalance.train.classifier import apply_classifier, evaluate_classifier, train_classifier
+from fairbalance.generate.diffusion import train_conditional_diffusion
+from fairbalance.generate.generation import generate_balanced
+from fairbalance.find.pseudo_labels import compute_pseudo_labels
 
 
 def colour_features(view) -> dict:
@@ -63,7 +65,7 @@ def main():
                                      output_dir=f"{tmp}/data", persistent=False, overwrite=True)
         train, test = ds.match_tags("train"), ds.match_tags("test")
         if args.clip_model:
-            from fairbalance.sa_features import compute_sa_features
+            from fairbalance.find.sa_features import compute_sa_features
 
             compute_sa_features(train, "colors", model=args.clip_model, pretrained=args.clip_pretrained or None)
             features = "CLIP SA features"

@@ -47,8 +47,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from fairbalance import models
-    from fairbalance.captions import _caption_batch, _to_device, caption_seed
+    from fairbalance.core import models
+    from fairbalance.generate.captions import _caption_batch, _to_device, caption_seed
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -113,7 +113,7 @@ def sampling_step(args, device):
     multinomial draw for the batch vs :class:`RowSeededSampler`'s per-row streams."""
     from transformers import TopKLogitsWarper, TopPLogitsWarper
 
-    from fairbalance.captions import TOP_P, RowSeededSampler
+    from fairbalance.generate.captions import TOP_P, RowSeededSampler
 
     rows = args.batch_size * args.captions
     scores = torch.randn(rows, args.vocab, device=device) * 3

@@ -27,7 +27,7 @@ def worker(out: str, epochs: int, batch_size: int, image_size: int) -> None:
     import fiftyone as fo
 
     import fairbalance as fb
-    from fairbalance import distributed
+    from fairbalance.core import distributed
 
     view = fo.load_dataset(DATASET).match_tags("train")
     times = {}

@@ -16,7 +16,7 @@ from collections import Counter
 import fiftyone as fo
 import numpy as np
 
-from fairbalance import balance
+from fairbalance.find import balance
 
 
 def python_counts(view, label_field: str, attribute_field: str) -> tuple[Counter, Counter, dict]:

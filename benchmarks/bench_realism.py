@@ -51,7 +51,7 @@ os.environ.setdefault("FIFTYONE_SHOW_PROGRESS_BARS", "false")
 import fairbalance as fb  # noqa: E402
 import bench_repair  # noqa: E402
 from bench_repair import BUILDS, arrays, digit_judge, fidelity, train_generator  # noqa: E402
-from fairbalance.generation import generate_balanced  # noqa: E402
+from fairbalance.generate.generation import generate_balanced  # noqa: E402
 
 SETTINGS = {"edit": {}, "+inversion": {"inversion": True}, "+keep_background": {"keep_background": True},
             "+both": {"inversion": True, "keep_background": True},

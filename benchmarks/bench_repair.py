@@ -64,20 +64,21 @@ os.environ.setdefault("FIFTYONE_SHOW_PROGRESS_BARS", "false")
 
 import fairbalance as fb  # noqa: E402
 from bench_balance import colour_features  # noqa: E402  (mean stroke colour: the SA-feature stand-in offline)
-from fairbalance import datasets, images, writeback  # noqa: E402
-from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier  # noqa: E402
-from fairbalance.diffusion import train_conditional_diffusion  # noqa: E402
-from fairbalance.generation import generate_balanced  # noqa: E402
-from fairbalance.hardness import compute_hardness  # noqa: E402
-from fairbalance.diffinject import inject_bias_conflicting  # noqa: E402
-from fairbalance.diffusion import load_conditional_diffusion, sample_images  # noqa: E402
+from fairbalance.core import images, writeback
+from fairbalance.datasets import colored_digits as datasets  # noqa: E402
+from fairbalance.train.classifier import apply_classifier, evaluate_classifier, train_classifier  # noqa: E402
+from fairbalance.generate.diffusion import train_conditional_diffusion  # noqa: E402
+from fairbalance.generate.generation import generate_balanced  # noqa: E402
+from fairbalance.tag.hardness import compute_hardness  # noqa: E402
+from fairbalance.generate.diffinject import inject_bias_conflicting  # noqa: E402
+from fairbalance.generate.diffusion import load_conditional_diffusion, sample_images  # noqa: E402
 
 METHODS = ("plain", "vanilla", "jtt", "lff", "cells", "diffinject")
 
 BUILDS = {  # fixed before any result of build b was seen
     "a": dict(seed=0, color_std=0.05, num_val=200, num_test=1000),
     "b": dict(seed=1, color_std=0.03, num_val=200, num_test=800,
-              palette=importlib.import_module("fairbalance.colored_mnist").HUE_PALETTE),
+              palette=importlib.import_module("fairbalance.datasets.colored_mnist").HUE_PALETTE),
 }
 
 PUBLISHED = {  # LfF / DisEnt / DiffInject papers, 60k train images: vanilla / LfF / DisEnt / DiffInject

@@ -45,7 +45,7 @@ def blobs(n):
 def bench_xmeans(args):
     from sklearn.metrics import adjusted_rand_score
 
-    from fairbalance import clustering
+    from fairbalance.find import clustering
 
     for n in args.n:
         x, y = blobs(n)
@@ -66,7 +66,7 @@ def bench_xmeans(args):
 
 
 def _make_images(n, folder):
-    from fairbalance import datasets
+    from fairbalance.datasets import colored_digits as datasets
 
     ds = datasets.colored_digits("fb-bench-embed", output_dir=folder, train_per_class=max(1, n // 10),
                                  test_per_class=1, persistent=False, overwrite=True)
@@ -77,7 +77,8 @@ def bench_embed(args):
     import fiftyone.utils.open_clip as fouc
     import torch
 
-    from fairbalance import embeddings, models
+    from fairbalance.core import models
+    from fairbalance.find import embeddings
 
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +119,8 @@ def bench_embed(args):
 
 
 def bench_requery(args):
-    from fairbalance import embeddings, models, related_texts
+    from fairbalance.core import models
+    from fairbalance.find import embeddings, related_texts
 
     clip = models.load_clip(args.model, pretrained=args.pretrained or None, device=args.device)
     t0 = time.perf_counter()

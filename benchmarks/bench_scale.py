@@ -110,7 +110,8 @@ def build(name: str, n: int, clip_name: str):
     import fiftyone.core.utils as fou
     from bson import ObjectId
 
-    from fairbalance import embeddings, models
+    from fairbalance.core import models
+    from fairbalance.find import embeddings
 
     rng = np.random.default_rng(0)
     p = np.arange(20, 0, -1) / 210
@@ -157,7 +158,7 @@ def run_child(step: str, variant: str, args) -> dict:
         sys.path.insert(0, HERE)
         from bench_panel import python_counts
 
-        from fairbalance import balance
+        from fairbalance.find import balance
 
         fns = {
             "values_counter": lambda: dict(python_counts(ds, "sa_cluster", "color")[1]),
@@ -167,7 +168,7 @@ def run_child(step: str, variant: str, args) -> dict:
                 ds, "sa_cluster", attribute_field="color", cache=True)["after"]["counts"],
         }
         if variant == "balance_summary_cached":  # the first call computes and stores; a change of data does again
-            from fairbalance import summary_cache
+            from fairbalance.core import summary_cache
 
             summary_cache.clear(ds)
             first, _, _ = measure(fns[variant], 1)
@@ -179,7 +180,7 @@ def run_child(step: str, variant: str, args) -> dict:
         from bench_sa import blobs
         from sklearn.metrics import adjusted_rand_score
 
-        from fairbalance import clustering
+        from fairbalance.find import clustering
 
         x, y = blobs(n)
         x = np.ascontiguousarray(x, dtype=np.float64)
@@ -197,7 +198,7 @@ def run_child(step: str, variant: str, args) -> dict:
         res["k"] = int(len(np.unique(labels)))
         res["ari"] = float(adjusted_rand_score(y, labels))
     elif step == "writeback":
-        from fairbalance import writeback
+        from fairbalance.core import writeback
 
         ids = ds.values("id")
         before = rss()
@@ -209,8 +210,8 @@ def run_child(step: str, variant: str, args) -> dict:
             fn = lambda: writeback.set_values_by_id(ds, {"label_fb": values})  # noqa: E731
         times, peak, _ = measure(fn, args.slow_repeats)
     elif step == "requery":
-        from fairbalance import models
-        from fairbalance.sa_features import compute_sa_features
+        from fairbalance.core import models
+        from fairbalance.find.sa_features import compute_sa_features
 
         res["one_copy"] = n * EMBED_DIM * 4
         if variant == "plain_numpy":
@@ -239,7 +240,7 @@ def run_child(step: str, variant: str, args) -> dict:
 
             times, peak, _ = measure(fn, args.slow_repeats)
     elif step == "read":  # the read phase of the re-query: all stored embeddings into one matrix
-        from fairbalance import embeddings
+        from fairbalance.find import embeddings
 
         res["one_copy"] = n * EMBED_DIM * 4
         if variant == "values_stack":

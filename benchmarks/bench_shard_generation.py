@@ -41,9 +41,9 @@ def main():
 
     import torch
 
-    from fairbalance import datasets
-    from fairbalance.diffusion import train_conditional_diffusion
-    from fairbalance.generation import generate_balanced
+    from fairbalance.datasets import colored_digits as datasets
+    from fairbalance.generate.diffusion import train_conditional_diffusion
+    from fairbalance.generate.generation import generate_balanced
 
     torch.set_num_threads(args.threads)
     ds = datasets.colored_digits("bench-shard-gen", num_classes=3, train_per_class=10, test_per_class=2,

@@ -40,8 +40,10 @@ def main():
     parser.add_argument("--backbone", default="cnn")
     args = parser.parse_args()
 
-    from fairbalance import datasets, runs, sharding, training
-    from fairbalance.hardness import compute_hardness
+    from fairbalance.core import runs, sharding
+    from fairbalance.datasets import colored_digits as datasets
+    from fairbalance.train import training
+    from fairbalance.tag.hardness import compute_hardness
 
     ds = datasets.colored_digits(name="bench-shards-hardness", train_per_class=args.per_class, test_per_class=1,
                                  conflict_ratio=0.05, persistent=False, overwrite=True)

@@ -36,8 +36,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from fairbalance import models
-    from fairbalance.text_to_image import generate_from_captions
+    from fairbalance.core import models
+    from fairbalance.generate.text_to_image import generate_from_captions
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model

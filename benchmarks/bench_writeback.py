@@ -13,7 +13,7 @@ import time
 
 import fiftyone as fo
 
-from fairbalance import writeback
+from fairbalance.core import writeback
 
 
 def main():

@@ -5,8 +5,8 @@ import inspect
 import fiftyone as fo
 import fiftyone.operators.types as types
 
-from fairbalance.fields import categorical_fields  # noqa: F401  (re-exported for the operators)
-from fairbalance.validation import LIMITS
+from fairbalance.core.fields import categorical_fields  # noqa: F401  (re-exported for the operators)
+from fairbalance.core.validation import LIMITS
 
 
 def progress_callback(ctx, label):
@@ -63,8 +63,8 @@ def run_key_input(ctx, inputs, fn, resumable=False):
     operations such as generation and diffusion training, the same settings:
     running again then resumes the run).
     """
-    from fairbalance import runs
-    from fairbalance.validation import FairBalanceError
+    from fairbalance.core import runs
+    from fairbalance.core.validation import FairBalanceError
 
     default = default_of(fn, "run_key")
     prop = inputs.str("run_key", default=default, required=False, label="Run key",
@@ -95,7 +95,7 @@ def run_key_input(ctx, inputs, fn, resumable=False):
 
 def _field_clash(dataset, field, run_key):
     """Why ``field`` cannot take the output of run ``run_key`` (another run's or a non-fairbalance field), or None."""
-    from fairbalance import runs
+    from fairbalance.core import runs
 
     if dataset is None or not field or dataset.get_field(field) is None:
         return None
@@ -135,7 +135,7 @@ def output_field_input(ctx, inputs, name, fn, label, description=None):
 
 def clip_check(ctx, inputs, fn):
     """Say at once, before Execute, that the CLIP weights are missing (offline), instead of a traceback later."""
-    from fairbalance import models
+    from fairbalance.core import models
 
     model = ctx.params.get("model") or default_of(fn, "model")
     pretrained = ctx.params.get("pretrained") or default_of(fn, "pretrained")

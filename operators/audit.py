@@ -3,7 +3,7 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.audit import audit_balance
+from fairbalance.find.audit import audit_balance
 
 from ._common import clip_check
 from ._common import refresh_app

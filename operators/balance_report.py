@@ -3,7 +3,7 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance import balance
+from fairbalance.find import balance
 
 from ._common import (as_text_block, categorical_fields, field_dropdown, given, operator_config, result_view,
                       rounded)

@@ -4,10 +4,10 @@ import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.captions import compute_captions, filter_captions
-from fairbalance.sharding import queue_sharded
-from fairbalance.text_to_image import generate_from_captions
-from fairbalance.validation import LIMITS
+from fairbalance.generate.captions import compute_captions, filter_captions
+from fairbalance.core.sharding import queue_sharded
+from fairbalance.generate.text_to_image import generate_from_captions
+from fairbalance.core.validation import LIMITS
 
 from ._common import refresh_app
 from ._common import (as_text_block, categorical_fields, default_of, field_dropdown, given, operator_config,

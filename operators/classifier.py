@@ -3,11 +3,11 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance import runs
-from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
-from fairbalance.hardness import compute_hardness
-from fairbalance.sharding import queue_sharded
-from fairbalance.validation import LIMITS
+from fairbalance.core import runs
+from fairbalance.train.classifier import apply_classifier, evaluate_classifier, train_classifier
+from fairbalance.tag.hardness import compute_hardness
+from fairbalance.core.sharding import queue_sharded
+from fairbalance.core.validation import LIMITS
 
 from ._common import refresh_app
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,

@@ -3,9 +3,9 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance import datasets
-from fairbalance.colored_mnist import colored_mnist
-from fairbalance.validation import LIMITS
+from fairbalance.datasets import colored_digits as datasets
+from fairbalance.datasets.colored_mnist import colored_mnist
+from fairbalance.core.validation import LIMITS
 
 from ._common import refuse
 from ._common import default_of, given, operator_config, progress_callback, result_view

@@ -5,7 +5,7 @@ import os
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance import runs
+from fairbalance.core import runs
 
 from ._common import field_dropdown, operator_config, refresh_app, refuse, result_view
 
@@ -67,7 +67,7 @@ class DeleteRun(foo.Operator):
         return types.Property(inputs, view=types.View(label="Delete a run"))
 
     def execute(self, ctx):
-        from fairbalance import generation
+        from fairbalance.generate import generation
 
         key = ctx.params["run_key"]
         plan = removal_plan(ctx.dataset, key)

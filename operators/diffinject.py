@@ -3,10 +3,10 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance import runs
-from fairbalance.diffinject import inject_bias_conflicting
-from fairbalance.sharding import queue_sharded
-from fairbalance.validation import LIMITS
+from fairbalance.core import runs
+from fairbalance.generate.diffinject import inject_bias_conflicting
+from fairbalance.core.sharding import queue_sharded
+from fairbalance.core.validation import LIMITS
 
 from ._common import refresh_app
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,

@@ -3,12 +3,12 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance import runs
-from fairbalance.diffusion import train_conditional_diffusion
-from fairbalance.filtering import filter_generated
-from fairbalance.generation import generate_balanced
-from fairbalance.sharding import queue_sharded
-from fairbalance.validation import LIMITS
+from fairbalance.core import runs
+from fairbalance.generate.diffusion import train_conditional_diffusion
+from fairbalance.generate.filtering import filter_generated
+from fairbalance.generate.generation import generate_balanced
+from fairbalance.core.sharding import queue_sharded
+from fairbalance.core.validation import LIMITS
 
 from ._common import refresh_app, refuse
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
@@ -169,7 +169,7 @@ class GenerateBalanced(foo.Operator):
 
 def parse_cluster_texts(text):
     """``"cluster: text"`` lines -> ``{cluster: text}``; None when empty."""
-    from fairbalance.validation import FairBalanceError
+    from fairbalance.core.validation import FairBalanceError
 
     out = {}
     for line in (text or "").splitlines():

@@ -3,11 +3,11 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance import runs
-from fairbalance.lora_generation import generate_per_group
-from fairbalance.lora_training import finetune_per_group
-from fairbalance.sharding import queue_sharded
-from fairbalance.validation import LIMITS
+from fairbalance.core import runs
+from fairbalance.generate.lora.generation import generate_per_group
+from fairbalance.generate.lora.finetune import finetune_per_group
+from fairbalance.core.sharding import queue_sharded
+from fairbalance.core.validation import LIMITS
 
 from ._common import refresh_app
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,

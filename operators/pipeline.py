@@ -3,8 +3,8 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.folders import pipeline_file
-from fairbalance.pipeline import load_pipeline, run_pipeline
+from fairbalance.core.folders import pipeline_file
+from fairbalance.ops.pipeline import load_pipeline, run_pipeline
 
 from ._common import as_text_block, operator_config, result_view
 

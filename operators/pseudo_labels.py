@@ -4,8 +4,8 @@ import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.pseudo_labels import compute_pseudo_labels
-from fairbalance.validation import LIMITS
+from fairbalance.find.pseudo_labels import compute_pseudo_labels
+from fairbalance.core.validation import LIMITS
 
 from ._common import output_field_input, refresh_app
 from ._common import default_of, field_dropdown, given, operator_config, result_view, rounded, run_key_input

@@ -3,9 +3,9 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.sa_features import compute_sa_features
-from fairbalance.sharding import queue_sharded
-from fairbalance.validation import LIMITS
+from fairbalance.find.sa_features import compute_sa_features
+from fairbalance.core.sharding import queue_sharded
+from fairbalance.core.validation import LIMITS
 
 from ._common import clip_check
 from ._common import output_field_input, refresh_app

@@ -3,8 +3,8 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance import sharding
-from fairbalance.validation import LIMITS
+from fairbalance.core import sharding
+from fairbalance.core.validation import LIMITS
 
 from ._common import progress_callback, result_view
 

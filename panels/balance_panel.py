@@ -1,13 +1,14 @@
 """The Balance panel: counts, entropy and imbalance of a label field over the current view,
 original vs. original + generated, the clusters x attribute heat map, and the
 related texts of the last SA run. All numbers come from
-:func:`fairbalance.balance.balance_summary` (database aggregations)."""
+:func:`fairbalance.find.balance.balance_summary` (database aggregations)."""
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 from fiftyone import ViewField as F
 
-from fairbalance import balance, fields
+from fairbalance.core import fields
+from fairbalance.find import balance
 
 
 def summary_bar_traces(summary: dict, show: str = "both") -> list[dict]:
@@ -111,7 +112,7 @@ class BalancePanel(foo.Panel):
         """Fields whose values are groups: labels, strings, small integer codes (not flags or indices)."""
         import fiftyone as fo
 
-        from fairbalance import summary_cache
+        from fairbalance.core import summary_cache
 
         def group_fields():
             out = []
@@ -289,7 +290,7 @@ def _set_state(ctx, key, value):
 
 def _sharded_rows(dataset):
     """One row per sharded run of the dataset that is not finished: its overall progress."""
-    from fairbalance import sharding
+    from fairbalance.core import sharding
 
     rows = []
     for st in sharding.list_jobs(dataset, unfinished_only=True)[:10]:
@@ -319,7 +320,7 @@ def _without_last_match(view):
 
 def _last_evaluation(dataset, top=8):
     """The worst groups of the newest evaluate_classifier run with an attribute, or None."""
-    from fairbalance import runs
+    from fairbalance.core import runs
 
     for key in reversed(runs.list_runs(dataset, "evaluate_classifier")):
         res = runs.load_run_results(dataset, key)

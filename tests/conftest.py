@@ -107,7 +107,7 @@ def make_dataset(request):
 @pytest.fixture(scope="session")
 def digits_dataset():
     """A small Colored Digits dataset shared by read-only tests."""
-    from fairbalance import datasets
+    from fairbalance.datasets import colored_digits as datasets
 
     ds = datasets.colored_digits(
         name="fb-test-digits", train_per_class=30, test_per_class=10, conflict_ratio=0.05,

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from fairbalance import balance
+from fairbalance.find import balance
 
 PLUGIN = "@fairbalance/fairbalance"
 

@@ -3,8 +3,9 @@ import math
 import fiftyone as fo
 import pytest
 
-from fairbalance import balance, runs
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import runs
+from fairbalance.find import balance
+from fairbalance.core.validation import FairBalanceError
 
 
 @pytest.mark.parametrize(
@@ -114,7 +115,7 @@ def test_cached_summary_is_reused_only_while_the_dataset_is_unchanged(make_datas
     """The panel's cache: a stored summary is served while the stamp holds; any edit, deletion or run invalidates it."""
     import time
 
-    from fairbalance import summary_cache
+    from fairbalance.core import summary_cache
 
     ds = make_dataset()
     ds.add_samples([fo.Sample(filepath=f"/x/{i}.png", cluster=fo.Classification(label=str(i % 3)),

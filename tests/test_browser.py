@@ -285,7 +285,7 @@ class App:
 
 @pytest.fixture(scope="module")
 def browser_dataset():
-    from fairbalance import datasets
+    from fairbalance.datasets import colored_digits as datasets
 
     ds = datasets.colored_digits("fb-browser-test", num_classes=3, train_per_class=8, test_per_class=2,
                                  image_size=16, persistent=False, overwrite=True)
@@ -470,7 +470,7 @@ def test_every_operator_from_the_browser(app, browser_dataset, tiny_clip, model_
     assert "Worst group" in text and "Accuracy per group" in text and "|None" not in text
 
     # 6 all steps: a pipeline file
-    from fairbalance import folders
+    from fairbalance.core import folders
 
     os.makedirs(folders.default_folder("pipelines"), exist_ok=True)  # the operator reads pipeline files there only
     pipeline = Path(folders.default_folder("pipelines")) / "report.yml"

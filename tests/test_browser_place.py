@@ -18,7 +18,7 @@ PLACE = "fb-browser-place"
 
 @pytest.fixture(scope="module")
 def place_dataset():
-    from fairbalance import datasets
+    from fairbalance.datasets import colored_digits as datasets
 
     ds = datasets.colored_digits(PLACE, num_classes=3, train_per_class=8, test_per_class=2, image_size=16,
                                  persistent=False, overwrite=True)

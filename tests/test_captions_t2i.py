@@ -4,10 +4,10 @@ import fiftyone as fo
 import pytest
 
 import tiny_models
-from fairbalance import runs
-from fairbalance.captions import compute_captions, filter_captions, keep_caption, stopwords, top_words
-from fairbalance.text_to_image import generate_from_captions
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import runs
+from fairbalance.generate.captions import compute_captions, filter_captions, keep_caption, stopwords, top_words
+from fairbalance.generate.text_to_image import generate_from_captions
+from fairbalance.core.validation import FairBalanceError
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_generate_from_captions_bad_input(digits_copy, tiny_sd, tmp_path):
     digits_copy.limit(2).set_values("caps", [[], []])
     with pytest.raises(FairBalanceError, match="nothing to generate"):
         generate_from_captions(digits_copy.limit(2), caption_field="caps", model=tiny_sd)
-    from fairbalance.models import ModelNotFoundError
+    from fairbalance.core.models import ModelNotFoundError
 
     digits_copy.limit(1).set_values("caps", [["x"]])
     with pytest.raises(ModelNotFoundError):

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 import fairbalance as fb
-from fairbalance import claims, cli, runs
-from fairbalance.export import TorchImageDataset, export_samples
-from fairbalance.gate import check_balance
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import claims, runs, sharding
+from fairbalance.ops import cli
+from fairbalance.ops.export import TorchImageDataset, export_samples
+from fairbalance.ops.gate import check_balance
+from fairbalance.core.validation import FairBalanceError
 
 
 def fairbalance(*args, check=True):
@@ -373,7 +374,7 @@ def test_json_is_only_json_and_busy_exits_3(small, tmp_path, capsys):
 
 def test_help_is_fast_and_imports_no_capability():
     """Item 8: `fairbalance --help` imports neither torch nor FiftyOne (lazy imports) and takes < 2 s."""
-    probe = subprocess.run([sys.executable, "-c", "import sys; from fairbalance import cli; cli.build_parser(); "
+    probe = subprocess.run([sys.executable, "-c", "import sys; from fairbalance.ops import cli; cli.build_parser(); "
                             "print(sorted(m for m in ('torch', 'fiftyone') if m in sys.modules))"],
                            capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip() == "[]", probe.stderr[-2000:]
@@ -494,7 +495,7 @@ def test_sharding_a_random_weight_model_is_refused(small, capsys):
         fb.compute_sa_features(small, attribute="color", model="ViT-B-32", pretrained=None, shard=0, num_shards=2)
     assert cli.main(["queue-sharded", small.name, "compute_sa_features", "attribute=color", "pretrained=",
                      "--num-shards", "2"]) == 2 and "random weights" in capsys.readouterr().err
-    assert not fb.sharding.list_jobs(small)
+    assert not sharding.list_jobs(small)
 
 
 def test_runtime_failure_exits_4_and_sdk_words_become_cli_words(small, tmp_path, capsys):
@@ -522,7 +523,7 @@ def test_runtime_failure_exits_4_and_sdk_words_become_cli_words(small, tmp_path,
 
 def test_a_record_of_the_earlier_format_counts_as_done(small, tmp_path, capsys):
     """Upgrading: steps recorded before digests chained (own settings only, no stamp) are not all rerun."""
-    from fairbalance.pipeline import load_pipeline
+    from fairbalance.ops.pipeline import load_pipeline
 
     path = tmp_path / "old.yml"
     path.write_text(f"dataset: {small.name}\nsteps:\n  - balance-report: {{label_field: color, run_key: old_a}}\n"

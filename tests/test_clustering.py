@@ -3,7 +3,7 @@ import pytest
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from fairbalance import clustering
+from fairbalance.find import clustering
 
 # unequal cluster sizes, like the paper's tables
 SIZES = [400, 200, 120, 60, 40]
@@ -97,7 +97,7 @@ def test_xmeans_bad_arguments(blobs, kwargs):
 
 def _stroke_colours(view) -> np.ndarray:
     """The colour stand-in for SA features: each image's mean RGB over its stroke pixels (max channel > 0.3)."""
-    from fairbalance import images
+    from fairbalance.core import images
 
     out = []
     for path in view.values("filepath"):
@@ -116,10 +116,10 @@ def test_xmeans_finds_the_ten_colours_of_both_colored_mnist_builds(build, tmp_pa
 
     import fiftyone as fo
 
-    from fairbalance import writeback
-    from fairbalance.pseudo_labels import compute_pseudo_labels
+    from fairbalance.core import writeback
+    from fairbalance.find.pseudo_labels import compute_pseudo_labels
 
-    cm = importlib.import_module("fairbalance.colored_mnist")
+    cm = importlib.import_module("fairbalance.datasets.colored_mnist")
     args = dict(conflict_ratio=0.01, seed=0, color_std=0.05, num_test=1000) if build == "a" else \
         dict(conflict_ratio=0.01, seed=1, color_std=0.03, num_test=800, palette=cm.HUE_PALETTE)
     name = f"fb-xmeans-colours-{build}"

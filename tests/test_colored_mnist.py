@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 import fairbalance
-from fairbalance.colored_mnist import colored_mnist, load_mnist_5k
-from fairbalance.datasets import CLASS_COLORS
-from fairbalance.validation import FairBalanceError
+from fairbalance.datasets.colored_mnist import colored_mnist, load_mnist_5k
+from fairbalance.datasets.colored_digits import CLASS_COLORS
+from fairbalance.core.validation import FairBalanceError
 
 NAMES = [n for n, _ in CLASS_COLORS]
 PALETTE = {n: np.array(rgb, dtype=float) for n, rgb in CLASS_COLORS}
@@ -47,7 +47,7 @@ def mnist():
 
 
 def _module():
-    return importlib.import_module("fairbalance.colored_mnist")  # the package attribute is the function
+    return importlib.import_module("fairbalance.datasets.colored_mnist")  # the package attribute is the function
 
 
 def test_exported_at_top_level():
@@ -125,7 +125,7 @@ def test_other_seed_other_split(mnist):
     ],
 )
 def test_bad_arguments_rejected_before_writing(kwargs, match):
-    from fairbalance import config
+    from fairbalance.core import config
 
     with pytest.raises(FairBalanceError, match=match):
         colored_mnist("fb-cmnist-never", **kwargs)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import fairbalance as fb
-from fairbalance import claims, runs
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import claims, runs
+from fairbalance.core.validation import FairBalanceError
 
 TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)
 
@@ -25,7 +25,7 @@ WORKER = textwrap.dedent("""
     import sys, time
     import fiftyone as fo
     import fairbalance as fb
-    from fairbalance import claims, runs
+    from fairbalance.core import claims, runs
 
     what, name = sys.argv[1], sys.argv[2]
     ds = fo.load_dataset(name)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fairbalance import datasets
-from fairbalance.validation import FairBalanceError
+from fairbalance.datasets import colored_digits as datasets
+from fairbalance.core.validation import FairBalanceError
 
 
 def _digest(ds):

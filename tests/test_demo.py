@@ -4,8 +4,8 @@ from collections import Counter
 
 import fiftyone as fo
 
-from fairbalance import demo
-from fairbalance.datasets import nearest_color
+from fairbalance.ops import demo
+from fairbalance.datasets.colored_digits import nearest_color
 
 
 def test_demo_runs_end_to_end(capsys):

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 import fairbalance as fb
-from fairbalance import diffinject as di
-from fairbalance import runs
-from fairbalance.diffusion import LABELS_FILE, load_conditional_diffusion, train_conditional_diffusion
-from fairbalance.models import ModelNotFoundError
+from fairbalance.generate import diffinject as di
+from fairbalance.core import runs
+from fairbalance.generate.diffusion import LABELS_FILE, load_conditional_diffusion, train_conditional_diffusion
+from fairbalance.core.models import ModelNotFoundError
 
 TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)
 STEPS = 10  # DDIM steps: grid 900, 800, ..., 0
@@ -20,7 +20,7 @@ STEPS = 10  # DDIM steps: grid 900, 800, ..., 0
 
 @pytest.fixture(scope="module")
 def digits():
-    from fairbalance import datasets
+    from fairbalance.datasets import colored_digits as datasets
 
     ds = datasets.colored_digits("fb-inject-tests", num_classes=3, train_per_class=20, test_per_class=2,
                                  conflict_ratio=0.1, image_size=16, persistent=False, overwrite=True)
@@ -43,7 +43,7 @@ def _path(model):
 
 
 def _load(paths):
-    from fairbalance import training
+    from fairbalance.train import training
 
     return training.load_images(paths, [16, 16], scale="symmetric")
 
@@ -265,7 +265,7 @@ def test_operator_registered_and_runs(digits, model):
 def test_p2_loss_weighting(digits, tmp_path):
     from diffusers import DDPMScheduler
 
-    from fairbalance.diffusion import DiffusionTrainConfig, _p2_weights
+    from fairbalance.generate.diffusion import DiffusionTrainConfig, _p2_weights
 
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     t = torch.tensor([10, 300, 600, 990])

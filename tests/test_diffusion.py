@@ -4,18 +4,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fairbalance import runs
-from fairbalance.diffusion import load_conditional_diffusion, sample_images, train_conditional_diffusion
-from fairbalance.filtering import filter_generated
-from fairbalance.generation import generate_balanced, plan_counts
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import runs
+from fairbalance.generate.diffusion import load_conditional_diffusion, sample_images, train_conditional_diffusion
+from fairbalance.generate.filtering import filter_generated
+from fairbalance.generate.generation import generate_balanced, plan_counts
+from fairbalance.core.validation import FairBalanceError
 
 TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)
 
 
 @pytest.fixture(scope="module")
 def three_colors():
-    from fairbalance import datasets
+    from fairbalance.datasets import colored_digits as datasets
 
     ds = datasets.colored_digits("fb-diff-tests", num_classes=3, train_per_class=20, test_per_class=2,
                                  persistent=False, overwrite=True)
@@ -223,7 +223,7 @@ def test_cells_bad_input_writes_nothing(three_colors, trained, cells_model, tmp_
 def test_corrupt_model_gets_one_clear_error(three_colors, cells_model, tmp_path):
     import shutil
 
-    from fairbalance.models import ModelNotFoundError
+    from fairbalance.core.models import ModelNotFoundError
 
     broken = str(tmp_path / "broken")
     shutil.copytree(cells_model, broken)
@@ -234,7 +234,7 @@ def test_corrupt_model_gets_one_clear_error(three_colors, cells_model, tmp_path)
 
 
 def test_filter_generated_scores_and_tags(three_colors, trained, tiny_clip, tmp_path):
-    from fairbalance.sa_features import compute_sa_features
+    from fairbalance.find.sa_features import compute_sa_features
 
     ds = three_colors.clone()
     try:
@@ -313,7 +313,7 @@ def test_class_conditioning_sets_the_colour(tmp_path):
 
     Seeds 0-2 give 20-23 of 24 here; chance is 8, and the epsilon-prediction model got 7.
     """
-    from fairbalance import datasets
+    from fairbalance.datasets import colored_digits as datasets
 
     ds = datasets.colored_digits("fb-diff-colour", num_classes=3, train_per_class=60, test_per_class=2,
                                  conflict_ratio=0.0, color_std=0.0, image_size=8, persistent=False, overwrite=True)

@@ -2,7 +2,7 @@
 
 Each test reproduces what the sweep found (data deleted, a folder shared by two runs or datasets, a tag
 taken off a user's samples, a record that lies, a path outside its root, a pickle run from a user's folder)
-and checks the one writer contract that now holds (python_lib/fairbalance/folders.py).
+and checks the one writer contract that now holds (python_lib/fairbalance/core/folders.py).
 """
 
 import os
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fairbalance import runs
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import runs
+from fairbalance.core.validation import FairBalanceError
 
 FAST = dict(backbone="mlp", image_size=8, epochs=1, batch_size=64)
 TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)
@@ -22,7 +22,7 @@ GEN = dict(label_field="ground_truth", per_class=3, num_inference_steps=2, batch
 
 @pytest.fixture(scope="module")
 def digits():
-    from fairbalance import datasets
+    from fairbalance.datasets import colored_digits as datasets
 
     ds = datasets.colored_digits("fb-faults-digits", num_classes=3, train_per_class=10, test_per_class=2,
                                  image_size=16, persistent=False, overwrite=True)
@@ -238,7 +238,8 @@ def test_8_records_describe_the_work_done(digits, clones, model, tmp_path):
 # 9. default folders built from dataset names like ../../x wrote outside the data folder
 
 def test_9_folders_from_names_stay_under_the_data_folder(small, clones, model, tmp_path, one_thread):
-    from fairbalance import config, generate_balanced, train_classifier
+    from fairbalance import generate_balanced, train_classifier
+    from fairbalance.core import config
 
     root = os.path.realpath(config.data_dir())
     evil = "../" * 30 + str(tmp_path).lstrip("/") + "/escaped"  # the old code wrote to tmp_path/escaped/...
@@ -253,7 +254,7 @@ def test_9_folders_from_names_stay_under_the_data_folder(small, clones, model, t
     finally:
         named.delete()
     assert not os.path.exists(tmp_path / "escaped")
-    from fairbalance.folders import default_folder
+    from fairbalance.core.folders import default_folder
 
     assert default_folder("generated", evil, "g").startswith(root + os.sep)
     assert default_folder("generated", "a/b", "g") != default_folder("generated", "a_b", "g")
@@ -264,7 +265,8 @@ def test_9_folders_from_names_stay_under_the_data_folder(small, clones, model, t
 def test_10_no_code_from_user_writable_places(digits, tmp_path, one_thread):
     import torch
 
-    from fairbalance import generation, train_conditional_diffusion
+    from fairbalance import train_conditional_diffusion
+    from fairbalance.generate import generation
 
     folder = str(tmp_path / "model")
     train = digits.match_tags("train")
@@ -290,7 +292,7 @@ def test_10_no_code_from_user_writable_places(digits, tmp_path, one_thread):
     with pytest.raises(FairBalanceError, match="unknown result class"):
         generation.merge_shards(digits, job)
     # the run_pipeline operator reads only pipeline files under the allowed roots
-    from fairbalance.folders import pipeline_file
+    from fairbalance.core.folders import pipeline_file
 
     outside = tmp_path / "p.yml"
     outside.write_text("dataset: x\nsteps: []\n")

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import fairbalance
-from fairbalance import config, generation, validation
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import config, validation
+from fairbalance.generate import generation
+from fairbalance.core.validation import FairBalanceError
 
 TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)
 NAN = float("nan")
@@ -21,7 +22,7 @@ NAN = float("nan")
 
 @pytest.fixture(scope="module")
 def colors():
-    from fairbalance import datasets
+    from fairbalance.datasets import colored_digits as datasets
 
     ds = datasets.colored_digits("fb-faults-inputs", num_classes=3, train_per_class=8, test_per_class=2,
                                  persistent=False, overwrite=True)
@@ -274,7 +275,7 @@ def test_tmp_png_removed_when_the_disk_is_full(tmp_path):
 import os, resource, signal, sys
 import numpy as np
 sys.path[:0] = {sys.path!r}
-from fairbalance import generation
+from fairbalance.generate import generation
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 out = {str(tmp_path)!r}
 jobs = [generation.GenerationJob(os.path.join(out, "cluster0_seed0_00000.png"), "0", {{}}, {{}})]

@@ -13,7 +13,8 @@ import time
 import pytest
 
 import fairbalance
-from fairbalance import embeddings, runs, sharding
+from fairbalance.core import models, runs, sharding
+from fairbalance.find import embeddings
 
 FIFTYONE_CLI = os.path.join(os.path.dirname(sys.executable), "fiftyone")
 TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)
@@ -50,7 +51,8 @@ _CRASH_CHILD = r"""
 import json, sys
 import fiftyone as fo
 import fairbalance
-from fairbalance import claims, datasets
+from fairbalance.core import claims
+from fairbalance.datasets import colored_digits as datasets
 
 model, out, fresh = sys.argv[1], sys.argv[2], sys.argv[3] == "fresh"
 kw = dict(label_field="color", model=model, per_class=2, output_dir=out, seed=0, device="cpu")
@@ -84,7 +86,7 @@ def _result(child, log):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_rerun_after_mongod_crash_adds_no_duplicate_and_is_not_blocked_by_its_own_claim(tmp_path):
-    from fairbalance import datasets
+    from fairbalance.datasets import colored_digits as datasets
 
     exe = _mongod_exe()
     if not exe:
@@ -217,7 +219,7 @@ def test_sharded_embeddings_survive_a_kill_between_values_and_tag_and_stale_sche
         for w in workers:
             _stop(w)
     ds.reload()
-    clip = fairbalance.models.load_clip(tiny_clip, None, device="cpu")
+    clip = models.load_clip(tiny_clip, None, device="cpu")
     assert embeddings.stored_model(ds, field) == clip.spec.to_dict()  # the tag survived every writer
     assert len(ds.exists(field)) == len(ds.exists("sa_k")) == 80
     assert runs.get_run_config(ds, run_key)["num_shards"] == 4

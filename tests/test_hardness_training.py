@@ -4,11 +4,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fairbalance import models as fb_models
-from fairbalance import runs, training
-from fairbalance.classifier import apply_classifier, evaluate_classifier, train_classifier
-from fairbalance.hardness import compute_hardness, hardest, loss_ranks
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import models as fb_models
+from fairbalance.core import runs
+from fairbalance.train import training
+from fairbalance.train.classifier import apply_classifier, evaluate_classifier, train_classifier
+from fairbalance.tag.hardness import compute_hardness, hardest, loss_ranks
+from fairbalance.core.validation import FairBalanceError
 
 FAST = dict(backbone="mlp", pretrained=False, image_size=16, epochs=3, batch_size=64)
 
@@ -198,7 +199,7 @@ def test_input_handling_and_bad_input(digits_copy, tmp_path, monkeypatch):
 
 
 def test_top_k_counts_fractions_and_error_set(digits_copy):
-    from fairbalance.hardness import resolve_top_k
+    from fairbalance.tag.hardness import resolve_top_k
 
     assert resolve_top_k(None, 300) is None
     assert resolve_top_k(1.0, 300) == 300 and resolve_top_k(0.01, 300) == 3 and resolve_top_k(1, 300) == 1

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fairbalance import images, training
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import images
+from fairbalance.train import training
+from fairbalance.core.validation import FairBalanceError
 
 
 def _files(tmp_path):

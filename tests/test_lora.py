@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 import fairbalance as fb
-from fairbalance import lora, runs
-from fairbalance.diffusion import sample_images, train_conditional_diffusion
-from fairbalance.models import ModelNotFoundError
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import runs
+from fairbalance.generate.lora import adapters as lora
+from fairbalance.generate.diffusion import sample_images, train_conditional_diffusion
+from fairbalance.core.models import ModelNotFoundError
+from fairbalance.core.validation import FairBalanceError
 
 TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)
 CELLS = ["ground_truth", "color"]
@@ -255,8 +256,8 @@ def test_stable_diffusion_dreambooth_tokens_prior_preservation_and_generation(di
         with pytest.raises(FairBalanceError, match="conditional base"):
             fb.generate_per_group(train, adapters=res, mode="equal", per_group=1, source="edit",
                                   output_dir=str(tmp_path / "g3"), run_key="sdgen3")
-        # the cached pipeline of fairbalance.models is left without adapters
-        from fairbalance import models
+        # the cached pipeline of fairbalance.core.models is left without adapters
+        from fairbalance.core import models
 
         cached = models.load_diffusion_pipeline(tiny_sd, safety_checker=None, requires_safety_checker=False)
         assert not any("lora" in n for n, _ in cached.unet.named_parameters())

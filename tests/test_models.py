@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import tiny_models
-from fairbalance import models
+from fairbalance.core import models
 
 
 def test_tiny_open_clip_round_trip(tiny_clip):

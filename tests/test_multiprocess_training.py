@@ -37,10 +37,10 @@ import torch
 from safetensors.torch import load_file
 
 import fairbalance as fb
-from fairbalance import claims, runs
-from fairbalance.diffusion import load_conditional_diffusion
-from fairbalance.lora import load_group_adapters
-from fairbalance.training import load_classifier
+from fairbalance.core import claims, runs
+from fairbalance.generate.diffusion import load_conditional_diffusion
+from fairbalance.generate.lora.adapters import load_group_adapters
+from fairbalance.train.training import load_classifier
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIFF = dict(image_size=16, block_out_channels=(16, 32), batch_size=16, seed=0, device="cpu")  # 48 images: 3 steps
@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent("""
     import fiftyone as fo
     import torch
     import fairbalance as fb
-    from fairbalance import distributed
+    from fairbalance.core import distributed
 
     name, out, busy = sys.argv[1], sys.argv[2], sys.argv[3]
     diff = json.loads(sys.argv[4])

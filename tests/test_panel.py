@@ -5,7 +5,7 @@ import fiftyone.operators as foo
 import pytest
 from fiftyone import ViewField as F
 
-from fairbalance import balance
+from fairbalance.find import balance
 
 
 def _panel_module():

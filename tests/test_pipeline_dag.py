@@ -16,8 +16,9 @@ import time
 import fiftyone as fo
 import pytest
 
-from fairbalance import cli, runs
-from fairbalance.export import TorchImageDataset
+from fairbalance.core import runs
+from fairbalance.ops import cli
+from fairbalance.ops.export import TorchImageDataset
 
 STEPS = ["colored-digits", "compute-hardness-tags", "train-conditional-diffusion", "generate-balanced",
          "train-classifier", "apply-classifier", "evaluate-classifier", "check", "export"]

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
-from fairbalance import balance
+from fairbalance.find import balance
 
 PLUGIN = "@fairbalance/fairbalance"
 
@@ -31,7 +31,7 @@ def test_plugin_discovered_and_manifest_complete():
 
 
 def test_create_colored_digits_operator_matches_sdk():
-    from fairbalance import datasets
+    from fairbalance.datasets import colored_digits as datasets
 
     try:
         result = foo.execute_operator(
@@ -112,7 +112,7 @@ def test_sa_and_pseudo_label_operators_match_sdk(digits_dataset, tiny_clip):
 
 
 def test_hardness_train_apply_operators_match_sdk(digits_dataset):
-    from fairbalance.hardness import compute_hardness
+    from fairbalance.tag.hardness import compute_hardness
 
     op_ds, sdk_ds = digits_dataset.clone(), digits_dataset.clone()
     fast = {"backbone": "mlp", "image_size": 16, "epochs": 2, "batch_size": 64, "seed": 0}
@@ -233,8 +233,8 @@ def test_delete_run_lists_and_removes_what_the_run_wrote(digits_dataset, tmp_pat
     from fiftyone.operators.registry import OperatorRegistry
     from PIL import Image
 
-    from fairbalance import runs
-    from fairbalance.hardness import compute_hardness
+    from fairbalance.core import runs
+    from fairbalance.tag.hardness import compute_hardness
 
     ds = digits_dataset.clone()
     try:

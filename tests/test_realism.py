@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 import fairbalance as fb
-from fairbalance import runs
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import runs
+from fairbalance.core.validation import FairBalanceError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -146,7 +146,7 @@ def test_discriminator_filter_excludes_the_separable_without_any_label(mixed):
 
 
 def test_discriminator_weights_are_density_ratios_training_uses(mixed):
-    from fairbalance import training
+    from fairbalance.train import training
 
     ds = mixed
     view = ds.match_tags(["train", "generated"])
@@ -223,7 +223,7 @@ def test_generation_result_reports_realism(cells, tmp_path):
 
 
 def _sources(ds, diff, n=6):
-    from fairbalance import training
+    from fairbalance.train import training
 
     paths, gt, col = ds.match_tags("train").values(["filepath", "ground_truth.label", "color.label"])
     x = training.load_images(paths[:n], [16, 16], scale="symmetric")
@@ -232,7 +232,7 @@ def _sources(ds, diff, n=6):
 
 
 def test_ddim_inversion_gives_the_source_back_under_its_own_condition(cells):
-    from fairbalance.diffusion import load_conditional_diffusion, sample_images
+    from fairbalance.generate.diffusion import load_conditional_diffusion, sample_images
 
     ds, model = cells
     diff = load_conditional_diffusion(model)
@@ -253,7 +253,7 @@ def test_ddim_inversion_gives_the_source_back_under_its_own_condition(cells):
 
 
 def test_keep_background_copies_the_source_background(cells, tmp_path):
-    from fairbalance.diffusion import background_mask, load_conditional_diffusion, sample_images
+    from fairbalance.generate.diffusion import background_mask, load_conditional_diffusion, sample_images
 
     src_ds, model = cells
     diff = load_conditional_diffusion(model)
@@ -279,7 +279,7 @@ def test_keep_background_copies_the_source_background(cells, tmp_path):
             assert s.generation["inversion"] and s.generation["keep_background"]
             gen = np.asarray(Image.open(s.filepath).convert("RGB"))
             source = np.asarray(Image.open(s.generation["source_filepath"]).convert("RGB"))
-            from fairbalance import training
+            from fairbalance.train import training
 
             m = background_mask(training.load_images([s.generation["source_filepath"]], [16, 16],
                                                      scale="symmetric"))[0, 0].numpy()

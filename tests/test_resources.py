@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from fairbalance import resources
+from fairbalance.find import resources
 
 
 def test_wordnet_noun_glosses_offline():
@@ -16,9 +16,9 @@ def test_wordnet_noun_glosses_offline():
 
 def test_check_wordnet_cli():
     out = subprocess.run(
-        [sys.executable, "-m", "fairbalance.resources", "check-wordnet"], capture_output=True, text=True
+        [sys.executable, "-m", "fairbalance.find.resources", "check-wordnet"], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
     assert "an Asian race" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "fairbalance.resources", "nope"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "fairbalance.find.resources", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2

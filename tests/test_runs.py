@@ -1,8 +1,8 @@
 import fiftyone as fo
 import pytest
 
-from fairbalance import runs, writeback
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import runs, writeback
+from fairbalance.core.validation import FairBalanceError
 
 
 def _write(samples, field, value):

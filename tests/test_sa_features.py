@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fairbalance import embeddings, models, related_texts, runs
-from fairbalance.pseudo_labels import compute_pseudo_labels
-from fairbalance.sa_features import compute_sa_features, get_related_texts
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import models, runs
+from fairbalance.find import embeddings, related_texts
+from fairbalance.find.pseudo_labels import compute_pseudo_labels
+from fairbalance.find.sa_features import compute_sa_features, get_related_texts
+from fairbalance.core.validation import FairBalanceError
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import fairbalance
-from fairbalance import runs, sharding
-from fairbalance.pseudo_labels import compute_pseudo_labels
-from fairbalance.sa_features import compute_sa_features
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import runs, sharding
+from fairbalance.find.pseudo_labels import compute_pseudo_labels
+from fairbalance.find.sa_features import compute_sa_features
+from fairbalance.core.validation import FairBalanceError
 
 FIFTYONE_CLI = os.path.join(os.path.dirname(sys.executable), "fiftyone")
 
@@ -356,7 +356,7 @@ def test_panel_shows_the_progress_of_unfinished_sharded_runs(digits_copy, sa_kwa
     n = sum(r.num_samples for r in done)
     assert row == {"run_key": "sa_p", "function": "compute_sa_features", "shards": "2 / 4",
                    "samples": f"{n} / {len(digits_copy)} ({100 * n / len(digits_copy):.0f}%)", "state": "done, new"}
-    assert [j["run_key"] for j in fairbalance.sharding.list_jobs(digits_copy)] == ["sa_p"]
+    assert [j["run_key"] for j in sharding.list_jobs(digits_copy)] == ["sa_p"]
     _call(digits_copy, "on_click_refresh", state={"label_field": "color"})  # the panel's button runs
     for s in (0, 2):
         compute_sa_features(digits_copy, shard=s, num_shards=4, **kw)

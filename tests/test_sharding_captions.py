@@ -5,9 +5,9 @@ import torch
 
 import fairbalance
 import tiny_models
-from fairbalance import runs, sharding
-from fairbalance.captions import TOP_P, RowSeededSampler, caption_seed, compute_captions
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import runs, sharding
+from fairbalance.generate.captions import TOP_P, RowSeededSampler, caption_seed, compute_captions
+from fairbalance.core.validation import FairBalanceError
 
 
 @pytest.fixture(scope="module")

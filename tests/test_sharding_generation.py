@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 import fairbalance as fb
-from fairbalance import runs, sharding
-from fairbalance.diffusion import train_conditional_diffusion
-from fairbalance.generation import generate_balanced
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import runs, sharding
+from fairbalance.generate.diffusion import train_conditional_diffusion
+from fairbalance.generate.generation import generate_balanced
+from fairbalance.core.validation import FairBalanceError
 
 TINY = dict(image_size=16, block_out_channels=(16, 32), batch_size=32)
 VOLATILE = {"_id", "id", "filepath", "created_at", "last_modified_at", "_dataset_id"}
@@ -19,7 +19,7 @@ VOLATILE = {"_id", "id", "filepath", "created_at", "last_modified_at", "_dataset
 
 @pytest.fixture(scope="module")
 def digits():
-    from fairbalance import datasets
+    from fairbalance.datasets import colored_digits as datasets
 
     ds = datasets.colored_digits("fb-shard-gen-tests", num_classes=3, train_per_class=10, test_per_class=2,
                                  conflict_ratio=0.2, image_size=16, persistent=False, overwrite=True)
@@ -113,6 +113,26 @@ def test_generate_balanced_shards_equal_one_run_and_record_only_after_merge(pair
     import fiftyone as fo
 
     assert "g2" not in ds.list_runs() and sharding.get_job(ds, "g2") is None and not fo.dataset_exists("elsewhere")
+
+
+def test_a_job_queued_by_the_flat_layout_merges_in_the_subpackages(pair, model, tmp_path):
+    """A job document records function names, plus one module path: the result class, which the flat layout
+    (before the subpackages) spelled "fairbalance.generation:GenerationResult". Such a job still merges."""
+    from fiftyone.core.odm import get_db_conn
+
+    single_ds, ds = pair
+    kw = dict(label_field="ground_truth", model=model.model_dir, per_class=2, num_inference_steps=2, batch_size=2,
+              run_key="old_layout")
+    single = generate_balanced(single_ds, output_dir=str(tmp_path / "single"), **kw)
+    first = generate_balanced(ds, output_dir=str(tmp_path / "sharded"), shard=0, num_shards=2, **kw)
+    job = sharding.get_job(ds, "old_layout")
+    assert not first.merged and job["function"] == "generate_balanced"
+    assert job["shared"]["plan"]["result_class"] == "GenerationResult"  # a name now, not a module path
+    get_db_conn()[sharding.COLLECTION].update_one(
+        {"_id": job["_id"]}, {"$set": {"shared.plan.result_class": "fairbalance.generation:GenerationResult"}})
+    last = generate_balanced(ds, output_dir=str(tmp_path / "sharded"), shard=1, num_shards=2, **kw)
+    assert last.merged and last.results["added"] == single.added
+    _assert_same_runs(single_ds, ds, "old_layout")
 
 
 class Interrupted(Exception):
@@ -212,7 +232,7 @@ def test_forms_with_shards_queue_them_and_a_worker_loop_finishes_the_runs(digits
 def test_shards_starting_at_once_share_the_folder_which_no_other_run_may_take(pair, model, tmp_path):
     import threading
 
-    from fairbalance import claims
+    from fairbalance.core import claims
 
     _, ds = pair
     out = str(tmp_path / "sharded")
@@ -289,7 +309,7 @@ def test_text_to_image_shards_equal_one_run_and_the_form_queues_them(pair, tiny_
     import fiftyone.operators as foo
     import fiftyone.operators.delegated as food
 
-    from fairbalance.text_to_image import generate_from_captions
+    from fairbalance.generate.text_to_image import generate_from_captions
 
     single_ds, ds = pair
     captions = [["a red digit zero"], ["a green digit", "a blue digit"], [], ["a white digit"]]

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import fairbalance
-from fairbalance import runs, sharding, training
-from fairbalance.hardness import compute_hardness
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import runs, sharding
+from fairbalance.train import training
+from fairbalance.tag.hardness import compute_hardness
+from fairbalance.core.validation import FairBalanceError
 
 FIFTYONE_CLI = os.path.join(os.path.dirname(sys.executable), "fiftyone")
 FAST = dict(backbone="mlp", image_size=16, epochs=3, batch_size=64, seed=0)

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 import fairbalance as fb
-from fairbalance import runs, training
-from fairbalance.training import load_classifier, supcon_loss
-from fairbalance.validation import FairBalanceError
+from fairbalance.core import runs
+from fairbalance.train import training
+from fairbalance.train.training import load_classifier, supcon_loss
+from fairbalance.core.validation import FairBalanceError
 
 NUM_BAD = 10
 

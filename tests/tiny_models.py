@@ -2,7 +2,7 @@
 
 Each builder writes a model to a folder in the format its library saves
 (``save_pretrained`` / open_clip's hub layout), so tests load it through the
-same public path a user's real weights take (``fairbalance.models``).
+same public path a user's real weights take (``fairbalance.core.models``).
 """
 
 from __future__ import annotations

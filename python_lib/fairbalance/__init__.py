@@ -30,52 +30,100 @@ a FiftyOne run and returns a result with ``run_key`` and ``to_dict()``:
 """
 
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 import types
 
 # Imported on first use (PEP 562), so `fairbalance --help` and light modules do not load torch and FiftyOne:
 # public name -> (module, attribute)
 _LAZY = {
-    'AuditResult': ('fairbalance.audit', 'AuditResult'),
-    'audit_balance': ('fairbalance.audit', 'audit_balance'),
-    'BalanceReport': ('fairbalance.balance', 'BalanceReport'),
-    'balance_report': ('fairbalance.balance', 'balance_report'),
-    'entropy': ('fairbalance.balance', 'entropy'),
-    'normalized_entropy': ('fairbalance.balance', 'normalized_entropy'),
-    'compute_captions': ('fairbalance.captions', 'compute_captions'),
-    'filter_captions': ('fairbalance.captions', 'filter_captions'),
-    'ClaimError': ('fairbalance.claims', 'ClaimError'),
-    'apply_classifier': ('fairbalance.classifier', 'apply_classifier'),
-    'evaluate_classifier': ('fairbalance.classifier', 'evaluate_classifier'),
-    'train_classifier': ('fairbalance.classifier', 'train_classifier'),
-    'xmeans': ('fairbalance.clustering', 'xmeans'),
-    'colored_mnist': ('fairbalance.colored_mnist', 'colored_mnist'),
-    'colored_digits': ('fairbalance.datasets', 'colored_digits'),
-    'inject_bias_conflicting': ('fairbalance.diffinject', 'inject_bias_conflicting'),
-    'train_conditional_diffusion': ('fairbalance.diffusion', 'train_conditional_diffusion'),
-    'TorchImageDataset': ('fairbalance.export', 'TorchImageDataset'),
-    'export_samples': ('fairbalance.export', 'export_samples'),
-    'filter_generated': ('fairbalance.filtering', 'filter_generated'),
-    'GateResult': ('fairbalance.gate', 'GateResult'),
-    'check_balance': ('fairbalance.gate', 'check_balance'),
-    'generate_balanced': ('fairbalance.generation', 'generate_balanced'),
-    'compute_hardness_tags': ('fairbalance.hardness', 'compute_hardness'),
-    'generate_per_group': ('fairbalance.lora_generation', 'generate_per_group'),
-    'finetune_per_group': ('fairbalance.lora_training', 'finetune_per_group'),
-    'ModelNotFoundError': ('fairbalance.models', 'ModelNotFoundError'),
-    'load_pipeline': ('fairbalance.pipeline', 'load_pipeline'),
-    'run_pipeline': ('fairbalance.pipeline', 'run_pipeline'),
-    'compute_pseudo_labels': ('fairbalance.pseudo_labels', 'compute_pseudo_labels'),
-    'RealismResult': ('fairbalance.realism', 'RealismResult'),
-    'measure_realism': ('fairbalance.realism', 'measure_realism'),
-    'compute_sa_features': ('fairbalance.sa_features', 'compute_sa_features'),
-    'get_related_texts': ('fairbalance.sa_features', 'get_related_texts'),
-    'queue_sharded': ('fairbalance.sharding', 'queue_sharded'),
-    'sharded_status': ('fairbalance.sharding', 'sharded_status'),
-    'generate_from_captions': ('fairbalance.text_to_image', 'generate_from_captions'),
-    'FairBalanceError': ('fairbalance.validation', 'FairBalanceError'),
+    'AuditResult': ('fairbalance.find.audit', 'AuditResult'),
+    'audit_balance': ('fairbalance.find.audit', 'audit_balance'),
+    'BalanceReport': ('fairbalance.find.balance', 'BalanceReport'),
+    'balance_report': ('fairbalance.find.balance', 'balance_report'),
+    'entropy': ('fairbalance.find.balance', 'entropy'),
+    'normalized_entropy': ('fairbalance.find.balance', 'normalized_entropy'),
+    'compute_captions': ('fairbalance.generate.captions', 'compute_captions'),
+    'filter_captions': ('fairbalance.generate.captions', 'filter_captions'),
+    'ClaimError': ('fairbalance.core.claims', 'ClaimError'),
+    'apply_classifier': ('fairbalance.train.classifier', 'apply_classifier'),
+    'evaluate_classifier': ('fairbalance.train.classifier', 'evaluate_classifier'),
+    'train_classifier': ('fairbalance.train.classifier', 'train_classifier'),
+    'xmeans': ('fairbalance.find.clustering', 'xmeans'),
+    'colored_mnist': ('fairbalance.datasets.colored_mnist', 'colored_mnist'),
+    'colored_digits': ('fairbalance.datasets.colored_digits', 'colored_digits'),
+    'inject_bias_conflicting': ('fairbalance.generate.diffinject', 'inject_bias_conflicting'),
+    'train_conditional_diffusion': ('fairbalance.generate.diffusion', 'train_conditional_diffusion'),
+    'TorchImageDataset': ('fairbalance.ops.export', 'TorchImageDataset'),
+    'export_samples': ('fairbalance.ops.export', 'export_samples'),
+    'filter_generated': ('fairbalance.generate.filtering', 'filter_generated'),
+    'GateResult': ('fairbalance.ops.gate', 'GateResult'),
+    'check_balance': ('fairbalance.ops.gate', 'check_balance'),
+    'generate_balanced': ('fairbalance.generate.generation', 'generate_balanced'),
+    'compute_hardness_tags': ('fairbalance.tag.hardness', 'compute_hardness'),
+    'generate_per_group': ('fairbalance.generate.lora.generation', 'generate_per_group'),
+    'finetune_per_group': ('fairbalance.generate.lora.finetune', 'finetune_per_group'),
+    'ModelNotFoundError': ('fairbalance.core.models', 'ModelNotFoundError'),
+    'load_pipeline': ('fairbalance.ops.pipeline', 'load_pipeline'),
+    'run_pipeline': ('fairbalance.ops.pipeline', 'run_pipeline'),
+    'compute_pseudo_labels': ('fairbalance.find.pseudo_labels', 'compute_pseudo_labels'),
+    'RealismResult': ('fairbalance.generate.realism', 'RealismResult'),
+    'measure_realism': ('fairbalance.generate.realism', 'measure_realism'),
+    'compute_sa_features': ('fairbalance.find.sa_features', 'compute_sa_features'),
+    'get_related_texts': ('fairbalance.find.sa_features', 'get_related_texts'),
+    'queue_sharded': ('fairbalance.core.sharding', 'queue_sharded'),
+    'sharded_status': ('fairbalance.core.sharding', 'sharded_status'),
+    'generate_from_captions': ('fairbalance.generate.text_to_image', 'generate_from_captions'),
+    'FairBalanceError': ('fairbalance.core.validation', 'FairBalanceError'),
 }
-_SHADOWED = {"colored_mnist"}  # functions named like their module: importing the module must not replace them
+_SHADOWED = {"colored_mnist"}  # functions named like an old module path: importing that path must not replace them
+
+# The flat module paths before the subpackages (``fairbalance.training``, ...) stay importable as aliases of the
+# modules' new homes, so scripts that import them keep working. Stored runs and queued shard jobs record names
+# (run methods, function names), not module paths; the one path a job document records (a generation's result
+# class) is read through ``generate.generation.RESULT_CLASSES``, which knows the old spellings.
+_MOVED = {
+    "audit": "find.audit", "balance": "find.balance", "clustering": "find.clustering",
+    "embeddings": "find.embeddings", "pseudo_labels": "find.pseudo_labels", "related_texts": "find.related_texts",
+    "resources": "find.resources", "sa_features": "find.sa_features",
+    "hardness": "tag.hardness",
+    "captions": "generate.captions", "diffinject": "generate.diffinject", "diffusion": "generate.diffusion",
+    "filtering": "generate.filtering", "generation": "generate.generation", "realism": "generate.realism",
+    "text_to_image": "generate.text_to_image", "lora": "generate.lora.adapters",
+    "lora_training": "generate.lora.finetune", "lora_generation": "generate.lora.generation",
+    "classifier": "train.classifier", "training": "train.training",
+    "claims": "core.claims", "config": "core.config", "distributed": "core.distributed", "fields": "core.fields",
+    "folders": "core.folders", "images": "core.images", "models": "core.models", "runs": "core.runs",
+    "sharding": "core.sharding", "summary_cache": "core.summary_cache", "validation": "core.validation",
+    "writeback": "core.writeback",
+    "colored_mnist": "datasets.colored_mnist",  # (``fairbalance.datasets``, Colored Digits, is now a package)
+    "cli": "ops.cli", "demo": "ops.demo", "export": "ops.export", "gate": "ops.gate", "pipeline": "ops.pipeline",
+}
+
+
+class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import fairbalance.<old flat module>``: the module at its new path, under both names."""
+
+    own_specs: dict = {}
+
+    def find_spec(self, fullname, path=None, target=None):
+        package, _, name = fullname.rpartition(".")
+        if package == __name__ and name in _MOVED:
+            return importlib.util.spec_from_loader(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        module = importlib.import_module(f"{__name__}.{_MOVED[spec.name.rpartition('.')[2]]}")
+        self.own_specs[spec.name] = module.__spec__
+        return module
+
+    def exec_module(self, module):
+        module.__spec__ = self.own_specs.pop(module.__spec__.name)  # already executed under its new name; keep its own spec
+
+
+if not any(isinstance(f, _MovedFinder) for f in sys.meta_path):
+    sys.meta_path.append(_MovedFinder())
 
 
 class _Package(types.ModuleType):
@@ -86,7 +134,7 @@ class _Package(types.ModuleType):
 
 
 def __getattr__(name: str):
-    if name not in _LAZY:  # a submodule (fb.sharding, ...), as when every module was imported up front
+    if name not in _LAZY:  # a subpackage (fb.core, ...) or an old module path (fb.sharding, see _MOVED)
         if name.startswith("__"):
             raise AttributeError(f"module 'fairbalance' has no attribute {name!r}")
         try:

@@ -1,7 +1,7 @@
-"""``python -m fairbalance ...``: the same command line as ``fairbalance`` (see :mod:`fairbalance.cli`)."""
+"""``python -m fairbalance ...``: the same command line as ``fairbalance`` (see :mod:`fairbalance.ops.cli`)."""
 
 import sys
 
-from fairbalance.cli import main
+from fairbalance.ops.cli import main
 
 sys.exit(main())

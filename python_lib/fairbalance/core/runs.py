@@ -1,0 +1,242 @@
+"""Record every computation as a FiftyOne run on the dataset, like the Brain does.
+
+A run stores its method, full config (model, parameters, seed) and the fields
+it wrote. Reusing a run key is refused unless ``overwrite=True``; with
+overwrite, the fields the old run wrote are removed before the new values are
+written, so old and new outputs never mix.
+
+Typical use inside a capability::
+
+    run = runs.prepare(samples, run_key, "sa_features", config, fields, overwrite)
+    ... compute, without writing ...
+    run.write(lambda: writeback.set_values(...))   # cleanup old, write, register
+    run.save_results({...})
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from fairbalance.core import claims, validation
+
+CONFIG_PREFIX = "fairbalance."
+
+
+def _jsonable(value: Any) -> Any:
+    """Make numpy/torch scalars, paths and dataclasses JSON-friendly."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        return _jsonable(value.to_dict())
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def validate_run_key(run_key: str) -> None:
+    if not run_key or not isinstance(run_key, str) or not run_key.replace("_", "a").isalnum() or run_key[0].isdigit():
+        raise validation.FairBalanceError(
+            f"Invalid run key {run_key!r}: use letters, digits and underscores, not starting with a digit"
+        )
+
+
+def list_runs(samples, method: str | None = None) -> list[str]:
+    """Run keys recorded by fairbalance on this dataset (optionally of one method), oldest first: the last
+    is the newest (FiftyOne lists them alphabetically, so "the last run" was the alphabetically last)."""
+    keys = []
+    for key in samples._root_dataset.list_runs():
+        info = samples._root_dataset.get_run_info(key)
+        m = getattr(info.config, "method", None)
+        if isinstance(m, str) and m.startswith(CONFIG_PREFIX) and (method is None or m == CONFIG_PREFIX + method):
+            keys.append((str(info.timestamp or ""), key))
+    return [key for _, key in sorted(keys, key=lambda tk: tk[0])]
+
+
+def get_run_config(samples, run_key: str) -> dict:
+    """The stored config of a run as a plain dict."""
+    info = samples._root_dataset.get_run_info(run_key)
+    return {k: v for k, v in info.config.serialize().items() if not k.startswith("_")}
+
+
+def load_run_results(samples, run_key: str) -> dict:
+    """The stored results of a run as a plain dict (empty if none)."""
+    results = samples._root_dataset.load_run_results(run_key, cache=False)
+    if results is None:
+        return {}
+    return {k: v for k, v in results.serialize().items() if not k.startswith("_") and k != "cls"}
+
+
+def given_or_recorded(samples, given, run_key: str | None, method: str, config_key: str, given_name: str,
+                      run_name: str):
+    """``given`` (a value the caller passed), or ``config_key`` of the ``method`` run ``run_key``: exactly one.
+
+    How functions that consume another run's output (a model folder, a
+    checkpoint, adapters) take either a path or the key of the run that made it.
+    """
+    if (given is None) == (run_key is None):
+        raise validation.FairBalanceError(f"pass {given_name} or {run_name} (a run key): exactly one of "
+                                          f"{given_name.split()[0]} and {run_name}")
+    if given is not None:
+        return given
+    if run_key not in list_runs(samples, method):
+        raise validation.FairBalanceError(
+            f"No '{method}' run '{run_key}' on dataset '{samples._root_dataset.name}'; "
+            f"runs of that kind: {list_runs(samples, method)}")
+    return get_run_config(samples, run_key)[config_key]
+
+
+def delete_run(samples, run_key: str, cleanup: bool = True) -> None:
+    """Delete a run and, with ``cleanup``, the fields it wrote and the tags it put on samples (a run that
+    records ``tag`` and its ``tagged_ids``: hardness, filter), and a sharded run's job state."""
+    from fairbalance.core import sharding
+
+    dataset = samples._root_dataset
+    if cleanup:
+        config = get_run_config(dataset, run_key)
+        _delete_fields(dataset, config.get("fields_written", []))
+        tagged = load_run_results(dataset, run_key).get("tagged_ids") if config.get("tag") else None
+        if tagged:  # only the samples this run tagged: the same tag elsewhere stays
+            dataset.select(tagged).untag_samples(config["tag"])
+    dataset.delete_run(run_key)
+    sharding.delete_job(dataset, run_key)
+
+
+def _delete_fields(dataset, fields: Iterable[str]) -> None:
+    schema = dataset.get_field_schema()
+    for f in fields:
+        if f in schema:
+            dataset.delete_sample_field(f)
+
+
+@dataclass
+class PreparedRun:
+    """A run whose key has been checked; nothing is written until :meth:`write`."""
+
+    samples: Any
+    run_key: str
+    method: str
+    config: dict
+    fields: list[str]
+    overwrite: bool
+    resumed: bool = False  # the same run, rerun with the same config (resumable operations)
+    started: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat())
+
+    @property
+    def dataset(self):
+        return self.samples._root_dataset
+
+    def write(self, writer: Callable[[], Any]) -> Any:
+        """Remove the old run's outputs (if overwriting), call ``writer``, register the run.
+
+        The old run's values go from *every* sample it wrote them to, not only
+        from the samples of this (possibly smaller) view: fields it wrote that
+        this run writes again are cleared (kept in the schema), the others deleted.
+        """
+        dataset = self.dataset
+        if dataset.has_run(self.run_key):
+            old_fields = get_run_config(dataset, self.run_key).get("fields_written", [])
+            _delete_fields(dataset, [f for f in old_fields if f not in self.fields])
+            if self.overwrite:
+                schema = dataset.get_field_schema()
+                for f in old_fields:
+                    if f in self.fields and f in schema:
+                        dataset.clear_sample_field(f)
+            dataset.delete_run(self.run_key)
+        out = writer()
+        cfg = dataset.init_run(
+            method=CONFIG_PREFIX + self.method,
+            fields_written=list(self.fields),
+            started_at=self.started,
+            completed_at=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+            **_jsonable(self.config),
+        )
+        dataset.register_run(self.run_key, cfg, overwrite=True, cleanup=False)
+        return out
+
+    def save_results(self, results: dict) -> None:
+        """Store JSON-serializable results with the run."""
+        payload = {k: v for k, v in _jsonable(results).items() if k != "run_key"}
+        json.dumps(payload)  # fail loudly on anything that is not JSON
+        dataset = self.dataset
+        dataset.save_run_results(self.run_key, dataset.init_run_results(self.run_key, **payload), overwrite=True)
+
+
+def _config_differences(stored: dict, config: dict, ignore: Iterable[str], defaults: dict | None = None) -> list[str]:
+    """Keys whose values differ; a key an older version did not record counts as its ``defaults`` value."""
+    new, defaults = _jsonable(config), _jsonable(defaults or {})
+    return sorted(k for k in new if k not in set(ignore) and stored.get(k, defaults.get(k)) != new[k])
+
+
+def prepare(
+    samples,
+    run_key: str,
+    method: str,
+    config: dict,
+    fields: Iterable[str],
+    overwrite: bool = False,
+    rerun_same_config: bool = False,
+    ignore_for_rerun: Iterable[str] = (),
+    defaults_for_unrecorded: dict | None = None,
+) -> PreparedRun:
+    """Check that ``run_key`` (and ``fields``) may be (re)used before any work starts, and claim them.
+
+    The run key and the fields are claimed (:mod:`fairbalance.core.claims`) for
+    the running operation, so a second process using them at the same time
+    is refused. A run key in use is refused unless ``overwrite=True``
+    (replace that run's fields and record) or, for resumable operations
+    (``rerun_same_config``: generation, diffusion training), the stored run
+    has the same config (less ``ignore_for_rerun``): a rerun then resumes.
+    ``defaults_for_unrecorded`` gives the value a config key had before a
+    version that added it recorded it, so runs made then still resume.
+    Fields that exist already must belong to this run key: another run's
+    field, or a field no fairbalance run wrote, is never replaced.
+    """
+    validate_run_key(run_key)
+    fields = list(fields)
+    for f in fields:
+        validation.require_field_name(f)
+    dataset = samples._root_dataset
+    claims.claim_run(dataset, run_key)
+    for f in fields:
+        claims.claim_field(dataset, f)
+    resumed = False
+    if dataset.has_run(run_key):
+        method_old = getattr(dataset.get_run_info(run_key).config, "method", None)
+        if method_old != CONFIG_PREFIX + method:
+            raise validation.FairBalanceError(
+                f"Run '{run_key}' was made by {method_old!r}, not {CONFIG_PREFIX + method!r}; use another key"
+            )
+        if not overwrite:
+            differs = _config_differences(get_run_config(dataset, run_key), config, ignore_for_rerun,
+                                          defaults_for_unrecorded)
+            if not rerun_same_config:
+                raise validation.FairBalanceError(
+                    f"Run '{run_key}' already exists on dataset '{dataset.name}'; pass overwrite=True to replace it"
+                )
+            if differs:
+                raise validation.FairBalanceError(
+                    f"Run '{run_key}' already exists on dataset '{dataset.name}' with another configuration "
+                    f"(differs in: {', '.join(differs)}); pass overwrite=True to replace it or use another run key"
+                )
+            resumed = True
+    owners = {f: key for key in list_runs(dataset) for f in get_run_config(dataset, key).get("fields_written", [])}
+    schema = dataset.get_field_schema()
+    clash = {f: owners.get(f) for f in fields if f in schema and owners.get(f) != run_key}
+    if clash:
+        desc = ", ".join(f"'{f}' (" + (f"written by run '{k}'" if k else "not written by fairbalance") + ")"
+                         for f, k in clash.items())
+        hint = ("delete that run or choose other field names" if any(clash.values())
+                else "choose other field names (fairbalance never replaces fields it did not write)")
+        raise validation.FairBalanceError(f"Field(s) {desc} already exist; {hint}")
+    return PreparedRun(samples, run_key, method, dict(config), fields, overwrite, resumed)

@@ -1,0 +1,115 @@
+"""Related texts for a text-specified sensitive attribute (Suayama & Nakamura, III-B).
+
+Every WordNet noun synset h gives ``W_h+ = "<lemma>, which means <gloss>"``;
+the attribute and its optional values give ``W_SA = "<attribute> such as
+<v1>, <v2>"``. The k candidates closest to ``W_SA`` in CLIP text space are the
+related texts. Candidate embeddings are cached on disk per model, so a new
+attribute costs one text encode and one matrix product.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from fairbalance.core import config, validation
+from fairbalance.find import resources
+from fairbalance.core.models import ClipModel
+
+GLOSS_FORMAT = "{lemma}, which means {gloss}"
+CACHE_VERSION = 1
+
+
+@dataclass
+class RelatedText:
+    text: str
+    score: float | None
+    synset: str | None = None
+
+
+def attribute_query(attribute: str, values: list[str] | None = None) -> str:
+    """``W_SA``: the attribute alone, or ``"<attribute> such as v1, v2"``."""
+    attribute = (attribute or "").strip()
+    if not attribute:
+        raise validation.FairBalanceError("The sensitive attribute text is empty")
+    values = [v.strip() for v in (values or []) if v and v.strip()]
+    return f"{attribute} such as {', '.join(values)}" if values else attribute
+
+
+def wordnet_candidates() -> tuple[list[str], list[str]]:
+    """``(texts, synset ids)`` of every WordNet noun as ``W_h+``."""
+    glosses = resources.noun_glosses()
+    return [GLOSS_FORMAT.format(lemma=g.lemma, gloss=g.gloss) for g in glosses], [g.synset for g in glosses]
+
+
+def _cache_path(clip: ClipModel) -> str:
+    key = json.dumps(
+        {"model": clip.spec.to_dict(), "wordnet": resources.wordnet_version(), "format": GLOSS_FORMAT,
+         "version": CACHE_VERSION},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return os.path.join(config.cache_dir(), "gloss_embeddings", f"{digest}.npy")
+
+
+def gloss_embeddings(clip: ClipModel, batch_size: int = 256, progress=None) -> np.ndarray:
+    """L2-normalized CLIP text embeddings of all WordNet ``W_h+`` texts (disk-cached per model)."""
+    path = _cache_path(clip)
+    texts, _ = wordnet_candidates()
+    if os.path.isfile(path):
+        emb = np.load(path, mmap_mode="r")
+        if emb.shape[0] == len(texts):
+            return emb
+    import fiftyone.core.utils as fou
+
+    chunks = []
+    step = 32 * batch_size  # large chunks: encode_text groups texts of similar length inside each
+    with fou.ProgressBar(total=len(texts), progress=progress) as pb:
+        for i in range(0, len(texts), step):
+            chunk = texts[i : i + step]
+            chunks.append(clip.encode_text(chunk, batch_size=batch_size).numpy().astype(np.float16))
+            pb.update(len(chunk))
+    emb = np.concatenate(chunks)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npy"
+    np.save(tmp, emb)
+    os.replace(tmp, path)
+    return emb
+
+
+def _excluded(text: str, words: list[str]) -> bool:
+    return any(re.search(rf"\b{re.escape(w)}\b", text, flags=re.IGNORECASE) for w in words)
+
+
+def select(
+    clip: ClipModel,
+    attribute: str,
+    values: list[str] | None = None,
+    k: int = 20,
+    exclude_words: list[str] | None = None,
+    progress=None,
+) -> tuple[str, list[RelatedText]]:
+    """The query ``W_SA`` and its top-``k`` WordNet related texts with cosine scores."""
+    query = attribute_query(attribute, values)
+    k = validation.require_positive_int("num_related_texts", k, minimum=2)
+    texts, synsets = wordnet_candidates()
+    emb = gloss_embeddings(clip, progress=progress)
+    q = clip.encode_text([query]).numpy()[0]
+    scores = np.asarray(emb, dtype=np.float32) @ q.astype(np.float32)
+    order = np.argsort(-scores, kind="stable")
+    words = [w.strip() for w in (exclude_words or []) if w and w.strip()]
+    chosen: list[RelatedText] = []
+    for i in order:
+        if words and _excluded(texts[i], words):
+            continue
+        chosen.append(RelatedText(texts[i], float(scores[i]), synsets[i]))
+        if len(chosen) == k:
+            break
+    if len(chosen) < k:
+        raise validation.FairBalanceError(f"Only {len(chosen)} related texts remain after exclusions; lower k")
+    return query, chosen

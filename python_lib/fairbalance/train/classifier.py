@@ -1,0 +1,264 @@
+"""Classifier training, prediction and evaluation written back to the dataset.
+
+``train_classifier`` (vanilla, biased GCE, JTT, LfF, or real + generated
+samples) records a run with the checkpoint;
+``apply_classifier`` writes ``fo.Classification`` predictions with confidence
+and logits (so ``evaluate_classifications`` and the Brain's hardness work on
+them); ``evaluate_classifier`` reports accuracy, bias-aligned/conflicting
+accuracy and worst-group accuracy over (class x attribute) groups.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from fairbalance.core import claims, distributed, folders, runs, validation, writeback
+from fairbalance.train import training
+from fairbalance.find.balance import label_path
+from fairbalance.train.training import TrainedClassifier, load_classifier
+
+
+@claims.exclusive
+def train_classifier(
+    samples,
+    label_field: str = "ground_truth",
+    method: str = "vanilla",
+    val_samples=None,
+    backbone: str = "auto",
+    pretrained: bool = False,
+    image_size: int | None = None,
+    normalize: str = "none",
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    q: float = 0.7,
+    ema: float = 0.7,
+    hard_tag: str | None = None,
+    upweight: float = 50.0,
+    weight_field: str | None = None,
+    synthetic_weight: float = 1.0,
+    max_synthetic_fraction: float | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    num_workers: int = 0,
+    supcon_weight: float = 1.0,
+    supcon_temperature: float = 0.1,
+    projection_dim: int = 128,
+    head_epochs: int = 20,
+    stage1_real: bool = False,
+    exclude_field: str | None = "filtered_out",
+    run_key: str | None = "classifier",
+    output_dir: str | None = None,
+    overwrite: bool = False,
+    progress=None,
+) -> TrainedClassifier:
+    """Train a classifier with a debiasing ``method``, save it and record a run.
+
+    ``method``: ``vanilla``, ``biased`` (GCE), ``jtt`` (upweight ``hard_tag``
+    by ``upweight``), ``lff`` (Learning from Failure) or ``synthetic`` (real +
+    generated samples that carry the label) or ``two_stage`` (CE + SupCon on
+    generated samples, then only the linear head on the real ones:
+    ``supcon_weight``, ``supcon_temperature``, ``projection_dim``,
+    ``head_epochs``, ``stage1_real``); generated samples marked in
+    ``exclude_field`` (``filter_generated(action="exclude")``) are left out;
+    see :mod:`fairbalance.train.training` for the recipe. The run (``run_key``; None trains without recording)
+    holds the full config, the history, the selected epoch and the
+    checkpoint folder (``output_dir``, default under
+    ``$FAIRBALANCE_DATA_DIR/checkpoints``), which is checked before training.
+    Under ``accelerate launch`` / ``torchrun`` every process trains its slice
+    of each global batch and the main process alone claims, saves and records
+    the run (:mod:`fairbalance.core.distributed`).
+    """
+    validation.require_seed(seed)  # before the run is prepared (the config's own checks come later)
+    dataset = samples._root_dataset
+    params = dict(label_field=label_field, method=method, backbone=backbone, pretrained=pretrained,
+                  image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr,
+                  weight_decay=weight_decay, q=q, ema=ema, hard_tag=hard_tag, upweight=upweight,
+                  weight_field=weight_field, synthetic_weight=synthetic_weight,
+                  max_synthetic_fraction=max_synthetic_fraction, seed=seed)
+    params.update(supcon_weight=supcon_weight, supcon_temperature=supcon_temperature, projection_dim=projection_dim,
+                  head_epochs=head_epochs, stage1_real=stage1_real, exclude_field=exclude_field)
+    run = folder = None
+    distributed.setup(device)
+    if run_key is not None:
+        folder = os.path.abspath(output_dir or folders.default_folder("checkpoints", dataset.name, run_key))
+        recorded = {("training_method" if k == "method" else k): v for k, v in params.items()}
+
+        def prepare():  # the main process only; the others wait for it (and raise its error)
+            run = runs.prepare(samples, run_key, "train_classifier", recorded, [], overwrite)
+            # the folder is this run's alone (another run key or dataset is refused, overwrite included)
+            folders.claim_output_folder(folder, dataset, run_key)
+            return run
+
+        run = distributed.on_main(prepare)
+    clf = training.train_classifier(samples, val_samples=val_samples, device=device, num_workers=num_workers,
+                                    progress=progress, **params)
+    if run_key is not None:
+        clf.run_key, clf.checkpoint = run_key, folder
+
+        def record():
+            run.config.update({"checkpoint": folder, "train_config": asdict(clf.config)})
+            run.write(lambda: folders.replace_contents(folder, clf.save))
+            run.save_results({"history": clf.history, "best_epoch": clf.best_epoch, "num_skipped": clf.num_skipped,
+                              "num_generated_used": clf.num_generated_used,
+                              "num_generated_excluded": clf.num_generated_excluded,
+                              "num_filtered_out": clf.num_filtered_out,
+                              "model_selection": clf.config.model_selection, "checkpoint": folder})
+
+        distributed.on_main(record)
+    return clf
+
+
+def _as_classifier(model, classifier_run: str | None = None, samples=None) -> TrainedClassifier:
+    model = runs.given_or_recorded(samples, model, classifier_run, "train_classifier", "checkpoint",
+                                   "model (a classifier or its folder)", "classifier_run")
+    if isinstance(model, TrainedClassifier):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load_classifier(os.fspath(model))
+    raise validation.FairBalanceError("model must be a TrainedClassifier or a checkpoint folder")
+
+
+@dataclass
+class ApplyResult:
+    """Where the predictions went and how many samples got one."""
+
+    run_key: str
+    predictions_field: str
+    num_predicted: int
+    classes: list[str]
+    checkpoint: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@claims.exclusive
+def apply_classifier(
+    samples,
+    model=None,
+    predictions_field: str = "predictions",
+    classifier_run: str | None = None,
+    batch_size: int = 256,
+    device: str | None = None,
+    num_workers: int = 0,
+    store_logits: bool = True,
+    run_key: str | None = None,
+    overwrite: bool = False,
+    progress=None,
+) -> ApplyResult:
+    """Predict every sample of ``samples`` and store ``fo.Classification`` (label, confidence, logits).
+
+    ``model``: a :class:`TrainedClassifier` or its checkpoint folder; or
+    ``classifier_run``: the key of its ``train_classifier`` run. The
+    predictions are recorded as run ``run_key`` (default: the predictions
+    field's name), which owns ``predictions_field``: an existing field of
+    another run, or one fairbalance did not write (such as the labels), is
+    refused; ``overwrite=True`` replaces this run's predictions.
+    """
+    import fiftyone as fo
+
+    validation.require_nonempty(samples)
+    validation.require_image_collection(samples)
+    validation.require_field_name(predictions_field)
+    clf = _as_classifier(model, classifier_run, samples)
+    if predictions_field == clf.config.label_field:
+        raise validation.FairBalanceError(
+            f"predictions_field '{predictions_field}' is the field the classifier was trained on: writing "
+            "predictions there would replace the labels; choose another field")
+    validation.require_positive_int("batch_size", batch_size)
+    ids, paths = samples.values(["id", "filepath"])
+    run_key = predictions_field if run_key is None else run_key
+    run = runs.prepare(samples, run_key, "apply_classifier",
+                       {"model": asdict(clf.config), "checkpoint": clf.checkpoint, "classifier_run": clf.run_key,
+                        "predictions_field": predictions_field}, [predictions_field], overwrite)
+    logits = training.predict(clf, paths, device=device, batch_size=batch_size, num_workers=num_workers,
+                              progress=progress)
+    probs = torch.softmax(logits, dim=1)
+    conf, pred = probs.max(dim=1)
+    values = {
+        i: fo.Classification(
+            label=clf.classes[int(p)], confidence=float(c), logits=l.tolist() if store_logits else None
+        )
+        for i, p, c, l in zip(ids, pred, conf, logits)
+    }
+    run.write(lambda: writeback.set_values_by_id(samples, {predictions_field: values}, ids=ids))
+    result = ApplyResult(run_key, predictions_field, len(ids), list(clf.classes), clf.checkpoint)
+    run.save_results(result.to_dict())
+    return result
+
+
+@dataclass
+class Evaluation:
+    accuracy: float
+    num_samples: int
+    aligned_accuracy: float | None = None
+    conflicting_accuracy: float | None = None
+    worst_group_accuracy: float | None = None
+    worst_group: str | None = None
+    group_accuracy: dict[str, float] = field(default_factory=dict)
+    run_key: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@claims.exclusive
+def evaluate_classifier(
+    samples,
+    predictions_field: str = "predictions",
+    label_field: str = "ground_truth",
+    attribute_field: str | None = None,
+    aligned_field: str | None = None,
+    run_key: str | None = None,
+    overwrite: bool = False,
+) -> Evaluation:
+    """Accuracy; split by a bool bias-aligned field; worst-group accuracy over (class x attribute)."""
+    validation.require_nonempty(samples)
+    if predictions_field == label_field:
+        raise validation.FairBalanceError(
+            f"predictions_field and label_field are both '{label_field}': a field scored against itself")
+    paths = [label_path(samples, predictions_field), label_path(samples, label_field)]
+    if attribute_field:
+        paths.append(label_path(samples, attribute_field))
+    if aligned_field:
+        validation.require_fields(samples, [aligned_field])
+        paths.append(aligned_field)
+    cols = samples.values(paths)
+    keep = [j for j in range(len(cols[0])) if cols[0][j] is not None and cols[1][j] is not None]
+    if not keep:
+        raise validation.FairBalanceError(f"No sample has both '{predictions_field}' and '{label_field}'")
+    pred = np.array([str(cols[0][j]) for j in keep])
+    true = np.array([str(cols[1][j]) for j in keep])
+    correct = pred == true
+    ev = Evaluation(float(correct.mean()), len(keep))
+    col = 2
+    if attribute_field:
+        attr = np.array([str(cols[col][j]) for j in keep])
+        col += 1
+        groups = {}
+        for g in sorted(set(zip(true, attr))):
+            mask = (true == g[0]) & (attr == g[1])
+            groups[f"{g[0]}|{g[1]}"] = float(correct[mask].mean())
+        ev.group_accuracy = groups
+        ev.worst_group = min(groups, key=groups.get)
+        ev.worst_group_accuracy = groups[ev.worst_group]
+    if aligned_field:
+        aligned = np.array([cols[col][j] for j in keep])
+        if (aligned == True).any():  # noqa: E712
+            ev.aligned_accuracy = float(correct[aligned == True].mean())  # noqa: E712
+        if (aligned == False).any():  # noqa: E712
+            ev.conflicting_accuracy = float(correct[aligned == False].mean())  # noqa: E712
+    if run_key is not None:
+        run = runs.prepare(samples, run_key, "evaluate_classifier",
+                           {"predictions_field": predictions_field, "label_field": label_field,
+                            "attribute_field": attribute_field, "aligned_field": aligned_field}, [], overwrite)
+        ev.run_key = run_key
+        run.write(lambda: None)
+        run.save_results(ev.to_dict())
+    return ev

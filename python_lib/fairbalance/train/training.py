@@ -1,0 +1,852 @@
+"""Image classifiers on FiftyOne views, and the debiasing recipes that train them.
+
+Methods (``method=``):
+
+- ``vanilla``: cross-entropy on the real samples.
+- ``biased``: Generalized Cross Entropy (Zhang & Sabuncu 2018), ``L = (1 - p_y^q) / q``,
+  whose gradient is ``p_y^q * grad CE``: easy (bias-aligned) samples dominate,
+  so the model learns the bias on purpose (LfF, DiffuBias, DiffInject step 1).
+- ``jtt``: Just Train Twice: the samples of a "hard" tag (the error set of a
+  biased model, :func:`fairbalance.compute_hardness_tags`) weigh ``upweight``.
+- ``lff``: Learning from Failure (Nam et al. 2020): a GCE-biased and a debiased
+  model trained together; each sample weighs ``CE_b / (CE_b + CE_d)`` of the
+  two models' per-sample losses (EMA over epochs, normalised per class).
+- ``synthetic``: cross-entropy on the real samples plus the generated ones
+  (``generated == True``) that carry the class label (DiffuBias' and
+  DiffInject's last step), optionally down-weighted or capped.
+- ``two_stage`` (Basu et al.): stage 1 trains the whole model on the generated
+  samples (with ``stage1_real``, also the real ones) with cross-entropy plus
+  a supervised contrastive loss (SupCon, Khosla et al. 2020) on a projection
+  head (``supcon_weight``, ``supcon_temperature``, ``projection_dim``);
+  stage 2 freezes the encoder and trains only the linear head on the real
+  samples for ``head_epochs`` (model selection on the validation view here).
+
+Only ``synthetic`` and ``two_stage`` train on generated samples; the other
+methods leave them out (counted in ``num_generated_excluded``), so every
+method can be compared on the same view. Generated samples marked ``True``
+in ``exclude_field`` (``filter_generated(action="exclude")``) are left out
+of those two as well (``num_filtered_out``).
+
+Inputs are the images at their native size (all must share it; or pass
+``image_size``) in [0, 1], optionally normalised with the training images'
+per-channel statistics (``normalize="dataset"``) or ImageNet's; the choice is
+stored with the model, which normalises its own inputs. With ``val_samples``
+the epoch with the best validation accuracy is kept (model selection).
+
+Under ``accelerate launch`` / ``torchrun`` (:mod:`fairbalance.core.distributed`)
+every process draws the same global batch of ``batch_size``, computes its
+slice, and the gradients are summed over the processes (losses written as
+each slice's share of the global mean; LfF's per-sample weights and SupCon's
+positives use the whole global batch), so N processes take the steps one
+process would. Batch-norm layers (``cnn``, ``resnet18``) normalise each
+process's slice on its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fairbalance.core import distributed, images, models, validation
+
+METHODS = ("vanilla", "biased", "jtt", "lff", "synthetic", "two_stage")
+GENERATED_METHODS = ("synthetic", "two_stage")  # the methods that train on generated samples
+BACKBONES = ("auto", "resnet18", "cnn", "mlp")
+NORMALIZATIONS = ("none", "dataset", "imagenet")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TORCHVISION_RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ImageNet-1K checkpoint name
+AUTO_MLP_MAX_SIDE = 32  # backbone="auto": LfF's MLP up to this size (Colored MNIST), ResNet-18 above
+
+
+def gce_loss(logits: torch.Tensor, targets: torch.Tensor, q: float = 0.7) -> torch.Tensor:
+    """Per-sample Generalized Cross Entropy ``(1 - p_y^q) / q``."""
+    if not 0 < q <= 1:
+        raise ValueError("q must be in (0, 1]")
+    p_y = F.softmax(logits, dim=1).gather(1, targets[:, None]).squeeze(1).clamp_min(1e-8)
+    return (1.0 - p_y.pow(q)) / q
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a trained classifier; stored with the checkpoint and the run."""
+
+    label_field: str
+    classes: list[str]
+    method: str = "vanilla"
+    backbone: str = "auto"
+    pretrained: bool = False
+    image_size: list[int] | None = None  # [height, width]; None = the images' native size
+    normalize: str = "none"
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    q: float = 0.7
+    ema: float = 0.7
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    weight_field: str | None = None
+    hard_tag: str | None = None
+    upweight: float = 50.0
+    synthetic_weight: float = 1.0
+    max_synthetic_fraction: float | None = None
+    model_selection: str = "last_epoch"
+    num_workers: int = 0
+    pretrained_weights: str | None = None
+    supcon_weight: float = 1.0
+    supcon_temperature: float = 0.1
+    projection_dim: int = 128
+    head_epochs: int = 20
+    stage1_real: bool = False
+    exclude_field: str | None = "filtered_out"
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise validation.FairBalanceError(f"method must be one of {METHODS}, not {self.method!r}")
+        if self.backbone not in BACKBONES:
+            raise validation.FairBalanceError(f"backbone must be one of {BACKBONES}, not {self.backbone!r}")
+        if self.normalize not in NORMALIZATIONS:
+            raise validation.FairBalanceError(f"normalize must be one of {NORMALIZATIONS}, not {self.normalize!r}")
+        if not (isinstance(self.q, (int, float)) and 0 < self.q <= 1):
+            raise validation.FairBalanceError(f"q must be in (0, 1], got {self.q!r}")
+        if not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
+            raise validation.FairBalanceError(f"ema must be in [0, 1), got {self.ema!r}")
+        for name in ("epochs", "batch_size"):
+            validation.require_positive_int(name, getattr(self, name))
+        validation.require_seed(self.seed)
+        for name in ("lr", "upweight", "synthetic_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
+                raise validation.FairBalanceError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (np.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise validation.FairBalanceError("weight_decay must be a finite number >= 0")
+        cap = self.max_synthetic_fraction
+        if cap is not None and not (isinstance(cap, (int, float)) and 0 < cap <= 10):
+            raise validation.FairBalanceError("max_synthetic_fraction must be in (0, 10] (synthetic per real sample)")
+        if self.method == "jtt" and not self.hard_tag:
+            raise validation.FairBalanceError("method='jtt' needs hard_tag: the tag of compute_hardness_tags")
+        if self.hard_tag:
+            validation.require_tag("hard_tag", self.hard_tag)
+        if self.method != "jtt" and self.hard_tag:
+            raise validation.FairBalanceError(f"hard_tag is used by method='jtt' only, not {self.method!r}")
+        if len(self.classes) < 2:
+            raise validation.FairBalanceError(
+                f"'{self.label_field}' has {len(self.classes)} class(es) in this view; a classifier needs at least 2"
+            )
+        for name in ("supcon_temperature",):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
+                raise validation.FairBalanceError(f"{name} must be a finite number > 0, got {value!r}")
+        if not (isinstance(self.supcon_weight, (int, float)) and np.isfinite(self.supcon_weight)
+                and self.supcon_weight >= 0):
+            raise validation.FairBalanceError(f"supcon_weight must be a finite number >= 0, got {self.supcon_weight!r}")
+        for name in ("projection_dim", "head_epochs"):
+            validation.require_positive_int(name, getattr(self, name))
+        if not isinstance(self.stage1_real, bool):
+            raise validation.FairBalanceError(f"stage1_real must be True or False, got {self.stage1_real!r}")
+        if self.exclude_field is not None:
+            validation.require_field_name(self.exclude_field)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, int(self.image_size[0]), int(self.image_size[1]))
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` inside the model, so a saved model normalises its own inputs."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def resolve_backbone(name: str, image_size: Sequence[int]) -> str:
+    """``auto``: LfF's MLP for small images (<= 32 px, Colored MNIST), ResNet-18 otherwise."""
+    if name != "auto":
+        return name
+    return "mlp" if max(image_size) <= AUTO_MLP_MAX_SIDE else "resnet18"
+
+
+def resnet18_weights() -> str:
+    """torchvision's ImageNet ResNet-18 checkpoint on disk; a clear error when it is not there (never a random start)."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", TORCHVISION_RESNET18_FILE)
+    if not os.path.isfile(path):
+        raise models.ModelNotFoundError(
+            f"pretrained=True: torchvision's ImageNet ResNet-18 weights are not on disk ({path}). Download them "
+            "once with torchvision.models.resnet18(weights='IMAGENET1K_V1') on a machine with network access "
+            "and copy the file there, or pass pretrained=False to train from random weights."
+        )
+    return path
+
+
+def build_backbone(name: str, num_classes: int, input_shape: Sequence[int], pretrained: bool = False
+                   ) -> tuple[nn.Module, str | None]:
+    """A torchvision ResNet-18 (ImageNet weights with ``pretrained``), a small CNN, or LfF's 3x100 MLP.
+
+    ``pretrained=True`` without the weights on disk is an error, never a silent random start.
+    """
+    if pretrained and name != "resnet18":
+        raise validation.FairBalanceError(f"pretrained weights exist only for backbone 'resnet18', not {name!r}")
+    if name == "mlp":
+        d = int(np.prod(input_shape))
+        return nn.Sequential(nn.Flatten(), nn.Linear(d, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
+                             nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, num_classes)), None
+    if name == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(), nn.Linear(128, num_classes),
+        ), None
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None)
+    source = None
+    if pretrained:
+        source = resnet18_weights()
+        net.load_state_dict(torch.load(source, map_location="cpu", weights_only=True))
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net, source
+
+
+def build_model(config: TrainConfig) -> tuple[nn.Module, str | None]:
+    """Normalisation (when configured) + backbone, as trained and as loaded."""
+    net, source = build_backbone(config.backbone, len(config.classes), config.input_shape, config.pretrained)
+    if config.mean is not None:
+        net = nn.Sequential(Normalize(config.mean, config.std), net)
+    return net, source
+
+
+def image_transform(image_size: Sequence[int] | int | None, scale: str = "unit"):
+    """Resize (when a size is given) + tensor in [0, 1] (``scale="unit"``) or [-1, 1] (``"symmetric"``).
+
+    No augmentation: the bias must stay visible to the biased model.
+    """
+    import torchvision.transforms as T
+
+    steps = []
+    if image_size is not None:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+        steps.append(T.Resize(size))
+    steps.append(T.ToTensor())
+    if scale == "symmetric":
+        steps.append(T.Normalize([0.5] * 3, [0.5] * 3))
+    elif scale != "unit":
+        raise ValueError(f"scale must be 'unit' or 'symmetric', not {scale!r}")
+    return T.Compose(steps)
+
+
+def native_size(filepaths: Sequence[str]) -> list[int]:
+    """The ``[height, width]`` all images share; an error naming the sizes when they differ."""
+    from PIL import Image
+
+    validation.require_image_files(filepaths)
+    sizes = {}
+    for p in filepaths:
+        with Image.open(p) as img:
+            sizes.setdefault((img.height, img.width), p)
+    if len(sizes) > 1:
+        shown = ", ".join(f"{h}x{w} ({p})" for (h, w), p in list(sizes.items())[:3])
+        raise validation.FairBalanceError(
+            f"The images have {len(sizes)} different sizes ({shown}); pass image_size to resize them to one")
+    return list(next(iter(sizes)))
+
+
+def load_images(filepaths: Sequence[str], image_size: Sequence[int] | int, num_workers: int = 0, progress=None,
+                scale: str = "unit") -> torch.Tensor:
+    """All images of a view as one float tensor (n x 3 x h x w); errors name the bad files."""
+    import fiftyone.core.utils as fou
+
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    out = torch.empty(len(filepaths), 3, int(h), int(w))
+    with fou.ProgressBar(total=len(filepaths), progress=progress) as pb:
+        for idx, batch in images.iter_batches(filepaths, image_transform((h, w), scale), batch_size=256,
+                                              num_workers=num_workers):
+            out[idx] = batch
+            pb.update(len(idx))
+    return out
+
+
+def class_order(labels) -> list[str]:
+    """Classes sorted numerically when they are integers, else alphabetically."""
+    return sorted(set(labels), key=lambda c: (0, int(c)) if c.lstrip("-").isdigit() else (1, c))
+
+
+@dataclass
+class LabelledSamples:
+    """The labelled samples of a view: ids, files, class indices, and which are generated."""
+
+    ids: list[str]
+    filepaths: list[str]
+    labels: np.ndarray
+    classes: list[str]
+    generated: np.ndarray
+    num_unlabelled: int
+
+    def subset(self, keep: np.ndarray) -> "LabelledSamples":
+        keep = np.asarray(keep)
+        return LabelledSamples([self.ids[j] for j in keep], [self.filepaths[j] for j in keep], self.labels[keep],
+                               self.classes, self.generated[keep], self.num_unlabelled)
+
+    def real(self, required: bool = True) -> "LabelledSamples":
+        """The real (non-generated) samples; with ``required``, an error when there are none."""
+        real = self.subset(np.flatnonzero(~self.generated))
+        if required and not real.ids:
+            raise validation.FairBalanceError("The view has no real (non-generated) labelled samples")
+        return real
+
+
+def labelled_samples(samples, label_field: str, classes: list[str] | None = None) -> LabelledSamples:
+    """The samples of ``samples`` that have a ``label_field`` label; an error when none do."""
+    from fairbalance.find.balance import label_path
+
+    path = label_path(samples, label_field)
+    fields = ["id", "filepath", path]
+    has_generated = samples._root_dataset.has_sample_field("generated")
+    ids, paths, labels, *rest = samples.values(fields + (["generated"] if has_generated else []))
+    generated = rest[0] if has_generated else [False] * len(ids)
+    keep = [j for j, lab in enumerate(labels) if lab is not None]
+    if not keep:
+        raise validation.FairBalanceError(f"No sample in the view has a '{label_field}' label")
+    labels = [str(labels[j]) for j in keep]
+    classes = class_order(labels) if classes is None else list(classes)
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise validation.FairBalanceError(f"Labels {unknown} are not among the classes {classes}")
+    index = {c: i for i, c in enumerate(classes)}
+    return LabelledSamples([ids[j] for j in keep], [paths[j] for j in keep], np.array([index[lab] for lab in labels]),
+                           classes, np.array([bool(generated[j]) for j in keep]), len(ids) - len(keep))
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class TrainedClassifier:
+    """A trained model with its classes and config (save/load with :meth:`save` / :func:`load_classifier`)."""
+
+    model: nn.Module
+    config: TrainConfig
+    history: list[dict] = field(default_factory=list)
+    num_skipped: int = 0
+    num_generated_used: int = 0
+    num_generated_excluded: int = 0
+    best_epoch: int | None = None
+    num_filtered_out: int = 0  # generated samples left out because exclude_field marks them
+    run_key: str | None = None  # the run that recorded this training (None: not recorded)
+    checkpoint: str | None = None  # the folder it was saved to
+
+    @property
+    def classes(self) -> list[str]:
+        return self.config.classes
+
+    def to_dict(self) -> dict:
+        """The training's figures and config (not the weights)."""
+        return {"run_key": self.run_key, "checkpoint": self.checkpoint, "config": asdict(self.config),
+                "history": self.history, "best_epoch": self.best_epoch, "num_skipped": self.num_skipped,
+                "num_generated_used": self.num_generated_used,
+                "num_generated_excluded": self.num_generated_excluded, "num_filtered_out": self.num_filtered_out}
+
+    def save(self, folder: str) -> str:
+        """Write ``model.pt`` and ``config.json`` atomically (temp file + rename, config last)."""
+        os.makedirs(folder, exist_ok=True)
+        tmps = [os.path.join(folder, "model.pt.tmp"), os.path.join(folder, "config.json.tmp")]
+        try:
+            with validation.disk_write("the classifier", folder):
+                buffer = io.BytesIO()  # serialised in memory, written with plain file I/O: a full disk is an OSError
+                torch.save(self.model.state_dict(), buffer)
+                with open(tmps[0], "wb") as f:
+                    f.write(buffer.getbuffer())
+                os.replace(tmps[0], os.path.join(folder, "model.pt"))
+                with open(tmps[1], "w") as f:
+                    json.dump({"config": asdict(self.config), "history": self.history,
+                               "best_epoch": self.best_epoch}, f, indent=1)
+                os.replace(tmps[1], os.path.join(folder, "config.json"))
+        except BaseException:
+            for tmp in tmps:  # a failed write leaves no half-written temp file
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            raise
+        return folder
+
+
+def load_classifier(folder: str) -> TrainedClassifier:
+    """Load a classifier saved by :meth:`TrainedClassifier.save`."""
+    cfg_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise models.ModelNotFoundError(f"No classifier checkpoint in {folder} (config.json missing)")
+    try:
+        with open(cfg_path) as f:
+            saved = json.load(f)
+        config = TrainConfig(**saved["config"])
+        net, _ = build_model(replace(config, pretrained=False))
+        net.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True))
+    except Exception as e:  # truncated/corrupt files: one clear message naming the folder
+        raise models.ModelNotFoundError(
+            f"The classifier checkpoint in {folder} is corrupt or incomplete ({type(e).__name__}: {e}); "
+            "train it again") from e
+    return TrainedClassifier(net.eval(), config, saved.get("history", []), best_epoch=saved.get("best_epoch"),
+                             checkpoint=os.path.abspath(folder))
+
+
+def _sample_weights(samples, data: LabelledSamples, config: TrainConfig) -> np.ndarray:
+    """Per-sample loss weights: ``weight_field`` x JTT upweighting x synthetic weight."""
+    w = np.ones(len(data.ids), dtype=np.float64)
+    if config.weight_field:
+        validation.require_fields(samples, [config.weight_field])
+        by_id = dict(zip(*samples.values(["id", config.weight_field])))
+        w *= np.array([1.0 if by_id.get(i) is None else float(by_id[i]) for i in data.ids])
+        if np.any(w < 0) or not np.all(np.isfinite(w)):
+            raise validation.FairBalanceError(f"'{config.weight_field}' must hold finite non-negative weights")
+    if config.method == "jtt":
+        hard = set(samples.match_tags(config.hard_tag).values("id"))
+        if not hard & set(data.ids):
+            raise validation.FairBalanceError(
+                f"No labelled sample of the view is tagged '{config.hard_tag}': run compute_hardness_tags first")
+        w *= np.array([config.upweight if i in hard else 1.0 for i in data.ids])
+    if config.method in GENERATED_METHODS:
+        w[data.generated] *= config.synthetic_weight
+    return w
+
+
+def select_training_samples(data: LabelledSamples, config: TrainConfig, rng: np.random.Generator
+                            ) -> tuple[LabelledSamples, int]:
+    """Real samples, plus the generated ones for ``synthetic`` / ``two_stage`` (capped); how many generated are left out."""
+    real = np.flatnonzero(~data.generated)
+    gen = np.flatnonzero(data.generated)
+    if not len(real):
+        raise validation.FairBalanceError("The view has no real (non-generated) labelled samples")
+    if config.method not in GENERATED_METHODS:
+        return data.subset(real), len(gen)
+    if not len(gen):
+        raise validation.FairBalanceError(
+            f"method='{config.method}' needs generated samples (generated=True) with a '{config.label_field}' label in "
+            "the view; generate them with mode='cells' so they carry the class label")
+    if config.max_synthetic_fraction is not None:
+        cap = int(config.max_synthetic_fraction * len(real))
+        if len(gen) > cap:
+            gen = np.sort(rng.choice(gen, size=cap, replace=False))
+    keep = np.concatenate([real, gen])
+    return data.subset(keep), len(np.flatnonzero(data.generated)) - len(gen)
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return mean.tolist(), std.tolist()
+
+
+@torch.no_grad()
+def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, dev, batch_size: int = 1024) -> float:
+    net.eval()
+    correct = 0
+    for b in range(0, len(y), batch_size):
+        correct += int((net(x[b:b + batch_size].to(dev)).argmax(1).cpu() == y[b:b + batch_size]).sum())
+    return correct / max(1, len(y))
+
+
+class _LfFWeights:
+    """LfF's per-sample relative difficulty: EMA of both models' CE, normalised by the class maximum."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, alpha: float):
+        self.labels, self.num_classes, self.alpha = labels, num_classes, alpha
+        self.loss_b = torch.zeros(len(labels))
+        self.loss_d = torch.zeros(len(labels))
+        self.seen = torch.zeros(len(labels), dtype=torch.bool)
+
+    def _update(self, store, idx, loss):
+        old = store[idx]
+        store[idx] = torch.where(self.seen[idx], self.alpha * old + (1 - self.alpha) * loss, loss)
+
+    def __call__(self, idx: torch.Tensor, ce_b: torch.Tensor, ce_d: torch.Tensor) -> torch.Tensor:
+        self._update(self.loss_b, idx, ce_b)
+        self._update(self.loss_d, idx, ce_d)
+        self.seen[idx] = True
+        lb, ld = self.loss_b[idx].clone(), self.loss_d[idx].clone()
+        for c in self.labels[idx].unique():
+            in_c = self.labels == c
+            at = self.labels[idx] == c
+            lb[at] /= self.loss_b[in_c & self.seen].max().clamp_min(1e-8)
+            ld[at] /= self.loss_d[in_c & self.seen].max().clamp_min(1e-8)
+        return lb / (lb + ld + 1e-8)
+
+
+def train_classifier(
+    samples,
+    label_field: str = "ground_truth",
+    method: str = "vanilla",
+    classes: list[str] | None = None,
+    val_samples=None,
+    backbone: str = "auto",
+    pretrained: bool = False,
+    image_size: int | Sequence[int] | None = None,
+    normalize: str = "none",
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    q: float = 0.7,
+    ema: float = 0.7,
+    hard_tag: str | None = None,
+    upweight: float = 50.0,
+    weight_field: str | None = None,
+    synthetic_weight: float = 1.0,
+    max_synthetic_fraction: float | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    num_workers: int = 0,
+    progress=None,
+    supcon_weight: float = 1.0,
+    supcon_temperature: float = 0.1,
+    projection_dim: int = 128,
+    head_epochs: int = 20,
+    stage1_real: bool = False,
+    exclude_field: str | None = "filtered_out",
+) -> TrainedClassifier:
+    """Train an image classifier on ``samples`` with a debiasing ``method`` (see the module docstring).
+
+    Defaults follow LfF's Colored MNIST protocol (Adam 1e-3, batch 256, 100
+    epochs; ``backbone="auto"`` = its 3x100 MLP for images up to 32 px,
+    ResNet-18 above). ``val_samples``: a labelled view (e.g. an unbiased
+    validation split) for model selection; without it the last epoch is kept.
+    Samples without a label are skipped (``num_skipped``). Deterministic for
+    a seed on the CPU; AMP on CUDA.
+    """
+    validation.require_nonempty(samples)
+    validation.require_image_collection(samples)
+    data = labelled_samples(samples, label_field, classes)
+    size = native_size(data.filepaths) if image_size is None else (
+        [int(image_size)] * 2 if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size])
+    config = TrainConfig(label_field, data.classes, method, resolve_backbone(backbone, size), pretrained, size,
+                         normalize, None, None, q, ema, epochs, batch_size, lr, weight_decay, seed, weight_field,
+                         hard_tag, upweight, synthetic_weight, max_synthetic_fraction, num_workers=num_workers,
+                         supcon_weight=supcon_weight, supcon_temperature=supcon_temperature,
+                         projection_dim=projection_dim, head_epochs=head_epochs, stage1_real=stage1_real,
+                         exclude_field=exclude_field)
+    config.validate()
+    if pretrained and config.backbone == "resnet18":
+        resnet18_weights()  # before any work
+    gen = seed_everything(seed)
+    data, filtered_out = drop_filtered_out(samples, data, config)
+    data, excluded = select_training_samples(data, config, np.random.default_rng(seed))
+    if len(set(data.labels.tolist())) < 2:
+        raise validation.FairBalanceError(f"Only one class of '{label_field}' is present in this view")
+    weights = _sample_weights(samples, data, config)
+    val = None
+    if val_samples is not None and len(val_samples):
+        vdata = labelled_samples(val_samples, label_field, data.classes).real(required=False)
+        if len(vdata.ids):
+            val = (load_images(vdata.filepaths, size, num_workers=num_workers), torch.as_tensor(vdata.labels))
+    config.model_selection = "best_val_accuracy" if val is not None else (
+        "last_epoch (the validation view is empty)" if val_samples is not None else "last_epoch")
+    x = load_images(data.filepaths, size, num_workers=num_workers, progress=False)
+    if normalize == "dataset":
+        config.mean, config.std = _channel_stats(x)
+    elif normalize == "imagenet":
+        config.mean, config.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    dev = distributed.device(device)
+    progress = distributed.progress_for(progress)
+    net, config.pretrained_weights = build_model(config)
+    loop = _fit_lff if method == "lff" else _fit_single
+    if method == "two_stage":
+        loop = functools.partial(_fit_two_stage, generated=torch.as_tensor(data.generated))
+    history, best_epoch = loop(net, config, x, torch.as_tensor(data.labels), torch.as_tensor(weights).float(), val,
+                               dev, gen, progress)
+    return TrainedClassifier(net.eval().cpu(), config, history, data.num_unlabelled,
+                             int(data.generated.sum()), excluded + filtered_out, best_epoch,
+                             num_filtered_out=filtered_out)
+
+
+def drop_filtered_out(samples, data: LabelledSamples, config: TrainConfig) -> tuple[LabelledSamples, int]:
+    """The generated samples marked True in ``exclude_field`` left out (methods that use generated samples)."""
+    mark = config.exclude_field
+    if config.method not in GENERATED_METHODS or not mark or not samples._root_dataset.has_sample_field(mark):
+        return data, 0
+    marked = set(samples.select([i for i, g in zip(data.ids, data.generated) if g]).match({mark: True}).values("id"))
+    if not marked:
+        return data, 0
+    keep = np.array([i not in marked for i in data.ids])
+    return data.subset(np.flatnonzero(keep)), int((~keep).sum())
+
+
+class _Selector:
+    """Keeps the weights of the epoch with the best validation accuracy (or the last epoch)."""
+
+    def __init__(self, val, dev):
+        self.val, self.dev = val, dev
+        self.best, self.state, self.epoch = -1.0, None, None
+
+    def after_epoch(self, net, epoch: int, record: dict) -> None:
+        if self.val is None:
+            self.epoch = epoch
+            return
+        acc = _accuracy(net, self.val[0], self.val[1], self.dev)
+        record["val_accuracy"] = acc
+        if acc > self.best:
+            self.best, self.epoch, self.state = acc, epoch, copy.deepcopy(net.state_dict())
+
+    def finish(self, net) -> int:
+        if self.state is not None:
+            net.load_state_dict(self.state)
+        return self.epoch
+
+
+def _loader(x, y, w, batch_size, gen):
+    """Shuffled mini-batches ``(x, y, w, positions)`` by tensor indexing (no per-item collation)."""
+    order = torch.randperm(len(y), generator=gen)
+    for b in range(0, len(y), batch_size):
+        idx = order[b: b + batch_size]
+        yield x[idx], y[idx], w[idx], idx
+
+
+@dataclass
+class _Slice(distributed.Shard):
+    """This process's slice of a global batch, and the global batch's total sample weight."""
+
+    weight: torch.Tensor | float = 1.0
+
+
+def _shards(batches, dev):
+    """This process's rows ``(x, y, w, slice)`` of each global batch, on ``dev`` (all rows without a launcher)."""
+    for xb, yb, wb, ib in batches:
+        sh = distributed.shard(len(yb))
+        yield (xb[sh.part].to(dev), yb[sh.part].to(dev), wb[sh.part].to(dev),
+               _Slice(sh.part, sh.total, wb.sum().clamp_min(1e-8).to(dev)))
+
+
+def _fit_single(net, config: TrainConfig, x, y, w, val, dev, gen, progress):
+    """One model, per-sample CE (GCE for ``biased``) times the sample weights."""
+    import fiftyone.core.utils as fou
+
+    net = net.to(dev)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
+    weighted = bool((w != 1).any())
+    selector, history = _Selector(val, dev), []
+    with fou.ProgressBar(total=config.epochs, progress=progress) as pb:
+        for epoch in range(1, config.epochs + 1):
+            net.train()
+            total, count, correct = 0.0, 0, 0
+            for xb, yb, wb, sh in _shards(_loader(x, y, w, config.batch_size, gen), dev):
+                with torch.autocast(dev.type, enabled=dev.type == "cuda"):
+                    logits = net(xb).float()
+                per = gce_loss(logits, yb, config.q) if config.method == "biased" else F.cross_entropy(
+                    logits, yb, reduction="none")
+                loss = (per * wb).sum() / sh.weight if weighted else sh.mean(per)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                distributed.sum_gradients(net.parameters())
+                scaler.step(opt)
+                scaler.update()
+                total += float(per.detach().sum())
+                count += len(yb)
+                correct += int((logits.argmax(1) == yb).sum())
+            total, count, correct = distributed.sum_values(total, count, correct)
+            record = {"epoch": epoch, "loss": total / count, "train_accuracy": correct / count}
+            selector.after_epoch(net, epoch, record)
+            history.append(record)
+            pb.update()
+    return history, selector.finish(net)
+
+
+def _fit_lff(net, config: TrainConfig, x, y, w, val, dev, gen, progress):
+    """Learning from Failure: a GCE-biased model and the debiased ``net`` trained side by side."""
+    import fiftyone.core.utils as fou
+
+    biased, _ = build_model(config)
+    net, biased = net.to(dev), biased.to(dev)
+    opt = torch.optim.Adam(list(net.parameters()) + list(biased.parameters()), lr=config.lr,
+                           weight_decay=config.weight_decay)
+    relative = _LfFWeights(y, len(config.classes), config.ema)
+    selector, history = _Selector(val, dev), []
+    with fou.ProgressBar(total=config.epochs, progress=progress) as pb:
+        for epoch in range(1, config.epochs + 1):
+            net.train()
+            biased.train()
+            total, count, correct, mean_w = 0.0, 0, 0, 0.0
+            for xb, yb, wb, ib in _loader(x, y, w, config.batch_size, gen):
+                sh = distributed.shard(len(yb))  # this process's rows; the weights are updated on all of them
+                xb, yb, wb = xb[sh.part].to(dev), yb[sh.part].to(dev), wb[sh.part].to(dev)
+                logit_b, logit_d = biased(xb).float(), net(xb).float()
+                ce_b = F.cross_entropy(logit_b, yb, reduction="none").detach()
+                ce_d = F.cross_entropy(logit_d, yb, reduction="none").detach()
+                rel = relative(ib, distributed.gather_rows(ce_b, sh.total).cpu(),
+                               distributed.gather_rows(ce_d, sh.total).cpu())[sh.part].to(dev)
+                loss_d = F.cross_entropy(logit_d, yb, reduction="none") * rel * wb
+                loss = sh.mean(loss_d) + sh.mean(gce_loss(logit_b, yb, config.q))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                distributed.sum_gradients(list(net.parameters()) + list(biased.parameters()))
+                opt.step()
+                total += float(ce_d.sum())
+                count += len(yb)
+                correct += int((logit_d.argmax(1) == yb).sum())
+                mean_w += float(rel.sum())
+            total, count, correct, mean_w = distributed.sum_values(total, count, correct, mean_w)
+            record = {"epoch": epoch, "loss": total / count, "train_accuracy": correct / count,
+                      "mean_lff_weight": mean_w / count}
+            selector.after_epoch(net, epoch, record)
+            history.append(record)
+            pb.update()
+    return history, selector.finish(net)
+
+
+def supcon_loss(z: torch.Tensor, y: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Per-anchor supervised contrastive loss (Khosla et al. 2020) on one view per sample.
+
+    ``z``: projections (normalised here); the positives of an anchor are the
+    other samples of its class in the batch. Anchors without a positive get 0.
+    """
+    z = F.normalize(z.float(), dim=1)
+    n = len(y)
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    sim = (z @ z.T / temperature).masked_fill(eye, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    pos = (y[:, None] == y[None, :]) & ~eye
+    npos = pos.sum(1)
+    per = -log_prob.masked_fill(~pos, 0.0).sum(1) / npos.clamp_min(1)
+    return torch.where(npos > 0, per, torch.zeros_like(per))
+
+
+class _ResNetFeatures(nn.Module):
+    """A torchvision ResNet up to its pooled features (the ``fc`` head left out); shares its modules."""
+
+    def __init__(self, resnet):
+        super().__init__()
+        self.resnet = resnet
+
+    def forward(self, x):
+        r = self.resnet
+        x = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
+        return torch.flatten(r.avgpool(x), 1)
+
+
+def split_encoder_head(net: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """The model as (encoder, linear head) sharing its parameters: what two-stage training trains separately."""
+    norm, body = (net[0], net[1]) if isinstance(net, nn.Sequential) and isinstance(net[0], Normalize) else (None, net)
+    if isinstance(body, nn.Sequential):
+        encoder, head = nn.Sequential(*list(body)[:-1]), body[-1]
+    else:
+        encoder, head = _ResNetFeatures(body), body.fc
+    if norm is not None:
+        encoder = nn.Sequential(norm, encoder)
+    return encoder, head
+
+
+def _fit_two_stage(net, config: TrainConfig, x, y, w, val, dev, gen, progress, generated=None):
+    """Stage 1: encoder + head + projection on generated (+ real) samples, CE + SupCon; stage 2: the head on real."""
+    import fiftyone.core.utils as fou
+
+    net = net.to(dev)
+    encoder, head = split_encoder_head(net)
+    projector = nn.Sequential(nn.Linear(head.in_features, head.in_features), nn.ReLU(),
+                              nn.Linear(head.in_features, config.projection_dim)).to(dev)
+    stage1 = torch.ones(len(y), dtype=torch.bool) if config.stage1_real else generated.clone()
+    real = ~generated
+    selector, history = _Selector(val, dev), []
+    with fou.ProgressBar(total=config.epochs + config.head_epochs, progress=progress) as pb:
+        opt = torch.optim.Adam(list(net.parameters()) + list(projector.parameters()), lr=config.lr,
+                               weight_decay=config.weight_decay)
+        x1, y1, w1 = x[stage1], y[stage1], w[stage1]
+        for epoch in range(1, config.epochs + 1):
+            net.train()
+            projector.train()
+            total_ce = total_con = 0.0
+            count = correct = 0
+            for xb, yb, wb, sh in _shards(_loader(x1, y1, w1, config.batch_size, gen), dev):
+                feats = encoder(xb)
+                logits = head(feats).float()
+                ce = F.cross_entropy(logits, yb, reduction="none")
+                # SupCon's positives come from the whole global batch: every process's projections
+                z = distributed.gather_rows(projector(feats), sh.total, differentiable=True)
+                con = supcon_loss(z, distributed.gather_rows(yb, sh.total), config.supcon_temperature)[sh.part]
+                per = ce + config.supcon_weight * con
+                loss = (per * wb).sum() / sh.weight
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                distributed.sum_gradients(list(net.parameters()) + list(projector.parameters()))
+                opt.step()
+                total_ce += float(ce.detach().sum())
+                total_con += float(con.detach().sum())
+                count += len(yb)
+                correct += int((logits.argmax(1) == yb).sum())
+            total_ce, total_con, count, correct = distributed.sum_values(total_ce, total_con, count, correct)
+            record = {"epoch": epoch, "stage": 1, "loss": total_ce / count, "supcon_loss": total_con / count,
+                      "train_accuracy": correct / count, "num_samples": count}
+            if val is not None:
+                record["val_accuracy"] = _accuracy(net, val[0], val[1], dev)
+            history.append(record)
+            pb.update()
+        # stage 2: the encoder frozen (eval mode: batch-norm statistics too), only the linear head trains
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        encoder.eval()
+        with torch.no_grad():
+            xr = x[real]
+            feats = torch.cat([encoder(xr[b:b + 1024].to(dev)) for b in range(0, len(xr), 1024)])
+        yr, wr = y[real], w[real]
+        opt = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        weighted = bool((wr != 1).any())
+        for epoch in range(1, config.head_epochs + 1):
+            head.train()
+            total = 0.0
+            count = correct = 0
+            for fb_, yb, wb, sh in _shards(_loader(feats, yr, wr, config.batch_size, gen), dev):
+                logits = head(fb_).float()
+                per = F.cross_entropy(logits, yb, reduction="none")
+                loss = (per * wb).sum() / sh.weight if weighted else sh.mean(per)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                distributed.sum_gradients(head.parameters())
+                opt.step()
+                total += float(per.detach().sum())
+                count += len(yb)
+                correct += int((logits.argmax(1) == yb).sum())
+            total, count, correct = distributed.sum_values(total, count, correct)
+            record = {"epoch": config.epochs + epoch, "stage": 2, "loss": total / count,
+                      "train_accuracy": correct / count, "num_samples": count}
+            selector.after_epoch(net, config.epochs + epoch, record)
+            history.append(record)
+            pb.update()
+    for p in encoder.parameters():
+        p.requires_grad_(True)
+    return history, selector.finish(net)
+
+
+@torch.inference_mode()
+def predict(classifier: TrainedClassifier, filepaths: Sequence[str], device=None, batch_size: int = 256,
+            num_workers: int = 0, progress=None) -> torch.Tensor:
+    """Logits for image files (eval mode, no augmentation; the model normalises its inputs)."""
+    import fiftyone.core.utils as fou
+
+    dev = models.resolve_device(device)
+    net = classifier.model.to(dev).eval()
+    out = torch.empty(len(filepaths), len(classifier.classes))
+    with fou.ProgressBar(total=len(filepaths), progress=progress) as pb:
+        for idx, batch in images.iter_batches(filepaths, image_transform(classifier.config.image_size), batch_size,
+                                              num_workers):
+            with torch.inference_mode(), torch.autocast(dev.type, enabled=dev.type == "cuda"):
+                out[idx] = net(batch.to(dev)).float().cpu()
+            pb.update(len(idx))
+    return out
