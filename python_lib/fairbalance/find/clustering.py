@@ -210,6 +210,9 @@ def xmeans(
     ``backend="auto"`` uses pyclustering's C core for its own criterion when
     it works here and the data is at most ``C_CORE_MAX_VALUES`` values, else
     the scikit-learn implementation (the same criterion, one copy of the data).
+    Either way a split needs a density valley between its halves, and
+    neighbouring clusters without one are merged afterwards (see the module
+    docstring): elongated or clipped clusters are not cut in two.
     """
     if criterion not in CRITERIA:
         raise validation.FairBalanceError(f"criterion must be one of {CRITERIA}")
