@@ -94,9 +94,11 @@ def valley_ratio(a: np.ndarray, b: np.ndarray, seed: int = 0) -> float:
     norm2 = float(axis @ axis)
     if norm2 == 0:
         return 1.0
-    pts = np.concatenate([a, b])
-    if len(pts) > VALLEY_SAMPLE:
-        pts = pts[np.random.default_rng(seed).choice(len(pts), VALLEY_SAMPLE, replace=False)]
+    if len(a) + len(b) > VALLEY_SAMPLE:  # sample before stacking: no copy of a large cluster
+        pick = np.random.default_rng(seed).choice(len(a) + len(b), VALLEY_SAMPLE, replace=False)
+        pts = np.concatenate([a[pick[pick < len(a)]], b[pick[pick >= len(a)] - len(a)]])
+    else:
+        pts = np.concatenate([a, b])
     t = (pts - ca) @ axis / norm2  # a's mean at 0, b's at 1
     if len(t) < 3 or np.ptp(t) == 0:
         return 1.0
