@@ -1,5 +1,8 @@
 """The plugin's operators: thin adapters that read the form and call the fairbalance library."""
 
+import fairbalance
+
+
 from .audit import AuditBalance
 from .balance_report import BalanceReport
 from .captions import ComputeCaptions, FilterCaptions, GenerateFromCaptions
@@ -14,26 +17,26 @@ from .pseudo_labels import ComputePseudoLabels
 from .sa_features import ComputeSAFeatures
 from .sharding import ComputeShard
 
-OPERATORS = [  # in the order of the road (operators/_common.py ROAD): the operator browser keeps it within a step
-    CreateColoredDigits,
-    CreateColoredMnist,
-    AuditBalance,
-    ComputeSAFeatures,
-    ComputePseudoLabels,
-    BalanceReport,
-    ComputeHardnessTags,
-    TrainConditionalDiffusion,
-    GenerateBalanced,
-    FinetunePerGroup,
-    GeneratePerGroup,
-    InjectBiasConflicting,
-    ComputeCaptions,
-    FilterCaptions,
-    GenerateFromCaptions,
-    FilterGenerated,
-    TrainClassifier,
-    ApplyClassifier,
-    RunPipeline,
-    ComputeShard,
-    DeleteRun,
-]
+# operator name -> class; registered in the order of the road (the capability table), the plumbing operators last
+_CLASSES = {
+    "create_colored_digits": CreateColoredDigits,
+    "create_colored_mnist": CreateColoredMnist,
+    "audit_balance": AuditBalance,
+    "compute_sa_features": ComputeSAFeatures,
+    "compute_pseudo_labels": ComputePseudoLabels,
+    "balance_report": BalanceReport,
+    "compute_hardness_tags": ComputeHardnessTags,
+    "train_conditional_diffusion": TrainConditionalDiffusion,
+    "generate_balanced": GenerateBalanced,
+    "finetune_per_group": FinetunePerGroup,
+    "generate_per_group": GeneratePerGroup,
+    "inject_bias_conflicting": InjectBiasConflicting,
+    "compute_captions": ComputeCaptions,
+    "filter_captions": FilterCaptions,
+    "generate_from_captions": GenerateFromCaptions,
+    "filter_generated": FilterGenerated,
+    "train_classifier": TrainClassifier,
+    "apply_classifier": ApplyClassifier,
+    "run_pipeline": RunPipeline,
+}
+OPERATORS = [_CLASSES[c.name] for c in fairbalance.capabilities() if c.operator] + [ComputeShard, DeleteRun]

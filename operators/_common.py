@@ -5,7 +5,12 @@ import inspect
 import fiftyone as fo
 import fiftyone.operators.types as types
 
-from fairbalance.core.fields import categorical_fields  # noqa: F401  (re-exported for the operators)
+import fairbalance
+# the one bridge from the operators to the library's internals: run records and shard jobs the forms read, the
+# form limits, field choices and pipeline files (operators import only fairbalance's public API and this module)
+from fairbalance.core import runs, sharding  # noqa: F401
+from fairbalance.core.fields import categorical_fields  # noqa: F401
+from fairbalance.core.folders import pipeline_file  # noqa: F401
 from fairbalance.core.validation import LIMITS
 
 
@@ -63,8 +68,7 @@ def run_key_input(ctx, inputs, fn, resumable=False):
     operations such as generation and diffusion training, the same settings:
     running again then resumes the run).
     """
-    from fairbalance.core import runs
-    from fairbalance.core.validation import FairBalanceError
+    from fairbalance import FairBalanceError
 
     default = default_of(fn, "run_key")
     prop = inputs.str("run_key", default=default, required=False, label="Run key",
@@ -95,8 +99,6 @@ def run_key_input(ctx, inputs, fn, resumable=False):
 
 def _field_clash(dataset, field, run_key):
     """Why ``field`` cannot take the output of run ``run_key`` (another run's or a non-fairbalance field), or None."""
-    from fairbalance.core import runs
-
     if dataset is None or not field or dataset.get_field(field) is None:
         return None
     owners = {f: key for key in runs.list_runs(dataset) for f in runs.get_run_config(dataset, key).get(
@@ -214,20 +216,9 @@ def readable_bytes(n):
         n /= 1024
 
 
-# The road a user walks: find -> tag -> generate -> train -> verify; the operator browser lists them in this order
-ROAD = {
-    "create_colored_digits": "0 data", "create_colored_mnist": "0 data",
-    "audit_balance": "1 find", "compute_sa_features": "1 find", "compute_pseudo_labels": "1 find",
-    "balance_report": "1 find",
-    "compute_hardness_tags": "2 tag",
-    "train_conditional_diffusion": "3 generate", "generate_balanced": "3 generate",
-    "finetune_per_group": "3 generate", "generate_per_group": "3 generate", "inject_bias_conflicting": "3 generate",
-    "compute_captions": "3 generate", "filter_captions": "3 generate", "generate_from_captions": "3 generate",
-    "filter_generated": "3 generate",
-    "train_classifier": "4 train",
-    "apply_classifier": "5 verify",
-    "run_pipeline": "6 all steps",
-}
+# The road a user walks: find -> tag -> generate -> train -> verify (the capability table); the operator browser
+# lists them in this order
+ROAD = {c.name: c.step for c in fairbalance.capabilities() if c.operator}
 
 
 def operator_config(name, label, description, icon, dynamic=True, delegated="optional"):
@@ -251,6 +242,37 @@ def operator_config(name, label, description, icon, dynamic=True, delegated="opt
         # order), not by label: the step's number leads it, so the list follows the road
         description = f"{ROAD[name]} · {description}"
     return foo.OperatorConfig(name=name, label=label, description=description, icon=icon, dynamic=dynamic, **flags)
+
+
+def delete_generated(dataset, run_key):
+    """Delete the samples and images a generation run added (before :func:`runs.delete_run` drops its record)."""
+    from fairbalance.generate import generation
+
+    generation.delete_generated(dataset, run_key)
+
+
+def shards_input(inputs, what="the work", finish="records the run"):
+    """The Shards option of a form whose capability can be sharded (see :func:`queue_shards`)."""
+    inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
+               description=f"More than 1: queue {what} as this many delegated operations (one per shard) for "
+                           f"`fiftyone delegated launch` workers; the last to finish {finish}. Running it again "
+                           "with the same settings resumes")
+
+
+def queue_shards(ctx, function, **kwargs):
+    """With Shards > 1 on the form: queue ``function`` on the target view as that many delegated operations and
+    return what the form shows; None when the form asks for one shard (the operator runs the function itself)."""
+    num_shards = ctx.params.get("num_shards") or 1
+    if num_shards <= 1:
+        return None
+    job = fairbalance.queue_sharded(ctx.target_view(), function, num_shards=num_shards, **kwargs)
+    return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
+            "shards_requeued": len(job.requeued)}
+
+
+# the outputs of a queued sharded run (see queue_shards), first in every shardable operator's result view
+SHARD_OUTPUTS = (("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
+                 ("shards_requeued", "int", "Shards of lost workers queued again"))
 
 
 QUEUED_HINT = ("The shards run when a worker picks them up: start one with `fiftyone delegated launch` in a "
@@ -298,3 +320,13 @@ def as_text_block(text):
     """Plain text shown verbatim in a ``text`` result row (a fenced Markdown block)."""
     fence = "~~~~"
     return f"{fence}\n{text or ''}\n{fence}"
+
+
+CROSS_COLUMNS = {"cluster": "Class / cluster", "count": "Samples", "majority": "Most common attribute value",
+                 "purity": "Its share (purity)"}
+
+
+def cross_rows(report):
+    """The clusters x attribute table of a report as table rows (None without an attribute field)."""
+    return [{"cluster": r.cluster, "count": r.count, "majority": r.majority, "purity": r.purity}
+            for r in report.cross_table] or None

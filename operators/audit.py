@@ -3,14 +3,14 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.find.audit import audit_balance
+from fairbalance import audit_balance
 
 from ._common import clip_check
 from ._common import refresh_app
 from ._common import (as_text_block, attribute_or_texts_input, categorical_fields, default_of, field_dropdown, given,
                       operator_config, progress_callback, related_texts_columns, result_view, rounded, run_key_input,
                       split_list, text_source)
-from .balance_report import CROSS_COLUMNS, cross_rows
+from ._common import CROSS_COLUMNS, cross_rows
 
 
 class AuditBalance(foo.Operator):

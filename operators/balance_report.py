@@ -3,8 +3,9 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.find import balance
+from fairbalance import balance_report
 
+from ._common import CROSS_COLUMNS, cross_rows
 from ._common import (as_text_block, categorical_fields, field_dropdown, given, operator_config, result_view,
                       rounded)
 
@@ -43,7 +44,7 @@ class BalanceReport(foo.Operator):
 
     def execute(self, ctx):
         p = ctx.params
-        report = balance.balance_report(ctx.target_view(), p["label_field"],
+        report = balance_report(ctx.target_view(), p["label_field"],
                                         **given(p, ("attribute_field", "run_key", "overwrite")))
         out = report.to_dict()
         out["table"] = [
@@ -64,13 +65,3 @@ class BalanceReport(foo.Operator):
             ("cross_rows", "table", "Classes x attribute", CROSS_COLUMNS),
             ("summary", "text", "Report"),
         )
-
-
-CROSS_COLUMNS = {"cluster": "Class / cluster", "count": "Samples", "majority": "Most common attribute value",
-                 "purity": "Its share (purity)"}
-
-
-def cross_rows(report):
-    """The clusters x attribute table of a report as table rows (None without an attribute field)."""
-    return [{"cluster": r.cluster, "count": r.count, "majority": r.majority, "purity": r.purity}
-            for r in report.cross_table] or None

@@ -4,12 +4,9 @@ import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.generate.captions import compute_captions, filter_captions
-from fairbalance.core.sharding import queue_sharded
-from fairbalance.generate.text_to_image import generate_from_captions
-from fairbalance.core.validation import LIMITS
+from fairbalance import compute_captions, filter_captions, generate_from_captions
 
-from ._common import refresh_app
+from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, shards_input
 from ._common import (as_text_block, categorical_fields, default_of, field_dropdown, given, operator_config,
                       progress_callback, result_view, run_key_input, sampling_inputs)
 
@@ -42,20 +39,16 @@ class ComputeCaptions(foo.Operator):
         inputs.int("batch_size", default=default_of(compute_captions, "batch_size"), min=1, max=LIMITS["batch_size"],
                    label="Batch size")
         inputs.int("seed", default=default_of(compute_captions, "seed"), max=LIMITS["seed"], label="Seed")
-        inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
-                   description="More than 1: queue the work as this many delegated operations (one per shard) for "
-                               "`fiftyone delegated launch` workers; the last to finish records the run. Running "
-                               "it again with the same settings resumes")
+        shards_input(inputs)
         run_key_input(ctx, inputs, compute_captions)
         return types.Property(inputs, view=types.View(label="Caption samples"))
 
     def execute(self, ctx):
         p = ctx.params
         kwargs = given(p, ("model", "num_captions", "caption_field", "batch_size", "seed", "run_key", "overwrite"))
-        if (p.get("num_shards") or 1) > 1:
-            job = queue_sharded(ctx.target_view(), "compute_captions", num_shards=p["num_shards"], **kwargs)
-            return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
-                    "shards_requeued": len(job.requeued)}
+        queued = queue_shards(ctx, "compute_captions", **kwargs)
+        if queued:
+            return queued
         res = compute_captions(ctx.target_view(), progress=progress_callback(ctx, "Captioning"), **kwargs)
         refresh_app(ctx)
         return res.to_dict()
@@ -63,8 +56,7 @@ class ComputeCaptions(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Captions written",
-            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
-            ("shards_requeued", "int", "Shards of lost workers queued again"),
+            *SHARD_OUTPUTS,
             ("caption_field", "str", "Caption field"),
             ("num_samples", "int", "Samples captioned"),
             ("num_captions", "int", "Captions per sample"),
@@ -147,10 +139,7 @@ class GenerateFromCaptions(foo.Operator):
         sampling_inputs(inputs, generate_from_captions)
         inputs.bool("safety_checker", default=default_of(generate_from_captions, "safety_checker"),
                     label="Keep the pipeline's safety checker")
-        inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
-                   description="More than 1: queue the images as this many delegated operations (one per shard) "
-                               "for `fiftyone delegated launch` workers; the last to finish records the run. Running "
-                               "it again with the same settings resumes")
+        shards_input(inputs, "the images")
         run_key_input(ctx, inputs, generate_from_captions, resumable=True)
         return types.Property(inputs, view=types.View(label="Generate from captions"))
 
@@ -158,12 +147,10 @@ class GenerateFromCaptions(foo.Operator):
         p = ctx.params
         names = ("model", "images_per_caption", "guidance_scale", "num_inference_steps", "seed", "safety_checker",
                  "run_key", "overwrite")
-        if (p.get("num_shards") or 1) > 1:
-            job = queue_sharded(ctx.target_view(), "generate_from_captions", num_shards=p["num_shards"],
-                                caption_field=p["caption_field"], label_field=p.get("label_field") or None,
-                                **given(p, names))
-            return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
-                    "shards_requeued": len(job.requeued)}
+        queued = queue_shards(ctx, "generate_from_captions", caption_field=p["caption_field"],
+                              label_field=p.get("label_field") or None, **given(p, names))
+        if queued:
+            return queued
         res = generate_from_captions(
             ctx.target_view(), p["caption_field"], label_field=p.get("label_field") or None,
             progress=progress_callback(ctx, "Generating"), **given(p, names),
@@ -174,8 +161,7 @@ class GenerateFromCaptions(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Generated",
-            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
-            ("shards_requeued", "int", "Shards of lost workers queued again"),
+            *SHARD_OUTPUTS,
             ("num_added", "int", "Samples added"),
             ("output_dir", "str", "Image folder"),
             ("target_dataset", "str", "Added to dataset"),

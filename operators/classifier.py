@@ -3,13 +3,9 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.core import runs
-from fairbalance.train.classifier import apply_classifier, evaluate_classifier, train_classifier
-from fairbalance.tag.hardness import compute_hardness
-from fairbalance.core.sharding import queue_sharded
-from fairbalance.core.validation import LIMITS
+from fairbalance import apply_classifier, compute_hardness_tags, evaluate_classifier, train_classifier
 
-from ._common import refresh_app
+from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, runs, shards_input
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input)
 
@@ -72,28 +68,25 @@ class ComputeHardnessTags(foo.Operator):
         if top_k is not None and not 0 < top_k <= max(1, size):
             prop.invalid = True
             prop.error_message = f"Between 0 and the {size} samples of the view (empty: the biased model's errors)"
-        inputs.bool("per_class", default=default_of(compute_hardness, "per_class"), label="Rank per class",
+        inputs.bool("per_class", default=default_of(compute_hardness_tags, "per_class"), label="Rank per class",
                     description="With a count: the highest losses of each class, as DiffuBias does")
-        inputs.str("tag", default=default_of(compute_hardness, "tag"), required=False, label="Tag")
-        inputs.str("loss_field", default=default_of(compute_hardness, "loss_field"), required=False,
+        inputs.str("tag", default=default_of(compute_hardness_tags, "tag"), required=False, label="Tag")
+        inputs.str("loss_field", default=default_of(compute_hardness_tags, "loss_field"), required=False,
                    label="Loss field")
         clf = inputs.str("classifier", required=False, label="Trained biased classifier (optional)",
                          description="The folder of a classifier trained already (train classifier, method "
                                      "'biased'): it is used as is, nothing is trained. Needed with Shards > 1")
-        inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
-                   description="More than 1: queue the losses as this many delegated operations (one per shard) "
-                               "for `fiftyone delegated launch` workers; the last to finish ranks, tags and "
-                               "records the run. Running it again with the same settings resumes")
+        shards_input(inputs, "the losses", finish="ranks, tags and records the run")
         if (ctx.params.get("num_shards") or 1) > 1 and not (ctx.params.get("classifier") or "").strip():
             clf.invalid = True
             clf.error_message = ("Shards need the biased classifier trained once first: train it with 'train "
                                  "classifier' (method 'biased') and give its folder here")
         if not (ctx.params.get("classifier") or "").strip():
-            inputs.float("q", default=default_of(compute_hardness, "q"), min=0.01, max=1.0, label="GCE q",
+            inputs.float("q", default=default_of(compute_hardness_tags, "q"), min=0.01, max=1.0, label="GCE q",
                          description="Generalized cross-entropy exponent: higher = the model leans harder on easy "
                                      "(bias-aligned) samples; 0.7 as in LfF and the papers")
-            _training_inputs(inputs, compute_hardness)
-        run_key_input(ctx, inputs, compute_hardness)
+            _training_inputs(inputs, compute_hardness_tags)
+        run_key_input(ctx, inputs, compute_hardness_tags)
         return types.Property(inputs, view=types.View(label="Hardness tags"))
 
     def execute(self, ctx):
@@ -107,11 +100,10 @@ class ComputeHardnessTags(foo.Operator):
         kwargs = dict(label_field=p["label_field"], top_k=top_k, **given(p, settings))
         if classifier:
             kwargs.update(classifier=classifier, **given(p, ("batch_size",)))
-        if (p.get("num_shards") or 1) > 1:
-            job = queue_sharded(ctx.target_view(), "compute_hardness_tags", num_shards=p["num_shards"], **kwargs)
-            return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
-                    "shards_requeued": len(job.requeued)}
-        result = compute_hardness(
+        queued = queue_shards(ctx, "compute_hardness_tags", **kwargs)
+        if queued:
+            return queued
+        result = compute_hardness_tags(
             ctx.target_view(),
             progress=progress_callback(ctx, "Predicting" if classifier else "Training the biased classifier"),
             **kwargs,
@@ -124,8 +116,7 @@ class ComputeHardnessTags(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Hardness tags computed",
-            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
-            ("shards_requeued", "int", "Shards of lost workers queued again"),
+            *SHARD_OUTPUTS,
             ("tagged_of", "str", "Samples tagged"),
             ("tag", "str", "Tag"),
             ("loss_field", "str", "Loss field"),

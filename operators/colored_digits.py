@@ -3,11 +3,9 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.datasets import colored_digits as datasets
-from fairbalance.datasets.colored_mnist import colored_mnist
-from fairbalance.core.validation import LIMITS
+from fairbalance import create_colored_digits, create_colored_mnist
 
-from ._common import refuse
+from ._common import LIMITS, refuse
 from ._common import default_of, given, operator_config, progress_callback, result_view
 
 
@@ -26,25 +24,25 @@ class CreateColoredDigits(foo.Operator):
         ratio = types.Dropdown(label="Bias-conflicting ratio")
         for r in (0.005, 0.01, 0.02, 0.05):
             ratio.add_choice(r, label=f"{r:.1%}")
-        inputs.enum("conflict_ratio", ratio.values(), default=default_of(datasets.colored_digits, "conflict_ratio"),
+        inputs.enum("conflict_ratio", ratio.values(), default=default_of(create_colored_digits, "conflict_ratio"),
                     view=ratio)
-        inputs.int("train_per_class", default=default_of(datasets.colored_digits, "train_per_class"), min=1,
+        inputs.int("train_per_class", default=default_of(create_colored_digits, "train_per_class"), min=1,
                    max=LIMITS["train_per_class"], label="Train images per class")
-        inputs.int("test_per_class", default=default_of(datasets.colored_digits, "test_per_class"), min=1,
+        inputs.int("test_per_class", default=default_of(create_colored_digits, "test_per_class"), min=1,
                    max=LIMITS["test_per_class"], label="Test images per class")
-        inputs.int("num_classes", default=default_of(datasets.colored_digits, "num_classes"), min=2, max=10,
+        inputs.int("num_classes", default=default_of(create_colored_digits, "num_classes"), min=2, max=10,
                    label="Classes")
-        inputs.int("image_size", default=default_of(datasets.colored_digits, "image_size"), min=8,
+        inputs.int("image_size", default=default_of(create_colored_digits, "image_size"), min=8,
                    max=LIMITS["image_size"], label="Image size (px)")
-        inputs.int("seed", default=default_of(datasets.colored_digits, "seed"), max=LIMITS["seed"], label="Seed")
-        inputs.bool("overwrite", default=default_of(datasets.colored_digits, "overwrite"),
+        inputs.int("seed", default=default_of(create_colored_digits, "seed"), max=LIMITS["seed"], label="Seed")
+        inputs.bool("overwrite", default=default_of(create_colored_digits, "overwrite"),
                     label="Overwrite an existing dataset of that name")
         _check_name(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Create Colored Digits"))
 
     def execute(self, ctx):
         p = ctx.params
-        dataset = datasets.colored_digits(
+        dataset = create_colored_digits(
             name=p["name"], progress=progress_callback(ctx, "Writing images"),
             **given(p, ("num_classes", "train_per_class", "test_per_class", "conflict_ratio", "image_size", "seed",
                         "overwrite")))
@@ -56,7 +54,7 @@ class CreateColoredDigits(foo.Operator):
             "num_train": len(train),
             "num_test": len(dataset.match_tags("test")),
             "train_bias_conflicting": conflicting,
-            "note": _ratio_note(p.get("conflict_ratio", default_of(datasets.colored_digits, "conflict_ratio")),
+            "note": _ratio_note(p.get("conflict_ratio", default_of(create_colored_digits, "conflict_ratio")),
                                 conflicting, len(train)),
         }
 
@@ -95,20 +93,20 @@ class CreateColoredMnist(foo.Operator):
         ratio = types.Dropdown(label="Bias-conflicting ratio")
         for r in (0.005, 0.01, 0.02, 0.05):
             ratio.add_choice(r, label=f"{r:.1%}")
-        inputs.enum("conflict_ratio", ratio.values(), default=default_of(colored_mnist, "conflict_ratio"), view=ratio)
-        inputs.int("num_val", default=default_of(colored_mnist, "num_val"), min=0, max=LIMITS["num_val"],
+        inputs.enum("conflict_ratio", ratio.values(), default=default_of(create_colored_mnist, "conflict_ratio"), view=ratio)
+        inputs.int("num_val", default=default_of(create_colored_mnist, "num_val"), min=0, max=LIMITS["num_val"],
                    label="Validation images (unbiased)")
-        inputs.int("num_test", default=default_of(colored_mnist, "num_test"), min=1, max=LIMITS["num_test"],
+        inputs.int("num_test", default=default_of(create_colored_mnist, "num_test"), min=1, max=LIMITS["num_test"],
                    label="Test images (unbiased)")
-        inputs.int("seed", default=default_of(colored_mnist, "seed"), min=0, max=LIMITS["seed"], label="Seed")
-        inputs.bool("overwrite", default=default_of(colored_mnist, "overwrite"),
+        inputs.int("seed", default=default_of(create_colored_mnist, "seed"), min=0, max=LIMITS["seed"], label="Seed")
+        inputs.bool("overwrite", default=default_of(create_colored_mnist, "overwrite"),
                     label="Overwrite an existing dataset of that name")
         _check_name(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Create Colored MNIST"))
 
     def execute(self, ctx):
         p = ctx.params
-        dataset = colored_mnist(name=p["name"], persistent=True, progress=progress_callback(ctx, "Writing images"),
+        dataset = create_colored_mnist(name=p["name"], persistent=True, progress=progress_callback(ctx, "Writing images"),
                                 **given(p, ("conflict_ratio", "num_val", "num_test", "seed", "overwrite")))
         train = dataset.match_tags("train")
         return {

@@ -5,9 +5,8 @@ import os
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.core import runs
 
-from ._common import field_dropdown, operator_config, refresh_app, refuse, result_view
+from ._common import delete_generated, field_dropdown, operator_config, refresh_app, refuse, result_view, runs
 
 
 def _newest_first(dataset):
@@ -67,12 +66,10 @@ class DeleteRun(foo.Operator):
         return types.Property(inputs, view=types.View(label="Delete a run"))
 
     def execute(self, ctx):
-        from fairbalance.generate import generation
-
         key = ctx.params["run_key"]
         plan = removal_plan(ctx.dataset, key)
         if plan["num_generated"]:
-            generation.delete_generated(ctx.dataset, key)
+            delete_generated(ctx.dataset, key)
         runs.delete_run(ctx.dataset, key, cleanup=True)
         refresh_app(ctx)
         return {"run_key": key, "fields_deleted": ", ".join(plan["fields"]) or "none",

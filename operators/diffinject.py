@@ -3,12 +3,9 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.core import runs
-from fairbalance.generate.diffinject import inject_bias_conflicting
-from fairbalance.core.sharding import queue_sharded
-from fairbalance.core.validation import LIMITS
+from fairbalance import inject_bias_conflicting
 
-from ._common import refresh_app
+from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, runs, shards_input
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input)
 
@@ -69,21 +66,16 @@ class InjectBiasConflicting(foo.Operator):
                     view=source, label="Label of the injected image")
         inputs.int("seed", default=default_of(inject_bias_conflicting, "seed"), max=LIMITS["seed"], label="Seed",
                    description="The pairs and every image's noise derive from it")
-        inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
-                   description="More than 1: queue the images as this many delegated operations (one per shard) "
-                               "for `fiftyone delegated launch` workers; the last to finish records the run. Running "
-                               "it again with the same settings resumes")
+        shards_input(inputs, "the images")
         run_key_input(ctx, inputs, inject_bias_conflicting, resumable=True)
         return types.Property(inputs, view=types.View(label="DiffInject"))
 
     def execute(self, ctx):
         p = ctx.params
-        if (p.get("num_shards") or 1) > 1:
-            job = queue_sharded(ctx.target_view(), "inject_bias_conflicting", num_shards=p["num_shards"],
-                                model_run=p["diffusion_run"], label_field=p.get("label_field") or "ground_truth",
-                                **given(p, PARAMS))
-            return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
-                    "shards_requeued": len(job.requeued)}
+        queued = queue_shards(ctx, "inject_bias_conflicting", model_run=p["diffusion_run"],
+                              label_field=p.get("label_field") or "ground_truth", **given(p, PARAMS))
+        if queued:
+            return queued
         res = inject_bias_conflicting(ctx.target_view(), model_run=p["diffusion_run"],
                                       label_field=p.get("label_field") or "ground_truth",
                                       progress=progress_callback(ctx, "Injecting"), **given(p, PARAMS))
@@ -94,8 +86,7 @@ class InjectBiasConflicting(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Injected",
-            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
-            ("shards_requeued", "int", "Shards of lost workers queued again"),
+            *SHARD_OUTPUTS,
             ("num_added", "int", "Samples added"),
             ("added_per_label", "str", "Added per label"),
             ("num_contents", "int", "Content (tagged) samples"),

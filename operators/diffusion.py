@@ -3,14 +3,9 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.core import runs
-from fairbalance.generate.diffusion import train_conditional_diffusion
-from fairbalance.generate.filtering import filter_generated
-from fairbalance.generate.generation import generate_balanced
-from fairbalance.core.sharding import queue_sharded
-from fairbalance.core.validation import LIMITS
+from fairbalance import filter_generated, generate_balanced, train_conditional_diffusion
 
-from ._common import refresh_app, refuse
+from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, refuse, runs, shards_input
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input, sampling_inputs)
 
@@ -128,10 +123,7 @@ class GenerateBalanced(foo.Operator):
                 prop.invalid = True
                 prop.error_message = f"At least one image per cluster: the model has {num_clusters} clusters"
         sampling_inputs(inputs, generate_balanced)
-        inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
-                   description="More than 1: queue the images as this many delegated operations (one per shard) "
-                               "for `fiftyone delegated launch` workers; the last to finish records the run. Running "
-                               "it again with the same settings resumes")
+        shards_input(inputs, "the images")
         run_key_input(ctx, inputs, generate_balanced, resumable=True)
         return types.Property(inputs, view=types.View(label="Generate balanced samples"))
 
@@ -141,11 +133,10 @@ class GenerateBalanced(foo.Operator):
         names = ("mode", "guidance_scale", "num_inference_steps", "seed", "run_key", "overwrite") + (
             ("per_cell", "source", "edit_strength", "attribute_guidance_scale") if mode == "cells" else
             ("total",) if mode == "equal" else ())
-        if (p.get("num_shards") or 1) > 1:
-            job = queue_sharded(ctx.target_view(), "generate_balanced", num_shards=p["num_shards"],
-                                label_field=p["label_field"], model_run=p["diffusion_run"], **given(p, names))
-            return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
-                    "shards_requeued": len(job.requeued)}
+        queued = queue_shards(ctx, "generate_balanced", label_field=p["label_field"], model_run=p["diffusion_run"],
+                              **given(p, names))
+        if queued:
+            return queued
         res = generate_balanced(ctx.target_view(), p["label_field"], model_run=p["diffusion_run"],
                                 progress=progress_callback(ctx, "Generating"), **given(p, names))
         refresh_app(ctx)
@@ -155,8 +146,7 @@ class GenerateBalanced(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Generated",
-            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
-            ("shards_requeued", "int", "Shards of lost workers queued again"),
+            *SHARD_OUTPUTS,
             ("num_added", "int", "Samples added"),
             ("added_per_cluster", "str", "Added per cluster"),
             ("entropy_before", "float", "Entropy of the groups, real samples (nats)"),
@@ -169,7 +159,7 @@ class GenerateBalanced(foo.Operator):
 
 def parse_cluster_texts(text):
     """``"cluster: text"`` lines -> ``{cluster: text}``; None when empty."""
-    from fairbalance.core.validation import FairBalanceError
+    from fairbalance import FairBalanceError
 
     out = {}
     for line in (text or "").splitlines():

@@ -3,13 +3,9 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.core import runs
-from fairbalance.generate.lora.generation import generate_per_group
-from fairbalance.generate.lora.finetune import finetune_per_group
-from fairbalance.core.sharding import queue_sharded
-from fairbalance.core.validation import LIMITS
+from fairbalance import finetune_per_group, generate_per_group
 
-from ._common import refresh_app
+from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, runs, shards_input
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       readable_bytes, result_view, rounded, run_key_input, sampling_inputs)
 
@@ -117,21 +113,16 @@ class GeneratePerGroup(foo.Operator):
         inputs.enum("groups", groups.values(), default=default_of(generate_per_group, "groups"), view=groups,
                     label="Groups")
         sampling_inputs(inputs, generate_per_group)
-        inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
-                   description="More than 1: queue the images as this many delegated operations (one per shard) "
-                               "for `fiftyone delegated launch` workers; the last to finish records the run. Running "
-                               "it again with the same settings resumes")
+        shards_input(inputs, "the images")
         run_key_input(ctx, inputs, generate_per_group, resumable=True)
         return types.Property(inputs, view=types.View(label="Generate per group"))
 
     def execute(self, ctx):
         p = ctx.params
         names = ("mode", "per_group", "groups", "guidance_scale", "num_inference_steps", "seed", "run_key", "overwrite")
-        if (p.get("num_shards") or 1) > 1:
-            job = queue_sharded(ctx.target_view(), "generate_per_group", num_shards=p["num_shards"],
-                                finetune_run=p["finetune_run"], **given(p, names))
-            return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
-                    "shards_requeued": len(job.requeued)}
+        queued = queue_shards(ctx, "generate_per_group", finetune_run=p["finetune_run"], **given(p, names))
+        if queued:
+            return queued
         res = generate_per_group(ctx.target_view(), finetune_run=p["finetune_run"],
                                  progress=progress_callback(ctx, "Generating"), **given(p, names))
         refresh_app(ctx)
@@ -141,8 +132,7 @@ class GeneratePerGroup(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Generated",
-            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
-            ("shards_requeued", "int", "Shards of lost workers queued again"),
+            *SHARD_OUTPUTS,
             ("num_added", "int", "Samples added"),
             ("added_per_group", "str", "Added per group"),
             ("entropy_before", "float", "Entropy of the groups, real samples (nats)"),

@@ -3,10 +3,9 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.core.folders import pipeline_file
-from fairbalance.ops.pipeline import load_pipeline, run_pipeline
+from fairbalance import load_pipeline, run_pipeline
 
-from ._common import as_text_block, operator_config, result_view
+from ._common import as_text_block, operator_config, pipeline_file, result_view
 
 
 class RunPipeline(foo.Operator):

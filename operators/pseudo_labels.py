@@ -4,10 +4,9 @@ import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.find.pseudo_labels import compute_pseudo_labels
-from fairbalance.core.validation import LIMITS
+from fairbalance import compute_pseudo_labels
 
-from ._common import output_field_input, refresh_app
+from ._common import LIMITS, output_field_input, refresh_app
 from ._common import default_of, field_dropdown, given, operator_config, result_view, rounded, run_key_input
 
 

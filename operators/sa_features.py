@@ -3,11 +3,9 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.find.sa_features import compute_sa_features
-from fairbalance.core.sharding import queue_sharded
-from fairbalance.core.validation import LIMITS
+from fairbalance import compute_sa_features
 
-from ._common import clip_check
+from ._common import LIMITS, SHARD_OUTPUTS, clip_check, queue_shards, shards_input
 from ._common import output_field_input, refresh_app
 from ._common import (attribute_or_texts_input, default_of, given, operator_config, progress_callback,
                       related_texts_columns, result_view, rounded, run_key_input, split_list, text_source)
@@ -45,10 +43,7 @@ class ComputeSAFeatures(foo.Operator):
         output_field_input(ctx, inputs, "features_field", compute_sa_features, "Features field")
         inputs.int("batch_size", default=_default("batch_size"), min=1, max=LIMITS["batch_size"], label="Batch size")
         inputs.bool("skip_failures", default=_default("skip_failures"), label="Skip unreadable images")
-        inputs.int("num_shards", default=1, min=1, max=LIMITS["num_shards"], label="Shards",
-                   description="More than 1: queue the work as this many delegated operations (one per shard) for "
-                               "`fiftyone delegated launch` workers; the last to finish records the run. Running "
-                               "it again with the same settings resumes")
+        shards_input(inputs)
         if (ctx.params.get("num_shards") or 1) > 1:
             inputs.str("cluster_field", required=False, label="Then cluster into (optional)",
                        description="A label field: when all shards are done, X-means on all the features writes "
@@ -72,13 +67,11 @@ class ComputeSAFeatures(foo.Operator):
             **given(p, ("model", "pretrained", "embeddings_field", "features_field", "batch_size", "skip_failures",
                         "run_key", "overwrite") + (() if by_texts else ("num_related_texts",))),
         )
-        if (p.get("num_shards") or 1) > 1:
-            cluster_field = (p.get("cluster_field") or "").strip()
-            then = ("compute_pseudo_labels", {"label_field": cluster_field}) if cluster_field else None
-            job = queue_sharded(ctx.target_view(), "compute_sa_features", num_shards=p["num_shards"], then=then,
-                                **kwargs)
-            return {"run_key": job.run_key, "num_shards": job.num_shards, "shards_queued": len(job.queued),
-                    "shards_requeued": len(job.requeued)}
+        cluster_field = (p.get("cluster_field") or "").strip()
+        then = ("compute_pseudo_labels", {"label_field": cluster_field}) if cluster_field else None
+        queued = queue_shards(ctx, "compute_sa_features", then=then, **kwargs)
+        if queued:
+            return queued
         result = compute_sa_features(ctx.target_view(), progress=progress_callback(ctx, "Encoding images"), **kwargs)
         refresh_app(ctx)
         out = result.to_dict()
@@ -88,8 +81,7 @@ class ComputeSAFeatures(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "SA features computed",
-            ("shards_queued", "int", "Shards queued (the Balance panel shows their progress)"),
-            ("shards_requeued", "int", "Shards of lost workers queued again"),
+            *SHARD_OUTPUTS,
             ("query", "str", "Query text (W_SA)"),
             ("num_samples", "int", "Samples with features"),
             ("num_encoded", "int", "Images encoded now (others reused stored embeddings)"),

@@ -3,10 +3,8 @@
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from fairbalance.core import sharding
-from fairbalance.core.validation import LIMITS
 
-from ._common import progress_callback, result_view
+from ._common import LIMITS, progress_callback, result_view, sharding
 
 
 class ComputeShard(foo.Operator):

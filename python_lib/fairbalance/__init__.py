@@ -6,8 +6,9 @@ run key and output folder before doing any work, claims them while it runs
 (a second writer gets :class:`ClaimError`), writes results in bulk, records
 a FiftyOne run and returns a result with ``run_key`` and ``to_dict()``:
 
-- data: :func:`colored_digits` (fast fixture), :func:`colored_mnist` (Colored
-  MNIST, LfF protocol, on 5,000 real MNIST digits)
+- data: :func:`create_colored_digits` (fast fixture), :func:`create_colored_mnist`
+  (Colored MNIST, LfF protocol, on 5,000 real MNIST digits); also under their
+  older names ``colored_digits`` and ``colored_mnist``
 - find: :func:`audit_balance` (the three steps below in one call),
   :func:`compute_sa_features` (CLIP features for a text-specified
   sensitive attribute), :func:`compute_pseudo_labels` (X-means),
@@ -25,6 +26,8 @@ a FiftyOne run and returns a result with ``run_key`` and ``to_dict()``:
   (pipeline files; also the ``fairbalance`` command)
 - scale out: :func:`queue_sharded` (a job as n delegated operations, one per
   shard, for ``fiftyone delegated launch`` workers) and :func:`sharded_status`
+- the table of all of them (name, function, step, command, operator, shards):
+  :func:`capabilities`
 - train / verify: :func:`train_classifier` (vanilla, JTT, LfF, real +
   generated, two-stage), :func:`apply_classifier`, :func:`evaluate_classifier`
 """
@@ -35,48 +38,30 @@ import importlib.util
 import sys
 import types
 
+from fairbalance.core.capabilities import TABLE as _TABLE  # strings only: imports neither torch nor FiftyOne
+
 # Imported on first use (PEP 562), so `fairbalance --help` and light modules do not load torch and FiftyOne:
-# public name -> (module, attribute)
-_LAZY = {
+# public name -> (module, attribute). The capabilities (and their older names) come from the capability table;
+# the other public names (results, errors, helpers) are listed here.
+_OTHER = {
     'AuditResult': ('fairbalance.find.audit', 'AuditResult'),
-    'audit_balance': ('fairbalance.find.audit', 'audit_balance'),
     'BalanceReport': ('fairbalance.find.balance', 'BalanceReport'),
-    'balance_report': ('fairbalance.find.balance', 'balance_report'),
     'entropy': ('fairbalance.find.balance', 'entropy'),
     'normalized_entropy': ('fairbalance.find.balance', 'normalized_entropy'),
-    'compute_captions': ('fairbalance.generate.captions', 'compute_captions'),
-    'filter_captions': ('fairbalance.generate.captions', 'filter_captions'),
-    'ClaimError': ('fairbalance.core.claims', 'ClaimError'),
-    'apply_classifier': ('fairbalance.train.classifier', 'apply_classifier'),
-    'evaluate_classifier': ('fairbalance.train.classifier', 'evaluate_classifier'),
-    'train_classifier': ('fairbalance.train.classifier', 'train_classifier'),
-    'xmeans': ('fairbalance.find.clustering', 'xmeans'),
-    'colored_mnist': ('fairbalance.datasets.colored_mnist', 'colored_mnist'),
-    'colored_digits': ('fairbalance.datasets.colored_digits', 'colored_digits'),
-    'inject_bias_conflicting': ('fairbalance.generate.diffinject', 'inject_bias_conflicting'),
-    'train_conditional_diffusion': ('fairbalance.generate.diffusion', 'train_conditional_diffusion'),
-    'TorchImageDataset': ('fairbalance.ops.export', 'TorchImageDataset'),
-    'export_samples': ('fairbalance.ops.export', 'export_samples'),
-    'filter_generated': ('fairbalance.generate.filtering', 'filter_generated'),
-    'GateResult': ('fairbalance.ops.gate', 'GateResult'),
-    'check_balance': ('fairbalance.ops.gate', 'check_balance'),
-    'generate_balanced': ('fairbalance.generate.generation', 'generate_balanced'),
-    'compute_hardness_tags': ('fairbalance.tag.hardness', 'compute_hardness'),
-    'generate_per_group': ('fairbalance.generate.lora.generation', 'generate_per_group'),
-    'finetune_per_group': ('fairbalance.generate.lora.finetune', 'finetune_per_group'),
-    'ModelNotFoundError': ('fairbalance.core.models', 'ModelNotFoundError'),
-    'load_pipeline': ('fairbalance.ops.pipeline', 'load_pipeline'),
-    'run_pipeline': ('fairbalance.ops.pipeline', 'run_pipeline'),
-    'compute_pseudo_labels': ('fairbalance.find.pseudo_labels', 'compute_pseudo_labels'),
-    'RealismResult': ('fairbalance.generate.realism', 'RealismResult'),
-    'measure_realism': ('fairbalance.generate.realism', 'measure_realism'),
-    'compute_sa_features': ('fairbalance.find.sa_features', 'compute_sa_features'),
     'get_related_texts': ('fairbalance.find.sa_features', 'get_related_texts'),
+    'xmeans': ('fairbalance.find.clustering', 'xmeans'),
+    'RealismResult': ('fairbalance.generate.realism', 'RealismResult'),
+    'TorchImageDataset': ('fairbalance.ops.export', 'TorchImageDataset'),
+    'GateResult': ('fairbalance.ops.gate', 'GateResult'),
+    'load_pipeline': ('fairbalance.ops.pipeline', 'load_pipeline'),
     'queue_sharded': ('fairbalance.core.sharding', 'queue_sharded'),
     'sharded_status': ('fairbalance.core.sharding', 'sharded_status'),
-    'generate_from_captions': ('fairbalance.generate.text_to_image', 'generate_from_captions'),
+    'capabilities': ('fairbalance.core.capabilities', 'capabilities'),
+    'ClaimError': ('fairbalance.core.claims', 'ClaimError'),
+    'ModelNotFoundError': ('fairbalance.core.models', 'ModelNotFoundError'),
     'FairBalanceError': ('fairbalance.core.validation', 'FairBalanceError'),
 }
+_LAZY = {**{name: tuple(c.function.split(":")) for c in _TABLE for name in (c.name, *c.aliases)}, **_OTHER}
 _SHADOWED = {"colored_mnist"}  # functions named like an old module path: importing that path must not replace them
 
 # The flat module paths before the subpackages (``fairbalance.training``, ...) stay importable as aliases of the
@@ -157,43 +142,4 @@ sys.modules[__name__].__class__ = _Package
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AuditResult",
-    "BalanceReport",
-    "ClaimError",
-    "FairBalanceError",
-    "GateResult",
-    "ModelNotFoundError",
-    "RealismResult",
-    "TorchImageDataset",
-    "apply_classifier",
-    "audit_balance",
-    "balance_report",
-    "check_balance",
-    "colored_digits",
-    "colored_mnist",
-    "compute_captions",
-    "compute_hardness_tags",
-    "compute_pseudo_labels",
-    "compute_sa_features",
-    "entropy",
-    "evaluate_classifier",
-    "export_samples",
-    "filter_captions",
-    "filter_generated",
-    "finetune_per_group",
-    "generate_balanced",
-    "generate_from_captions",
-    "generate_per_group",
-    "get_related_texts",
-    "inject_bias_conflicting",
-    "load_pipeline",
-    "measure_realism",
-    "normalized_entropy",
-    "queue_sharded",
-    "run_pipeline",
-    "sharded_status",
-    "train_classifier",
-    "train_conditional_diffusion",
-    "xmeans",
-]
+__all__ = sorted(_LAZY)

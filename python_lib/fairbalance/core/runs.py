@@ -22,26 +22,29 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from fairbalance.core import claims, validation
+from fairbalance.core import claims, jobs, validation
 
 CONFIG_PREFIX = "fairbalance."
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Make numpy/torch scalars, paths and dataclasses JSON-friendly."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     if hasattr(value, "to_dict") and callable(value.to_dict):
-        return _jsonable(value.to_dict())
+        return jsonable(value.to_dict())
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
+
+
+_jsonable = jsonable  # its name before it was public (used across subpackages)
 
 
 def validate_run_key(run_key: str) -> None:
@@ -99,8 +102,6 @@ def given_or_recorded(samples, given, run_key: str | None, method: str, config_k
 def delete_run(samples, run_key: str, cleanup: bool = True) -> None:
     """Delete a run and, with ``cleanup``, the fields it wrote and the tags it put on samples (a run that
     records ``tag`` and its ``tagged_ids``: hardness, filter), and a sharded run's job state."""
-    from fairbalance.core import sharding
-
     dataset = samples._root_dataset
     if cleanup:
         config = get_run_config(dataset, run_key)
@@ -109,7 +110,7 @@ def delete_run(samples, run_key: str, cleanup: bool = True) -> None:
         if tagged:  # only the samples this run tagged: the same tag elsewhere stays
             dataset.select(tagged).untag_samples(config["tag"])
     dataset.delete_run(run_key)
-    sharding.delete_job(dataset, run_key)
+    jobs.delete_job(dataset, run_key)
 
 
 def _delete_fields(dataset, fields: Iterable[str]) -> None:
@@ -159,14 +160,14 @@ class PreparedRun:
             fields_written=list(self.fields),
             started_at=self.started,
             completed_at=_dt.datetime.now(_dt.timezone.utc).isoformat(),
-            **_jsonable(self.config),
+            **jsonable(self.config),
         )
         dataset.register_run(self.run_key, cfg, overwrite=True, cleanup=False)
         return out
 
     def save_results(self, results: dict) -> None:
         """Store JSON-serializable results with the run."""
-        payload = {k: v for k, v in _jsonable(results).items() if k != "run_key"}
+        payload = {k: v for k, v in jsonable(results).items() if k != "run_key"}
         json.dumps(payload)  # fail loudly on anything that is not JSON
         dataset = self.dataset
         dataset.save_run_results(self.run_key, dataset.init_run_results(self.run_key, **payload), overwrite=True)
@@ -174,7 +175,7 @@ class PreparedRun:
 
 def _config_differences(stored: dict, config: dict, ignore: Iterable[str], defaults: dict | None = None) -> list[str]:
     """Keys whose values differ; a key an older version did not record counts as its ``defaults`` value."""
-    new, defaults = _jsonable(config), _jsonable(defaults or {})
+    new, defaults = jsonable(config), jsonable(defaults or {})
     return sorted(k for k in new if k not in set(ignore) and stored.get(k, defaults.get(k)) != new[k])
 
 

@@ -35,8 +35,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 from fairbalance.core import claims, runs, validation
+from fairbalance.core.jobs import COLLECTION, delete_job, get_job  # noqa: F401  (the job documents' store)
+from fairbalance.core.jobs import collection as _collection
+from fairbalance.core.jobs import job_id as _job_id
+from fairbalance.core.capabilities import SHARDABLE, Shardable  # noqa: F401  (the table is in capabilities)
 
-COLLECTION = "fairbalance_shards"
 PENDING_METHOD = "sharded_job"
 OPERATOR_URI = "@fairbalance/fairbalance/compute_shard"
 DEFAULT_CHUNK_SIZE = 1024
@@ -44,71 +47,6 @@ DEFAULT_CHUNK_SIZE = 1024
 # but after loading its model: large models on slow storage take minutes)
 ORPHAN_AFTER_S = 900.0
 
-
-@dataclass(frozen=True)
-class Shardable:
-    """A library function that takes ``shard``/``num_shards``: where it lives, what it writes."""
-
-    function: str  # "module:function"
-    method: str  # its run method
-    fields: Callable[[dict], list[str]] | str  # the fields a run with these kwargs writes (or "module:function")
-    merge: str  # "module:function" merging the shards of a finished job: merge(samples, job) -> results
-    # what may run on the merged result, once, after the merge: name -> ("module:function", {its parameter:
-    # the job's config key it defaults to}), e.g. X-means on all the SA features
-    then: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
-    # "module:function" giving the samples whose ids the job is split over / checked against (default: the view);
-    # a function that adds samples to the dataset (generation) names the view's own samples here
-    job_view: str | None = None
-    # "module:function(samples, run_key)" deleting what a run wrote besides its fields (overwrite=True)
-    delete: str | None = None
-
-    def load(self, what: str = "function") -> Callable:
-        module, name = getattr(self, what).split(":")
-        return getattr(importlib.import_module(module), name)
-
-    def written(self, kwargs: dict) -> list[str]:
-        """The fields a run of this function with ``kwargs`` writes."""
-        return (self.load("fields") if isinstance(self.fields, str) else self.fields)(kwargs)
-
-    def job_ids(self, samples) -> list[str]:
-        """The ids of the samples the job covers (what its digest is made of)."""
-        return (self.load("job_view")(samples) if self.job_view else samples).values("id")
-
-
-def _default(function: str, name: str):
-    module, fn = function.split(":")
-    return inspect.signature(getattr(importlib.import_module(module), fn)).parameters[name].default
-
-
-def _generator(function: str, method: str) -> Shardable:
-    """A generator's entry: new samples are added, no field is written (as the unsharded run records,
-    ``fields_written=[]``); jobs are keyed on the view's real samples; one merge and one delete for all."""
-    return Shardable(function, method, lambda kw: [], "fairbalance.generate.generation:merge_shards",
-                     job_view="fairbalance.generate.generation:real_samples", delete="fairbalance.generate.generation:delete_generated")
-
-
-SHARDABLE: dict[str, Shardable] = {
-    "compute_sa_features": Shardable(
-        "fairbalance.find.sa_features:compute_sa_features", "sa_features",
-        lambda kw: [kw.get("features_field") or _default("fairbalance.find.sa_features:compute_sa_features",
-                                                           "features_field")],
-        "fairbalance.find.sa_features:merge_shards",
-        then={"compute_pseudo_labels": ("fairbalance.find.pseudo_labels:compute_pseudo_labels",
-                                        {"features_field": "features_field"})}),
-    "compute_captions": Shardable(
-        "fairbalance.generate.captions:compute_captions", "captions",
-        lambda kw: [kw.get("caption_field") or _default("fairbalance.generate.captions:compute_captions", "caption_field")],
-        "fairbalance.generate.captions:merge_shards"),
-    "compute_hardness_tags": Shardable(
-        "fairbalance.tag.hardness:compute_hardness", "hardness",
-        "fairbalance.tag.hardness:shard_fields",
-        "fairbalance.tag.hardness:merge_shards"),
-    # generators: the unit of work is a planned image (its own file and seed), not a sample; see _generator
-    "generate_balanced": _generator("fairbalance.generate.generation:generate_balanced", "generate_balanced"),
-    "generate_from_captions": _generator("fairbalance.generate.text_to_image:generate_from_captions", "text_to_image"),
-    "generate_per_group": _generator("fairbalance.generate.lora.generation:generate_per_group", "generate_per_group"),
-    "inject_bias_conflicting": _generator("fairbalance.generate.diffinject:inject_bias_conflicting", "diffinject"),
-}
 
 # settings that may differ between shards (they do not change the results)
 RUNTIME_KWARGS = ("device", "num_workers", "batch_size", "progress", "chunk_size")
@@ -160,16 +98,6 @@ def view_digest(ids) -> str:
     return hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()
 
 
-def _collection():
-    import fiftyone.core.odm as foo
-
-    return foo.get_db_conn()[COLLECTION]
-
-
-def _job_id(dataset, run_key: str) -> str:
-    return f"{dataset._doc.id}:{run_key}"
-
-
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
 
@@ -179,19 +107,9 @@ def _shard_claim(dataset, run_key: str, shard: int) -> str:
 
 
 def _jsonable_kwargs(kwargs: dict) -> dict:
-    out = runs._jsonable({k: v for k, v in kwargs.items() if k not in RUNTIME_KWARGS})
+    out = runs.jsonable({k: v for k, v in kwargs.items() if k not in RUNTIME_KWARGS})
     json.dumps(out)
     return out
-
-
-def get_job(samples, run_key: str) -> dict | None:
-    """The job document of a sharded run (None if there is none)."""
-    return _collection().find_one({"_id": _job_id(samples._root_dataset, run_key)})
-
-
-def delete_job(samples, run_key: str) -> None:
-    """Forget a sharded job's state (its run record and fields are :func:`runs.delete_run`'s)."""
-    _collection().delete_one({"_id": _job_id(samples._root_dataset, run_key)})
 
 
 def _register_pending(dataset, run_key: str, job: dict) -> None:
@@ -323,7 +241,7 @@ class Shard:
         from pymongo import ReturnDocument
 
         stored = self.job.get("config")
-        config = runs._jsonable(config)
+        config = runs.jsonable(config)
         if stored is None:
             self.job = _collection().find_one_and_update(
                 {"_id": self._id, "config": None}, {"$set": {"config": config}},
@@ -374,7 +292,7 @@ class Shard:
         from pymongo import ReturnDocument
 
         if name not in self.job.get("shared", {}):
-            value = runs._jsonable(compute())
+            value = runs.jsonable(compute())
             self.job = _collection().find_one_and_update(
                 {"_id": self._id, f"shared.{name}": {"$exists": False}}, {"$set": {f"shared.{name}": value}},
                 return_document=ReturnDocument.AFTER) or _collection().find_one({"_id": self._id})
@@ -395,7 +313,7 @@ class Shard:
     def finish(self, summary: dict | None = None) -> ShardResult:
         """Mark the shard done; the last shard to finish merges the job."""
         self._update({"state": "done", "finished": _now(), "failures": self.failures,
-                      "summary": runs._jsonable(summary or {})})
+                      "summary": runs.jsonable(summary or {})})
         result = ShardResult(self.run_key, self.shard, self.num_shards, self.total, self.processed, self.resumed,
                              dict(self.failures), num_left_out=self.left_out)
         if all(s["state"] == "done" for s in self.job["shards"].values()):
@@ -476,7 +394,7 @@ def _run_follow_ups(samples, job: dict) -> None:
             raise
         out = result.to_dict() if hasattr(result, "to_dict") else result
         _collection().update_one({"_id": job["_id"]}, {"$set": {f"then.{i}.state": "done", f"then.{i}.finished": _now(),
-                                                                 f"then.{i}.result": runs._jsonable(out)}})
+                                                                 f"then.{i}.result": runs.jsonable(out)}})
 
 
 def _check_follow_ups(samples, spec: Shardable, function: str, then) -> list[dict]:

@@ -209,7 +209,7 @@ def assigned_joint_counts(samples, label_field: str, attribute_key: str | None =
     return joint, how, assigned > 0
 
 
-def _report(joint: Mapping[tuple, int], label_field: str, attribute_field: str | None,
+def joint_report(joint: Mapping[tuple, int], label_field: str, attribute_field: str | None,
             generated: bool | None = None) -> BalanceReport:
     """The report of the cells of ``joint`` (all, or those whose generated flag is ``generated``)."""
     raw: dict = {}
@@ -249,7 +249,7 @@ def _compute_report(samples, label_field: str, attribute_field: str | None) -> B
     validation.require_nonempty(samples)
     attribute_key = label_path(samples, attribute_field) if attribute_field is not None else None
     joint = _joint_counts(samples, label_path(samples, label_field), attribute_key)
-    return _report(joint, label_field, attribute_field)
+    return joint_report(joint, label_field, attribute_field)
 
 
 def _cross_table(table: Mapping[str, Mapping[str, int]]) -> list[CrossTableRow]:
@@ -303,8 +303,8 @@ def balance_summary(
     # fall in where a pseudo-label run gives cluster centres (as the gate counts them), else by the planned one
     joint, counted_by, assigned = assigned_joint_counts(samples, label_field, attribute_key, generated_field)
     has_generated = any(g for (_, _, g) in joint)
-    before = _report(joint, label_field, attribute_field, generated=False if has_generated else None)
-    after = _report(joint, label_field, None) if has_generated else None
+    before = joint_report(joint, label_field, attribute_field, generated=False if has_generated else None)
+    after = joint_report(joint, label_field, None) if has_generated else None
     out = {
         "label_field": label_field,
         "attribute_field": attribute_field,
@@ -318,7 +318,7 @@ def balance_summary(
     }
     if attribute_field and before.cross_table:
         # real, and real + generated (where the repair shows): shares of each row and the counts behind them
-        both = _report(joint, label_field, attribute_field) if has_generated else None
+        both = joint_report(joint, label_field, attribute_field) if has_generated else None
         tables = [before.cross_table] + ([both.cross_table] if both and both.cross_table else [])
         attrs = sorted({a for table in tables for row in table for a in row.counts}, key=str)
 

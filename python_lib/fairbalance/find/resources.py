@@ -169,7 +169,7 @@ def wordnet_version() -> str:
     return str(load_wordnet().get_version())
 
 
-def _main(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:
     if argv[:1] != ["check-wordnet"]:
         print("usage: python -m fairbalance check-wordnet", file=sys.stderr)
         return 2
@@ -184,4 +184,4 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -317,7 +317,7 @@ def filter_captions(
     of ``label_field`` in the view. Samples whose captions are all dropped get
     an empty list. Nothing is written if no caption survives.
     """
-    from fairbalance.find.balance import label_path
+    from fairbalance.core.fields import label_path
 
     validation.require_nonempty(samples)
     validation.require_fields(samples, [caption_field])

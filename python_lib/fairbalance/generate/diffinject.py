@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance.core import claims, runs, sharding, validation
-from fairbalance.train import training
+from fairbalance.core.data import labelled_samples, load_images
 from fairbalance.generate.diffusion import ConditionalDiffusionModel, load_conditional_diffusion
-from fairbalance.generate.generation import (GenerationJob, GenerationResult, _check_shard_args, _require_own_target,
-                                    generate_plan)
+from fairbalance.generate.generation import (GenerationJob, GenerationResult, check_shard_args, require_own_target,
+                                             generate_plan)
 
 INJECTIONS = ("local", "global")
 LABEL_SOURCES = ("content", "original")
@@ -314,7 +314,7 @@ def plan_pairs(samples, label_field: str, content_tag: str, ratio: float, seed: 
     would give another image of that class's usual look). Returns the pairs
     and the numbers of contents and originals.
     """
-    real = training.labelled_samples(samples, label_field).real()
+    real = labelled_samples(samples, label_field).real()
     tagged = set(samples.match_tags(content_tag).values("id"))
     contents = [j for j, i in enumerate(real.ids) if i in tagged]
     if not contents:
@@ -427,7 +427,7 @@ def inject_bias_conflicting(
     planned pairs (pair ``i`` to shard ``i % num_shards``), as
     :func:`fairbalance.generate.generation.generate_balanced` does (see there).
     """
-    sharded = _check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
+    sharded = check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
     prep = _prepare(samples, model, model_run, content_tag, label_field, ratio, gamma, injection, mask, t_edit, t_boost,
                     num_inference_steps, label_from, seed, batch_size, device, run_key)
     diff, path, hook, size, mask_t, pairs, num_contents, num_originals, setting, provenance, config = prep
@@ -520,7 +520,7 @@ def _prepare(samples, model=None, model_run=None, content_tag="bias_conflicting"
 
 def validate_inputs(samples, target_dataset=None, **kwargs) -> None:
     """The up-front checks of a sharded :func:`inject_bias_conflicting` (run by ``queue_sharded`` before queuing)."""
-    _require_own_target(samples, target_dataset)
+    require_own_target(samples, target_dataset)
     names = set(inspect.signature(_prepare).parameters) - {"samples"}
     hook = _prepare(samples, **{**{k: v for k, v in kwargs.items() if k in names}, "device": "cpu"})[2]
     hook.remove()
@@ -535,11 +535,11 @@ def _renderer(path: DDIMPath, hook: HSpaceHook, size: int, gamma: float, mask: t
         pairs = [j.payload for j in batch]
         todo = sorted({p.content[1] for p in pairs} - set(cache))
         if todo:
-            x = training.load_images(todo, [size, size], scale="symmetric")
+            x = load_images(todo, [size, size], scale="symmetric")
             hs = content_trajectory(path, hook, ddim_invert(path, x), t_edit)
             for k, p in enumerate(todo):
                 cache[p] = [h[k: k + 1] for h in hs]
-        x = training.load_images([p.original[1] for p in pairs], [size, size], scale="symmetric")
+        x = load_images([p.original[1] for p in pairs], [size, size], scale="symmetric")
         content_h = [torch.cat([cache[p.content[1]][i] for p in pairs]) for i in range(len(cache[pairs[0].content[1]]))]
         out = ddim_reverse(path, hook, ddim_invert(path, x), content_h=content_h, gamma=gamma, mask=mask,
                            t_edit=t_edit, t_boost=t_boost, seeds=[p.seed for p in pairs])

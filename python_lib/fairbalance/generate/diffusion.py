@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance.core import claims, distributed, folders, models, runs, validation
-from fairbalance.train import training
+from fairbalance.core.data import labelled_samples, load_images, native_size, seed_everything
 
 LABELS_FILE = "fairbalance_labels.json"
 CONDITION_FILE = "condition.safetensors"
@@ -149,13 +149,13 @@ def _save_model(folder: str, model: ConditionalUNet, scheduler, cfg: DiffusionTr
 
 def _factor_labels(samples, label_field, attribute_field):
     """Labelled samples with their class index and (when asked) attribute index; the attribute values."""
-    data = training.labelled_samples(samples, label_field).real()
+    data = labelled_samples(samples, label_field).real()
     y = data.labels[:, None]
     attributes = None
     if attribute_field:
         if attribute_field == label_field:
             raise validation.FairBalanceError("attribute_field must differ from label_field")
-        adata = training.labelled_samples(samples.select(data.ids), attribute_field)
+        adata = labelled_samples(samples.select(data.ids), attribute_field)
         if len(adata.ids) != len(data.ids):
             raise validation.FairBalanceError(
                 f"{len(data.ids) - len(adata.ids)} sample(s) with a '{label_field}' label have no "
@@ -234,7 +234,7 @@ def train_conditional_diffusion(
     classes = data.classes
     if len(classes) < 2 and not attribute_field:
         raise validation.FairBalanceError(f"'{label_field}' has a single cluster; nothing to balance")
-    size = training.native_size(data.filepaths) if image_size is None else [int(image_size)] * 2
+    size = native_size(data.filepaths) if image_size is None else [int(image_size)] * 2
     levels = 2 ** (len(block_out_channels) - 1)
     if size[0] != size[1] or size[0] % levels:
         raise validation.FairBalanceError(
@@ -278,7 +278,7 @@ def train_conditional_diffusion(
         return run
 
     run = distributed.on_main(prepare)
-    x = training.load_images(data.filepaths, size, scale="symmetric", progress=distributed.progress_for(None))
+    x = load_images(data.filepaths, size, scale="symmetric", progress=distributed.progress_for(None))
     step, start_step, losses = _fit(cfg, x, torch.as_tensor(y), output_dir, device, resume,
                                     distributed.progress_for(progress))
     if step == start_step and start_step and dataset.has_run(run_key):  # nothing left to train: a finished run
@@ -405,7 +405,7 @@ def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir
     accelerator = Accelerator(mixed_precision="fp16" if dev.type == "cuda" else "no", cpu=dev.type == "cpu",
                               dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True,
                                                                         data_seed=cfg.seed))
-    training.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=cfg.batch_size,
                                          shuffle=True, drop_last=False)
     model = _build_model(cfg)

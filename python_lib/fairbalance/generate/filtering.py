@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fairbalance.core import claims, models, runs, validation
+from fairbalance.core.data import load_images, native_size
 
 ACTIONS = ("tag", "exclude", "weight")
 SCORE_METHODS = ("clip", "pixels", "discriminator")
@@ -81,7 +82,7 @@ def filter_generated(
     from fiftyone import ViewField as Fv
 
     from fairbalance.find import embeddings
-    from fairbalance.find.balance import label_path
+    from fairbalance.core.fields import label_path
 
     validation.require_nonempty(samples)
     validation.require_tag("tag", tag)
@@ -239,32 +240,30 @@ class FilterResult:
 def _pixel_vectors(real, gen, path: str):
     """Per-cluster centroids of the real images' mean-centred pixels, and every generated image's vector."""
     from fairbalance.find import embeddings
-    from fairbalance.train import training
 
     rpaths, rlabels = real.values(["filepath", path])
     keep = [j for j, c in enumerate(rlabels) if c is not None]
     gids, gpaths = gen.values(["id", "filepath"])
     if not keep:
         raise validation.FairBalanceError("No real sample has a cluster label to compare the generated ones to")
-    size = training.native_size([rpaths[keep[0]]])
-    xr = training.load_images([rpaths[j] for j in keep], size, progress=False).flatten(1).numpy()
+    size = native_size([rpaths[keep[0]]])
+    xr = load_images([rpaths[j] for j in keep], size, progress=False).flatten(1).numpy()
     mean = xr.mean(0, keepdims=True)
     labels = np.array([str(rlabels[j]) for j in keep])
     centroids = {c: embeddings.normalize((xr[labels == c] - mean).mean(0, keepdims=True))[0]
                  for c in sorted(set(labels))}
-    xg = training.load_images(gpaths, size, progress=False).flatten(1).numpy() - mean
+    xg = load_images(gpaths, size, progress=False).flatten(1).numpy() - mean
     return centroids, dict(zip(gids, xg))
 
 
 def _discriminator_scores(real, gen, folds: int, epochs: int, seed: int, device) -> tuple[dict, float]:
     """Held-out p(real | x) of every generated sample, and the two-sample accuracy (:mod:`fairbalance.generate.realism`)."""
     from fairbalance.generate import realism
-    from fairbalance.train import training
 
     gids, gpaths = gen.values(["id", "filepath"])
     rpaths = real.values("filepath")
-    size = training.native_size(rpaths[:1])
-    xr = training.load_images(rpaths, size, progress=False)
-    xg = training.load_images(gpaths, size, progress=False)
+    size = native_size(rpaths[:1])
+    xr = load_images(rpaths, size, progress=False)
+    xg = load_images(gpaths, size, progress=False)
     pr, pg = realism.discriminator_scores(xr, xg, folds, epochs, "mlp", seed, device)
     return dict(zip(gids, (float(v) for v in pg))), realism.two_sample_accuracy(pr, pg)

@@ -22,10 +22,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from fairbalance.core import claims, folders, runs, sharding, validation, writeback
+from fairbalance.core.jobs import job_id as shard_job_id
 from fairbalance.find import balance
-from fairbalance.train import training
-from fairbalance.find.balance import label_path
-from fairbalance.generate.diffusion import ConditionalDiffusionModel, load_conditional_diffusion, sample_images, validate_sampling
+from fairbalance.core.fields import label_path
+from fairbalance.core.data import labelled_samples, load_images
+from fairbalance.generate.diffusion import (ConditionalDiffusionModel, load_conditional_diffusion, sample_images,
+                                            validate_sampling)
 
 GENERATION_FILE = "fairbalance_generation.json"
 _HEX = "[0-9a-f]"
@@ -89,7 +91,7 @@ class _DiffusionInput:
 
 def _cell_jobs(samples, diff: ConditionalDiffusionModel, per_cell: int, source: str, seed: int, output_dir: str):
     """Jobs that fill every class x attribute cell of the view's real samples up to ``per_cell``."""
-    real = training.labelled_samples(samples, diff.label_field, diff.classes).real(required=False)
+    real = labelled_samples(samples, diff.label_field, diff.classes).real(required=False)
     attr = dict(zip(*samples.select(real.ids).values(["id", label_path(samples, diff.attribute_field)])))
     index = {a: j for j, a in enumerate(diff.attributes)}
     cells = np.array([[c, index.get(attr.get(i), -1)] for c, i in zip(real.labels, real.ids)])
@@ -295,7 +297,7 @@ def generate_balanced(
     """
     if isinstance(realism_sample, bool) or not isinstance(realism_sample, int) or realism_sample < 0:
         raise validation.FairBalanceError(f"realism_sample must be an integer >= 0, got {realism_sample!r}")
-    sharded = _check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
+    sharded = check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
     diff, jobs, plan, before, setting, provenance, config = _plan_balanced(
         samples, label_field, model, model_run, total, per_class, mode, per_cell, source, edit_strength,
         guidance_scale, attribute_guidance_scale, guidance_reference, num_inference_steps, scheduler, seed,
@@ -393,7 +395,7 @@ def _plan_balanced(samples, label_field="sa_cluster", model=None, model_run=None
 
 def validate_inputs(samples, target_dataset=None, **kwargs) -> None:
     """The up-front checks of a sharded :func:`generate_balanced` (run by ``queue_sharded`` before queuing)."""
-    _require_own_target(samples, target_dataset)
+    require_own_target(samples, target_dataset)
     names = set(inspect.signature(_plan_balanced).parameters) - {"samples"}
     _plan_balanced(samples, **{**{k: v for k, v in kwargs.items() if k in names}, "device": "cpu"})
 
@@ -410,7 +412,7 @@ def real_samples(samples):
     return samples.match(Fv("generated") != True)  # noqa: E712
 
 
-def _require_own_target(samples, target_dataset) -> None:
+def require_own_target(samples, target_dataset) -> None:
     name = target_dataset if isinstance(target_dataset, str) or target_dataset is None else getattr(
         target_dataset, "name", None)
     if name is not None and name != samples._root_dataset.name:
@@ -419,7 +421,7 @@ def _require_own_target(samples, target_dataset) -> None:
             f"where its job and run record live; target_dataset={name!r} works without shards only")
 
 
-def _check_shard_args(samples, target_dataset, shard, num_shards, overwrite) -> bool:
+def check_shard_args(samples, target_dataset, shard, num_shards, overwrite) -> bool:
     """Whether this call makes one shard; a shard's arguments checked (no overwrite, the own dataset)."""
     if shard is None and num_shards is None:
         return False
@@ -428,14 +430,14 @@ def _check_shard_args(samples, target_dataset, shard, num_shards, overwrite) -> 
         raise validation.FairBalanceError(
             "a shard cannot overwrite its run (other shards write it too): delete the run first or "
             "queue_sharded(..., overwrite=True)")
-    _require_own_target(samples, target_dataset)
+    require_own_target(samples, target_dataset)
     return True
 
 
 def _plan_digest(jobs: Sequence[GenerationJob]) -> str:
     """A digest of a plan (file names, groups, seeds and sources): every shard must plan the same images."""
     return hashlib.sha1("\n".join(
-        f"{j.filepath}\t{j.key}\t{json.dumps(runs._jsonable(j.provenance), sort_keys=True)}"
+        f"{j.filepath}\t{j.key}\t{json.dumps(runs.jsonable(j.provenance), sort_keys=True)}"
         for j in jobs).encode()).hexdigest()
 
 
@@ -521,7 +523,7 @@ def shard_generation(samples, function: str, run_key: str, shard: int, num_shard
     dataset = samples._root_dataset
     digest = _plan_digest(jobs)
     target, output_dir = writeback.generation_target(samples, None, output_dir, run_key,
-                                                     shared_by=f"{sharding._job_id(dataset, run_key)}|{shard}")
+                                                     shared_by=f"{shard_job_id(dataset, run_key)}|{shard}")
     _claim_output_dir(output_dir, target, setting, False)
     for job in jobs:
         job.filepath = os.path.join(output_dir, job.filepath)
@@ -619,7 +621,7 @@ def _diffusion_renderer(diff: ConditionalDiffusionModel, provenance: dict) -> Ca
         inputs = [j.payload for j in batch]
         init = None
         if inputs[0].source is not None:
-            init = training.load_images([d.source[1] for d in inputs], [size, size], scale="symmetric")
+            init = load_images([d.source[1] for d in inputs], [size, size], scale="symmetric")
         reference = [d.source_condition for d in inputs] if provenance["guidance_reference"] == "source" else None
         return sample_images(diff, [d.condition for d in inputs], [d.seed for d in inputs],
                              provenance["guidance_scale"], provenance["num_inference_steps"],

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance.core import claims, models, runs, validation
+from fairbalance.core.data import load_images, native_size
 from fairbalance.train import training
 
 DISCRIMINATORS = ("mlp", "cnn")
@@ -52,7 +53,7 @@ def _fit(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, num_classes: int, ba
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net, _ = training.build_backbone(backbone, num_classes, tuple(x.shape[1:]))
-        mean, std = training._channel_stats(x)
+        mean, std = training.channel_stats(x)
         net = torch.nn.Sequential(training.Normalize(mean, std), net).to(dev)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         gen = torch.Generator().manual_seed(seed)
@@ -142,7 +143,7 @@ def _load(samples, fields: list[str], limit, seed, size=None):
     values = samples.values(["filepath"] + fields)
     keep = _capped(values[0], limit, seed)
     rows = [[col[j] for j in keep] for col in values]
-    size = size or training.native_size(rows[0][:1])
+    size = size or native_size(rows[0][:1])
     return rows, size
 
 
@@ -157,7 +158,7 @@ def quick_realism(real_samples, generated_samples, max_samples: int = 500, epoch
     if len(rp) < folds or len(gp) < folds:
         return {"two_sample_accuracy": None, "num_real": len(rp), "num_generated": len(gp),
                 "warning": "too few images to measure realism"}
-    xr, xg = (training.load_images(p, size, progress=False) for p in (rp, gp))
+    xr, xg = (load_images(p, size, progress=False) for p in (rp, gp))
     pr, pg = discriminator_scores(xr, xg, folds, epochs, "mlp", seed, device)
     acc = two_sample_accuracy(pr, pg)
     sr, sg = image_statistics(xr), image_statistics(xg)
@@ -289,7 +290,7 @@ def measure_realism(
         "generated_view": generated_samples._pipeline(),
         "test_view": None if test_samples is None else test_samples._pipeline(), "image_size": size},
         [], overwrite)
-    xr, xg = (training.load_images(p, size, progress=False) for p in (rp, gp))
+    xr, xg = (load_images(p, size, progress=False) for p in (rp, gp))
     pr, pg = discriminator_scores(xr, xg, folds, epochs, discriminator, seed, device)
     acc = two_sample_accuracy(pr, pg)
     sr, sg = image_statistics(xr), image_statistics(xg)
@@ -313,7 +314,7 @@ def measure_realism(
         if test_samples is not None:
             (tp, tl), _ = _load(test_samples, [f"{label_field}.label"], max_samples, seed + 2, size)
             tkeep = [j for j, c in enumerate(tl) if c is not None]
-            xt, yt = training.load_images([tp[j] for j in tkeep], size, progress=False), [tl[j] for j in tkeep]
+            xt, yt = load_images([tp[j] for j in tkeep], size, progress=False), [tl[j] for j in tkeep]
             train_real = np.flatnonzero(rlab)
         else:  # a held-out half of the labelled real images
             order = np.random.default_rng(seed).permutation(np.flatnonzero(rlab))

@@ -10,8 +10,8 @@ import warnings
 import torch
 
 from fairbalance.core import claims, models, sharding, validation
-from fairbalance.generate.generation import (GenerationJob, GenerationResult, _check_shard_args, _require_own_target,
-                                    generate_plan)
+from fairbalance.generate.generation import (GenerationJob, GenerationResult, check_shard_args, require_own_target,
+                                             generate_plan)
 
 
 def _prompt_seed(seed: int, source_id: str, prompt: str, k: int) -> int:
@@ -75,7 +75,7 @@ def generate_from_captions(
     planned images (image ``i`` to shard ``i % num_shards``), as
     :func:`fairbalance.generate.generation.generate_balanced` does (see there).
     """
-    sharded = _check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
+    sharded = check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
     prompts = _plan_prompts(samples, caption_field, images_per_caption, label_field, guidance_scale,
                             num_inference_steps, batch_size)
     kwargs = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
@@ -113,7 +113,7 @@ def generate_from_captions(
 def _plan_prompts(samples, caption_field="filtered_captions", images_per_caption=1, label_field="ground_truth",
                   guidance_scale=7.5, num_inference_steps=30, batch_size=4) -> list[tuple]:
     """The checks of :func:`generate_from_captions` that need no model, and its ``(source id, prompt, label)``s."""
-    from fairbalance.find.balance import label_path
+    from fairbalance.core.fields import label_path
 
     validation.require_nonempty(samples)
     validation.require_positive_int("images_per_caption", images_per_caption)
@@ -137,6 +137,6 @@ def validate_inputs(samples, target_dataset=None, **kwargs) -> None:
     """
     import inspect
 
-    _require_own_target(samples, target_dataset)
+    require_own_target(samples, target_dataset)
     names = set(inspect.signature(_plan_prompts).parameters) - {"samples"}
     _plan_prompts(samples, **{k: v for k, v in kwargs.items() if k in names})

@@ -1,4 +1,5 @@
-"""Running fairbalance in a flow: the ``fairbalance`` command (``cli``), pipeline files
-(``pipeline``), the balance gate (``gate``), export for a trainer elsewhere (``export``) and the
-end-to-end demo (``demo``). The top layer: it may import every other subpackage.
+"""Running fairbalance in a flow: the ``fairbalance`` command (``cli``; the capabilities as commands in
+``commands``, shared with pipeline files), pipeline files (``pipeline``), the balance gate (``gate``),
+export for a trainer elsewhere (``export``) and the end-to-end demo (``demo``). The top layer: it may
+import every other subpackage.
 """

@@ -23,47 +23,12 @@ import math
 import sys
 
 from fairbalance.core import validation
+from fairbalance.ops.commands import (CAPABILITIES, SKIPPED, VIEW_PARAMS, UsageError, call_capability, capability,
+                                      load_view, progress_for_terminal, result_dict, sdk_parameters)
 
-# CLI name -> (module, SDK function), in the order a user works; new capabilities add a line
-CAPABILITIES = {
-    "audit-balance": ("fairbalance.find.audit", "audit_balance"),
-    "compute-sa-features": ("fairbalance.find.sa_features", "compute_sa_features"),
-    "compute-pseudo-labels": ("fairbalance.find.pseudo_labels", "compute_pseudo_labels"),
-    "balance-report": ("fairbalance.find.balance", "balance_report"),
-    "compute-hardness-tags": ("fairbalance.tag.hardness", "compute_hardness"),
-    "compute-captions": ("fairbalance.generate.captions", "compute_captions"),
-    "filter-captions": ("fairbalance.generate.captions", "filter_captions"),
-    "generate-from-captions": ("fairbalance.generate.text_to_image", "generate_from_captions"),
-    "train-conditional-diffusion": ("fairbalance.generate.diffusion", "train_conditional_diffusion"),
-    "generate-balanced": ("fairbalance.generate.generation", "generate_balanced"),
-    "inject-bias-conflicting": ("fairbalance.generate.diffinject", "inject_bias_conflicting"),
-    "finetune-per-group": ("fairbalance.generate.lora.finetune", "finetune_per_group"),
-    "generate-per-group": ("fairbalance.generate.lora.generation", "generate_per_group"),
-    "filter-generated": ("fairbalance.generate.filtering", "filter_generated"),
-    "train-classifier": ("fairbalance.train.classifier", "train_classifier"),
-    "apply-classifier": ("fairbalance.train.classifier", "apply_classifier"),
-    "evaluate-classifier": ("fairbalance.train.classifier", "evaluate_classifier"),
-}
-VIEW_PARAMS = {"val_samples": "val_view"}  # SDK parameters that take a view: given as a view name or tag
-SKIPPED = {"samples", "progress"}
 EXIT_OK, EXIT_GATE, EXIT_BAD_INPUT, EXIT_BUSY, EXIT_FAILURE = 0, 1, 2, 3, 4
 EXIT_CODES_HELP = ("exit codes: 0 ok, 1 a balance gate failed, 2 usage or config error (fix the input), "
                    "3 busy: in use by a running operation (retry), 4 runtime failure")
-
-
-class UsageError(validation.FairBalanceError):
-    """Bad command-line or pipeline input (exit code 2)."""
-
-
-def capability(name: str):
-    """The SDK function behind a subcommand (None when its module is not part of this install)."""
-    import importlib
-
-    module, fn = CAPABILITIES[name]
-    try:
-        return getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError):
-        return None
 
 
 def _int_or_float(text: str):
@@ -93,11 +58,6 @@ def _param_kind(param: inspect.Parameter):
     return {"type": str}, None
 
 
-def sdk_parameters(fn) -> dict[str, inspect.Parameter]:
-    """The parameters a subcommand or pipeline step takes (without ``samples`` and ``progress``)."""
-    return {n: p for n, p in inspect.signature(fn).parameters.items() if n not in SKIPPED}
-
-
 def _add_capability(sub, name: str, fn) -> None:
     doc = inspect.getdoc(fn) or ""
     parser = sub.add_parser(name, help=doc.splitlines()[0] if doc else name, description=doc,
@@ -120,65 +80,6 @@ def _add_dataset_args(parser) -> None:
     parser.add_argument("dataset", help="FiftyOne dataset name")
     parser.add_argument("--view", help="a saved view of the dataset, or a sample tag (default: all samples)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def load_view(dataset_name: str, view: str | None):
-    """The dataset, or one of its saved views, or its samples with a tag; a clear error for anything else."""
-    import fiftyone as fo
-
-    if not fo.dataset_exists(dataset_name):
-        raise UsageError(f"no dataset named '{dataset_name}' (fiftyone datasets list shows them)")
-    dataset = fo.load_dataset(dataset_name)
-    if view is None:
-        return dataset
-    if view in dataset.list_saved_views():
-        return dataset.load_saved_view(view)
-    if view in dataset.distinct("tags"):
-        return dataset.match_tags(view)
-    raise UsageError(f"'{view}' is neither a saved view nor a tag of dataset '{dataset_name}'")
-
-
-def progress_for_terminal(label: str):
-    """``None`` (FiftyOne's bars) on a terminal; elsewhere a callback that prints a line per 10%."""
-    import fiftyone as fo
-
-    if sys.stderr.isatty():
-        return None
-    state = {"last": -1}
-
-    def report(pb):
-        done = int(10 * pb.progress)
-        if done > state["last"]:
-            state["last"] = done
-            print(f"{label}: {10 * done}%", file=sys.stderr, flush=True)
-
-    return fo.report_progress(report, dt=0.0)
-
-
-def call_capability(name: str, samples, params: dict, dataset=None):
-    """Call a capability on ``samples`` with ``params`` (SDK names); views given by name are resolved."""
-    fn = capability(name)
-    if fn is None:
-        raise UsageError(f"'{name}' is not available in this install")
-    accepted = sdk_parameters(fn)
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        raise UsageError(f"{name} takes no parameter(s) {unknown}; it takes {sorted(accepted)}")
-    params = dict(params)
-    for pname in VIEW_PARAMS:
-        if isinstance(params.get(pname), str):
-            params[pname] = load_view(samples._root_dataset.name, params[pname])
-    if "progress" in inspect.signature(fn).parameters:
-        params["progress"] = progress_for_terminal(name)
-    return fn(samples, **params)
-
-
-def result_dict(result) -> dict:
-    if result is None:
-        return {}
-    if hasattr(result, "to_dict"):
-        return result.to_dict()
-    return {"result": result}
 
 
 def _print_result(result, as_json: bool) -> None:
@@ -321,9 +222,9 @@ def _queue_pipeline(pipeline, args) -> int:
 
 
 def _run_check_wordnet(args) -> int:
-    from fairbalance.find.resources import _main
+    from fairbalance.find.resources import main
 
-    return _main(["check-wordnet"])
+    return main(["check-wordnet"])
 
 
 def _summary(name: str) -> str:
@@ -389,7 +290,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     export.set_defaults(handler=_run_export)
     queue = sub.add_parser("queue-sharded", help="queue a job as N delegated operations, one per shard")
     _add_dataset_args(queue)
-    queue.add_argument("function", help="what to shard, e.g. compute_sa_features, compute_hardness, "
+    queue.add_argument("function", help="what to shard, e.g. compute_sa_features, compute_hardness_tags, "
                                         "generate_balanced")
     queue.add_argument("params", nargs="*", metavar="NAME=VALUE", help="the function's parameters (YAML values)")
     queue.add_argument("--num-shards", type=int, required=True)
@@ -408,9 +309,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name != command:
             sub.add_parser(name, help=_summary(name), add_help=False)  # listed; built fully when it is the command
             continue
-        fn = capability(name)
-        if fn is not None:
-            _add_capability(sub, name, fn)
+        _add_capability(sub, name, capability(name))
     return parser
 
 

@@ -120,9 +120,9 @@ def _runs_record(samples, run_keys: Sequence[str]) -> dict:
             continue
         config = runs.get_run_config(dataset, key)
         info = dataset.get_run_info(key)
-        record = {"config": runs._jsonable(config), "timestamp": str(info.timestamp)}
+        record = {"config": runs.jsonable(config), "timestamp": str(info.timestamp)}
         results = runs.load_run_results(dataset, key)
-        record["results"] = {k: v for k, v in runs._jsonable(results).items()
+        record["results"] = {k: v for k, v in runs.jsonable(results).items()
                              if len(json.dumps(v, default=str)) < 2000}
         model = config.get("model") or config.get("model_dir") or config.get("base_model")
         if isinstance(model, str):

@@ -134,7 +134,7 @@ def _report_with_assigned_groups(samples, label_field: str) -> tuple[BalanceRepo
     joint, how, _ = balance.assigned_joint_counts(samples, label_field)
     if how is None:
         return balance_report(samples, label_field), None
-    return balance._report(joint, label_field, None), how
+    return balance.joint_report(joint, label_field, None), how
 
 
 def _write_report(result: GateResult, folder: str) -> list[str]:

@@ -38,14 +38,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from fairbalance.core import claims, runs, validation
-from fairbalance.ops.cli import CAPABILITIES, UsageError, call_capability, load_view, result_dict, sdk_parameters
+from fairbalance.core import capabilities, claims, runs, validation
+from fairbalance.ops.commands import (CAPABILITIES, UsageError, call_capability, capability, load_view, result_dict,
+                                      sdk_parameters)
 
 TOP_LEVEL = {"dataset", "view", "name", "steps"}
 # steps that are not capabilities on samples: data creation (the pipeline's dataset), the gate, export
-DATA_STEPS = {"colored-digits": ("fairbalance.datasets.colored_digits", "colored_digits"),
-              "colored-mnist": ("fairbalance.datasets.colored_mnist", "colored_mnist")}
-OTHER_STEPS = {"check": ("fairbalance.ops.gate", "check_balance"), "export": ("fairbalance.ops.export", "export_samples")}
+# (from the capability table: step -> capability name)
+DATA_STEPS = {c.command: c.name for c in capabilities.TABLE if c.command_kind == "creates"}
+OTHER_STEPS = {c.command: c.name for c in capabilities.TABLE if c.command_kind == "own" and c.command != "run"}
 # parameter values a step accepts, checked before anything runs: (step, parameter) -> (module, constant) or values
 CHOICES = {
     ("train-classifier", "method"): ("fairbalance.train.training", "METHODS"),
@@ -66,18 +67,11 @@ WRITES_LABEL = {"compute-pseudo-labels", "audit-balance"}  # their label/attribu
 
 
 def step_function(command: str):
-    """The SDK function behind a pipeline step (None when unknown or not part of this install)."""
-    from fairbalance.ops.cli import capability
-
+    """The SDK function behind a pipeline step (None when unknown; an entry that does not import is an error)."""
     if command in CAPABILITIES:
         return capability(command)
-    module, fn = {**DATA_STEPS, **OTHER_STEPS}.get(command, (None, None))
-    if module is None:
-        return None
-    try:
-        return getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError):
-        return None
+    name = {**DATA_STEPS, **OTHER_STEPS}.get(command)
+    return None if name is None else capabilities.BY_NAME[name].load()
 
 
 def step_parameters(command: str) -> dict[str, inspect.Parameter]:

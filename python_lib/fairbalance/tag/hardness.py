@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance.core import claims, distributed, folders, models, runs, sharding, validation, writeback
+from fairbalance.core.data import LabelledSamples, class_order, labelled_samples
 from fairbalance.train import training
 
 # the settings that train the biased model: with a trained ``classifier`` they are its own, not the caller's
@@ -58,7 +59,7 @@ def shard_fields(kwargs: dict) -> list[str]:
     """The fields a sharded run with these ``compute_hardness`` arguments writes (asked by the sharding registry)."""
     import inspect
 
-    return output_fields(kwargs.get("loss_field") or inspect.signature(compute_hardness).parameters["loss_field"].default)
+    return output_fields(kwargs.get("loss_field") or inspect.signature(compute_hardness_tags).parameters["loss_field"].default)
 
 
 def loss_ranks(losses: np.ndarray, labels: np.ndarray, per_class: bool) -> np.ndarray:
@@ -120,7 +121,7 @@ def _losses(clf, paths, labels, device, batch_size, num_workers, progress=None) 
 class _Inputs:
     """What :func:`validate_inputs` checked: the real labelled samples, K, and the given classifier."""
 
-    data: training.LabelledSamples
+    data: LabelledSamples
     k: int | None
     clf: training.TrainedClassifier | None
     folder: str | None  # the given classifier's folder
@@ -140,18 +141,18 @@ def _load_given(samples, classifier, classifier_run) -> tuple[training.TrainedCl
         raise validation.FairBalanceError(f"classifier={folder!r} is not a loadable classifier: {e}") from e
 
 
-def real_labelled(samples, label_field: str, clf=None, required: bool = True) -> training.LabelledSamples:
+def real_labelled(samples, label_field: str, clf=None, required: bool = True) -> LabelledSamples:
     """The real (not generated) labelled samples, labels as indices into ``clf``'s classes when given."""
-    data = training.labelled_samples(samples, label_field).real(required)
+    data = labelled_samples(samples, label_field).real(required)
     if clf is None:
         return data
-    unknown = training.class_order({data.classes[c] for c in np.unique(data.labels)} - set(clf.classes))
+    unknown = class_order({data.classes[c] for c in np.unique(data.labels)} - set(clf.classes))
     if unknown:
         raise validation.FairBalanceError(
             f"The classifier in {clf.checkpoint} was trained on the classes {clf.classes}; '{label_field}' of this "
             f"view also has {unknown}: use a classifier trained on these labels")
     index = np.array([clf.classes.index(c) if c in clf.classes else -1 for c in data.classes])
-    return training.LabelledSamples(data.ids, data.filepaths, index[data.labels] if len(data.ids) else data.labels,
+    return LabelledSamples(data.ids, data.filepaths, index[data.labels] if len(data.ids) else data.labels,
                                     list(clf.classes), data.generated, data.num_unlabelled)
 
 
@@ -175,7 +176,7 @@ def validate_inputs(samples, label_field: str = "ground_truth", loss_field: str 
             "checkpoint folder> or classifier_run='biased'")
     clf = folder = None
     if given:
-        defaults = inspect.signature(compute_hardness).parameters
+        defaults = inspect.signature(compute_hardness_tags).parameters
         extra = [n for n in TRAINING_SETTINGS if n in settings and settings[n] != defaults[n].default]
         extra += ["output_dir"] if output_dir is not None else []
         if extra:
@@ -191,7 +192,7 @@ def validate_inputs(samples, label_field: str = "ground_truth", loss_field: str 
 
 
 @claims.exclusive
-def compute_hardness(
+def compute_hardness_tags(
     samples,
     label_field: str = "ground_truth",
     loss_field: str = "bias_loss",
@@ -314,6 +315,9 @@ def compute_hardness(
     distributed.on_main(lambda: (run.write(write),
                                  run.save_results({**result.to_dict(), "tagged_ids": tagged})))
     return result
+
+
+compute_hardness = compute_hardness_tags  # its name before the SDK name matched the App's (kept as an alias)
 
 
 def _retag(dataset, ids: list[str], hard_ids: list[str], tag: str, old_tag: str | None,

@@ -18,7 +18,7 @@ import torch
 
 from fairbalance.core import claims, distributed, folders, runs, validation, writeback
 from fairbalance.train import training
-from fairbalance.find.balance import label_path
+from fairbalance.core.fields import label_path
 from fairbalance.train.training import TrainedClassifier, load_classifier
 
 

@@ -61,7 +61,7 @@ def require_peft():
 
 
 @dataclass
-class _Base:
+class LoraBase:
     """A loaded base model: the project's conditional model or a Stable Diffusion pipeline."""
 
     kind: str  # "conditional" | "stable_diffusion"
@@ -113,17 +113,17 @@ def _fingerprint(unet: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _load_base(base_model: str, device=None, for_training: bool = False) -> _Base:
+def load_base(base_model: str, device=None, for_training: bool = False) -> LoraBase:
     kind = base_kind(base_model)
     if kind == "conditional":
         from fairbalance.generate.diffusion import load_conditional_diffusion
 
         diff = load_conditional_diffusion(base_model, device)
-        return _Base(kind, diff.folder, diff.unet, _fingerprint(diff.unet), diff=diff)
+        return LoraBase(kind, diff.folder, diff.unet, _fingerprint(diff.unet), diff=diff)
     kwargs = {"safety_checker": None, "requires_safety_checker": False}
     # LoRA layers are trained in fp32 (mixed fp16 base weights are for inference)
     pipe = _fresh_pipeline(base_model, device, torch.float32 if for_training else None, **kwargs)
-    return _Base(kind, os.fspath(base_model), pipe.unet, _fingerprint(pipe.unet), pipe=pipe)
+    return LoraBase(kind, os.fspath(base_model), pipe.unet, _fingerprint(pipe.unet), pipe=pipe)
 
 
 def _fresh_pipeline(base_model, device, dtype, **kwargs):
@@ -154,7 +154,7 @@ def activate(unet, name: str | None) -> None:
             layer.set_adapter(name)
 
 
-def _add_adapter(base: _Base, name: str, rank: int) -> None:
+def add_adapter(base: LoraBase, name: str, rank: int) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = list(CONDITIONAL_TARGETS if base.kind == "conditional" else SD_TARGETS)
@@ -168,7 +168,7 @@ def _add_adapter(base: _Base, name: str, rank: int) -> None:
     activate(base.unet, name)
 
 
-def _save_adapter(base: _Base, name: str, folder: str, meta: dict) -> int:
+def save_adapter(base: LoraBase, name: str, folder: str, meta: dict) -> int:
     """The adapter's weights (+ config) and its metadata, written to a temp folder renamed into place."""
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -180,7 +180,7 @@ def _save_adapter(base: _Base, name: str, folder: str, meta: dict) -> int:
         shutil.rmtree(tmp, ignore_errors=True)  # renamed into place on success; a failed write's half is removed
 
 
-def _write_adapter(base: _Base, name: str, folder: str, tmp: str, meta: dict) -> int:
+def _write_adapter(base: LoraBase, name: str, folder: str, tmp: str, meta: dict) -> int:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -203,7 +203,7 @@ def _write_adapter(base: _Base, name: str, folder: str, tmp: str, meta: dict) ->
     return size
 
 
-def _load_adapter(base: _Base, name: str, folder: str) -> None:
+def _load_adapter(base: LoraBase, name: str, folder: str) -> None:
     if base.kind == "stable_diffusion":
         base.pipe.load_lora_weights(folder, adapter_name=name)
         return
@@ -221,7 +221,7 @@ def _load_adapter(base: _Base, name: str, folder: str) -> None:
                                           f"({len(result.unexpected_keys)} unexpected weights)")
 
 
-def _delete_adapter(base: _Base, name: str) -> None:
+def delete_adapter(base: LoraBase, name: str) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for layer in base.unet.modules():
@@ -230,7 +230,7 @@ def _delete_adapter(base: _Base, name: str) -> None:
     getattr(base.unet, "peft_config", {}).pop(name, None)
 
 
-def _read_meta(folder: str) -> dict | None:
+def read_meta(folder: str) -> dict | None:
     path = os.path.join(folder, ADAPTER_META_FILE)
     if not os.path.isfile(path):
         return None
@@ -244,7 +244,7 @@ def _read_meta(folder: str) -> dict | None:
 # --------------------------------------------------------------------------- groups and clusters
 
 
-def _group_fields(group_field) -> list[str]:
+def group_fields(group_field) -> list[str]:
     fields = [group_field] if isinstance(group_field, str) else list(group_field or [])
     if not fields or not all(isinstance(f, str) and f for f in fields) or len(set(fields)) != len(fields):
         raise validation.FairBalanceError(
@@ -256,11 +256,11 @@ def group_key(values) -> str:
     return "|".join(str(v) for v in values)
 
 
-def _real_groups(samples, fields: list[str]):
+def real_groups(samples, fields: list[str]):
     """Real (non-generated) samples having every group field: ids, files, group keys, values; skipped count."""
     from fiftyone import ViewField as Fv
 
-    from fairbalance.find.balance import label_path
+    from fairbalance.core.fields import label_path
 
     real = samples.match(Fv("generated") != True) if samples._root_dataset.has_field("generated") else samples  # noqa
     cols = real.values(["id", "filepath"] + [label_path(samples, f) for f in fields])
@@ -270,7 +270,7 @@ def _real_groups(samples, fields: list[str]):
     return [ids[j] for j in keep], [paths[j] for j in keep], values, len(ids) - len(keep)
 
 
-def _cluster(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+def cluster_features(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     """k-means cluster of each row (fewer clusters when there are fewer rows)."""
     k = min(k, len(x))
     if k <= 1:
@@ -280,7 +280,7 @@ def _cluster(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
 
 
-def _model_condition(diff, values: dict) -> tuple[int, ...] | None:
+def model_condition(diff, values: dict) -> tuple[int, ...] | None:
     """The conditional model's (class[, attribute]) indices for a group's field values (None: not known)."""
     fields = [diff.label_field] + ([diff.attribute_field] if diff.attribute_field else [])
     tables = [diff.classes] + ([diff.attributes] if diff.attribute_field else [])
@@ -299,7 +299,7 @@ def _model_condition(diff, values: dict) -> tuple[int, ...] | None:
 class GroupAdapters:
     """A base model with its per-group adapters loaded side by side (switch with :meth:`use`)."""
 
-    base: _Base
+    base: LoraBase
     folder: str
     config: dict
     adapters: list[dict]
@@ -333,11 +333,11 @@ def load_group_adapters(adapters_dir, base_model=None, device=None) -> GroupAdap
         raise models.ModelNotFoundError(f"The adapters in {folder} are incomplete (fine-tuning was interrupted "
                                         "or is running); run finetune_per_group again to finish them")
     cfg = saved["config"]
-    base = _load_base(base_model if base_model is not None else cfg["base_model"], device)
+    base = load_base(base_model if base_model is not None else cfg["base_model"], device)
     adapters = []
     for a in saved["adapters"]:
         path = os.path.join(folder, a["name"])
-        meta = _read_meta(path)
+        meta = read_meta(path)
         if meta is None:
             raise models.ModelNotFoundError(f"Adapter {path} is missing or incomplete; run finetune_per_group again")
         if meta.get("base_fingerprint") != base.fingerprint:

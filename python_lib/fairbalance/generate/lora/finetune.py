@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance.core import claims, distributed, folders, runs, validation
-from fairbalance.train import training
-from fairbalance.generate.lora.adapters import (MANIFEST_FILE, METHODS, MIN_IMAGES_PER_GROUP, PRIOR_STEPS, _add_adapter, _Base,
-                              _cluster, _delete_adapter, _group_fields, _load_base, _model_condition, _read_meta,
-                              _real_groups, _save_adapter, activate, base_kind, group_key, require_peft)
+from fairbalance.core.data import load_images
+from fairbalance.generate.lora.adapters import (MANIFEST_FILE, METHODS, MIN_IMAGES_PER_GROUP, PRIOR_STEPS, add_adapter,
+                                                LoraBase, cluster_features, delete_adapter, group_fields, load_base,
+                                                model_condition, read_meta, real_groups, save_adapter, activate,
+                                                base_kind, group_key, require_peft)
 
 
 @dataclass
@@ -139,7 +140,7 @@ def finetune_per_group(
     validation.require_image_collection(samples)
     if method not in METHODS:
         raise validation.FairBalanceError(f"method must be one of {METHODS}, not {method!r}")
-    fields = _group_fields(group_field)
+    fields = group_fields(group_field)
     validation.require_fields(samples, fields + ([embeddings_field] if embeddings_field else []))
     for name, value in (("rank", rank), ("steps", steps), ("batch_size", batch_size),
                         ("clusters_per_group", clusters_per_group), ("min_images", min_images),
@@ -166,10 +167,10 @@ def finetune_per_group(
         raise validation.FairBalanceError(
             "prior_loss_weight applies to Stable Diffusion bases; a conditional model keeps its other "
             "conditions through the frozen base weights")
-    ids, paths, values, skipped = _real_groups(samples, fields)
+    ids, paths, values, skipped = real_groups(samples, fields)
     if not ids:
         raise validation.FairBalanceError(f"No real sample of the view has every field of {fields}")
-    base = _load_base(base_name, distributed.device(device), for_training=True)
+    base = load_base(base_name, distributed.device(device), for_training=True)
     if base.kind == "conditional":
         need = [base.diff.label_field] + ([base.diff.attribute_field] if base.diff.attribute_field else [])
         if method == "lora" and not set(need) <= set(fields):
@@ -177,7 +178,7 @@ def finetune_per_group(
                 f"method='lora' on this conditional model trains each adapter under its group's condition: "
                 f"group_field must include {need}, got {fields}")
         if method == "lora":
-            unknown = sorted({group_key(v) for v in values if _model_condition(base.diff, dict(zip(fields, v))) is None})
+            unknown = sorted({group_key(v) for v in values if model_condition(base.diff, dict(zip(fields, v))) is None})
             if unknown:
                 raise validation.FairBalanceError(
                     f"groups {unknown[:5]} have values the base model was not trained on")
@@ -194,10 +195,10 @@ def finetune_per_group(
                 raise validation.FairBalanceError(f"{len(missing)} sample(s) have no '{embeddings_field}'")
             feats = np.stack([np.asarray(emb[i], dtype=float) for i in ids])
         else:
-            feats = training.load_images(paths, _base_size(base, resolution), progress=False).flatten(1).numpy()
+            feats = load_images(paths, _base_size(base, resolution), progress=False).flatten(1).numpy()
         for gi, v in enumerate(order):
             idx = np.array(members[v])
-            cluster_of[idx] = _cluster(feats[idx], clusters_per_group, seed + gi)
+            cluster_of[idx] = cluster_features(feats[idx], clusters_per_group, seed + gi)
     plans = []
     for gi, v in enumerate(order):
         for ci in sorted(set(cluster_of[members[v]].tolist())):
@@ -246,9 +247,9 @@ def finetune_per_group(
                     "prompt": _prompt(prompt, token, group) if base.kind != "conditional" else None,
                     "condition": None}
             if base.kind == "conditional" and method == "lora":
-                meta["condition"] = list(_model_condition(base.diff, dict(zip(fields, v))))
+                meta["condition"] = list(model_condition(base.diff, dict(zip(fields, v))))
             folder = os.path.join(output_dir, name)
-            done = distributed.on_main(_read_meta, folder, share=True)  # one view of what is done
+            done = distributed.on_main(read_meta, folder, share=True)  # one view of what is done
             if done is not None and {k: done.get(k) for k in meta} == meta:
                 adapters.append({**done, "folder": folder})
                 reused += 1
@@ -256,13 +257,13 @@ def finetune_per_group(
                 continue
             t0 = time.time()
             torch.manual_seed(seed * 1_000_003 + n)  # the adapter's initial weights: the same in every process
-            _add_adapter(base, name, rank)
+            add_adapter(base, name, rank)
             _train_adapter(base, meta, [paths[j] for j in idx], steps, lr, batch_size, resolution, prior_loss_weight,
                            num_prior_images, prompt, seed * 1_000_003 + n, pb)
             seconds = time.time() - t0
             meta["seconds"] = seconds
-            meta["adapter_bytes"] = distributed.on_main(_save_adapter, base, name, folder, meta, share=True)
-            _delete_adapter(base, name)
+            meta["adapter_bytes"] = distributed.on_main(save_adapter, base, name, folder, meta, share=True)
+            delete_adapter(base, name)
             adapters.append({**meta, "folder": folder})
             trained += 1
     result = FinetuneResult(run_key, output_dir, method, base.name, base.kind, base.fingerprint, fields, rank, steps,
@@ -283,7 +284,7 @@ def _prompt(template: str, token: str | None, group: str) -> str:
     return " ".join(template.format(token=token or "", group=group).split())
 
 
-def _base_size(base: _Base, resolution: int | None) -> list[int]:
+def _base_size(base: LoraBase, resolution: int | None) -> list[int]:
     if base.kind == "conditional":
         s = base.unet.config.sample_size
         return [s, s] if isinstance(s, int) else list(s)
@@ -303,7 +304,7 @@ def _claim_adapter_folder(folder: str, config: dict, overwrite: bool) -> None:
             previous = {"unreadable": True}
     others = [d for d in (os.listdir(folder) if os.path.isdir(folder) else [])
               if d != MANIFEST_FILE and not d.startswith((folders.OWNER_FILE, folders.LIST_FILE))]
-    if previous is not None and previous != runs._jsonable(config) or previous is None and others:
+    if previous is not None and previous != runs.jsonable(config) or previous is None and others:
         if not overwrite:
             raise validation.FairBalanceError(
                 f"{folder} already holds " + ("adapters of another configuration" if previous else
@@ -326,12 +327,12 @@ def _read_manifest_complete(folder: str) -> bool:
 def _write_manifest(folder: str, config: dict, adapters: list[dict], complete: bool = True) -> None:
     tmp = os.path.join(folder, MANIFEST_FILE + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"config": runs._jsonable(config), "complete": complete,
+        json.dump({"config": runs.jsonable(config), "complete": complete,
                    "adapters": [{k: v for k, v in a.items() if k != "folder"} for a in adapters]}, f, indent=1)
     os.replace(tmp, os.path.join(folder, MANIFEST_FILE))
 
 
-def _train_adapter(base: _Base, meta: dict, paths: list[str], steps: int, lr: float, batch_size: int,
+def _train_adapter(base: LoraBase, meta: dict, paths: list[str], steps: int, lr: float, batch_size: int,
                    resolution, prior_loss_weight: float, num_prior_images: int, prompt: str, seed: int, pb) -> None:
     params = [p for p in base.unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
@@ -364,12 +365,12 @@ def _mse_share(pred, target, sh: distributed.Shard) -> torch.Tensor:
     return sh.mean(F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1))
 
 
-def _conditional_step(base: _Base, meta: dict, paths, gen, dev):
+def _conditional_step(base: LoraBase, meta: dict, paths, gen, dev):
     from diffusers import DDPMScheduler
 
     diff = base.diff
     sched = DDPMScheduler.from_pretrained(os.path.join(diff.folder, "scheduler"))
-    x = training.load_images(paths, _base_size(base, None), scale="symmetric", progress=False)
+    x = load_images(paths, _base_size(base, None), scale="symmetric", progress=False)
     net = diff.model
     null = net.condition.null(1)[0]
     cond = null if meta["condition"] is None else torch.as_tensor(meta["condition"])
@@ -396,7 +397,7 @@ def _encode_prompt(pipe, text: str, dev) -> torch.Tensor:
         return pipe.text_encoder(ids)[0]
 
 
-def _sd_step(base: _Base, meta: dict, paths, resolution, prior_loss_weight, num_prior_images, prompt, gen, dev):
+def _sd_step(base: LoraBase, meta: dict, paths, resolution, prior_loss_weight, num_prior_images, prompt, gen, dev):
     from diffusers import DDPMScheduler
 
     pipe = base.pipe
@@ -409,7 +410,7 @@ def _sd_step(base: _Base, meta: dict, paths, resolution, prior_loss_weight, num_
             return torch.cat([pipe.vae.encode(pixels[b:b + 16].to(dev)).latent_dist.sample(gen) * scale
                               for b in range(0, len(pixels), 16)])
 
-    inst = latents(training.load_images(paths, size, scale="symmetric", progress=False))
+    inst = latents(load_images(paths, size, scale="symmetric", progress=False))
     inst_text = _encode_prompt(pipe, meta["prompt"], dev)
     prior = prior_text = None
     if prior_loss_weight > 0:

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from fairbalance.core import claims, runs, sharding, validation
-from fairbalance.train import training
-from fairbalance.generate.generation import (GenerationJob, GenerationResult, _check_shard_args, _require_own_target,
-                                    generate_plan, plan_counts)
-from fairbalance.generate.lora.adapters import (GroupAdapters, _model_condition, _real_groups, activate, group_key,
-                              load_group_adapters, require_peft)
+from fairbalance.core.data import load_images
+from fairbalance.generate.generation import (GenerationJob, GenerationResult, check_shard_args, require_own_target,
+                                             generate_plan, plan_counts)
+from fairbalance.generate.lora.adapters import (GroupAdapters, model_condition, real_groups, activate, group_key,
+                                                load_group_adapters, require_peft)
 
 
 @dataclass
@@ -86,7 +86,7 @@ def generate_per_group(
     planned images (image ``i`` to shard ``i % num_shards``), as
     :func:`fairbalance.generate.generation.generate_balanced` does (see there).
     """
-    sharded = _check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
+    sharded = check_shard_args(samples, target_dataset, shard, num_shards, overwrite)
     loaded, jobs, plan, counts, setting, provenance, config = _plan_per_group(
         samples, adapters, finetune_run, base_model, mode, per_group, total, groups, source, edit_strength,
         guidance_scale, attribute_guidance_scale, guidance_reference, num_inference_steps, scheduler, height, width,
@@ -153,7 +153,7 @@ def _plan_per_group(samples, adapters=None, finetune_run=None, base_model=None, 
         if groups == "all" and sorted(fields) != sorted(need):
             raise validation.FairBalanceError(
                 f"groups='all' needs adapters grouped by exactly the model's condition fields {need}, not {fields}")
-    ids, paths, values, _ = _real_groups(samples, fields)
+    ids, paths, values, _ = real_groups(samples, fields)
     counts = {}
     for v in values:
         counts[group_key(v)] = counts.get(group_key(v), 0) + 1
@@ -183,9 +183,9 @@ def _plan_per_group(samples, adapters=None, finetune_run=None, base_model=None, 
     class_sources = {}
     if source == "edit":
         d = base.diff
-        rids, rpaths, rvals, _ = _real_groups(samples, need)
+        rids, rpaths, rvals, _ = real_groups(samples, need)
         for p, v in zip(rpaths, rvals):
-            cond = _model_condition(d, dict(zip(need, v)))
+            cond = model_condition(d, dict(zip(need, v)))
             if cond is not None:
                 class_sources.setdefault(cond[0], []).append((p, cond))
     setting = {"adapters": loaded.folder, "base_model": base.name, "base_fingerprint": base.fingerprint,
@@ -204,7 +204,7 @@ def _plan_per_group(samples, adapters=None, finetune_run=None, base_model=None, 
         sizes = np.array([a["num_images"] for a in group_adapters], dtype=float)
         shares = _split(n, sizes) if len(group_adapters) else [n]
         vals = group_values[key]
-        cond = _model_condition(base.diff, vals) if base.kind == "conditional" else None
+        cond = model_condition(base.diff, vals) if base.kind == "conditional" else None
         for ai, share in enumerate(shares):
             a = group_adapters[ai] if group_adapters else None
             ci = a["cluster"] if a else 0
@@ -230,7 +230,7 @@ def validate_inputs(samples, target_dataset=None, **kwargs) -> None:
     """The up-front checks of a sharded :func:`generate_per_group` (run by ``queue_sharded`` before queuing)."""
     import inspect
 
-    _require_own_target(samples, target_dataset)
+    require_own_target(samples, target_dataset)
     names = set(inspect.signature(_plan_per_group).parameters) - {"samples"}
     loaded = _plan_per_group(samples, **{**{k: v for k, v in kwargs.items() if k in names}, "device": "cpu"})[0]
     activate(loaded.base.unet, None)
@@ -270,7 +270,7 @@ def _conditional_renderer(loaded: GroupAdapters, provenance: dict):
             conds = [d.condition if d.condition is not None else null for d in inputs]
             init = ref = None
             if inputs[0].source is not None:
-                init = training.load_images([d.source for d in inputs], [size, size], scale="symmetric",
+                init = load_images([d.source for d in inputs], [size, size], scale="symmetric",
                                             progress=False)
                 if provenance["guidance_reference"] == "source":
                     ref = [d.source_condition for d in inputs]
