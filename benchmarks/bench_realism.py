@@ -11,7 +11,18 @@ the class) generated with each edit setting:
 - ``+inversion``: the start noise is the DDIM inversion of the source under
   its own cell (``generate_balanced(inversion=True)``);
 - ``+keep_background``: the source's background pixels copied back;
-- ``+both``.
+- ``+both``;
+- ``+both_s0.3``: both, at edit strength 0.3 (less of the source redrawn);
+- ``+both_50steps``: both, 50 DDIM steps;
+- ``+both_filter50``: both, then ``filter_generated(method="discriminator",
+  action="exclude", bottom_fraction=0.5)``: the realism of the kept half
+  (a second, independent discriminator measures it).
+
+``--build b`` is ``bench_repair.py``'s second build (another palette, noise
+0.03, another split); ``--base-model`` reuses a generator that
+``bench_repair.py`` trained on the same build and ratio (checked by its data
+fingerprint, else trained anew). ``--seeds``: discriminator seeds of the
+two-sample test (the median is reported).
 
 For each: ``measure_realism`` against the real training images (two-sample
 accuracy of a held-out MLP discriminator: 0.5 = indistinguishable; mean
@@ -20,7 +31,8 @@ as many real training images) and fidelity (digit by a colour-blind CNN,
 colour by the nearest palette colour vs the cluster's majority). Nothing here
 chooses settings: it reports them side by side.
 
-Usage: nice -n 10 python benchmarks/bench_realism.py [--ratio 0.01] [--diffusion-epochs 6] [--per-cell 8]
+Usage: nice -n 10 python benchmarks/bench_realism.py [--build a|b] [--ratio 0.01] [--diffusion-epochs 6]
+           [--per-cell 8] [--base-model DIR] [--settings edit +both ...] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -31,16 +43,22 @@ import tempfile
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 os.environ.setdefault("FIFTYONE_SHOW_PROGRESS_BARS", "false")
 
 import fairbalance as fb  # noqa: E402
-from bench_repair import arrays, digit_judge, fidelity, train_generator  # noqa: E402
+import bench_repair  # noqa: E402
+from bench_repair import BUILDS, arrays, digit_judge, fidelity, train_generator  # noqa: E402
 from fairbalance.generate.generation import generate_balanced  # noqa: E402
 
 SETTINGS = {"edit": {}, "+inversion": {"inversion": True}, "+keep_background": {"keep_background": True},
-            "+both": {"inversion": True, "keep_background": True}}
+            "+both": {"inversion": True, "keep_background": True},
+            "+both_s0.3": {"inversion": True, "keep_background": True, "edit_strength": 0.3},
+            "+both_50steps": {"inversion": True, "keep_background": True, "num_inference_steps": 50},
+            "+both_filter50": {"inversion": True, "keep_background": True}}
+FILTERED = {"+both_filter50": 0.5}  # setting -> fraction of the most separable generated images excluded
 
 
 def main():
@@ -56,44 +74,58 @@ def main():
     ap.add_argument("--judge-epochs", type=int, default=15)
     ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--build", default="a", choices=list(BUILDS))
+    ap.add_argument("--base-model", default=None, help="a generator folder bench_repair.py trained on this build")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="two-sample test seeds (median reported)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or tmp
-        ds = fb.colored_mnist(f"fb-bench-realism-{args.ratio}", conflict_ratio=args.ratio, seed=0,
-                              output_dir=os.path.join(work, "data"), overwrite=True)
+        build = BUILDS[args.build]
+        bench_repair.PALETTE = build.get("palette", bench_repair.PALETTE)
+        bench_repair.NAMES[:] = [n for n, _ in bench_repair.PALETTE]
+        ds = fb.colored_mnist(f"fb-bench-realism-{args.build}-{args.ratio}", conflict_ratio=args.ratio,
+                              output_dir=os.path.join(work, "data"), overwrite=True, **build)
         train, test = ds.match_tags("train"), ds.match_tags("test")
         judge = digit_judge(*arrays(train), epochs=args.judge_epochs)
         x_test, y_test = arrays(test)
         print(f"colour-blind digit judge: {100 * float((judge(x_test) == y_test).float().mean()):.1f}% on the real "
               "test digits", flush=True)
-        gen_args = SimpleNamespace(base_model=None, diffusion_epochs=args.diffusion_epochs,
+        gen_args = SimpleNamespace(base_model=args.base_model, diffusion_epochs=args.diffusion_epochs,
                                    diffusion_lr=args.diffusion_lr)
         model, num_clusters, t_train = train_generator(train, gen_args, work, args.ratio)
-        print(f"\n## Realism of edited cells, Colored MNIST {args.ratio:.1%} conflicting (build: dataset seed 0, "
-              f"LfF palette, noise 0.05): {num_clusters} X-means colour clusters (10 true colours); generator "
+        shown = {k: (v if k != "palette" else [n for n, _ in v]) for k, v in build.items()}
+        print(f"\n## Realism of edited cells, Colored MNIST {args.ratio:.1%} conflicting (build {args.build}: {shown}): {num_clusters} X-means colour clusters (10 true colours); generator "
               f"{args.diffusion_epochs} epochs ({t_train:.0f} s); cells filled to {args.per_cell}; edit strength "
               f"{args.edit_strength}, contrast guidance {args.attribute_guidance}, {args.steps} DDIM steps",
               flush=True)
+        print(f"two-sample accuracy: median over discriminator seeds {args.seeds}")
         print("| setting | images | two-sample acc. | intensity gen/real | background gen / real | TSTR / TRTR "
               "(unbiased test) | right digit | right colour | time |")
         print("|---|---|---|---|---|---|---|---|---|")
         for name in args.settings:
             key = "gen_" + name.strip("+").replace("-", "_")
             t0 = time.time()
+            opts = {"edit_strength": args.edit_strength, "num_inference_steps": args.steps, **SETTINGS[name]}
             res = generate_balanced(train, "ground_truth", model=model, mode="cells", per_cell=args.per_cell,
-                                    source="edit", edit_strength=args.edit_strength, guidance_scale=1.0,
+                                    source="edit", guidance_scale=1.0,
                                     attribute_guidance_scale=args.attribute_guidance,
-                                    guidance_reference="source", num_inference_steps=args.steps,
+                                    guidance_reference="source",
                                     output_dir=os.path.join(work, key), run_key=key, overwrite=True,
-                                    realism_sample=0, progress=False, **SETTINGS[name])
+                                    realism_sample=0, progress=False, **opts)
             t_gen = time.time() - t0
             from fiftyone import ViewField as Fv
 
             gen = ds.match(Fv("generation.run_key") == key)
-            real = fb.measure_realism(train, gen, "ground_truth", test_samples=test, run_key=f"realism_{key}",
-                                      overwrite=True)
+            if name in FILTERED:
+                fb.filter_generated(bench_repair.real_plus(ds, key), method="discriminator", action="exclude", bottom_fraction=FILTERED[name],
+                                    run_key=f"filter_{key}", overwrite=True, seed=0)
+                gen = gen.match(Fv("filtered_out") != True)  # noqa: E712  (the kept ones)
+            reals = [fb.measure_realism(train, gen, "ground_truth", test_samples=test, run_key=f"realism_{key}",
+                                        overwrite=True, seed=s + 1) for s in args.seeds]  # +1: not the filter's
+            real = reals[int(np.argsort([r.two_sample_accuracy for r in reals])[len(reals) // 2])]  # the median
+            res.num_added = len(gen)
             fid = fidelity(ds, train, judge, key)
             print(f"| {name} | {res.num_added} | {real.two_sample_accuracy:.3f} | {real.intensity_ratio:.2f} | "
                   f"{real.generated_statistics['background_intensity']:.3f} / "

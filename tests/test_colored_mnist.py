@@ -179,3 +179,35 @@ def test_operator_gives_the_sdk_dataset(mnist):
         assert _digest(op_ds) == _digest(mnist)
     finally:
         _drop("fb-op-cmnist")
+
+
+def test_palette_gives_each_class_its_colour(tmp_path):
+    cm = _module()
+    ds = colored_mnist("fb-cmnist-hue", conflict_ratio=0.05, num_val=10, num_test=4800,
+                       color_std=0.0, palette=cm.HUE_PALETTE, output_dir=str(tmp_path / "d"), overwrite=True)
+    try:
+        names = [n for n, _ in cm.HUE_PALETTE]
+        assert ds.classes["color"] == names
+        assert ds.info["colored_mnist"]["palette"] == [[n, list(rgb)] for n, rgb in cm.HUE_PALETTE]
+        train = ds.match_tags("train").match({"bias_aligned": True})
+        for path, gt, colour in zip(*train.values(["filepath", "ground_truth.label", "color.label"])):
+            assert colour == names[int(gt)]
+            a = np.asarray(Image.open(path), dtype=float)
+            brightest = a.reshape(-1, 3)[a.max(-1).argmax()]  # the stroke's strongest pixel: intensity x colour
+            rgb = np.array(cm.HUE_PALETTE[int(gt)][1], dtype=float)
+            assert np.abs(brightest / brightest.max() - rgb / rgb.max()).max() < 0.05
+    finally:
+        _drop(ds.name)
+
+
+@pytest.mark.parametrize("palette", [
+    CLASS_COLORS[:9],                                    # nine colours
+    [("red", (255, 0, 0))] * 10,                          # the same colour ten times
+    [(f"c{i}", (i, 0, 256)) for i in range(10)],          # channel out of 0..255
+    [(f"c{i}", (i, 0, 0.5)) for i in range(10)],          # not an integer
+    "red",
+])
+def test_bad_palette_is_refused_before_writing(palette, tmp_path):
+    with pytest.raises(FairBalanceError, match="palette"):
+        colored_mnist("fb-cmnist-badpal", palette=palette, output_dir=str(tmp_path / "d"))
+    assert not os.path.exists(tmp_path / "d") and not fo.dataset_exists("fb-cmnist-badpal")

@@ -34,6 +34,21 @@ NUM_SOURCE = 5000
 SPLITS = ("train", "val", "test")
 _MARKER = ".colored_mnist"
 
+#: A second palette of ten saturated colours (hues 36 degrees apart, full saturation and value), for a build of
+#: the benchmark whose colours differ from LfF's (issue #28: a repair must hold on a build it was not tuned on).
+HUE_PALETTE: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("red", (255, 0, 0)),
+    ("orange", (255, 153, 0)),
+    ("chartreuse", (204, 255, 0)),
+    ("green", (51, 255, 0)),
+    ("spring", (0, 255, 102)),
+    ("cyan", (0, 255, 255)),
+    ("azure", (0, 102, 255)),
+    ("violet", (51, 0, 255)),
+    ("purple", (204, 0, 255)),
+    ("rose", (255, 0, 153)),
+)
+
 
 @dataclass(frozen=True)
 class ColoredMnistConfig:
@@ -44,6 +59,7 @@ class ColoredMnistConfig:
     num_test: int = 1000
     color_std: float = 0.05
     seed: int = 0
+    palette: tuple = CLASS_COLORS  # ten (name, (r, g, b)) pairs, 0..255: the colour of digit class i is palette[i]
 
     def validate(self) -> None:
         ratio = self.conflict_ratio
@@ -61,6 +77,24 @@ class ColoredMnistConfig:
         if not isinstance(self.color_std, numbers.Real) or not self.color_std >= 0:
             raise validation.FairBalanceError(f"color_std must be >= 0, got {self.color_std!r}")
         validation.require_positive_int("seed", self.seed, minimum=0)
+        _check_palette(self.palette)
+
+
+def _check_palette(palette) -> None:
+    """Ten distinct (name, (r, g, b)) colours with 0..255 integer channels, named uniquely."""
+    try:
+        entries = [(name, tuple(rgb)) for name, rgb in palette]
+    except (TypeError, ValueError):
+        entries = None
+    ok = entries is not None and len(entries) == len(CLASS_COLORS) and all(
+        isinstance(n, str) and n.strip() and len(rgb) == 3
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and 0 <= v <= 255 for v in rgb)
+        for n, rgb in entries)
+    if not ok or len({n for n, _ in entries}) != len(entries) or len({rgb for _, rgb in entries}) != len(entries):
+        raise validation.FairBalanceError(
+            f"palette must be {len(CLASS_COLORS)} distinct (name, (r, g, b)) pairs with unique names and "
+            f"integer channels in 0..255, got {palette!r}"
+        )
 
 
 @dataclass
@@ -106,14 +140,14 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
 def plan_splits(labels: np.ndarray, cfg: ColoredMnistConfig) -> dict[str, SplitPlan]:
     """Disjoint random train/val/test source rows and each image's colour (LfF protocol)."""
     rng = np.random.default_rng(cfg.seed)
-    num_classes = len(CLASS_COLORS)
+    num_classes = len(cfg.palette)
     order = rng.permutation(len(labels))
     rows = {
         "test": order[: cfg.num_test],
         "val": order[cfg.num_test: cfg.num_test + cfg.num_val],
         "train": order[cfg.num_test + cfg.num_val:],
     }
-    palette = np.array([rgb for _, rgb in CLASS_COLORS], dtype=np.float64) / 255.0
+    palette = np.array([rgb for _, rgb in cfg.palette], dtype=np.float64) / 255.0
     plans = {}
     for split in SPLITS:
         src = np.sort(rows[split])
@@ -152,7 +186,8 @@ def _prepare_output_dir(output_dir: str, name: str) -> None:
         os.makedirs(os.path.join(output_dir, split))
 
 
-def write_samples(images: np.ndarray, plans: dict[str, SplitPlan], output_dir: str, progress=None) -> list:
+def write_samples(images: np.ndarray, plans: dict[str, SplitPlan], output_dir: str, progress=None,
+                  palette=CLASS_COLORS) -> list:
     """Render every planned image to ``<output_dir>/<split>/NNNNN.png`` and return its ``fo.Sample``.
 
     The samples carry their ``fo.ImageMetadata`` already (the same values as
@@ -174,7 +209,7 @@ def write_samples(images: np.ndarray, plans: dict[str, SplitPlan], output_dir: s
                     ),
                     tags=[split],
                     ground_truth=fo.Classification(label=str(label)),
-                    color=fo.Classification(label=CLASS_COLORS[color][0]),
+                    color=fo.Classification(label=palette[color][0]),
                     bias_aligned=bool(color == label),
                     source_index=int(src),
                 ))
@@ -190,6 +225,7 @@ def colored_mnist(
     color_std: float = 0.05,
     seed: int = 0,
     output_dir: str | None = None,
+    palette=None,
     persistent: bool = False,
     overwrite: bool = False,
     progress=None,
@@ -201,7 +237,9 @@ def colored_mnist(
     the 10 colours, independent of the digit) and the rest for training
     (class colour, except ``round(conflict_ratio * n_train)`` images, chosen at
     random, painted with another class's colour). Every colour gets Gaussian
-    noise of std ``color_std`` (on 0..1 RGB). Images are 28x28 RGB PNGs under
+    noise of std ``color_std`` (on 0..1 RGB). ``palette`` (ten ``(name, (r, g, b))``
+    pairs, default LfF's ``CLASS_COLORS``; ``HUE_PALETTE`` is a second one) gives
+    class ``i`` the colour ``palette[i]``. Images are 28x28 RGB PNGs under
     ``output_dir`` (default ``$FAIRBALANCE_DATA_DIR/colored_mnist/<name>``).
 
     Samples get ``ground_truth`` and ``color`` (``fo.Classification``),
@@ -211,8 +249,10 @@ def colored_mnist(
     """
     import fiftyone as fo
 
-    ColoredMnistConfig(conflict_ratio, num_val, num_test, color_std, seed).validate()
-    cfg = ColoredMnistConfig(float(conflict_ratio), int(num_val), int(num_test), float(color_std), int(seed))
+    palette = CLASS_COLORS if palette is None else palette
+    ColoredMnistConfig(conflict_ratio, num_val, num_test, color_std, seed, palette).validate()
+    palette = tuple((str(n), tuple(int(v) for v in rgb)) for n, rgb in palette)
+    cfg = ColoredMnistConfig(float(conflict_ratio), int(num_val), int(num_test), float(color_std), int(seed), palette)
     if not isinstance(name, str) or not name.strip():
         raise validation.FairBalanceError(f"name must be a non-empty string, got {name!r}")
     if fo.dataset_exists(name) and not overwrite:
@@ -225,11 +265,13 @@ def colored_mnist(
     _prepare_output_dir(output_dir, name)
     if fo.dataset_exists(name):
         fo.delete_dataset(name)
-    samples = write_samples(images, plans, output_dir, progress=progress)
+    samples = write_samples(images, plans, output_dir, progress=progress, palette=palette)
     dataset = fo.Dataset(name, persistent=persistent)
     dataset.add_samples(samples, progress=False)
-    dataset.info["colored_mnist"] = {**asdict(cfg), "output_dir": output_dir}
+    info = {**asdict(cfg), "output_dir": output_dir}
+    info["palette"] = [[n, list(rgb)] for n, rgb in palette]  # JSON-friendly
+    dataset.info["colored_mnist"] = info
     dataset.classes["ground_truth"] = [str(c) for c in range(len(CLASS_COLORS))]
-    dataset.classes["color"] = [n for n, _ in CLASS_COLORS]
+    dataset.classes["color"] = [n for n, _ in palette]
     dataset.save()
     return dataset
