@@ -108,3 +108,19 @@ def test_writeback_of_mixed_types_leaves_no_field(digits_copy):
     with pytest.raises(FairBalanceError, match="Could not write 'bad'"):
         writeback.set_values_by_id(digits_copy, mixed)
     assert not digits_copy.has_field("ok") and not digits_copy.has_field("bad")
+
+
+def test_results_rewritten_by_another_process_are_read_not_a_stale_file(digits_copy):
+    """The App server keeps its dataset in memory while a worker or a pipeline process overwrites a run's results
+    (FiftyOne then deletes the old GridFS file): reading them must give the new results, not a decode error."""
+    import subprocess
+    import sys
+
+    runs.prepare(digits_copy, "ev", "m", {}, []).write(lambda: None)
+    runs.prepare(digits_copy, "ev", "m", {}, [], overwrite=True).save_results({"accuracy": 0.1})
+    assert runs.load_run_results(digits_copy, "ev") == {"accuracy": 0.1}  # this process now holds the run doc
+    code = ("import fiftyone as fo; from fairbalance.core import runs; "
+            f"ds = fo.load_dataset({digits_copy.name!r}); "
+            "runs.prepare(ds, 'ev', 'm', {}, [], overwrite=True).save_results({'accuracy': 0.9})")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert runs.load_run_results(digits_copy, "ev") == {"accuracy": 0.9}

@@ -75,8 +75,18 @@ def get_run_config(samples, run_key: str) -> dict:
 
 
 def load_run_results(samples, run_key: str) -> dict:
-    """The stored results of a run as a plain dict (empty if none)."""
-    results = samples._root_dataset.load_run_results(run_key, cache=False)
+    """The stored results of a run as a plain dict (empty if none).
+
+    Another process (a worker, a pipeline, the App's executor) may have overwritten the results since this process
+    loaded the dataset: FiftyOne then deleted the GridFS file this process's dataset document still points to, and
+    reading it fails. The dataset document is reloaded and the read repeated once.
+    """
+    dataset = samples._root_dataset
+    try:
+        results = dataset.load_run_results(run_key, cache=False)
+    except (AttributeError, ValueError):  # FiftyOne's read of a deleted GridFS file: '' has no .decode
+        dataset.reload()
+        results = dataset.load_run_results(run_key, cache=False)
     if results is None:
         return {}
     return {k: v for k, v in results.serialize().items() if not k.startswith("_") and k != "cls"}
