@@ -49,7 +49,8 @@ class Shardable:
         return (self.load("job_view")(samples) if self.job_view else samples).values("id")
 
 
-def _default(function: str, name: str):
+def parameter_default(function: str, name: str):
+    """The default of parameter ``name`` of ``"module:function"`` (e.g. a writer's default run key)."""
     module, fn = function.split(":")
     return inspect.signature(getattr(importlib.import_module(module), fn)).parameters[name].default
 
@@ -95,7 +96,7 @@ TABLE: tuple[Capability, ...] = (
     Capability("compute_sa_features", f"{_F}.sa_features:compute_sa_features", "1 find", "compute-sa-features",
                shard=Shardable(
                    f"{_F}.sa_features:compute_sa_features", "sa_features",
-                   lambda kw: [kw.get("features_field") or _default(f"{_F}.sa_features:compute_sa_features",
+                   lambda kw: [kw.get("features_field") or parameter_default(f"{_F}.sa_features:compute_sa_features",
                                                                       "features_field")],
                    f"{_F}.sa_features:merge_shards",
                    then={"compute_pseudo_labels": (f"{_F}.pseudo_labels:compute_pseudo_labels",
@@ -119,7 +120,7 @@ TABLE: tuple[Capability, ...] = (
     Capability("compute_captions", f"{_G}.captions:compute_captions", "3 generate", "compute-captions",
                shard=Shardable(
                    f"{_G}.captions:compute_captions", "captions",
-                   lambda kw: [kw.get("caption_field") or _default(f"{_G}.captions:compute_captions",
+                   lambda kw: [kw.get("caption_field") or parameter_default(f"{_G}.captions:compute_captions",
                                                                      "caption_field")],
                    f"{_G}.captions:merge_shards")),
     Capability("filter_captions", f"{_G}.captions:filter_captions", "3 generate", "filter-captions"),

@@ -38,7 +38,7 @@ from fairbalance.core import claims, runs, validation
 from fairbalance.core.jobs import COLLECTION, delete_job, get_job  # noqa: F401  (the job documents' store)
 from fairbalance.core.jobs import collection as _collection
 from fairbalance.core.jobs import job_id as _job_id
-from fairbalance.core.capabilities import SHARDABLE, Shardable  # noqa: F401  (the table is in capabilities)
+from fairbalance.core.capabilities import SHARDABLE, Shardable, parameter_default  # noqa: F401  (the table is in capabilities)
 
 PENDING_METHOD = "sharded_job"
 OPERATOR_URI = "@fairbalance/fairbalance/compute_shard"
@@ -536,7 +536,7 @@ def require_same_weights_everywhere(function: str, kwargs: dict) -> None:
 def _job_run_key(arguments: dict) -> dict:
     """The run a ``queue_sharded`` call records: ``{run key: method}`` (checked first by :func:`runs.writer`)."""
     spec = shardable(arguments["function"])
-    key = arguments["run_key"] or _default(spec.function, "run_key")
+    key = arguments["run_key"] or parameter_default(spec.function, "run_key")
     dataset = getattr(arguments["samples"], "_root_dataset", None)
     if dataset is not None and isinstance(key, str) and dataset.has_run(key):
         cfg = runs.get_run_config(dataset, key)

@@ -729,8 +729,7 @@ def run_generation(jobs: Sequence[GenerationJob], target, render: Callable[[list
     from PIL import Image
 
     added: dict[str, int] = {}
-    if jobs:
-        _declare_fields(target, jobs, provenance)
+    declared = False
     with fou.ProgressBar(total=len(jobs), progress=progress) as pb:
         for b in range(0, len(jobs), batch_size):
             batch = list(jobs[b: b + batch_size])
@@ -749,6 +748,9 @@ def run_generation(jobs: Sequence[GenerationJob], target, render: Callable[[list
                         if os.path.exists(tmp):
                             os.remove(tmp)
                         raise
+            if not declared:  # the schema before the first sample (after the first images: a failed render adds none)
+                _declare_fields(target, jobs, provenance)
+                declared = True
             paths = [j.filepath for j in batch]
             present = set(target.match(Fv("filepath").is_in(paths)).values("filepath"))
             new = [fo.Sample(filepath=j.filepath, tags=list(tags), generated=True,
