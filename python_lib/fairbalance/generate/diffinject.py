@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from fairbalance.core import claims, runs, sharding, validation
 from fairbalance.core.data import labelled_samples, load_images
-from fairbalance.generate.diffusion import ConditionalDiffusionModel, load_conditional_diffusion
+from fairbalance.generate.diffusion_model import ConditionalDiffusionModel, load_conditional_diffusion
 from fairbalance.generate.generation import (GenerationJob, GenerationResult, check_shard_args, require_own_target,
                                              generate_plan)
 

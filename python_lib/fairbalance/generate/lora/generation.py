@@ -111,7 +111,7 @@ def _plan_per_group(samples, adapters=None, finetune_run=None, base_model=None, 
 
     Returns ``(adapters, jobs, planned, counts_before, setting, provenance, run config)``.
     """
-    from fairbalance.generate.diffusion import validate_sampling
+    from fairbalance.generate.diffusion_sampling import validate_sampling
 
     require_peft()
     validation.require_nonempty(samples)
@@ -256,7 +256,7 @@ def _runs_by_adapter(batch):
 
 
 def _conditional_renderer(loaded: GroupAdapters, provenance: dict):
-    from fairbalance.generate.diffusion import sample_images
+    from fairbalance.generate.diffusion_sampling import sample_images
 
     diff = loaded.base.diff
     size = diff.unet.config.sample_size
