@@ -125,22 +125,8 @@ def train_conditional_diffusion(
     ``cond_drop_prob=1.0`` drops every condition: an unconditional model
     (the paper's), still saved and sampled through the same API.
     """
-    validation.require_nonempty(samples)
-    validation.require_image_collection(samples)
-    validation.require_seed(seed)
-    validation.require_device(device)
-    if image_size is not None:
-        validation.require_positive_int("image_size", image_size, minimum=8)
-    if (isinstance(block_out_channels, (str, bytes)) or not hasattr(block_out_channels, "__len__")
-            or not block_out_channels):
-        raise validation.FairBalanceError(
-            f"block_out_channels must be a non-empty sequence of channel counts, e.g. (32, 64, 64), got "
-            f"{block_out_channels!r}")
-    for c in block_out_channels:
-        validation.require_positive_int("block_out_channels", c)
-    validation.require_positive_int("layers_per_block", layers_per_block)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        validation.require_positive_int(name, value)
+    _check_model_args(samples, seed, device, image_size, block_out_channels, layers_per_block, epochs, batch_size,
+                      checkpoint_every)
     data, y, attributes = _factor_labels(samples, label_field, attribute_field)
     classes = data.classes
     if len(classes) < 2 and not attribute_field:
@@ -151,28 +137,16 @@ def train_conditional_diffusion(
         raise validation.FairBalanceError(
             f"image size {size[0]}x{size[1]} does not fit a {len(block_out_channels)}-level UNet: pass a square "
             f"image_size divisible by {levels}")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        validation.require_positive_int(name, value)
     distributed.setup(device)
     if batch_size % distributed.world_size():
         raise validation.FairBalanceError(
             f"batch_size {batch_size} (the global batch) must be a multiple of the {distributed.world_size()} "
             "processes it is split over")
-    if not (np.isfinite(lr) and lr > 0) or not 0 <= cond_drop_prob <= 1:
-        raise validation.FairBalanceError("lr must be > 0 and cond_drop_prob in [0, 1] (1 = unconditional)")
-    if loss_weighting not in LOSS_WEIGHTINGS:
-        raise validation.FairBalanceError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, not {loss_weighting!r}")
-    for name, value in (("p2_gamma", p2_gamma), ("p2_k", p2_k)):
-        if isinstance(value, bool) or not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
-            raise validation.FairBalanceError(f"{name} must be a finite number >= 0, got {value!r}")
-    if loss_weighting == "p2" and p2_k == 0 and p2_gamma > 0:
-        raise validation.FairBalanceError("p2_k must be > 0 with loss_weighting='p2' (1 / SNR^gamma is unbounded)")
-    fingerprint = hashlib.sha1("\n".join(sorted(
-        f"{p}\t{classes[r[0]]}" + (f"\t{attributes[r[1]]}" if attributes else "")
-        for p, r in zip(data.filepaths, y))).encode())
+    _check_loss_args(lr, cond_drop_prob, loss_weighting, p2_gamma, p2_k)
     cfg = DiffusionTrainConfig(label_field, classes, attribute_field, attributes, size[0], epochs, batch_size, lr,
                                cond_drop_prob, tuple(block_out_channels), layers_per_block, seed=seed,
-                               checkpoint_every=checkpoint_every, data_fingerprint=fingerprint.hexdigest(),
+                               checkpoint_every=checkpoint_every,
+                               data_fingerprint=_data_fingerprint(data.filepaths, y, classes, attributes),
                                loss_weighting=loss_weighting, p2_gamma=float(p2_gamma), p2_k=float(p2_k))
     dataset = samples._root_dataset
     output_dir = os.path.abspath(output_dir or folders.default_folder("diffusion", dataset.name, run_key))
@@ -197,15 +171,44 @@ def train_conditional_diffusion(
         if stored.get("steps") == step:  # its record stays as it is (it describes the training that was done)
             names = [f.name for f in dataclasses.fields(DiffusionTrainResult)]
             return DiffusionTrainResult(**{name: stored.get(name) for name in names})
-    counts = np.bincount(y[:, 0], minlength=len(classes))
-    small = {classes[c]: int(n) for c, n in enumerate(counts) if n < MIN_IMAGES_PER_CLUSTER}
-    result = DiffusionTrainResult(
-        run_key, output_dir, step, start_step,
-        float(np.mean(losses[-max(1, math.ceil(len(y) / batch_size)):])) if losses else None,
-        {classes[c]: int(n) for c, n in enumerate(counts)}, small, _cell_sizes(y, classes, attributes),
-        data.num_unlabelled)
+    result = _train_result(run_key, output_dir, step, start_step, losses, y, classes, attributes, batch_size,
+                           data.num_unlabelled)
     distributed.on_main(lambda: (run.write(lambda: None), run.save_results(result.to_dict())))
     return result
+
+
+def _check_model_args(samples, seed, device, image_size, block_out_channels, layers_per_block, epochs, batch_size,
+                      checkpoint_every) -> None:
+    """The view, the seed, the device and the UNet's shape, before any image is read."""
+    validation.require_nonempty(samples)
+    validation.require_image_collection(samples)
+    validation.require_seed(seed)
+    validation.require_device(device)
+    if image_size is not None:
+        validation.require_positive_int("image_size", image_size, minimum=8)
+    if (isinstance(block_out_channels, (str, bytes)) or not hasattr(block_out_channels, "__len__")
+            or not block_out_channels):
+        raise validation.FairBalanceError(
+            f"block_out_channels must be a non-empty sequence of channel counts, e.g. (32, 64, 64), got "
+            f"{block_out_channels!r}")
+    for c in block_out_channels:
+        validation.require_positive_int("block_out_channels", c)
+    validation.require_positive_int("layers_per_block", layers_per_block)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        validation.require_positive_int(name, value)
+
+
+def _check_loss_args(lr, cond_drop_prob, loss_weighting, p2_gamma, p2_k) -> None:
+    """The learning rate, the condition dropout and the loss weighting (P2's gamma and k)."""
+    if not (np.isfinite(lr) and lr > 0) or not 0 <= cond_drop_prob <= 1:
+        raise validation.FairBalanceError("lr must be > 0 and cond_drop_prob in [0, 1] (1 = unconditional)")
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise validation.FairBalanceError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, not {loss_weighting!r}")
+    for name, value in (("p2_gamma", p2_gamma), ("p2_k", p2_k)):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+            raise validation.FairBalanceError(f"{name} must be a finite number >= 0, got {value!r}")
+    if loss_weighting == "p2" and p2_k == 0 and p2_gamma > 0:
+        raise validation.FairBalanceError("p2_k must be > 0 with loss_weighting='p2' (1 / SNR^gamma is unbounded)")
 
 
 @dataclass
@@ -227,6 +230,25 @@ class DiffusionTrainResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _train_result(run_key, output_dir, step, start_step, losses, y, classes, attributes, batch_size,
+                  num_unlabelled) -> DiffusionTrainResult:
+    """The figures of a training: steps, the last epoch's mean loss, images per cluster (and per cell)."""
+    counts = np.bincount(y[:, 0], minlength=len(classes))
+    small = {classes[c]: int(n) for c, n in enumerate(counts) if n < MIN_IMAGES_PER_CLUSTER}
+    return DiffusionTrainResult(
+        run_key, output_dir, step, start_step,
+        float(np.mean(losses[-max(1, math.ceil(len(y) / batch_size)):])) if losses else None,
+        {classes[c]: int(n) for c, n in enumerate(counts)}, small, _cell_sizes(y, classes, attributes),
+        num_unlabelled)
+
+
+def _data_fingerprint(filepaths, y: np.ndarray, classes, attributes) -> str:
+    """A hash of the training images and their labels: a rerun resumes only on the same data."""
+    return hashlib.sha1("\n".join(sorted(
+        f"{p}\t{classes[r[0]]}" + (f"\t{attributes[r[1]]}" if attributes else "")
+        for p, r in zip(filepaths, y))).encode()).hexdigest()
 
 
 def _cell_sizes(y: np.ndarray, classes, attributes) -> dict | None:
@@ -327,18 +349,8 @@ def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir
     model, opt, loader = accelerator.prepare(model, opt, loader)
     ema.to(accelerator.device)
     state_dir = os.path.join(output_dir, STATE_DIR)
-    start_step = 0
     latest = _latest_checkpoint(state_dir) if resume else None
-    if latest is not None:
-        try:
-            checkpoint_dir, start_step = latest
-            accelerator.load_state(checkpoint_dir)
-            # tensors and numbers only: a pickle planted in the (user-writable) folder is refused, never run
-            ema.load_state_dict(torch.load(os.path.join(checkpoint_dir, "ema.pt"), weights_only=True))
-        except Exception as e:  # a truncated or foreign checkpoint: one clear message
-            raise validation.FairBalanceError(
-                f"The training checkpoint in {state_dir} is corrupt ({type(e).__name__}: {e}); delete that folder "
-                "or pass overwrite=True to start over") from e
+    start_step = _resume(accelerator, ema, state_dir, latest)
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
     step, losses = start_step, []
@@ -382,23 +394,7 @@ def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir
             for xb, yb in accelerator.skip_first_batches(loader, skip) if skip else loader:
                 if step >= total_steps:
                     break
-                # this process's rows of the global batch, and their rows of noise drawn for all of it
-                part = slice(rank * len(xb), (rank + 1) * len(xb))
-                gen = _step_generator(cfg.seed, step)
-                n = len(xb) * nproc
-                noise = torch.randn((n,) + tuple(xb.shape[1:]), generator=gen)[part].to(xb.device)
-                t = torch.randint(0, cfg.num_train_timesteps, (n,), generator=gen)[part].to(xb.device)
-                drop = (torch.rand((n,) + tuple(yb.shape[1:]), generator=gen)[part] < cfg.cond_drop_prob).to(yb.device)
-                labels = torch.where(drop, null.to(yb.device).expand_as(yb), yb)
-                noisy = scheduler.add_noise(xb, noise, t)
-                with accelerator.autocast():
-                    pred = model(noisy, t, labels)
-                target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(xb, noise, t)
-                if cfg.loss_weighting == "p2":
-                    loss = (F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                            * _p2_weights(scheduler, t, cfg)).mean()
-                else:
-                    loss = F.mse_loss(pred.float(), target.float())
+                loss = _batch_loss(model, scheduler, accelerator, cfg, xb, yb, step, null, nproc, rank)
                 accelerator.backward(loss)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -412,3 +408,41 @@ def _fit(cfg: DiffusionTrainConfig, x: torch.Tensor, y: torch.Tensor, output_dir
     if saved_step != step:
         checkpoint()
     return step, start_step, losses
+
+
+def _resume(accelerator, ema, state_dir: str, latest: tuple[str, int] | None) -> int:
+    """Load the last complete checkpoint (when resuming from one) into the prepared model, optimizer and EMA; its
+    step (0 without one)."""
+    if latest is None:
+        return 0
+    try:
+        checkpoint_dir, start_step = latest
+        accelerator.load_state(checkpoint_dir)
+        # tensors and numbers only: a pickle planted in the (user-writable) folder is refused, never run
+        ema.load_state_dict(torch.load(os.path.join(checkpoint_dir, "ema.pt"), weights_only=True))
+    except Exception as e:  # a truncated or foreign checkpoint: one clear message
+        raise validation.FairBalanceError(
+            f"The training checkpoint in {state_dir} is corrupt ({type(e).__name__}: {e}); delete that folder "
+            "or pass overwrite=True to start over") from e
+    return start_step
+
+
+def _batch_loss(model, scheduler, accelerator, cfg: DiffusionTrainConfig, xb: torch.Tensor, yb: torch.Tensor,
+                step: int, null: torch.Tensor, nproc: int, rank: int) -> torch.Tensor:
+    """One step's loss on this process's rows of the global batch, with their rows of the noise, timesteps and
+    condition drops drawn for all of it (a function of the seed and the step alone)."""
+    part = slice(rank * len(xb), (rank + 1) * len(xb))
+    gen = _step_generator(cfg.seed, step)
+    n = len(xb) * nproc
+    noise = torch.randn((n,) + tuple(xb.shape[1:]), generator=gen)[part].to(xb.device)
+    t = torch.randint(0, cfg.num_train_timesteps, (n,), generator=gen)[part].to(xb.device)
+    drop = (torch.rand((n,) + tuple(yb.shape[1:]), generator=gen)[part] < cfg.cond_drop_prob).to(yb.device)
+    labels = torch.where(drop, null.to(yb.device).expand_as(yb), yb)
+    noisy = scheduler.add_noise(xb, noise, t)
+    with accelerator.autocast():
+        pred = model(noisy, t, labels)
+    target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(xb, noise, t)
+    if cfg.loss_weighting == "p2":
+        return (F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                * _p2_weights(scheduler, t, cfg)).mean()
+    return F.mse_loss(pred.float(), target.float())
