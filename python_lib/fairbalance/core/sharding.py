@@ -209,10 +209,6 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
     ``features_field`` is the job's), or a list of those.
     ``kwargs`` are ``function``'s own (JSON-serializable) arguments.
     """
-    import fiftyone.operators.delegated as food
-    from bson import ObjectId
-    from fiftyone.operators.executor import ExecutionResult, ExecutionRunState
-
     spec = shardable(function)
     fn = spec.load()
     num_shards = validation.require_positive_int("num_shards", num_shards)
@@ -268,8 +264,22 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
     if job.get("merged"):  # done, or its follow-ups left to run (their process died): a merge operation runs them
         merge_op = None if follow_ups_done(job) else _queue_op(samples, {**base, "merge": True})
         return ShardedJob(run_key, function, num_shards, {}, {}, merge_op)
+    queued, requeued = _queue_unfinished_shards(samples, job, base, run_key, orphan_after_s)
+    merge_op = None
+    if all(s["state"] == "done" for s in job["shards"].values()):
+        merge_op = _queue_op(samples, {**base, "merge": True})
+    return ShardedJob(run_key, function, num_shards, queued, requeued, merge_op)
+
+
+def _queue_unfinished_shards(samples, job: dict, base: dict, run_key: str, orphan_after_s: float):
+    """Queue every shard not done, not queued and not run by a live worker (a RUNNING operation whose worker is gone
+    is marked FAILED first); the shards queued and those queued again (shard -> operation id)."""
+    import fiftyone.operators.delegated as food
+    from bson import ObjectId
+    from fiftyone.operators.executor import ExecutionResult, ExecutionRunState
+
     svc = food.DelegatedOperationService()
-    live = {c["_id"].rsplit(":", 1)[1] for c in _live_shard_claims(dataset, run_key)}
+    live = {c["_id"].rsplit(":", 1)[1] for c in _live_shard_claims(samples._root_dataset, run_key)}
     queued, requeued = {}, {}
     for key, state in sorted(job["shards"].items(), key=lambda kv: int(kv[0])):
         if state["state"] == "done" or key in live:  # done, or a live worker runs it now
@@ -290,10 +300,7 @@ def queue_sharded(samples, function: str, num_shards: int, run_key: str | None =
         _collection().update_one({"_id": job["_id"]}, {"$set": {f"shards.{key}.op_id": op_id,
                                                                  f"shards.{key}.state": "queued"}})
         queued[int(key)] = op_id
-    merge_op = None
-    if all(s["state"] == "done" for s in job["shards"].values()):
-        merge_op = _queue_op(samples, {**base, "merge": True})
-    return ShardedJob(run_key, function, num_shards, queued, requeued, merge_op)
+    return queued, requeued
 
 
 def sharded_status(samples, run_key: str) -> dict:
