@@ -69,6 +69,39 @@ def test_inversion_then_reverse_reconstructs(digits, model):
     assert errors[50] < 0.15 * other, (errors, other)
 
 
+def _diffusers_inversion(diff, path, x0, **config):
+    """x_T by diffusers' ``DDIMInverseScheduler`` over the same grid, the model without its condition."""
+    from diffusers import DDIMInverseScheduler
+
+    inv = DDIMInverseScheduler.from_pretrained(os.path.join(diff.folder, "scheduler"), **config)
+    inv.set_timesteps(len(path.timesteps))
+    assert [int(t) for t in inv.timesteps] == path.timesteps[::-1]  # the reverse pass's grid, ascending
+    x, labels = x0.to(path.device).float(), path.null(len(x0))
+    with torch.inference_mode():
+        for t in inv.timesteps:
+            x = inv.step(path.net(x, t.to(path.device), labels).float(), t, x).prev_sample
+    return x
+
+
+def test_inversion_reconstructs_no_worse_than_diffusers_ddim_inverse_scheduler(digits, model):
+    """Issue 23: DDIM inversion stays ours (``hspace.ddim_invert``) only while it reconstructs at least as well as
+    diffusers' ``DDIMInverseScheduler``: configured at its best (``clip_sample=False``, ``set_alpha_to_one=False``)
+    that one is within 0.3% of ours, slightly worse; with the defaults it reads from our scheduler folder
+    (``clip_sample=True``, ``set_alpha_to_one=True``) it is ten times worse at 50 steps."""
+    diff = load_conditional_diffusion(model)
+    x = _load(digits.match_tags("train").values("filepath")[:8])
+    with di.HSpaceHook(diff.unet) as hook:
+        def error(path, x_t):
+            return float((di.ddim_reverse(path, hook, x_t) - x).abs().mean())
+
+        for steps in (15, 50):
+            path = di.DDIMPath(diff, steps)
+            ours = error(path, di.ddim_invert(path, x))
+            best = error(path, _diffusers_inversion(diff, path, x, clip_sample=False, set_alpha_to_one=False))
+            assert ours <= best * 1.001, (steps, ours, best)
+        assert 2 * ours < error(path, _diffusers_inversion(diff, path, x)), ours  # its defaults, 50 steps
+
+
 def test_slerp_h():
     a, b = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     assert torch.allclose(di.slerp_h(a, b, 0.0), a, atol=1e-6)

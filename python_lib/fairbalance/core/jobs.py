@@ -1,6 +1,6 @@
 """The job documents of sharded runs: one per run key, in the ``fairbalance_shards`` collection.
 
-Kept apart from :mod:`fairbalance.core.sharding` (which writes them) so that
+Kept apart from :mod:`fairbalance.core.shards` (which writes them) so that
 :func:`fairbalance.core.runs.delete_run` can forget a run's job without
 importing the sharding machinery (no import cycle).
 """

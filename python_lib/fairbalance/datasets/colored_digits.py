@@ -199,12 +199,7 @@ def colored_digits(
         num_classes, train_per_class, test_per_class, conflict_ratio, image_size, color_std, seed=seed
     )
     cfg.validate()
-    color_probs = None
-    if color_distribution is not None:
-        w = np.asarray(color_distribution, dtype=float)
-        if w.shape != (num_classes,) or np.any(w < 0) or w.sum() <= 0:
-            raise validation.FairBalanceError(f"color_distribution needs {num_classes} non-negative weights")
-        color_probs = w / w.sum()
+    color_probs = _color_probs(color_distribution, num_classes)
     if fo.dataset_exists(name):
         if not overwrite:
             raise validation.FairBalanceError(f"Dataset '{name}' already exists; pass overwrite=True to rebuild it")
@@ -225,19 +220,7 @@ def colored_digits(
         ),
     }
 
-    marker = os.path.join(output_dir, ".colored_digits")
-    if any(os.path.exists(os.path.join(output_dir, s)) for s in plans) and not os.path.isfile(marker):
-        raise validation.FairBalanceError(
-            f"{output_dir} already holds train/ or test/ folders not written by colored_digits; choose another output_dir"
-        )
-    if fo.dataset_exists(name):
-        fo.delete_dataset(name)
-    os.makedirs(output_dir, exist_ok=True)
-    with open(marker, "w") as f:
-        f.write(name + "\n")
-    for split in plans:
-        shutil.rmtree(os.path.join(output_dir, split), ignore_errors=True)
-        os.makedirs(os.path.join(output_dir, split))
+    _replace_dataset_and_folders(name, output_dir, plans)
 
     samples = []
     total = sum(len(p) for p in plans.values())
@@ -271,3 +254,33 @@ def colored_digits(
     dataset.save()
     dataset.compute_metadata(progress=False)
     return dataset
+
+
+def _color_probs(color_distribution, num_classes: int) -> np.ndarray | None:
+    """The training colours' distribution (``color_distribution`` normalised), checked; None when not given."""
+    if color_distribution is None:
+        return None
+    w = np.asarray(color_distribution, dtype=float)
+    if w.shape != (num_classes,) or np.any(w < 0) or w.sum() <= 0:
+        raise validation.FairBalanceError(f"color_distribution needs {num_classes} non-negative weights")
+    return w / w.sum()
+
+
+def _replace_dataset_and_folders(name: str, output_dir: str, plans: dict) -> None:
+    """Refuse split folders this function did not write (no marker); else delete the old dataset and make the
+    folder (with its marker) and empty split folders."""
+    import fiftyone as fo
+
+    marker = os.path.join(output_dir, ".colored_digits")
+    if any(os.path.exists(os.path.join(output_dir, s)) for s in plans) and not os.path.isfile(marker):
+        raise validation.FairBalanceError(
+            f"{output_dir} already holds train/ or test/ folders not written by colored_digits; choose another output_dir"
+        )
+    if fo.dataset_exists(name):
+        fo.delete_dataset(name)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(marker, "w") as f:
+        f.write(name + "\n")
+    for split in plans:
+        shutil.rmtree(os.path.join(output_dir, split), ignore_errors=True)
+        os.makedirs(os.path.join(output_dir, split))

@@ -111,19 +111,7 @@ def compute_sa_features(
     new, failures = embeddings.compute_missing(
         samples, embeddings_field, clip, batch_size, num_workers, skip_failures, progress
     )
-    ids, stored, _ = (embeddings.load(samples, embeddings_field)
-                      if samples._root_dataset.has_field(embeddings_field) else ([], None, []))
-    row = {i: j for j, i in enumerate(ids)}  # stored embedding of each sample; a new one takes precedence
-    target_ids = [i for i in samples.values("id") if i in new or i in row]
-    if not target_ids:
-        raise validation.FairBalanceError("No image could be encoded; nothing written")
-    text_emb = clip.encode_text([prompt_template.format(r["text"]) for r in texts["related_texts"]]).numpy()
-    # chunk by chunk, so that the embeddings are never copied whole (1M x 512 float32 is 2 GB)
-    features = np.empty((len(target_ids), len(text_emb)), dtype=np.float32)
-    for s in range(0, len(target_ids), FEATURES_CHUNK):
-        block = np.stack([new[i] if i in new else stored[row[i]] for i in target_ids[s : s + FEATURES_CHUNK]])
-        features[s : s + len(block)] = embeddings.normalize(block) @ text_emb.T
-    del stored, row
+    target_ids, features = _features(samples, embeddings_field, new, clip, texts, prompt_template)
 
     def write():
         embeddings.write(samples, embeddings_field, new, clip)
@@ -146,6 +134,24 @@ def compute_sa_features(
     )
     run.save_results({k: v for k, v in result.to_dict().items() if k != "run_key"})
     return result
+
+
+def _features(samples, embeddings_field, new: dict, clip, texts: dict, prompt_template: str):
+    """The ids with an embedding (a new one takes precedence over a stored one) and their SA features: cosine
+    similarities of each image embedding to the related texts."""
+    ids, stored, _ = (embeddings.load(samples, embeddings_field)
+                      if samples._root_dataset.has_field(embeddings_field) else ([], None, []))
+    row = {i: j for j, i in enumerate(ids)}  # stored embedding of each sample; a new one takes precedence
+    target_ids = [i for i in samples.values("id") if i in new or i in row]
+    if not target_ids:
+        raise validation.FairBalanceError("No image could be encoded; nothing written")
+    text_emb = clip.encode_text([prompt_template.format(r["text"]) for r in texts["related_texts"]]).numpy()
+    # chunk by chunk, so that the embeddings are never copied whole (1M x 512 float32 is 2 GB)
+    features = np.empty((len(target_ids), len(text_emb)), dtype=np.float32)
+    for s in range(0, len(target_ids), FEATURES_CHUNK):
+        block = np.stack([new[i] if i in new else stored[row[i]] for i in target_ids[s : s + FEATURES_CHUNK]])
+        features[s : s + len(block)] = embeddings.normalize(block) @ text_emb.T
+    return target_ids, features
 
 
 def validate_inputs(samples, attribute=None, attribute_values=None, related_texts_override=None,

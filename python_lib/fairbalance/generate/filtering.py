@@ -79,25 +79,65 @@ def filter_generated(
     scaled to mean 1 over the generated samples (their total weight stays
     their count). The run's results hold the two-sample accuracy.
     """
+    from fairbalance.find import embeddings
+
+    spec, path, gen, real, texts = _check_inputs(samples, label_field, embeddings_field, score_field, tag, threshold,
+                                                 bottom_fraction, method, texts, action, exclude_field, weight_field,
+                                                 folds, epochs, max_weight)
+    extra = [exclude_field] if action == "exclude" else [weight_field] if action == "weight" else []
+    run = runs.prepare(samples, run_key, "filter_generated", _run_config(
+        label_field, embeddings_field, threshold, bottom_fraction, tag, spec, method, texts, action, exclude_field,
+        weight_field, folds, epochs, max_weight, seed), [score_field] + extra, overwrite)
+    scores, separability, clip, new = _scores(method, real, gen, path, spec, texts, embeddings_field, batch_size,
+                                              folds, epochs, seed, device, progress)
+    dataset = samples._root_dataset
+    previous_tag = previous_tagged = None
+    if dataset.has_run(run_key):
+        previous_tag = runs.get_run_config(dataset, run_key).get("tag")
+        previous_tagged = runs.load_run_results(dataset, run_key).get("tagged_ids")
+    if not scores:
+        raise validation.FairBalanceError("No generated sample has a cluster with real embeddings to compare to")
+    values = np.array(list(scores.values()))
+    cut, low, weights = _cut_and_weights(scores, values, threshold, bottom_fraction, method, max_weight)
+    low_set = set(low)
+
+    def write():
+        if clip is not None:
+            embeddings.write(gen, embeddings_field, new, clip)
+        scored = gen.select(list(scores))
+        scored.set_values(score_field, scores, key_field="id")
+        if action == "exclude":
+            scored.set_values(exclude_field, {i: i in low_set for i in scores}, key_field="id")
+        elif action == "weight":
+            scored.set_values(weight_field, weights, key_field="id")
+        if previous_tag and previous_tagged:  # only what this run tagged before, never other samples
+            samples._root_dataset.select(previous_tagged).untag_samples(previous_tag)
+        had = set(samples._root_dataset.select(low).match_tags(tag).values("id")) if low else set()
+        tagged[:] = [i for i in low if i not in had]  # a user's own tag is not this run's to remove later
+        samples.select(low).tag_samples(tag)
+
+    tagged: list[str] = []
+    run.write(write)
+    result = FilterResult(run_key, score_field, tag, len(scores), len(low), cut, float(values.mean()), action,
+                          exclude_field if action == "exclude" else None, weight_field if action == "weight" else None,
+                          len(low) if action == "exclude" else 0,
+                          float(np.mean(list(weights.values()))) if action == "weight" else None, separability)
+    run.save_results({**result.to_dict(), "tagged_ids": tagged})
+    return result
+
+
+def _check_inputs(samples, label_field, embeddings_field, score_field, tag, threshold, bottom_fraction, method, texts,
+                  action, exclude_field, weight_field, folds, epochs, max_weight):
+    """Every input checked before anything is written; the embedding model recorded for ``embeddings_field``, the
+    label path, the generated and the real samples, and ``texts`` keyed by cluster name."""
     from fiftyone import ViewField as Fv
 
-    from fairbalance.find import embeddings
     from fairbalance.core.fields import label_path
+    from fairbalance.find import embeddings
 
     validation.require_nonempty(samples)
     validation.require_tag("tag", tag)
-    if action not in ACTIONS:
-        raise validation.FairBalanceError(f"action must be one of {ACTIONS}, not {action!r}")
-    if method not in SCORE_METHODS:
-        raise validation.FairBalanceError(f"method must be 'clip', 'pixels' or 'discriminator', not {method!r}")
-    if method != "clip" and texts is not None:
-        raise validation.FairBalanceError(f"texts are scored with CLIP: method='{method}' compares images only")
-    if method == "discriminator":
-        validation.require_positive_int("folds", folds, 2)
-        validation.require_positive_int("epochs", epochs)
-        if isinstance(max_weight, bool) or not (isinstance(max_weight, (int, float)) and np.isfinite(max_weight)
-                                                and max_weight >= 1):
-            raise validation.FairBalanceError(f"max_weight must be a finite number >= 1, got {max_weight!r}")
+    _check_method(action, method, texts, folds, epochs, max_weight)
     extra = [exclude_field] if action == "exclude" else [weight_field] if action == "weight" else []
     if len({score_field, *extra}) != 1 + len(extra):
         raise validation.FairBalanceError("score_field and the exclude / weight field must differ")
@@ -129,7 +169,32 @@ def filter_generated(
         raise validation.FairBalanceError(f"method='discriminator' needs at least {folds} real samples in the view")
     if method == "discriminator" and len(gen) < folds:
         raise validation.FairBalanceError(f"method='discriminator' needs at least {folds} generated samples")
-    run = runs.prepare(samples, run_key, "filter_generated", {
+    return spec, path, gen, real, texts
+
+
+def _scores(method, real, gen, path, spec, texts, embeddings_field, batch_size, folds, epochs, seed, device, progress):
+    """Each generated sample's score (the discriminator's p(real | x), or its similarity to its cluster's condition),
+    the two-sample separability (discriminator), and the CLIP model with the embeddings it computed (clip)."""
+    from fairbalance.find import embeddings
+
+    separability = None
+    if method == "discriminator":
+        scores, separability = _discriminator_scores(real, gen, folds, epochs, seed, device)
+        return scores, separability, None, {}
+    if method == "pixels":
+        clip, new = None, {}
+        centroids, vectors = _pixel_vectors(real, gen, path)
+    else:
+        clip = models.load_clip(spec["model"], spec["pretrained"], device=device)
+        new, _ = embeddings.compute_missing(gen, embeddings_field, clip, batch_size, progress=progress)
+        centroids, vectors = _clip_centroids(clip, texts, real, path, embeddings_field), None
+    return _similarities(gen, path, centroids, clip, new, vectors, embeddings_field), separability, clip, new
+
+
+def _run_config(label_field, embeddings_field, threshold, bottom_fraction, tag, spec, method, texts, action,
+                exclude_field, weight_field, folds, epochs, max_weight, seed) -> dict:
+    """The run's config: the settings that apply to ``method`` and ``action`` (None for the others)."""
+    return {
         "label_field": label_field if method != "discriminator" else None,
         "embeddings_field": embeddings_field if method == "clip" else None, "threshold": threshold,
         "bottom_fraction": bottom_fraction, "tag": tag, "model": spec, "score_method": method,
@@ -137,82 +202,74 @@ def filter_generated(
         "exclude_field": exclude_field if action == "exclude" else None,
         "weight_field": weight_field if action == "weight" else None,
         **({"folds": int(folds), "epochs": int(epochs), "max_weight": float(max_weight), "seed": seed}
-           if method == "discriminator" else {})},
-        [score_field] + extra, overwrite)
-    separability = None
+           if method == "discriminator" else {})}
+
+
+def _check_method(action, method, texts, folds, epochs, max_weight) -> None:
+    """The action, the scoring method and the discriminator's settings."""
+    if action not in ACTIONS:
+        raise validation.FairBalanceError(f"action must be one of {ACTIONS}, not {action!r}")
+    if method not in SCORE_METHODS:
+        raise validation.FairBalanceError(f"method must be 'clip', 'pixels' or 'discriminator', not {method!r}")
+    if method != "clip" and texts is not None:
+        raise validation.FairBalanceError(f"texts are scored with CLIP: method='{method}' compares images only")
     if method == "discriminator":
-        clip, new = None, {}
-        scores, separability = _discriminator_scores(real, gen, folds, epochs, seed, device)
-    elif method == "pixels":
-        clip, new = None, {}
-        centroids, vectors = _pixel_vectors(real, gen, path)
-    else:
-        clip = models.load_clip(spec["model"], spec["pretrained"], device=device)
-        new, _ = embeddings.compute_missing(gen, embeddings_field, clip, batch_size, progress=progress)
-    dataset = samples._root_dataset
-    previous_tag = previous_tagged = None
-    if dataset.has_run(run_key):
-        previous_tag = runs.get_run_config(dataset, run_key).get("tag")
-        previous_tagged = runs.load_run_results(dataset, run_key).get("tagged_ids")
-    if clip is not None and texts is not None:
-        centroids = {}
+        validation.require_positive_int("folds", folds, 2)
+        validation.require_positive_int("epochs", epochs)
+        if isinstance(max_weight, bool) or not (isinstance(max_weight, (int, float)) and np.isfinite(max_weight)
+                                                and max_weight >= 1):
+            raise validation.FairBalanceError(f"max_weight must be a finite number >= 1, got {max_weight!r}")
+
+
+def _clip_centroids(clip, texts, real, path, embeddings_field) -> dict:
+    """Each cluster's condition: the CLIP embedding of its text, or the centroid of its real samples' embeddings."""
+    from fiftyone import ViewField as Fv
+
+    from fairbalance.find import embeddings
+
+    centroids = {}
+    if texts is not None:
         names = sorted(texts)
         for c, vec in zip(names, clip.encode_text([texts[c] for c in names]).numpy()):
             centroids[c] = vec
-    elif clip is not None:
-        centroids = {}
-        for c in real.distinct(path):
-            _, emb, _ = embeddings.load(real.match(Fv(path) == c), embeddings_field)
-            if len(emb):
-                centroids[c] = embeddings.normalize(emb.mean(0, keepdims=True))[0]
-    if method != "discriminator":
-        if clip is None:
-            gids, glabels = gen.values(["id", path])
-            gstored = [vectors[i] for i in gids]
-        else:
-            gids, glabels, gstored = gen.values(["id", path, embeddings_field])
-        scores = {}
-        for i, c, e in zip(gids, glabels, gstored):
-            vec = new.get(i) if new.get(i) is not None else e
-            if c in centroids and vec is not None:
-                scores[i] = float(embeddings.normalize(np.asarray(vec)[None])[0] @ centroids[c])
-    if not scores:
-        raise validation.FairBalanceError("No generated sample has a cluster with real embeddings to compare to")
-    values = np.array(list(scores.values()))
+        return centroids
+    for c in real.distinct(path):
+        _, emb, _ = embeddings.load(real.match(Fv(path) == c), embeddings_field)
+        if len(emb):
+            centroids[c] = embeddings.normalize(emb.mean(0, keepdims=True))[0]
+    return centroids
+
+
+def _similarities(gen, path, centroids, clip, new, vectors, embeddings_field) -> dict:
+    """Each generated sample's cosine similarity to its cluster's condition (CLIP embeddings, or pixel vectors)."""
+    from fairbalance.find import embeddings
+
+    if clip is None:
+        gids, glabels = gen.values(["id", path])
+        gstored = [vectors[i] for i in gids]
+    else:
+        gids, glabels, gstored = gen.values(["id", path, embeddings_field])
+    scores = {}
+    for i, c, e in zip(gids, glabels, gstored):
+        vec = new.get(i) if new.get(i) is not None else e
+        if c in centroids and vec is not None:
+            scores[i] = float(embeddings.normalize(np.asarray(vec)[None])[0] @ centroids[c])
+    return scores
+
+
+def _cut_and_weights(scores: dict, values: np.ndarray, threshold, bottom_fraction, method, max_weight):
+    """The cut, the ids below it and every scored sample's weight (percentile rank, or the discriminator's
+    density ratio p(real|x) / p(gen|x), clipped, mean 1)."""
     cut = threshold if threshold is not None else float(np.quantile(values, bottom_fraction))
     low = [i for i, v in scores.items() if v < cut or (threshold is None and v <= cut)]
     ranks = np.argsort(np.argsort(values, kind="stable"), kind="stable")
     weights = {i: float((r + 1) / len(values)) for i, r in zip(scores, ranks)}
-    if method == "discriminator":  # the density ratio p(real|x) / p(gen|x), clipped, mean 1
+    if method == "discriminator":
         p = np.clip(values, 1e-6, 1 - 1e-6)
         ratio = np.minimum(p / (1 - p), max_weight)
         ratio = ratio / ratio.mean()
         weights = {i: float(r) for i, r in zip(scores, ratio)}
-    low_set = set(low)
-
-    def write():
-        if clip is not None:
-            embeddings.write(gen, embeddings_field, new, clip)
-        scored = gen.select(list(scores))
-        scored.set_values(score_field, scores, key_field="id")
-        if action == "exclude":
-            scored.set_values(exclude_field, {i: i in low_set for i in scores}, key_field="id")
-        elif action == "weight":
-            scored.set_values(weight_field, weights, key_field="id")
-        if previous_tag and previous_tagged:  # only what this run tagged before, never other samples
-            samples._root_dataset.select(previous_tagged).untag_samples(previous_tag)
-        had = set(samples._root_dataset.select(low).match_tags(tag).values("id")) if low else set()
-        tagged[:] = [i for i in low if i not in had]  # a user's own tag is not this run's to remove later
-        samples.select(low).tag_samples(tag)
-
-    tagged: list[str] = []
-    run.write(write)
-    result = FilterResult(run_key, score_field, tag, len(scores), len(low), cut, float(values.mean()), action,
-                          exclude_field if action == "exclude" else None, weight_field if action == "weight" else None,
-                          len(low) if action == "exclude" else 0,
-                          float(np.mean(list(weights.values()))) if action == "weight" else None, separability)
-    run.save_results({**result.to_dict(), "tagged_ids": tagged})
-    return result
+    return cut, low, weights
 
 
 @dataclass

@@ -26,8 +26,8 @@ from fairbalance.core.jobs import job_id as shard_job_id
 from fairbalance.find import balance
 from fairbalance.core.fields import label_path
 from fairbalance.core.data import labelled_samples, load_images
-from fairbalance.generate.diffusion import (ConditionalDiffusionModel, load_conditional_diffusion, sample_images,
-                                            validate_sampling)
+from fairbalance.generate.diffusion_model import ConditionalDiffusionModel, load_conditional_diffusion
+from fairbalance.generate.diffusion_sampling import sample_images, validate_sampling
 
 GENERATION_FILE = "fairbalance_generation.json"
 _HEX = "[0-9a-f]"

@@ -299,33 +299,9 @@ def measure_realism(
     real_mean = result.real_statistics["mean_intensity"]
     result.intensity_ratio = float(result.generated_statistics["mean_intensity"] / real_mean) if real_mean > 0 else None
     if label_field:
-        rcells = _cells(rl[0], rl[1] if attribute_field else None)
-        gcells = _cells(gl[0], gl[1] if attribute_field else None)
-        for cell in sorted({c for c in rcells + gcells if c is not None}):
-            entry = {}
-            for side, cells, stats in (("real", rcells, sr), ("generated", gcells, sg)):
-                keep = np.array([c == cell for c in cells])
-                if keep.any():
-                    entry[side] = _summary(stats, keep)
-            result.cell_statistics[cell] = entry
-        yr, yg = rl[0], gl[0]
-        rlab = np.array([c is not None for c in yr])
-        glab = np.array([c is not None for c in yg])
-        if test_samples is not None:
-            (tp, tl), _ = _load(test_samples, [f"{label_field}.label"], max_samples, seed + 2, size)
-            tkeep = [j for j, c in enumerate(tl) if c is not None]
-            xt, yt = load_images([tp[j] for j in tkeep], size, progress=False), [tl[j] for j in tkeep]
-            train_real = np.flatnonzero(rlab)
-        else:  # a held-out half of the labelled real images
-            order = np.random.default_rng(seed).permutation(np.flatnonzero(rlab))
-            test_idx, train_real = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
-            xt, yt = xr[test_idx], [yr[j] for j in test_idx]
-        gidx = np.flatnonzero(glab)
-        if len(yt) and len(gidx) and len(train_real):
-            result.tstr_accuracy, result.trtr_accuracy, result.num_tstr_train = _tstr(
-                xg[gidx], [yg[j] for j in gidx], xr[train_real], [yr[j] for j in train_real], xt, yt, tstr_epochs,
-                seed, models.resolve_device(device))
-            result.num_tstr_test = len(yt)
+        result.cell_statistics.update(_cell_statistics(rl, gl, attribute_field, sr, sg))
+        _tstr_figures(result, xr, xg, rl[0], gl[0], test_samples, label_field, max_samples, seed, size, tstr_epochs,
+                      device)
     warning = _warning(acc)
     if warning:
         result.warnings.append(warning)
@@ -334,3 +310,41 @@ def measure_realism(
     run.write(lambda: None)
     run.save_results(result.to_dict())
     return result
+
+
+def _cell_statistics(rl, gl, attribute_field, sr, sg) -> dict:
+    """The image statistics of each class (x attribute) cell, real and generated."""
+    rcells = _cells(rl[0], rl[1] if attribute_field else None)
+    gcells = _cells(gl[0], gl[1] if attribute_field else None)
+    out = {}
+    for cell in sorted({c for c in rcells + gcells if c is not None}):
+        entry = {}
+        for side, cells, stats in (("real", rcells, sr), ("generated", gcells, sg)):
+            keep = np.array([c == cell for c in cells])
+            if keep.any():
+                entry[side] = _summary(stats, keep)
+        out[cell] = entry
+    return out
+
+
+def _tstr_figures(result, xr, xg, yr, yg, test_samples, label_field, max_samples, seed, size, tstr_epochs,
+                  device) -> None:
+    """TSTR and TRTR accuracies into ``result``: on ``test_samples``, or on a held-out half of the labelled real
+    images."""
+    rlab = np.array([c is not None for c in yr])
+    glab = np.array([c is not None for c in yg])
+    if test_samples is not None:
+        (tp, tl), _ = _load(test_samples, [f"{label_field}.label"], max_samples, seed + 2, size)
+        tkeep = [j for j, c in enumerate(tl) if c is not None]
+        xt, yt = load_images([tp[j] for j in tkeep], size, progress=False), [tl[j] for j in tkeep]
+        train_real = np.flatnonzero(rlab)
+    else:  # a held-out half of the labelled real images
+        order = np.random.default_rng(seed).permutation(np.flatnonzero(rlab))
+        test_idx, train_real = np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2:])
+        xt, yt = xr[test_idx], [yr[j] for j in test_idx]
+    gidx = np.flatnonzero(glab)
+    if len(yt) and len(gidx) and len(train_real):
+        result.tstr_accuracy, result.trtr_accuracy, result.num_tstr_train = _tstr(
+            xg[gidx], [yg[j] for j in gidx], xr[train_real], [yr[j] for j in train_real], xt, yt, tstr_epochs,
+            seed, models.resolve_device(device))
+        result.num_tstr_test = len(yt)

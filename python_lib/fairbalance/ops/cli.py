@@ -127,7 +127,8 @@ def _run_export(args) -> int:
 
 
 def _run_pipeline(args) -> int:
-    from fairbalance.ops.pipeline import load_pipeline, run_pipeline
+    from fairbalance.ops.pipeline import run_pipeline
+    from fairbalance.ops.pipeline_file import load_pipeline
 
     pipeline = load_pipeline(args.file, args.overrides)
     if args.queue:
@@ -143,7 +144,8 @@ def _run_pipeline(args) -> int:
 def _run_status(args) -> int:
     import os
 
-    from fairbalance.ops.pipeline import dataset_status, load_pipeline, pipeline_status
+    from fairbalance.ops.pipeline import dataset_status, pipeline_status
+    from fairbalance.ops.pipeline_file import load_pipeline
 
     status = pipeline_status(load_pipeline(args.target)) if os.path.isfile(args.target) else \
         dataset_status(args.target)

@@ -253,45 +253,22 @@ def compute_hardness_tags(
     ids, paths, labels, classes = data.ids, data.filepaths, data.labels, data.classes
     fields = output_fields(loss_field)
     dataset = samples._root_dataset
-    params = {
-        "label_field": label_field, "loss_field": loss_field, "rank_field": fields[1], "prediction_field": fields[2],
-        "tag": tag, "top_k": top_k, "selection": "error_set" if k is None else "top_k", "per_class": per_class,
-    }
-    if clf is None:
-        output_dir = os.path.abspath(output_dir or folders.default_folder("checkpoints", dataset.name, run_key))
-        params.update(q=q, backbone=backbone, pretrained=pretrained, image_size=image_size, normalize=normalize,
-                      epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, checkpoint=output_dir, classifier=None,
-                      classifier_run=None)
-    else:  # the model's own training settings, so the record says which model ranked the samples
-        tc = clf.config
-        output_dir = checked.folder
-        params.update(q=tc.q, backbone=tc.backbone, pretrained=tc.pretrained, image_size=tc.image_size,
-                      normalize=tc.normalize, epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr, seed=tc.seed,
-                      checkpoint=output_dir, classifier=output_dir, classifier_run=classifier_run,
-                      training_method=tc.method)
+    settings = dict(q=q, backbone=backbone, pretrained=pretrained, image_size=image_size, normalize=normalize,
+                    epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    params, output_dir = _run_params(label_field, loss_field, fields, tag, top_k, k, per_class, clf, checked.folder,
+                                     classifier_run, dataset, run_key, output_dir, settings)
     if sharded:
         return _compute_shard(samples, clf, params, ids, run_key, shard, num_shards, chunk_size, batch_size, device,
                               num_workers, progress)
 
-    def prepare():  # under a launcher the main process alone claims and writes (fairbalance.core.distributed)
-        run = runs.prepare(samples, run_key, "hardness", params, fields, overwrite)
-        if clf is None:  # this run's folder alone (another run key or dataset is refused, overwrite included)
-            folders.claim_output_folder(output_dir, dataset, run_key)
-        old_tag, old_tagged = None, []
-        if dataset.has_run(run_key):  # overwrite: its tags go, on the samples it tagged and nowhere else
-            old_tag = runs.get_run_config(dataset, run_key).get("tag")
-            old_tagged = runs.load_run_results(dataset, run_key).get("tagged_ids") or []
-        return run, old_tag, old_tagged
-
-    run, old_tag, old_tagged = distributed.on_main(prepare) or (None, None, [])
+    # under a launcher the main process alone claims and writes (fairbalance.core.distributed)
+    run, old_tag, old_tagged = distributed.on_main(_prepare_run, samples, run_key, params, fields, overwrite,
+                                                   clf is None, output_dir) or (None, None, [])
 
     trained = clf is None
     if trained:
-        clf = training.train_classifier(
-            samples.select(ids), label_field, method="biased", classes=classes, q=q, backbone=backbone,
-            pretrained=pretrained, image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size,
-            lr=lr, seed=seed, device=device, num_workers=num_workers, progress=progress,
-        )
+        clf = training.train_classifier(samples.select(ids), label_field, method="biased", classes=classes,
+                                        **settings, device=device, num_workers=num_workers, progress=progress)
     # under a launcher, each rank on its own GPU (not cuda:0 for all)
     losses, predictions = _losses(clf, paths, labels, distributed.device(device), batch_size, num_workers)
     ranks, hard = select_hard(losses, predictions, labels, k, per_class)
@@ -315,6 +292,39 @@ def compute_hardness_tags(
     distributed.on_main(lambda: (run.write(write),
                                  run.save_results({**result.to_dict(), "tagged_ids": tagged})))
     return result
+
+
+def _run_params(label_field, loss_field, fields, tag, top_k, k, per_class, clf, folder, classifier_run, dataset,
+                run_key, output_dir, settings: dict) -> tuple[dict, str]:
+    """The run's config, with the ranking model's settings: those it is trained with here, or a given model's own
+    training settings (so the record says which model ranked the samples); the model's folder."""
+    params = {
+        "label_field": label_field, "loss_field": loss_field, "rank_field": fields[1], "prediction_field": fields[2],
+        "tag": tag, "top_k": top_k, "selection": "error_set" if k is None else "top_k", "per_class": per_class,
+    }
+    if clf is None:
+        output_dir = os.path.abspath(output_dir or folders.default_folder("checkpoints", dataset.name, run_key))
+        params.update(**settings, checkpoint=output_dir, classifier=None, classifier_run=None)
+        return params, output_dir
+    tc = clf.config
+    params.update(q=tc.q, backbone=tc.backbone, pretrained=tc.pretrained, image_size=tc.image_size,
+                  normalize=tc.normalize, epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr, seed=tc.seed,
+                  checkpoint=folder, classifier=folder, classifier_run=classifier_run, training_method=tc.method)
+    return params, folder
+
+
+def _prepare_run(samples, run_key, params, fields, overwrite, trains: bool, output_dir):
+    """The run (prepared), the folder claimed when a model is trained here, and the tag and tagged ids of the run
+    this one replaces (overwrite: its tags go, on the samples it tagged and nowhere else)."""
+    dataset = samples._root_dataset
+    run = runs.prepare(samples, run_key, "hardness", params, fields, overwrite)
+    if trains:  # this run's folder alone (another run key or dataset is refused, overwrite included)
+        folders.claim_output_folder(output_dir, dataset, run_key)
+    old_tag, old_tagged = None, []
+    if dataset.has_run(run_key):
+        old_tag = runs.get_run_config(dataset, run_key).get("tag")
+        old_tagged = runs.load_run_results(dataset, run_key).get("tagged_ids") or []
+    return run, old_tag, old_tagged
 
 
 compute_hardness = compute_hardness_tags  # its name before the SDK name matched the App's (kept as an alias)

@@ -78,7 +78,7 @@ class LoraBase:
 
 def base_kind(base_model: str) -> str:
     """``"conditional"`` or ``"stable_diffusion"``; a clear error for a folder that is neither."""
-    from fairbalance.generate.diffusion import LABELS_FILE
+    from fairbalance.generate.diffusion_model import LABELS_FILE
 
     path = os.path.expanduser(os.fspath(base_model))
     if os.path.isdir(path):
@@ -116,7 +116,7 @@ def _fingerprint(unet: torch.nn.Module) -> str:
 def load_base(base_model: str, device=None, for_training: bool = False) -> LoraBase:
     kind = base_kind(base_model)
     if kind == "conditional":
-        from fairbalance.generate.diffusion import load_conditional_diffusion
+        from fairbalance.generate.diffusion_model import load_conditional_diffusion
 
         diff = load_conditional_diffusion(base_model, device)
         return LoraBase(kind, diff.folder, diff.unet, _fingerprint(diff.unet), diff=diff)

@@ -142,20 +142,113 @@ def finetune_per_group(
         raise validation.FairBalanceError(f"method must be one of {METHODS}, not {method!r}")
     fields = group_fields(group_field)
     validation.require_fields(samples, fields + ([embeddings_field] if embeddings_field else []))
-    for name, value in (("rank", rank), ("steps", steps), ("batch_size", batch_size),
-                        ("clusters_per_group", clusters_per_group), ("min_images", min_images),
-                        ("num_prior_images", num_prior_images)):
-        validation.require_positive_int(name, value)
-    _check_number("lr", lr)
-    _check_number("prior_loss_weight", prior_loss_weight, strict=False)
-    if resolution is not None:
-        validation.require_positive_int("resolution", resolution, minimum=8)
-    if not isinstance(token_prefix, str) or not token_prefix.strip() or " " in token_prefix:
-        raise validation.FairBalanceError(f"token_prefix must be one word, got {token_prefix!r}")
+    _check_settings(rank, steps, batch_size, clusters_per_group, min_images, num_prior_images, lr, prior_loss_weight,
+                    resolution, token_prefix)
     base_name = os.fspath(runs.given_or_recorded(samples, base_model, base_model_run, "conditional_diffusion",
                                                  "model_dir", "base_model (a model folder or hub id)",
                                                  "base_model_run"))
-    kind = base_kind(base_name)
+    _check_prompt(base_kind(base_name), prompt, method, prior_loss_weight)
+    ids, paths, values, skipped = real_groups(samples, fields)
+    if not ids:
+        raise validation.FairBalanceError(f"No real sample of the view has every field of {fields}")
+    base = load_base(base_name, distributed.device(device), for_training=True)
+    if base.kind == "conditional":
+        _check_conditional_groups(base, method, fields, values)
+    order, members, plans = _plan_adapters(samples, ids, paths, values, base, clusters_per_group, embeddings_field,
+                                           resolution, seed)
+    config = {"group_fields": fields, "clusters_per_group": clusters_per_group, "method": method,
+              "base_model": base.name, "base_kind": base.kind, "base_fingerprint": base.fingerprint, "rank": rank,
+              "steps": steps, "lr": lr, "batch_size": batch_size, "prompt": prompt if base.kind != "conditional" else None,
+              "token_prefix": token_prefix, "prior_loss_weight": prior_loss_weight,
+              "num_prior_images": num_prior_images, "embeddings_field": embeddings_field, "resolution": resolution,
+              "seed": seed, "data_fingerprint": _data_fingerprint(paths, values)}
+    output_dir = os.path.abspath(output_dir or folders.default_folder("adapters", samples._root_dataset.name, run_key))
+    recorded = {("finetune_method" if k == "method" else k): v for k, v in config.items()}  # "method": the run's
+
+    # the main process only; the others wait for it (and raise its error). finished: whether this run finished
+    # before (a rerun then records nothing), known on the main process
+    run, finished = distributed.on_main(_prepare_run, samples, run_key, recorded, output_dir, overwrite, config,
+                                        plans) or (None, False)
+    small = _small_groups(order, members, min_images)
+    adapters, trained, reused = _train_adapters(base, plans, paths, fields, output_dir, method, rank, steps, lr,
+                                                batch_size, resolution, prior_loss_weight, num_prior_images, prompt,
+                                                token_prefix, seed, progress)
+    result = FinetuneResult(run_key, output_dir, method, base.name, base.kind, base.fingerprint, fields, rank, steps,
+                            adapters, small, trained, reused, base.num_bytes, skipped)
+
+    def record():
+        if not trained and finished:
+            return  # a finished run rerun: nothing trained, so neither its record nor its manifest is rewritten
+        _write_manifest(output_dir, config, adapters)
+        run.write(lambda: None)
+        run.save_results(result.to_dict())
+
+    distributed.on_main(record)
+    return result
+
+
+def _train_adapters(base, plans, paths, fields, output_dir, method, rank, steps, lr, batch_size, resolution,
+                    prior_loss_weight, num_prior_images, prompt, token_prefix, seed, progress):
+    """Train (or reuse, when its folder holds the same one) each planned adapter; the adapters' records, how many
+    were trained and how many reused."""
+    import fiftyone.core.utils as fou
+
+    adapters, trained, reused = [], 0, 0
+    with fou.ProgressBar(total=steps * len(plans), progress=progress) as pb:
+        for n, (gi, v, ci, idx) in enumerate(plans):
+            name = f"g{gi}c{ci}"
+            meta = _adapter_meta(name, n, v, ci, idx, base, fields, method, rank, steps, token_prefix, prompt)
+            folder = os.path.join(output_dir, name)
+            done = distributed.on_main(read_meta, folder, share=True)  # one view of what is done
+            if done is not None and {k: done.get(k) for k in meta} == meta:
+                adapters.append({**done, "folder": folder})
+                reused += 1
+                pb.update(steps)
+                continue
+            t0 = time.time()
+            torch.manual_seed(seed * 1_000_003 + n)  # the adapter's initial weights: the same in every process
+            add_adapter(base, name, rank)
+            _train_adapter(base, meta, [paths[j] for j in idx], steps, lr, batch_size, resolution, prior_loss_weight,
+                           num_prior_images, prompt, seed * 1_000_003 + n, pb)
+            seconds = time.time() - t0
+            meta["seconds"] = seconds
+            meta["adapter_bytes"] = distributed.on_main(save_adapter, base, name, folder, meta, share=True)
+            delete_adapter(base, name)
+            adapters.append({**meta, "folder": folder})
+            trained += 1
+    return adapters, trained, reused
+
+
+def _small_groups(order, members, min_images) -> dict:
+    """The groups with fewer than ``min_images`` images (trained anyway, with a warning)."""
+    small = {group_key(v): len(members[v]) for v in order if len(members[v]) < min_images}
+    if small:
+        warnings.warn(f"{len(small)} group(s) have fewer than {min_images} images (trained anyway): "
+                      + ", ".join(f"{k}: {n}" for k, n in list(small.items())[:10]))
+    return small
+
+
+def _prepare_run(samples, run_key, recorded, output_dir, overwrite, config, plans):
+    """The run (prepared), the output folder claimed and its entries listed, and whether this run finished
+    before; a folder not finished gets this configuration's incomplete manifest."""
+    run = runs.prepare(samples, run_key, "finetune_per_group", {**recorded, "output_dir": output_dir}, [],
+                       overwrite, rerun_same_config=True)
+    folders.claim_output_folder(output_dir, samples._root_dataset, run_key)  # this run's of this dataset alone
+    _claim_adapter_folder(output_dir, config, overwrite)
+    folders.record(output_dir, [MANIFEST_FILE, MANIFEST_FILE + ".tmp"] + [f"g{p[0]}c{p[2]}" for p in plans])
+    finished = run.resumed and _read_manifest_complete(output_dir)
+    if not finished:
+        _write_manifest(output_dir, config, [], complete=False)  # marks the folder as this configuration's
+    return run, finished
+
+
+def _data_fingerprint(paths, values) -> str:
+    """A hash of the training images and their groups: a rerun resumes only on the same data."""
+    return hashlib.sha1("\n".join(sorted(f"{p}\t{group_key(v)}" for p, v in zip(paths, values))).encode()).hexdigest()
+
+
+def _check_prompt(kind, prompt, method, prior_loss_weight) -> None:
+    """The prompt template (Stable Diffusion bases) or no prior loss (conditional bases)."""
     if kind == "stable_diffusion":
         if "{token}" not in prompt and method == "dreambooth":
             raise validation.FairBalanceError("method='dreambooth' needs '{token}' in prompt")
@@ -167,22 +260,41 @@ def finetune_per_group(
         raise validation.FairBalanceError(
             "prior_loss_weight applies to Stable Diffusion bases; a conditional model keeps its other "
             "conditions through the frozen base weights")
-    ids, paths, values, skipped = real_groups(samples, fields)
-    if not ids:
-        raise validation.FairBalanceError(f"No real sample of the view has every field of {fields}")
-    base = load_base(base_name, distributed.device(device), for_training=True)
-    if base.kind == "conditional":
-        need = [base.diff.label_field] + ([base.diff.attribute_field] if base.diff.attribute_field else [])
-        if method == "lora" and not set(need) <= set(fields):
+
+
+def _check_settings(rank, steps, batch_size, clusters_per_group, min_images, num_prior_images, lr, prior_loss_weight,
+                    resolution, token_prefix) -> None:
+    """The counts, rates and the token prefix, before the base model is looked up."""
+    for name, value in (("rank", rank), ("steps", steps), ("batch_size", batch_size),
+                        ("clusters_per_group", clusters_per_group), ("min_images", min_images),
+                        ("num_prior_images", num_prior_images)):
+        validation.require_positive_int(name, value)
+    _check_number("lr", lr)
+    _check_number("prior_loss_weight", prior_loss_weight, strict=False)
+    if resolution is not None:
+        validation.require_positive_int("resolution", resolution, minimum=8)
+    if not isinstance(token_prefix, str) or not token_prefix.strip() or " " in token_prefix:
+        raise validation.FairBalanceError(f"token_prefix must be one word, got {token_prefix!r}")
+
+
+def _check_conditional_groups(base, method, fields, values) -> None:
+    """On a conditional base, ``method="lora"`` trains each adapter under its group's condition: the groups must
+    name the model's condition fields, with values it was trained on."""
+    need = [base.diff.label_field] + ([base.diff.attribute_field] if base.diff.attribute_field else [])
+    if method == "lora" and not set(need) <= set(fields):
+        raise validation.FairBalanceError(
+            f"method='lora' on this conditional model trains each adapter under its group's condition: "
+            f"group_field must include {need}, got {fields}")
+    if method == "lora":
+        unknown = sorted({group_key(v) for v in values if model_condition(base.diff, dict(zip(fields, v))) is None})
+        if unknown:
             raise validation.FairBalanceError(
-                f"method='lora' on this conditional model trains each adapter under its group's condition: "
-                f"group_field must include {need}, got {fields}")
-        if method == "lora":
-            unknown = sorted({group_key(v) for v in values if model_condition(base.diff, dict(zip(fields, v))) is None})
-            if unknown:
-                raise validation.FairBalanceError(
-                    f"groups {unknown[:5]} have values the base model was not trained on")
-    # plan: groups, clusters, adapter names and tokens (deterministic for the same data and seed)
+                f"groups {unknown[:5]} have values the base model was not trained on")
+
+
+def _plan_adapters(samples, ids, paths, values, base, clusters_per_group, embeddings_field, resolution, seed):
+    """The plan: groups in order, their members, and one ``(group index, group values, cluster, member indices)``
+    per adapter (deterministic for the same data and seed)."""
     order = sorted(set(values), key=lambda v: [(0, int(x), "") if x.lstrip("-").isdigit() else (1, 0, x) for x in v])
     members = {v: [j for j, u in enumerate(values) if u == v] for v in order}
     cluster_of = np.zeros(len(ids), dtype=int)
@@ -204,80 +316,22 @@ def finetune_per_group(
         for ci in sorted(set(cluster_of[members[v]].tolist())):
             idx = [j for j in members[v] if cluster_of[j] == ci]
             plans.append((gi, v, ci, idx))
-    config = {"group_fields": fields, "clusters_per_group": clusters_per_group, "method": method,
-              "base_model": base.name, "base_kind": base.kind, "base_fingerprint": base.fingerprint, "rank": rank,
-              "steps": steps, "lr": lr, "batch_size": batch_size, "prompt": prompt if base.kind != "conditional" else None,
-              "token_prefix": token_prefix, "prior_loss_weight": prior_loss_weight,
-              "num_prior_images": num_prior_images, "embeddings_field": embeddings_field, "resolution": resolution,
-              "seed": seed, "data_fingerprint": hashlib.sha1("\n".join(
-                  sorted(f"{p}\t{group_key(v)}" for p, v in zip(paths, values))).encode()).hexdigest()}
-    dataset = samples._root_dataset
-    output_dir = os.path.abspath(output_dir or folders.default_folder("adapters", dataset.name, run_key))
-    recorded = {("finetune_method" if k == "method" else k): v for k, v in config.items()}  # "method": the run's
+    return order, members, plans
 
-    finished = [False]  # on the main process: whether this run finished before (a rerun then records nothing)
 
-    def prepare():  # the main process only; the others wait for it (and raise its error)
-        run = runs.prepare(samples, run_key, "finetune_per_group", {**recorded, "output_dir": output_dir}, [],
-                           overwrite, rerun_same_config=True)
-        folders.claim_output_folder(output_dir, dataset, run_key)  # this run's of this dataset alone
-        _claim_adapter_folder(output_dir, config, overwrite)
-        folders.record(output_dir, [MANIFEST_FILE, MANIFEST_FILE + ".tmp"] + [f"g{p[0]}c{p[2]}" for p in plans])
-        finished[:] = [run.resumed and _read_manifest_complete(output_dir)]
-        if not finished[0]:
-            _write_manifest(output_dir, config, [], complete=False)  # marks the folder as this configuration's
-        return run
-
-    run = distributed.on_main(prepare)
-    small = {group_key(v): len(members[v]) for v in order if len(members[v]) < min_images}
-    if small:
-        warnings.warn(f"{len(small)} group(s) have fewer than {min_images} images (trained anyway): "
-                      + ", ".join(f"{k}: {n}" for k, n in list(small.items())[:10]))
-    import fiftyone.core.utils as fou
-
-    adapters, trained, reused = [], 0, 0
-    with fou.ProgressBar(total=steps * len(plans), progress=progress) as pb:
-        for n, (gi, v, ci, idx) in enumerate(plans):
-            name = f"g{gi}c{ci}"
-            token = f"{token_prefix}{n + 1}" if method == "dreambooth" and base.kind != "conditional" else None
-            group = group_key(v)
-            meta = {"name": name, "group": group, "group_values": dict(zip(fields, v)), "cluster": ci,
-                    "token": token, "num_images": len(idx), "method": method, "rank": rank, "steps": steps,
-                    "base_kind": base.kind, "base_fingerprint": base.fingerprint,
-                    "prompt": _prompt(prompt, token, group) if base.kind != "conditional" else None,
-                    "condition": None}
-            if base.kind == "conditional" and method == "lora":
-                meta["condition"] = list(model_condition(base.diff, dict(zip(fields, v))))
-            folder = os.path.join(output_dir, name)
-            done = distributed.on_main(read_meta, folder, share=True)  # one view of what is done
-            if done is not None and {k: done.get(k) for k in meta} == meta:
-                adapters.append({**done, "folder": folder})
-                reused += 1
-                pb.update(steps)
-                continue
-            t0 = time.time()
-            torch.manual_seed(seed * 1_000_003 + n)  # the adapter's initial weights: the same in every process
-            add_adapter(base, name, rank)
-            _train_adapter(base, meta, [paths[j] for j in idx], steps, lr, batch_size, resolution, prior_loss_weight,
-                           num_prior_images, prompt, seed * 1_000_003 + n, pb)
-            seconds = time.time() - t0
-            meta["seconds"] = seconds
-            meta["adapter_bytes"] = distributed.on_main(save_adapter, base, name, folder, meta, share=True)
-            delete_adapter(base, name)
-            adapters.append({**meta, "folder": folder})
-            trained += 1
-    result = FinetuneResult(run_key, output_dir, method, base.name, base.kind, base.fingerprint, fields, rank, steps,
-                            adapters, small, trained, reused, base.num_bytes, skipped)
-
-    def record():
-        if not trained and finished[0]:
-            return  # a finished run rerun: nothing trained, so neither its record nor its manifest is rewritten
-        _write_manifest(output_dir, config, adapters)
-        run.write(lambda: None)
-        run.save_results(result.to_dict())
-
-    distributed.on_main(record)
-    return result
+def _adapter_meta(name, n, v, ci, idx, base, fields, method, rank, steps, token_prefix, prompt) -> dict:
+    """What an adapter's folder records: its group, cluster, token, prompt and condition, and how it is trained
+    (compared with a folder's own record to reuse an adapter trained before)."""
+    token = f"{token_prefix}{n + 1}" if method == "dreambooth" and base.kind != "conditional" else None
+    group = group_key(v)
+    meta = {"name": name, "group": group, "group_values": dict(zip(fields, v)), "cluster": ci,
+            "token": token, "num_images": len(idx), "method": method, "rank": rank, "steps": steps,
+            "base_kind": base.kind, "base_fingerprint": base.fingerprint,
+            "prompt": _prompt(prompt, token, group) if base.kind != "conditional" else None,
+            "condition": None}
+    if base.kind == "conditional" and method == "lora":
+        meta["condition"] = list(model_condition(base.diff, dict(zip(fields, v))))
+    return meta
 
 
 def _prompt(template: str, token: str | None, group: str) -> str:

@@ -111,7 +111,7 @@ def _plan_per_group(samples, adapters=None, finetune_run=None, base_model=None, 
 
     Returns ``(adapters, jobs, planned, counts_before, setting, provenance, run config)``.
     """
-    from fairbalance.generate.diffusion import validate_sampling
+    from fairbalance.generate.diffusion_sampling import validate_sampling
 
     require_peft()
     validation.require_nonempty(samples)
@@ -194,6 +194,15 @@ def _plan_per_group(samples, adapters=None, finetune_run=None, base_model=None, 
                "num_inference_steps": num_inference_steps, "scheduler": scheduler, "source": source,
                "edit_strength": edit_strength if source == "edit" else None, "height": height, "width": width}
     provenance = {**setting, "run_key": run_key}
+    jobs = _plan_jobs(plan, by_group, group_values, base, source, class_sources, seed)
+    config = {**provenance, "mode": mode, "per_group": per_group, "total": total, "groups": groups, "seed": seed}
+    return loaded, jobs, plan, counts, setting, provenance, config
+
+
+def _plan_jobs(plan: dict, by_group: dict, group_values: dict, base, source: str, class_sources: dict,
+               seed: int) -> list[GenerationJob]:
+    """One job per planned image: each group's share split over its adapters (by their training images), its seed,
+    condition and, for edits, a real source image of its class drawn by seed."""
     jobs = []
     order = sorted(plan)
     for gi, key in enumerate(order):
@@ -222,8 +231,7 @@ def _plan_per_group(samples, adapters=None, finetune_run=None, base_model=None, 
                 jobs.append(GenerationJob(f"g{gi:03d}c{ci}_seed{seed}_{i:05d}.png", key, dict(vals), prov,
                                           _Input(prov["adapter"], use_cond, img_seed, prov["prompt"],
                                                  src[0] if src else None, src[1] if src else None)))
-    config = {**provenance, "mode": mode, "per_group": per_group, "total": total, "groups": groups, "seed": seed}
-    return loaded, jobs, plan, counts, setting, provenance, config
+    return jobs
 
 
 def validate_inputs(samples, target_dataset=None, **kwargs) -> None:
@@ -256,7 +264,7 @@ def _runs_by_adapter(batch):
 
 
 def _conditional_renderer(loaded: GroupAdapters, provenance: dict):
-    from fairbalance.generate.diffusion import sample_images
+    from fairbalance.generate.diffusion_sampling import sample_images
 
     diff = loaded.base.diff
     size = diff.unet.config.sample_size
