@@ -80,6 +80,9 @@ RECIPES = {
     "compute_sa_features": lambda c, v, k: fb.compute_sa_features(
         v, related_texts_override=TEXTS, model=c.clip, pretrained=None, embeddings_field=f"{k}_emb",
         features_field=k, device="cpu", run_key=k),
+    "discover_slices": lambda c, v, k: fb.discover_slices(
+        v.match_tags("train"), "ground_truth", classifier=c.clf, slices_per_class=2, slice_field=k,
+        name_with_clip=False, run_key=k),
     "evaluate_classifier": lambda c, v, k: fb.evaluate_classifier(
         v, "w_preds", "ground_truth", attribute_field="color", run_key=k),
     "filter_captions": lambda c, v, k: fb.filter_captions(v, caption_field="caps", output_field=k, top_f=2,
@@ -116,6 +119,7 @@ DATASET_BUILDERS = {
     "colored_digits": lambda c, name: fb.colored_digits(name, output_dir=c.out, num_classes=3, train_per_class=4,
                                                         test_per_class=1, image_size=16, persistent=False),
     "colored_mnist": lambda c, name: fb.colored_mnist(name, output_dir=c.out, num_val=10, num_test=10),
+    "corrupted_mnist": lambda c, name: fb.corrupted_mnist(name, output_dir=c.out, num_val=10, num_test=10),
 }
 FOLDER_WRITERS = {
     "export_samples": lambda c, v: fb.export_samples(v, c.out, label_field="color"),
@@ -124,7 +128,7 @@ FOLDER_WRITERS = {
 OTHER_SETTING = {"finetune_per_group": {"lr": 0.5}, "generate_balanced": {"guidance_scale": 1.0},
                  "generate_from_captions": {"guidance_scale": 1.0}, "generate_per_group": {"guidance_scale": 1.0},
                  "inject_bias_conflicting": {"gamma": 0.5}, "train_conditional_diffusion": {"lr": 0.5}}
-SLOW = {"colored_mnist"}  # builds 5,000 real MNIST digits
+SLOW = {"colored_mnist", "corrupted_mnist"}  # build 5,000 real MNIST digits
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from fairbalance.core import claims, folders, runs, validation, writeback
+from fairbalance.core import folders, runs, validation, writeback
 
 METHODS = ("error_aware", "george")
 # the settings that train the biased model: with a trained classifier they are its own
@@ -392,7 +392,7 @@ def validate_inputs(samples, label_field="ground_truth", method="error_aware", f
         raise validation.FairBalanceError("pass classifier or classifier_run, not both")
 
 
-@claims.exclusive
+@runs.writer("discover_slices")
 def discover_slices(
     samples,
     label_field: str = "ground_truth",
