@@ -18,7 +18,16 @@ def _cluster_field(ctx, inputs, preferred=None):
     default = preferred if preferred in fields else "sa_cluster" if "sa_cluster" in fields else fields[0]
     field_dropdown(inputs, "label_field", fields, "Cluster field", "The condition of the diffusion model",
                    default=default)
-    return True
+    return ctx.params.get("label_field") or default
+
+
+def _refuse_single_cluster(ctx, inputs, field):
+    """The library refuses a condition with one value (nothing to balance): say so before Execute."""
+    values = [v for v in ctx.target_view().distinct(f"{field}.label") if v is not None]
+    if len(values) < 2:
+        refuse(inputs, "single_cluster", f"'{field}' has {len(values)} value(s) in this view: nothing to balance. "
+                                         "Choose another field, or compute pseudo-labels with more clusters "
+                                         "(k-means with a fixed number)")
 
 
 #: Training steps below which a conditional model's images do not yet follow their condition: the README's
@@ -71,8 +80,10 @@ class TrainConditionalDiffusion(foo.Operator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         inputs.view_target(ctx)
-        if not _cluster_field(ctx, inputs):
+        field = _cluster_field(ctx, inputs)
+        if not field:
             return types.Property(inputs)
+        _refuse_single_cluster(ctx, inputs, field)
         fields = categorical_fields(ctx.dataset)
         field_dropdown(inputs, "attribute_field", fields, "Attribute field (optional)",
                        "A second condition, e.g. the class as 'Cluster field' and the clusters here: the model "

@@ -166,7 +166,7 @@ def test_a_dataset_created_from_the_home_page_shows_without_a_reload(app):
             app.click(el)
         for el in app.find("//button[normalize-space(.)='Dismiss']"):  # the Enterprise promotion popover
             app.click(el)
-        browse = _wait(lambda: app.find("//*[normalize-space(text())='browse operations']"), 30)
+        browse = _wait(lambda: app.find("//*[normalize-space(text())='browse operations']"), 90)  # slow when loaded
         assert browse, "the home page offers no 'browse operations'"
         app.click(browse[0])  # the home page's own link to the operator browser
         search = _wait(lambda: app.d.find_elements(By.CSS_SELECTOR, "[data-cy=operators-browser-search]"), 20)
