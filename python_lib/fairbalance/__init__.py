@@ -69,7 +69,7 @@ _SHADOWED = {"colored_mnist"}  # functions named like an old module path: import
 # The flat module paths before the subpackages (``fairbalance.training``, ...) stay importable as aliases of the
 # modules' new homes, so scripts that import them keep working. Stored runs and queued shard jobs record names
 # (run methods, function names), not module paths; the one path a job document records (a generation's result
-# class) is read through ``generate.generation.RESULT_CLASSES``, which knows the old spellings.
+# class) is read through ``generate.engine.RESULT_CLASSES``, which knows the old spellings.
 _MOVED = {
     "audit": "find.audit", "balance": "find.balance", "clustering": "find.clustering",
     "embeddings": "find.embeddings", "pseudo_labels": "find.pseudo_labels", "related_texts": "find.related_texts",

@@ -58,8 +58,8 @@ def parameter_default(function: str, name: str):
 def _generator(function: str, method: str) -> Shardable:
     """A generator's entry: new samples are added, no field is written (as the unsharded run records,
     ``fields_written=[]``); jobs are keyed on the view's real samples; one merge and one delete for all."""
-    return Shardable(function, method, lambda kw: [], "fairbalance.generate.generation:merge_shards",
-                     job_view="fairbalance.generate.generation:real_samples", delete="fairbalance.generate.generation:delete_generated")
+    return Shardable(function, method, lambda kw: [], "fairbalance.generate.engine:merge_shards",
+                     job_view="fairbalance.generate.engine:real_samples", delete="fairbalance.generate.engine:delete_generated")
 
 
 @dataclass(frozen=True)

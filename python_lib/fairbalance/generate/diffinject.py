@@ -17,7 +17,7 @@ The model is a :func:`fairbalance.train_conditional_diffusion` model used
 without its condition (the null row of every factor; it is trained with
 condition dropout, and ``cond_drop_prob=1.0`` trains the paper's
 unconditional model). The injected images join the dataset through the
-shared generation loop (:func:`fairbalance.generate.generation.run_generation`) with
+shared generation loop (:func:`fairbalance.generate.engine.run_generation`) with
 provenance, and carry the label of the sample chosen by ``label_from``.
 DDIM on the model and its h-space (inversion, the reverse pass, the hook) are
 in :mod:`fairbalance.generate.hspace`.
@@ -40,8 +40,8 @@ from fairbalance.core.data import labelled_samples, load_images
 from fairbalance.generate.diffusion_model import load_conditional_diffusion
 from fairbalance.generate.hspace import (  # noqa: F401  (also diffinject.<name>: DDIM and h-space)
     DDIMPath, HSpaceHook, content_trajectory, ddim_invert, ddim_reverse, h_shape, slerp_h)
-from fairbalance.generate.generation import (GenerationJob, GenerationResult, check_shard_args, require_own_target,
-                                             generate_plan)
+from fairbalance.generate.engine import GenerationJob, check_shard_args, generate_plan, require_own_target
+from fairbalance.generate.generation import GenerationResult
 
 INJECTIONS = ("local", "global")
 LABEL_SOURCES = ("content", "original")

@@ -19,7 +19,7 @@ process alone writes checkpoints, the model and the run.
 Sampling (:mod:`fairbalance.generate.diffusion_sampling`): DDIM or DDPM with
 compositional classifier-free guidance, from noise or from a real image noised
 part of the way (an edit). What to generate and how it joins the dataset is
-:mod:`fairbalance.generate.generation`.
+:mod:`fairbalance.generate.engine` (the shared loop) and :mod:`fairbalance.generate.generation`.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ import warnings
 import torch
 
 from fairbalance.core import models, runs, sharding, validation
-from fairbalance.generate.generation import (GenerationJob, GenerationResult, check_shard_args, require_own_target,
-                                             generate_plan)
+from fairbalance.generate.engine import GenerationJob, check_shard_args, generate_plan, require_own_target
+from fairbalance.generate.generation import GenerationResult
 
 
 def _prompt_seed(seed: int, source_id: str, prompt: str, k: int) -> int:

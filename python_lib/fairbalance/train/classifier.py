@@ -19,7 +19,7 @@ import torch
 from fairbalance.core import distributed, folders, runs, validation, writeback
 from fairbalance.train import group_robust, training
 from fairbalance.core.fields import label_path
-from fairbalance.train.training import TrainedClassifier, load_classifier
+from fairbalance.train.network import TrainedClassifier, load_classifier
 
 
 @runs.writer("train_classifier")

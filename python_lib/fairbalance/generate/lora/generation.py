@@ -4,7 +4,7 @@
 (or fills every group up), switching to each group's adapter (or cluster's,
 for Clustered DreamBooth) on one base model (:mod:`fairbalance.generate.lora.adapters`), and
 adds them with their provenance. What to generate goes through the one
-shared loop of :mod:`fairbalance.generate.generation`.
+shared loop of :mod:`fairbalance.generate.engine`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 
 from fairbalance.core import runs, sharding, validation
 from fairbalance.core.data import load_images
-from fairbalance.generate.generation import (GenerationJob, GenerationResult, check_shard_args, require_own_target,
-                                             generate_plan, plan_counts)
+from fairbalance.generate.engine import GenerationJob, check_shard_args, generate_plan, require_own_target
+from fairbalance.generate.generation import GenerationResult, plan_counts
 from fairbalance.generate.lora.adapters import (GroupAdapters, model_condition, real_groups, activate, group_key,
                                                 load_group_adapters, require_peft)
 
