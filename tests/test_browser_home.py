@@ -4,6 +4,7 @@ In a module of its own, so its App server has no dataset open yet: the App reope
 dataset on its home address, so after another test had opened one, the home page never showed.
 """
 
+import os
 import time
 
 import fiftyone as fo
