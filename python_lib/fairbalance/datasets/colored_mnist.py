@@ -32,7 +32,6 @@ from fairbalance.datasets.colored_digits import CLASS_COLORS
 MNIST_5K = os.path.join("data", "data", "mnist_5k.csv.gz")
 NUM_SOURCE = 5000
 SPLITS = ("train", "val", "test")
-_MARKER = ".colored_mnist"
 
 #: A second palette of ten saturated colours (hues 36 degrees apart, full saturation and value), for a build of
 #: the benchmark whose colours differ from LfF's (issue #28: a repair must hold on a build it was not tuned on).
@@ -170,18 +169,19 @@ def render(digit: np.ndarray, rgb: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
 
 
-def _prepare_output_dir(output_dir: str, name: str) -> None:
-    """Empty split folders under ``output_dir``, marked as ours; a folder not written by us is refused."""
-    marker = os.path.join(output_dir, _MARKER)
-    if any(os.path.exists(os.path.join(output_dir, s)) for s in SPLITS) and not os.path.isfile(marker):
+def prepare_split_folders(output_dir: str, name: str, maker: str = "colored_mnist", splits=SPLITS) -> None:
+    """Empty split folders under ``output_dir``, marked as ``maker``'s (the marker file ``.<maker>``); split
+    folders that ``maker`` did not write are refused. Shared by the MNIST builds (colored, corrupted)."""
+    marker = os.path.join(output_dir, f".{maker}")
+    if any(os.path.exists(os.path.join(output_dir, s)) for s in splits) and not os.path.isfile(marker):
         raise validation.FairBalanceError(
-            f"{output_dir} already holds train/, val/ or test/ folders not written by colored_mnist; "
-            "choose another output_dir"
+            f"{output_dir} already holds {', '.join(s + '/' for s in splits[:-1])} or {splits[-1]}/ folders not "
+            f"written by {maker}; choose another output_dir"
         )
-    os.makedirs(output_dir, exist_ok=True)
+    validation.require_writable_dir(output_dir)
     with open(marker, "w") as f:
         f.write(name + "\n")
-    for split in SPLITS:
+    for split in splits:
         shutil.rmtree(os.path.join(output_dir, split), ignore_errors=True)
         os.makedirs(os.path.join(output_dir, split))
 
@@ -262,7 +262,7 @@ def colored_mnist(
     # a dataset name may hold "../": the default folder is sanitised and stays under the data folder
     output_dir = os.path.abspath(output_dir or folders.default_folder("colored_mnist", name))
 
-    _prepare_output_dir(output_dir, name)
+    prepare_split_folders(output_dir, name)
     if fo.dataset_exists(name):
         fo.delete_dataset(name)
     samples = write_samples(images, plans, output_dir, progress=progress, palette=palette)

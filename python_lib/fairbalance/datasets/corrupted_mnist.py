@@ -29,7 +29,6 @@ from fairbalance.datasets import colored_mnist as _cm
 
 CORRUPTIONS = ("gaussian_noise", "blur", "pixelate", "low_contrast", "fog", "spatter", "jpeg", "thick", "rotate",
                "saturate")
-_MARKER = ".corrupted_mnist"
 
 
 def corrupt(digit: np.ndarray, kind: str, rng: np.random.Generator) -> Image.Image:
@@ -99,14 +98,7 @@ def corrupted_mnist(
     images, labels = _cm.load_mnist_5k()
     plans = _cm.plan_splits(labels, cfg)  # its "colors" are the corruption ids (class id when aligned)
     output_dir = os.path.abspath(output_dir or folders.default_folder("corrupted_mnist", name))
-    marker = os.path.join(output_dir, _MARKER)
-    if any(os.path.exists(os.path.join(output_dir, s)) for s in _cm.SPLITS) and not os.path.isfile(marker):
-        raise validation.FairBalanceError(
-            f"{output_dir} already holds train/, val/ or test/ folders not written by corrupted_mnist; "
-            "choose another output_dir")
-    validation.require_writable_dir(output_dir)
-    with open(marker, "w") as f:
-        f.write(name + "\n")
+    _cm.prepare_split_folders(output_dir, name, maker="corrupted_mnist")
     if fo.dataset_exists(name):
         fo.delete_dataset(name)
     rng = np.random.default_rng(seed + 1)
@@ -114,7 +106,6 @@ def corrupted_mnist(
     with fou.ProgressBar(total=sum(len(p.sources) for p in plans.values()), progress=progress) as pb:
         for split, plan in plans.items():
             folder = os.path.join(output_dir, split)
-            os.makedirs(folder, exist_ok=True)
             for i, (src, label, kind) in enumerate(zip(plan.sources, plan.labels, plan.colors)):
                 path = os.path.join(folder, f"{i:05d}.png")
                 corrupt(images[src], CORRUPTIONS[kind], rng).save(path)
