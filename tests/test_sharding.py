@@ -285,7 +285,9 @@ def test_two_workers_run_four_shards_once_and_a_killed_shard_resumes(digits_copy
         assert svc.get(ObjectId(first_ops[victim])).run_state == ExecutionRunState.FAILED
 
         workers += [_worker(logs[1]), _worker(logs[2])]
-        _wait(ds, lambda status: status["merged"], "the merge", logs=logs, allowed_failures=[first_ops[victim]])
+        # the merge lands inside the last shard's execution; its operation is marked completed just after
+        _wait(ds, lambda status: status["merged"] and all(s["operation_state"] == "completed" for s in status["shards"]),
+              "the merge and every shard's operation completed", logs=logs, allowed_failures=[first_ops[victim]])
     finally:
         for w in workers:
             _stop(w)

@@ -231,7 +231,29 @@ def test_forms_with_shards_queue_them_and_a_worker_loop_finishes_the_runs(digits
         ds.delete()
 
 
+def _shard_in_its_own_process(dataset_name, shard, kw, both_started, out):
+    """One shard in its own process, as a delegated worker runs it; waits at ``both_started`` once it holds its
+    claims. (Threads of one process cannot stand in: FiftyOne's in-memory sample registry is not thread-safe.)"""
+    import traceback
+
+    import fiftyone as fo
+
+    def meet(pb):  # called first when the shard has claimed everything and written nothing
+        if pb.iteration == 0 and not both_started.broken:
+            both_started.wait()
+
+    try:
+        res = generate_balanced(fo.load_dataset(dataset_name), shard=shard, num_shards=2, progress=meet, **kw)
+        out.put((shard, res.merged, None))
+    except BaseException:  # reported in the test, with where it came from
+        both_started.abort()
+        out.put((shard, None, traceback.format_exc()))
+
+
+@pytest.mark.timeout(600)
 def test_shards_starting_at_once_share_the_folder_which_no_other_run_may_take(pair, model, tmp_path):
+    import multiprocessing
+    import queue
     import threading
 
     from fairbalance.core import claims
@@ -240,30 +262,31 @@ def test_shards_starting_at_once_share_the_folder_which_no_other_run_may_take(pa
     out = str(tmp_path / "sharded")
     kw = dict(label_field="ground_truth", model=model.model_dir, per_class=2, num_inference_steps=2, batch_size=2,
               output_dir=out, run_key="together")
-    both_started = threading.Barrier(2, timeout=120)
-    results, errors = {}, []
-
-    def run(shard):
-        def meet(pb):  # called first when the shard has claimed everything and written nothing
-            if pb.iteration == 0 and not both_started.broken:
-                both_started.wait()
-        try:
-            results[shard] = generate_balanced(ds, shard=shard, num_shards=2, progress=meet, **kw)
-        except Exception as e:  # reported below
-            errors.append(e)
-            both_started.abort()
-
-    threads = [threading.Thread(target=run, args=(s,)) for s in (0, 1)]
-    threads[0].start()
-    # the second starts once the first holds its claims (diffusers' model loading is not thread-safe)
-    deadline = time.time() + 120
-    while both_started.n_waiting < 1 and not errors and time.time() < deadline:
-        time.sleep(0.01)
-    threads[1].start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert sorted(r.merged for r in results.values()) == [False, True] and len(ds.match_tags("generated")) == 6
+    mp = multiprocessing.get_context("spawn")
+    both_started, outcomes = mp.Barrier(2, timeout=240), mp.Queue()
+    procs = [mp.Process(target=_shard_in_its_own_process, args=(ds.name, s, kw, both_started, outcomes))
+             for s in (0, 1)]
+    try:
+        procs[0].start()
+        # the second starts once the first holds its claims, so both run at once
+        deadline = time.time() + 240
+        while both_started.n_waiting < 1 and procs[0].is_alive() and time.time() < deadline:
+            time.sleep(0.05)
+        procs[1].start()
+        results = {}
+        for _ in procs:
+            shard, merged, error = outcomes.get(timeout=300)
+            assert error is None, error
+            results[shard] = merged
+    except queue.Empty:
+        raise AssertionError("a shard process did not report within 5 minutes") from None
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    ds.reload()
+    assert sorted(results.values()) == [False, True] and len(ds.match_tags("generated")) == 6
     assert runs.load_run_results(ds, "together")["num_added"] == 6
 
     # while a shard holds the folder, no other operation may write it, nor a shard of another job; and vice versa
@@ -402,7 +425,9 @@ def test_two_real_workers_make_the_shards_of_a_queued_generation(digits, model, 
         deadline = time.time() + 300
         while time.time() < deadline:
             status = fb.sharded_status(ds, "workers")
-            if status["merged"] or any(s["operation_state"] == "failed" for s in status["shards"]):
+            # the merge lands inside the last shard's execution; its operation is marked completed just after
+            if (status["merged"] and all(s["operation_state"] == "completed" for s in status["shards"])) \
+                    or any(s["operation_state"] == "failed" for s in status["shards"]):
                 break
             time.sleep(0.2)
     finally:

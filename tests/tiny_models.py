@@ -143,7 +143,8 @@ def build_stable_diffusion(path: str, seed: int = 0) -> str:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    tokenizer, vocab_size = _byte_level_clip_tokenizer(tempfile.mkdtemp(prefix="tiny-clip-tok-"))
+    with tempfile.TemporaryDirectory(prefix="tiny-clip-tok-") as tok_dir:  # read at once; saved with the pipeline
+        tokenizer, vocab_size = _byte_level_clip_tokenizer(tok_dir)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
