@@ -30,11 +30,12 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from fairbalance.core import folders, runs, validation, writeback
+from fairbalance.tag.hardness import BIASED_MODEL  # the biased model's defaults (trained here when none is given)
 
 METHODS = ("error_aware", "george")
 # the settings that train the biased model: with a trained classifier they are its own
@@ -353,8 +354,7 @@ def _given_classifier(samples, classifier, classifier_run, settings: dict):
     """The trained classifier and its folder; training settings other than the defaults are refused."""
     from fairbalance.tag import hardness
 
-    defaults = {"epochs": 10, "q": 0.7, "backbone": "auto", "lr": 1e-3, "image_size": None, "normalize": "none",
-                "output_dir": None}
+    defaults = {**{n: getattr(BIASED_MODEL, n) for n in TRAINING_SETTINGS}, "output_dir": None}
     extra = [n for n, v in settings.items() if v != defaults[n]]
     if extra:
         raise validation.FairBalanceError(f"With a trained classifier nothing is trained here: drop {', '.join(extra)}")
@@ -404,16 +404,16 @@ def discover_slices(
     captions_field: str | None = None,
     classifier: str | None = None,
     classifier_run: str | None = None,
-    q: float = 0.7,
-    backbone: str = "auto",
-    image_size: int | None = None,
-    normalize: str = "none",
-    epochs: int = 10,
-    batch_size: int = 256,
-    lr: float = 1e-3,
+    q: float = BIASED_MODEL.q,
+    backbone: str = BIASED_MODEL.backbone,
+    image_size: int | None = BIASED_MODEL.image_size,
+    normalize: str = BIASED_MODEL.normalize,
+    epochs: int = BIASED_MODEL.epochs,
+    batch_size: int = BIASED_MODEL.batch_size,
+    lr: float = BIASED_MODEL.lr,
     seed: int = 0,
     device: str | None = None,
-    num_workers: int = 0,
+    num_workers: int = BIASED_MODEL.num_workers,
     name_with_clip: bool = True,
     run_key: str = "slices",
     output_dir: str | None = None,
@@ -466,10 +466,10 @@ def discover_slices(
     trained = clf is None
     if trained:
         folders.claim_output_folder(output_dir, dataset, run_key)
-        clf = training.train_classifier(
-            samples.select(ids), label_field, method="biased", classes=classes, q=q, backbone=backbone,
-            image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-            device=device, num_workers=num_workers, progress=progress)
+        biased = replace(BIASED_MODEL, label_field=label_field, classes=classes, q=q, backbone=backbone,
+                         image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr,
+                         seed=seed, num_workers=num_workers)
+        clf = training.train_classifier(samples.select(ids), biased, device=device, progress=progress)
     feats, logits = _model_outputs(clf, paths, device, batch_size, num_workers)
     errors, wrong = _errors(logits, labels)
     fit = find_slices(features if features is not None else feats, labels, errors, method, slices_per_class,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -27,7 +27,11 @@ import torch.nn.functional as F
 from fairbalance.core import distributed, folders, models, runs, sharding, validation, writeback
 from fairbalance.core.data import LabelledSamples, class_order, labelled_samples
 from fairbalance.train import training
+from fairbalance.train.network import TrainConfig
 
+# the biased model that ranks the samples when none is given: GCE, 10 epochs (DiffuBias' step 1); the
+# defaults of compute_hardness_tags and discover_slices (the rest are TrainConfig's own)
+BIASED_MODEL = TrainConfig(method="biased", epochs=10)
 # the settings that train the biased model: with a trained ``classifier`` they are its own, not the caller's
 TRAINING_SETTINGS = ("q", "backbone", "pretrained", "image_size", "normalize", "epochs", "lr", "seed")
 
@@ -199,17 +203,17 @@ def compute_hardness_tags(
     tag: str = "bias_conflicting",
     top_k: int | float | None = None,
     per_class: bool = True,
-    q: float = 0.7,
-    backbone: str = "auto",
-    pretrained: bool = False,
-    image_size: int | None = None,
-    normalize: str = "none",
-    epochs: int = 10,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    seed: int = 0,
+    q: float = BIASED_MODEL.q,
+    backbone: str = BIASED_MODEL.backbone,
+    pretrained: bool = BIASED_MODEL.pretrained,
+    image_size: int | None = BIASED_MODEL.image_size,
+    normalize: str = BIASED_MODEL.normalize,
+    epochs: int = BIASED_MODEL.epochs,
+    batch_size: int = BIASED_MODEL.batch_size,
+    lr: float = BIASED_MODEL.lr,
+    seed: int = BIASED_MODEL.seed,
     device: str | None = None,
-    num_workers: int = 0,
+    num_workers: int = BIASED_MODEL.num_workers,
     classifier: str | None = None,
     classifier_run: str | None = None,
     run_key: str = "hardness",
@@ -267,8 +271,8 @@ def compute_hardness_tags(
 
     trained = clf is None
     if trained:
-        clf = training.train_classifier(samples.select(ids), label_field, method="biased", classes=classes,
-                                        **settings, device=device, num_workers=num_workers, progress=progress)
+        config = replace(BIASED_MODEL, label_field=label_field, classes=classes, num_workers=num_workers, **settings)
+        clf = training.train_classifier(samples.select(ids), config, device=device, progress=progress)
     # under a launcher, each rank on its own GPU (not cuda:0 for all)
     losses, predictions = _losses(clf, paths, labels, distributed.device(device), batch_size, num_workers)
     ranks, hard = select_hard(losses, predictions, labels, k, per_class)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Sequence
 
 import numpy as np
@@ -30,10 +30,17 @@ AUTO_MLP_MAX_SIDE = 32  # backbone="auto": LfF's MLP up to this size (Colored MN
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a trained classifier; stored with the checkpoint and the run."""
+    """Everything that determines a trained classifier; stored with the checkpoint and the run.
 
-    label_field: str
-    classes: list[str]
+    The one source of the classifier's hyperparameters and their defaults: the trainer takes one,
+    :func:`fairbalance.train_classifier` reads its keyword defaults from these fields
+    (``epochs: int = TrainConfig.epochs``), and the biased models of hardness and discovery are one
+    (:data:`fairbalance.tag.hardness.BIASED_MODEL`). The trainer resolves ``classes`` (None),
+    ``image_size`` (None) and ``backbone`` (``auto``) from the data, and sets the :data:`RESOLVED` fields.
+    """
+
+    label_field: str = "ground_truth"
+    classes: list[str] | None = None  # None: the label field's classes in the view (set while training)
     method: str = "vanilla"
     backbone: str = "auto"
     pretrained: bool = False
@@ -113,9 +120,28 @@ class TrainConfig:
         if self.exclude_field is not None:
             validation.require_field_name(self.exclude_field)
 
+    @classmethod
+    def from_arguments(cls, arguments: dict, **overrides) -> "TrainConfig":
+        """The config of a call's arguments (e.g. a writer's ``locals()``): its fields, the rest ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in {**arguments, **overrides}.items() if k in names})
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainConfig":
+        """A stored config (checkpoint or run): a field an older version did not store takes its default."""
+        return cls.from_arguments(saved)
+
+    def settings(self) -> dict:
+        """The fields a user sets (not those the trainer resolves from the data)."""
+        return {k: v for k, v in asdict(self).items() if k not in RESOLVED}
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (3, int(self.image_size[0]), int(self.image_size[1]))
+
+
+# what the trainer sets from the data and the training: never a user's setting
+RESOLVED = ("classes", "mean", "std", "model_selection", "pretrained_weights", "groups")
 
 
 class Normalize(nn.Module):
@@ -244,7 +270,7 @@ def load_classifier(folder: str) -> TrainedClassifier:
     try:
         with open(cfg_path) as f:
             saved = json.load(f)
-        config = TrainConfig(**saved["config"])
+        config = TrainConfig.from_dict(saved["config"])
         net, _ = build_model(replace(config, pretrained=False))
         net.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True))
     except Exception as e:  # truncated/corrupt files: one clear message naming the folder
