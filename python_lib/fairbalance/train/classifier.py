@@ -19,7 +19,7 @@ import torch
 from fairbalance.core import distributed, folders, runs, validation, writeback
 from fairbalance.train import group_robust, training
 from fairbalance.core.fields import label_path
-from fairbalance.train.network import TrainConfig, TrainedClassifier, load_classifier
+from fairbalance.train.network import CLASSIFIER, TrainConfig, TrainedClassifier
 
 
 # the keyword defaults are TrainConfig's (its fields' defaults are the one source); the signature stays explicit
@@ -122,13 +122,9 @@ def train_classifier(
 
 
 def _as_classifier(model, classifier_run: str | None = None, samples=None) -> TrainedClassifier:
-    model = runs.given_or_recorded(samples, model, classifier_run, "train_classifier", "checkpoint",
-                                   "model (a classifier or its folder)", "classifier_run")
-    if isinstance(model, TrainedClassifier):
-        return model
-    if isinstance(model, (str, os.PathLike)):
-        return load_classifier(os.fspath(model))
-    raise validation.FairBalanceError("model must be a TrainedClassifier or a checkpoint folder")
+    """The classifier, its folder or its run's (:func:`runs.recorded_model`), loaded."""
+    return runs.recorded_model(samples, CLASSIFIER.name, model, classifier_run, "model (a classifier or its folder)",
+                               "classifier_run")
 
 
 @dataclass

@@ -239,7 +239,18 @@ class TrainedClassifier:
                 "num_generated_used": self.num_generated_used,
                 "num_generated_excluded": self.num_generated_excluded, "num_filtered_out": self.num_filtered_out}
 
-    def save(self, folder: str) -> str:
+    @classmethod
+    def from_pretrained(cls, folder: str, device=None) -> "TrainedClassifier":
+        """Read a folder written by :meth:`save_pretrained` (on the CPU; :func:`load_classifier` checks it first)."""
+        with open(os.path.join(folder, "config.json")) as f:
+            saved = json.load(f)
+        config = TrainConfig.from_dict(saved["config"])
+        net, _ = build_model(replace(config, pretrained=False))
+        net.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True))
+        return cls(net.eval(), config, saved.get("history", []), best_epoch=saved.get("best_epoch"),
+                   checkpoint=os.path.abspath(folder))
+
+    def save_pretrained(self, folder: str) -> str:
         """Write ``model.pt`` and ``config.json`` atomically (temp file + rename, config last)."""
         os.makedirs(folder, exist_ok=True)
         tmps = [os.path.join(folder, "model.pt.tmp"), os.path.join(folder, "config.json.tmp")]
@@ -261,24 +272,17 @@ class TrainedClassifier:
             raise
         return folder
 
+    save = save_pretrained  # its name before the from_pretrained/save_pretrained pair
+
 
 def load_classifier(folder: str) -> TrainedClassifier:
-    """Load a classifier saved by :meth:`TrainedClassifier.save`."""
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise models.ModelNotFoundError(f"No classifier checkpoint in {folder} (config.json missing)")
-    try:
-        with open(cfg_path) as f:
-            saved = json.load(f)
-        config = TrainConfig.from_dict(saved["config"])
-        net, _ = build_model(replace(config, pretrained=False))
-        net.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True))
-    except Exception as e:  # truncated/corrupt files: one clear message naming the folder
-        raise models.ModelNotFoundError(
-            f"The classifier checkpoint in {folder} is corrupt or incomplete ({type(e).__name__}: {e}); "
-            "train it again") from e
-    return TrainedClassifier(net.eval(), config, saved.get("history", []), best_epoch=saved.get("best_epoch"),
-                             checkpoint=os.path.abspath(folder))
+    """Load a classifier saved by :meth:`TrainedClassifier.save_pretrained` (:func:`models.load_saved`)."""
+    return models.load_saved(CLASSIFIER.name, folder)
+
+
+CLASSIFIER = models.register_saved_family(models.SavedFamily(
+    "classifier", TrainedClassifier, "config.json", TrainedClassifier.from_pretrained,
+    "train_classifier", "checkpoint"))
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
