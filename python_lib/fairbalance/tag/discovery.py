@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from fairbalance.core import folders, runs, validation, writeback
-from fairbalance.tag.hardness import BIASED_MODEL  # the biased model's defaults (trained here when none is given)
+from fairbalance.tag.hardness import BIASED_MODEL, model_settings  # the biased model (trained when none is given)
 
 METHODS = ("error_aware", "george")
 # the settings that train the biased model: with a trained classifier they are its own
@@ -361,13 +361,12 @@ def _given_classifier(samples, classifier, classifier_run, settings: dict):
     return hardness._load_given(samples, classifier, classifier_run)
 
 
-def _model_config(clf, settings: dict) -> dict:
+def _model_config(clf, biased) -> dict:
     """The settings of the model that ranked the samples: the caller's when trained here, else its own."""
+    names = TRAINING_SETTINGS + ("batch_size",)
     if clf is None:
-        return {**settings, "trained_here": True}
-    tc = clf.config
-    return dict(q=tc.q, backbone=tc.backbone, image_size=tc.image_size, normalize=tc.normalize, epochs=tc.epochs,
-                batch_size=tc.batch_size, lr=tc.lr, training_method=tc.method, trained_here=False)
+        return {**model_settings(biased, names), "trained_here": True}
+    return {**model_settings(clf.config, names), "training_method": clf.config.method, "trained_here": False}
 
 
 def validate_inputs(samples, label_field="ground_truth", method="error_aware", features_field=None,
@@ -442,9 +441,11 @@ def discover_slices(
     validate_inputs(samples, label_field, method, features_field, slice_field, slices_per_class, error_weight,
                     captions_field, classifier, classifier_run, seed)
     clf = None
+    biased = replace(BIASED_MODEL, label_field=label_field, q=q, backbone=backbone, image_size=image_size,
+                     normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                     num_workers=num_workers)
     if classifier is not None or classifier_run is not None:
-        training_settings = dict(epochs=epochs, q=q, backbone=backbone, lr=lr, image_size=image_size,
-                                 normalize=normalize, output_dir=output_dir)
+        training_settings = {**model_settings(biased, TRAINING_SETTINGS), "output_dir": output_dir}
         clf, output_dir = _given_classifier(samples, classifier, classifier_run, training_settings)
     data = hardness.real_labelled(samples, label_field, clf)
     ids, paths, labels, classes = data.ids, data.filepaths, data.labels, data.classes
@@ -460,16 +461,13 @@ def discover_slices(
               "score_field": fields[1], "slices_per_class": slices_per_class, "error_weight": error_weight,
               "captions_field": captions_field, "name_with_clip": name_with_clip, "seed": seed, "checkpoint": output_dir,
               "classifier": classifier and os.path.abspath(os.fspath(classifier)), "classifier_run": classifier_run,
-              **_model_config(clf, dict(q=q, backbone=backbone, image_size=image_size, normalize=normalize,
-                                        epochs=epochs, batch_size=batch_size, lr=lr))}
+              **_model_config(clf, biased)}
     run = runs.prepare(samples, run_key, "discover_slices", config, fields, overwrite)
     trained = clf is None
     if trained:
         folders.claim_output_folder(output_dir, dataset, run_key)
-        biased = replace(BIASED_MODEL, label_field=label_field, classes=classes, q=q, backbone=backbone,
-                         image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr,
-                         seed=seed, num_workers=num_workers)
-        clf = training.train_classifier(samples.select(ids), biased, device=device, progress=progress)
+        clf = training.train_classifier(samples.select(ids), replace(biased, classes=classes), device=device,
+                                        progress=progress)
     feats, logits = _model_outputs(clf, paths, device, batch_size, num_workers)
     errors, wrong = _errors(logits, labels)
     fit = find_slices(features if features is not None else feats, labels, errors, method, slices_per_class,
