@@ -48,8 +48,8 @@ def main():
     ds = datasets.colored_digits(name="bench-shards-hardness", train_per_class=args.per_class, test_per_class=1,
                                  conflict_ratio=0.05, persistent=False, overwrite=True)
     view = ds.match_tags("train")
-    folder = training.train_classifier(view, method="biased", backbone=args.backbone, epochs=2,
-                                       batch_size=256).save(tempfile.mkdtemp(prefix="bench-hardness-"))
+    config = training.TrainConfig(method="biased", backbone=args.backbone, epochs=2, batch_size=256)
+    folder = training.train_classifier(view, config).save(tempfile.mkdtemp(prefix="bench-hardness-"))
     single, sharded, merges = [], [], []
     for r in range(args.repeats):
         t0 = time.perf_counter()

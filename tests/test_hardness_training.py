@@ -76,8 +76,8 @@ def test_hardness_fraction_and_bad_input(digits_copy):
 def test_training_is_deterministic_and_skips_unlabelled(digits_copy):
     train = digits_copy.match_tags("train")
     train.take(7, seed=0).set_field("ground_truth", None).save()
-    a = training.train_classifier(train, **FAST, seed=3)
-    b = training.train_classifier(train, **FAST, seed=3)
+    a = training.train_classifier(train, training.TrainConfig(**FAST, seed=3))
+    b = training.train_classifier(train, training.TrainConfig(**FAST, seed=3))
     assert a.num_skipped == 7
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
@@ -111,8 +111,9 @@ def test_jtt_weights_reach_the_loss(digits_copy):
     train = digits_copy.match_tags("train")
     conflicting = train.match({"bias_aligned": False})
     conflicting.tag_samples("hard")
-    plain = training.train_classifier(train, seed=0, **FAST)
-    up = training.train_classifier(train, method="jtt", hard_tag="hard", upweight=20.0, seed=0, **FAST)
+    plain = training.train_classifier(train, training.TrainConfig(seed=0, **FAST))
+    up = training.train_classifier(train, training.TrainConfig(method="jtt", hard_tag="hard", upweight=20.0, seed=0,
+                                                                **FAST))
     assert up.config.upweight == 20.0 and up.config.method == "jtt"
     # same seed and data: only the weights differ, and they change what is learned
     assert not all(torch.equal(a, b) for a, b in zip(plain.model.state_dict().values(),
@@ -123,16 +124,16 @@ def test_jtt_weights_reach_the_loss(digits_copy):
     loss = lambda clf: torch.nn.functional.cross_entropy(training.predict(clf, paths), labels)  # noqa: E731
     assert loss(up) < loss(plain)
     with pytest.raises(FairBalanceError, match="No labelled sample of the view is tagged"):
-        training.train_classifier(train, method="jtt", hard_tag="missing-tag", **FAST)
+        training.train_classifier(train, training.TrainConfig(method="jtt", hard_tag="missing-tag", **FAST))
     with pytest.raises(FairBalanceError, match="needs hard_tag"):
-        training.train_classifier(train, method="jtt", **FAST)
+        training.train_classifier(train, training.TrainConfig(method="jtt", **FAST))
     with pytest.raises(FairBalanceError, match="jtt' only"):
-        training.train_classifier(train, hard_tag="hard", **FAST)
+        training.train_classifier(train, training.TrainConfig(hard_tag="hard", **FAST))
     train.set_values("w", [1.0] * len(train))
-    training.train_classifier(train, weight_field="w", **FAST)
+    training.train_classifier(train, training.TrainConfig(weight_field="w", **FAST))
     train.limit(1).set_values("w", [-1.0])
     with pytest.raises(FairBalanceError, match="non-negative"):
-        training.train_classifier(train, weight_field="w", **FAST)
+        training.train_classifier(train, training.TrainConfig(weight_field="w", **FAST))
 
 
 def test_lff_relative_difficulty_weights():
@@ -167,20 +168,22 @@ def test_synthetic_uses_generated_samples_that_carry_the_label(digits_copy):
     fake += [fo.Sample(filepath=s.filepath, tags=["train", "generated"], generated=True) for s in train.limit(5)]
     digits_copy.add_samples(fake)
     view = digits_copy.match_tags("train")
-    vanilla = training.train_classifier(view, seed=0, **FAST)
+    vanilla = training.train_classifier(view, training.TrainConfig(seed=0, **FAST))
     assert vanilla.num_generated_excluded == 40 and vanilla.num_generated_used == 0
-    synth = training.train_classifier(view, method="synthetic", seed=0, **FAST)
+    synth = training.train_classifier(view, training.TrainConfig(method="synthetic", seed=0, **FAST))
     assert synth.num_generated_used == 40 and synth.num_skipped == 5  # unlabelled ones are skipped, counted
-    capped = training.train_classifier(view, method="synthetic", max_synthetic_fraction=0.05, seed=0, **FAST)
+    capped = training.train_classifier(view, training.TrainConfig(method="synthetic", max_synthetic_fraction=0.05,
+                                                                  seed=0, **FAST))
     cap = int(0.05 * len(view.match({"generated": {"$ne": True}})))  # 5% of the 300 real samples
     assert capped.num_generated_used == cap == 15 and capped.num_generated_excluded == 40 - cap
     with pytest.raises(FairBalanceError, match="needs generated samples"):
-        training.train_classifier(train.match({"generated": {"$ne": True}}), method="synthetic", **FAST)
+        training.train_classifier(train.match({"generated": {"$ne": True}}),
+                                  training.TrainConfig(method="synthetic", **FAST))
 
 
 def test_input_handling_and_bad_input(digits_copy, tmp_path, monkeypatch):
     train = digits_copy.match_tags("train")
-    clf = training.train_classifier(train, backbone="auto", epochs=1, normalize="dataset")
+    clf = training.train_classifier(train, training.TrainConfig(backbone="auto", epochs=1, normalize="dataset"))
     assert clf.config.image_size == [32, 32] and clf.config.backbone == "mlp"  # native size, LfF's MLP
     assert clf.config.mean is not None and len(clf.config.std) == 3
     folder = clf.save(str(tmp_path / "clf"))
@@ -188,11 +191,11 @@ def test_input_handling_and_bad_input(digits_copy, tmp_path, monkeypatch):
     assert torch.allclose(training.predict(clf, paths), training.predict(training.load_classifier(folder), paths))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
     with pytest.raises(fb_models.ModelNotFoundError, match="pretrained=True"):
-        training.train_classifier(train, backbone="resnet18", pretrained=True, epochs=1)
+        training.train_classifier(train, training.TrainConfig(backbone="resnet18", pretrained=True, epochs=1))
     for bad, match in (({"method": "magic"}, "method must be"), ({"normalize": "z"}, "normalize must be"),
                        ({"lr": float("nan")}, "lr must be"), ({"ema": 1.0}, "ema must be")):
         with pytest.raises(FairBalanceError, match=match):
-            training.train_classifier(train, **{**FAST, **bad})
+            training.train_classifier(train, training.TrainConfig(**{**FAST, **bad}))
     (tmp_path / "clf" / "model.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(fb_models.ModelNotFoundError, match="corrupt"):
         training.load_classifier(folder)
@@ -224,15 +227,15 @@ def test_mixed_image_sizes_and_modes(make_dataset, tmp_path):
         img.save(tmp_path / f"{i}.png")
         ds.add_sample(fo.Sample(filepath=str(tmp_path / f"{i}.png"), y=fo.Classification(label=str(i % 2))))
     with pytest.raises(FairBalanceError, match="8 different sizes"):
-        training.train_classifier(ds, "y", **{k: v for k, v in FAST.items() if k != "image_size"})
-    clf = training.train_classifier(ds, "y", **FAST)
+        training.train_classifier(ds, training.TrainConfig("y", **{k: v for k, v in FAST.items() if k != "image_size"}))
+    clf = training.train_classifier(ds, training.TrainConfig("y", **FAST))
     apply_classifier(ds, clf, "p")
     assert ds.count("p") == 8
 
 
 def test_resnet18_backbone_runs(digits_copy):
-    clf = training.train_classifier(digits_copy.limit(32), backbone="resnet18", image_size=32,
-                                    epochs=1, batch_size=16)
+    clf = training.train_classifier(digits_copy.limit(32), training.TrainConfig(backbone="resnet18", image_size=32,
+                                                                                epochs=1, batch_size=16))
     assert clf.config.backbone == "resnet18" and clf.config.pretrained_weights is None
     logits = training.predict(clf, digits_copy.limit(4).values("filepath"))
     assert logits.shape == (4, 10)

@@ -23,7 +23,7 @@ FAST = dict(backbone="mlp", image_size=16, epochs=3, batch_size=64, seed=0)
 @pytest.fixture(scope="module")
 def biased_folder(digits_dataset, tmp_path_factory):
     """A GCE-biased classifier trained once on the train split and saved: what every shard loads."""
-    clf = training.train_classifier(digits_dataset.match_tags("train"), method="biased", **FAST)
+    clf = training.train_classifier(digits_dataset.match_tags("train"), training.TrainConfig(method="biased", **FAST))
     return clf.save(str(tmp_path_factory.mktemp("biased") / "clf"))
 
 
@@ -131,7 +131,8 @@ def test_classifier_is_validated_and_sharding_needs_one(digits_copy, biased_fold
     with pytest.raises(FairBalanceError, match="overwrite"):
         compute_hardness(train, classifier=biased_folder, shard=0, num_shards=2, overwrite=True)
     two_classes = train.match(fo.ViewField("ground_truth.label").is_in(["0", "1"]))
-    narrow = training.train_classifier(two_classes, method="biased", **FAST).save(str(tmp_path / "narrow"))
+    narrow = training.train_classifier(two_classes, training.TrainConfig(method="biased", **FAST))
+    narrow = narrow.save(str(tmp_path / "narrow"))
     with pytest.raises(FairBalanceError, match=r"also has \['2', '3'"):
         compute_hardness(train, classifier=narrow)
     assert len(svc.list_operations(dataset_name=digits_copy.name)) == before  # nothing queued

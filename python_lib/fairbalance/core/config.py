@@ -18,16 +18,11 @@ def cache_dir() -> str:
 
 
 def _usable(path: str, variable: str) -> str:
-    """``path`` created if needed and writable, else a :class:`FairBalanceError` naming the variable to set."""
-    from fairbalance.core.validation import FairBalanceError
+    """``path`` created if needed and writable (:func:`validation.require_writable_dir`), else an error naming
+    the variable to set."""
+    from fairbalance.core.validation import require_writable_dir
 
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise FairBalanceError(f"Cannot create {path} ({e.strerror}): set {variable} to a writable folder") from e
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise FairBalanceError(f"{path} is not writable: set {variable} to a writable folder")
-    return path
+    return require_writable_dir(path, f"set {variable} to a writable folder")
 
 
 def data_dir() -> str:

@@ -8,7 +8,11 @@ another run or dataset, or holding files fairbalance did not write, is
 refused, ``overwrite`` included. The entries (files or subfolders) a run
 writes are appended to ``LIST_FILE`` (:func:`record`, :func:`recording`),
 so ``overwrite`` deletes exactly those: never a user's file, never the
-folder itself. Default folders are built from names with
+folder itself. A folder that holds the outputs of one setting (a generator's
+images, a diffusion model, LoRA adapters) is then checked with
+:func:`claim_setting`: another setting's outputs are refused unless
+``overwrite``, which deletes them. Dataset builders' split folders follow
+:func:`prepare_split_folders`. Default folders are built from names with
 :func:`default_folder`, which sanitises them and keeps the path under its root.
 """
 
@@ -21,6 +25,7 @@ import os
 import re
 import shutil
 import uuid
+from typing import Callable
 
 from fairbalance.core import claims, validation
 
@@ -144,7 +149,7 @@ def _write_owner(folder: str, owner: dict) -> None:
 
 
 def claim_output_folder(folder: str, dataset, run_key: str, overwrite: bool = False,
-                        shared_by: str | None = None, adopt_recorded: bool = True) -> str:
+                        shared_by: str | None = None, adopt_recorded: bool = True, reuse: bool = True) -> str:
     """Make ``folder`` this run's (``dataset`` + ``run_key``), before any work; returns its absolute path.
 
     A new or empty folder becomes this run's. A folder this run owns is
@@ -153,8 +158,10 @@ def claim_output_folder(folder: str, dataset, run_key: str, overwrite: bool = Fa
     entries deleted). Anything else is refused, ``overwrite`` included: a
     folder of another run or dataset, or a non-empty folder fairbalance
     did not write (unless ``adopt_recorded`` and this run's record names
-    it: a folder made before owner files existed). The folder is also
-    claimed against concurrent writers (:func:`claims.claim_folder`).
+    it: a folder made before owner files existed). ``reuse=False`` (an
+    export): a folder holding this run's outputs is refused unless
+    ``overwrite`` too. The folder is also claimed against concurrent
+    writers (:func:`claims.claim_folder`).
     """
     folder = os.path.abspath(os.fspath(folder))
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -181,11 +188,54 @@ def claim_output_folder(folder: str, dataset, run_key: str, overwrite: bool = Fa
         raise validation.FairBalanceError(
             f"Output folder {folder} belongs to run '{owner.get('run_key')}' of dataset '{owner.get('dataset')}'; "
             "a folder holds one run's files only, overwrite or not: choose another output folder")
+    if not (reuse or overwrite) and listed(folder):
+        raise validation.FairBalanceError(f"{folder} is not empty; pass overwrite=True to replace it")
     if owner != me:  # the dataset was renamed
         _write_owner(folder, me)
     if overwrite:
         remove_listed(folder)
     return folder
+
+
+def claim_setting(folder: str, previous, setting, overwrite: bool, unknown: int = 0, kind: str = "outputs",
+                  forget: Callable[[], None] | None = None) -> bool:
+    """The one rule for what a claimed folder holds: the outputs of one setting (configuration).
+
+    Called right after :func:`claim_output_folder` by the writers whose folder holds the outputs of one setting
+    (generated images, a diffusion model, LoRA adapters), each of which reads its own manifest: ``previous`` is
+    the setting it records (None: no manifest), ``unknown`` how many outputs lie there without one. Nothing
+    there, or ``previous == setting``: False (kept; a rerun or another shard of the job carries on). Another
+    setting, or outputs of an unknown run: refused unless ``overwrite``, which calls ``forget`` (e.g. delete the
+    samples of those files) and deletes what the owning run listed in the folder (never other files): True.
+    """
+    if (previous is None and not unknown) or previous == setting:
+        return False
+    if not overwrite:
+        what = f"{kind} of another configuration" if previous is not None else f"{unknown} {kind} of an unknown run"
+        raise validation.FairBalanceError(
+            f"{folder} already holds {what}; pass overwrite=True to replace them or choose another output_dir")
+    if forget is not None:
+        forget()
+    remove_listed(folder)
+    return True
+
+
+def prepare_split_folders(output_dir: str, name: str, maker: str, splits=("train", "test")) -> None:
+    """Empty split folders under ``output_dir``, marked as ``maker``'s (the marker file ``.<maker>``, holding the
+    dataset ``name``); split folders that ``maker`` did not write are refused. The rule of every dataset builder
+    (Colored Digits, Colored MNIST, Corrupted MNIST)."""
+    marker = os.path.join(output_dir, f".{maker}")
+    if any(os.path.exists(os.path.join(output_dir, s)) for s in splits) and not os.path.isfile(marker):
+        raise validation.FairBalanceError(
+            f"{output_dir} already holds {', '.join(s + '/' for s in splits[:-1])} or {splits[-1]}/ folders not "
+            f"written by {maker}; choose another output_dir"
+        )
+    validation.require_writable_dir(output_dir)
+    with open(marker, "w") as f:
+        f.write(name + "\n")
+    for split in splits:
+        shutil.rmtree(os.path.join(output_dir, split), ignore_errors=True)
+        os.makedirs(os.path.join(output_dir, split))
 
 
 def _recorded_by_run(dataset, run_key: str, folder: str) -> bool:

@@ -1,5 +1,6 @@
 """The single place that loads models: CLIP (open_clip), image-to-text
-captioners (transformers) and diffusion pipelines (diffusers).
+captioners (transformers), diffusion pipelines (diffusers), and the model
+families fairbalance trains and saves in a folder (:data:`SAVED_FAMILIES`).
 
 Models are named the way each library names them:
 
@@ -8,6 +9,13 @@ Models are named the way each library names them:
   ``"local-dir:/path"`` (a folder with ``open_clip_config.json`` + weights).
 - Captioners and diffusion pipelines: a Hugging Face hub id or a local folder
   written by ``save_pretrained``.
+
+- Saved families (a classifier, a conditional diffusion model, per-group
+  LoRA adapters): a loaded model, its folder, or (``runs.recorded_model``)
+  the key of the run that trained it. Each family's ``from_pretrained`` /
+  ``save_pretrained`` pair lives in the module that owns its class, which
+  registers it here (:func:`register_saved_family`); :func:`load_saved` is
+  the one way from a user's argument to the loaded model.
 
 Offline first: weights already on disk (a local path or the Hugging Face
 cache) are used without touching the network; when they are absent and the
@@ -446,3 +454,44 @@ def load_diffusion_pipeline(
 
     key = ("diffusion", spec, str(dev), str(dt), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
     return _cached(key, lambda: load_or_explain("diffusion pipeline", path, build))
+
+
+# --------------------------------------------------------------------------- models fairbalance saves
+
+
+@dataclass(frozen=True)
+class SavedFamily:
+    """A model family fairbalance trains and saves in a folder, registered by the module that owns its class."""
+
+    name: str  # what messages call it ("classifier")
+    model_class: type  # a loaded model of the family passes as is
+    marker: str  # the file its folder holds (written last by ``save_pretrained``)
+    from_pretrained: Callable[..., Any]  # (folder, device=None, **options) -> model
+    run_method: str  # the run that records its folder
+    run_field: str  # the key of that run's config that holds the folder
+
+
+SAVED_FAMILIES: dict[str, SavedFamily] = {}
+
+
+def register_saved_family(family: SavedFamily) -> SavedFamily:
+    SAVED_FAMILIES[family.name] = family
+    return family
+
+
+def load_saved(family: str, model, device=None, **options):
+    """A user's ``model`` of a saved family, loaded: a loaded model as is; a folder, which must exist and hold
+    the family's marker file (else a :class:`ModelNotFoundError` before anything is read), read by the
+    family's ``from_pretrained``; corrupt or incomplete files are one error naming the folder."""
+    fam = SAVED_FAMILIES[family]
+    if isinstance(model, fam.model_class):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise validation.FairBalanceError(
+            f"a {fam.name} must be given as its folder (a path), not {type(model).__name__}")
+    folder = os.path.abspath(os.path.expanduser(os.fspath(model)))
+    if not os.path.isdir(folder):
+        raise ModelNotFoundError(f"No {fam.name} in {folder}: the folder does not exist")
+    if not os.path.isfile(os.path.join(folder, fam.marker)):
+        raise ModelNotFoundError(f"No {fam.name} in {folder} ({fam.marker} missing)")
+    return load_or_explain(fam.name, folder, lambda: fam.from_pretrained(folder, device, **options))

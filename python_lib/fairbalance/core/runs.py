@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from fairbalance.core import claims, jobs, validation
+from fairbalance.core import claims, jobs, models, validation
 
 CONFIG_PREFIX = "fairbalance."
 
@@ -109,6 +109,15 @@ def given_or_recorded(samples, given, run_key: str | None, method: str, config_k
             f"No '{method}' run '{run_key}' on dataset '{samples._root_dataset.name}'; "
             f"runs of that kind: {list_runs(samples, method)}")
     return get_run_config(samples, run_key)[config_key]
+
+
+def recorded_model(samples, family: str, given, run_key: str | None, given_name: str, run_name: str,
+                   device=None, **options):
+    """A saved model (:data:`models.SAVED_FAMILIES`) from ``given`` (the model or its folder) or from the run
+    ``run_key`` that trained it (exactly one), loaded by :func:`models.load_saved`."""
+    fam = models.SAVED_FAMILIES[family]
+    folder = given_or_recorded(samples, given, run_key, fam.run_method, fam.run_field, given_name, run_name)
+    return models.load_saved(family, folder, device, **options)
 
 
 def delete_run(samples, run_key: str, cleanup: bool = True) -> None:

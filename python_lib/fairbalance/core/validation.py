@@ -150,16 +150,19 @@ def require_image_files(filepaths: Sequence[str]) -> None:
         raise FairBalanceError(f"{len(missing)} image file(s) not found: {shown}")
 
 
-def require_writable_dir(folder: str) -> str:
-    """Create ``folder`` if needed and check it is writable, before any work is done."""
+def require_writable_dir(folder: str, remedy: str = "choose another output_dir") -> str:
+    """Create ``folder`` if needed and check it is writable, before any work is done; an error says ``remedy``.
+
+    The one rule for every folder fairbalance writes: output folders, and the data and cache folders
+    (:mod:`fairbalance.core.config`, whose remedy names the variable to set)."""
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise FairBalanceError(f"Output folder {folder} is a file, not a folder; choose another output_dir")
+        raise FairBalanceError(f"Output folder {folder} is a file, not a folder; {remedy}")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise FairBalanceError(f"Cannot create output folder {folder}: {e}") from e
+        raise FairBalanceError(f"Cannot create output folder {folder}: {e}; {remedy}") from e
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise FairBalanceError(f"Output folder {folder} is not writable")
+        raise FairBalanceError(f"Output folder {folder} is not writable; {remedy}")
     return folder
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -220,7 +219,9 @@ def colored_digits(
         ),
     }
 
-    _replace_dataset_and_folders(name, output_dir, plans)
+    folders.prepare_split_folders(output_dir, name, "colored_digits", tuple(plans))
+    if fo.dataset_exists(name):
+        fo.delete_dataset(name)
 
     samples = []
     total = sum(len(p) for p in plans.values())
@@ -264,23 +265,3 @@ def _color_probs(color_distribution, num_classes: int) -> np.ndarray | None:
     if w.shape != (num_classes,) or np.any(w < 0) or w.sum() <= 0:
         raise validation.FairBalanceError(f"color_distribution needs {num_classes} non-negative weights")
     return w / w.sum()
-
-
-def _replace_dataset_and_folders(name: str, output_dir: str, plans: dict) -> None:
-    """Refuse split folders this function did not write (no marker); else delete the old dataset and make the
-    folder (with its marker) and empty split folders."""
-    import fiftyone as fo
-
-    marker = os.path.join(output_dir, ".colored_digits")
-    if any(os.path.exists(os.path.join(output_dir, s)) for s in plans) and not os.path.isfile(marker):
-        raise validation.FairBalanceError(
-            f"{output_dir} already holds train/ or test/ folders not written by colored_digits; choose another output_dir"
-        )
-    if fo.dataset_exists(name):
-        fo.delete_dataset(name)
-    os.makedirs(output_dir, exist_ok=True)
-    with open(marker, "w") as f:
-        f.write(name + "\n")
-    for split in plans:
-        shutil.rmtree(os.path.join(output_dir, split), ignore_errors=True)
-        os.makedirs(os.path.join(output_dir, split))

@@ -18,7 +18,6 @@ import gzip
 import importlib.util
 import numbers
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -169,23 +168,6 @@ def render(digit: np.ndarray, rgb: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), mode="RGB")
 
 
-def prepare_split_folders(output_dir: str, name: str, maker: str = "colored_mnist", splits=SPLITS) -> None:
-    """Empty split folders under ``output_dir``, marked as ``maker``'s (the marker file ``.<maker>``); split
-    folders that ``maker`` did not write are refused. Shared by the MNIST builds (colored, corrupted)."""
-    marker = os.path.join(output_dir, f".{maker}")
-    if any(os.path.exists(os.path.join(output_dir, s)) for s in splits) and not os.path.isfile(marker):
-        raise validation.FairBalanceError(
-            f"{output_dir} already holds {', '.join(s + '/' for s in splits[:-1])} or {splits[-1]}/ folders not "
-            f"written by {maker}; choose another output_dir"
-        )
-    validation.require_writable_dir(output_dir)
-    with open(marker, "w") as f:
-        f.write(name + "\n")
-    for split in splits:
-        shutil.rmtree(os.path.join(output_dir, split), ignore_errors=True)
-        os.makedirs(os.path.join(output_dir, split))
-
-
 def write_samples(images: np.ndarray, plans: dict[str, SplitPlan], output_dir: str, progress=None,
                   palette=CLASS_COLORS) -> list:
     """Render every planned image to ``<output_dir>/<split>/NNNNN.png`` and return its ``fo.Sample``.
@@ -262,7 +244,7 @@ def colored_mnist(
     # a dataset name may hold "../": the default folder is sanitised and stays under the data folder
     output_dir = os.path.abspath(output_dir or folders.default_folder("colored_mnist", name))
 
-    prepare_split_folders(output_dir, name)
+    folders.prepare_split_folders(output_dir, name, "colored_mnist", SPLITS)
     if fo.dataset_exists(name):
         fo.delete_dataset(name)
     samples = write_samples(images, plans, output_dir, progress=progress, palette=palette)

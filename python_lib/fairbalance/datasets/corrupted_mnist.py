@@ -98,7 +98,7 @@ def corrupted_mnist(
     images, labels = _cm.load_mnist_5k()
     plans = _cm.plan_splits(labels, cfg)  # its "colors" are the corruption ids (class id when aligned)
     output_dir = os.path.abspath(output_dir or folders.default_folder("corrupted_mnist", name))
-    _cm.prepare_split_folders(output_dir, name, maker="corrupted_mnist")
+    folders.prepare_split_folders(output_dir, name, "corrupted_mnist", _cm.SPLITS)
     if fo.dataset_exists(name):
         fo.delete_dataset(name)
     rng = np.random.default_rng(seed + 1)

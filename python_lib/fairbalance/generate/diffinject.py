@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from fairbalance.core import runs, sharding, validation
 from fairbalance.core.data import labelled_samples, load_images
-from fairbalance.generate.diffusion_model import load_conditional_diffusion
+from fairbalance.generate.diffusion_model import CONDITIONAL_DIFFUSION
 from fairbalance.generate.hspace import (  # noqa: F401  (also diffinject.<name>: DDIM and h-space)
     DDIMPath, HSpaceHook, content_trajectory, ddim_invert, ddim_reverse, h_shape, slerp_h)
 from fairbalance.generate.engine import GenerationJob, check_shard_args, generate_plan, require_own_target
@@ -298,9 +298,8 @@ def _prepare(samples, model=None, model_run=None, content_tag="bias_conflicting"
     validation.require_positive_int("batch_size", batch_size)
     _int("seed", seed, 0)
     validation.require_fields(samples, [label_field])
-    folder = os.fspath(runs.given_or_recorded(samples, model, model_run, "conditional_diffusion", "model_dir",
-                                              "model (a model folder)", "model_run"))
-    diff = load_conditional_diffusion(folder, device)
+    diff = runs.recorded_model(samples, CONDITIONAL_DIFFUSION.name, model, model_run, "model (a model folder)",
+                               "model_run", device)
     path = DDIMPath(diff, num_inference_steps)
     T = path.num_train_timesteps
     if not t_boost < t_edit < T:

@@ -259,7 +259,8 @@ def _cell_sizes(y: np.ndarray, classes, attributes) -> dict | None:
 
 
 def _check_model_folder(output_dir: str, cfg: DiffusionTrainConfig, resume: bool, overwrite: bool) -> bool:
-    """Whether training starts over; refuses a folder of another configuration unless ``overwrite``."""
+    """Whether training starts over; refuses a folder of another configuration (or other training data) unless
+    ``overwrite`` (:func:`folders.claim_setting`, with the configuration the saved model records)."""
     saved_cfg = os.path.join(output_dir, LABELS_FILE)
     if not os.path.isfile(saved_cfg):
         return True
@@ -273,14 +274,10 @@ def _check_model_folder(output_dir: str, cfg: DiffusionTrainConfig, resume: bool
         return True
     previous = {**ADDED_CONFIG_DEFAULTS, **previous}  # a model saved before a key existed had its default
     previous["block_out_channels"] = tuple(previous.get("block_out_channels", ()))
-    same = {k: v for k, v in previous.items() if k != "epochs"} == {
-        k: v for k, v in asdict(cfg).items() if k != "epochs"}
-    if not same and not overwrite:
-        raise validation.FairBalanceError(
-            f"{output_dir} holds a diffusion model with another configuration or other training data; "
-            "pass overwrite=True or choose another output_dir"
-        )
-    return not (resume and same)
+    more_epochs = {k: v for k, v in previous.items() if k != "epochs"}  # more epochs of the same model resume
+    replaced = folders.claim_setting(output_dir, more_epochs, {k: v for k, v in asdict(cfg).items() if k != "epochs"},
+                                     overwrite, kind="a diffusion model (or its training data)")
+    return replaced or not resume
 
 
 def _latest_checkpoint(state_dir: str) -> tuple[str, int] | None:

@@ -138,27 +138,30 @@ class ConditionalDiffusionModel:
     def attribute_field(self) -> str | None:
         return self.config.get("attribute_field")
 
+    @classmethod
+    def from_pretrained(cls, folder: str, device=None) -> "ConditionalDiffusionModel":
+        """Read a folder written by :func:`save_model` (the UNet, condition tables, scheduler config, labels)."""
+        from diffusers import DDPMScheduler, UNet2DModel
+        from safetensors.torch import load_file
 
-def load_conditional_diffusion(folder: str, device=None) -> ConditionalDiffusionModel:
-    """Load a model saved by :func:`train_conditional_diffusion`."""
-    from diffusers import DDPMScheduler, UNet2DModel
-    from safetensors.torch import load_file
-
-    path = os.path.join(folder, LABELS_FILE)
-    if not os.path.isfile(path):
-        raise models.ModelNotFoundError(f"No conditional diffusion model in {folder} ({LABELS_FILE} missing)")
-    try:
-        with open(path) as f:
+        with open(os.path.join(folder, LABELS_FILE)) as f:
             meta = json.load(f)
-        cfg = DiffusionTrainConfig(**{**meta["config"], "block_out_channels": tuple(meta["config"]["block_out_channels"])})
+        saved = meta["config"]
+        cfg = DiffusionTrainConfig(**{**saved, "block_out_channels": tuple(saved["block_out_channels"])})
         unet = UNet2DModel.from_pretrained(os.path.join(folder, "unet"))
         condition = FactorisedCondition(cfg.factor_sizes, cfg.block_out_channels[0] * 4)
         condition.load_state_dict(load_file(os.path.join(folder, CONDITION_FILE)))
         DDPMScheduler.load_config(os.path.join(folder, "scheduler"))  # read when sampling: checked before any write
-    except Exception as e:  # truncated/corrupt json, weights or tables: one clear message naming the folder
-        raise models.ModelNotFoundError(
-            f"The conditional diffusion model in {folder} is corrupt or incomplete ({type(e).__name__}: {e}); "
-            "train it again (overwrite=True)") from e
-    model = ConditionalUNet(unet, condition).to(models.resolve_device(device)).eval()
-    return ConditionalDiffusionModel(model, meta["classes"], meta.get("attributes"), meta["config"],
-                                     os.path.abspath(folder), int(meta.get("step", 0)))
+        model = ConditionalUNet(unet, condition).to(models.resolve_device(device)).eval()
+        return cls(model, meta["classes"], meta.get("attributes"), meta["config"], os.path.abspath(folder),
+                   int(meta.get("step", 0)))
+
+
+def load_conditional_diffusion(folder: str, device=None) -> ConditionalDiffusionModel:
+    """Load a model saved by :func:`train_conditional_diffusion` (:func:`models.load_saved`)."""
+    return models.load_saved(CONDITIONAL_DIFFUSION.name, folder, device)
+
+
+CONDITIONAL_DIFFUSION = models.register_saved_family(models.SavedFamily(
+    "conditional diffusion model", ConditionalDiffusionModel, LABELS_FILE, ConditionalDiffusionModel.from_pretrained,
+    "conditional_diffusion", "model_dir"))

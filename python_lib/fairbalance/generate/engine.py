@@ -423,10 +423,12 @@ def run_generation(jobs: Sequence[GenerationJob], target, render: Callable[[list
 
 
 def _claim_output_dir(folder: str, target, setting: dict, overwrite: bool) -> None:
-    """Make ``folder`` hold images of ``setting`` only: refuse another setting's images unless ``overwrite``.
+    """Make ``folder`` hold images of ``setting`` only (:func:`folders.claim_setting`, its manifest
+    ``GENERATION_FILE``): another setting's images are refused unless ``overwrite``.
 
     Reruns reuse existing files by name, so a folder written by another model
     (or the same folder after more training) must not be mixed in silently.
+    Shards of one job pass: the first writes the manifest, the others find the same setting.
     """
     import glob
 
@@ -435,22 +437,23 @@ def _claim_output_dir(folder: str, target, setting: dict, overwrite: bool) -> No
     if os.path.isfile(manifest):
         with open(manifest) as f:
             previous = json.load(f)
-    images_there = sorted({p for pattern in GENERATED_FILE_PATTERNS for p in glob.glob(os.path.join(folder, pattern))})
     if previous == setting:
         return
-    if previous is not None or images_there:
-        if not overwrite:
-            what = f"images of {previous}" if previous else f"{len(images_there)} images of an unknown run"
-            raise validation.FairBalanceError(
-                f"{folder} already holds {what}; pass overwrite=True to replace them or choose another output_dir")
-        if os.path.isfile(os.path.join(folder, folders.LIST_FILE)):  # only the images this run listed there (a
-            mine = {os.path.join(folder, n) for n in folders.listed(folder)}  # folder from before lists: all its own)
-            images_there = [p for p in images_there if p in mine]
+    images_there = sorted({p for pattern in GENERATED_FILE_PATTERNS for p in glob.glob(os.path.join(folder, pattern))})
+    mine = images_there
+    if os.path.isfile(os.path.join(folder, folders.LIST_FILE)):  # only the images this run listed there (a
+        listed = {os.path.join(folder, n) for n in folders.listed(folder)}  # folder from before lists: all its own)
+        mine = [p for p in images_there if p in listed]
+
+    def forget():  # their samples first, then the images (the listed ones would go with the list anyway)
         from fiftyone import ViewField as Fv
 
-        target.delete_samples(target.match(Fv("filepath").is_in(images_there)))  # a real query, not len()
-        for p in images_there:
+        target.delete_samples(target.match(Fv("filepath").is_in(mine)))  # a real query, not len()
+        for p in mine:
             os.remove(p)
+
+    folders.claim_setting(folder, previous, setting, overwrite, unknown=len(images_there), kind="images",
+                          forget=forget)
     tmp = f"{manifest}.{uuid.uuid4().hex}.tmp"  # shards starting at once each write their own, then rename
     with open(tmp, "w") as f:
         json.dump(setting, f, indent=1)

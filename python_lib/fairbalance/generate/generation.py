@@ -21,7 +21,7 @@ from fairbalance.core import runs, sharding, validation
 from fairbalance.find import balance
 from fairbalance.core.fields import label_path
 from fairbalance.core.data import labelled_samples, load_images
-from fairbalance.generate.diffusion_model import ConditionalDiffusionModel, load_conditional_diffusion
+from fairbalance.generate.diffusion_model import CONDITIONAL_DIFFUSION, ConditionalDiffusionModel
 from fairbalance.generate.diffusion_sampling import sample_images, validate_sampling
 from fairbalance.generate.engine import (GenerationJob, check_shard_args, generate_plan, real_samples,
                                          require_own_target)
@@ -297,14 +297,13 @@ def _plan_balanced(samples, label_field="sa_cluster", model=None, model_run=None
     for name, value in (("total", total), ("per_class", per_class), ("per_cell", per_cell)):
         if value is not None:
             validation.require_positive_int(name, value)
-    model = os.fspath(runs.given_or_recorded(samples, model, model_run, "conditional_diffusion", "model_dir",
-                                             "model (a model folder)", "model_run"))
     if source not in ("noise", "edit"):
         raise validation.FairBalanceError(f"source must be 'noise' or 'edit', not {source!r}")
     validate_sampling(guidance_scale, num_inference_steps, scheduler, attribute_guidance_scale,
                       edit_strength if source == "edit" else None)
     validation.require_positive_int("batch_size", batch_size)
-    diff = load_conditional_diffusion(model, device)
+    diff = runs.recorded_model(samples, CONDITIONAL_DIFFUSION.name, model, model_run, "model (a model folder)",
+                               "model_run", device)
     if diff.label_field != label_field:
         raise validation.FairBalanceError(f"The model was trained on '{diff.label_field}', not '{label_field}'")
     if (mode == "cells") != bool(diff.attribute_field):

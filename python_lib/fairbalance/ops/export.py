@@ -191,11 +191,9 @@ def export_samples(
     view = _training_view(samples, label_field, include_generated, exclude_tags)  # the kept ones, by filters
     if not len(view):
         raise validation.FairBalanceError(f"No sample left to export: {dict(Counter(e[2] for e in excluded))}")
-    # checked before anything is deleted: the folder is new, empty or this dataset's export folder, and overwrite
-    # deletes only what an export recorded there (never a user's file, never the folder)
-    if os.path.isdir(output_dir) and folders.listed(output_dir) and not overwrite:
-        raise validation.FairBalanceError(f"{output_dir} is not empty; pass overwrite=True to replace it")
-    output_dir = folders.claim_output_folder(output_dir, samples._root_dataset, EXPORT_OWNER, overwrite)
+    # checked before anything is deleted: the folder is new, empty or this dataset's export folder (an export there
+    # is replaced only with overwrite), and overwrite deletes only what an export recorded (never a user's file)
+    output_dir = folders.claim_output_folder(output_dir, samples._root_dataset, EXPORT_OWNER, overwrite, reuse=False)
     before = set(os.listdir(output_dir))
     own_files = [n + t for n in (MANIFEST, RUNS_FILE, EXCLUDED_FILE) for t in ("", ".tmp")]
     folders.record(output_dir, own_files + ([str(c) for c in view.distinct(path)]

@@ -30,11 +30,12 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from fairbalance.core import folders, runs, validation, writeback
+from fairbalance.tag.hardness import BIASED_MODEL, model_settings  # the biased model (trained when none is given)
 
 METHODS = ("error_aware", "george")
 # the settings that train the biased model: with a trained classifier they are its own
@@ -353,21 +354,19 @@ def _given_classifier(samples, classifier, classifier_run, settings: dict):
     """The trained classifier and its folder; training settings other than the defaults are refused."""
     from fairbalance.tag import hardness
 
-    defaults = {"epochs": 10, "q": 0.7, "backbone": "auto", "lr": 1e-3, "image_size": None, "normalize": "none",
-                "output_dir": None}
+    defaults = {**{n: getattr(BIASED_MODEL, n) for n in TRAINING_SETTINGS}, "output_dir": None}
     extra = [n for n, v in settings.items() if v != defaults[n]]
     if extra:
         raise validation.FairBalanceError(f"With a trained classifier nothing is trained here: drop {', '.join(extra)}")
     return hardness._load_given(samples, classifier, classifier_run)
 
 
-def _model_config(clf, settings: dict) -> dict:
+def _model_config(clf, biased) -> dict:
     """The settings of the model that ranked the samples: the caller's when trained here, else its own."""
+    names = TRAINING_SETTINGS + ("batch_size",)
     if clf is None:
-        return {**settings, "trained_here": True}
-    tc = clf.config
-    return dict(q=tc.q, backbone=tc.backbone, image_size=tc.image_size, normalize=tc.normalize, epochs=tc.epochs,
-                batch_size=tc.batch_size, lr=tc.lr, training_method=tc.method, trained_here=False)
+        return {**model_settings(biased, names), "trained_here": True}
+    return {**model_settings(clf.config, names), "training_method": clf.config.method, "trained_here": False}
 
 
 def validate_inputs(samples, label_field="ground_truth", method="error_aware", features_field=None,
@@ -404,16 +403,16 @@ def discover_slices(
     captions_field: str | None = None,
     classifier: str | None = None,
     classifier_run: str | None = None,
-    q: float = 0.7,
-    backbone: str = "auto",
-    image_size: int | None = None,
-    normalize: str = "none",
-    epochs: int = 10,
-    batch_size: int = 256,
-    lr: float = 1e-3,
+    q: float = BIASED_MODEL.q,
+    backbone: str = BIASED_MODEL.backbone,
+    image_size: int | None = BIASED_MODEL.image_size,
+    normalize: str = BIASED_MODEL.normalize,
+    epochs: int = BIASED_MODEL.epochs,
+    batch_size: int = BIASED_MODEL.batch_size,
+    lr: float = BIASED_MODEL.lr,
     seed: int = 0,
     device: str | None = None,
-    num_workers: int = 0,
+    num_workers: int = BIASED_MODEL.num_workers,
     name_with_clip: bool = True,
     run_key: str = "slices",
     output_dir: str | None = None,
@@ -442,9 +441,11 @@ def discover_slices(
     validate_inputs(samples, label_field, method, features_field, slice_field, slices_per_class, error_weight,
                     captions_field, classifier, classifier_run, seed)
     clf = None
+    biased = replace(BIASED_MODEL, label_field=label_field, q=q, backbone=backbone, image_size=image_size,
+                     normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                     num_workers=num_workers)
     if classifier is not None or classifier_run is not None:
-        training_settings = dict(epochs=epochs, q=q, backbone=backbone, lr=lr, image_size=image_size,
-                                 normalize=normalize, output_dir=output_dir)
+        training_settings = {**model_settings(biased, TRAINING_SETTINGS), "output_dir": output_dir}
         clf, output_dir = _given_classifier(samples, classifier, classifier_run, training_settings)
     data = hardness.real_labelled(samples, label_field, clf)
     ids, paths, labels, classes = data.ids, data.filepaths, data.labels, data.classes
@@ -460,16 +461,13 @@ def discover_slices(
               "score_field": fields[1], "slices_per_class": slices_per_class, "error_weight": error_weight,
               "captions_field": captions_field, "name_with_clip": name_with_clip, "seed": seed, "checkpoint": output_dir,
               "classifier": classifier and os.path.abspath(os.fspath(classifier)), "classifier_run": classifier_run,
-              **_model_config(clf, dict(q=q, backbone=backbone, image_size=image_size, normalize=normalize,
-                                        epochs=epochs, batch_size=batch_size, lr=lr))}
+              **_model_config(clf, biased)}
     run = runs.prepare(samples, run_key, "discover_slices", config, fields, overwrite)
     trained = clf is None
     if trained:
         folders.claim_output_folder(output_dir, dataset, run_key)
-        clf = training.train_classifier(
-            samples.select(ids), label_field, method="biased", classes=classes, q=q, backbone=backbone,
-            image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-            device=device, num_workers=num_workers, progress=progress)
+        clf = training.train_classifier(samples.select(ids), replace(biased, classes=classes), device=device,
+                                        progress=progress)
     feats, logits = _model_outputs(clf, paths, device, batch_size, num_workers)
     errors, wrong = _errors(logits, labels)
     fit = find_slices(features if features is not None else feats, labels, errors, method, slices_per_class,

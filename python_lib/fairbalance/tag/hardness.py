@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -27,9 +27,18 @@ import torch.nn.functional as F
 from fairbalance.core import distributed, folders, models, runs, sharding, validation, writeback
 from fairbalance.core.data import LabelledSamples, class_order, labelled_samples
 from fairbalance.train import training
+from fairbalance.train.network import TrainConfig
 
+# the biased model that ranks the samples when none is given: GCE, 10 epochs (DiffuBias' step 1); the
+# defaults of compute_hardness_tags and discover_slices (the rest are TrainConfig's own)
+BIASED_MODEL = TrainConfig(method="biased", epochs=10)
 # the settings that train the biased model: with a trained ``classifier`` they are its own, not the caller's
 TRAINING_SETTINGS = ("q", "backbone", "pretrained", "image_size", "normalize", "epochs", "lr", "seed")
+
+
+def model_settings(config: TrainConfig, names=TRAINING_SETTINGS + ("batch_size",)) -> dict:
+    """The ranking model's settings a run records: those it is trained with here, or a given model's own."""
+    return {n: getattr(config, n) for n in names}
 
 
 @dataclass
@@ -199,17 +208,17 @@ def compute_hardness_tags(
     tag: str = "bias_conflicting",
     top_k: int | float | None = None,
     per_class: bool = True,
-    q: float = 0.7,
-    backbone: str = "auto",
-    pretrained: bool = False,
-    image_size: int | None = None,
-    normalize: str = "none",
-    epochs: int = 10,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    seed: int = 0,
+    q: float = BIASED_MODEL.q,
+    backbone: str = BIASED_MODEL.backbone,
+    pretrained: bool = BIASED_MODEL.pretrained,
+    image_size: int | None = BIASED_MODEL.image_size,
+    normalize: str = BIASED_MODEL.normalize,
+    epochs: int = BIASED_MODEL.epochs,
+    batch_size: int = BIASED_MODEL.batch_size,
+    lr: float = BIASED_MODEL.lr,
+    seed: int = BIASED_MODEL.seed,
     device: str | None = None,
-    num_workers: int = 0,
+    num_workers: int = BIASED_MODEL.num_workers,
     classifier: str | None = None,
     classifier_run: str | None = None,
     run_key: str = "hardness",
@@ -245,18 +254,18 @@ def compute_hardness_tags(
     :class:`~fairbalance.core.sharding.ShardResult`.
     """
     sharded = shard is not None or num_shards is not None
+    biased = replace(BIASED_MODEL, label_field=label_field, q=q, backbone=backbone, pretrained=pretrained,
+                     image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr,
+                     seed=seed, num_workers=num_workers)
     checked = validate_inputs(samples, label_field, loss_field, tag, top_k, classifier, classifier_run, output_dir,
-                              sharded, q=q, backbone=backbone, pretrained=pretrained, image_size=image_size,
-                              normalize=normalize, epochs=epochs, lr=lr, seed=seed)
+                              sharded, **model_settings(biased, TRAINING_SETTINGS))
     sharding.one_shard_requested(shard, num_shards, overwrite)
     data, k, clf = checked.data, checked.k, checked.clf
     ids, paths, labels, classes = data.ids, data.filepaths, data.labels, data.classes
     fields = output_fields(loss_field)
     dataset = samples._root_dataset
-    settings = dict(q=q, backbone=backbone, pretrained=pretrained, image_size=image_size, normalize=normalize,
-                    epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     params, output_dir = _run_params(label_field, loss_field, fields, tag, top_k, k, per_class, clf, checked.folder,
-                                     classifier_run, dataset, run_key, output_dir, settings)
+                                     classifier_run, dataset, run_key, output_dir, model_settings(biased))
     if sharded:
         return _compute_shard(samples, clf, params, ids, run_key, shard, num_shards, chunk_size, batch_size, device,
                               num_workers, progress)
@@ -267,8 +276,8 @@ def compute_hardness_tags(
 
     trained = clf is None
     if trained:
-        clf = training.train_classifier(samples.select(ids), label_field, method="biased", classes=classes,
-                                        **settings, device=device, num_workers=num_workers, progress=progress)
+        clf = training.train_classifier(samples.select(ids), replace(biased, classes=classes), device=device,
+                                        progress=progress)
     # under a launcher, each rank on its own GPU (not cuda:0 for all)
     losses, predictions = _losses(clf, paths, labels, distributed.device(device), batch_size, num_workers)
     ranks, hard = select_hard(losses, predictions, labels, k, per_class)
@@ -306,10 +315,8 @@ def _run_params(label_field, loss_field, fields, tag, top_k, k, per_class, clf, 
         output_dir = os.path.abspath(output_dir or folders.default_folder("checkpoints", dataset.name, run_key))
         params.update(**settings, checkpoint=output_dir, classifier=None, classifier_run=None)
         return params, output_dir
-    tc = clf.config
-    params.update(q=tc.q, backbone=tc.backbone, pretrained=tc.pretrained, image_size=tc.image_size,
-                  normalize=tc.normalize, epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr, seed=tc.seed,
-                  checkpoint=folder, classifier=folder, classifier_run=classifier_run, training_method=tc.method)
+    params.update(**model_settings(clf.config), checkpoint=folder, classifier=folder, classifier_run=classifier_run,
+                  training_method=clf.config.method)
     return params, folder
 
 

@@ -19,41 +19,43 @@ import torch
 from fairbalance.core import distributed, folders, runs, validation, writeback
 from fairbalance.train import group_robust, training
 from fairbalance.core.fields import label_path
-from fairbalance.train.network import TrainedClassifier, load_classifier
+from fairbalance.train.network import CLASSIFIER, TrainConfig, TrainedClassifier
 
 
+# the keyword defaults are TrainConfig's (its fields' defaults are the one source); the signature stays explicit
+# because users and the App form read it
 @runs.writer("train_classifier")
 def train_classifier(
     samples,
-    label_field: str = "ground_truth",
-    method: str = "vanilla",
+    label_field: str = TrainConfig.label_field,
+    method: str = TrainConfig.method,
     val_samples=None,
-    backbone: str = "auto",
-    pretrained: bool = False,
-    image_size: int | None = None,
-    normalize: str = "none",
-    epochs: int = 100,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    q: float = 0.7,
-    ema: float = 0.7,
-    hard_tag: str | None = None,
-    upweight: float = 50.0,
-    weight_field: str | None = None,
-    synthetic_weight: float = 1.0,
-    max_synthetic_fraction: float | None = None,
-    seed: int = 0,
+    backbone: str = TrainConfig.backbone,
+    pretrained: bool = TrainConfig.pretrained,
+    image_size: int | None = TrainConfig.image_size,
+    normalize: str = TrainConfig.normalize,
+    epochs: int = TrainConfig.epochs,
+    batch_size: int = TrainConfig.batch_size,
+    lr: float = TrainConfig.lr,
+    weight_decay: float = TrainConfig.weight_decay,
+    q: float = TrainConfig.q,
+    ema: float = TrainConfig.ema,
+    hard_tag: str | None = TrainConfig.hard_tag,
+    upweight: float = TrainConfig.upweight,
+    weight_field: str | None = TrainConfig.weight_field,
+    synthetic_weight: float = TrainConfig.synthetic_weight,
+    max_synthetic_fraction: float | None = TrainConfig.max_synthetic_fraction,
+    seed: int = TrainConfig.seed,
     device: str | None = None,
-    num_workers: int = 0,
-    supcon_weight: float = 1.0,
-    supcon_temperature: float = 0.1,
-    projection_dim: int = 128,
-    head_epochs: int = 20,
-    stage1_real: bool = False,
-    exclude_field: str | None = "filtered_out",
-    group_field: str | None = None,
-    dro_step: float = 0.01,
+    num_workers: int = TrainConfig.num_workers,
+    supcon_weight: float = TrainConfig.supcon_weight,
+    supcon_temperature: float = TrainConfig.supcon_temperature,
+    projection_dim: int = TrainConfig.projection_dim,
+    head_epochs: int = TrainConfig.head_epochs,
+    stage1_real: bool = TrainConfig.stage1_real,
+    exclude_field: str | None = TrainConfig.exclude_field,
+    group_field: str | None = TrainConfig.group_field,
+    dro_step: float = TrainConfig.dro_step,
     run_key: str | None = "classifier",
     output_dir: str | None = None,
     overwrite: bool = False,
@@ -79,18 +81,15 @@ def train_classifier(
     of each global batch and the main process alone claims, saves and records
     the run (:mod:`fairbalance.core.distributed`).
     """
+    config = TrainConfig.from_arguments(locals())  # the keywords above that are TrainConfig's fields
     validation.require_seed(seed)  # before the run is prepared (the config's own checks come later)
     dataset = samples._root_dataset
-    params = dict(label_field=label_field, method=method, backbone=backbone, pretrained=pretrained,
-                  image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr,
-                  weight_decay=weight_decay, q=q, ema=ema, hard_tag=hard_tag, upweight=upweight,
-                  weight_field=weight_field, synthetic_weight=synthetic_weight,
-                  max_synthetic_fraction=max_synthetic_fraction, seed=seed)
-    params.update(supcon_weight=supcon_weight, supcon_temperature=supcon_temperature, projection_dim=projection_dim,
-                  head_epochs=head_epochs, stage1_real=stage1_real, exclude_field=exclude_field)
-    if group_field is not None or method in group_robust.METHODS:  # older runs' configs stay as they were
-        params.update(group_field=group_field, dro_step=dro_step)
+    # the run records the settings (not num_workers); group_field and dro_step only where used, as older runs did
+    params = {k: v for k, v in config.settings().items() if k != "num_workers"}
+    if group_field is not None or method in group_robust.METHODS:
         group_robust.check(method, group_field, dro_step, val_samples)  # before the run is prepared
+    else:
+        del params["group_field"], params["dro_step"]
     run = folder = None
     distributed.setup(device)
     if run_key is not None:
@@ -104,8 +103,8 @@ def train_classifier(
             return run
 
         run = distributed.on_main(prepare)
-    clf = training.train_classifier(samples, val_samples=val_samples, device=device, num_workers=num_workers,
-                                    progress=progress, make_loop=group_robust.loop_for, **params)
+    clf = training.train_classifier(samples, config, val_samples=val_samples, device=device, progress=progress,
+                                    make_loop=group_robust.loop_for)
     if run_key is not None:
         clf.run_key, clf.checkpoint = run_key, folder
 
@@ -123,13 +122,9 @@ def train_classifier(
 
 
 def _as_classifier(model, classifier_run: str | None = None, samples=None) -> TrainedClassifier:
-    model = runs.given_or_recorded(samples, model, classifier_run, "train_classifier", "checkpoint",
-                                   "model (a classifier or its folder)", "classifier_run")
-    if isinstance(model, TrainedClassifier):
-        return model
-    if isinstance(model, (str, os.PathLike)):
-        return load_classifier(os.fspath(model))
-    raise validation.FairBalanceError("model must be a TrainedClassifier or a checkpoint folder")
+    """The classifier, its folder or its run's (:func:`runs.recorded_model`), loaded."""
+    return runs.recorded_model(samples, CLASSIFIER.name, model, classifier_run, "model (a classifier or its folder)",
+                               "classifier_run")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Sequence
 
 import numpy as np
@@ -30,10 +30,17 @@ AUTO_MLP_MAX_SIDE = 32  # backbone="auto": LfF's MLP up to this size (Colored MN
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a trained classifier; stored with the checkpoint and the run."""
+    """Everything that determines a trained classifier; stored with the checkpoint and the run.
 
-    label_field: str
-    classes: list[str]
+    The one source of the classifier's hyperparameters and their defaults: the trainer takes one,
+    :func:`fairbalance.train_classifier` reads its keyword defaults from these fields
+    (``epochs: int = TrainConfig.epochs``), and the biased models of hardness and discovery are one
+    (:data:`fairbalance.tag.hardness.BIASED_MODEL`). The trainer resolves ``classes`` (None),
+    ``image_size`` (None) and ``backbone`` (``auto``) from the data, and sets the :data:`RESOLVED` fields.
+    """
+
+    label_field: str = "ground_truth"
+    classes: list[str] | None = None  # None: the label field's classes in the view (set while training)
     method: str = "vanilla"
     backbone: str = "auto"
     pretrained: bool = False
@@ -113,9 +120,28 @@ class TrainConfig:
         if self.exclude_field is not None:
             validation.require_field_name(self.exclude_field)
 
+    @classmethod
+    def from_arguments(cls, arguments: dict, **overrides) -> "TrainConfig":
+        """The config of a call's arguments (e.g. a writer's ``locals()``): its fields, the rest ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in {**arguments, **overrides}.items() if k in names})
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainConfig":
+        """A stored config (checkpoint or run): a field an older version did not store takes its default."""
+        return cls.from_arguments(saved)
+
+    def settings(self) -> dict:
+        """The fields a user sets (not those the trainer resolves from the data)."""
+        return {k: v for k, v in asdict(self).items() if k not in RESOLVED}
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (3, int(self.image_size[0]), int(self.image_size[1]))
+
+
+# what the trainer sets from the data and the training: never a user's setting
+RESOLVED = ("classes", "mean", "std", "model_selection", "pretrained_weights", "groups")
 
 
 class Normalize(nn.Module):
@@ -213,7 +239,18 @@ class TrainedClassifier:
                 "num_generated_used": self.num_generated_used,
                 "num_generated_excluded": self.num_generated_excluded, "num_filtered_out": self.num_filtered_out}
 
-    def save(self, folder: str) -> str:
+    @classmethod
+    def from_pretrained(cls, folder: str, device=None) -> "TrainedClassifier":
+        """Read a folder written by :meth:`save_pretrained` (on the CPU; :func:`load_classifier` checks it first)."""
+        with open(os.path.join(folder, "config.json")) as f:
+            saved = json.load(f)
+        config = TrainConfig.from_dict(saved["config"])
+        net, _ = build_model(replace(config, pretrained=False))
+        net.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True))
+        return cls(net.eval(), config, saved.get("history", []), best_epoch=saved.get("best_epoch"),
+                   checkpoint=os.path.abspath(folder))
+
+    def save_pretrained(self, folder: str) -> str:
         """Write ``model.pt`` and ``config.json`` atomically (temp file + rename, config last)."""
         os.makedirs(folder, exist_ok=True)
         tmps = [os.path.join(folder, "model.pt.tmp"), os.path.join(folder, "config.json.tmp")]
@@ -235,24 +272,17 @@ class TrainedClassifier:
             raise
         return folder
 
+    save = save_pretrained  # its name before the from_pretrained/save_pretrained pair
+
 
 def load_classifier(folder: str) -> TrainedClassifier:
-    """Load a classifier saved by :meth:`TrainedClassifier.save`."""
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise models.ModelNotFoundError(f"No classifier checkpoint in {folder} (config.json missing)")
-    try:
-        with open(cfg_path) as f:
-            saved = json.load(f)
-        config = TrainConfig(**saved["config"])
-        net, _ = build_model(replace(config, pretrained=False))
-        net.load_state_dict(torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True))
-    except Exception as e:  # truncated/corrupt files: one clear message naming the folder
-        raise models.ModelNotFoundError(
-            f"The classifier checkpoint in {folder} is corrupt or incomplete ({type(e).__name__}: {e}); "
-            "train it again") from e
-    return TrainedClassifier(net.eval(), config, saved.get("history", []), best_epoch=saved.get("best_epoch"),
-                             checkpoint=os.path.abspath(folder))
+    """Load a classifier saved by :meth:`TrainedClassifier.save_pretrained` (:func:`models.load_saved`)."""
+    return models.load_saved(CLASSIFIER.name, folder)
+
+
+CLASSIFIER = models.register_saved_family(models.SavedFamily(
+    "classifier", TrainedClassifier, "config.json", TrainedClassifier.from_pretrained,
+    "train_classifier", "checkpoint"))
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:

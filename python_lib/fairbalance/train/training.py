@@ -51,7 +51,7 @@ from __future__ import annotations
 import copy
 import functools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -153,65 +153,32 @@ class _LfFWeights:
         return lb / (lb + ld + 1e-8)
 
 
-def train_classifier(
-    samples,
-    label_field: str = "ground_truth",
-    method: str = "vanilla",
-    classes: list[str] | None = None,
-    val_samples=None,
-    backbone: str = "auto",
-    pretrained: bool = False,
-    image_size: int | Sequence[int] | None = None,
-    normalize: str = "none",
-    epochs: int = 100,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    q: float = 0.7,
-    ema: float = 0.7,
-    hard_tag: str | None = None,
-    upweight: float = 50.0,
-    weight_field: str | None = None,
-    synthetic_weight: float = 1.0,
-    max_synthetic_fraction: float | None = None,
-    seed: int = 0,
-    device: str | None = None,
-    num_workers: int = 0,
-    progress=None,
-    supcon_weight: float = 1.0,
-    supcon_temperature: float = 0.1,
-    projection_dim: int = 128,
-    head_epochs: int = 20,
-    stage1_real: bool = False,
-    exclude_field: str | None = "filtered_out",
-    group_field: str | None = None,
-    dro_step: float = 0.01,
-    make_loop=None,
-) -> TrainedClassifier:
-    """Train an image classifier on ``samples`` with a debiasing ``method`` (see the module docstring).
+def train_classifier(samples, config: TrainConfig, val_samples=None, device: str | None = None, progress=None,
+                     make_loop=None) -> TrainedClassifier:
+    """Train an image classifier on ``samples`` as ``config`` says (see the module docstring).
 
-    Defaults follow LfF's Colored MNIST protocol (Adam 1e-3, batch 256, 100
-    epochs; ``backbone="auto"`` = its 3x100 MLP for images up to 32 px,
-    ResNet-18 above). ``val_samples``: a labelled view (e.g. an unbiased
-    validation split) for model selection; without it the last epoch is kept.
-    Samples without a label are skipped (``num_skipped``). Deterministic for
-    a seed on the CPU; AMP on CUDA.
+    ``config``'s defaults follow LfF's Colored MNIST protocol (Adam 1e-3,
+    batch 256, 100 epochs; ``backbone="auto"`` = its 3x100 MLP for images up
+    to 32 px, ResNet-18 above); ``classes``, ``image_size`` and ``backbone``
+    are resolved from the data here (``config`` itself is not changed).
+    ``val_samples``: a labelled view (e.g. an unbiased validation split) for
+    model selection; without it the last epoch is kept. Samples without a
+    label are skipped (``num_skipped``). Deterministic for a seed on the CPU;
+    AMP on CUDA.
     """
     validation.require_nonempty(samples)
     validation.require_image_collection(samples)
-    data = labelled_samples(samples, label_field, classes)
+    label_field, image_size, num_workers = config.label_field, config.image_size, config.num_workers
+    data = labelled_samples(samples, label_field, config.classes)
     size = native_size(data.filepaths) if image_size is None else (
         [int(image_size)] * 2 if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size])
-    config = TrainConfig(label_field, data.classes, method, resolve_backbone(backbone, size), pretrained, size,
-                         normalize, None, None, q, ema, epochs, batch_size, lr, weight_decay, seed, weight_field,
-                         hard_tag, upweight, synthetic_weight, max_synthetic_fraction, num_workers=num_workers,
-                         supcon_weight=supcon_weight, supcon_temperature=supcon_temperature,
-                         projection_dim=projection_dim, head_epochs=head_epochs, stage1_real=stage1_real,
-                         exclude_field=exclude_field, group_field=group_field, dro_step=dro_step)
+    config = replace(config, classes=data.classes, backbone=resolve_backbone(config.backbone, size), image_size=size,
+                     mean=None, std=None, pretrained_weights=None, groups=None)
     config.validate()
+    method, seed = config.method, config.seed
     if config.method in ("group_dro", "dfr") and make_loop is None:
         raise validation.FairBalanceError(f"method='{config.method}' is trained through fairbalance.train_classifier")
-    if pretrained and config.backbone == "resnet18":
+    if config.pretrained and config.backbone == "resnet18":
         resnet18_weights()  # before any work
     gen = seed_everything(seed)
     data, filtered_out = drop_filtered_out(samples, data, config)
@@ -227,9 +194,9 @@ def train_classifier(
     config.model_selection = "best_val_accuracy" if val is not None else (
         "last_epoch (the validation view is empty)" if val_samples is not None else "last_epoch")
     x = load_images(data.filepaths, size, num_workers=num_workers, progress=False)
-    if normalize == "dataset":
+    if config.normalize == "dataset":
         config.mean, config.std = channel_stats(x)
-    elif normalize == "imagenet":
+    elif config.normalize == "imagenet":
         config.mean, config.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     dev = distributed.device(device)
     progress = distributed.progress_for(progress)

@@ -313,6 +313,38 @@ class GroupAdapters:
             out.setdefault(a["group"], []).append(a)
         return out
 
+    @classmethod
+    def from_pretrained(cls, folder: str, device=None, base_model=None) -> "GroupAdapters":
+        """Read a folder written by :func:`finetune_per_group` (its manifest, then each adapter onto the base)."""
+        manifest = os.path.join(folder, MANIFEST_FILE)
+
+        def read():
+            with open(manifest) as f:
+                return json.load(f)
+
+        saved = models.load_or_explain("per-group adapters manifest", manifest, read)
+        if not saved.get("complete"):
+            raise models.ModelNotFoundError(f"The adapters in {folder} are incomplete (fine-tuning was interrupted "
+                                            "or is running); run finetune_per_group again to finish them")
+        cfg = saved["config"]
+        base = load_base(base_model if base_model is not None else cfg["base_model"], device)
+        adapters = []
+        for a in saved["adapters"]:
+            path = os.path.join(folder, a["name"])
+            meta = read_meta(path)
+            if meta is None:
+                raise models.ModelNotFoundError(
+                    f"Adapter {path} is missing or incomplete; run finetune_per_group again")
+            if meta.get("base_fingerprint") != base.fingerprint:
+                raise validation.FairBalanceError(
+                    f"The adapters in {folder} were trained on another base model ({cfg['base_model']}, "
+                    f"fingerprint {str(meta.get('base_fingerprint'))[:10]}) than {base.name} (fingerprint "
+                    f"{base.fingerprint[:10]}); they cannot be loaded onto it")
+            models.load_or_explain("LoRA adapter", path, lambda: _load_adapter(base, meta["name"], path))
+            adapters.append({**meta, "folder": path})
+        activate(base.unet, None)
+        return cls(base, os.path.abspath(folder), cfg, adapters)
+
 
 def load_group_adapters(adapters_dir, base_model=None, device=None) -> GroupAdapters:
     """Load every adapter of a :func:`finetune_per_group` folder onto its base model (or ``base_model``).
@@ -320,32 +352,9 @@ def load_group_adapters(adapters_dir, base_model=None, device=None) -> GroupAdap
     Adapters trained on another base model (another fingerprint) are refused.
     """
     require_peft()
-    folder = os.fspath(adapters_dir)
-    manifest = os.path.join(folder, MANIFEST_FILE)
-    if not os.path.isfile(manifest):
-        raise models.ModelNotFoundError(f"No per-group adapters in {folder} ({MANIFEST_FILE} missing)")
-    def read():
-        with open(manifest) as f:
-            return json.load(f)
+    return models.load_saved(GROUP_ADAPTERS.name, adapters_dir, device, base_model=base_model)
 
-    saved = models.load_or_explain("per-group adapters manifest", manifest, read)
-    if not saved.get("complete"):
-        raise models.ModelNotFoundError(f"The adapters in {folder} are incomplete (fine-tuning was interrupted "
-                                        "or is running); run finetune_per_group again to finish them")
-    cfg = saved["config"]
-    base = load_base(base_model if base_model is not None else cfg["base_model"], device)
-    adapters = []
-    for a in saved["adapters"]:
-        path = os.path.join(folder, a["name"])
-        meta = read_meta(path)
-        if meta is None:
-            raise models.ModelNotFoundError(f"Adapter {path} is missing or incomplete; run finetune_per_group again")
-        if meta.get("base_fingerprint") != base.fingerprint:
-            raise validation.FairBalanceError(
-                f"The adapters in {folder} were trained on another base model ({cfg['base_model']}, fingerprint "
-                f"{str(meta.get('base_fingerprint'))[:10]}) than {base.name} (fingerprint {base.fingerprint[:10]}); "
-                "they cannot be loaded onto it")
-        models.load_or_explain("LoRA adapter", path, lambda: _load_adapter(base, meta["name"], path))
-        adapters.append({**meta, "folder": path})
-    activate(base.unet, None)
-    return GroupAdapters(base, os.path.abspath(folder), cfg, adapters)
+
+GROUP_ADAPTERS = models.register_saved_family(models.SavedFamily(
+    "per-group adapters", GroupAdapters, MANIFEST_FILE, GroupAdapters.from_pretrained,
+    "finetune_per_group", "output_dir"))

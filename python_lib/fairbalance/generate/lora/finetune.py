@@ -347,7 +347,8 @@ def _base_size(base: LoraBase, resolution: int | None) -> list[int]:
 
 
 def _claim_adapter_folder(folder: str, config: dict, overwrite: bool) -> None:
-    """Refuse a folder holding adapters of another configuration unless ``overwrite`` (which deletes them)."""
+    """Refuse a folder holding adapters of another configuration unless ``overwrite`` (which deletes them):
+    :func:`folders.claim_setting` with the configuration its manifest records."""
     manifest = os.path.join(folder, MANIFEST_FILE)
     previous = None
     if os.path.isfile(manifest):
@@ -358,14 +359,9 @@ def _claim_adapter_folder(folder: str, config: dict, overwrite: bool) -> None:
             previous = {"unreadable": True}
     others = [d for d in (os.listdir(folder) if os.path.isdir(folder) else [])
               if d != MANIFEST_FILE and not d.startswith((folders.OWNER_FILE, folders.LIST_FILE))]
-    if previous is not None and previous != runs.jsonable(config) or previous is None and others:
-        if not overwrite:
-            raise validation.FairBalanceError(
-                f"{folder} already holds " + ("adapters of another configuration" if previous else
-                                              f"{len(others)} file(s) of an unknown run")
-                + "; pass overwrite=True to replace them or choose another output_dir")
-        folders.remove_listed(folder)  # what this run wrote there, never other files
-    elif overwrite and os.path.isdir(folder):
+    replaced = folders.claim_setting(folder, previous, runs.jsonable(config), overwrite,
+                                     unknown=0 if previous is not None else len(others), kind="adapters")
+    if overwrite and not replaced and os.path.isdir(folder):  # the same configuration: overwrite starts over
         folders.remove_listed(folder)
     validation.require_writable_dir(folder)
 

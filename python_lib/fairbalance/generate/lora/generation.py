@@ -18,8 +18,8 @@ from fairbalance.core import runs, sharding, validation
 from fairbalance.core.data import load_images
 from fairbalance.generate.engine import GenerationJob, check_shard_args, generate_plan, require_own_target
 from fairbalance.generate.generation import GenerationResult, plan_counts
-from fairbalance.generate.lora.adapters import (GroupAdapters, model_condition, real_groups, activate, group_key,
-                                                load_group_adapters, require_peft)
+from fairbalance.generate.lora.adapters import (GROUP_ADAPTERS, GroupAdapters, model_condition, real_groups, activate,
+                                                group_key, require_peft)
 
 
 @dataclass
@@ -120,8 +120,6 @@ def _plan_per_group(samples, adapters=None, finetune_run=None, base_model=None, 
     for name, value in (("per_group", per_group), ("total", total)):
         if value is not None:
             validation.require_positive_int(name, value)
-    adapters = runs.given_or_recorded(samples, adapters, finetune_run, "finetune_per_group", "output_dir",
-                                      "adapters (a folder)", "finetune_run")
     if mode not in ("equal", "fill"):
         raise validation.FairBalanceError(f"mode must be 'equal' or 'fill', not {mode!r}")
     if mode == "equal" and per_group is None and total is None:
@@ -140,7 +138,8 @@ def _plan_per_group(samples, adapters=None, finetune_run=None, base_model=None, 
     for name, value in (("height", height), ("width", width)):
         if value is not None:
             validation.require_positive_int(name, value, minimum=8)
-    loaded = load_group_adapters(adapters, base_model, device)
+    loaded = runs.recorded_model(samples, GROUP_ADAPTERS.name, adapters, finetune_run, "adapters (a folder)",
+                                 "finetune_run", device, base_model=base_model)
     base, cfg = loaded.base, loaded.config
     fields = list(cfg["group_fields"])
     method = cfg["method"]
