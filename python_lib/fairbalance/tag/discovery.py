@@ -28,18 +28,18 @@ mode="cells", attribute_field="slice")``, ``finetune_per_group``, the gate,
 from __future__ import annotations
 
 import os
-import re
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from fairbalance.core import folders, runs, validation, writeback
+from fairbalance.tag import slice_features, slice_names
 
 METHODS = ("error_aware", "george")
 # the settings that train the biased model: with a trained classifier they are its own
 TRAINING_SETTINGS = ("q", "backbone", "epochs", "lr", "image_size", "normalize")
 MAX_PCA_DIMS = 32
+DEFAULT_SOURCES = ("model", "early", "pixels")  # bench_discovery: p@10 0.63 with the model alone (README)
 MAX_NAME_VALUES = 50  # a categorical field with more distinct values (ids, paths) names nothing
 
 
@@ -79,23 +79,32 @@ def _cluster(z: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return km.labels_, resp / resp.sum(1, keepdims=True)
 
 
-def find_slices(features: np.ndarray, labels: np.ndarray, errors: np.ndarray | None, method: str = "error_aware",
-                slices_per_class: int = 5, error_weight: float = 2.0, seed: int = 0) -> SliceFit:
+def find_slices(features, labels: np.ndarray, errors: np.ndarray | None, method: str = "error_aware",
+                slices_per_class: int = 5, error_weight: float = 2.0, seed: int = 0,
+                probs: np.ndarray | None = None, prediction_weight: float = 0.0) -> SliceFit:
     """Slices of every class (the computation of :func:`discover_slices`, on arrays).
 
-    ``errors``: the model's per-sample error ``1 - p(y|x)`` in [0, 1]
+    ``features``: one matrix, or a list of them (feature sources): each is
+    reduced per class to unit total variance and they are joined with equal
+    weight. ``errors``: the model's per-sample error ``1 - p(y|x)`` in [0, 1]
     (needed by ``error_aware``, and to order the slices of a class, highest
-    error first). Slices with no sample are dropped.
+    error first). ``probs`` (n x classes, ``error_aware``): the model's
+    predicted probabilities, joined x ``prediction_weight`` (Domino's
+    ``y_hat`` term: which class the model mistakes a slice for). Slices with
+    no sample are dropped.
     """
-    features = np.asarray(features, dtype=np.float64)
+    sources = [np.asarray(f, dtype=np.float64) for f in (features if isinstance(features, (list, tuple)) else
+                                                          [features])]
     n = len(labels)
     assign = np.empty(n, dtype=int)
     parts, slice_class = [], []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        z = _reduce(features[idx])
+        z = np.concatenate([_reduce(f[idx]) for f in sources], axis=1) / np.sqrt(len(sources))
         if method == "error_aware":
             z = np.concatenate([z, error_weight * errors[idx, None]], axis=1)
+            if probs is not None and prediction_weight > 0:
+                z = np.concatenate([z, prediction_weight * probs[idx]], axis=1)
         local, resp = _cluster(z, slices_per_class, seed)
         used = np.unique(local)
         order = sorted(used, key=lambda j: -float(errors[idx][local == j].mean()) if errors is not None else 0)
@@ -109,117 +118,6 @@ def find_slices(features: np.ndarray, labels: np.ndarray, errors: np.ndarray | N
         scores[np.ix_(idx, np.arange(start, start + resp.shape[1]))] = resp
         start += resp.shape[1]
     return SliceFit(assign, np.array(slice_class, dtype=int), scores)
-
-
-# --- names -----------------------------------------------------------------------------------------------------
-
-
-def metadata_names(slice_members: np.ndarray, class_members: np.ndarray, columns: dict[str, list],
-                   top: int = 3, min_share: float = 0.3) -> list[dict]:
-    """Categorical values over-represented in a slice against its class (sliceguard/Spotlight's lift).
-
-    ``columns``: field -> one value per sample. A value is a candidate when
-    at least ``min_share`` of the slice has it and it is more common there
-    than in the rest of the class; candidates rank by the share difference
-    (slice minus rest), which weighs both lift and count.
-    """
-    rest = class_members & ~slice_members
-    size, n_rest = int(slice_members.sum()), int(rest.sum())
-    out = []
-    for name, values in columns.items():
-        vals = np.asarray([str(v) if v is not None else None for v in values], dtype=object)
-        in_slice = Counter(vals[slice_members])
-        in_rest = Counter(vals[rest])
-        for value, count in in_slice.items():
-            if value is None:
-                continue
-            share = count / size
-            share_rest = in_rest.get(value, 0) / n_rest if n_rest else 0.0
-            share_class = (count + in_rest.get(value, 0)) / max(1, size + n_rest)
-            if share >= min_share and share > share_rest:
-                out.append({"source": "metadata", "field": name, "value": value, "count": int(count),
-                            "share": round(share, 4), "share_rest_of_class": round(share_rest, 4),
-                            "lift": round(share / share_class, 4) if share_class else None,
-                            "score": round(share - share_rest, 4), "text": f"{name} = {value}"})
-    return sorted(out, key=lambda d: (-d["score"], -d["count"], d["text"]))[:top]
-
-
-def _stopwords() -> frozenset[str]:
-    """English stopwords: NLTK's when its corpus is installed, else scikit-learn's (the caption filter's rule)."""
-    try:
-        import nltk
-
-        nltk.data.find("corpora/stopwords")
-        from nltk.corpus import stopwords
-
-        return frozenset(stopwords.words("english"))
-    except (ImportError, LookupError):
-        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-
-        return frozenset(ENGLISH_STOP_WORDS)
-
-
-def caption_names(slice_members: np.ndarray, class_members: np.ndarray, captions: list, top: int = 5,
-                  min_share: float = 0.2) -> list[dict]:
-    """Caption words over-represented in a slice against the rest of its class (B2T's keyword step).
-
-    A word counts once per sample (in any of its captions); English stopwords
-    are dropped (NLTK's list when its corpus is installed, else scikit-learn's, as ``filter_captions``).
-    """
-    stop = _stopwords()
-    words = []
-    for caps in captions:
-        caps = [caps] if isinstance(caps, str) else list(caps or [])
-        words.append({w for cap in caps for w in re.findall(r"[a-z0-9]+(?:'[a-z]+)?", str(cap).lower()) if w not in stop and len(w) > 1})
-    rest = class_members & ~slice_members
-    size, n_rest = int(slice_members.sum()), int(rest.sum())
-    in_slice = Counter(w for j in np.flatnonzero(slice_members) for w in words[j])
-    in_rest = Counter(w for j in np.flatnonzero(rest) for w in words[j])
-    out = []
-    for word, count in in_slice.items():
-        share = count / size
-        share_rest = in_rest.get(word, 0) / n_rest if n_rest else 0.0
-        if share >= min_share and share > share_rest:
-            out.append({"source": "captions", "word": word, "count": int(count), "share": round(share, 4),
-                        "share_rest_of_class": round(share_rest, 4), "score": round(share - share_rest, 4),
-                        "text": word})
-    return sorted(out, key=lambda d: (-d["score"], -d["count"], d["text"]))[:top]
-
-
-def clip_names(slice_members: np.ndarray, class_members: np.ndarray, embeddings: np.ndarray, bank: np.ndarray,
-               texts: list[str], top: int = 3) -> list[dict]:
-    """WordNet texts closest in CLIP space to what sets a slice apart from the rest of its class.
-
-    The direction is the mean normalised image embedding of the slice minus
-    that of the rest of its class (Domino's text-bank naming); ``bank``: the
-    normalised text embeddings of ``texts`` (the SA step's WordNet glosses).
-    """
-    rest = class_members & ~slice_members
-    if not rest.any():
-        return []
-    e = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(1e-12)
-    direction = e[slice_members].mean(0) - e[rest].mean(0)
-    direction /= max(float(np.linalg.norm(direction)), 1e-12)
-    sims = np.asarray(bank, dtype=np.float32) @ direction.astype(np.float32)
-    best = np.argsort(-sims)[:top]
-    return [{"source": "clip", "text": texts[j].split(", which means ")[0], "description": texts[j],
-             "score": round(float(sims[j]), 4)} for j in best]
-
-
-def name_slices(samples_columns: dict[str, list], captions: list | None, fit: SliceFit, labels: np.ndarray,
-                clip_bank: tuple | None = None) -> list[list[dict]]:
-    """The names of every slice of ``fit``: metadata first, then caption keywords (when captions exist), then
-    the CLIP text bank (``clip_bank``: ``(image embeddings, text embeddings, texts)``, when CLIP is at hand)."""
-    names = []
-    for s, c in enumerate(fit.slice_class):
-        members, cls = fit.assign == s, labels == c
-        found = metadata_names(members, cls, samples_columns) if samples_columns else []
-        if captions is not None:
-            found += caption_names(members, cls, captions)
-        if clip_bank is not None:
-            found += clip_names(members, cls, *clip_bank)
-        names.append(found)
-    return names
 
 
 def _clip_bank(samples, features_field: str | None, features, device=None) -> tuple[tuple | None, str]:
@@ -256,6 +154,7 @@ class DiscoveryResult:
     slices: list[dict] = field(default_factory=list)  # ranked by error gap, largest first
     checkpoint: str | None = None
     clip_naming: str | None = None  # how the CLIP text bank named the slices, or why it did not
+    feature_sources: list[str] = field(default_factory=lambda: ["model"])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -264,29 +163,6 @@ class DiscoveryResult:
 def output_fields(slice_field: str) -> list[str]:
     """The fields a discovery run writes: the slice label and its membership score (``_score``)."""
     return [slice_field, f"{slice_field}_score"]
-
-
-def _model_outputs(clf, paths, device=None, batch_size: int = 256, num_workers: int = 0):
-    """Penultimate-layer features and logits of ``clf`` for image files (eval mode)."""
-    import torch
-
-    from fairbalance.core import images, models
-    from fairbalance.core.data import image_transform
-    from fairbalance.train import training
-
-    dev = models.resolve_device(device)
-    encoder, head = training.split_encoder_head(clf.model.to(dev).eval())
-    feats, logits = None, None
-    with torch.inference_mode():
-        for idx, batch in images.iter_batches(paths, image_transform(clf.config.image_size), batch_size,
-                                              num_workers):
-            f = encoder(batch.to(dev)).float()
-            lg = head(f).float()
-            if feats is None:
-                feats = np.empty((len(paths), f.shape[1]), dtype=np.float32)
-                logits = np.empty((len(paths), lg.shape[1]), dtype=np.float32)
-            feats[idx], logits[idx] = f.cpu().numpy(), lg.cpu().numpy()
-    return feats, logits
 
 
 def _name_columns(samples, ids: list[str], exclude: set[str]) -> dict[str, list]:
@@ -346,7 +222,7 @@ def _names(samples, ids, fit, labels, exclude, captions_field, name_with_clip, f
         by_id = dict(zip(*samples.select(ids).values(["id", captions_field])))
         captions = [by_id.get(i) for i in ids]
     bank, clip_naming = _clip_bank(samples, features_field, features, device) if name_with_clip else (None, "off")
-    return name_slices(columns, captions, fit, labels, bank), clip_naming
+    return slice_names.name_slices(columns, captions, fit, labels, bank), clip_naming
 
 
 def _given_classifier(samples, classifier, classifier_run, settings: dict):
@@ -372,7 +248,7 @@ def _model_config(clf, settings: dict) -> dict:
 
 def validate_inputs(samples, label_field="ground_truth", method="error_aware", features_field=None,
                     slice_field="slice", slices_per_class=5, error_weight=2.0, captions_field=None,
-                    classifier=None, classifier_run=None, seed=0) -> None:
+                    classifier=None, classifier_run=None, seed=0, feature_sources=DEFAULT_SOURCES) -> None:
     """The up-front checks of :func:`discover_slices`."""
     validation.require_nonempty(samples)
     validation.require_image_collection(samples)
@@ -387,6 +263,10 @@ def validate_inputs(samples, label_field="ground_truth", method="error_aware", f
             np.isfinite(error_weight) and error_weight >= 0):
         raise validation.FairBalanceError(f"error_weight must be a finite number >= 0, got {error_weight!r}")
     validation.require_seed(seed)
+    if isinstance(feature_sources, str) or not feature_sources or not set(feature_sources) <= set(
+            slice_features.SOURCES) or len(set(feature_sources)) != len(feature_sources):
+        raise validation.FairBalanceError(
+            f"feature_sources must be distinct values of {slice_features.SOURCES}, got {feature_sources!r}")
     validation.require_fields(samples, [label_field] + [f for f in (features_field, captions_field) if f])
     if classifier is not None and classifier_run is not None:
         raise validation.FairBalanceError("pass classifier or classifier_run, not both")
@@ -419,6 +299,7 @@ def discover_slices(
     output_dir: str | None = None,
     overwrite: bool = False,
     progress=None,
+    feature_sources: tuple[str, ...] | list[str] = DEFAULT_SOURCES,
 ) -> DiscoveryResult:
     """Find under-performing slices of every class with no bias label; store and name them.
 
@@ -435,12 +316,16 @@ def discover_slices(
     class, names (categorical metadata over-represented in the slice; caption
     keywords from ``captions_field``; the WordNet text bank when ``features_field``
     holds CLIP embeddings whose weights are on disk). ``overwrite=True`` replaces them.
+    ``feature_sources``: what is clustered, joined with equal weight: ``"model"`` (the
+    features above), ``"early"`` (the classifier's first hidden layer), ``"pixels"``
+    (image statistics: brightness, colour, sharpness, noise, orientation; no model).
     """
     from fairbalance.tag import hardness
     from fairbalance.train import training
 
     validate_inputs(samples, label_field, method, features_field, slice_field, slices_per_class, error_weight,
-                    captions_field, classifier, classifier_run, seed)
+                    captions_field, classifier, classifier_run, seed, feature_sources)
+    feature_sources = list(feature_sources)
     clf = None
     if classifier is not None or classifier_run is not None:
         training_settings = dict(epochs=epochs, q=q, backbone=backbone, lr=lr, image_size=image_size,
@@ -459,6 +344,7 @@ def discover_slices(
               "features": features_field or "penultimate layer of the classifier", "slice_field": slice_field,
               "score_field": fields[1], "slices_per_class": slices_per_class, "error_weight": error_weight,
               "captions_field": captions_field, "name_with_clip": name_with_clip, "seed": seed, "checkpoint": output_dir,
+              "feature_sources": feature_sources,
               "classifier": classifier and os.path.abspath(os.fspath(classifier)), "classifier_run": classifier_run,
               **_model_config(clf, dict(q=q, backbone=backbone, image_size=image_size, normalize=normalize,
                                         epochs=epochs, batch_size=batch_size, lr=lr))}
@@ -470,10 +356,12 @@ def discover_slices(
             samples.select(ids), label_field, method="biased", classes=classes, q=q, backbone=backbone,
             image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
             device=device, num_workers=num_workers, progress=progress)
-    feats, logits = _model_outputs(clf, paths, device, batch_size, num_workers)
+    feats, logits, extra = slice_features.model_outputs(clf, paths, device, batch_size, num_workers, feature_sources)
     errors, wrong = _errors(logits, labels)
-    fit = find_slices(features if features is not None else feats, labels, errors, method, slices_per_class,
-                      error_weight, seed)
+    model = features if features is not None else feats
+    sources = [model if s == "model" else slice_features.standardise(extra[s]) if s == "pixels" else extra[s]
+               for s in feature_sources]
+    fit = find_slices(sources, labels, errors, method, slices_per_class, error_weight, seed)
     names, clip_naming = _names(samples, ids, fit, labels, {label_field, *fields}, captions_field, name_with_clip,
                                 features_field, features, device)
     class_error = {classes[c]: float(wrong[labels == c].mean()) for c in np.unique(labels)}
@@ -490,6 +378,6 @@ def discover_slices(
 
     run.write(write)
     result = DiscoveryResult(run_key, fields[0], fields[1], method, config["features"], len(records), len(ids),
-                             data.num_unlabelled, class_error, records, output_dir, clip_naming)
+                             data.num_unlabelled, class_error, records, output_dir, clip_naming, feature_sources)
     run.save_results(result.to_dict())
     return result
