@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from fairbalance.core import folders, runs, validation, writeback
-from fairbalance.tag import slice_features, slice_names
+from fairbalance.tag import slice_features
+from fairbalance.tag import slice_names as naming
 
 METHODS = ("error_aware", "george")
 # the settings that train the biased model: with a trained classifier they are its own
@@ -80,18 +81,14 @@ def _cluster(z: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def find_slices(features, labels: np.ndarray, errors: np.ndarray | None, method: str = "error_aware",
-                slices_per_class: int = 5, error_weight: float = 2.0, seed: int = 0,
-                probs: np.ndarray | None = None, prediction_weight: float = 0.0) -> SliceFit:
+                slices_per_class: int = 5, error_weight: float = 2.0, seed: int = 0) -> SliceFit:
     """Slices of every class (the computation of :func:`discover_slices`, on arrays).
 
     ``features``: one matrix, or a list of them (feature sources): each is
     reduced per class to unit total variance and they are joined with equal
     weight. ``errors``: the model's per-sample error ``1 - p(y|x)`` in [0, 1]
     (needed by ``error_aware``, and to order the slices of a class, highest
-    error first). ``probs`` (n x classes, ``error_aware``): the model's
-    predicted probabilities, joined x ``prediction_weight`` (Domino's
-    ``y_hat`` term: which class the model mistakes a slice for). Slices with
-    no sample are dropped.
+    error first). Slices with no sample are dropped.
     """
     sources = [np.asarray(f, dtype=np.float64) for f in (features if isinstance(features, (list, tuple)) else
                                                           [features])]
@@ -103,8 +100,6 @@ def find_slices(features, labels: np.ndarray, errors: np.ndarray | None, method:
         z = np.concatenate([_reduce(f[idx]) for f in sources], axis=1) / np.sqrt(len(sources))
         if method == "error_aware":
             z = np.concatenate([z, error_weight * errors[idx, None]], axis=1)
-            if probs is not None and prediction_weight > 0:
-                z = np.concatenate([z, prediction_weight * probs[idx]], axis=1)
         local, resp = _cluster(z, slices_per_class, seed)
         used = np.unique(local)
         order = sorted(used, key=lambda j: -float(errors[idx][local == j].mean()) if errors is not None else 0)
@@ -222,7 +217,18 @@ def _names(samples, ids, fit, labels, exclude, captions_field, name_with_clip, f
         by_id = dict(zip(*samples.select(ids).values(["id", captions_field])))
         captions = [by_id.get(i) for i in ids]
     bank, clip_naming = _clip_bank(samples, features_field, features, device) if name_with_clip else (None, "off")
-    return slice_names.name_slices(columns, captions, fit, labels, bank), clip_naming
+    return naming.name_slices(columns, captions, fit, labels, bank), clip_naming
+
+
+def _fit(clf, paths, labels, features, feature_sources, how: tuple, device, batch_size, num_workers):
+    """``(slices, errors, misclassified)``: the model's outputs on the images, its feature sources joined
+    (``features``, when given, stand for ``"model"``), clustered by :func:`find_slices` (``how``: its settings)."""
+    feats, logits, extra = slice_features.model_outputs(clf, paths, device, batch_size, num_workers, feature_sources)
+    errors, wrong = _errors(logits, labels)
+    model = features if features is not None else feats
+    sources = [model if s == "model" else slice_features.standardise(extra[s]) if s == "pixels" else extra[s]
+               for s in feature_sources]
+    return find_slices(sources, labels, errors, *how), errors, wrong
 
 
 def _given_classifier(samples, classifier, classifier_run, settings: dict):
@@ -306,27 +312,23 @@ def discover_slices(
     The model: ``classifier`` (a checkpoint folder) or ``classifier_run`` (a
     ``train_classifier`` run), else a GCE-biased classifier trained here
     (``q``, ``backbone``, ``epochs``, ... as in ``compute_hardness_tags``;
-    saved under ``output_dir``). Features: its penultimate layer, or
-    ``features_field`` (any vector field, e.g. CLIP embeddings). ``method``:
-    ``"error_aware"`` (features + the model's error, per class) or
-    ``"george"`` (features alone, per class); ``slices_per_class`` clusters
-    each. Writes ``slice_field`` (``"<class>/<j>"``, j = 0 the worst of its
+    saved under ``output_dir``). ``feature_sources`` (:mod:`~fairbalance.tag.slice_features`), joined with
+    equal weight: ``"model"`` (its penultimate layer, or ``features_field``: any vector field, e.g. CLIP
+    embeddings), ``"early"`` (its first hidden layer), ``"pixels"`` (image statistics). ``method``:
+    ``"error_aware"`` (features + the model's error, per class) or ``"george"`` (features alone, per class);
+    ``slices_per_class`` clusters each. Writes ``slice_field`` (``"<class>/<j>"``, j = 0 the worst of its
     class) and ``<slice_field>_score`` on the real labelled samples, and
     records the run with every slice: size, class, error rate, gap to its
     class, names (categorical metadata over-represented in the slice; caption
     keywords from ``captions_field``; the WordNet text bank when ``features_field``
     holds CLIP embeddings whose weights are on disk). ``overwrite=True`` replaces them.
-    ``feature_sources``: what is clustered, joined with equal weight: ``"model"`` (the
-    features above), ``"early"`` (the classifier's first hidden layer), ``"pixels"``
-    (image statistics: brightness, colour, sharpness, noise, orientation; no model).
     """
     from fairbalance.tag import hardness
     from fairbalance.train import training
 
     validate_inputs(samples, label_field, method, features_field, slice_field, slices_per_class, error_weight,
                     captions_field, classifier, classifier_run, seed, feature_sources)
-    feature_sources = list(feature_sources)
-    clf = None
+    clf, feature_sources = None, list(feature_sources)
     if classifier is not None or classifier_run is not None:
         training_settings = dict(epochs=epochs, q=q, backbone=backbone, lr=lr, image_size=image_size,
                                  normalize=normalize, output_dir=output_dir)
@@ -356,12 +358,8 @@ def discover_slices(
             samples.select(ids), label_field, method="biased", classes=classes, q=q, backbone=backbone,
             image_size=image_size, normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
             device=device, num_workers=num_workers, progress=progress)
-    feats, logits, extra = slice_features.model_outputs(clf, paths, device, batch_size, num_workers, feature_sources)
-    errors, wrong = _errors(logits, labels)
-    model = features if features is not None else feats
-    sources = [model if s == "model" else slice_features.standardise(extra[s]) if s == "pixels" else extra[s]
-               for s in feature_sources]
-    fit = find_slices(sources, labels, errors, method, slices_per_class, error_weight, seed)
+    fit, errors, wrong = _fit(clf, paths, labels, features, feature_sources,
+                              (method, slices_per_class, error_weight, seed), device, batch_size, num_workers)
     names, clip_naming = _names(samples, ids, fit, labels, {label_field, *fields}, captions_field, name_with_clip,
                                 features_field, features, device)
     class_error = {classes[c]: float(wrong[labels == c].mean()) for c in np.unique(labels)}
