@@ -6,7 +6,9 @@ bias label, from the model's own features:
 - features: the penultimate layer of a classifier (by default the
   GCE-biased model of :func:`fairbalance.compute_hardness_tags`, trained
   here: no pretrained weights needed; or any trained classifier run), or any
-  stored vector field (CLIP embeddings, ...);
+  stored vector field (CLIP embeddings, ...), joined by default with the
+  classifier's first hidden layer and model-free image statistics
+  (:mod:`fairbalance.tag.slice_features`: what a biased model does not use);
 - ``method="error_aware"`` (Domino-like, Eyuboglu et al. 2022): per class, the
   features (PCA, unit total variance) together with the model's error
   ``1 - p(y|x)`` scaled by ``error_weight`` are clustered, so that samples the
@@ -16,7 +18,7 @@ bias label, from the model's own features:
 Each sample gets a slice label (``"<class>/<j>"``, j = 0 the highest error
 rate of its class) and its membership score; each slice is recorded with its
 size, class, the model's error rate there, the gap to its class's error rate,
-and names in words from what is at hand (:func:`name_slices`): categorical
+and names in words from what is at hand (:mod:`fairbalance.tag.slice_names`): categorical
 metadata over-represented in the slice (lift and count, like sliceguard and
 Spotlight) and caption keywords over-represented against the rest of its
 class (B2T, Kim et al. 2024). The slice field is a plain string field, so it

@@ -68,6 +68,12 @@ def _first_relu(encoder):
     return next((m for m in encoder.modules() if isinstance(m, nn.ReLU)), None)
 
 
+def _pool(o):
+    """A layer's output as one vector per image: feature maps average-pooled over space."""
+    o = o.detach().float()
+    return o.mean((2, 3)) if o.dim() == 4 else o.flatten(1)
+
+
 def model_outputs(clf, paths, device=None, batch_size: int = 256, num_workers: int = 0, sources=("model",)):
     """``(penultimate features, logits, {source: matrix})`` of ``clf`` for image files (eval mode), with the
     extra sources asked for (``"early"``, ``"pixels"``) computed in the same pass over the images."""
@@ -81,7 +87,10 @@ def model_outputs(clf, paths, device=None, batch_size: int = 256, num_workers: i
     encoder, head = training.split_encoder_head(clf.model.to(dev).eval())
     caught = {}
     relu = _first_relu(encoder) if "early" in sources else None
-    hook = relu.register_forward_hook(lambda m, i, o: caught.__setitem__("early", o)) if relu is not None else None
+    # pooled in the hook: no feature map kept, and a later in-place op cannot change what was caught
+    hook = None
+    if relu is not None:
+        hook = relu.register_forward_hook(lambda m, i, o: caught.__setitem__("early", _pool(o)))
     feats, logits, extra = [], [], {s: [] for s in sources if s != "model"}
     order = []
     try:
@@ -93,9 +102,7 @@ def model_outputs(clf, paths, device=None, batch_size: int = 256, num_workers: i
                 logits.append(head(f).float().cpu().numpy())
                 order.append(np.asarray(idx))
                 if "early" in extra:
-                    e = caught["early"].float()
-                    e = e.mean((2, 3)) if e.dim() == 4 else e.flatten(1)
-                    extra["early"].append(e.cpu().numpy())
+                    extra["early"].append(caught["early"].cpu().numpy())
                 if "pixels" in extra:
                     extra["pixels"].append(image_statistics(batch))
     finally:
