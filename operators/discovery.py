@@ -39,6 +39,9 @@ def _sources_input(ctx, inputs):
         refuse(inputs, "no_sources", "Pick at least one feature source")
     elif chosen is not None and (not set(chosen) <= set(SOURCE_LABELS) or len(set(chosen)) != len(chosen)):
         refuse(inputs, "bad_sources", f"Feature sources are distinct values of {', '.join(SOURCE_LABELS)}")
+    elif chosen is not None and ctx.params.get("features_field") and "model" not in chosen:
+        refuse(inputs, "features_unused", "The features field stands for the model's penultimate layer: add that "
+                                          "source, or leave the features field empty")
 
 
 class DiscoverSlices(foo.Operator):

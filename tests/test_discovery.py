@@ -167,6 +167,12 @@ def test_operator_form_offers_the_feature_sources_and_records_the_choice(digits_
     assert not any(p.invalid for p in form(feature_sources=["pixels"]).values())
     assert form(feature_sources=[])["no_sources"].invalid
     assert form(feature_sources=["pixels", "clip"])["bad_sources"].invalid
+    digits_dataset.set_values("emb", [[float(i % 3), 1.0] for i in range(len(digits_dataset))])
+    try:
+        assert form(feature_sources=["pixels"], features_field="emb")["features_unused"].invalid
+        assert not any(p.invalid for p in form(feature_sources=["model"], features_field="emb").values())
+    finally:
+        digits_dataset.delete_sample_field("emb")
 
     ds = digits_dataset.clone()
     try:

@@ -84,6 +84,14 @@ def test_bad_feature_sources_fail_before_any_write(noisy, sources):
     assert not noisy.has_sample_field("slice") and "slices" not in noisy.list_runs()
 
 
+def test_a_features_field_without_the_model_source_fails_before_any_write(noisy):
+    """features_field stands for the "model" source: left out, it was ignored while the run recorded it."""
+    noisy.set_values("emb", [[float(i % 3), 1.0] for i in range(len(noisy))])
+    with pytest.raises(fb.FairBalanceError, match="features_field 'emb'.*feature_sources"):
+        fb.discover_slices(noisy, "ground_truth", features_field="emb", feature_sources=["pixels"])
+    assert not noisy.has_sample_field("slice") and "slices" not in noisy.list_runs()
+
+
 def test_image_statistics_see_blur_noise_rotation_and_tint():
     import torch
 

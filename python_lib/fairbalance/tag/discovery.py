@@ -275,6 +275,10 @@ def validate_inputs(samples, label_field="ground_truth", method="error_aware", f
             slice_features.SOURCES) or len(set(feature_sources)) != len(feature_sources):
         raise validation.FairBalanceError(
             f"feature_sources must be distinct values of {slice_features.SOURCES}, got {feature_sources!r}")
+    if features_field and "model" not in feature_sources:
+        raise validation.FairBalanceError(
+            f"features_field '{features_field}' stands for the 'model' feature source, which feature_sources "
+            f"{list(feature_sources)!r} leaves out: add 'model' to feature_sources, or drop features_field")
     validation.require_fields(samples, [label_field] + [f for f in (features_field, captions_field) if f])
     if classifier is not None and classifier_run is not None:
         raise validation.FairBalanceError("pass classifier or classifier_run, not both")
