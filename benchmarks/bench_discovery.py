@@ -15,13 +15,18 @@ blur, pixel noise), of one of three kinds (Eyuboglu et al. 2022, DCBench):
 Every setting trains the GCE-biased model once (``discover_slices``, 10
 epochs, LfF's MLP) and scores, on the same model in the same run: random
 slices, the loss ranking alone (the hardness step: per class, plus one
-global ranking), GEORGE (``discover_slices(method="george")``: per-class
-k-means of the penultimate features) and ours (``method="error_aware"``).
+global ranking), GEORGE (``discover_slices(method="george",
+feature_sources=("model",))``: per-class k-means of the penultimate
+features, as published), ours (``method="error_aware"`` with its default
+feature sources: penultimate + first hidden layer + image statistics), and
+two ablations: GEORGE on ours' feature sources, ours on the penultimate
+layer alone (the default before issue #26's second pass).
 For every planted slice the best predicted slice's precision@10/25/100
 (members ranked by membership score) and its recall (the share of the
 planted slice inside it). Naming: whether the first name of the best
 predicted slice is the planted attribute, from the ``effect`` metadata
-field (with a distractor field ``scanner``).
+field (with a distractor field ``scanner``: random A/B/C), and how many
+slices of all are named by that distractor (a name from chance).
 
 Usage: nice -n 10 python benchmarks/bench_discovery.py [--settings 24] [--num-digits 2500] [--slices-per-class 5] [--epochs 10]
            [--out results.json] [--part i/n]   (then --merge part0.json part1.json ... for the joint summary)
@@ -50,6 +55,8 @@ from fairbalance.train import training  # noqa: E402
 KINDS = {"rare": (0.04, 0.07, 0.10), "correlation": (0.2, 0.5, 0.8), "noisy": (0.04, 0.10, 0.30)}
 ATTRIBUTES = ("tint", "background", "thick", "rotation", "blur", "noise")
 KS = (10, 25, 100)
+SOURCES = ("model", "early", "pixels")  # ours: discover_slices' default feature sources
+METHODS = ("random", "loss", "george", "george_all_sources", "ours_model_only", "ours")
 
 
 def render(digit: np.ndarray, attribute: str | None, rng: np.random.Generator) -> Image.Image:
@@ -147,9 +154,16 @@ def run_setting(work, digits, labels, kind, alpha, attribute, seed, args) -> dic
     record = next(r for r in ours.slices if r["slice"] == names[best])
     out["ours"]["named"] = record["name"] == f"effect = {attribute}"
     out["ours"]["name"] = record["name"]
-    fb.discover_slices(ds, "ground_truth", method="george", slices_per_class=args.slices_per_class, seed=seed,
-                       classifier=ours.checkpoint, run_key="george", slice_field="george")
-    out["george"] = precision_recall(*slices_from(ds, "george")[:2], truth)
+    # names from chance: slices (of all) whose first name is the distractor field
+    out["ours"]["chance_names"] = sum(bool(r["name"] and r["name"].startswith("scanner")) for r in ours.slices)
+    out["ours"]["num_slices"] = len(ours.slices)
+    # the same model, other methods / feature sources (GEORGE as published: the penultimate layer alone)
+    for key, method, sources in (("george", "george", ("model",)), ("george_all_sources", "george", SOURCES),
+                                 ("ours_model_only", "error_aware", ("model",))):
+        fb.discover_slices(ds, "ground_truth", method=method, slices_per_class=args.slices_per_class, seed=seed,
+                           classifier=ours.checkpoint, run_key=key, slice_field=key, feature_sources=sources,
+                           name_with_clip=False)
+        out[key] = precision_recall(*slices_from(ds, key)[:2], truth)
     # the loss ranking of the same model: per class, and one global ranking
     clf = training.load_classifier(ours.checkpoint)
     ids, paths, gt = ds.values(["id", "filepath", "ground_truth.label"])
@@ -175,7 +189,7 @@ def run_setting(work, digits, labels, kind, alpha, attribute, seed, args) -> dic
 
 def summary(rows: list[dict]) -> dict:
     out = {}
-    for method in ("random", "loss", "george", "ours"):
+    for method in METHODS:
         out[method] = {m: {"mean": round(statistics.mean(r[method][m] for r in rows), 3),
                            "median": round(statistics.median(r[method][m] for r in rows), 3)}
                        for m in [f"precision@{k}" for k in KS] + ["recall"]}
@@ -183,10 +197,16 @@ def summary(rows: list[dict]) -> dict:
         sub = [r for r in rows if r["kind"] == kind]
         if sub:
             out[f"p@10 by kind: {kind}"] = {m: round(statistics.mean(r[m]["precision@10"] for r in sub), 3)
-                                            for m in ("random", "loss", "george", "ours")}
+                                            for m in METHODS}
     g = out["george"]["precision@10"]["mean"]
     out["ours / george (mean p@10)"] = round(out["ours"]["precision@10"]["mean"] / g, 2) if g else None
     out["named first (ours)"] = round(statistics.mean(r["ours"]["named"] for r in rows), 3)
+    found = [r for r in rows if r["ours"]["precision@10"] >= 0.5]
+    out["named first where found (ours p@10 >= 0.5)"] = (
+        f"{sum(r['ours']['named'] for r in found)}/{len(found)}" if found else None)
+    if all("chance_names" in r["ours"] for r in rows):
+        out["slices named by the distractor field (ours)"] = (
+            f"{sum(r['ours']['chance_names'] for r in rows)}/{sum(r['ours']['num_slices'] for r in rows)}")
     return out
 
 
@@ -223,7 +243,7 @@ def main():
         row = run_setting(work, np.asarray(digits), np.asarray(labels), kind, alpha, attribute, s, args)
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("kind", "alpha", "attribute", "slice_size", "seconds")}
-                         | {m: row[m]["precision@10"] for m in ("random", "loss", "george", "ours")}
+                         | {m: row[m]["precision@10"] for m in METHODS}
                          | {"name": row["ours"]["name"]}), flush=True)
     result = {"settings": rows, "summary": summary(rows),
               "config": {"slices_per_class": args.slices_per_class, "epochs": args.epochs, "num_digits": len(labels)}}

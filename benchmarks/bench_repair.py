@@ -478,7 +478,8 @@ def run_corrupted(ratio, args, work):
     """Corrupted MNIST (issue #26): nothing hand-made tells any method the corruption.
 
     Rows: plain PyTorch vanilla and LfF; GroupDRO on GEORGE's groups (per-class k-means of the GCE model's
-    penultimate features); GroupDRO on our discovered slices (error-aware); and the road from discovery:
+    penultimate features); GroupDRO on our discovered slices (error-aware, the library's default feature sources:
+    penultimate + first hidden layer + image statistics); and the road from discovery:
     slices -> class x slice diffusion -> cells filled by editing real digits -> two-stage training.
     """
     from fairbalance.datasets.corrupted_mnist import corrupted_mnist
@@ -524,6 +525,7 @@ def run_corrupted(ratio, args, work):
                            if methods & {"slices_dro", "cells"} else None,
                            epochs=10 if methods & {"slices_dro", "cells"} else args.discovery_epochs,
                            slices_per_class=args.slices_per_class, run_key="george", slice_field="george",
+                           feature_sources=["model"],  # GEORGE as published: the penultimate layer alone
                            **({} if methods & {"slices_dro", "cells"} else {"output_dir": os.path.join(work, "gce")}))
         notes.append(slice_purity("george"))
         add("fairbalance GroupDRO on GEORGE groups", lambda s: evaluate(train_classifier(

@@ -8,7 +8,10 @@ from fairbalance import discover_slices
 
 from ._common import LIMITS, refresh_app
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, output_field_input,
-                      result_view, rounded, run_key_input)
+                      refuse, result_view, rounded, run_key_input)
+
+SOURCE_LABELS = {"model": "The model's penultimate layer (or the features field)",
+                 "early": "The model's first hidden layer", "pixels": "Image statistics (no model)"}
 
 
 def _default(name):
@@ -19,6 +22,26 @@ def _fields_of(dataset, types_):
     if dataset is None:
         return []
     return [n for n, f in dataset.get_field_schema().items() if isinstance(f, types_)]
+
+
+def _sources_input(ctx, inputs):
+    """What the slices are clustered on: a multi-select of the library's feature sources, its default pre-set;
+    an empty or unknown choice is refused before Execute, as the library would refuse it."""
+    sources = types.DropdownView(multiple=True, label="Feature sources",
+                                 description="Joined with equal weight; the early layer and image statistics find "
+                                             "slices (blur, noise, thickness) the penultimate layer misses")
+    for name, label in SOURCE_LABELS.items():
+        sources.add_choice(name, label=label)
+    inputs.list("feature_sources", types.String(), min_items=1, default=list(_default("feature_sources")),
+                view=sources, label="Feature sources")
+    chosen = ctx.params.get("feature_sources")
+    if chosen is not None and not chosen:
+        refuse(inputs, "no_sources", "Pick at least one feature source")
+    elif chosen is not None and (not set(chosen) <= set(SOURCE_LABELS) or len(set(chosen)) != len(chosen)):
+        refuse(inputs, "bad_sources", f"Feature sources are distinct values of {', '.join(SOURCE_LABELS)}")
+    elif chosen is not None and ctx.params.get("features_field") and "model" not in chosen:
+        refuse(inputs, "features_unused", "The features field stands for the model's penultimate layer: add that "
+                                          "source, or leave the features field empty")
 
 
 class DiscoverSlices(foo.Operator):
@@ -45,6 +68,7 @@ class DiscoverSlices(foo.Operator):
         inputs.enum("method", method.values(), default=_default("method"), view=method, label="Method")
         inputs.int("slices_per_class", default=_default("slices_per_class"), min=1, max=LIMITS["num_clusters"],
                    label="Slices per class")
+        _sources_input(ctx, inputs)
         vectors = _fields_of(ctx.dataset, (fo.VectorField, fo.ListField))
         if vectors:
             field_dropdown(inputs, "features_field", vectors, "Features (optional)",
@@ -67,7 +91,7 @@ class DiscoverSlices(foo.Operator):
         p = ctx.params
         classifier = (p.get("classifier") or "").strip() or None
         names = ("method", "slices_per_class", "features_field", "captions_field", "seed", "slice_field", "run_key",
-                 "overwrite") + (() if classifier else ("epochs",))
+                 "overwrite", "feature_sources") + (() if classifier else ("epochs",))
         result = discover_slices(ctx.target_view(), p["label_field"], classifier=classifier, **given(p, names))
         refresh_app(ctx)
         out = result.to_dict()

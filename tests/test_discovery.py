@@ -144,6 +144,49 @@ def test_operator_matches_sdk(digits_dataset, one_thread):
         sdk_ds.delete()
 
 
+def test_operator_form_offers_the_feature_sources_and_records_the_choice(digits_dataset, one_thread):
+    """The form's multi-select holds the library's sources, its default pre-set; an empty or unknown choice is
+    refused before Execute; a non-default choice reaches the recorded run config."""
+    import asyncio
+
+    import fiftyone.operators as foo
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    from fairbalance.tag import slice_features
+
+    def form(**params):
+        request = {"dataset_name": digits_dataset.name, "params": {"label_field": "ground_truth", **params},
+                   "target": "inputs"}
+        prop = asyncio.run(resolve_type(OperatorRegistry(), "@fairbalance/fairbalance/discover_slices", request))
+        return prop.type.properties
+
+    sources = form()["feature_sources"]
+    assert [c.value for c in sources.view.choices] == list(slice_features.SOURCES)
+    assert sources.default == list(discovery.DEFAULT_SOURCES)
+    assert not any(p.invalid for p in form(feature_sources=["pixels"]).values())
+    assert form(feature_sources=[])["no_sources"].invalid
+    assert form(feature_sources=["pixels", "clip"])["bad_sources"].invalid
+    digits_dataset.set_values("emb", [[float(i % 3), 1.0] for i in range(len(digits_dataset))])
+    try:
+        assert form(feature_sources=["pixels"], features_field="emb")["features_unused"].invalid
+        assert not any(p.invalid for p in form(feature_sources=["model"], features_field="emb").values())
+    finally:
+        digits_dataset.delete_sample_field("emb")
+
+    ds = digits_dataset.clone()
+    try:
+        params = {"label_field": "ground_truth", "method": "george", "slices_per_class": 2, "epochs": 1,
+                  "feature_sources": ["early", "pixels"], "run_key": "sl", "slice_field": "sl"}
+        result = foo.execute_operator("@fairbalance/fairbalance/discover_slices",
+                                      ctx={"dataset": ds.name, "params": params})
+        assert result.error is None, result.error
+        assert runs.get_run_config(ds, "sl")["feature_sources"] == ["early", "pixels"]
+        assert result.result["feature_sources"] == ["early", "pixels"]
+    finally:
+        ds.delete()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_names_from_captions_and_the_clip_text_bank(digits_copy, tiny_clip, one_thread):

@@ -6,7 +6,9 @@ bias label, from the model's own features:
 - features: the penultimate layer of a classifier (by default the
   GCE-biased model of :func:`fairbalance.compute_hardness_tags`, trained
   here: no pretrained weights needed; or any trained classifier run), or any
-  stored vector field (CLIP embeddings, ...);
+  stored vector field (CLIP embeddings, ...), joined by default with the
+  classifier's first hidden layer and model-free image statistics
+  (:mod:`fairbalance.tag.slice_features`: what a biased model does not use);
 - ``method="error_aware"`` (Domino-like, Eyuboglu et al. 2022): per class, the
   features (PCA, unit total variance) together with the model's error
   ``1 - p(y|x)`` scaled by ``error_weight`` are clustered, so that samples the
@@ -16,7 +18,7 @@ bias label, from the model's own features:
 Each sample gets a slice label (``"<class>/<j>"``, j = 0 the highest error
 rate of its class) and its membership score; each slice is recorded with its
 size, class, the model's error rate there, the gap to its class's error rate,
-and names in words from what is at hand (:func:`name_slices`): categorical
+and names in words from what is at hand (:mod:`fairbalance.tag.slice_names`): categorical
 metadata over-represented in the slice (lift and count, like sliceguard and
 Spotlight) and caption keywords over-represented against the rest of its
 class (B2T, Kim et al. 2024). The slice field is a plain string field, so it
@@ -28,19 +30,20 @@ mode="cells", attribute_field="slice")``, ``finetune_per_group``, the gate,
 from __future__ import annotations
 
 import os
-import re
-from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from fairbalance.core import folders, runs, validation, writeback
+from fairbalance.tag import slice_features
+from fairbalance.tag import slice_names as naming
 from fairbalance.tag.hardness import BIASED_MODEL, model_settings  # the biased model (trained when none is given)
 
 METHODS = ("error_aware", "george")
 # the settings that train the biased model: with a trained classifier they are its own
 TRAINING_SETTINGS = ("q", "backbone", "epochs", "lr", "image_size", "normalize")
 MAX_PCA_DIMS = 32
+DEFAULT_SOURCES = ("model", "early", "pixels")  # bench_discovery: p@10 0.63 with the model alone (README)
 MAX_NAME_VALUES = 50  # a categorical field with more distinct values (ids, paths) names nothing
 
 
@@ -80,21 +83,24 @@ def _cluster(z: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return km.labels_, resp / resp.sum(1, keepdims=True)
 
 
-def find_slices(features: np.ndarray, labels: np.ndarray, errors: np.ndarray | None, method: str = "error_aware",
+def find_slices(features, labels: np.ndarray, errors: np.ndarray | None, method: str = "error_aware",
                 slices_per_class: int = 5, error_weight: float = 2.0, seed: int = 0) -> SliceFit:
     """Slices of every class (the computation of :func:`discover_slices`, on arrays).
 
-    ``errors``: the model's per-sample error ``1 - p(y|x)`` in [0, 1]
+    ``features``: one matrix, or a list of them (feature sources): each is
+    reduced per class to unit total variance and they are joined with equal
+    weight. ``errors``: the model's per-sample error ``1 - p(y|x)`` in [0, 1]
     (needed by ``error_aware``, and to order the slices of a class, highest
     error first). Slices with no sample are dropped.
     """
-    features = np.asarray(features, dtype=np.float64)
+    sources = [np.asarray(f, dtype=np.float64) for f in (features if isinstance(features, (list, tuple)) else
+                                                          [features])]
     n = len(labels)
     assign = np.empty(n, dtype=int)
     parts, slice_class = [], []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        z = _reduce(features[idx])
+        z = np.concatenate([_reduce(f[idx]) for f in sources], axis=1) / np.sqrt(len(sources))
         if method == "error_aware":
             z = np.concatenate([z, error_weight * errors[idx, None]], axis=1)
         local, resp = _cluster(z, slices_per_class, seed)
@@ -110,117 +116,6 @@ def find_slices(features: np.ndarray, labels: np.ndarray, errors: np.ndarray | N
         scores[np.ix_(idx, np.arange(start, start + resp.shape[1]))] = resp
         start += resp.shape[1]
     return SliceFit(assign, np.array(slice_class, dtype=int), scores)
-
-
-# --- names -----------------------------------------------------------------------------------------------------
-
-
-def metadata_names(slice_members: np.ndarray, class_members: np.ndarray, columns: dict[str, list],
-                   top: int = 3, min_share: float = 0.3) -> list[dict]:
-    """Categorical values over-represented in a slice against its class (sliceguard/Spotlight's lift).
-
-    ``columns``: field -> one value per sample. A value is a candidate when
-    at least ``min_share`` of the slice has it and it is more common there
-    than in the rest of the class; candidates rank by the share difference
-    (slice minus rest), which weighs both lift and count.
-    """
-    rest = class_members & ~slice_members
-    size, n_rest = int(slice_members.sum()), int(rest.sum())
-    out = []
-    for name, values in columns.items():
-        vals = np.asarray([str(v) if v is not None else None for v in values], dtype=object)
-        in_slice = Counter(vals[slice_members])
-        in_rest = Counter(vals[rest])
-        for value, count in in_slice.items():
-            if value is None:
-                continue
-            share = count / size
-            share_rest = in_rest.get(value, 0) / n_rest if n_rest else 0.0
-            share_class = (count + in_rest.get(value, 0)) / max(1, size + n_rest)
-            if share >= min_share and share > share_rest:
-                out.append({"source": "metadata", "field": name, "value": value, "count": int(count),
-                            "share": round(share, 4), "share_rest_of_class": round(share_rest, 4),
-                            "lift": round(share / share_class, 4) if share_class else None,
-                            "score": round(share - share_rest, 4), "text": f"{name} = {value}"})
-    return sorted(out, key=lambda d: (-d["score"], -d["count"], d["text"]))[:top]
-
-
-def _stopwords() -> frozenset[str]:
-    """English stopwords: NLTK's when its corpus is installed, else scikit-learn's (the caption filter's rule)."""
-    try:
-        import nltk
-
-        nltk.data.find("corpora/stopwords")
-        from nltk.corpus import stopwords
-
-        return frozenset(stopwords.words("english"))
-    except (ImportError, LookupError):
-        from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-
-        return frozenset(ENGLISH_STOP_WORDS)
-
-
-def caption_names(slice_members: np.ndarray, class_members: np.ndarray, captions: list, top: int = 5,
-                  min_share: float = 0.2) -> list[dict]:
-    """Caption words over-represented in a slice against the rest of its class (B2T's keyword step).
-
-    A word counts once per sample (in any of its captions); English stopwords
-    are dropped (NLTK's list when its corpus is installed, else scikit-learn's, as ``filter_captions``).
-    """
-    stop = _stopwords()
-    words = []
-    for caps in captions:
-        caps = [caps] if isinstance(caps, str) else list(caps or [])
-        words.append({w for cap in caps for w in re.findall(r"[a-z0-9]+(?:'[a-z]+)?", str(cap).lower()) if w not in stop and len(w) > 1})
-    rest = class_members & ~slice_members
-    size, n_rest = int(slice_members.sum()), int(rest.sum())
-    in_slice = Counter(w for j in np.flatnonzero(slice_members) for w in words[j])
-    in_rest = Counter(w for j in np.flatnonzero(rest) for w in words[j])
-    out = []
-    for word, count in in_slice.items():
-        share = count / size
-        share_rest = in_rest.get(word, 0) / n_rest if n_rest else 0.0
-        if share >= min_share and share > share_rest:
-            out.append({"source": "captions", "word": word, "count": int(count), "share": round(share, 4),
-                        "share_rest_of_class": round(share_rest, 4), "score": round(share - share_rest, 4),
-                        "text": word})
-    return sorted(out, key=lambda d: (-d["score"], -d["count"], d["text"]))[:top]
-
-
-def clip_names(slice_members: np.ndarray, class_members: np.ndarray, embeddings: np.ndarray, bank: np.ndarray,
-               texts: list[str], top: int = 3) -> list[dict]:
-    """WordNet texts closest in CLIP space to what sets a slice apart from the rest of its class.
-
-    The direction is the mean normalised image embedding of the slice minus
-    that of the rest of its class (Domino's text-bank naming); ``bank``: the
-    normalised text embeddings of ``texts`` (the SA step's WordNet glosses).
-    """
-    rest = class_members & ~slice_members
-    if not rest.any():
-        return []
-    e = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(1e-12)
-    direction = e[slice_members].mean(0) - e[rest].mean(0)
-    direction /= max(float(np.linalg.norm(direction)), 1e-12)
-    sims = np.asarray(bank, dtype=np.float32) @ direction.astype(np.float32)
-    best = np.argsort(-sims)[:top]
-    return [{"source": "clip", "text": texts[j].split(", which means ")[0], "description": texts[j],
-             "score": round(float(sims[j]), 4)} for j in best]
-
-
-def name_slices(samples_columns: dict[str, list], captions: list | None, fit: SliceFit, labels: np.ndarray,
-                clip_bank: tuple | None = None) -> list[list[dict]]:
-    """The names of every slice of ``fit``: metadata first, then caption keywords (when captions exist), then
-    the CLIP text bank (``clip_bank``: ``(image embeddings, text embeddings, texts)``, when CLIP is at hand)."""
-    names = []
-    for s, c in enumerate(fit.slice_class):
-        members, cls = fit.assign == s, labels == c
-        found = metadata_names(members, cls, samples_columns) if samples_columns else []
-        if captions is not None:
-            found += caption_names(members, cls, captions)
-        if clip_bank is not None:
-            found += clip_names(members, cls, *clip_bank)
-        names.append(found)
-    return names
 
 
 def _clip_bank(samples, features_field: str | None, features, device=None) -> tuple[tuple | None, str]:
@@ -257,6 +152,7 @@ class DiscoveryResult:
     slices: list[dict] = field(default_factory=list)  # ranked by error gap, largest first
     checkpoint: str | None = None
     clip_naming: str | None = None  # how the CLIP text bank named the slices, or why it did not
+    feature_sources: list[str] = field(default_factory=lambda: ["model"])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -265,29 +161,6 @@ class DiscoveryResult:
 def output_fields(slice_field: str) -> list[str]:
     """The fields a discovery run writes: the slice label and its membership score (``_score``)."""
     return [slice_field, f"{slice_field}_score"]
-
-
-def _model_outputs(clf, paths, device=None, batch_size: int = 256, num_workers: int = 0):
-    """Penultimate-layer features and logits of ``clf`` for image files (eval mode)."""
-    import torch
-
-    from fairbalance.core import images, models
-    from fairbalance.core.data import image_transform
-    from fairbalance.train import training
-
-    dev = models.resolve_device(device)
-    encoder, head = training.split_encoder_head(clf.model.to(dev).eval())
-    feats, logits = None, None
-    with torch.inference_mode():
-        for idx, batch in images.iter_batches(paths, image_transform(clf.config.image_size), batch_size,
-                                              num_workers):
-            f = encoder(batch.to(dev)).float()
-            lg = head(f).float()
-            if feats is None:
-                feats = np.empty((len(paths), f.shape[1]), dtype=np.float32)
-                logits = np.empty((len(paths), lg.shape[1]), dtype=np.float32)
-            feats[idx], logits[idx] = f.cpu().numpy(), lg.cpu().numpy()
-    return feats, logits
 
 
 def _name_columns(samples, ids: list[str], exclude: set[str]) -> dict[str, list]:
@@ -347,7 +220,18 @@ def _names(samples, ids, fit, labels, exclude, captions_field, name_with_clip, f
         by_id = dict(zip(*samples.select(ids).values(["id", captions_field])))
         captions = [by_id.get(i) for i in ids]
     bank, clip_naming = _clip_bank(samples, features_field, features, device) if name_with_clip else (None, "off")
-    return name_slices(columns, captions, fit, labels, bank), clip_naming
+    return naming.name_slices(columns, captions, fit, labels, bank), clip_naming
+
+
+def _fit(clf, paths, labels, features, feature_sources, how: tuple, device, batch_size, num_workers):
+    """``(slices, errors, misclassified)``: the model's outputs on the images, its feature sources joined
+    (``features``, when given, stand for ``"model"``), clustered by :func:`find_slices` (``how``: its settings)."""
+    feats, logits, extra = slice_features.model_outputs(clf, paths, device, batch_size, num_workers, feature_sources)
+    errors, wrong = _errors(logits, labels)
+    model = features if features is not None else feats
+    sources = [model if s == "model" else slice_features.standardise(extra[s]) if s == "pixels" else extra[s]
+               for s in feature_sources]
+    return find_slices(sources, labels, errors, *how), errors, wrong
 
 
 def _given_classifier(samples, classifier, classifier_run, settings: dict):
@@ -371,7 +255,7 @@ def _model_config(clf, biased) -> dict:
 
 def validate_inputs(samples, label_field="ground_truth", method="error_aware", features_field=None,
                     slice_field="slice", slices_per_class=5, error_weight=2.0, captions_field=None,
-                    classifier=None, classifier_run=None, seed=0) -> None:
+                    classifier=None, classifier_run=None, seed=0, feature_sources=DEFAULT_SOURCES) -> None:
     """The up-front checks of :func:`discover_slices`."""
     validation.require_nonempty(samples)
     validation.require_image_collection(samples)
@@ -386,6 +270,14 @@ def validate_inputs(samples, label_field="ground_truth", method="error_aware", f
             np.isfinite(error_weight) and error_weight >= 0):
         raise validation.FairBalanceError(f"error_weight must be a finite number >= 0, got {error_weight!r}")
     validation.require_seed(seed)
+    if isinstance(feature_sources, str) or not feature_sources or not set(feature_sources) <= set(
+            slice_features.SOURCES) or len(set(feature_sources)) != len(feature_sources):
+        raise validation.FairBalanceError(
+            f"feature_sources must be distinct values of {slice_features.SOURCES}, got {feature_sources!r}")
+    if features_field and "model" not in feature_sources:
+        raise validation.FairBalanceError(
+            f"features_field '{features_field}' stands for the 'model' feature source, which feature_sources "
+            f"{list(feature_sources)!r} leaves out: add 'model' to feature_sources, or drop features_field")
     validation.require_fields(samples, [label_field] + [f for f in (features_field, captions_field) if f])
     if classifier is not None and classifier_run is not None:
         raise validation.FairBalanceError("pass classifier or classifier_run, not both")
@@ -418,17 +310,18 @@ def discover_slices(
     output_dir: str | None = None,
     overwrite: bool = False,
     progress=None,
+    feature_sources: tuple[str, ...] | list[str] = DEFAULT_SOURCES,
 ) -> DiscoveryResult:
     """Find under-performing slices of every class with no bias label; store and name them.
 
     The model: ``classifier`` (a checkpoint folder) or ``classifier_run`` (a
     ``train_classifier`` run), else a GCE-biased classifier trained here
     (``q``, ``backbone``, ``epochs``, ... as in ``compute_hardness_tags``;
-    saved under ``output_dir``). Features: its penultimate layer, or
-    ``features_field`` (any vector field, e.g. CLIP embeddings). ``method``:
-    ``"error_aware"`` (features + the model's error, per class) or
-    ``"george"`` (features alone, per class); ``slices_per_class`` clusters
-    each. Writes ``slice_field`` (``"<class>/<j>"``, j = 0 the worst of its
+    saved under ``output_dir``). ``feature_sources`` (:mod:`~fairbalance.tag.slice_features`), joined with
+    equal weight: ``"model"`` (its penultimate layer, or ``features_field``: any vector field, e.g. CLIP
+    embeddings), ``"early"`` (its first hidden layer), ``"pixels"`` (image statistics). ``method``:
+    ``"error_aware"`` (features + the model's error, per class) or ``"george"`` (features alone, per class);
+    ``slices_per_class`` clusters each. Writes ``slice_field`` (``"<class>/<j>"``, j = 0 the worst of its
     class) and ``<slice_field>_score`` on the real labelled samples, and
     records the run with every slice: size, class, error rate, gap to its
     class, names (categorical metadata over-represented in the slice; caption
@@ -439,8 +332,8 @@ def discover_slices(
     from fairbalance.train import training
 
     validate_inputs(samples, label_field, method, features_field, slice_field, slices_per_class, error_weight,
-                    captions_field, classifier, classifier_run, seed)
-    clf = None
+                    captions_field, classifier, classifier_run, seed, feature_sources)
+    clf, feature_sources = None, list(feature_sources)
     biased = replace(BIASED_MODEL, label_field=label_field, q=q, backbone=backbone, image_size=image_size,
                      normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                      num_workers=num_workers)
@@ -460,6 +353,7 @@ def discover_slices(
               "features": features_field or "penultimate layer of the classifier", "slice_field": slice_field,
               "score_field": fields[1], "slices_per_class": slices_per_class, "error_weight": error_weight,
               "captions_field": captions_field, "name_with_clip": name_with_clip, "seed": seed, "checkpoint": output_dir,
+              "feature_sources": feature_sources,
               "classifier": classifier and os.path.abspath(os.fspath(classifier)), "classifier_run": classifier_run,
               **_model_config(clf, biased)}
     run = runs.prepare(samples, run_key, "discover_slices", config, fields, overwrite)
@@ -468,10 +362,8 @@ def discover_slices(
         folders.claim_output_folder(output_dir, dataset, run_key)
         clf = training.train_classifier(samples.select(ids), replace(biased, classes=classes), device=device,
                                         progress=progress)
-    feats, logits = _model_outputs(clf, paths, device, batch_size, num_workers)
-    errors, wrong = _errors(logits, labels)
-    fit = find_slices(features if features is not None else feats, labels, errors, method, slices_per_class,
-                      error_weight, seed)
+    fit, errors, wrong = _fit(clf, paths, labels, features, feature_sources,
+                              (method, slices_per_class, error_weight, seed), device, batch_size, num_workers)
     names, clip_naming = _names(samples, ids, fit, labels, {label_field, *fields}, captions_field, name_with_clip,
                                 features_field, features, device)
     class_error = {classes[c]: float(wrong[labels == c].mean()) for c in np.unique(labels)}
@@ -488,6 +380,6 @@ def discover_slices(
 
     run.write(write)
     result = DiscoveryResult(run_key, fields[0], fields[1], method, config["features"], len(records), len(ids),
-                             data.num_unlabelled, class_error, records, output_dir, clip_naming)
+                             data.num_unlabelled, class_error, records, output_dir, clip_naming, feature_sources)
     run.save_results(result.to_dict())
     return result
