@@ -222,8 +222,19 @@ def train_generator(train, args, work, ratio):
         print(f"base model {folder} was trained on other data or settings: training a new one")
     model = train_conditional_diffusion(
         train, "ground_truth", attribute_field="sa_cluster", output_dir=os.path.join(work, "model"),
-        epochs=args.diffusion_epochs, lr=args.diffusion_lr, batch_size=64, seed=0, progress=False, overwrite=True)
+        epochs=args.diffusion_epochs, lr=args.diffusion_lr, batch_size=64, seed=0, progress=False, overwrite=True,
+        **unet_size(args))
     return model, pl.num_clusters, time.time() - t0
+
+
+def unet_size(args) -> dict:
+    """The generator's UNet size (``--unet-channels``, ``--unet-layers``; the library's defaults when not given)."""
+    out = {}
+    if getattr(args, "unet_channels", None):
+        out["block_out_channels"] = tuple(args.unet_channels)
+    if getattr(args, "unet_layers", None):
+        out["layers_per_block"] = args.unet_layers
+    return out
 
 
 def build_generator(train, model, args, work):
@@ -368,9 +379,18 @@ def run_ratio(ratio, args, work):
 
     def add(name, seed, fn):
         t0 = time.time()
-        acc = fn(seed)
+        try:
+            acc = fn(seed)
+        except Exception as e:  # noqa: BLE001  (a failing method must not lose the rows already measured)
+            import traceback
+
+            traceback.print_exc()
+            print(f"FAILED: {name}, seed {seed}: {e!r}", flush=True)
+            return
         rows.setdefault(name, []).append(acc)
         times.setdefault(name, []).append(time.time() - t0)
+        print(f"row: {name}, seed {seed}: {acc[0]:.1f} / {acc[1]:.1f} (all / conflicting), {time.time() - t0:.0f} s",
+              flush=True)
 
     common = dict(val_samples=val, run_key=None, epochs=args.epochs)
     tag_stats = []
@@ -399,18 +419,31 @@ def run_ratio(ratio, args, work):
                                                             test, xt, yt, conflicting))
     gen_info = fid = None
     injected = {}
-    if methods & {"cells", "diffinject"}:
-        model, num_clusters, t_train = train_generator(train, args, work, ratio)
-    if "cells" in methods:
-        n_gen, t_gen = build_generator(train, model, args, work)
-        fid = fidelity(ds, train, judge)
-        real = realism(ds, train, test)
-        gen_info = (num_clusters, n_gen, t_train, t_gen)
-        with_gen = real_plus(ds, "generate_balanced")
-        for seed in args.seeds:
-            add("fairbalance synthetic (real + generated cells)", seed,
-                lambda s: evaluate(train_classifier(with_gen, method="synthetic", seed=s, **common),
-                                   test, xt, yt, conflicting))
+    try:
+        if methods & {"cells", "diffinject"}:
+            model, num_clusters, t_train = train_generator(train, args, work, ratio)
+            print(f"generator: {num_clusters} colour clusters; {t_train:.0f} s ({model})", flush=True)
+        if "cells" in methods:
+            n_gen, t_gen = build_generator(train, model, args, work)
+            print(f"generated: {n_gen} images in {t_gen:.0f} s", flush=True)
+            fid = fidelity(ds, train, judge)
+            real = realism(ds, train, test)
+            gen_info = (num_clusters, n_gen, t_train, t_gen)
+            print(f"realism: two-sample {real.two_sample_accuracy:.3f}, intensity {real.intensity_ratio:.2f}; "
+                  f"digit {fid['digit']:.1f}%, colour {fid['colour']:.1f}%", flush=True)
+            with_gen = real_plus(ds, "generate_balanced")
+            for seed in args.seeds:
+                for name, method in (("synthetic (real + generated cells)", "synthetic"),
+                                     ("two-stage (generated cells, head on real)", "two_stage")):
+                    if method in args.cell_methods:
+                        add(f"fairbalance {name}", seed, lambda s, m=method: evaluate(
+                            train_classifier(with_gen, method=m, seed=s, **common), test, xt, yt, conflicting))
+    except Exception as e:  # noqa: BLE001  (print the table of what finished)
+        import traceback
+
+        traceback.print_exc()
+        print(f"FAILED: generator: {e!r}", flush=True)
+        methods.discard("diffinject")
     for k, label_from in enumerate(args.inject_label_from if "diffinject" in methods else []):
         key = f"diffinject_{label_from}"
         inj = run_diffinject(ds, train, model, args, work, label_from, tags=k == 0)
@@ -702,6 +735,11 @@ def main():
     ap.add_argument("--build", default="a", choices=list(BUILDS), help="a: the README's; b: a second build")
     ap.add_argument("--inversion", action="store_true", help="edits start from the DDIM inversion of the source")
     ap.add_argument("--keep-background", action="store_true", help="edits keep the source's background pixels")
+    ap.add_argument("--cell-methods", nargs="+", choices=["synthetic", "two_stage"], default=["synthetic", "two_stage"],
+                    help="the training methods on real + generated cells")
+    ap.add_argument("--unet-channels", type=int, nargs="+", default=None,
+                    help="the generator UNet's block_out_channels (default: the library's, 32 64 64)")
+    ap.add_argument("--unet-layers", type=int, default=None, help="the generator UNet's layers_per_block")
     ap.add_argument("--no-generation", action="store_true", help="the same as leaving cells and diffinject out")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--base-model", default=None,
