@@ -216,7 +216,8 @@ def train_generator(train, args, work, ratio):
             saved = json.load(f)["config"]
         original = os.path.join(os.path.dirname(folder.rstrip("/")), "data")
         if saved["data_fingerprint"] == _lora_fingerprint(train, os.path.join(work, "data"), original) and \
-                saved["epochs"] == args.diffusion_epochs and saved["lr"] == args.diffusion_lr:
+                saved["epochs"] == args.diffusion_epochs and saved["lr"] == args.diffusion_lr and \
+                all(saved.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in unet_size(args).items()):
             print(f"generator: {folder}, trained by an earlier run on these very images and labels")
             return folder, pl.num_clusters, 0.0
         print(f"base model {folder} was trained on other data or settings: training a new one")
@@ -244,7 +245,7 @@ def build_generator(train, model, args, work):
                             source="edit", edit_strength=args.edit_strength, guidance_scale=args.guidance,
                             attribute_guidance_scale=args.attribute_guidance, num_inference_steps=args.steps,
                             guidance_reference=args.guidance_reference, inversion=args.inversion,
-                            keep_background=args.keep_background, realism_sample=0,
+                            keep_background=args.keep_background, match_tone=args.match_tone, realism_sample=0,
                             output_dir=os.path.join(work, "generated"), overwrite=True, progress=False)
     return res.num_added, time.time() - t0
 
@@ -476,7 +477,7 @@ def run_ratio(ratio, args, work):
               f"intensity generated / real {real.intensity_ratio:.2f}, train on generated / test on real "
               f"(unbiased test) {100 * real.tstr_accuracy:.1f}% vs the same MLP on as many real train images "
               f"{100 * real.trtr_accuracy:.1f}%; edits: inversion {args.inversion}, keep background "
-              f"{args.keep_background}")
+              f"{args.keep_background}, match tone {args.match_tone}")
     for label_from, (inj, ifid) in injected.items():
         print(f"DiffInject, {label_from}'s label: {inj['num_added']} images from {inj['num_contents']} contents "
               f"(error set of the seed-0 GCE model, {inj['tag_precision']:.1f}% truly bias-conflicting), gamma {args.inject_gamma} "
@@ -740,6 +741,8 @@ def main():
     ap.add_argument("--unet-channels", type=int, nargs="+", default=None,
                     help="the generator UNet's block_out_channels (default: the library's, 32 64 64)")
     ap.add_argument("--unet-layers", type=int, default=None, help="the generator UNet's layers_per_block")
+    ap.add_argument("--match-tone", default=None, choices=["histogram", "source"],
+                    help="edits get their source's brightness (generate_balanced(match_tone=...))")
     ap.add_argument("--no-generation", action="store_true", help="the same as leaving cells and diffinject out")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--base-model", default=None,
