@@ -367,14 +367,14 @@ def run_ratio(ratio, args, work):
     build = BUILDS[args.build]
     PALETTE = build.get("palette", datasets.CLASS_COLORS)
     NAMES[:] = [n for n, _ in PALETTE]
-    ds = fb.colored_mnist(f"fb-bench-repair-{args.build}-{ratio}", conflict_ratio=ratio, output_dir=os.path.join(work, "data"),
+    ds = fb.colored_mnist(f"fb-bench-repair-{args.build}-{ratio}{args.name_suffix}", conflict_ratio=ratio, output_dir=os.path.join(work, "data"),
                           overwrite=True, **build)
     train, val, test = ds.match_tags("train"), ds.match_tags("val"), ds.match_tags("test")
     x, y = arrays(train)
     xv, yv = arrays(val)
     xt, yt = arrays(test)
     conflicting = ~np.array(test.values("bias_aligned"))
-    judge = digit_judge(x, y)
+    judge = digit_judge(x, y, epochs=args.judge_epochs)
     judge_acc = 100 * float((judge(xt) == yt).float().mean())
     rows, times = {}, {}
 
@@ -741,6 +741,8 @@ def main():
     ap.add_argument("--unet-channels", type=int, nargs="+", default=None,
                     help="the generator UNet's block_out_channels (default: the library's, 32 64 64)")
     ap.add_argument("--unet-layers", type=int, default=None, help="the generator UNet's layers_per_block")
+    ap.add_argument("--judge-epochs", type=int, default=15, help="epochs of the colour-blind digit judge")
+    ap.add_argument("--name-suffix", default="", help="appended to the dataset names (two runs at once)")
     ap.add_argument("--match-tone", default=None, choices=["histogram", "source"],
                     help="edits get their source's brightness (generate_balanced(match_tone=...))")
     ap.add_argument("--no-generation", action="store_true", help="the same as leaving cells and diffinject out")
