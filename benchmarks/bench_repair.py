@@ -34,7 +34,11 @@ Realism (issue #28): the generated cells against the real training images
 (``measure_realism``: held-out two-sample accuracy of a small discriminator,
 0.5 = indistinguishable; train-on-generated / test-on-real (the unbiased test
 split) beside the same MLP on as many real images; intensity ratio), and
-``--inversion`` / ``--keep-background`` for content-preserving edits.
+``--inversion`` / ``--keep-background`` / ``--match-tone`` for content-preserving edits. The generated
+cells are trained on twice: ``synthetic`` (real + generated) and ``two_stage`` (CE + SupCon on the
+generated cells, the head on real; ``--cell-methods``). Each row is printed as it finishes, and a failing
+method leaves the table of the others; ``--unet-channels`` / ``--unet-layers`` / ``--judge-epochs`` size a
+reduced run, ``--base-model`` reuses a generator trained by an earlier run (work dir kept with ``--work-dir``).
 ``--build b`` is a second build fixed before any result was seen (the issue's):
 another palette of ten saturated colours (``colored_mnist.HUE_PALETTE``: ten
 hues 36 degrees apart), colour noise 0.03, 4,000 train / 200 val / 800 test,
