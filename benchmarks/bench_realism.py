@@ -16,7 +16,17 @@ the class) generated with each edit setting:
 - ``+both_50steps``: both, 50 DDIM steps;
 - ``+both_filter50``: both, then ``filter_generated(method="discriminator",
   action="exclude", bottom_fraction=0.5)``: the realism of the kept half
-  (a second, independent discriminator measures it).
+  (a second, independent discriminator measures it);
+- ``+both_weight``: both, density-ratio weights (``action="weight"``) in
+  training (the two-sample figure is the unweighted set's);
+- ``+both_tone_hist`` / ``+both_tone_src``: both, plus
+  ``match_tone="histogram"`` / ``"source"`` (the source's brightness by
+  rank / pixel by pixel, hue and saturation from the generator), and the
+  last with strength 0.3, the filter, or the weights.
+
+``--downstream-epochs N`` (> 0) adds the unbiased test accuracy of
+``train_classifier(method="synthetic")`` (and ``two_stage``) on real +
+that setting's images, one training seed, beside vanilla on real alone.
 
 ``--build b`` is ``bench_repair.py``'s second build (another palette, noise
 0.03, another split); ``--base-model`` reuses a generator that
@@ -57,8 +67,16 @@ SETTINGS = {"edit": {}, "+inversion": {"inversion": True}, "+keep_background": {
             "+both": {"inversion": True, "keep_background": True},
             "+both_s0.3": {"inversion": True, "keep_background": True, "edit_strength": 0.3},
             "+both_50steps": {"inversion": True, "keep_background": True, "num_inference_steps": 50},
-            "+both_filter50": {"inversion": True, "keep_background": True}}
-FILTERED = {"+both_filter50": 0.5}  # setting -> fraction of the most separable generated images excluded
+            "+both_filter50": {"inversion": True, "keep_background": True},
+            "+both_weight": {"inversion": True, "keep_background": True},
+            "+both_tone_hist": {"inversion": True, "keep_background": True, "match_tone": "histogram"},
+            "+both_tone_src": {"inversion": True, "keep_background": True, "match_tone": "source"},
+            "+both_tone_src_s0.3": {"inversion": True, "keep_background": True, "match_tone": "source",
+                                    "edit_strength": 0.3},
+            "+both_tone_src_filter50": {"inversion": True, "keep_background": True, "match_tone": "source"},
+            "+both_tone_src_weight": {"inversion": True, "keep_background": True, "match_tone": "source"}}
+FILTERED = {"+both_filter50": 0.5, "+both_tone_src_filter50": 0.5}  # setting -> most separable fraction excluded
+WEIGHTED = ("+both_weight", "+both_tone_src_weight")  # density-ratio weights p(real|x)/p(gen|x) in training
 
 
 def main():
@@ -77,6 +95,9 @@ def main():
     ap.add_argument("--build", default="a", choices=list(BUILDS))
     ap.add_argument("--base-model", default=None, help="a generator folder bench_repair.py trained on this build")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="two-sample test seeds (median reported)")
+    ap.add_argument("--downstream-epochs", type=int, default=0,
+                    help="> 0: train synthetic / two-stage classifiers on real + each setting's images")
+    ap.add_argument("--filter-seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -101,37 +122,67 @@ def main():
               f"{args.edit_strength}, contrast guidance {args.attribute_guidance}, {args.steps} DDIM steps",
               flush=True)
         print(f"two-sample accuracy: median over discriminator seeds {args.seeds}")
+        val = ds.match_tags("val")
+        common = dict(val_samples=val, run_key=None, epochs=args.downstream_epochs, seed=0)
+
+        def downstream(view, **kw):
+            out = []
+            for method in ("synthetic", "two_stage"):
+                clf = fb.train_classifier(view, method=method, **{**common, **kw})
+                fb.apply_classifier(test, clf, "realism_pred", store_logits=False, overwrite=True)
+                out.append(100 * fb.evaluate_classifier(test, "realism_pred", aligned_field="bias_aligned").accuracy)
+            return " / ".join(f"{v:.1f}" for v in out)
+
+        if args.downstream_epochs:
+            t0 = time.time()
+            (x, y), (xv, yv) = arrays(train), arrays(val)
+            nets = [bench_repair.plain_train(x, y, xv, yv, 0, lff=lff, epochs=args.downstream_epochs)
+                    for lff in (False, True)]
+            with torch.no_grad():
+                plain = [100 * float((net(x_test).argmax(1) == y_test).float().mean()) for net in nets]
+            print(f"plain PyTorch vanilla / LfF on real alone: {plain[0]:.1f} / {plain[1]:.1f}% (unbiased test, "
+                  f"{args.downstream_epochs} epochs, seed 0; {time.time() - t0:.0f} s)", flush=True)
         print("| setting | images | two-sample acc. | intensity gen/real | background gen / real | TSTR / TRTR "
-              "(unbiased test) | right digit | right colour | time |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "(unbiased test) | right digit | right colour | synthetic / two-stage acc. | time |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        made = {}  # generation options -> run key: the filter / weight settings reuse their base setting's images
         for name in args.settings:
-            key = "gen_" + name.strip("+").replace("-", "_")
+            tag = name.strip("+").replace("-", "_").replace(".", "")
             t0 = time.time()
             opts = {"edit_strength": args.edit_strength, "num_inference_steps": args.steps, **SETTINGS[name]}
-            res = generate_balanced(train, "ground_truth", model=model, mode="cells", per_cell=args.per_cell,
-                                    source="edit", guidance_scale=1.0,
-                                    attribute_guidance_scale=args.attribute_guidance,
-                                    guidance_reference="source",
-                                    output_dir=os.path.join(work, key), run_key=key, overwrite=True,
-                                    realism_sample=0, progress=False, **opts)
+            key = made.get(repr(sorted(opts.items())))
+            if key is None:
+                key = made[repr(sorted(opts.items()))] = "gen_" + tag
+                generate_balanced(train, "ground_truth", model=model, mode="cells", per_cell=args.per_cell,
+                                  source="edit", guidance_scale=1.0, attribute_guidance_scale=args.attribute_guidance,
+                                  guidance_reference="source", output_dir=os.path.join(work, key), run_key=key,
+                                  overwrite=True, realism_sample=0, progress=False, **opts)
             t_gen = time.time() - t0
             from fiftyone import ViewField as Fv
 
             gen = ds.match(Fv("generation.run_key") == key)
+            view, train_kw = bench_repair.real_plus(ds, key), {"exclude_field": None}
             if name in FILTERED:
-                fb.filter_generated(bench_repair.real_plus(ds, key), method="discriminator", action="exclude", bottom_fraction=FILTERED[name],
-                                    run_key=f"filter_{key}", overwrite=True, seed=0)
-                gen = gen.match(Fv("filtered_out") != True)  # noqa: E712  (the kept ones)
-            reals = [fb.measure_realism(train, gen, "ground_truth", test_samples=test, run_key=f"realism_{key}",
+                fb.filter_generated(view, method="discriminator", action="exclude", bottom_fraction=FILTERED[name],
+                                    run_key=f"filter_{tag}", overwrite=True, seed=args.filter_seed,
+                                    exclude_field=f"out_{tag}", tag=f"low_{tag}", score_field=f"score_{tag}")
+                gen = gen.match(Fv(f"out_{tag}") != True)  # noqa: E712  (the kept ones)
+                train_kw = {"exclude_field": f"out_{tag}"}
+            if name in WEIGHTED:
+                fb.filter_generated(view, method="discriminator", action="weight", run_key=f"weight_{tag}",
+                                    overwrite=True, seed=args.filter_seed, weight_field=f"w_{tag}",
+                                    tag=f"low_{tag}", score_field=f"score_{tag}")
+                train_kw = {"exclude_field": None, "weight_field": f"w_{tag}"}
+            reals = [fb.measure_realism(train, gen, "ground_truth", test_samples=test, run_key=f"realism_{tag}",
                                         overwrite=True, seed=s + 1) for s in args.seeds]  # +1: not the filter's
             real = reals[int(np.argsort([r.two_sample_accuracy for r in reals])[len(reals) // 2])]  # the median
-            res.num_added = len(gen)
-            fid = fidelity(ds, train, judge, key)
-            print(f"| {name} | {res.num_added} | {real.two_sample_accuracy:.3f} | {real.intensity_ratio:.2f} | "
+            fid = fidelity(ds, train, judge, key)  # of all the setting's images (the filter's excluded ones too)
+            print(f"| {name} | {len(gen)} | {real.two_sample_accuracy:.3f} | {real.intensity_ratio:.2f} | "
                   f"{real.generated_statistics['background_intensity']:.3f} / "
                   f"{real.real_statistics['background_intensity']:.3f} | "
                   f"{100 * real.tstr_accuracy:.1f} / {100 * real.trtr_accuracy:.1f} | {fid['digit']:.1f} | "
-                  f"{fid['colour']:.1f} | {t_gen:.0f} s |", flush=True)
+                  f"{fid['colour']:.1f} | {downstream(view, **train_kw) if args.downstream_epochs else '-'} | "
+                  f"{t_gen:.0f} s |", flush=True)
         ds.delete()
     print(f"total {time.time() - t_start:.0f} s")
 

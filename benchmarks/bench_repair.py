@@ -34,7 +34,11 @@ Realism (issue #28): the generated cells against the real training images
 (``measure_realism``: held-out two-sample accuracy of a small discriminator,
 0.5 = indistinguishable; train-on-generated / test-on-real (the unbiased test
 split) beside the same MLP on as many real images; intensity ratio), and
-``--inversion`` / ``--keep-background`` for content-preserving edits.
+``--inversion`` / ``--keep-background`` / ``--match-tone`` for content-preserving edits. The generated
+cells are trained on twice: ``synthetic`` (real + generated) and ``two_stage`` (CE + SupCon on the
+generated cells, the head on real; ``--cell-methods``). Each row is printed as it finishes, and a failing
+method leaves the table of the others; ``--unet-channels`` / ``--unet-layers`` / ``--judge-epochs`` size a
+reduced run, ``--base-model`` reuses a generator trained by an earlier run (work dir kept with ``--work-dir``).
 ``--build b`` is a second build fixed before any result was seen (the issue's):
 another palette of ten saturated colours (``colored_mnist.HUE_PALETTE``: ten
 hues 36 degrees apart), colour noise 0.03, 4,000 train / 200 val / 800 test,
@@ -216,14 +220,26 @@ def train_generator(train, args, work, ratio):
             saved = json.load(f)["config"]
         original = os.path.join(os.path.dirname(folder.rstrip("/")), "data")
         if saved["data_fingerprint"] == _lora_fingerprint(train, os.path.join(work, "data"), original) and \
-                saved["epochs"] == args.diffusion_epochs and saved["lr"] == args.diffusion_lr:
+                saved["epochs"] == args.diffusion_epochs and saved["lr"] == args.diffusion_lr and \
+                all(saved.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in unet_size(args).items()):
             print(f"generator: {folder}, trained by an earlier run on these very images and labels")
             return folder, pl.num_clusters, 0.0
         print(f"base model {folder} was trained on other data or settings: training a new one")
     model = train_conditional_diffusion(
         train, "ground_truth", attribute_field="sa_cluster", output_dir=os.path.join(work, "model"),
-        epochs=args.diffusion_epochs, lr=args.diffusion_lr, batch_size=64, seed=0, progress=False, overwrite=True)
+        epochs=args.diffusion_epochs, lr=args.diffusion_lr, batch_size=64, seed=0, progress=False, overwrite=True,
+        **unet_size(args))
     return model, pl.num_clusters, time.time() - t0
+
+
+def unet_size(args) -> dict:
+    """The generator's UNet size (``--unet-channels``, ``--unet-layers``; the library's defaults when not given)."""
+    out = {}
+    if getattr(args, "unet_channels", None):
+        out["block_out_channels"] = tuple(args.unet_channels)
+    if getattr(args, "unet_layers", None):
+        out["layers_per_block"] = args.unet_layers
+    return out
 
 
 def build_generator(train, model, args, work):
@@ -233,7 +249,7 @@ def build_generator(train, model, args, work):
                             source="edit", edit_strength=args.edit_strength, guidance_scale=args.guidance,
                             attribute_guidance_scale=args.attribute_guidance, num_inference_steps=args.steps,
                             guidance_reference=args.guidance_reference, inversion=args.inversion,
-                            keep_background=args.keep_background, realism_sample=0,
+                            keep_background=args.keep_background, match_tone=args.match_tone, realism_sample=0,
                             output_dir=os.path.join(work, "generated"), overwrite=True, progress=False)
     return res.num_added, time.time() - t0
 
@@ -355,22 +371,31 @@ def run_ratio(ratio, args, work):
     build = BUILDS[args.build]
     PALETTE = build.get("palette", datasets.CLASS_COLORS)
     NAMES[:] = [n for n, _ in PALETTE]
-    ds = fb.colored_mnist(f"fb-bench-repair-{args.build}-{ratio}", conflict_ratio=ratio, output_dir=os.path.join(work, "data"),
+    ds = fb.colored_mnist(f"fb-bench-repair-{args.build}-{ratio}{args.name_suffix}", conflict_ratio=ratio, output_dir=os.path.join(work, "data"),
                           overwrite=True, **build)
     train, val, test = ds.match_tags("train"), ds.match_tags("val"), ds.match_tags("test")
     x, y = arrays(train)
     xv, yv = arrays(val)
     xt, yt = arrays(test)
     conflicting = ~np.array(test.values("bias_aligned"))
-    judge = digit_judge(x, y)
+    judge = digit_judge(x, y, epochs=args.judge_epochs)
     judge_acc = 100 * float((judge(xt) == yt).float().mean())
     rows, times = {}, {}
 
     def add(name, seed, fn):
         t0 = time.time()
-        acc = fn(seed)
+        try:
+            acc = fn(seed)
+        except Exception as e:  # noqa: BLE001  (a failing method must not lose the rows already measured)
+            import traceback
+
+            traceback.print_exc()
+            print(f"FAILED: {name}, seed {seed}: {e!r}", flush=True)
+            return
         rows.setdefault(name, []).append(acc)
         times.setdefault(name, []).append(time.time() - t0)
+        print(f"row: {name}, seed {seed}: {acc[0]:.1f} / {acc[1]:.1f} (all / conflicting), {time.time() - t0:.0f} s",
+              flush=True)
 
     common = dict(val_samples=val, run_key=None, epochs=args.epochs)
     tag_stats = []
@@ -399,18 +424,31 @@ def run_ratio(ratio, args, work):
                                                             test, xt, yt, conflicting))
     gen_info = fid = None
     injected = {}
-    if methods & {"cells", "diffinject"}:
-        model, num_clusters, t_train = train_generator(train, args, work, ratio)
-    if "cells" in methods:
-        n_gen, t_gen = build_generator(train, model, args, work)
-        fid = fidelity(ds, train, judge)
-        real = realism(ds, train, test)
-        gen_info = (num_clusters, n_gen, t_train, t_gen)
-        with_gen = real_plus(ds, "generate_balanced")
-        for seed in args.seeds:
-            add("fairbalance synthetic (real + generated cells)", seed,
-                lambda s: evaluate(train_classifier(with_gen, method="synthetic", seed=s, **common),
-                                   test, xt, yt, conflicting))
+    try:
+        if methods & {"cells", "diffinject"}:
+            model, num_clusters, t_train = train_generator(train, args, work, ratio)
+            print(f"generator: {num_clusters} colour clusters; {t_train:.0f} s ({model})", flush=True)
+        if "cells" in methods:
+            n_gen, t_gen = build_generator(train, model, args, work)
+            print(f"generated: {n_gen} images in {t_gen:.0f} s", flush=True)
+            fid = fidelity(ds, train, judge)
+            real = realism(ds, train, test)
+            gen_info = (num_clusters, n_gen, t_train, t_gen)
+            print(f"realism: two-sample {real.two_sample_accuracy:.3f}, intensity {real.intensity_ratio:.2f}; "
+                  f"digit {fid['digit']:.1f}%, colour {fid['colour']:.1f}%", flush=True)
+            with_gen = real_plus(ds, "generate_balanced")
+            for seed in args.seeds:
+                for name, method in (("synthetic (real + generated cells)", "synthetic"),
+                                     ("two-stage (generated cells, head on real)", "two_stage")):
+                    if method in args.cell_methods:
+                        add(f"fairbalance {name}", seed, lambda s, m=method: evaluate(
+                            train_classifier(with_gen, method=m, seed=s, **common), test, xt, yt, conflicting))
+    except Exception as e:  # noqa: BLE001  (print the table of what finished)
+        import traceback
+
+        traceback.print_exc()
+        print(f"FAILED: generator: {e!r}", flush=True)
+        methods.discard("diffinject")
     for k, label_from in enumerate(args.inject_label_from if "diffinject" in methods else []):
         key = f"diffinject_{label_from}"
         inj = run_diffinject(ds, train, model, args, work, label_from, tags=k == 0)
@@ -443,7 +481,7 @@ def run_ratio(ratio, args, work):
               f"intensity generated / real {real.intensity_ratio:.2f}, train on generated / test on real "
               f"(unbiased test) {100 * real.tstr_accuracy:.1f}% vs the same MLP on as many real train images "
               f"{100 * real.trtr_accuracy:.1f}%; edits: inversion {args.inversion}, keep background "
-              f"{args.keep_background}")
+              f"{args.keep_background}, match tone {args.match_tone}")
     for label_from, (inj, ifid) in injected.items():
         print(f"DiffInject, {label_from}'s label: {inj['num_added']} images from {inj['num_contents']} contents "
               f"(error set of the seed-0 GCE model, {inj['tag_precision']:.1f}% truly bias-conflicting), gamma {args.inject_gamma} "
@@ -704,6 +742,15 @@ def main():
     ap.add_argument("--build", default="a", choices=list(BUILDS), help="a: the README's; b: a second build")
     ap.add_argument("--inversion", action="store_true", help="edits start from the DDIM inversion of the source")
     ap.add_argument("--keep-background", action="store_true", help="edits keep the source's background pixels")
+    ap.add_argument("--cell-methods", nargs="+", choices=["synthetic", "two_stage"], default=["synthetic", "two_stage"],
+                    help="the training methods on real + generated cells")
+    ap.add_argument("--unet-channels", type=int, nargs="+", default=None,
+                    help="the generator UNet's block_out_channels (default: the library's, 32 64 64)")
+    ap.add_argument("--unet-layers", type=int, default=None, help="the generator UNet's layers_per_block")
+    ap.add_argument("--judge-epochs", type=int, default=15, help="epochs of the colour-blind digit judge")
+    ap.add_argument("--name-suffix", default="", help="appended to the dataset names (two runs at once)")
+    ap.add_argument("--match-tone", default=None, choices=["histogram", "source"],
+                    help="edits get their source's brightness (generate_balanced(match_tone=...))")
     ap.add_argument("--no-generation", action="store_true", help="the same as leaving cells and diffinject out")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--base-model", default=None,

@@ -12,6 +12,7 @@ from fairbalance.core import validation
 from fairbalance.generate.diffusion_model import ConditionalDiffusionModel
 
 SCHEDULERS = ("ddim", "ddpm")
+TONE_MATCHES = ("histogram", "source")  # match_tone: what an edit keeps of its source's brightness
 
 
 def validate_sampling(guidance_scale: float, num_inference_steps: int, scheduler: str,
@@ -32,7 +33,7 @@ def sample_images(model: ConditionalDiffusionModel, labels, seeds: list[int], gu
                   num_inference_steps: int = 50, scheduler: str = "ddim", attribute_guidance_scale: float | None = None,
                   init_images: torch.Tensor | None = None, edit_strength: float | None = None,
                   reference_labels=None, inversion: bool = False, keep_background: bool = False,
-                  inversion_labels=None) -> np.ndarray:
+                  inversion_labels=None, match_tone: str | None = None) -> np.ndarray:
     """One image per (condition, seed) with classifier-free guidance; uint8 N x H x W x 3.
 
     ``labels``: class indices, or (class, attribute) pairs for a factorised
@@ -57,6 +58,16 @@ def sample_images(model: ConditionalDiffusionModel, labels, seeds: list[int], gu
     copies back the init image's background pixels (those within 0.2 of its
     border's median colour), so the haze of an under-trained model never
     reaches the background.
+
+    ``match_tone`` (edits; for attributes carried by hue and saturation,
+    such as colour) gives the result its source's brightness, so strokes
+    are neither heavier nor lighter than real ones: ``"histogram"`` maps
+    each image's value (max over channels) onto the source's value
+    distribution by rank (per-image histogram matching; the generated
+    image's own layout is kept), ``"source"`` takes the source's value
+    pixel by pixel (only hue and saturation come from the generator: a
+    recolouring). Hue and saturation of every pixel are kept; see
+    :func:`match_value`.
     """
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -75,8 +86,10 @@ def sample_images(model: ConditionalDiffusionModel, labels, seeds: list[int], gu
     x = torch.stack([torch.randn(3, size, size, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(dev)
     timesteps = sched.timesteps
     ref = None if reference_labels is None else torch.as_tensor(np.asarray(reference_labels), device=dev).long()
-    if (inversion or keep_background) and init_images is None:
-        raise validation.FairBalanceError("inversion and keep_background edit an image: pass init_images")
+    if match_tone is not None and match_tone not in TONE_MATCHES:
+        raise validation.FairBalanceError(f"match_tone must be None or one of {TONE_MATCHES}, not {match_tone!r}")
+    if (inversion or keep_background or match_tone) and init_images is None:
+        raise validation.FairBalanceError("inversion, keep_background and match_tone edit an image: pass init_images")
     if init_images is not None:
         start = min(len(timesteps) - 1, int(round(len(timesteps) * (1 - (edit_strength or 1.0)))))
         timesteps = timesteps[start:]
@@ -109,11 +122,40 @@ def sample_images(model: ConditionalDiffusionModel, labels, seeds: list[int], gu
             x = sched.step(pred, t, x, eta=0.0).prev_sample
         else:
             x = sched.step(pred, t, x, generator=step_gens).prev_sample
+    if match_tone:
+        x = match_value(x.clamp(-1, 1), init_images.to(dev), match_tone)
     if keep_background:
         src = init_images.to(dev)
         keep = background_mask(src)
         x = torch.where(keep, src, x)
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def match_value(images: torch.Tensor, sources: torch.Tensor, how: str = "histogram") -> torch.Tensor:
+    """``images`` (N x 3 x H x W in [-1, 1]) with the value (max over channels) of ``sources``, hue and saturation kept.
+
+    ``"histogram"``: each image's values replaced by the source's values of the same rank (per-image histogram
+    matching); ``"source"``: the source's value at each pixel. A pixel too dark to carry a hue (value < 0.05)
+    takes its image's value-weighted mean chroma.
+    """
+    g, s = (images + 1) / 2, (sources + 1) / 2
+    vg, vs = g.amax(dim=1), s.amax(dim=1)  # N x H x W
+    n = len(g)
+    if how == "source":
+        target = vs
+    else:
+        order = vg.reshape(n, -1).argsort(dim=1)
+        target = torch.empty_like(vg.reshape(n, -1))
+        target.scatter_(1, order, vs.reshape(n, -1).sort(dim=1).values)
+        target = target.view_as(vg)
+    lit = (vg >= 0.05)[:, None]
+    chroma = g / vg[:, None].clamp_min(0.05)  # max channel 1 where lit
+    weights = (vg[:, None] * lit).sum(dim=(2, 3)).clamp_min(1e-6)
+    mean_chroma = (chroma * vg[:, None] * lit).sum(dim=(2, 3)) / weights  # N x 3
+    mean_chroma = mean_chroma / mean_chroma.amax(dim=1, keepdim=True).clamp_min(1e-6)
+    mean_chroma = torch.where(lit.flatten(1).any(1, keepdim=True), mean_chroma, torch.ones_like(mean_chroma))
+    chroma = torch.where(lit, chroma, mean_chroma[:, :, None, None])
+    return (chroma * target[:, None]).clamp(0, 1) * 2 - 1
 
 
 def background_mask(images: torch.Tensor, tolerance: float = 0.4) -> torch.Tensor:

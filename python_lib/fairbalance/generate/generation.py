@@ -22,7 +22,7 @@ from fairbalance.find import balance
 from fairbalance.core.fields import label_path
 from fairbalance.core.data import labelled_samples, load_images
 from fairbalance.generate.diffusion_model import CONDITIONAL_DIFFUSION, ConditionalDiffusionModel
-from fairbalance.generate.diffusion_sampling import sample_images, validate_sampling
+from fairbalance.generate.diffusion_sampling import TONE_MATCHES, sample_images, validate_sampling
 from fairbalance.generate.engine import (GenerationJob, check_shard_args, generate_plan, real_samples,
                                          require_own_target)
 from .engine import (GENERATED_FILE_PATTERNS, GENERATION_FILE, PROVENANCE_FIELDS, RESULT_CLASSES,  # noqa: F401
@@ -177,6 +177,7 @@ def generate_balanced(
     scheduler: str = "ddim",
     inversion: bool = False,
     keep_background: bool = False,
+    match_tone: str | None = None,
     output_dir: str | None = None,
     target_dataset=None,
     seed: int = 0,
@@ -209,6 +210,10 @@ def generate_balanced(
     noise (regenerating it under its own cell gives it back), and
     ``keep_background=True`` copies the source's background pixels into the
     result (no haze; needs a plain background, such as a digit's).
+    ``match_tone="histogram"`` / ``"source"`` gives each edit its source's
+    brightness (by rank, or pixel by pixel: a recolouring), hue and
+    saturation kept, for attributes carried by colour (see
+    :func:`~fairbalance.generate.diffusion_sampling.sample_images`).
 
     New samples get ``generated=True``, the condition's label field(s) (the
     class label for cells, so classifiers can train on them),
@@ -246,7 +251,7 @@ def generate_balanced(
     diff, jobs, plan, before, setting, provenance, config = _plan_balanced(
         samples, label_field, model, model_run, total, per_class, mode, per_cell, source, edit_strength,
         guidance_scale, attribute_guidance_scale, guidance_reference, num_inference_steps, scheduler, seed,
-        batch_size, device, run_key, inversion, keep_background)
+        batch_size, device, run_key, inversion, keep_background, match_tone)
     render = _diffusion_renderer(diff, provenance)
     result = generate_plan(samples, "generate_balanced", "generate_balanced", run_key, jobs, config, setting, render,
                            provenance, batch_size, GenerationResult, {"planned": plan, "counts_before": before},
@@ -286,7 +291,7 @@ def _plan_balanced(samples, label_field="sa_cluster", model=None, model_run=None
                    mode="equal", per_cell=None, source="noise", edit_strength=0.5, guidance_scale=3.0,
                    attribute_guidance_scale=None, guidance_reference="null", num_inference_steps=50,
                    scheduler="ddim", seed=0, batch_size=64, device=None, run_key="generate_balanced",
-                   inversion=False, keep_background=False):
+                   inversion=False, keep_background=False, match_tone=None):
     """Every check of :func:`generate_balanced` and its plan (file names relative), before anything is claimed.
 
     Returns ``(model, jobs, planned, counts_before, setting, provenance, run config)``.
@@ -321,13 +326,18 @@ def _plan_balanced(samples, label_field="sa_cluster", model=None, model_run=None
             raise validation.FairBalanceError(f"{name} must be True or False, not {value!r}")
         if value and source != "edit":
             raise validation.FairBalanceError(f"{name}=True edits a source image: it needs source='edit'")
+    if match_tone is not None and match_tone not in TONE_MATCHES:
+        raise validation.FairBalanceError(f"match_tone must be None or one of {TONE_MATCHES}, not {match_tone!r}")
+    if match_tone is not None and source != "edit":
+        raise validation.FairBalanceError("match_tone matches an edit to its source image: it needs source='edit'")
     setting = {"model": diff.folder, "model_step": diff.step, "label_field": label_field,
                "attribute_field": diff.attribute_field, "guidance_scale": guidance_scale,
                "attribute_guidance_scale": attribute_guidance_scale, "guidance_reference": guidance_reference,
                "num_inference_steps": num_inference_steps,
                "scheduler": scheduler, "source": source, "edit_strength": edit_strength if source == "edit" else None,
                # recorded only when on, so folders and runs made before these options still resume
-               **({"inversion": True} if inversion else {}), **({"keep_background": True} if keep_background else {})}
+               **({"inversion": True} if inversion else {}), **({"keep_background": True} if keep_background else {}),
+               **({"match_tone": match_tone} if match_tone else {})}
     provenance = {**setting, "mode": mode, "run_key": run_key}
     if mode == "cells":  # planned (and checked) before anything is claimed or replaced; file names relative
         jobs, plan, before = _cell_jobs(samples, diff, per_cell, source, seed, "")
@@ -360,6 +370,7 @@ def _diffusion_renderer(diff: ConditionalDiffusionModel, provenance: dict) -> Ca
                              provenance["edit_strength"] if init is not None else None, reference,
                              inversion=bool(provenance.get("inversion")),
                              keep_background=bool(provenance.get("keep_background")),
+                             match_tone=provenance.get("match_tone"),
                              inversion_labels=[d.source_condition for d in inputs] if init is not None else None)
 
     return render
