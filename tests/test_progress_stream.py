@@ -1,0 +1,107 @@
+"""Progress of immediate runs: a heavy operator run from the App streams its steps and time left, then its result.
+
+FiftyOne shows ``ctx.set_progress`` only for scheduled (delegated) runs; the
+App shows progress during an immediate run only for generator operators
+yielding ``set_progress`` (see ``operators/_common.streams_progress``). These
+tests run the real operators through a real ``ExecutionContext`` and through
+the App server's generator endpoint; tests/test_browser_progress.py sees the
+label in Chromium.
+"""
+
+import json
+import re
+import time
+import urllib.request
+
+import fiftyone as fo
+import pytest
+from fiftyone.operators.executor import ExecutionContext, Executor
+
+from test_app_server import PLUGIN, app_server  # noqa: F401  (fixture: App server on loopback)
+
+STEPS = re.compile(r"^[A-Z][\w ]+: [\d,]+ of [\d,]+ \(\d+%\)")
+
+
+def _operators():
+    from fiftyone.operators.registry import OperatorRegistry
+
+    return [op for op in OperatorRegistry().list_operators() if op.uri.startswith(PLUGIN + "/")]
+
+
+def test_every_heavy_operator_streams_its_progress():
+    """Generator config and the streaming ``execute`` go together (either alone loses the App's result), and every
+    operator that can be scheduled (the heavy ones) streams."""
+    ops = _operators()
+    assert len(ops) > 15
+    for op in ops:
+        streams = getattr(type(op).execute, "streams_progress", False)
+        assert op.config.execute_as_generator == streams, op.uri
+        assert streams == bool(op.config.allow_delegated_execution), op.uri
+
+
+def _run(uri, params, dataset_name=None):
+    """The operator's ``execute`` as the App's generator endpoint calls it: a real context naming the operator."""
+    from fiftyone.operators.registry import OperatorRegistry
+
+    op = OperatorRegistry().get_operator(f"{PLUGIN}/{uri}")
+    ctx = ExecutionContext(request_params={"operator_uri": op.uri, "dataset_name": dataset_name, "params": params},
+                           executor=Executor(), operator_uri=op.uri)
+    return [m.to_json() for m in op.execute(ctx)]
+
+
+def test_immediate_run_yields_steps_then_triggers_then_result():
+    name = "fb-progress-stream"
+    try:
+        lines = _run("create_colored_digits", {"name": name, "train_per_class": 6, "test_per_class": 2,
+                                               "num_classes": 3, "image_size": 8, "overwrite": True})
+        progress = [m["body"]["params"] for m in lines if m.get("cls") == "InvocationRequest"
+                    and m["body"]["operator_uri"] == "set_progress"]
+        assert progress and all(STEPS.match(p["label"]) for p in progress), progress
+        assert progress[-1]["label"].startswith("Writing images: 24 of 24 (100%)") and progress[-1]["progress"] == 1
+        # then what the run triggered (from the home page: the notification and the new dataset), then the result
+        triggered = [m["body"]["operator_uri"] for m in lines if m.get("cls") == "InvocationRequest"]
+        assert triggered[len(progress):] == ["notify", "open_dataset"]
+        assert lines[-1]["cls"] == "ExecutionResult" and lines[-1]["body"]["num_samples"] == 24
+        assert lines.index(lines[-1]) == len(lines) - 1 and all(m.get("cls") for m in lines)
+    finally:
+        if fo.dataset_exists(name):
+            fo.delete_dataset(name)
+
+
+def test_immediate_run_failure_is_an_error_in_words(digits_copy):
+    lines = _run("train_classifier", {"label_field": "no_such_field", "epochs": 1}, digits_copy.name)
+    assert set(lines[-1]) == {"error", "error_message"}
+    assert "no_such_field" in lines[-1]["error"] and "Traceback" not in lines[-1]["error"]
+    assert not digits_copy.has_run("classifier")
+
+
+def test_sdk_call_still_returns_the_result(digits_copy):
+    """``execute_operator`` (scripts, tests) does not name the operator in its request: a plain result, as before."""
+    import fiftyone.operators as foo
+
+    res = foo.execute_operator(f"{PLUGIN}/compute_hardness_tags", ctx={
+        "dataset": digits_copy, "params": {"label_field": "ground_truth", "epochs": 1, "seed": 0}})
+    assert isinstance(res.result, dict) and res.result["num_tagged"] >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_app_server_streams_progress_before_the_result(app_server, digits_copy):  # noqa: F811
+    """The App's own endpoint: set_progress lines with steps arrive while the run goes on, the result last."""
+    payload = {"operator_uri": f"{PLUGIN}/train_classifier", "dataset_name": digits_copy.name, "view": [],
+               "params": {"label_field": "ground_truth", "epochs": 6, "seed": 0, "run_key": "streamed"}}
+    req = urllib.request.Request(f"{app_server}/operators/execute/generator", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    start, seen = time.time(), []
+    with urllib.request.urlopen(req, timeout=240) as r:
+        for raw in r:
+            seen.append((time.time() - start, json.loads(raw)))
+    labels = [(t, m["body"]["params"]["label"]) for t, m in seen if m.get("cls") == "InvocationRequest"
+              and m["body"]["operator_uri"] == "set_progress"]
+    t_result, result = seen[-1][0], seen[-1][1]
+    assert result["cls"] == "ExecutionResult" and result["body"]["run_key"] == "streamed", result
+    assert labels and all(STEPS.match(label) for _, label in labels), labels
+    assert labels[0][0] < t_result  # streamed as the run goes, not all at the end
+    assert any("left" in label for _, label in labels) or len(labels) == 1, labels  # an ETA once a rate is known
+    digits_copy.reload()
+    assert digits_copy.has_run("streamed")
