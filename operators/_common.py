@@ -1,13 +1,9 @@
 """Small helpers shared by the operators: config, progress, field choices, run keys, result panels."""
 
-import functools
 import inspect
-import json
-import logging
 
 import fiftyone as fo
 import fiftyone.operators.types as types
-from fiftyone.operators.message import GeneratedMessage, MessageType
 
 import fairbalance
 # the one bridge from the operators to the library's internals: run records and shard jobs the forms read, the
@@ -17,110 +13,7 @@ from fairbalance.core.fields import categorical_fields  # noqa: F401
 from fairbalance.core.folders import pipeline_file  # noqa: F401
 from fairbalance.core.validation import LIMITS
 
-
-def progress_callback(ctx, label):
-    """A FiftyOne ``progress`` callable that forwards to ``ctx.set_progress``: steps done of the total and the
-    time left ("Training steps: 120 of 900 (13%), about 2 min left"), shown by FiftyOne for scheduled runs."""
-
-    def report(pb):
-        ctx.set_progress(progress=pb.progress, label=progress_label(label, pb.iteration, pb.total,
-                                                                    pb.time_remaining))
-
-    return fo.report_progress(report, dt=0.5)
-
-
-def streams_progress(execute):
-    """Decorator of a heavy operator's ``execute`` (with ``operator_config(..., streams=True)``): the steps and time
-    left of an immediate run in the App, as scheduled runs show them.
-
-    FiftyOne shows ``ctx.set_progress`` only for delegated runs; for an
-    immediate one it would go to the browser console. The App shows progress
-    while an operator runs only when the operator is a generator yielding
-    ``set_progress`` messages. So, for a run started from the App, the work
-    runs in a thread, every ``ctx.set_progress`` (the ``progress=`` callback of
-    :func:`progress_callback`, already throttled) is streamed as the App's
-    progress bar with its label ("Training steps: 120 of 900 (13%), about 2 min
-    left"), and the result follows as the usual result dialog; a failure
-    becomes an error in words (its traceback only in the App's log). Scheduled
-    runs and SDK calls (``execute_operator``) run and return as before.
-    """
-
-    @functools.wraps(execute)
-    def wrapper(self, ctx):
-        if ctx.delegated or "operator_uri" not in ctx.request_params:  # only the App's requests name the operator
-            return execute(self, ctx)
-        return _stream(ctx, lambda: execute(self, ctx))
-
-    wrapper.streams_progress = True
-    return wrapper
-
-
-def _stream(ctx, work):
-    """Run ``work`` in a thread; yield its progress as the App's ``set_progress``, then its result (or error)."""
-    import queue
-    import threading
-
-    from fiftyone.core.utils import Encoder
-    from fiftyone.operators.executor import ExecutionResult, InvocationRequest
-
-    events, done, outcome = queue.Queue(), object(), {}
-    ctx.set_progress = lambda progress=None, label=None: events.put((progress, label))  # this run's only
-
-    def run():
-        try:
-            outcome["result"] = work()
-        except Exception as e:  # noqa: BLE001  (shown in words; the traceback goes to the App's log)
-            logging.getLogger(__name__).exception("%s failed", ctx.operator_uri)
-            outcome["error"] = str(e) if isinstance(e, fairbalance.FairBalanceError) else f"{type(e).__name__}: {e}"
-        finally:
-            events.put(done)
-
-    started = len(ctx.executor._requests)
-    threading.Thread(target=run, name=f"fairbalance {ctx.operator_uri}", daemon=True).start()
-    event = events.get()
-    while event is not done:
-        while not events.empty() and event is not done:  # only the latest state: the App redraws, never queues
-            event = events.get()
-        if event is done:
-            break
-        progress, label = event
-        params = {"label": label, **({"progress": progress} if progress is not None else {})}
-        yield GeneratedMessage(MessageType.SUCCESS, cls=InvocationRequest,
-                               body=InvocationRequest("set_progress", params=params))
-        event = events.get()
-    for request in ctx.executor._requests[started:]:  # what the work triggered (e.g. refresh_app), after it
-        yield GeneratedMessage(MessageType.SUCCESS, cls=InvocationRequest, body=request)
-    if "error" in outcome:
-        yield _Line({"error": outcome["error"], "error_message": outcome["error"]})
-    else:  # the App takes an ExecutionResult message's body as the result
-        yield GeneratedMessage(MessageType.SUCCESS, cls=ExecutionResult,
-                               body=_Line(json.loads(json.dumps(outcome.get("result"), cls=Encoder))))
-
-
-class _Line(GeneratedMessage):
-    """A message body, or a whole line of the App's generator stream, as given (the App reads ``error`` there)."""
-
-    def __init__(self, data):
-        super().__init__(body=None)
-        self.data = data
-
-    def to_json(self):
-        return self.data
-
-    def to_json_line(self):
-        return json.dumps(self.data) + "\n"
-
-
-def progress_label(label, done, total, seconds_left=None):
-    """``"<label>: <done> of <total> (<pct>), about <t> left"``; the time once a step gives a rate."""
-    if not total:
-        return f"{label}: {done}"
-    text = f"{label}: {done:,} of {total:,} ({done / total:.0%})"
-    if seconds_left is not None and done and done < total:
-        s = max(1, int(round(seconds_left)))
-        text += ", about " + (f"{s} s" if s < 90 else f"{round(s / 60)} min" if s < 5400 else
-                              f"{s / 3600:.1f} h") + " left"
-    return text
+from ._progress import progress_callback, progress_label, streams_progress  # noqa: F401  (one progress adapter)
 
 
 def refresh_app(ctx):
