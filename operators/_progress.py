@@ -105,9 +105,23 @@ def _stream(operator, ctx, work):
         ctx.request_params["results"] = outcome["result"]
         outputs = operator.resolve_output(ctx)
     if outputs is not None:
-        yield message("show_output", {"outputs": outputs.to_json(), "results": outcome["result"]})
+        outputs, results = _titled(outputs, outcome["result"])
+        yield message("show_output", {"outputs": outputs.to_json(), "results": results})
     else:  # the App takes an ExecutionResult message's body as the result of the usual dialog
         yield GeneratedMessage(MessageType.SUCCESS, cls=ExecutionResult, body=_Line(outcome["result"]))
+
+
+def _titled(outputs, results):
+    """The result view with its title as its first line: FiftyOne's progress dialog shows no view label."""
+    import fiftyone.operators.types as types
+
+    title = getattr(getattr(outputs, "view", None), "label", None)
+    if not title or not isinstance(results, dict):
+        return outputs, results
+    head = types.Object()
+    head.str("result_title", view=types.MarkdownView())
+    head.properties.update(outputs.type.properties)
+    return types.Property(head, view=outputs.view), {"result_title": f"**{title}**", **results}
 
 
 class _Line(GeneratedMessage):

@@ -104,7 +104,10 @@ def test_progress_dialog_then_shows_the_result(digits_copy, monkeypatch):
     shown = _triggered(lines, "show_output")[0]
     assert shown["results"]["tagged_of"] == "5 of 400 samples of the view"
     assert shown["outputs"]["view"]["label"] == "Hardness tags computed"
-    assert "tagged_of" in shown["outputs"]["type"]["properties"]
+    # that dialog shows no view label: the title is the result's first line
+    assert list(shown["outputs"]["type"]["properties"])[0] == "result_title" and "tagged_of" in \
+        shown["outputs"]["type"]["properties"]
+    assert shown["results"]["result_title"] == "**Hardness tags computed**"
     assert not [m for m in lines if m.get("cls") == "ExecutionResult"]
 
 
