@@ -231,6 +231,8 @@ def operator_config(name, label, description, icon, dynamic=True, delegated="opt
         "allow_immediate_execution": True, "allow_delegated_execution": True,
         **({"default_choice_to_delegated": True} if delegated == "default" else {}),
     }
+    if name not in ROAD and label.startswith("fairbalance: "):  # found by typing "fairbalance delete" too
+        label = f"fairbalance {label[len('fairbalance: '):]}"
     if name in ROAD and label.startswith("fairbalance: "):
         # "fairbalance audit hidden imbalance · 1 find": the browser matches what a user types ("fairbalance
         # audit", "fairbalance train") as a substring of the label, so the words follow "fairbalance" directly

@@ -247,8 +247,9 @@ class App:
     def refuses(self, message):
         """The form shows ``message`` (checked as the user types) and Execute is disabled."""
         assert _wait(lambda: message in self.modal_text(), 20), f"no {message!r} in: {self.modal_text()!r}"
-        button = self.find(f"{MODAL}//button[normalize-space(.)='Execute']")
-        assert button and not button[0].is_enabled(), "Execute is enabled on a form that cannot run"
+        disabled = _wait(lambda: [b for b in self.find(f"{MODAL}//button[normalize-space(.)='Execute']")
+                                  if not b.is_enabled()], 10)  # the form may still be re-rendering
+        assert disabled, "Execute is enabled on a form that cannot run"
 
     def cancel(self):
         self.click(self.find(f"{MODAL}//button[normalize-space(.)='Cancel']")[0])
