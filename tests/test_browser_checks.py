@@ -1,4 +1,4 @@
-"""Issue 25's form checks and provenance, seen in Chromium (items 3, 4, 9, 10, 12).
+"""Issue 25's form checks, provenance, sharded runs and the heat map, seen in Chromium (items 3, 4, 9-12, 14, 16).
 
 Every form says before Execute what the library would refuse, in one line
 and without a traceback; provenance subfields are listed in the App's
@@ -9,6 +9,7 @@ missing); screenshots to $FAIRBALANCE_SCREENSHOTS.
 """
 
 import os
+import re
 import time
 
 import fiftyone as fo
@@ -137,3 +138,50 @@ def test_provenance_fields_in_the_sidebar(app, checks_dataset):
     assert app.find("//*[@data-cy='sidebar-field-arrow-enabled-generation.run_key']")
     app.d.save_screenshot(os.path.join(app.shots, "checks-04-provenance-sidebar.png"))
     print(f"provenance subfields in the sidebar: {sorted(s for s in seen if s.startswith('generation.'))}")
+
+
+def test_sharded_run_queued_and_the_panel_heat_map_click(app, checks_dataset, tiny_clip):
+    """Item 11: a sharded run says it is queued and how to start a worker, and the panel's table of sharded runs
+    renders; item 16: a heat-map cell click filters the grid to that cell (item 14: the panel says how)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    app.open_dataset(NAME)
+    everything = app.sample_count()
+    app.open_operator("compute sensitive-attribute features", "Compute SA features")
+    app.radio("texts")
+    app.type("Related texts (comma-separated)", "red, green")
+    app.type("CLIP model", tiny_clip)
+    app.type("Shards", 2)
+    app.type("Run key", "sharded_sa")
+    text = app.execute("Queued for delegated workers (nothing computed yet)", "checks-05-sharded-queued")
+    assert "fiftyone delegated launch" in text and "SA features computed" not in text
+    assert "fairbalance.sharded_status" not in text
+
+    d = app.d
+    content = app.open_balance_panel()
+    scope = "//*[@data-cy='panel-content-balance_panel']"
+    assert _wait(lambda: "Sharded runs in progress" in d.find_element(By.CSS_SELECTOR, content).text, 30), \
+        d.find_element(By.CSS_SELECTOR, content).text
+    assert "sharded_sa" in d.find_element(By.CSS_SELECTOR, content).text
+    app.choose("Label field", "ground_truth", scope=scope)
+    app.choose("Attribute (optional)", "color", scope=scope)
+    assert _wait(lambda: len(d.find_elements(By.CSS_SELECTOR, f"{content} .js-plotly-plot")) >= 2, 30)
+    d.save_screenshot(os.path.join(app.shots, "checks-06-panel-sharded-and-heat-maps.png"))
+    heat = d.find_elements(By.CSS_SELECTOR, f"{content} .js-plotly-plot")[1]
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", heat)
+    drag = heat.find_elements(By.CSS_SELECTOR, ".nsewdrag")
+    assert drag, "no heat map to click"
+    ActionChains(d).move_to_element(drag[0]).perform()  # item 16: the tooltip gives the cell's count and share
+    tip = _wait(lambda: re.search(r"ground_truth \S+, color \S+: \d+ samples? \(\d+% of the group\)",
+                                  " ".join(e.text for e in heat.find_elements(By.CSS_SELECTOR, ".hoverlayer"))), 20)
+    assert tip, [e.text for e in heat.find_elements(By.CSS_SELECTOR, ".hoverlayer")]
+    ActionChains(d).move_to_element(drag[0]).click().perform()  # the middle cell: a real click, Plotly listens
+    clear = _wait(lambda: d.find_elements(By.XPATH, "//button[normalize-space(.)='Clear selection']"), 60)
+    assert clear, "a cell click offers no 'Clear selection'"
+    assert _wait(lambda: app.sample_count() != everything, 30), "the grid was not filtered to the cell"
+    panel = d.find_element(By.CSS_SELECTOR, content).text
+    assert " x " in panel and "(your click)" in panel and "Showing only" not in panel, panel
+    d.save_screenshot(os.path.join(app.shots, "checks-07-heat-map-cell-clicked.png"))
+    app.click(clear[0])
+    assert _wait(lambda: app.sample_count() == everything, 30), app.sample_count()
