@@ -1,4 +1,4 @@
-"""Issue 25's form checks, provenance, sharded runs and the heat map, seen in Chromium (items 3, 4, 9-12, 14, 16).
+"""Issue 25's form checks, provenance, sharded runs and the heat map, seen in Chromium (items 3, 4, 7, 9-12, 14, 16).
 
 Every form says before Execute what the library would refuse, in one line
 and without a traceback; provenance subfields are listed in the App's
@@ -39,6 +39,12 @@ def checks_dataset(tiny_clip, tmp_path_factory):
     model = fb.train_conditional_diffusion(train, "color", output_dir=str(out / "diff"), epochs=1, image_size=16,
                                            block_out_channels=(16, 32), batch_size=32, run_key="diff")
     fb.generate_balanced(train, "color", model=model, total=3, num_inference_steps=1, run_key="gen")
+    # two evaluations, the newest alphabetically first (item 7: the panel took the alphabetically last)
+    labels = ds.values("ground_truth.label")
+    ds.set_values("pred", [fo.Classification(label=v) for v in labels])
+    fb.evaluate_classifier(ds, "pred", "ground_truth", attribute_field="color", run_key="pred_vanilla_eval")
+    ds.set_values("pred", [fo.Classification(label=labels[0]) for _ in labels])
+    fb.evaluate_classifier(ds, "pred", "ground_truth", attribute_field="color", run_key="pred_jtt_eval")
     yield ds
     if fo.dataset_exists(NAME):
         fo.delete_dataset(NAME)
@@ -142,7 +148,7 @@ def test_provenance_fields_in_the_sidebar(app, checks_dataset):
 
 def test_sharded_run_queued_and_the_panel_heat_map_click(app, checks_dataset, tiny_clip):
     """Item 11: a sharded run says it is queued and how to start a worker, and the panel's table of sharded runs
-    renders; item 16: a heat-map cell click filters the grid to that cell (item 14: the panel says how)."""
+    renders; item 7: the panel's last evaluation is the newest; item 16: a heat-map cell click filters the grid to that cell (item 14: the panel says how)."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
@@ -167,6 +173,8 @@ def test_sharded_run_queued_and_the_panel_heat_map_click(app, checks_dataset, ti
     app.choose("Label field", "ground_truth", scope=scope)
     app.choose("Attribute (optional)", "color", scope=scope)
     assert _wait(lambda: len(d.find_elements(By.CSS_SELECTOR, f"{content} .js-plotly-plot")) >= 2, 30)
+    panel = d.find_element(By.CSS_SELECTOR, content).text  # item 7: the newest evaluation, not the alphabetical last
+    assert "Worst groups of the last evaluation (pred_jtt_eval" in panel and "pred_vanilla_eval" not in panel, panel
     d.save_screenshot(os.path.join(app.shots, "checks-06-panel-sharded-and-heat-maps.png"))
     heat = d.find_elements(By.CSS_SELECTOR, f"{content} .js-plotly-plot")[1]
     d.execute_script("arguments[0].scrollIntoView({block: 'center'})", heat)
