@@ -2,7 +2,7 @@
 
 FiftyOne shows ``ctx.set_progress`` only for scheduled (delegated) runs; the
 App shows progress during an immediate run only for generator operators
-yielding ``set_progress`` (see ``operators/_common.streams_progress``). These
+yielding ``set_progress`` (see ``operators/_progress.streams_progress``). These
 tests run the real operators through a real ``ExecutionContext`` and through
 the App server's generator endpoint; tests/test_browser_progress.py sees the
 label in Chromium.
