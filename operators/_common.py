@@ -13,28 +13,7 @@ from fairbalance.core.fields import categorical_fields  # noqa: F401
 from fairbalance.core.folders import pipeline_file  # noqa: F401
 from fairbalance.core.validation import LIMITS
 
-
-def progress_callback(ctx, label):
-    """A FiftyOne ``progress`` callable that forwards to ``ctx.set_progress``: steps done of the total and the
-    time left ("Training steps: 120 of 900 (13%), about 2 min left"), shown by FiftyOne for scheduled runs."""
-
-    def report(pb):
-        ctx.set_progress(progress=pb.progress, label=progress_label(label, pb.iteration, pb.total,
-                                                                    pb.time_remaining))
-
-    return fo.report_progress(report, dt=0.5)
-
-
-def progress_label(label, done, total, seconds_left=None):
-    """``"<label>: <done> of <total> (<pct>), about <t> left"``; the time once a step gives a rate."""
-    if not total:
-        return f"{label}: {done}"
-    text = f"{label}: {done:,} of {total:,} ({done / total:.0%})"
-    if seconds_left is not None and done and done < total:
-        s = max(1, int(round(seconds_left)))
-        text += ", about " + (f"{s} s" if s < 90 else f"{round(s / 60)} min" if s < 5400 else
-                              f"{s / 3600:.1f} h") + " left"
-    return text
+from ._progress import progress_callback, progress_label, streams_progress  # noqa: F401  (one progress adapter)
 
 
 def refresh_app(ctx):
@@ -235,12 +214,14 @@ def readable_bytes(n):
 ROAD = {c.name: c.step for c in fairbalance.capabilities() if c.operator}
 
 
-def operator_config(name, label, description, icon, dynamic=True, delegated="optional"):
+def operator_config(name, label, description, icon, dynamic=True, delegated="optional", streams=None):
     """The ``OperatorConfig`` of a fairbalance operator, labelled with its step on the road.
 
     ``delegated``: ``None`` (runs in the App only; quick), ``"optional"`` (the
     user may schedule it), ``"default"`` (heavy: scheduled unless the user
-    chooses to run it now).
+    chooses to run it now). ``streams`` (default: the schedulable ones, i.e.
+    the heavy ones): its ``execute`` is decorated with :func:`streams_progress`
+    (the App then runs it as a generator and shows its progress).
     """
     import fiftyone.operators as foo
 
@@ -250,6 +231,8 @@ def operator_config(name, label, description, icon, dynamic=True, delegated="opt
         "allow_immediate_execution": True, "allow_delegated_execution": True,
         **({"default_choice_to_delegated": True} if delegated == "default" else {}),
     }
+    if name not in ROAD and label.startswith("fairbalance: "):  # found by typing "fairbalance delete" too
+        label = f"fairbalance {label[len('fairbalance: '):]}"
     if name in ROAD and label.startswith("fairbalance: "):
         # "fairbalance audit hidden imbalance · 1 find": the browser matches what a user types ("fairbalance
         # audit", "fairbalance train") as a substring of the label, so the words follow "fairbalance" directly
@@ -257,7 +240,9 @@ def operator_config(name, label, description, icon, dynamic=True, delegated="opt
         # the App's operator browser sorts by the first character of the description (ties: registration
         # order), not by label: the step's number leads it, so the list follows the road
         description = f"{ROAD[name]} · {description}"
-    return foo.OperatorConfig(name=name, label=label, description=description, icon=icon, dynamic=dynamic, **flags)
+    return foo.OperatorConfig(name=name, label=label, description=description, icon=icon, dynamic=dynamic,
+                              execute_as_generator=delegated is not None if streams is None else streams,
+                              **flags)
 
 
 def delete_generated(dataset, run_key):

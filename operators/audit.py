@@ -5,6 +5,7 @@ import fiftyone.operators.types as types
 
 from fairbalance import audit_balance
 
+from ._common import streams_progress
 from ._common import clip_check
 from ._common import refresh_app
 from ._common import (attribute_or_texts_input, categorical_fields, default_of, field_dropdown, given,
@@ -37,6 +38,7 @@ class AuditBalance(foo.Operator):
         clip_check(ctx, inputs, audit_balance)
         return types.Property(inputs, view=types.View(label="Audit hidden imbalance"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         by_texts = text_source(p) == "texts"

@@ -6,6 +6,7 @@ import fiftyone.operators.types as types
 
 from fairbalance import compute_captions, filter_captions, generate_from_captions
 
+from ._common import streams_progress
 from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, shards_input
 from ._common import (as_text_block, categorical_fields, default_of, field_dropdown, given, operator_config,
                       progress_callback, result_view, run_key_input, sampling_inputs)
@@ -43,6 +44,7 @@ class ComputeCaptions(foo.Operator):
         run_key_input(ctx, inputs, compute_captions)
         return types.Property(inputs, view=types.View(label="Caption samples"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         kwargs = given(p, ("model", "num_captions", "caption_field", "batch_size", "seed", "run_key", "overwrite"))
@@ -143,6 +145,7 @@ class GenerateFromCaptions(foo.Operator):
         run_key_input(ctx, inputs, generate_from_captions, resumable=True)
         return types.Property(inputs, view=types.View(label="Generate from captions"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         names = ("model", "images_per_caption", "guidance_scale", "num_inference_steps", "seed", "safety_checker",

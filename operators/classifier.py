@@ -5,6 +5,7 @@ import fiftyone.operators.types as types
 
 from fairbalance import apply_classifier, compute_hardness_tags, evaluate_classifier, train_classifier
 
+from ._common import streams_progress
 from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, runs, shards_input
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input)
@@ -89,6 +90,7 @@ class ComputeHardnessTags(foo.Operator):
         run_key_input(ctx, inputs, compute_hardness_tags)
         return types.Property(inputs, view=types.View(label="Hardness tags"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         top_k = p.get("top_k")
@@ -171,6 +173,7 @@ class TrainClassifier(foo.Operator):
         run_key_input(ctx, inputs, train_classifier)
         return types.Property(inputs, view=types.View(label="Train classifier"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         val = ctx.dataset.match_tags(p["val_tag"]) if p.get("val_tag") else None
@@ -229,6 +232,7 @@ class ApplyClassifier(foo.Operator):
                        "e.g. the bias attribute", required=False)
         return types.Property(inputs, view=types.View(label="Apply classifier"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         view = ctx.target_view()

@@ -5,6 +5,7 @@ import fiftyone.operators.types as types
 
 from fairbalance import create_colored_digits, create_colored_mnist
 
+from ._common import streams_progress
 from ._common import LIMITS, refuse
 from ._common import default_of, given, operator_config, progress_callback, result_view
 
@@ -40,6 +41,7 @@ class CreateColoredDigits(foo.Operator):
         _check_name(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Create Colored Digits"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         dataset = create_colored_digits(
@@ -109,6 +111,7 @@ class CreateColoredMnist(foo.Operator):
         _check_name(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Create Colored MNIST"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         dataset = create_colored_mnist(name=p["name"], persistent=True, progress=progress_callback(ctx, "Writing images"),

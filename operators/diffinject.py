@@ -5,6 +5,7 @@ import fiftyone.operators.types as types
 
 from fairbalance import inject_bias_conflicting
 
+from ._common import streams_progress
 from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, runs, shards_input
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input)
@@ -70,6 +71,7 @@ class InjectBiasConflicting(foo.Operator):
         run_key_input(ctx, inputs, inject_bias_conflicting, resumable=True)
         return types.Property(inputs, view=types.View(label="DiffInject"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         queued = queue_shards(ctx, "inject_bias_conflicting", model_run=p["diffusion_run"],

@@ -5,6 +5,7 @@ import fiftyone.operators.types as types
 
 from fairbalance import filter_generated, generate_balanced, train_conditional_diffusion
 
+from ._common import streams_progress
 from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, refuse, runs, shards_input
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input, sampling_inputs)
@@ -99,6 +100,7 @@ class TrainConditionalDiffusion(foo.Operator):
         run_key_input(ctx, inputs, train_conditional_diffusion, resumable=True)
         return types.Property(inputs, view=types.View(label="Train conditional diffusion"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         res = train_conditional_diffusion(
@@ -177,6 +179,7 @@ class GenerateBalanced(foo.Operator):
         run_key_input(ctx, inputs, generate_balanced, resumable=True)
         return types.Property(inputs, view=types.View(label="Generate balanced samples"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         mode = p.get("mode") or default_of(generate_balanced, "mode")
@@ -268,6 +271,7 @@ class FilterGenerated(foo.Operator):
         _filter_generated_problems(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Filter generated samples"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         res = filter_generated(

@@ -6,6 +6,7 @@ import fiftyone.operators.types as types
 
 from fairbalance import discover_slices
 
+from ._common import streams_progress
 from ._common import LIMITS, refresh_app
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, output_field_input,
                       refuse, result_view, rounded, run_key_input)
@@ -87,6 +88,7 @@ class DiscoverSlices(foo.Operator):
         run_key_input(ctx, inputs, discover_slices)
         return types.Property(inputs, view=types.View(label="Discover slices"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         classifier = (p.get("classifier") or "").strip() or None

@@ -5,6 +5,7 @@ import fiftyone.operators.types as types
 
 from fairbalance import finetune_per_group, generate_per_group
 
+from ._common import streams_progress
 from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, runs, shards_input
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       readable_bytes, result_view, rounded, run_key_input, sampling_inputs)
@@ -56,6 +57,7 @@ class FinetunePerGroup(foo.Operator):
         run_key_input(ctx, inputs, finetune_per_group, resumable=True)
         return types.Property(inputs, view=types.View(label="Fine-tune per group"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         group = [p["group_field"]] + ([p["attribute_field"]] if p.get("attribute_field") else [])
@@ -117,6 +119,7 @@ class GeneratePerGroup(foo.Operator):
         run_key_input(ctx, inputs, generate_per_group, resumable=True)
         return types.Property(inputs, view=types.View(label="Generate per group"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         names = ("mode", "per_group", "groups", "guidance_scale", "num_inference_steps", "seed", "run_key", "overwrite")

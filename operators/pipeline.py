@@ -5,6 +5,7 @@ import fiftyone.operators.types as types
 
 from fairbalance import load_pipeline, run_pipeline
 
+from ._common import streams_progress
 from ._common import as_text_block, operator_config, pipeline_file, result_view
 
 
@@ -36,6 +37,7 @@ class RunPipeline(foo.Operator):
                                                        ", ".join(s.command for s in pipeline.steps)))
         return types.Property(inputs, view=types.View(label="Run pipeline"))
 
+    @streams_progress
     def execute(self, ctx):
         pipeline = load_pipeline(pipeline_file(ctx.params["file"]))  # never a path outside the allowed roots
         lines = []

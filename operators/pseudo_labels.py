@@ -6,6 +6,7 @@ import fiftyone.operators.types as types
 
 from fairbalance import compute_pseudo_labels
 
+from ._common import streams_progress
 from ._common import LIMITS, output_field_input, refresh_app
 from ._common import default_of, field_dropdown, given, operator_config, result_view, rounded, run_key_input
 
@@ -58,6 +59,7 @@ class ComputePseudoLabels(foo.Operator):
         run_key_input(ctx, inputs, compute_pseudo_labels)
         return types.Property(inputs, view=types.View(label="Compute pseudo-labels"))
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         ctx.set_progress(progress=0.0, label="Clustering")

@@ -5,6 +5,7 @@ import fiftyone.operators.types as types
 
 from fairbalance import compute_sa_features
 
+from ._common import streams_progress
 from ._common import LIMITS, SHARD_OUTPUTS, clip_check, queue_shards, shards_input
 from ._common import output_field_input, refresh_app
 from ._common import (attribute_or_texts_input, default_of, given, operator_config, progress_callback,
@@ -55,6 +56,7 @@ class ComputeSAFeatures(foo.Operator):
     def resolve_delegation(self, ctx):
         return len(ctx.target_view()) > 2000
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         lists = {n: split_list(p.get(n)) or None for n in ("attribute_values", "related_texts", "exclude_words")}

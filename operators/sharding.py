@@ -4,6 +4,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 
+from ._common import streams_progress
 from ._common import LIMITS, progress_callback, result_view, sharding
 
 
@@ -14,7 +15,7 @@ class ComputeShard(foo.Operator):
             name="compute_shard", label="fairbalance: one shard of a sharded run",
             description="Runs shard i of n of a sharded fairbalance run (queued by queue_sharded or a form's "
                         "Shards option); the last shard to finish records the run",
-            icon="view_module", dynamic=False, unlisted=True,
+            icon="view_module", dynamic=False, unlisted=True, execute_as_generator=True,
             allow_immediate_execution=True, allow_delegated_execution=True, default_choice_to_delegated=True,
         )
         return cfg
@@ -35,6 +36,7 @@ class ComputeShard(foo.Operator):
         what = "merge" if p.get("merge") else f"shard {p.get('shard')}/{p.get('num_shards')}"
         return f"{p.get('function')} '{p.get('run_key')}' {what}"
 
+    @streams_progress
     def execute(self, ctx):
         p = ctx.params
         if not sharding.current_operation(ctx.target_view(), p["run_key"], p.get("job_token")):

@@ -31,6 +31,7 @@ from test_app_server import app_server  # noqa: F401  (fixture: App server on lo
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 MODAL = "//*[@data-cy='operators-prompt-modal']"
+PROGRESS = "//*[@data-cy='operators-prompt-view-modal']"  # FiftyOne's dialog for set_progress and show_output
 CREATED, MNIST = "fb-browser-created", "fb-browser-mnist"
 # FiftyOne's own index.html links these two font stylesheets (display=swap: text shows meanwhile); nothing
 # else may leave the App's origin
@@ -95,6 +96,7 @@ class App:
         self.d, self.base, self.shots = driver, base, shots
         self.requests = []  # every URL the page requested, from Chrome's performance log
         self.timings = {}
+        self.progress_shown = []  # the runs whose progress (then result) showed in FiftyOne's progress dialog
 
     def click(self, el):
         self.d.execute_script("arguments[0].click()", el)  # overlays (tooltips, popovers) intercept real clicks
@@ -245,15 +247,20 @@ class App:
     def refuses(self, message):
         """The form shows ``message`` (checked as the user types) and Execute is disabled."""
         assert _wait(lambda: message in self.modal_text(), 20), f"no {message!r} in: {self.modal_text()!r}"
-        button = self.find(f"{MODAL}//button[normalize-space(.)='Execute']")
-        assert button and not button[0].is_enabled(), "Execute is enabled on a form that cannot run"
+        disabled = _wait(lambda: [b for b in self.find(f"{MODAL}//button[normalize-space(.)='Execute']")
+                                  if not b.is_enabled()], 10)  # the form may still be re-rendering
+        assert disabled, "Execute is enabled on a form that cannot run"
 
     def cancel(self):
         self.click(self.find(f"{MODAL}//button[normalize-space(.)='Cancel']")[0])
         assert _wait(lambda: not self.find(MODAL), 20)
 
     def execute(self, result_title, shot, timeout=300):
-        """Press Execute; wait for the result dialog; check it reads well; screenshot it; close it. Its text."""
+        """Press Execute; wait for the result dialog; check it reads well; screenshot it; close it. Its text.
+
+        A run that goes on for more than a second shows its progress in FiftyOne's own dialog, which then shows
+        the result (closed with Done; the "Executing..." dialog closes): either way it is read the same.
+        """
         def button():
             found = self.find(f"{MODAL}//button[normalize-space(.)='Execute']")
             return found if found and found[0].is_enabled() else None
@@ -262,28 +269,34 @@ class App:
         self.settle()
         start = time.time()
         self.click(button()[0])
-        title = f"{MODAL}//*[normalize-space(text())={_lit(result_title)}]"
+        title = f"//*[normalize-space(text())={_lit(result_title)}]"
         failed = f"{MODAL}//*[starts-with(normalize-space(text()), 'Error occurred during operator execution')]"
         closable = f"{MODAL}//button[normalize-space(.)='Close']"  # a result dialog (the form has Cancel)
-        done = _wait(lambda: (self.find(closable) and self.find(title)) or self.find(failed), timeout, 0.5)
+        streamed = f"{PROGRESS}{title}"  # the progress dialog showing the result
+        done = _wait(lambda: (self.find(closable) and self.find(MODAL + title)) or self.find(failed) or
+                     (self.find(streamed) and not self.find(MODAL)), timeout, 0.5)
         if done and self.find(failed):
             self.click(self.find(failed)[0])  # unfold the error's details
             time.sleep(0.5)
         assert done and not self.find(failed), f"no '{result_title}' result within {timeout} s: {self.modal_text()!r}"
         self.timings[shot] = round(time.time() - start, 1)
         time.sleep(1)  # a view that loads from the network would still read "Loading..." now
-        text = self.modal_text()
+        dialog = MODAL if self.find(MODAL) else PROGRESS
+        if dialog == PROGRESS:
+            self.progress_shown.append(shot)
+        text = self.find(dialog)[0].text
         self.d.save_screenshot(os.path.join(self.shots, f"{shot}.png"))
-        if self.d.execute_script(SCROLL_TO_END, self.find(MODAL)[0]):  # a long result: its end too
+        if self.d.execute_script(SCROLL_TO_END, self.find(dialog)[0]):  # a long result: its end too
             time.sleep(0.3)
             self.d.save_screenshot(os.path.join(self.shots, f"{shot}-end.png"))
         assert "No value provided" not in text, text
         assert "Loading..." not in text, text
+        assert "Traceback" not in text, text
         assert not RAW_FLOAT.findall(text), f"unrounded numbers {RAW_FLOAT.findall(text)} in: {text}"
-        close = self.find(f"{MODAL}//button[normalize-space(.)='Close']")
+        close = self.find(f"{dialog}//button[normalize-space(.)={_lit('Close' if dialog == MODAL else 'Done')}]")
         assert close, text
         self.click(close[0])
-        assert _wait(lambda: not self.find(MODAL), 20)
+        assert _wait(lambda: not self.find(dialog), 20)
         return text
 
 
@@ -310,7 +323,8 @@ def app(app_server, browser_dataset):  # noqa: F811
     finally:
         driver.save_screenshot(os.path.join(shots, "last.png"))
         driver.quit()
-        print(f"\nscreenshots: {shots}\nseconds per operator, Execute to result: {page.timings}")
+        print(f"\nscreenshots: {shots}\nseconds per operator, Execute to result: {page.timings}\n"
+              f"progress shown for: {page.progress_shown}")
 
 
 def _assert_offline(app):

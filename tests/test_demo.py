@@ -1,4 +1,5 @@
 import ast
+import os
 import re
 from collections import Counter
 
@@ -47,6 +48,10 @@ def test_demo_runs_end_to_end(capsys):
         # it ends by saying how to open the App on what it made, and what the Balance panel shows there
         tail = out[out.index("== Open it in the FiftyOne App"):]
         assert "fiftyone app launch fb-demo-test\n" in tail and "FIFTYONE_PLUGINS_DIR=" in tail
+        # the folder FiftyOne searches for this checkout's fiftyone.yml (it printed a placeholder before)
+        plugins = re.search(r"FIFTYONE_PLUGINS_DIR=(\S+)", tail).group(1)
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        assert plugins == os.path.dirname(checkout) and os.path.isfile(os.path.join(checkout, "fiftyone.yml"))
         assert "'fb-demo-test-imbalanced'" in tail and "Balance" in tail and "real + generated" in tail
         assert "== Cells repair" not in out  # the long repair only with --full
     finally:
