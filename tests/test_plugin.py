@@ -83,6 +83,7 @@ def test_balance_report_operator_reports_bad_input(digits_dataset):
         )
 
 
+@pytest.mark.slow  # ~25 s: both SA operators and their SDK twins on tiny CLIP
 def test_sa_and_pseudo_label_operators_match_sdk(digits_dataset, tiny_clip):
     from fairbalance import compute_pseudo_labels, compute_sa_features
 

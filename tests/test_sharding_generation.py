@@ -250,6 +250,7 @@ def _shard_in_its_own_process(dataset_name, shard, kw, both_started, out):
         out.put((shard, None, traceback.format_exc()))
 
 
+@pytest.mark.slow  # two spawned processes, each importing torch and diffusers
 @pytest.mark.timeout(600)
 def test_shards_starting_at_once_share_the_folder_which_no_other_run_may_take(pair, model, tmp_path):
     import multiprocessing
