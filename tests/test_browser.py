@@ -13,6 +13,8 @@ Needs Debian's chromium + chromium-driver (installed by `make`); skipped with
 the reason printed when they are absent.
 """
 
+import atexit
+import contextlib
 import json
 import os
 import re
@@ -50,6 +52,33 @@ RAW_FLOAT = re.compile(r"(?<![\w/.-])-?\d+\.\d{4,}(?![\w/])")  # 4+ decimals: no
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # a real browser against a real App
 
 
+def _profile_folder():
+    """A fresh Chromium profile, removed when the test process ends."""
+    folder = tempfile.mkdtemp(prefix="fb-chrome-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def screenshots_folder():
+    """$FAIRBALANCE_SCREENSHOTS, or a new temporary folder."""
+    shots = os.environ.get("FAIRBALANCE_SCREENSHOTS") or tempfile.mkdtemp(prefix="fb-screens-")
+    os.makedirs(shots, exist_ok=True)
+    return shots
+
+
+@contextlib.contextmanager
+def open_app(app_server, last_shot):
+    """A Chromium page on the App (see :class:`App`); ``last_shot`` is saved when the page is closed."""
+    shots = screenshots_folder()
+    driver = _browser()
+    page = App(driver, app_server, shots)
+    try:
+        yield page
+    finally:
+        driver.save_screenshot(os.path.join(shots, last_shot))
+        driver.quit()
+
+
 def _browser():
     try:
         from selenium import webdriver
@@ -63,7 +92,7 @@ def _browser():
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                f"--user-data-dir={tempfile.mkdtemp(prefix='fb-chrome-')}", "--window-size=1400,900"):
+                f"--user-data-dir={_profile_folder()}", "--window-size=1400,900"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # the page's network events
     return webdriver.Chrome(service=Service(DRIVER), options=opts)
@@ -314,17 +343,12 @@ def browser_dataset():
 
 @pytest.fixture(scope="module")
 def app(app_server, browser_dataset):  # noqa: F811
-    shots = os.environ.get("FAIRBALANCE_SCREENSHOTS") or tempfile.mkdtemp(prefix="fb-screens-")
-    os.makedirs(shots, exist_ok=True)
-    driver = _browser()
-    page = App(driver, app_server, shots)
-    try:
-        yield page
-    finally:
-        driver.save_screenshot(os.path.join(shots, "last.png"))
-        driver.quit()
-        print(f"\nscreenshots: {shots}\nseconds per operator, Execute to result: {page.timings}\n"
-              f"progress shown for: {page.progress_shown}")
+    with open_app(app_server, "last.png") as page:
+        try:
+            yield page
+        finally:
+            print(f"\nscreenshots: {page.shots}\nseconds per operator, Execute to result: {page.timings}\n"
+                  f"progress shown for: {page.progress_shown}")
 
 
 def _assert_offline(app):

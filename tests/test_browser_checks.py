@@ -16,7 +16,7 @@ import fiftyone as fo
 import pytest
 
 from test_app_server import app_server  # noqa: F401  (fixture: App server on loopback)
-from test_browser import MODAL, App, _browser, _wait
+from test_browser import MODAL, _wait, open_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a real browser against a real App
 
@@ -52,17 +52,8 @@ def checks_dataset(tiny_clip, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app(app_server):  # noqa: F811
-    import tempfile
-
-    shots = os.environ.get("FAIRBALANCE_SCREENSHOTS") or tempfile.mkdtemp(prefix="fb-screens-")
-    os.makedirs(shots, exist_ok=True)
-    driver = _browser()
-    page = App(driver, app_server, shots)
-    try:
+    with open_app(app_server, "checks-last.png") as page:
         yield page
-    finally:
-        driver.save_screenshot(os.path.join(shots, "checks-last.png"))
-        driver.quit()
 
 
 def test_forms_say_before_execute_what_the_library_would_refuse(app, checks_dataset, tiny_clip):

@@ -11,7 +11,7 @@ import fiftyone as fo
 import pytest
 
 from test_app_server import app_server  # noqa: F401  (fixture: App server on loopback)
-from test_browser import App, _browser, _wait  # noqa: F401
+from test_browser import _wait, open_app  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a real browser against a real App
 
@@ -31,17 +31,8 @@ def place_dataset():
 
 @pytest.fixture(scope="module")
 def app(app_server):  # noqa: F811
-    import tempfile
-
-    shots = os.environ.get("FAIRBALANCE_SCREENSHOTS") or tempfile.mkdtemp(prefix="fb-screens-")
-    os.makedirs(shots, exist_ok=True)
-    driver = _browser()
-    page = App(driver, app_server, shots)
-    try:
+    with open_app(app_server, "place-last.png") as page:
         yield page
-    finally:
-        driver.save_screenshot(os.path.join(shots, "place-last.png"))
-        driver.quit()
 
 
 def _filter_tag(app, tag):

@@ -15,7 +15,7 @@ import fiftyone as fo
 import pytest
 
 from test_app_server import app_server  # noqa: F401  (fixture: App server on loopback)
-from test_browser import MODAL, App, _browser, _wait
+from test_browser import MODAL, App, _browser, _wait, screenshots_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a real browser against a real App
 
@@ -36,10 +36,7 @@ def progress_dataset():
 
 
 def test_immediate_run_shows_steps_and_time_left(app_server, progress_dataset):  # noqa: F811
-    import tempfile
-
-    shots = os.environ.get("FAIRBALANCE_SCREENSHOTS") or tempfile.mkdtemp(prefix="fb-screens-")
-    os.makedirs(shots, exist_ok=True)
+    shots = screenshots_folder()
     driver = _browser()
     app = App(driver, app_server, shots)
     try:

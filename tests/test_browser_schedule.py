@@ -11,7 +11,6 @@ Chromium is missing); screenshots to $FAIRBALANCE_SCREENSHOTS.
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import fiftyone as fo
@@ -19,7 +18,7 @@ import pytest
 
 import fairbalance
 from test_app_server import serve_app
-from test_browser import App, _browser, _wait
+from test_browser import App, _browser, _wait, screenshots_folder
 
 NAME = "fb-browser-schedule"
 FIFTYONE_CLI = os.path.join(os.path.dirname(sys.executable), "fiftyone")
@@ -51,8 +50,7 @@ def _operations(name):
 @pytest.mark.timeout(600)
 def test_schedule_button_queues_and_a_worker_runs_it(legacy_app_server, schedule_dataset, tmp_path):
     ds = schedule_dataset
-    shots = os.environ.get("FAIRBALANCE_SCREENSHOTS") or tempfile.mkdtemp(prefix="fb-screens-")
-    os.makedirs(shots, exist_ok=True)
+    shots = screenshots_folder()
     driver = _browser()
     app = App(driver, legacy_app_server, shots)
     worker = None
