@@ -15,7 +15,7 @@ import fiftyone as fo
 import pytest
 
 from test_app_server import app_server  # noqa: F401  (fixture: App server on loopback)
-from test_browser import MODAL, App, _browser, _wait, screenshots_folder
+from test_browser import MODAL, _wait, open_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a real browser against a real App
 
@@ -36,10 +36,7 @@ def progress_dataset():
 
 
 def test_immediate_run_shows_steps_and_time_left(app_server, progress_dataset):  # noqa: F811
-    shots = screenshots_folder()
-    driver = _browser()
-    app = App(driver, app_server, shots)
-    try:
+    with open_app(app_server, "progress-last.png") as app:
         app.open_dataset(NAME)
         app.open_operator("train a classifier", "Train classifier")
         app.type("Epochs", 600)  # several seconds: long enough to be watched
@@ -58,10 +55,10 @@ def test_immediate_run_shows_steps_and_time_left(app_server, progress_dataset): 
             if m and (not seen or seen[-1] != m.group(0)):
                 seen.append(m.group(0))
                 if shot is None and 0 < int(m.group(1)) < int(m.group(2)):
-                    shot = os.path.join(shots, "23-progress-immediate-run.png")
-                    driver.save_screenshot(shot)
+                    shot = os.path.join(app.shots, "23-progress-immediate-run.png")
+                    app.d.save_screenshot(shot)
             time.sleep(0.2)
-        driver.save_screenshot(os.path.join(shots, "24-progress-immediate-run-result.png"))
+        app.d.save_screenshot(os.path.join(app.shots, "24-progress-immediate-run-result.png"))
         print(f"progress labels seen: {seen}; the dialog: {text!r}")
         # the step count, then more of it, with the time left once a rate is known, before the result
         assert len(seen) >= 2 and shot, f"progress labels seen while it ran: {seen}"
@@ -76,5 +73,3 @@ def test_immediate_run_shows_steps_and_time_left(app_server, progress_dataset): 
         assert _wait(lambda: not app.find(PROGRESS), 20)
         progress_dataset.reload()
         assert progress_dataset.has_run("classifier")
-    finally:
-        driver.quit()
