@@ -29,10 +29,12 @@ def biased_folder(digits_dataset, tmp_path_factory):
 
 def _with_generated_and_unlabelled(ds):
     """3 samples lose their label, 4 generated copies join: neither kind gets a loss."""
+    # Copy the labelled samples before unlabelling: ``take`` draws by a per-sample random field, so the
+    # three it picks may include the four copied (that overlap made this test fail on CI).
+    paths, labels = ds.match_tags("train").limit(4).values(["filepath", "ground_truth.label"])
     ds.take(3, seed=1).set_field("ground_truth", None).save()
-    src = ds.match_tags("train").limit(4)
-    ds.add_samples([fo.Sample(filepath=s.filepath, ground_truth=fo.Classification(label=s.ground_truth.label),
-                              generated=True) for s in src])
+    ds.add_samples([fo.Sample(filepath=p, ground_truth=fo.Classification(label=lab), generated=True)
+                    for p, lab in zip(paths, labels)])
     return ds
 
 
