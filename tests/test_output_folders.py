@@ -100,3 +100,63 @@ def test_data_and_cache_folders_follow_the_writable_folder_rule(tmp_path, monkey
         config.cache_dir()
     monkeypatch.setenv("FAIRBALANCE_CACHE_DIR", str(tmp_path / "cache"))
     assert config.cache_dir() == str(tmp_path / "cache") and os.path.isdir(tmp_path / "cache")
+
+
+def _hold_in_another_operation(claim):
+    """Run ``claim()`` inside its own operation (a thread: its own claims scope) and hold it until released."""
+    import threading
+
+    from fairbalance.core import claims
+
+    held, release, errors = threading.Event(), threading.Event(), []
+
+    @claims.exclusive
+    def operation():
+        try:
+            claim()
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            errors.append(e)
+        held.set()
+        release.wait(60)
+
+    thread = threading.Thread(target=operation)
+    thread.start()
+    assert held.wait(30) and not errors, errors
+    return release, thread
+
+
+def test_a_rebuild_waits_for_operations_on_the_dataset_and_writers_wait_for_a_rebuild(tmp_path):
+    """overwrite=True must not delete a dataset (or its folder) under a running operation, nor start one mid-rebuild."""
+    from fairbalance.core import claims
+    from fairbalance.datasets.colored_digits import colored_digits
+    from fairbalance.find.balance import balance_report
+
+    kw = dict(output_dir=str(tmp_path / "digits"), num_classes=3, train_per_class=4, test_per_class=2,
+              conflict_ratio=0.25, image_size=8, persistent=False, overwrite=True)
+    ds = colored_digits("fb-rebuild-claims", **kw)
+    ids, files = set(ds.values("id")), sorted(os.listdir(tmp_path / "digits" / "train"))
+    release, thread = _hold_in_another_operation(lambda: claims.claim_field(ds, "bias_loss"))  # e.g. hardness
+    try:
+        with pytest.raises(claims.ClaimError, match="in use by a running operation"):
+            colored_digits("fb-rebuild-claims", **kw)
+        assert set(fo.load_dataset("fb-rebuild-claims").values("id")) == ids  # not deleted, not rebuilt
+        assert sorted(os.listdir(tmp_path / "digits" / "train")) == files
+        with pytest.raises(FairBalanceError, match="holds the images of dataset 'fb-rebuild-claims'"):
+            colored_digits("fb-rebuild-claims-2", **kw)  # another name, the same folder: never its images
+        assert sorted(os.listdir(tmp_path / "digits" / "train")) == files
+    finally:
+        release.set()
+        thread.join()
+    release, thread = _hold_in_another_operation(lambda: claims.claim_dataset_name("fb-rebuild-claims"))
+    try:  # a builder holds the name (it is rebuilding it): a writer on that dataset is refused
+        with pytest.raises(claims.ClaimError, match="being rebuilt"):
+            balance_report(ds, "ground_truth", run_key="during_rebuild")
+        assert "during_rebuild" not in ds.list_runs()
+    finally:
+        release.set()
+        thread.join()
+    rebuilt = colored_digits("fb-rebuild-claims", **kw)  # nobody holds it now: the rebuild goes through
+    assert len(rebuilt) == len(ids) and set(rebuilt.values("id")) != ids
+    balance_report(rebuilt, "ground_truth", run_key="after")
+    assert "after" in rebuilt.list_runs()
+    rebuilt.delete()

@@ -164,10 +164,52 @@ def acquire(name: str, what: str) -> None:
 
 def claim_run(dataset, run_key: str) -> None:
     acquire(f"run:{dataset._doc.id}:{run_key}", f"Run '{run_key}' of dataset '{dataset.name}'")
+    _refuse_if_rebuilt(dataset)
 
 
 def claim_field(dataset, field: str) -> None:
     acquire(f"field:{dataset._doc.id}:{field}", f"Field '{field}' of dataset '{dataset.name}'")
+    _refuse_if_rebuilt(dataset)
+
+
+def claim_dataset_name(name: str) -> None:
+    """Claim the dataset name ``name`` for a dataset builder that (re)creates it.
+
+    Refused while another builder holds the name, or while any running
+    operation holds a run or field of the dataset of that name: an
+    ``overwrite=True`` rebuild must not delete a dataset under a running
+    operation (and a writer starting during a rebuild is refused in turn,
+    by :func:`claim_run` / :func:`claim_field`).
+    """
+    import fiftyone as fo
+
+    acquire(f"dataset:{name}", f"Dataset '{name}'")
+    held = _current.get()
+    if held is None or not held.names or not fo.dataset_exists(name):
+        return
+    ds_id = fo.load_dataset(name)._doc.id
+    busy = [c for prefix in (f"run:{ds_id}:", f"field:{ds_id}:") for c in _live(prefix)
+            if c.get("token") != held.token]
+    if busy:
+        c = busy[0]
+        raise ClaimError(f"Dataset '{name}' is in use by a running operation ({c.get('what')}: process "
+                         f"{c.get('pid')} on {c.get('host')}); it is not rebuilt: wait for it to finish or "
+                         "choose another name")
+
+
+def _refuse_if_rebuilt(dataset) -> None:
+    """A writer's claim on a dataset that a builder is rebuilding (deleting and recreating) now is refused."""
+    held = _current.get()
+    if held is None or not held.names:
+        return
+    holder = _collection().find_one({"_id": f"dataset:{dataset.name}"})
+    if holder is None or holder.get("token") == held.token:
+        return
+    if _is_stale(holder):
+        _collection().delete_one({"_id": holder["_id"], "token": holder.get("token")})
+        return
+    raise ClaimError(f"Dataset '{dataset.name}' is being rebuilt by a running operation (process "
+                     f"{holder.get('pid')} on {holder.get('host')}); wait for it to finish")
 
 
 def claim_folder(folder: str, shared_by: str | None = None) -> None:

@@ -223,13 +223,26 @@ def claim_setting(folder: str, previous, setting, overwrite: bool, unknown: int 
 def prepare_split_folders(output_dir: str, name: str, maker: str, splits=("train", "test")) -> None:
     """Empty split folders under ``output_dir``, marked as ``maker``'s (the marker file ``.<maker>``, holding the
     dataset ``name``); split folders that ``maker`` did not write are refused. The rule of every dataset builder
-    (Colored Digits, Colored MNIST, Corrupted MNIST)."""
+    (Colored Digits, Colored MNIST, Corrupted MNIST). Called inside the builder's :func:`claims.exclusive`
+    scope, it first claims the dataset name and the folder against concurrent operations (a rebuild with
+    ``overwrite=True`` is refused while another operation writes that dataset or folder); a folder holding
+    the images of another dataset that still exists is refused too."""
+    claims.claim_dataset_name(name)
+    claims.claim_folder(output_dir)
     marker = os.path.join(output_dir, f".{maker}")
     if any(os.path.exists(os.path.join(output_dir, s)) for s in splits) and not os.path.isfile(marker):
         raise validation.FairBalanceError(
             f"{output_dir} already holds {', '.join(s + '/' for s in splits[:-1])} or {splits[-1]}/ folders not "
             f"written by {maker}; choose another output_dir"
         )
+    owner = open(marker).read().strip() if os.path.isfile(marker) else None
+    if owner and owner != name:
+        import fiftyone as fo
+
+        if fo.dataset_exists(owner):
+            raise validation.FairBalanceError(
+                f"{output_dir} holds the images of dataset '{owner}'; building '{name}' there would delete them: "
+                f"choose another output_dir (or delete '{owner}' first)")
     validation.require_writable_dir(output_dir)
     with open(marker, "w") as f:
         f.write(name + "\n")

