@@ -122,7 +122,7 @@ def _cells_repair(args) -> str:
     from fairbalance.datasets.colored_mnist import colored_mnist
     from fairbalance.find.pseudo_labels import compute_pseudo_labels
 
-    name = f"{args.name}-mnist"
+    name, start = f"{args.name}-mnist", time.time()
     ds = colored_mnist(name, conflict_ratio=0.01, seed=0, color_std=0.05, num_val=200, num_test=1000,
                        persistent=True, overwrite=True)  # the README's build a
     train, val, test = ds.match_tags("train"), ds.match_tags("val"), ds.match_tags("test")
@@ -162,6 +162,7 @@ def _cells_repair(args) -> str:
                                  aligned_field="bias_aligned", run_key=f"cells_{method}_eval", overwrite=True)
         print(f"  {method:<9} unbiased test accuracy {100 * ev.accuracy:5.1f}%  bias-conflicting "
               f"{100 * ev.conflicting_accuracy:5.1f}%  (README, build a 1%: {README_ROW[method]})")
+    print(f"  cells repair: {(time.time() - start) / 60:.1f} min")
     return name
 
 
