@@ -24,7 +24,7 @@
 
 The default is sized for a first look (a few minutes on 2 CPU cores); it ends
 by printing how to open the App on what it made. ``--full`` adds the cells
-repair (about 10 more minutes on an idle 2-core machine).
+repair (about 470 s more of CPU, one thread: measured in the README).
 Needs no GPU, network or weights it cannot find.
 """
 
@@ -196,7 +196,7 @@ def _plugins_dir() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true",
-                        help="add the cells repair on Colored MNIST with two-stage training (~10 more minutes)")
+                        help="add the cells repair on Colored MNIST with two-stage training (~8 more minutes)")
     parser.add_argument("--name", default="colored-digits-demo", help="FiftyOne dataset name")
     parser.add_argument("--conflict-ratio", type=float, default=0.01)
     parser.add_argument("--train-per-class", type=int)
