@@ -107,7 +107,7 @@ def test_demo_full_runs_the_cells_repair_with_two_stage_training(capsys):
         assert len(gen) > 0 and f"{len(gen)} images generated (every digit x cluster cell filled to 2" in out
         assert f"{right} of {len(gen)} (" in out and "README: 45.8% of 402 images" in out
         cfg = runs.get_run_config(ds, "cells")
-        assert cfg["inversion"] is True and cfg["keep_background"] is True and cfg["per_cell"] == 2
+        assert cfg.get("inversion") is True and cfg.get("keep_background") is True and cfg["per_cell"] == 2
         for name in ("vanilla", "two_stage"):
             assert re.search(rf"{name} +unbiased test accuracy +\d+\.\d%", out)
             assert ds.count(f"cells_{name}_predictions") == 1000
