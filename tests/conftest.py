@@ -74,8 +74,25 @@ os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
 os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
 os.environ["FIFTYONE_SHOW_PROGRESS_BARS"] = "false"
 os.environ["HF_HUB_OFFLINE"] = "1"
+# the tests' tiny models: one torch thread does the same work without a second thread's spin-waits (fast subset of
+# test_plugin + test_sharding_generation on a busy 2-core machine: 57 s of CPU with one thread, 68 s with two);
+# set OMP_NUM_THREADS to choose otherwise. Worker processes the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 os.environ["FAIRBALANCE_DATA_DIR"] = os.path.join(_TMP, "data")
 os.environ["FAIRBALANCE_CACHE_DIR"] = os.path.join(_TMP, "cache")
+# What depends only on its inputs' content (WordNet's noun glosses, their CLIP tokens: ~40 s of CPU in a session's
+# first audit) is kept across test sessions, in folders keyed by that content; FAIRBALANCE_TEST_CACHE=off makes
+# every session build them anew. The CLIP embeddings of the bank stay per session (the encoding is tested).
+_SHARED = os.environ.get("FAIRBALANCE_TEST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fairbalance-tests")
+if _SHARED != "off":
+    for _sub in ("wordnet_glosses", "gloss_tokens"):
+        try:
+            os.makedirs(os.path.join(_SHARED, _sub), exist_ok=True)
+            os.makedirs(os.path.join(_TMP, "cache"), exist_ok=True)
+            os.symlink(os.path.join(_SHARED, _sub), os.path.join(_TMP, "cache", _sub))
+        except OSError:  # not writable: this session builds them in its own folder
+            pass
 _PLUGINS = os.path.join(_TMP, "plugins")
 os.makedirs(_PLUGINS)
 os.symlink(REPO_ROOT, os.path.join(_PLUGINS, "fairbalance"))

