@@ -45,6 +45,11 @@ hues 36 degrees apart), colour noise 0.03, 4,000 train / 200 val / 800 test,
 dataset seed 1. The generator settings (the flags' defaults) were chosen on
 build a only.
 
+``--features discovered`` (issue #26): the cells' attribute comes from ``discover_slices`` (the GCE model's
+own features, no colour feature, no bias label; ``--slices-per-class``, ``--discovery-epochs``) in place of
+the colour stand-in; the digit x slice generator fills every class x slice cell, and what discovery found
+is printed with its purity against the true colour (for the reader only).
+
 Corrupted MNIST (``--dataset corrupted``, issue #26): every digit class tied to
 one corruption type (LfF's Corrupted CIFAR-10 protocol on the same digits),
 unbiased val/test; discovery -> GroupDRO, and discovery -> cells ->
@@ -205,13 +210,54 @@ def evaluate(net_or_clf, test, xt, yt, conflicting):
     return 100 * ev.accuracy, 100 * ev.conflicting_accuracy
 
 
-def train_generator(train, args, work, ratio):
-    """Colour pseudo-labels -> digit x cluster diffusion (trained once per dataset; a rerun in the same
-    ``--work-dir`` resumes its finished checkpoint instead of training again; ``--base-model`` reuses the
-    model an earlier run trained on these very images and labels)."""
-    t0 = time.time()
+def cell_attribute(train, args, work) -> tuple[str, int]:
+    """The cells' attribute field and its number of values (``--features``): ``stand-in``, X-means on each
+    image's mean stroke colour (made from the planted attribute); ``discovered``, ``discover_slices`` (no
+    colour feature, no bias label: the library's feature sources, ``--slices-per-class``)."""
+    if args.features == "discovered":
+        res = discover(train, args, work)
+        print(discovery_report(train, res), flush=True)
+        return "slice", res.num_slices
     writeback.set_values_by_id(train, {"sa_features": colour_features(train)})
-    pl = fb.compute_pseudo_labels(train, kmax=20, seed=0, overwrite=True)
+    return "sa_cluster", fb.compute_pseudo_labels(train, kmax=20, seed=0, overwrite=True).num_clusters
+
+
+def discover(train, args, work):
+    """Slices of every class from the GCE model's own features (``--discovery-epochs``, ``--slices-per-class``)."""
+    return fb.discover_slices(train, "ground_truth", epochs=args.discovery_epochs,
+                              slices_per_class=args.slices_per_class, run_key="slices", slice_field="slice",
+                              output_dir=os.path.join(work, "gce"))
+
+
+def discovery_report(train, res) -> str:
+    """What discovery found, for the reader: slices per class, their purity w.r.t. the true colour (the only
+    place the truth is read), and where the bias-conflicting samples went."""
+    sl, colour, aligned = train.values(["slice", "color.label", "bias_aligned"])
+    members = {}
+    for s, c in zip(sl, colour):
+        members.setdefault(s, []).append(c)
+    major = {s: max(set(v), key=v.count) for s, v in members.items()}
+    pure = sum(v.count(major[s]) for s, v in members.items())
+    held = [s for s, a in zip(sl, aligned) if not a]  # the slices of the bias-conflicting samples
+    off = sum(major[s] != NAMES[int(s.split("/")[0])] for s in held)
+    lines = [f"discovery: {res.num_slices} slices ({len(members) / len({s.split('/')[0] for s in members}):.0f} "
+             f"per class), purity w.r.t. the true colour {100 * pure / len(sl):.1f}% (size-weighted share of each "
+             f"slice's majority colour), {len(set(major.values()))} distinct majority colours; the {len(held)} "
+             f"conflicting samples lie in {len(set(held))} slices, {off} of them in a slice whose majority colour "
+             f"is not its class's"]
+    for r in sorted(res.slices, key=lambda r: r["slice"]):
+        v = members[r["slice"]]
+        lines.append(f"  {r['slice']}: {r['size']} samples, {100 * v.count(major[r['slice']]) / len(v):.0f}% "
+                     f"{major[r['slice']]}, error rate {r['error_rate']:.2f}, name {r['name']!r}")
+    return "\n".join(lines)
+
+
+def train_generator(train, args, work, ratio):
+    """The cells' attribute (``cell_attribute``) -> digit x attribute diffusion (trained once per dataset; a rerun
+    in the same ``--work-dir`` resumes its finished checkpoint instead of training again; ``--base-model``
+    reuses the model an earlier run trained on these very images and labels)."""
+    t0 = time.time()
+    field, num_values = cell_attribute(train, args, work)
     if args.base_model:
         import json
 
@@ -219,17 +265,21 @@ def train_generator(train, args, work, ratio):
         with open(os.path.join(folder, "fairbalance_labels.json")) as f:
             saved = json.load(f)["config"]
         original = os.path.join(os.path.dirname(folder.rstrip("/")), "data")
-        if saved["data_fingerprint"] == _lora_fingerprint(train, os.path.join(work, "data"), original) and \
+        if saved["data_fingerprint"] == _lora_fingerprint(train, os.path.join(work, "data"), original, field) and \
                 saved["epochs"] == args.diffusion_epochs and saved["lr"] == args.diffusion_lr and \
                 all(saved.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in unet_size(args).items()):
             print(f"generator: {folder}, trained by an earlier run on these very images and labels")
-            return folder, pl.num_clusters, 0.0
+            return folder, num_values, 0.0
         print(f"base model {folder} was trained on other data or settings: training a new one")
-    model = train_conditional_diffusion(
-        train, "ground_truth", attribute_field="sa_cluster", output_dir=os.path.join(work, "model"),
+    return attribute_generator(train, field, args, work), num_values, time.time() - t0
+
+
+def attribute_generator(train, field, args, work):
+    """The digit x ``field`` diffusion model (the flags' settings)."""
+    return train_conditional_diffusion(
+        train, "ground_truth", attribute_field=field, output_dir=os.path.join(work, "model"),
         epochs=args.diffusion_epochs, lr=args.diffusion_lr, batch_size=64, seed=0, progress=False, overwrite=True,
         **unet_size(args))
-    return model, pl.num_clusters, time.time() - t0
 
 
 def unet_size(args) -> dict:
@@ -270,15 +320,16 @@ def real_plus(ds, run_key):
     return ds.match(Fv("tags").contains("train") | (Fv("generation.run_key") == run_key))
 
 
-def fidelity(ds, train, judge, run_key="generate_balanced"):
-    """Share of generated images whose digit (colour-blind CNN) and colour (palette) match their condition."""
+def fidelity(ds, train, judge, run_key="generate_balanced", attr="sa_cluster.label"):
+    """Share of generated images whose digit (colour-blind CNN) and colour (palette) match their condition
+    (``attr``: the cells' attribute; its colour is the majority true colour of its real members)."""
     from fiftyone import ViewField as Fv
 
     gen = ds.match(Fv("generation.run_key") == run_key)
     x, y = arrays(gen)
     digit_ok = (judge(x) == y).numpy()
-    clusters = gen.values("sa_cluster.label")
-    real_cl, real_col = train.match({"generated": {"$ne": True}}).values(["sa_cluster.label", "color.label"])
+    clusters = gen.values(attr)
+    real_cl, real_col = train.match({"generated": {"$ne": True}}).values([attr, "color.label"])
     majority = {c: max(set(real_col), key=[v for k, v in zip(real_cl, real_col) if k == c].count)
                 for c in set(real_cl)}
     colour_ok = np.array([majority[c] == got for c, got in zip(clusters, colour_of(x))])
@@ -427,11 +478,12 @@ def run_ratio(ratio, args, work):
     try:
         if methods & {"cells", "diffinject"}:
             model, num_clusters, t_train = train_generator(train, args, work, ratio)
-            print(f"generator: {num_clusters} colour clusters; {t_train:.0f} s ({model})", flush=True)
+            print(f"generator: {num_clusters} {args.features} attribute values; {t_train:.0f} s ({model})",
+                  flush=True)
         if "cells" in methods:
             n_gen, t_gen = build_generator(train, model, args, work)
             print(f"generated: {n_gen} images in {t_gen:.0f} s", flush=True)
-            fid = fidelity(ds, train, judge)
+            fid = fidelity(ds, train, judge, attr="slice" if args.features == "discovered" else "sa_cluster.label")
             real = realism(ds, train, test)
             gen_info = (num_clusters, n_gen, t_train, t_gen)
             print(f"realism: two-sample {real.two_sample_accuracy:.3f}, intensity {real.intensity_ratio:.2f}; "
@@ -472,7 +524,7 @@ def run_ratio(ratio, args, work):
               f"{100 * np.mean(prec):.1f} ± {100 * np.std(prec):.1f}%, recall {100 * np.mean(rec):.1f} ± "
               f"{100 * np.std(rec):.1f}%")
     if gen_info:
-        print(f"generator: {gen_info[0]} colour clusters, {gen_info[1]} images generated; training "
+        print(f"generator: {gen_info[0]} {args.features} attribute values, {gen_info[1]} images generated; training "
               f"{gen_info[2]:.0f} s, generation {gen_info[3]:.0f} s")
         print(f"generated images: right digit {fid['digit']:.1f}% (colour-mismatched cells "
               f"{fid['digit_conflicting']:.1f}%, worst cell {fid['worst_cell_digit']:.1f}%), right colour "
@@ -555,8 +607,7 @@ def run_corrupted(ratio, args, work):
         add("plain PyTorch LfF", lambda s: evaluate(plain_train(x, y, xv, yv, s, lff=True, epochs=args.epochs),
                                                      test, xt, yt, conflicting))
     if methods & {"slices_dro", "cells"}:
-        fb.discover_slices(train, "ground_truth", epochs=args.discovery_epochs, slices_per_class=args.slices_per_class,
-                           run_key="slices", slice_field="slice", output_dir=os.path.join(work, "gce"))
+        discover(train, args, work)
         notes.append(slice_purity("slice"))
     if "george_dro" in methods:
         fb.discover_slices(train, "ground_truth", method="george", classifier=os.path.join(work, "gce")
@@ -573,9 +624,7 @@ def run_corrupted(ratio, args, work):
             train, method="group_dro", group_field="slice", seed=s, **common), test, xt, yt, conflicting))
     if "cells" in methods:
         t0 = time.time()
-        model = train_conditional_diffusion(
-            train, "ground_truth", attribute_field="slice", output_dir=os.path.join(work, "model"),
-            epochs=args.diffusion_epochs, lr=args.diffusion_lr, batch_size=64, seed=0, progress=False, overwrite=True)
+        model = attribute_generator(train, "slice", args, work)
         n_gen, t_gen = build_generator(train, model, args, work)
         notes.append(f"generator on discovered slices: {n_gen} images; {time.time() - t0:.0f} s")
         with_gen = real_plus(ds, "generate_balanced")
@@ -597,12 +646,14 @@ def run_corrupted(ratio, args, work):
 # ----------------------------------------------------------------------------- per-cell LoRA (Basu et al.), --lora
 
 
-def _lora_fingerprint(train, data_dir, original_data_dir):
+def _lora_fingerprint(train, data_dir, original_data_dir, field="sa_cluster"):
     """The data fingerprint train_conditional_diffusion records, as if the images lay in ``original_data_dir``:
-    a base model trained by an earlier run on the same dataset (same seed, same pseudo-labels) matches it."""
+    a base model trained by an earlier run on the same dataset (same seed, same ``field`` labels) matches it."""
     import hashlib
 
-    paths, gt, cl = train.values(["filepath", "ground_truth.label", "sa_cluster.label"])
+    from fairbalance.core.fields import label_path
+
+    paths, gt, cl = train.values(["filepath", "ground_truth.label", label_path(train, field)])
     rows = sorted(f"{p.replace(data_dir, original_data_dir, 1)}\t{g}\t{c}" for p, g, c in zip(paths, gt, cl))
     return hashlib.sha1("\n".join(rows).encode()).hexdigest()
 
@@ -780,6 +831,9 @@ def main():
     ap.add_argument("--dataset", default="colored", choices=["colored", "corrupted"],
                     help="corrupted: Corrupted MNIST rows (run_corrupted), nothing else")
     ap.add_argument("--corrupted-methods", nargs="+", choices=CORRUPTED_METHODS, default=list(CORRUPTED_METHODS))
+    ap.add_argument("--features", default="stand-in", choices=["stand-in", "discovered"],
+                    help="Colored MNIST cells' attribute: stand-in (X-means on the mean stroke colour, made from "
+                         "the planted attribute) or discovered (discover_slices: no colour feature, no bias label)")
     ap.add_argument("--discovery-epochs", type=int, default=10)
     ap.add_argument("--slices-per-class", type=int, default=3)
     args = ap.parse_args()

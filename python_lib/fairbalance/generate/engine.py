@@ -149,6 +149,17 @@ def _declare_fields(target, jobs: Sequence[GenerationJob], provenance: dict | No
             target.add_sample_field(f, fo.EmbeddedDocumentField, embedded_doc_type=fo.Classification)
 
 
+def _label_writers(target, names) -> dict[str, Callable]:
+    """How each label field of a generated sample is written: a Classification, or the plain value when
+    ``target`` holds the field as a plain str/int/bool (the ``slice`` field of ``discover_slices``, say)."""
+    import fiftyone as fo
+
+    schema = target.get_field_schema()
+    plain = ((fo.BooleanField, lambda v: str(v) == "True"), (fo.IntField, int), (fo.StringField, str))
+    return {f: next((conv for kind, conv in plain if isinstance(schema.get(f), kind)),
+                    lambda v: fo.Classification(label=str(v))) for f in names}
+
+
 #: The subfields every generated sample's ``generation`` document may carry, each shown and filterable in
 #: the App's sidebar: the run, the cell or group it balances, the real image it edits, the seed, the model
 #: and its training step. Generators add their own settings (``guidance_scale``, ``prompt``, ...) beside them.
@@ -385,7 +396,7 @@ def run_generation(jobs: Sequence[GenerationJob], target, render: Callable[[list
     from PIL import Image
 
     added: dict[str, int] = {}
-    declared = False
+    writers: dict[str, Callable] | None = None  # field -> how its value is written, once the schema is declared
     with fou.ProgressBar(total=len(jobs), progress=progress) as pb:
         for b in range(0, len(jobs), batch_size):
             batch = list(jobs[b: b + batch_size])
@@ -404,14 +415,14 @@ def run_generation(jobs: Sequence[GenerationJob], target, render: Callable[[list
                         if os.path.exists(tmp):
                             os.remove(tmp)
                         raise
-            if not declared:  # the schema before the first sample (after the first images: a failed render adds none)
+            if writers is None:  # the schema before the first sample (after the first images: a failed render adds none)
                 _declare_fields(target, jobs, provenance)
-                declared = True
+                writers = _label_writers(target, {f for j in jobs for f in j.fields})
             paths = [j.filepath for j in batch]
             present = set(target.match(Fv("filepath").is_in(paths)).values("filepath"))
             new = [fo.Sample(filepath=j.filepath, tags=list(tags), generated=True,
                              generation=provenance_value(target, {**provenance, **j.provenance}),
-                             **{f: fo.Classification(label=str(v)) for f, v in j.fields.items()})
+                             **{f: writers[f](v) for f, v in j.fields.items()})
                    for j in batch if j.filepath not in present]
             for j in batch:
                 if j.filepath not in present:
