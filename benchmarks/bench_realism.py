@@ -22,7 +22,12 @@ the class) generated with each edit setting:
 - ``+both_tone_hist`` / ``+both_tone_src``: both, plus
   ``match_tone="histogram"`` / ``"source"`` (the source's brightness by
   rank / pixel by pixel, hue and saturation from the generator), and the
-  last with strength 0.3, the filter, or the weights.
+  last with strength 0.3, the filter, or the weights;
+- ``+both_over2``: both, cells filled to twice ``--per-cell``;
+  ``+both_over2_filter50`` / ``+both_over2_cell50``: the same images, the
+  most separable half excluded overall / within each cell
+  (``filter_generated(..., within="generation.cell")``), so training gets
+  about as many generated images as ``+both`` at ``--per-cell``.
 
 ``--downstream-epochs N`` (> 0) adds the unbiased test accuracy of
 ``train_classifier(method="synthetic")`` (and ``two_stage``) on real +
@@ -74,8 +79,14 @@ SETTINGS = {"edit": {}, "+inversion": {"inversion": True}, "+keep_background": {
             "+both_tone_src_s0.3": {"inversion": True, "keep_background": True, "match_tone": "source",
                                     "edit_strength": 0.3},
             "+both_tone_src_filter50": {"inversion": True, "keep_background": True, "match_tone": "source"},
-            "+both_tone_src_weight": {"inversion": True, "keep_background": True, "match_tone": "source"}}
-FILTERED = {"+both_filter50": 0.5, "+both_tone_src_filter50": 0.5}  # setting -> most separable fraction excluded
+            "+both_tone_src_weight": {"inversion": True, "keep_background": True, "match_tone": "source"},
+            # oversampled: cells filled to 2 x --per-cell, then (filter rows) the most separable half left out
+            "+both_over2": {"inversion": True, "keep_background": True, "oversample": 2},
+            "+both_over2_filter50": {"inversion": True, "keep_background": True, "oversample": 2},
+            "+both_over2_cell50": {"inversion": True, "keep_background": True, "oversample": 2}}
+FILTERED = {"+both_filter50": 0.5, "+both_tone_src_filter50": 0.5,  # setting -> most separable fraction excluded
+            "+both_over2_filter50": 0.5, "+both_over2_cell50": 0.5}
+WITHIN = {"+both_over2_cell50": "generation.cell"}  # the fraction excluded within each cell, not overall
 WEIGHTED = ("+both_weight", "+both_tone_src_weight")  # density-ratio weights p(real|x)/p(gen|x) in training
 
 
@@ -153,7 +164,8 @@ def main():
             key = made.get(repr(sorted(opts.items())))
             if key is None:
                 key = made[repr(sorted(opts.items()))] = "gen_" + tag
-                generate_balanced(train, "ground_truth", model=model, mode="cells", per_cell=args.per_cell,
+                over = opts.pop("oversample", 1)
+                generate_balanced(train, "ground_truth", model=model, mode="cells", per_cell=args.per_cell * over,
                                   source="edit", guidance_scale=1.0, attribute_guidance_scale=args.attribute_guidance,
                                   guidance_reference="source", output_dir=os.path.join(work, key), run_key=key,
                                   overwrite=True, realism_sample=0, progress=False, **opts)
@@ -165,7 +177,8 @@ def main():
             if name in FILTERED:
                 fb.filter_generated(view, method="discriminator", action="exclude", bottom_fraction=FILTERED[name],
                                     run_key=f"filter_{tag}", overwrite=True, seed=args.filter_seed,
-                                    exclude_field=f"out_{tag}", tag=f"low_{tag}", score_field=f"score_{tag}")
+                                    exclude_field=f"out_{tag}", tag=f"low_{tag}", score_field=f"score_{tag}",
+                                    within=WITHIN.get(name))
                 gen = gen.match(Fv(f"out_{tag}") != True)  # noqa: E712  (the kept ones)
                 train_kw = {"exclude_field": f"out_{tag}"}
             if name in WEIGHTED:
