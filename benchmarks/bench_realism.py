@@ -109,6 +109,9 @@ def main():
     ap.add_argument("--downstream-epochs", type=int, default=0,
                     help="> 0: train synthetic / two-stage classifiers on real + each setting's images")
     ap.add_argument("--filter-seed", type=int, default=0)
+    ap.add_argument("--ideal", action="store_true",
+                    help="train-on-ideal beside TSTR: the kept images' real sources recoloured to their cluster's "
+                         "true colour (a benchmark-only ceiling; bench_repair.ideal_realism)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -154,8 +157,8 @@ def main():
             print(f"plain PyTorch vanilla / LfF on real alone: {plain[0]:.1f} / {plain[1]:.1f}% (unbiased test, "
                   f"{args.downstream_epochs} epochs, seed 0; {time.time() - t0:.0f} s)", flush=True)
         print("| setting | images | two-sample acc. | intensity gen/real | background gen / real | TSTR / TRTR "
-              "(unbiased test) | right digit | right colour | synthetic / two-stage acc. | time |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "(unbiased test) | train-on-ideal (its two-sample acc.) | right digit | right colour | synthetic / two-stage acc. | time |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         made = {}  # generation options -> run key: the filter / weight settings reuse their base setting's images
         for name in args.settings:
             tag = name.strip("+").replace("-", "_").replace(".", "")
@@ -190,10 +193,15 @@ def main():
                                         overwrite=True, seed=s + 1) for s in args.seeds]  # +1: not the filter's
             real = reals[int(np.argsort([r.two_sample_accuracy for r in reals])[len(reals) // 2])]  # the median
             fid = fidelity(ds, train, judge, key)  # of all the setting's images (the filter's excluded ones too)
+            ideal = "-"
+            if args.ideal:
+                ir = bench_repair.ideal_realism(ds, train, test, gen, os.path.join(work, f"ideal_{tag}"),
+                                                build["color_std"], seed=args.seeds[0] + 1, name=f"ideal_{tag}")
+                ideal = f"{100 * ir.tstr_accuracy:.1f} ({ir.two_sample_accuracy:.3f})"
             print(f"| {name} | {len(gen)} | {real.two_sample_accuracy:.3f} | {real.intensity_ratio:.2f} | "
                   f"{real.generated_statistics['background_intensity']:.3f} / "
                   f"{real.real_statistics['background_intensity']:.3f} | "
-                  f"{100 * real.tstr_accuracy:.1f} / {100 * real.trtr_accuracy:.1f} | {fid['digit']:.1f} | "
+                  f"{100 * real.tstr_accuracy:.1f} / {100 * real.trtr_accuracy:.1f} | {ideal} | {fid['digit']:.1f} | "
                   f"{fid['colour']:.1f} | {downstream(view, **train_kw) if args.downstream_epochs else '-'} | "
                   f"{t_gen:.0f} s |", flush=True)
         ds.delete()
