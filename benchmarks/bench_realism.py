@@ -157,7 +157,8 @@ def main():
             print(f"plain PyTorch vanilla / LfF on real alone: {plain[0]:.1f} / {plain[1]:.1f}% (unbiased test, "
                   f"{args.downstream_epochs} epochs, seed 0; {time.time() - t0:.0f} s)", flush=True)
         print("| setting | images | two-sample acc. | intensity gen/real | background gen / real | TSTR / TRTR "
-              "(unbiased test) | train-on-ideal (its two-sample acc.) | right digit | right colour | synthetic / two-stage acc. | time |")
+              "(unbiased test) | train-on-ideal (its two-sample acc.) | right digit | right colour | "
+              "synthetic / two-stage acc. | time |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         made = {}  # generation options -> run key: the filter / weight settings reuse their base setting's images
         for name in args.settings:

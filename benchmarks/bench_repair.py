@@ -39,6 +39,8 @@ cells are trained on twice: ``synthetic`` (real + generated) and ``two_stage`` (
 generated cells, the head on real; ``--cell-methods``). Each row is printed as it finishes, and a failing
 method leaves the table of the others; ``--unet-channels`` / ``--unet-layers`` / ``--judge-epochs`` size a
 reduced run, ``--base-model`` reuses a generator trained by an earlier run (work dir kept with ``--work-dir``).
+``--ideal`` adds train-on-ideal beside TSTR (the generated cells' real sources recoloured to their
+cluster's true colour, same count: a benchmark-only ceiling).
 ``--build b`` is a second build fixed before any result was seen (the issue's):
 another palette of ten saturated colours (``colored_mnist.HUE_PALETTE``: ten
 hues 36 degrees apart), colour noise 0.03, 4,000 train / 200 val / 800 test,
@@ -288,7 +290,8 @@ def ideal_realism(ds, train, test, gen, folder, color_std, seed=0, name="ideal")
         path = os.path.join(folder, f"{name}_{k:05d}.png")
         colored_mnist.render(digit, colour).save(path)
         samples.append(fo.Sample(filepath=path, tags=[name], generated=True,
-                                 ground_truth=fo.Classification(label=label), sa_cluster=fo.Classification(label=cluster)))
+                                 ground_truth=fo.Classification(label=label),
+                                 sa_cluster=fo.Classification(label=cluster)))
     ds.add_samples(samples)
     ideal = ds.match_tags(name)
     try:
