@@ -22,7 +22,12 @@ the class) generated with each edit setting:
 - ``+both_tone_hist`` / ``+both_tone_src``: both, plus
   ``match_tone="histogram"`` / ``"source"`` (the source's brightness by
   rank / pixel by pixel, hue and saturation from the generator), and the
-  last with strength 0.3, the filter, or the weights.
+  last with strength 0.3, the filter, or the weights;
+- ``+both_over2``: both, cells filled to twice ``--per-cell``;
+  ``+both_over2_filter50`` / ``+both_over2_cell50``: the same images, the
+  most separable half excluded overall / within each cell
+  (``filter_generated(..., within="generation.cell")``), so training gets
+  about as many generated images as ``+both`` at ``--per-cell``.
 
 ``--downstream-epochs N`` (> 0) adds the unbiased test accuracy of
 ``train_classifier(method="synthetic")`` (and ``two_stage``) on real +
@@ -74,8 +79,14 @@ SETTINGS = {"edit": {}, "+inversion": {"inversion": True}, "+keep_background": {
             "+both_tone_src_s0.3": {"inversion": True, "keep_background": True, "match_tone": "source",
                                     "edit_strength": 0.3},
             "+both_tone_src_filter50": {"inversion": True, "keep_background": True, "match_tone": "source"},
-            "+both_tone_src_weight": {"inversion": True, "keep_background": True, "match_tone": "source"}}
-FILTERED = {"+both_filter50": 0.5, "+both_tone_src_filter50": 0.5}  # setting -> most separable fraction excluded
+            "+both_tone_src_weight": {"inversion": True, "keep_background": True, "match_tone": "source"},
+            # oversampled: cells filled to 2 x --per-cell, then (filter rows) the most separable half left out
+            "+both_over2": {"inversion": True, "keep_background": True, "oversample": 2},
+            "+both_over2_filter50": {"inversion": True, "keep_background": True, "oversample": 2},
+            "+both_over2_cell50": {"inversion": True, "keep_background": True, "oversample": 2}}
+FILTERED = {"+both_filter50": 0.5, "+both_tone_src_filter50": 0.5,  # setting -> most separable fraction excluded
+            "+both_over2_filter50": 0.5, "+both_over2_cell50": 0.5}
+WITHIN = {"+both_over2_cell50": "generation.cell"}  # the fraction excluded within each cell, not overall
 WEIGHTED = ("+both_weight", "+both_tone_src_weight")  # density-ratio weights p(real|x)/p(gen|x) in training
 
 
@@ -98,6 +109,9 @@ def main():
     ap.add_argument("--downstream-epochs", type=int, default=0,
                     help="> 0: train synthetic / two-stage classifiers on real + each setting's images")
     ap.add_argument("--filter-seed", type=int, default=0)
+    ap.add_argument("--ideal", action="store_true",
+                    help="train-on-ideal beside TSTR: the kept images' real sources recoloured to their cluster's "
+                         "true colour (a benchmark-only ceiling; bench_repair.ideal_realism)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.time()
@@ -143,8 +157,9 @@ def main():
             print(f"plain PyTorch vanilla / LfF on real alone: {plain[0]:.1f} / {plain[1]:.1f}% (unbiased test, "
                   f"{args.downstream_epochs} epochs, seed 0; {time.time() - t0:.0f} s)", flush=True)
         print("| setting | images | two-sample acc. | intensity gen/real | background gen / real | TSTR / TRTR "
-              "(unbiased test) | right digit | right colour | synthetic / two-stage acc. | time |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "(unbiased test) | train-on-ideal (its two-sample acc.) | right digit | right colour | "
+              "synthetic / two-stage acc. | time |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         made = {}  # generation options -> run key: the filter / weight settings reuse their base setting's images
         for name in args.settings:
             tag = name.strip("+").replace("-", "_").replace(".", "")
@@ -153,7 +168,8 @@ def main():
             key = made.get(repr(sorted(opts.items())))
             if key is None:
                 key = made[repr(sorted(opts.items()))] = "gen_" + tag
-                generate_balanced(train, "ground_truth", model=model, mode="cells", per_cell=args.per_cell,
+                over = opts.pop("oversample", 1)
+                generate_balanced(train, "ground_truth", model=model, mode="cells", per_cell=args.per_cell * over,
                                   source="edit", guidance_scale=1.0, attribute_guidance_scale=args.attribute_guidance,
                                   guidance_reference="source", output_dir=os.path.join(work, key), run_key=key,
                                   overwrite=True, realism_sample=0, progress=False, **opts)
@@ -165,7 +181,8 @@ def main():
             if name in FILTERED:
                 fb.filter_generated(view, method="discriminator", action="exclude", bottom_fraction=FILTERED[name],
                                     run_key=f"filter_{tag}", overwrite=True, seed=args.filter_seed,
-                                    exclude_field=f"out_{tag}", tag=f"low_{tag}", score_field=f"score_{tag}")
+                                    exclude_field=f"out_{tag}", tag=f"low_{tag}", score_field=f"score_{tag}",
+                                    within=WITHIN.get(name))
                 gen = gen.match(Fv(f"out_{tag}") != True)  # noqa: E712  (the kept ones)
                 train_kw = {"exclude_field": f"out_{tag}"}
             if name in WEIGHTED:
@@ -177,10 +194,15 @@ def main():
                                         overwrite=True, seed=s + 1) for s in args.seeds]  # +1: not the filter's
             real = reals[int(np.argsort([r.two_sample_accuracy for r in reals])[len(reals) // 2])]  # the median
             fid = fidelity(ds, train, judge, key)  # of all the setting's images (the filter's excluded ones too)
+            ideal = "-"
+            if args.ideal:
+                ir = bench_repair.ideal_realism(ds, train, test, gen, os.path.join(work, f"ideal_{tag}"),
+                                                build["color_std"], seed=args.seeds[0] + 1, name=f"ideal_{tag}")
+                ideal = f"{100 * ir.tstr_accuracy:.1f} ({ir.two_sample_accuracy:.3f})"
             print(f"| {name} | {len(gen)} | {real.two_sample_accuracy:.3f} | {real.intensity_ratio:.2f} | "
                   f"{real.generated_statistics['background_intensity']:.3f} / "
                   f"{real.real_statistics['background_intensity']:.3f} | "
-                  f"{100 * real.tstr_accuracy:.1f} / {100 * real.trtr_accuracy:.1f} | {fid['digit']:.1f} | "
+                  f"{100 * real.tstr_accuracy:.1f} / {100 * real.trtr_accuracy:.1f} | {ideal} | {fid['digit']:.1f} | "
                   f"{fid['colour']:.1f} | {downstream(view, **train_kw) if args.downstream_epochs else '-'} | "
                   f"{t_gen:.0f} s |", flush=True)
         ds.delete()

@@ -39,6 +39,8 @@ cells are trained on twice: ``synthetic`` (real + generated) and ``two_stage`` (
 generated cells, the head on real; ``--cell-methods``). Each row is printed as it finishes, and a failing
 method leaves the table of the others; ``--unet-channels`` / ``--unet-layers`` / ``--judge-epochs`` size a
 reduced run, ``--base-model`` reuses a generator trained by an earlier run (work dir kept with ``--work-dir``).
+``--ideal`` adds train-on-ideal beside TSTR (the generated cells' real sources recoloured to their
+cluster's true colour, same count: a benchmark-only ceiling).
 ``--build b`` is a second build fixed before any result was seen (the issue's):
 another palette of ten saturated colours (``colored_mnist.HUE_PALETTE``: ten
 hues 36 degrees apart), colour noise 0.03, 4,000 train / 200 val / 800 test,
@@ -313,6 +315,53 @@ def realism(ds, train, test, run_key="generate_balanced"):
     return res
 
 
+def ideal_realism(ds, train, test, gen, folder, color_std, seed=0, name="ideal"):
+    """Train-on-ideal, a benchmark-only ceiling for TSTR: each generated image of ``gen`` replaced by its real
+    source digit recoloured to its cluster's colour (the majority true colour of the cluster's real images, from
+    the build's palette, plus the build's colour noise): the same count, the same labels, the same measurement
+    (``measure_realism`` against ``train``, TSTR on ``test``). Reads the true colours: never a repair."""
+    import fiftyone as fo
+    from PIL import Image
+
+    from fairbalance.datasets import colored_mnist
+
+    real_cl, real_col = train.match({"generated": {"$ne": True}}).values(["sa_cluster.label", "color.label"])
+    majority = {c: max(set(real_col), key=[v for k, v in zip(real_cl, real_col) if k == c].count)
+                for c in set(real_cl)}
+    rgb = {n: np.array(c, dtype=np.float64) / 255.0 for n, c in PALETTE}
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    samples = []
+    for k, (src, cluster, label) in enumerate(zip(*gen.values(
+            ["generation.source_filepath", "sa_cluster.label", "ground_truth.label"]))):
+        img = np.asarray(images.load_rgb(src), dtype=np.float64).max(-1)  # the stroke, whatever its colour
+        digit = img / max(img.max(), 1.0) * 255.0
+        colour = np.clip(rgb[majority[cluster]] + rng.normal(0.0, color_std, 3), 0.0, 1.0)
+        path = os.path.join(folder, f"{name}_{k:05d}.png")
+        colored_mnist.render(digit, colour).save(path)
+        samples.append(fo.Sample(filepath=path, tags=[name], generated=True,
+                                 ground_truth=fo.Classification(label=label),
+                                 sa_cluster=fo.Classification(label=cluster)))
+    ds.add_samples(samples)
+    ideal = ds.match_tags(name)
+    try:
+        return fb.measure_realism(train, ideal, "ground_truth", test_samples=test, run_key=f"realism_{name}",
+                                  overwrite=True, seed=seed)
+    finally:
+        ds.delete_samples(ideal)
+
+
+def print_ideal(ds, train, test, real, work, build):
+    """``--ideal``: train-on-ideal beside train-on-generated (the generated cells of ``generate_balanced``)."""
+    from fiftyone import ViewField as Fv
+
+    gen = ds.match(Fv("generation.run_key") == "generate_balanced")
+    ideal = ideal_realism(ds, train, test, gen, os.path.join(work, "ideal"), build["color_std"])
+    print(f"train-on-ideal (real sources recoloured to the cluster's true colour, {ideal.num_generated} images): "
+          f"TSTR {100 * ideal.tstr_accuracy:.1f}% vs train-on-generated {100 * real.tstr_accuracy:.1f}%; the ideal "
+          f"set's two-sample accuracy {ideal.two_sample_accuracy:.3f}", flush=True)
+
+
 def real_plus(ds, run_key):
     """The real training samples plus the generated samples of one run."""
     from fiftyone import ViewField as Fv
@@ -488,6 +537,8 @@ def run_ratio(ratio, args, work):
             gen_info = (num_clusters, n_gen, t_train, t_gen)
             print(f"realism: two-sample {real.two_sample_accuracy:.3f}, intensity {real.intensity_ratio:.2f}; "
                   f"digit {fid['digit']:.1f}%, colour {fid['colour']:.1f}%", flush=True)
+            if args.ideal:
+                print_ideal(ds, train, test, real, work, build)
             with_gen = real_plus(ds, "generate_balanced")
             for seed in args.seeds:
                 for name, method in (("synthetic (real + generated cells)", "synthetic"),
@@ -828,6 +879,7 @@ def main():
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--lora-threads", type=int, default=max(1, os.cpu_count() or 1))
     ap.add_argument("--filter-fraction", type=float, default=0.2)
+    ap.add_argument("--ideal", action="store_true", help="train-on-ideal beside TSTR (benchmark-only ceiling)")
     ap.add_argument("--dataset", default="colored", choices=["colored", "corrupted"],
                     help="corrupted: Corrupted MNIST rows (run_corrupted), nothing else")
     ap.add_argument("--corrupted-methods", nargs="+", choices=CORRUPTED_METHODS, default=list(CORRUPTED_METHODS))

@@ -145,6 +145,39 @@ def test_discriminator_filter_excludes_the_separable_without_any_label(mixed):
     assert clf.num_filtered_out == 40 and clf.num_generated_used == 40
 
 
+def test_discriminator_filter_within_each_cell_keeps_every_cells_share(mixed):
+    """Oversample, then keep the most realistic: ``within`` excludes the most separable half of each cell,
+    where one global cut would empty the all-hazy cell (the recipe of the README's realism section)."""
+    ds = mixed
+    gen = ds.match_tags("generated")
+    hazy = dict(zip(*gen.values(["id", "hazy"])))
+    ids = sorted(hazy, key=lambda i: (hazy[i], i))  # 40 clean then 40 hazy
+    cell = {i: ("clean" if k < 30 else "hazy" if k >= 50 else "mixed") for k, i in enumerate(ids)}
+    gen.set_values("cell", cell, key_field="id")
+    view = ds.match_tags(["train", "generated"])
+    res = fb.filter_generated(view, method="discriminator", bottom_fraction=0.5, action="exclude", within="cell",
+                              score_field="realism_score", exclude_field="out_cell", run_key="fcell")
+    out, score = (dict(zip(*gen.values(["id", f]))) for f in ("out_cell", "realism_score"))
+    assert res.num_excluded == 40
+    for name, size in (("clean", 30), ("mixed", 20), ("hazy", 30)):
+        members = sorted((i for i in ids if cell[i] == name), key=lambda i: score[i])
+        assert [out[i] for i in members] == [True] * (size // 2) + [False] * (size - size // 2), name
+    mixed_out = [i for i in ids if cell[i] == "mixed" and out[i]]
+    assert sum(hazy[i] for i in mixed_out) >= 8  # within the mixed cell the hazy half goes
+    assert runs.get_run_config(ds, "fcell")["within"] == "cell"
+    # a global cut would have left the hazy cell with almost nothing
+    glob = fb.filter_generated(view, method="discriminator", bottom_fraction=0.5, action="exclude",
+                               score_field="score_all", exclude_field="out_all", run_key="fall")
+    kept_hazy = sum(1 for i, o in zip(*gen.values(["id", "out_all"])) if not o and cell[i] == "hazy")
+    assert glob.num_excluded == 40 and kept_hazy <= 5
+    with pytest.raises(FairBalanceError, match="within"):
+        fb.filter_generated(view, method="discriminator", threshold=0.5, bottom_fraction=None, within="cell",
+                            run_key="fbad")
+    with pytest.raises(FairBalanceError, match="not found"):
+        fb.filter_generated(view, method="discriminator", within="no_such_field", run_key="fbad")
+    assert not ds.has_run("fbad")
+
+
 def test_discriminator_weights_are_density_ratios_training_uses(mixed):
     from fairbalance.train import training
 

@@ -48,6 +48,7 @@ def filter_generated(
     epochs: int = 10,
     max_weight: float = 10.0,
     seed: int = 0,
+    within: str | None = None,
 ) -> "FilterResult":
     """Score generated images by CLIP similarity to their cluster; tag the worst, and exclude or weight them.
 
@@ -77,28 +78,27 @@ def filter_generated(
     the most separable; with ``action="weight"`` the weight is the density
     ratio p(real | x) / p(generated | x), clipped at ``max_weight`` and
     scaled to mean 1 over the generated samples (their total weight stays
-    their count). The run's results hold the two-sample accuracy.
+    their count). The run's results hold the two-sample accuracy. ``within``
+    (a field, e.g. ``"generation.cell"``): the ``bottom_fraction`` is cut in
+    each of its groups, so every cell keeps its most realistic share.
     """
     from fairbalance.find import embeddings
 
     spec, path, gen, real, texts = _check_inputs(samples, label_field, embeddings_field, score_field, tag, threshold,
                                                  bottom_fraction, method, texts, action, exclude_field, weight_field,
-                                                 folds, epochs, max_weight)
+                                                 folds, epochs, max_weight, within)
     extra = [exclude_field] if action == "exclude" else [weight_field] if action == "weight" else []
     run = runs.prepare(samples, run_key, "filter_generated", _run_config(
         label_field, embeddings_field, threshold, bottom_fraction, tag, spec, method, texts, action, exclude_field,
-        weight_field, folds, epochs, max_weight, seed), [score_field] + extra, overwrite)
+        weight_field, folds, epochs, max_weight, seed, within), [score_field] + extra, overwrite)
     scores, separability, clip, new = _scores(method, real, gen, path, spec, texts, embeddings_field, batch_size,
                                               folds, epochs, seed, device, progress)
-    dataset = samples._root_dataset
-    previous_tag = previous_tagged = None
-    if dataset.has_run(run_key):
-        previous_tag = runs.get_run_config(dataset, run_key).get("tag")
-        previous_tagged = runs.load_run_results(dataset, run_key).get("tagged_ids")
+    previous_tag, previous_tagged = _previous_tagging(samples._root_dataset, run_key)
     if not scores:
         raise validation.FairBalanceError("No generated sample has a cluster with real embeddings to compare to")
     values = np.array(list(scores.values()))
-    cut, low, weights = _cut_and_weights(scores, values, threshold, bottom_fraction, method, max_weight)
+    cut, low, weights = _cut_and_weights(scores, values, threshold, bottom_fraction, method, max_weight,
+                                         dict(zip(*gen.values(["id", within]))) if within else None)
     low_set = set(low)
 
     def write():
@@ -126,8 +126,15 @@ def filter_generated(
     return result
 
 
+def _previous_tagging(dataset, run_key: str):
+    """The tag and the ids an earlier run of ``run_key`` tagged (None, None without one)."""
+    if not dataset.has_run(run_key):
+        return None, None
+    return runs.get_run_config(dataset, run_key).get("tag"), runs.load_run_results(dataset, run_key).get("tagged_ids")
+
+
 def _check_inputs(samples, label_field, embeddings_field, score_field, tag, threshold, bottom_fraction, method, texts,
-                  action, exclude_field, weight_field, folds, epochs, max_weight):
+                  action, exclude_field, weight_field, folds, epochs, max_weight, within=None):
     """Every input checked before anything is written; the embedding model recorded for ``embeddings_field``, the
     label path, the generated and the real samples, and ``texts`` keyed by cluster name."""
     from fiftyone import ViewField as Fv
@@ -145,6 +152,10 @@ def _check_inputs(samples, label_field, embeddings_field, score_field, tag, thre
                               + ([embeddings_field] if method == "clip" else []))
     if (threshold is None) == (bottom_fraction is None):
         raise validation.FairBalanceError("pass exactly one of threshold or bottom_fraction")
+    if within is not None:
+        if not isinstance(within, str) or bottom_fraction is None:
+            raise validation.FairBalanceError(f"within must be a field name used with bottom_fraction, not {within!r}")
+        validation.require_fields(samples, [within])
     if bottom_fraction is not None and not (isinstance(bottom_fraction, (int, float)) and 0 < bottom_fraction < 1):
         raise validation.FairBalanceError(f"bottom_fraction must be in (0, 1), got {bottom_fraction!r}")
     if threshold is not None and not (isinstance(threshold, (int, float)) and np.isfinite(threshold)):
@@ -192,7 +203,7 @@ def _scores(method, real, gen, path, spec, texts, embeddings_field, batch_size, 
 
 
 def _run_config(label_field, embeddings_field, threshold, bottom_fraction, tag, spec, method, texts, action,
-                exclude_field, weight_field, folds, epochs, max_weight, seed) -> dict:
+                exclude_field, weight_field, folds, epochs, max_weight, seed, within=None) -> dict:
     """The run's config: the settings that apply to ``method`` and ``action`` (None for the others)."""
     return {
         "label_field": label_field if method != "discriminator" else None,
@@ -202,7 +213,8 @@ def _run_config(label_field, embeddings_field, threshold, bottom_fraction, tag, 
         "exclude_field": exclude_field if action == "exclude" else None,
         "weight_field": weight_field if action == "weight" else None,
         **({"folds": int(folds), "epochs": int(epochs), "max_weight": float(max_weight), "seed": seed}
-           if method == "discriminator" else {})}
+           if method == "discriminator" else {}),
+        **({"within": within} if within else {})}  # recorded only when on: earlier runs still match
 
 
 def _check_method(action, method, texts, folds, epochs, max_weight) -> None:
@@ -257,9 +269,9 @@ def _similarities(gen, path, centroids, clip, new, vectors, embeddings_field) ->
     return scores
 
 
-def _cut_and_weights(scores: dict, values: np.ndarray, threshold, bottom_fraction, method, max_weight):
-    """The cut, the ids below it and every scored sample's weight (percentile rank, or the discriminator's
-    density ratio p(real|x) / p(gen|x), clipped, mean 1)."""
+def _cut_and_weights(scores: dict, values: np.ndarray, threshold, bottom_fraction, method, max_weight, groups=None):
+    """The cut, the ids below it (per group of ``groups``, id -> group, when given) and every scored sample's
+    weight (percentile rank, or the discriminator's density ratio p(real|x) / p(gen|x), clipped, mean 1)."""
     cut = threshold if threshold is not None else float(np.quantile(values, bottom_fraction))
     low = [i for i, v in scores.items() if v < cut or (threshold is None and v <= cut)]
     ranks = np.argsort(np.argsort(values, kind="stable"), kind="stable")
@@ -269,7 +281,21 @@ def _cut_and_weights(scores: dict, values: np.ndarray, threshold, bottom_fractio
         ratio = np.minimum(p / (1 - p), max_weight)
         ratio = ratio / ratio.mean()
         weights = {i: float(r) for i, r in zip(scores, ratio)}
+    if groups is not None:
+        cut, low = _lowest_within(scores, groups, bottom_fraction)
     return cut, low, weights
+
+
+def _lowest_within(scores: dict, groups: dict, bottom_fraction: float):
+    """The lowest-scored ``floor(n x bottom_fraction)`` ids of each group, and the highest score among them."""
+    by_group: dict = {}
+    for i in scores:
+        by_group.setdefault(str(groups.get(i)), []).append(i)
+    low = []
+    for ids in by_group.values():
+        ids.sort(key=lambda i: scores[i])
+        low += ids[:int(np.floor(len(ids) * bottom_fraction + 1e-9))]
+    return (max(scores[i] for i in low) if low else min(scores.values())), low
 
 
 @dataclass
