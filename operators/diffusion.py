@@ -251,6 +251,10 @@ class FilterGenerated(foo.Operator):
         inputs.float("bottom_fraction", default=default_of(filter_generated, "bottom_fraction"), min=0, max=1,
                      label="Tag the bottom fraction")
         inputs.str("tag", default=default_of(filter_generated, "tag"), required=False, label="Tag")
+        inputs.str("within", required=False, label="Cut within each group of (optional)",
+                   description="A field of the generated samples, e.g. generation.cell: the bottom fraction is "
+                               "cut within each of its values, so no cell is emptied (oversample, then keep "
+                               "the most realistic)")
         action = types.RadioGroup()
         action.add_choice("tag", label="Tag them only")
         action.add_choice("exclude", label="Tag them and leave them out of training (synthetic, two-stage)")
@@ -277,7 +281,8 @@ class FilterGenerated(foo.Operator):
         res = filter_generated(
             ctx.target_view(), p["label_field"], texts=parse_cluster_texts(p.get("texts")),
             progress=progress_callback(ctx, "Scoring"),
-            **given(p, ("embeddings_field", "bottom_fraction", "tag", "action", "method", "run_key", "overwrite")))
+            **given(p, ("embeddings_field", "bottom_fraction", "tag", "action", "method", "within", "run_key",
+                        "overwrite")))
         refresh_app(ctx)
         return rounded({**res.to_dict(), "tagged_of": f"{res.num_tagged} of the {res.num_scored} generated samples "
                                                       "scored"})
@@ -308,6 +313,15 @@ def _filter_generated_problems(ctx, inputs):
     elif not len(view.match(F("generated") != True).limit(1)) and not (ctx.params.get("texts") or "").strip():  # noqa: E712
         refuse(inputs, "no_real", "The view has only generated samples: they are scored against the real samples "
                                   "of their cluster, so pick a view with real samples too, or give cluster texts")
+    within = (ctx.params.get("within") or "").strip()
+    if within:
+        from fairbalance.core import validation
+
+        try:
+            validation.require_fields(view, [within])  # the library's own check
+        except validation.FairBalanceError:
+            refuse(inputs, "no_within", f"No field '{within}' on this dataset to cut within: name a field of the "
+                                        "generated samples (e.g. generation.cell), or leave it empty")
     method = ctx.params.get("method") or default_of(filter_generated, "method")
     field = ctx.params.get("embeddings_field") or default_of(filter_generated, "embeddings_field")
     if method == "clip" and ctx.dataset.get_field(field) is None:

@@ -176,6 +176,20 @@ def test_discriminator_filter_within_each_cell_keeps_every_cells_share(mixed):
     with pytest.raises(FairBalanceError, match="not found"):
         fb.filter_generated(view, method="discriminator", within="no_such_field", run_key="fbad")
     assert not ds.has_run("fbad")
+    # the App's form takes the same option and gives the same cut (on the whole dataset, as the App runs it)
+    import fiftyone.operators as foo
+
+    params = dict(label_field="ground_truth", method="discriminator", bottom_fraction=0.5, action="exclude")
+    sdk = fb.filter_generated(ds, within="cell", score_field="s_sdk", exclude_field="o_sdk", run_key="sdk", **params)
+    with pytest.raises(Exception, match="No field 'no_such_field' on this dataset to cut within"):
+        foo.execute_operator("@fairbalance/fairbalance/filter_generated", ctx={
+            "dataset": ds.name, "params": {**params, "within": "no_such_field", "run_key": "app"}})
+    res = foo.execute_operator("@fairbalance/fairbalance/filter_generated", ctx={
+        "dataset": ds.name, "params": {**params, "within": "cell", "run_key": "app"}})
+    assert res.error is None, res.error
+    assert runs.get_run_config(ds, "app")["within"] == "cell" and res.result["num_excluded"] == sdk.num_excluded
+    app_field = runs.get_run_config(ds, "app")["exclude_field"]
+    assert gen.values(app_field) == gen.values("o_sdk")
 
 
 def test_discriminator_weights_are_density_ratios_training_uses(mixed):
