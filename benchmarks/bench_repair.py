@@ -50,7 +50,10 @@ build a only.
 ``--features discovered`` (issue #26): the cells' attribute comes from ``discover_slices`` (the GCE model's
 own features, no colour feature, no bias label; ``--slices-per-class``, ``--discovery-epochs``) in place of
 the colour stand-in; the digit x slice generator fills every class x slice cell, and what discovery found
-is printed with its purity against the true colour (for the reader only).
+is printed with its purity against the true colour (for the reader only). ``--features biased-prediction``:
+the attribute is the class a GCE-biased classifier (``compute_hardness_tags``, ``--discovery-epochs``)
+predicts for each image: a biased model predicts the shortcut, so its prediction is an attribute shared
+across classes, with no bias label and no hand-made feature.
 
 Corrupted MNIST (``--dataset corrupted``, issue #26): every digit class tied to
 one corruption type (LfF's Corrupted CIFAR-10 protocol on the same digits),
@@ -220,8 +223,29 @@ def cell_attribute(train, args, work) -> tuple[str, int]:
         res = discover(train, args, work)
         print(discovery_report(train, res), flush=True)
         return "slice", res.num_slices
+    if args.features == "biased-prediction":
+        fb.compute_hardness_tags(train, "ground_truth", loss_field=PREDICTED, tag="bias_predicted_conflicting",
+                                 epochs=args.discovery_epochs, run_key="bias_prediction", overwrite=True,
+                                 output_dir=os.path.join(work, "gce_prediction"))
+        print(prediction_report(train), flush=True)
+        return f"{PREDICTED}_prediction", len(set(train.values(f"{PREDICTED}_prediction")))
     writeback.set_values_by_id(train, {"sa_features": colour_features(train)})
     return "sa_cluster", fb.compute_pseudo_labels(train, kmax=20, seed=0, overwrite=True).num_clusters
+
+
+#: ``--features biased-prediction``: the GCE model's loss field; its ``_prediction`` is the cells' attribute.
+PREDICTED = "bias_predicted_loss"
+
+
+def prediction_report(train) -> str:
+    """For the reader: how often the biased model's predicted class is the image's true colour (the truth is read
+    only here), on all training images and on the bias-conflicting ones."""
+    pred, colour, aligned = train.values([f"{PREDICTED}_prediction", "color.label", "bias_aligned"])
+    hit = [NAMES[int(p)] == c for p, c in zip(pred, colour)]
+    conf = [h for h, a in zip(hit, aligned) if not a]
+    return (f"biased prediction as the attribute: the GCE model's predicted class names the true colour of "
+            f"{100 * np.mean(hit):.1f}% of the training images, {100 * np.mean(conf):.1f}% of the {len(conf)} "
+            f"bias-conflicting ones")
 
 
 def discover(train, args, work):
@@ -532,7 +556,8 @@ def run_ratio(ratio, args, work):
         if "cells" in methods:
             n_gen, t_gen = build_generator(train, model, args, work)
             print(f"generated: {n_gen} images in {t_gen:.0f} s", flush=True)
-            fid = fidelity(ds, train, judge, attr="slice" if args.features == "discovered" else "sa_cluster.label")
+            fid = fidelity(ds, train, judge, attr={"discovered": "slice", "biased-prediction": f"{PREDICTED}_prediction"}
+                           .get(args.features, "sa_cluster.label"))
             real = realism(ds, train, test)
             gen_info = (num_clusters, n_gen, t_train, t_gen)
             print(f"realism: two-sample {real.two_sample_accuracy:.3f}, intensity {real.intensity_ratio:.2f}; "
@@ -883,9 +908,11 @@ def main():
     ap.add_argument("--dataset", default="colored", choices=["colored", "corrupted"],
                     help="corrupted: Corrupted MNIST rows (run_corrupted), nothing else")
     ap.add_argument("--corrupted-methods", nargs="+", choices=CORRUPTED_METHODS, default=list(CORRUPTED_METHODS))
-    ap.add_argument("--features", default="stand-in", choices=["stand-in", "discovered"],
+    ap.add_argument("--features", default="stand-in", choices=["stand-in", "discovered", "biased-prediction"],
                     help="Colored MNIST cells' attribute: stand-in (X-means on the mean stroke colour, made from "
-                         "the planted attribute) or discovered (discover_slices: no colour feature, no bias label)")
+                         "the planted attribute), discovered (discover_slices: no colour feature, no bias label) or "
+                         "biased-prediction (the class a GCE-biased model predicts: no bias label; "
+                         "--discovery-epochs)")
     ap.add_argument("--discovery-epochs", type=int, default=10)
     ap.add_argument("--slices-per-class", type=int, default=3)
     args = ap.parse_args()
