@@ -314,14 +314,9 @@ def _filter_generated_problems(ctx, inputs):
         refuse(inputs, "no_real", "The view has only generated samples: they are scored against the real samples "
                                   "of their cluster, so pick a view with real samples too, or give cluster texts")
     within = (ctx.params.get("within") or "").strip()
-    if within:
-        from fairbalance.core import validation
-
-        try:
-            validation.require_fields(view, [within])  # the library's own check
-        except validation.FairBalanceError:
-            refuse(inputs, "no_within", f"No field '{within}' on this dataset to cut within: name a field of the "
-                                        "generated samples (e.g. generation.cell), or leave it empty")
+    if within and within not in view.get_field_schema(flat=True):  # the library's rule (require_fields)
+        refuse(inputs, "no_within", f"No field '{within}' on this dataset to cut within: name a field of the "
+                                    "generated samples (e.g. generation.cell), or leave it empty")
     method = ctx.params.get("method") or default_of(filter_generated, "method")
     field = ctx.params.get("embeddings_field") or default_of(filter_generated, "embeddings_field")
     if method == "clip" and ctx.dataset.get_field(field) is None:
