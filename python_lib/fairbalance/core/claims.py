@@ -202,14 +202,11 @@ def _refuse_if_rebuilt(dataset) -> None:
     held = _current.get()
     if held is None or not held.names:
         return
-    holder = _collection().find_one({"_id": f"dataset:{dataset.name}"})
-    if holder is None or holder.get("token") == held.token:
-        return
-    if _is_stale(holder):
-        _collection().delete_one({"_id": holder["_id"], "token": holder.get("token")})
-        return
-    raise ClaimError(f"Dataset '{dataset.name}' is being rebuilt by a running operation (process "
-                     f"{holder.get('pid')} on {holder.get('host')}); wait for it to finish")
+    name = f"dataset:{dataset.name}"
+    holders = [c for c in _live(name) if c["_id"] == name and c.get("token") != held.token]  # exact name only
+    if holders:
+        raise ClaimError(f"Dataset '{dataset.name}' is being rebuilt by a running operation (process "
+                         f"{holders[0].get('pid')} on {holders[0].get('host')}); wait for it to finish")
 
 
 def claim_folder(folder: str, shared_by: str | None = None) -> None:
