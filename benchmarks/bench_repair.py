@@ -248,11 +248,21 @@ def prediction_report(train) -> str:
             f"bias-conflicting ones")
 
 
+# the datasets' truth fields (the planted attribute, whether a sample follows the bias, its MNIST index): read only
+# to score, never to name a slice (naming read every categorical field, so slices were named `bias_aligned = False`)
+TRUTH_FIELDS = ("bias_aligned", "color", "corruption", "source_index")
+
+
+def truth_fields(samples) -> list[str]:
+    """The truth fields this dataset has: what discovery is told may not name a slice."""
+    return [f for f in TRUTH_FIELDS if samples.has_field(f)]
+
+
 def discover(train, args, work):
     """Slices of every class from the GCE model's own features (``--discovery-epochs``, ``--slices-per-class``)."""
     return fb.discover_slices(train, "ground_truth", epochs=args.discovery_epochs,
                               slices_per_class=args.slices_per_class, run_key="slices", slice_field="slice",
-                              output_dir=os.path.join(work, "gce"))
+                              output_dir=os.path.join(work, "gce"), exclude_name_fields=truth_fields(train))
 
 
 def discovery_report(train, res) -> str:
@@ -691,6 +701,7 @@ def run_corrupted(ratio, args, work):
                            epochs=10 if methods & {"slices_dro", "cells"} else args.discovery_epochs,
                            slices_per_class=args.slices_per_class, run_key="george", slice_field="george",
                            feature_sources=["model"],  # GEORGE as published: the penultimate layer alone
+                           exclude_name_fields=truth_fields(train),
                            **({} if methods & {"slices_dro", "cells"} else {"output_dir": os.path.join(work, "gce")}))
         notes.append(slice_purity("george"))
         add("fairbalance GroupDRO on GEORGE groups", lambda s: evaluate(train_classifier(

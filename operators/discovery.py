@@ -7,7 +7,7 @@ import fiftyone.operators.types as types
 from fairbalance import discover_slices
 
 from ._common import streams_progress
-from ._common import LIMITS, refresh_app
+from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, shards_input
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, output_field_input,
                       refuse, result_view, rounded, run_key_input)
 
@@ -79,8 +79,23 @@ class DiscoverSlices(foo.Operator):
         if texts:
             field_dropdown(inputs, "captions_field", texts, "Captions (optional)",
                            "Caption keywords over-represented in a slice name it (B2T)", required=False)
-        inputs.str("classifier", required=False, label="Trained classifier (optional)",
-                   description="The folder of a trained classifier; empty: a GCE-biased one is trained here")
+        naming = [f for f in labels if f != ctx.params.get("label_field")]
+        if naming:
+            exclude = types.DropdownView(multiple=True, label="Fields that may not name slices (optional)",
+                                         description="Ground-truth or evaluation fields (e.g. bias_aligned): every "
+                                                     "other categorical field over-represented in a slice names it")
+            for name in naming:
+                exclude.add_choice(name, label=name)
+            inputs.list("exclude_name_fields", types.String(), required=False, view=exclude,
+                        label="Fields that may not name slices (optional)")
+        clf = inputs.str("classifier", required=False, label="Trained classifier (optional)",
+                         description="The folder of a trained classifier; empty: a GCE-biased one is trained here. "
+                                     "Needed with Shards > 1")
+        shards_input(inputs, "the model's outputs", finish="clusters, names and records the slices")
+        if (ctx.params.get("num_shards") or 1) > 1 and not (ctx.params.get("classifier") or "").strip():
+            clf.invalid = True
+            clf.error_message = ("Shards need the biased classifier trained once first: train it with 'train "
+                                 "classifier' (method 'biased') and give its folder here")
         if not (ctx.params.get("classifier") or "").strip():
             inputs.int("epochs", default=_default("epochs"), min=1, max=LIMITS["epochs"], label="Epochs")
         inputs.int("seed", default=_default("seed"), max=LIMITS["seed"], label="Seed")
@@ -93,8 +108,12 @@ class DiscoverSlices(foo.Operator):
         p = ctx.params
         classifier = (p.get("classifier") or "").strip() or None
         names = ("method", "slices_per_class", "features_field", "captions_field", "seed", "slice_field", "run_key",
-                 "overwrite", "feature_sources") + (() if classifier else ("epochs",))
-        result = discover_slices(ctx.target_view(), p["label_field"], classifier=classifier, **given(p, names))
+                 "overwrite", "feature_sources", "exclude_name_fields") + (() if classifier else ("epochs",))
+        kwargs = dict(label_field=p["label_field"], classifier=classifier, **given(p, names))
+        queued = queue_shards(ctx, "discover_slices", **kwargs)
+        if queued:
+            return queued
+        result = discover_slices(ctx.target_view(), **kwargs)
         refresh_app(ctx)
         out = result.to_dict()
         out["table"] = [{"slice": r["slice"], "name": r["name"] or "", "size": r["size"],
@@ -105,6 +124,7 @@ class DiscoverSlices(foo.Operator):
     def resolve_output(self, ctx):
         return result_view(
             ctx, "Slices discovered",
+            *SHARD_OUTPUTS,
             ("num_slices", "int", "Slices"),
             ("slice_field", "str", "Slice field (use it as an attribute: cells, per-group, the gate)"),
             ("table", "table", "Slices ranked by error gap",

@@ -114,6 +114,36 @@ def test_bad_input_fails_before_any_write(planted, kwargs, message):
     assert not planted.has_sample_field("slice") and "slices" not in planted.list_runs()
 
 
+@pytest.mark.timeout(300)
+def test_the_fields_that_may_name_are_chosen_checked_and_recorded(planted, one_thread):
+    """Naming read every categorical field, so a benchmark's truth fields (bias_aligned) named slices: name_fields
+    chooses the fields that may name, exclude_name_fields the ones that may not (ground truth, evaluation)."""
+    planted.set_values("weight", [0.5] * len(planted))  # a float field: it cannot name
+    kw = dict(epochs=4, slices_per_class=4, seed=0)
+    for kwargs, message in [({"name_fields": ["nope"]}, "name_fields: no field 'nope'"),
+                            ({"exclude_name_fields": ["bias_aligned"]}, "exclude_name_fields: no field"),
+                            ({"name_fields": ["weight"]}, "'weight' not categorical"),
+                            ({"name_fields": ["ground_truth"]}, "is the label field"),
+                            ({"name_fields": "stroke"}, "must be a list of field names"),
+                            ({"name_fields": ["stroke"], "exclude_name_fields": ["batch"]}, "not both")]:
+        with pytest.raises(fb.FairBalanceError, match=message):  # before any work or write
+            fb.discover_slices(planted, "ground_truth", **kwargs, **kw)
+        assert not planted.has_sample_field("slice") and "slices" not in planted.list_runs()
+    only = fb.discover_slices(planted, "ground_truth", name_fields=["stroke"], **kw)
+    assert only.name_fields == ["stroke"] and "stroke = blue" in [r["name"] for r in only.slices]
+    assert {n["field"] for r in only.slices for n in r["names"]} == {"stroke"}
+    assert runs.get_run_config(planted, "slices")["name_fields"] == ["stroke"]
+    out = fb.discover_slices(planted, "ground_truth", exclude_name_fields=["stroke"], overwrite=True, **kw)
+    assert out.name_fields == ["batch"]  # the label, the run's own fields and the float field never name
+    assert [r["slice"] for r in out.slices] == [r["slice"] for r in only.slices]  # names do not change slices
+    assert not any(n["field"] == "stroke" for r in out.slices for n in r["names"])
+    cfg = runs.get_run_config(planted, "slices")
+    assert cfg["exclude_name_fields"] == ["stroke"] and cfg["name_fields"] is None
+    # another discovery run's slices name nothing by default (slice 0/1 of one run would name slice 0/1 of the next)
+    other = fb.discover_slices(planted, "ground_truth", run_key="again", slice_field="again", **kw)
+    assert other.name_fields == ["stroke", "batch"] and "slice" not in other.name_fields
+
+
 def test_find_slices_orders_by_error_and_scores_within_class():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, (60, 5)), rng.normal(4, 1, (10, 5)), rng.normal(0, 1, (70, 5))])

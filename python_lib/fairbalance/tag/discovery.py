@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from fairbalance.core import folders, runs, validation, writeback
-from fairbalance.tag import slice_features
+from fairbalance.core import folders, runs, sharding, validation, writeback
+from fairbalance.tag import slice_features, slice_shards
 from fairbalance.tag import slice_names as naming
 from fairbalance.tag.hardness import BIASED_MODEL, model_settings  # the biased model (trained when none is given)
 
@@ -153,6 +153,7 @@ class DiscoveryResult:
     checkpoint: str | None = None
     clip_naming: str | None = None  # how the CLIP text bank named the slices, or why it did not
     feature_sources: list[str] = field(default_factory=lambda: ["model"])
+    name_fields: list[str] = field(default_factory=list)  # the categorical fields read for names
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,16 +164,13 @@ def output_fields(slice_field: str) -> list[str]:
     return [slice_field, f"{slice_field}_score"]
 
 
-def _name_columns(samples, ids: list[str], exclude: set[str]) -> dict[str, list]:
-    """The categorical fields of the view that can name a slice (few distinct values), one value per id."""
-    from fairbalance.core.fields import categorical_fields, label_path
+def shard_fields(kwargs: dict) -> list[str]:
+    """The fields a sharded run with these ``discover_slices`` arguments writes (asked by the capability table):
+    the slice, its score, and the per-sample outputs the shards computed and the merge clusters."""
+    import inspect
 
-    names = [f for f in categorical_fields(samples) if f not in exclude]
-    if not names:
-        return {}
-    paths = [label_path(samples, f) for f in names]
-    cols = samples.select(ids, ordered=True).values(paths)
-    return {n: list(col) for n, col in zip(names, cols) if 1 < len({str(v) for v in col}) <= MAX_NAME_VALUES}
+    name = kwargs.get("slice_field") or inspect.signature(discover_slices).parameters["slice_field"].default
+    return output_fields(name) + [slice_shards.features_field(name)]
 
 
 def _stored_features(samples, ids: list[str], features_field: str) -> np.ndarray:
@@ -212,26 +210,44 @@ def _errors(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
     return 1.0 - probs[np.arange(len(labels)), labels], probs.argmax(1) != labels
 
 
-def _names(samples, ids, fit, labels, exclude, captions_field, name_with_clip, features_field, features, device):
-    """Every slice's names (metadata, captions, CLIP text bank) and how the CLIP bank was used."""
-    columns = _name_columns(samples, ids, exclude)
+def _names(samples, ids, fit, labels, cfg: dict, features, device) -> tuple[list, str, list[str]]:
+    """Every slice's names (metadata, captions, CLIP text bank), how the CLIP bank was used, the fields read."""
+    fields = naming.naming_fields(samples, cfg["label_field"], shard_fields(cfg), cfg.get("name_fields"),
+                                  cfg.get("exclude_name_fields"))
+    columns = naming.name_columns(samples, ids, fields, MAX_NAME_VALUES)
     captions = None
-    if captions_field:
-        by_id = dict(zip(*samples.select(ids).values(["id", captions_field])))
+    if cfg["captions_field"]:
+        by_id = dict(zip(*samples.select(ids).values(["id", cfg["captions_field"]])))
         captions = [by_id.get(i) for i in ids]
-    bank, clip_naming = _clip_bank(samples, features_field, features, device) if name_with_clip else (None, "off")
-    return naming.name_slices(columns, captions, fit, labels, bank), clip_naming
+    bank, clip_naming = (_clip_bank(samples, cfg["features_field"], features, device) if cfg["name_with_clip"]
+                         else (None, "off"))
+    return naming.name_slices(columns, captions, fit, labels, bank), clip_naming, fields
 
 
-def _fit(clf, paths, labels, features, feature_sources, how: tuple, device, batch_size, num_workers):
-    """``(slices, errors, misclassified)``: the model's outputs on the images, its feature sources joined
-    (``features``, when given, stand for ``"model"``), clustered by :func:`find_slices` (``how``: its settings)."""
-    feats, logits, extra = slice_features.model_outputs(clf, paths, device, batch_size, num_workers, feature_sources)
+def slices_from_outputs(samples, data, outputs: tuple, features, cfg: dict, device=None, num_skipped: int = 0,
+                        run_key: str = "slices") -> tuple["DiscoveryResult", dict]:
+    """Cluster, name and rank the slices of ``data`` (real labelled samples) from the model's ``outputs``
+    (``(penultimate, logits, {source: matrix})``; ``features``, when given, stand for ``"model"``), with the
+    settings of the run config ``cfg``: the result and the values to write (``{field: {id: value}}``).
+    The one computation of an unsharded run and of a sharded run's merge."""
+    penultimate, logits, extra = outputs
+    labels, classes, ids = data.labels, data.classes, data.ids
     errors, wrong = _errors(logits, labels)
-    model = features if features is not None else feats
+    model = features if features is not None else penultimate
     sources = [model if s == "model" else slice_features.standardise(extra[s]) if s == "pixels" else extra[s]
-               for s in feature_sources]
-    return find_slices(sources, labels, errors, *how), errors, wrong
+               for s in cfg["feature_sources"]]
+    fit = find_slices(sources, labels, errors, cfg["algorithm"], cfg["slices_per_class"], cfg["error_weight"],
+                      cfg["seed"])
+    names, clip_naming, name_fields = _names(samples, ids, fit, labels, cfg, features, device)
+    class_error = {classes[c]: float(wrong[labels == c].mean()) for c in np.unique(labels)}
+    slice_names, records = _records(fit, classes, wrong, errors, names, class_error)
+    score = fit.scores[np.arange(len(ids)), fit.assign]
+    values = {cfg["slice_field"]: {i: slice_names[s] for i, s in zip(ids, fit.assign)},
+              cfg["score_field"]: {i: float(v) for i, v in zip(ids, score)}}
+    result = DiscoveryResult(run_key, cfg["slice_field"], cfg["score_field"], cfg["algorithm"], cfg["features"],
+                             len(records), len(ids), num_skipped, class_error, records, cfg["checkpoint"],
+                             clip_naming, list(cfg["feature_sources"]), name_fields)
+    return result, values
 
 
 def _given_classifier(samples, classifier, classifier_run, settings: dict):
@@ -239,29 +255,67 @@ def _given_classifier(samples, classifier, classifier_run, settings: dict):
     from fairbalance.tag import hardness
 
     defaults = {**{n: getattr(BIASED_MODEL, n) for n in TRAINING_SETTINGS}, "output_dir": None}
-    extra = [n for n, v in settings.items() if v != defaults[n]]
+    extra = [n for n, v in settings.items() if n in defaults and v != defaults[n]]
     if extra:
         raise validation.FairBalanceError(f"With a trained classifier nothing is trained here: drop {', '.join(extra)}")
     return hardness._load_given(samples, classifier, classifier_run)
 
 
-def _model_config(clf, biased) -> dict:
-    """The settings of the model that ranked the samples: the caller's when trained here, else its own."""
+def _model_config(clf, biased, checkpoint, classifier, classifier_run) -> dict:
+    """The model that ranked the samples, with its settings: the caller's when trained here, else its own."""
     names = TRAINING_SETTINGS + ("batch_size",)
+    given = {"checkpoint": checkpoint, "classifier": classifier and os.path.abspath(os.fspath(classifier)),
+             "classifier_run": classifier_run}
     if clf is None:
-        return {**model_settings(biased, names), "trained_here": True}
-    return {**model_settings(clf.config, names), "training_method": clf.config.method, "trained_here": False}
+        return {**given, **model_settings(biased, names), "trained_here": True}
+    return {**given, **model_settings(clf.config, names), "training_method": clf.config.method, "trained_here": False}
+
+
+def _model_and_samples(samples, label_field, classifier, classifier_run, biased, output_dir, run_key):
+    """``(the given classifier or None, its folder or the one to train into, the real labelled samples)``."""
+    from fairbalance.tag import hardness
+
+    clf = None
+    if classifier is not None or classifier_run is not None:
+        training_settings = {**model_settings(biased, TRAINING_SETTINGS), "output_dir": output_dir}
+        clf, output_dir = _given_classifier(samples, classifier, classifier_run, training_settings)
+    data = hardness.real_labelled(samples, label_field, clf)
+    if len(set(data.labels.tolist())) < 2:
+        raise validation.FairBalanceError(f"'{label_field}' has only one class in this view")
+    if clf is None:
+        dataset = samples._root_dataset
+        output_dir = os.path.abspath(output_dir or folders.default_folder("checkpoints", dataset.name, run_key))
+    return clf, output_dir, data
+
+
+def merge_shards(samples, job: dict) -> dict:
+    """Cluster, name and write the slices of a sharded run from the outputs its shards stored
+    (:mod:`~fairbalance.tag.slice_shards`): the results of the unsharded run with the same classifier."""
+    from fairbalance.tag import hardness
+    from fairbalance.train import training
+
+    cfg = job["config"]
+    data = hardness.real_labelled(samples, cfg["label_field"], training.load_classifier(cfg["checkpoint"]))
+    outputs = slice_shards.stored_outputs(samples, data.ids, slice_shards.features_field(cfg["slice_field"]),
+                                          job.get("shared", {}).get("layout") or {})
+    features = _stored_features(samples, data.ids, cfg["features_field"]) if cfg["features_field"] else None
+    result, values = slices_from_outputs(samples, data, outputs, features, cfg, None, data.num_unlabelled,
+                                         job["run_key"])
+    writeback.set_values_by_id(samples._root_dataset, values, ids=data.ids)
+    return result.to_dict()
 
 
 def validate_inputs(samples, label_field="ground_truth", method="error_aware", features_field=None,
                     slice_field="slice", slices_per_class=5, error_weight=2.0, captions_field=None,
-                    classifier=None, classifier_run=None, seed=0, feature_sources=DEFAULT_SOURCES) -> None:
-    """The up-front checks of :func:`discover_slices`."""
+                    classifier=None, classifier_run=None, seed=0, feature_sources=DEFAULT_SOURCES,
+                    name_fields=None, exclude_name_fields=None, sharded: bool = True, **settings) -> None:
+    """The up-front checks of :func:`discover_slices` (also run by ``queue_sharded`` before queuing, so
+    ``sharded`` defaults to True there: a sharded run needs the classifier trained once, before the shards)."""
     validation.require_nonempty(samples)
     validation.require_image_collection(samples)
     if method not in METHODS:
         raise validation.FairBalanceError(f"method must be one of {METHODS}, not {method!r}")
-    for name in output_fields(slice_field):
+    for name in output_fields(slice_field) + [slice_shards.features_field(slice_field)] * sharded:
         validation.require_field_name(name)
     if slice_field == label_field:
         raise validation.FairBalanceError(f"slice_field '{slice_field}' is the label field: choose another name")
@@ -279,8 +333,17 @@ def validate_inputs(samples, label_field="ground_truth", method="error_aware", f
             f"features_field '{features_field}' stands for the 'model' feature source, which feature_sources "
             f"{list(feature_sources)!r} leaves out: add 'model' to feature_sources, or drop features_field")
     validation.require_fields(samples, [label_field] + [f for f in (features_field, captions_field) if f])
+    naming.naming_fields(samples, label_field, shard_fields({"slice_field": slice_field}), name_fields,
+                         exclude_name_fields)
     if classifier is not None and classifier_run is not None:
         raise validation.FairBalanceError("pass classifier or classifier_run, not both")
+    if sharded and classifier is None and classifier_run is None:
+        raise validation.FairBalanceError(
+            "Sharded discovery needs the biased classifier trained once, before the shards (each shard only runs "
+            "it on its images): train it with fairbalance.train_classifier(view, label_field, method='biased', "
+            "run_key='biased') and pass classifier=<its checkpoint folder> or classifier_run='biased'")
+    if sharded:
+        _given_classifier(samples, classifier, classifier_run, settings)
 
 
 @runs.writer("discover_slices")
@@ -311,7 +374,12 @@ def discover_slices(
     overwrite: bool = False,
     progress=None,
     feature_sources: tuple[str, ...] | list[str] = DEFAULT_SOURCES,
-) -> DiscoveryResult:
+    name_fields: list[str] | None = None,
+    exclude_name_fields: list[str] | None = None,
+    shard: int | None = None,
+    num_shards: int | None = None,
+    chunk_size: int = sharding.DEFAULT_CHUNK_SIZE,
+) -> DiscoveryResult | sharding.ShardResult:
     """Find under-performing slices of every class with no bias label; store and name them.
 
     The model: ``classifier`` (a checkpoint folder) or ``classifier_run`` (a
@@ -327,59 +395,55 @@ def discover_slices(
     class, names (categorical metadata over-represented in the slice; caption
     keywords from ``captions_field``; the WordNet text bank when ``features_field``
     holds CLIP embeddings whose weights are on disk). ``overwrite=True`` replaces them.
+
+    ``name_fields``: the categorical fields that may name slices (None: every categorical field but the label,
+    other discovery runs' slices and ``exclude_name_fields``, e.g. ground-truth or evaluation fields such as
+    ``bias_aligned``); an unknown or non-categorical field is refused before any work.
+    ``shard, num_shards`` (needs ``classifier`` or ``classifier_run``: trained once, before the shards;
+    :func:`fairbalance.queue_sharded` queues them): the model's outputs of the shard's samples, stored in
+    ``<slice_field>_features`` per chunk of ``chunk_size``; the last shard to finish clusters, names and records
+    the run, as one unsharded call with the same classifier; returns a :class:`~fairbalance.core.sharding.ShardResult`.
     """
-    from fairbalance.tag import hardness
     from fairbalance.train import training
 
+    sharded = shard is not None or num_shards is not None
     validate_inputs(samples, label_field, method, features_field, slice_field, slices_per_class, error_weight,
-                    captions_field, classifier, classifier_run, seed, feature_sources)
-    clf, feature_sources = None, list(feature_sources)
+                    captions_field, classifier, classifier_run, seed, feature_sources, name_fields,
+                    exclude_name_fields, sharded=sharded)
+    sharding.one_shard_requested(shard, num_shards, overwrite)
+    feature_sources = list(feature_sources)
     biased = replace(BIASED_MODEL, label_field=label_field, q=q, backbone=backbone, image_size=image_size,
                      normalize=normalize, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                      num_workers=num_workers)
-    if classifier is not None or classifier_run is not None:
-        training_settings = {**model_settings(biased, TRAINING_SETTINGS), "output_dir": output_dir}
-        clf, output_dir = _given_classifier(samples, classifier, classifier_run, training_settings)
-    data = hardness.real_labelled(samples, label_field, clf)
-    ids, paths, labels, classes = data.ids, data.filepaths, data.labels, data.classes
-    if len(set(labels.tolist())) < 2:
-        raise validation.FairBalanceError(f"'{label_field}' has only one class in this view")
-    features = _stored_features(samples, ids, features_field) if features_field else None
+    clf, output_dir, data = _model_and_samples(samples, label_field, classifier, classifier_run, biased, output_dir,
+                                               run_key)
+    ids, paths, classes = data.ids, data.filepaths, data.classes
     dataset = samples._root_dataset
     fields = output_fields(slice_field)
-    if clf is None:
-        output_dir = os.path.abspath(output_dir or folders.default_folder("checkpoints", dataset.name, run_key))
     config = {"label_field": label_field, "algorithm": method, "features_field": features_field,
               "features": features_field or "penultimate layer of the classifier", "slice_field": slice_field,
               "score_field": fields[1], "slices_per_class": slices_per_class, "error_weight": error_weight,
-              "captions_field": captions_field, "name_with_clip": name_with_clip, "seed": seed, "checkpoint": output_dir,
-              "feature_sources": feature_sources,
-              "classifier": classifier and os.path.abspath(os.fspath(classifier)), "classifier_run": classifier_run,
-              **_model_config(clf, biased)}
+              "captions_field": captions_field, "name_with_clip": name_with_clip, "seed": seed,
+              **_model_config(clf, biased, output_dir, classifier, classifier_run),
+              "feature_sources": feature_sources, "name_fields": name_fields, "exclude_name_fields": exclude_name_fields}
+    if sharded:
+        return slice_shards.compute_shard(samples, clf, config, shard_fields(config), ids, run_key, shard,
+                                          num_shards, chunk_size, batch_size, device, num_workers, progress)
+    features = _stored_features(samples, ids, features_field) if features_field else None
     run = runs.prepare(samples, run_key, "discover_slices", config, fields, overwrite)
-    trained = clf is None
-    if trained:
+    if trained := clf is None:
         folders.claim_output_folder(output_dir, dataset, run_key)
         clf = training.train_classifier(samples.select(ids), replace(biased, classes=classes), device=device,
                                         progress=progress)
-    fit, errors, wrong = _fit(clf, paths, labels, features, feature_sources,
-                              (method, slices_per_class, error_weight, seed), device, batch_size, num_workers)
-    names, clip_naming = _names(samples, ids, fit, labels, {label_field, *fields}, captions_field, name_with_clip,
-                                features_field, features, device)
-    class_error = {classes[c]: float(wrong[labels == c].mean()) for c in np.unique(labels)}
-    slice_names, records = _records(fit, classes, wrong, errors, names, class_error)
-    score = fit.scores[np.arange(len(ids)), fit.assign]
+    outputs = slice_features.model_outputs(clf, paths, device, batch_size, num_workers, feature_sources)
+    result, values = slices_from_outputs(samples, data, outputs, features, config, device, data.num_unlabelled,
+                                         run_key)
 
     def write():
         if trained:
             folders.replace_contents(output_dir, clf.save)
-        writeback.set_values_by_id(dataset, {
-            fields[0]: {i: slice_names[s] for i, s in zip(ids, fit.assign)},
-            fields[1]: {i: float(v) for i, v in zip(ids, score)},
-        }, ids=ids)
+        writeback.set_values_by_id(dataset, values, ids=ids)
 
     run.write(write)
-    result = DiscoveryResult(run_key, fields[0], fields[1], method, config["features"], len(records), len(ids),
-                             data.num_unlabelled, class_error, records, output_dir, clip_naming, feature_sources)
     run.save_results(result.to_dict())
     return result

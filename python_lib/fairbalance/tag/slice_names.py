@@ -13,6 +13,69 @@ from collections import Counter
 
 import numpy as np
 
+
+def naming_fields(samples, label_field: str, own_fields, name_fields=None, exclude_name_fields=None) -> list[str]:
+    """The categorical fields that may name slices: ``name_fields`` as given, or (None) every categorical field
+    of the view but the label field, the run's ``own_fields``, the slices of other discovery runs
+    (:func:`slicing_fields`) and ``exclude_name_fields`` (the fields the caller says are ground truth or
+    evaluation, e.g. ``bias_aligned``). Checked before any work: a name that is
+    not a field of the view, or not categorical (a Classification, str, int or bool field), is an error."""
+    from fairbalance.core.fields import categorical_fields
+    from fairbalance.core.validation import FairBalanceError
+
+    for arg, given in (("name_fields", name_fields), ("exclude_name_fields", exclude_name_fields)):
+        if given is not None and (isinstance(given, str) or not isinstance(given, (list, tuple)) or not all(
+                isinstance(f, str) and f for f in given)):
+            raise FairBalanceError(f"{arg} must be a list of field names (or None), not {given!r}")
+    if name_fields is not None and exclude_name_fields is not None:
+        raise FairBalanceError("pass name_fields (the fields that may name) or exclude_name_fields (the fields that "
+                               "may not), not both")
+    schema = samples.get_field_schema()
+    categorical = categorical_fields(samples)
+    for arg, given in (("name_fields", name_fields), ("exclude_name_fields", exclude_name_fields)):
+        unknown = [f for f in given or () if f not in schema]
+        if unknown:
+            raise FairBalanceError(f"{arg}: no field {', '.join(map(repr, unknown))} in the view; its categorical "
+                                   f"fields are {categorical}")
+    if name_fields is None:
+        skip = {label_field, *own_fields, *slicing_fields(samples), *(exclude_name_fields or ())}
+        return [f for f in categorical if f not in skip]
+    wrong = [f for f in name_fields if f not in categorical]
+    if wrong:
+        raise FairBalanceError(f"name_fields: {', '.join(map(repr, wrong))} not categorical (a Classification, str, "
+                               f"int or bool field): only such fields can name a slice; categorical: {categorical}")
+    taken = [f for f in name_fields if f == label_field or f in own_fields]
+    if taken:
+        raise FairBalanceError(f"name_fields: {', '.join(map(repr, taken))} is the label field or written by this "
+                               "run: it cannot name the slices")
+    return list(dict.fromkeys(name_fields))
+
+
+def slicing_fields(samples) -> set[str]:
+    """The fields written by discovery runs of the dataset (done, or sharded and still running): another slicing
+    is no name in words (slice ``2/1`` of one run would name slice ``2/1`` of the next)."""
+    from fairbalance.core import runs
+
+    dataset = samples._root_dataset
+    out = set()
+    for key in dataset.list_runs():
+        cfg = runs.get_run_config(dataset, key)
+        if cfg.get("method") == runs.CONFIG_PREFIX + "discover_slices" or cfg.get("function") == "discover_slices":
+            out.update(cfg.get("fields_written") or [])
+    return out
+
+
+def name_columns(samples, ids: list[str], fields: list[str], max_values: int) -> dict[str, list]:
+    """The values of ``fields`` (categorical) for ``ids``, in that order; a field with one value or more than
+    ``max_values`` distinct ones (ids, paths) is left out: it names nothing."""
+    from fairbalance.core.fields import label_path
+
+    if not fields:
+        return {}
+    cols = samples.select(ids, ordered=True).values([label_path(samples, f) for f in fields])
+    return {n: list(col) for n, col in zip(fields, cols) if 1 < len({str(v) for v in col}) <= max_values}
+
+
 def metadata_names(slice_members: np.ndarray, class_members: np.ndarray, columns: dict[str, list],
                    top: int = 3, min_share: float = 0.3, min_lift: float = 1.5, alpha: float = 0.05,
                    num_slices: int = 1) -> list[dict]:
