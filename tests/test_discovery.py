@@ -191,6 +191,10 @@ def test_operator_form_offers_the_feature_sources_and_records_the_choice(digits_
         prop = asyncio.run(resolve_type(OperatorRegistry(), "@fairbalance/fairbalance/discover_slices", request))
         return prop.type.properties
 
+    exclude = form()["exclude_name_fields"]  # the fields that may not name: any categorical field but the label
+    assert [c.value for c in exclude.view.choices] == ["color", "bias_aligned", "source_index"]
+    assert form(num_shards=2)["classifier"].invalid  # shards need the classifier trained once, before them
+    assert not form(num_shards=2, classifier="/some/folder")["classifier"].invalid
     sources = form()["feature_sources"]
     assert [c.value for c in sources.view.choices] == list(slice_features.SOURCES)
     assert sources.default == list(discovery.DEFAULT_SOURCES)

@@ -150,3 +150,33 @@ def test_discovery_form_with_shards_queues_them_and_a_worker_runs_them(digits_co
     single = fairbalance.discover_slices(view, classifier=biased_folder, slice_field="one", run_key="one",
                                          slices_per_class=2, exclude_name_fields=["bias_aligned"])
     assert _by_id(view, "one") == _by_id(view, "sl") and single.num_slices == 20
+
+
+@pytest.mark.timeout(600)
+def test_the_command_line_queues_discovery_shards_and_names_only_the_chosen_fields(digits_copy, one_thread, capsys):
+    """``fairbalance queue-sharded DATASET discover_slices`` as for the other shardable writers; the naming options
+    on ``discover-slices`` itself."""
+    import json
+
+    import fiftyone.operators.delegated as food
+
+    from fairbalance.ops import cli
+
+    view = digits_copy.match_tags("train")
+    fairbalance.train_classifier(view, method="biased", run_key="biased", **FAST)
+    assert cli.main(["queue-sharded", digits_copy.name, "discover_slices", "classifier_run=biased",
+                     "slices_per_class=2", "exclude_name_fields=[bias_aligned, source_index]",
+                     "--view", "train", "--num-shards", "2", "--run-key", "cli_sharded", "--json"]) == 0
+    job = json.loads(capsys.readouterr().out)
+    assert job["run_key"] == "cli_sharded" and len(job["queued"]) == 2
+    svc = food.DelegatedOperationService()
+    svc.execute_queued_operations(operator=sharding.OPERATOR_URI, dataset_name=digits_copy.name)  # a worker's loop
+    digits_copy.reload()
+    assert fairbalance.sharded_status(digits_copy, "cli_sharded")["merged"]
+    assert runs.load_run_results(digits_copy, "cli_sharded")["name_fields"] == ["color"]
+    assert cli.main(["discover-slices", digits_copy.name, "--view", "train", "--classifier-run", "biased",
+                     "--slices-per-class", "2", "--name-fields", "color", "--slice-field", "one", "--run-key", "one",
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["name_fields"] == ["color"] and runs.get_run_config(digits_copy, "one")["name_fields"] == ["color"]
+    assert _by_id(view, "one") == _by_id(view, "slice")  # one call, the same slices as the shards'

@@ -308,9 +308,11 @@ def merge_shards(samples, job: dict) -> dict:
 def validate_inputs(samples, label_field="ground_truth", method="error_aware", features_field=None,
                     slice_field="slice", slices_per_class=5, error_weight=2.0, captions_field=None,
                     classifier=None, classifier_run=None, seed=0, feature_sources=DEFAULT_SOURCES,
-                    name_fields=None, exclude_name_fields=None, sharded: bool = True, **settings) -> None:
+                    name_fields=None, exclude_name_fields=None, sharded: bool = True, load_classifier: bool = True,
+                    **settings) -> None:
     """The up-front checks of :func:`discover_slices` (also run by ``queue_sharded`` before queuing, so
-    ``sharded`` defaults to True there: a sharded run needs the classifier trained once, before the shards)."""
+    ``sharded`` defaults to True there: a sharded run needs the classifier trained once, before the shards;
+    ``load_classifier``: it is loaded here, and refused with the errors of a call, before anything is queued)."""
     validation.require_nonempty(samples)
     validation.require_image_collection(samples)
     if method not in METHODS:
@@ -342,7 +344,7 @@ def validate_inputs(samples, label_field="ground_truth", method="error_aware", f
             "Sharded discovery needs the biased classifier trained once, before the shards (each shard only runs "
             "it on its images): train it with fairbalance.train_classifier(view, label_field, method='biased', "
             "run_key='biased') and pass classifier=<its checkpoint folder> or classifier_run='biased'")
-    if sharded:
+    if sharded and load_classifier:
         _given_classifier(samples, classifier, classifier_run, settings)
 
 
@@ -409,7 +411,7 @@ def discover_slices(
     sharded = shard is not None or num_shards is not None
     validate_inputs(samples, label_field, method, features_field, slice_field, slices_per_class, error_weight,
                     captions_field, classifier, classifier_run, seed, feature_sources, name_fields,
-                    exclude_name_fields, sharded=sharded)
+                    exclude_name_fields, sharded=sharded, load_classifier=False)  # loaded once, below
     sharding.one_shard_requested(shard, num_shards, overwrite)
     feature_sources = list(feature_sources)
     biased = replace(BIASED_MODEL, label_field=label_field, q=q, backbone=backbone, image_size=image_size,
