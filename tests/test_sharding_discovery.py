@@ -180,3 +180,19 @@ def test_the_command_line_queues_discovery_shards_and_names_only_the_chosen_fiel
     out = json.loads(capsys.readouterr().out)
     assert out["name_fields"] == ["color"] and runs.get_run_config(digits_copy, "one")["name_fields"] == ["color"]
     assert _by_id(view, "one") == _by_id(view, "slice")  # one call, the same slices as the shards'
+
+
+def test_shards_with_a_features_field_store_no_penultimate_layer_and_give_the_same_slices(digits_copy, biased_folder,
+                                                                                         one_thread):
+    """A vector field stands for the model source: the shards store only what the merge cannot read elsewhere."""
+    view = digits_copy.match_tags("train")
+    rng = np.random.default_rng(0)
+    digits_copy.set_values("emb", [rng.normal(size=8).astype(np.float32) for _ in range(len(digits_copy))])
+    kw = dict(classifier=biased_folder, features_field="emb", feature_sources=["model", "pixels"], **SETTINGS)
+    fairbalance.discover_slices(view, slice_field="one", run_key="one", **kw)
+    for shard in (1, 0):
+        fairbalance.discover_slices(view, slice_field="two", run_key="two", shard=shard, num_shards=2, **kw)
+    assert _by_id(view, "one") == _by_id(view, "two")
+    job = sharding.get_job(view, "two")
+    assert job["shared"]["layout"] == {"logits": 10, "pixels": 23}  # no penultimate layer: the field stands for it
+    assert len(view.first()["two_features"]) == 33
