@@ -1,5 +1,11 @@
 """Sharded slice discovery: shards run one trained classifier on their images, the merge clusters and names once."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import fiftyone as fo
 import numpy as np
 import pytest
@@ -9,6 +15,7 @@ from fairbalance.core import runs, sharding
 from fairbalance.core.validation import FairBalanceError
 from fairbalance.train import training
 
+FIFTYONE_CLI = os.path.join(os.path.dirname(sys.executable), "fiftyone")
 FAST = dict(backbone="mlp", image_size=16, epochs=3, batch_size=64, seed=0)
 SETTINGS = dict(slices_per_class=3, seed=0)
 
@@ -196,3 +203,43 @@ def test_shards_with_a_features_field_store_no_penultimate_layer_and_give_the_sa
     job = sharding.get_job(view, "two")
     assert job["shared"]["layout"] == {"logits": 10, "pixels": 23}  # no penultimate layer: the field stands for it
     assert len(view.first()["two_features"]) == 33
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_queued_shards_run_by_a_real_worker_give_the_slices_of_one_call(digits_copy, biased_folder, tmp_path):
+    """Two shards queued, run by a real ``fiftyone delegated launch`` process; the merge equals one call."""
+    ds = digits_copy
+    kw = dict(classifier=biased_folder, exclude_name_fields=["bias_aligned"], **SETTINGS)
+    single = fairbalance.discover_slices(ds, slice_field="one", run_key="one", **kw)
+    job = fairbalance.queue_sharded(ds, "discover_slices", num_shards=2, run_key="job", slice_field="two",
+                                    chunk_size=50, **kw)
+    assert sorted(job.queued) == [0, 1] and not ds.has_field("two")
+    env = dict(os.environ)
+    lib = os.path.dirname(os.path.dirname(fairbalance.__file__))  # this checkout's library, not an installed one
+    env["PYTHONPATH"] = os.pathsep.join([lib] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["OMP_NUM_THREADS"] = "1"
+    log = str(tmp_path / "worker.log")
+    worker = subprocess.Popen([FIFTYONE_CLI, "delegated", "launch"], env=env, stdout=open(log, "w"),
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 400
+        while not fairbalance.sharded_status(ds, "job")["merged"]:
+            assert worker.poll() is None and time.time() < deadline, open(log).read()[-3000:]
+            time.sleep(0.2)
+    finally:
+        worker.send_signal(signal.SIGINT)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    ds.reload()
+    assert fairbalance.sharded_status(ds, "job")["num_done"] == len(ds)
+    assert _by_id(ds, "one") == _by_id(ds, "two")
+    res_a, cfg_a = _normalised(ds, "one", "one")
+    res_b, cfg_b = _normalised(ds, "job", "two")
+    assert cfg_a == cfg_b and single.num_slices == 30
+    assert [(r["slice"], r["size"], r["errors"], r["name"]) for r in res_a["slices"]] == [
+        (r["slice"], r["size"], r["errors"], r["name"]) for r in res_b["slices"]]
+    assert res_a["name_fields"] == res_b["name_fields"] and "bias_aligned" not in res_b["name_fields"]
