@@ -699,6 +699,18 @@ def val_groups(val, field):
            f"{min(pairs.values())} (DFR draws that many of each per epoch)"
 
 
+def group_robust_row(train, method, field, seed, extra, common, test, xt, yt, conflicting):
+    """One GroupDRO / DFR training and its test accuracy; for DFR, the last-layer stage's final training loss is
+    printed (is the head fitted, with ``head_epochs`` draws of ``per_group`` samples of each group?)."""
+    clf = train_classifier(train, method=method, group_field=field, seed=seed, **common, **extra)
+    last = clf.history[-1]
+    if last.get("stage") == "dfr_head":
+        print(f"  DFR head: {last['epoch'] - clf.config.epochs} epochs of {last['num_samples']} samples "
+              f"({last['per_group']} per group, {last['num_groups']} groups), final training loss "
+              f"{last['loss']:.3f}, training accuracy {100 * last['train_accuracy']:.1f}%", flush=True)
+    return evaluate(clf, test, xt, yt, conflicting)
+
+
 def run_corrupted(ratio, args, work):
     """Corrupted MNIST (issue #26): nothing hand-made tells any method the corruption.
 
@@ -742,9 +754,11 @@ def run_corrupted(ratio, args, work):
             ("slices_dro", "group_dro", "slice", "GroupDRO on discovered slices"),
             ("george_dfr", "dfr", "george_tv", "DFR on GEORGE groups (train + val clustered)"),
             ("slices_dfr", "dfr", "slice_tv", "DFR on discovered slices (train + val clustered)")):
-        if row in methods:
-            add(f"fairbalance {name}", lambda s, m=method, f=field: evaluate(train_classifier(
-                train, method=m, group_field=f, seed=s, **common), test, xt, yt, conflicting))
+        for head_epochs in (args.dfr_head_epochs if method == "dfr" else [None]) if row in methods else []:
+            extra = {"head_epochs": head_epochs} if head_epochs else {}
+            add(f"fairbalance {name}" + (f", {head_epochs} head epochs" if head_epochs else ""),
+                lambda s, m=method, f=field, e=extra: group_robust_row(train, m, f, s, e, common, test, xt, yt,
+                                                                      conflicting))
     if "cells" in methods:
         t0 = time.time()
         truth = ("corruption.label", CORRUPTIONS)
@@ -967,6 +981,9 @@ def main():
                          "biased-prediction (the class a GCE-biased model predicts: no bias label; "
                          "--discovery-epochs). Corrupted MNIST's cells: biased-prediction, else the discovered "
                          "slice")
+    ap.add_argument("--dfr-head-epochs", type=int, nargs="+", default=[0],
+                    help="Corrupted MNIST DFR rows: one row per value of train_classifier's head_epochs (each epoch "
+                         "is one group-balanced draw of val); 0: the library's default")
     ap.add_argument("--discovery-epochs", type=int, default=10)
     ap.add_argument("--slices-per-class", type=int, default=3)
     args = ap.parse_args()
