@@ -643,7 +643,7 @@ def run_ratio(ratio, args, work):
 
 # ----------------------------------------------------------------------------- Corrupted MNIST, --dataset corrupted
 
-CORRUPTED_METHODS = ("plain", "george_dro", "slices_dro", "george_dfr", "slices_dfr", "cells")
+CORRUPTED_METHODS = ("plain", "george_dro", "slices_dro", "george_dfr", "slices_dfr", "class_dfr", "cells")
 
 
 def corrupted_groups(train, val, methods, args, work) -> list[str]:
@@ -748,12 +748,16 @@ def run_corrupted(ratio, args, work):
         add("plain PyTorch LfF", lambda s: evaluate(plain_train(x, y, xv, yv, s, lff=True, epochs=args.epochs),
                                                      test, xt, yt, conflicting))
     notes += corrupted_groups(train, val, methods, args, work)
+    if "class_dfr" in methods:  # the control: DFR's groups are the classes alone (one value for every sample)
+        train_val = ds.match_tags(["train", "val"])
+        writeback.set_values_by_id(train_val, {"one_group": {i: "all" for i in train_val.values("id")}})
     print("\n".join(notes), flush=True)
     for row, method, field, name in (
             ("george_dro", "group_dro", "george", "GroupDRO on GEORGE groups"),
             ("slices_dro", "group_dro", "slice", "GroupDRO on discovered slices"),
             ("george_dfr", "dfr", "george_tv", "DFR on GEORGE groups (train + val clustered)"),
-            ("slices_dfr", "dfr", "slice_tv", "DFR on discovered slices (train + val clustered)")):
+            ("slices_dfr", "dfr", "slice_tv", "DFR on discovered slices (train + val clustered)"),
+            ("class_dfr", "dfr", "one_group", "DFR on the classes alone (control: no discovered group)")):
         for head_epochs in (args.dfr_head_epochs if method == "dfr" else [None]) if row in methods else []:
             extra = {"head_epochs": head_epochs} if head_epochs else {}
             add(f"fairbalance {name}" + (f", {head_epochs} head epochs" if head_epochs else ""),
