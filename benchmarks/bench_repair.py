@@ -57,9 +57,11 @@ across classes, with no bias label and no hand-made feature.
 
 Corrupted MNIST (``--dataset corrupted``, issue #26): every digit class tied to
 one corruption type (LfF's Corrupted CIFAR-10 protocol on the same digits),
-unbiased val/test; discovery -> GroupDRO, and discovery -> cells ->
-generation -> two-stage, against plain vanilla / LfF and GroupDRO on GEORGE
-groups, with no hand-made feature (see ``run_corrupted``).
+unbiased val/test; discovery -> GroupDRO / DFR (``--corrupted-methods george_dro slices_dro george_dfr
+slices_dfr``; DFR's validation groups from clustering train + val together with the train-only GCE model),
+and discovery -> cells -> generation -> two-stage (``cells``; with ``--features biased-prediction`` the cells'
+attribute is the GCE model's predicted class, as on Colored MNIST, otherwise the discovered slice), against
+plain vanilla / LfF in the same process, with no hand-made feature (see ``run_corrupted``).
 
 Usage: python benchmarks/bench_repair.py [--build a|b] [--ratios 0.01 0.05] [--seeds 0 1 2]
            [--methods plain vanilla jtt lff cells diffinject] [--diffusion-epochs 15]
@@ -215,19 +217,21 @@ def evaluate(net_or_clf, test, xt, yt, conflicting):
     return 100 * ev.accuracy, 100 * ev.conflicting_accuracy
 
 
-def cell_attribute(train, args, work) -> tuple[str, int]:
+def cell_attribute(train, args, work, truth=("color.label", None)) -> tuple[str, int]:
     """The cells' attribute field and its number of values (``--features``): ``stand-in``, X-means on each
     image's mean stroke colour (made from the planted attribute); ``discovered``, ``discover_slices`` (no
-    colour feature, no bias label: the library's feature sources, ``--slices-per-class``)."""
+    colour feature, no bias label: the library's feature sources, ``--slices-per-class``); ``biased-prediction``,
+    the class a GCE-biased model predicts. ``truth`` (the bias field and the bias value of each class, ``None``:
+    the build's colour names) is read by the printed reports only."""
     if args.features == "discovered":
         res = discover(train, args, work)
-        print(discovery_report(train, res), flush=True)
+        print(discovery_report(train, res, truth), flush=True)
         return "slice", res.num_slices
     if args.features == "biased-prediction":
         fb.compute_hardness_tags(train, "ground_truth", loss_field=PREDICTED, tag="bias_predicted_conflicting",
                                  epochs=args.discovery_epochs, run_key="bias_prediction", overwrite=True,
                                  output_dir=os.path.join(work, "gce_prediction"))
-        print(prediction_report(train), flush=True)
+        print(prediction_report(train, truth), flush=True)
         return f"{PREDICTED}_prediction", len(set(train.values(f"{PREDICTED}_prediction")))
     writeback.set_values_by_id(train, {"sa_features": colour_features(train)})
     return "sa_cluster", fb.compute_pseudo_labels(train, kmax=20, seed=0, overwrite=True).num_clusters
@@ -237,13 +241,14 @@ def cell_attribute(train, args, work) -> tuple[str, int]:
 PREDICTED = "bias_predicted_loss"
 
 
-def prediction_report(train) -> str:
-    """For the reader: how often the biased model's predicted class is the image's true colour (the truth is read
-    only here), on all training images and on the bias-conflicting ones."""
-    pred, colour, aligned = train.values([f"{PREDICTED}_prediction", "color.label", "bias_aligned"])
-    hit = [NAMES[int(p)] == c for p, c in zip(pred, colour)]
+def prediction_report(train, truth=("color.label", None)) -> str:
+    """For the reader: how often the biased model's predicted class is the image's true colour (Corrupted MNIST:
+    corruption; the truth is read only here), on all training images and on the bias-conflicting ones."""
+    field, names = truth[0], truth[1] or NAMES
+    pred, colour, aligned = train.values([f"{PREDICTED}_prediction", field, "bias_aligned"])
+    hit = [names[int(p)] == c for p, c in zip(pred, colour)]
     conf = [h for h, a in zip(hit, aligned) if not a]
-    return (f"biased prediction as the attribute: the GCE model's predicted class names the true colour of "
+    return (f"biased prediction as the attribute: the GCE model's predicted class names the true {field} of "
             f"{100 * np.mean(hit):.1f}% of the training images, {100 * np.mean(conf):.1f}% of the {len(conf)} "
             f"bias-conflicting ones")
 
@@ -265,17 +270,18 @@ def discover(train, args, work):
                               output_dir=os.path.join(work, "gce"), exclude_name_fields=truth_fields(train))
 
 
-def discovery_report(train, res) -> str:
-    """What discovery found, for the reader: slices per class, their purity w.r.t. the true colour (the only
-    place the truth is read), and where the bias-conflicting samples went."""
-    sl, colour, aligned = train.values(["slice", "color.label", "bias_aligned"])
+def discovery_report(train, res, truth=("color.label", None)) -> str:
+    """What discovery found, for the reader: slices per class, their purity w.r.t. the true colour (Corrupted
+    MNIST: corruption; the only place the truth is read), and where the bias-conflicting samples went."""
+    field, names = truth[0], truth[1] or NAMES
+    sl, colour, aligned = train.values(["slice", field, "bias_aligned"])
     members = {}
     for s, c in zip(sl, colour):
         members.setdefault(s, []).append(c)
     major = {s: max(set(v), key=v.count) for s, v in members.items()}
     pure = sum(v.count(major[s]) for s, v in members.items())
     held = [s for s, a in zip(sl, aligned) if not a]  # the slices of the bias-conflicting samples
-    off = sum(major[s] != NAMES[int(s.split("/")[0])] for s in held)
+    off = sum(major[s] != names[int(s.split("/")[0])] for s in held)
     lines = [f"discovery: {res.num_slices} slices ({len(members) / len({s.split('/')[0] for s in members}):.0f} "
              f"per class), purity w.r.t. the true colour {100 * pure / len(sl):.1f}% (size-weighted share of each "
              f"slice's majority colour), {len(set(major.values()))} distinct majority colours; the {len(held)} "
@@ -647,23 +653,90 @@ def run_ratio(ratio, args, work):
 
 # ----------------------------------------------------------------------------- Corrupted MNIST, --dataset corrupted
 
-CORRUPTED_METHODS = ("plain", "george_dro", "slices_dro", "cells")
+CORRUPTED_METHODS = ("plain", "george_dro", "slices_dro", "george_dfr", "slices_dfr", "class_dfr", "cells")
+
+
+def corrupted_groups(train, val, methods, args, work) -> list[str]:
+    """The groups of the GroupDRO / DFR rows and the cells, all from one GCE model trained on the training split
+    (``--discovery-epochs``, saved in ``work/gce``): ``slice`` (ours on train, the library's default feature
+    sources), ``george`` (GEORGE on train: the penultimate layer alone, as published); for DFR, which retrains the
+    last layer on group-balanced validation samples, the same two clusterings of train + val together
+    (``slice_tv``, ``george_tv``; the model still never saw val). Returns the notes to print."""
+    from fiftyone import ViewField as Fv
+
+    gce = os.path.join(work, "gce")
+    train_val = train._root_dataset.match(Fv("tags").contains("train") | Fv("tags").contains("val"))
+    george = dict(method="george", feature_sources=["model"])  # GEORGE as published: the penultimate layer alone
+    wanted = [("slice", "slices", train, {}, bool(methods & {"slices_dro"}) or
+               ("cells" in methods and args.features != "biased-prediction")),
+              ("george", "george", train, george, "george_dro" in methods),
+              ("slice_tv", "slices_tv", train_val, {}, "slices_dfr" in methods),
+              ("george_tv", "george_tv", train_val, george, "george_dfr" in methods)]
+    if any(w[-1] for w in wanted[2:]) and not any(w[-1] for w in wanted[:2]):
+        wanted[1] = wanted[1][:-1] + (True,)  # the GCE model is trained on the training split only
+    notes, where = [], {"output_dir": gce, "epochs": args.discovery_epochs}  # the first call (on train) trains it
+    for field, run_key, view, kw, needed in wanted:
+        if not needed:
+            continue
+        res = fb.discover_slices(view, "ground_truth", slices_per_class=args.slices_per_class, run_key=run_key,
+                                 slice_field=field, exclude_name_fields=truth_fields(view), **where, **kw)
+        where = {"classifier": gce}  # the others load it
+        notes.append(slice_purity(train, field) + f"; {res.num_slices} {field} groups over "
+                     f"{'train + val' if view is not train else 'train'}")
+        if view is not train:
+            notes.append(val_groups(val, field))
+    return notes
+
+
+def slice_purity(train, field):
+    """How well the discovered groups separate the conflicting samples (scoring only reads bias_aligned)."""
+    sl, aligned = train.values([field, "bias_aligned"])
+    counts = {}
+    for s, a in zip(sl, aligned):
+        counts.setdefault(s, [0, 0])[int(not a)] += 1
+    best = max(counts.values(), key=lambda c: c[1] / max(1, sum(c)))
+    total = int(sum(not a for a in aligned))
+    return f"{field}: {len(counts)} groups on train; the group richest in conflicting samples holds {best[1]} of " \
+           f"{sum(best)} (of {total} conflicting)"
+
+
+def val_groups(val, field):
+    """DFR's held-out groups: how many (class, group) pairs the validation samples fill, and the smallest."""
+    pairs = {}
+    for y, g in zip(*val.values(["ground_truth.label", field])):
+        pairs[(y, g)] = pairs.get((y, g), 0) + 1
+    return f"{field} on val: {len(val)} samples in {len(pairs)} (class, group) pairs, the smallest " \
+           f"{min(pairs.values())} (each of DFR's balanced draws takes that many of each)"
+
+
+def group_robust_row(train, method, field, seed, common, test, xt, yt, conflicting):
+    """One GroupDRO / DFR training and its test accuracy; for DFR, the refitted last layer's regularisation and
+    its accuracy on the held-out samples it was fitted on are printed."""
+    clf = train_classifier(train, method=method, group_field=field, seed=seed, **common)
+    last = clf.history[-1]
+    if last.get("stage") == "dfr_head":
+        print(f"  DFR head: C={last['C']} over {last['draws']} draws of {last['num_samples']} samples "
+              f"({last['per_group']} per group, {last['num_groups']} groups), accuracy on the held-out samples "
+              f"{100 * last['train_accuracy']:.1f}%", flush=True)
+    return evaluate(clf, test, xt, yt, conflicting)
 
 
 def run_corrupted(ratio, args, work):
     """Corrupted MNIST (issue #26): nothing hand-made tells any method the corruption.
 
-    Rows: plain PyTorch vanilla and LfF; GroupDRO on GEORGE's groups (per-class k-means of the GCE model's
-    penultimate features); GroupDRO on our discovered slices (error-aware, the library's default feature sources:
-    penultimate + first hidden layer + image statistics); and the road from discovery:
-    slices -> class x slice diffusion -> cells filled by editing real digits -> two-stage training.
+    Rows: plain PyTorch vanilla and LfF; GroupDRO and DFR on GEORGE's groups (per-class k-means of the GCE
+    model's penultimate features) and on our discovered slices (error-aware, the library's default feature
+    sources: penultimate + first hidden layer + image statistics); and the road from discovery to repair: the
+    cells' attribute (``--features biased-prediction``: the class a GCE-biased model predicts, as on Colored
+    MNIST; otherwise the discovered slice) -> class x attribute diffusion -> cells filled by editing real digits
+    -> two-stage training.
     """
-    from fairbalance.datasets.corrupted_mnist import corrupted_mnist
+    from fairbalance.datasets.corrupted_mnist import CORRUPTIONS, corrupted_mnist
 
     t_start = time.time()
     methods = set(args.corrupted_methods)
-    ds = corrupted_mnist(f"fb-bench-corrupted-{ratio}", conflict_ratio=ratio, output_dir=os.path.join(work, "data"),
-                         overwrite=True, seed=BUILDS[args.build]["seed"])
+    ds = corrupted_mnist(f"fb-bench-corrupted-{ratio}{args.name_suffix}", conflict_ratio=ratio,
+                         output_dir=os.path.join(work, "data"), overwrite=True, seed=BUILDS[args.build]["seed"])
     train, val, test = ds.match_tags("train"), ds.match_tags("val"), ds.match_tags("test")
     x, y = arrays(train)
     xv, yv = arrays(val)
@@ -674,58 +747,53 @@ def run_corrupted(ratio, args, work):
 
     def add(name, fn):
         for seed in args.seeds:
+            t0 = time.time()
             rows.setdefault(name, []).append(fn(seed))
-
-    def slice_purity(field):
-        """How well the discovered groups separate the conflicting samples (scoring only reads bias_aligned)."""
-        sl, aligned = train.values([field, "bias_aligned"])
-        counts = {}
-        for s, a in zip(sl, aligned):
-            counts.setdefault(s, [0, 0])[int(not a)] += 1
-        best = max(counts.values(), key=lambda c: c[1] / max(1, sum(c)))
-        total = int(sum(not a for a in aligned))
-        return f"{field}: {len(counts)} groups; the group richest in conflicting samples holds {best[1]} of " \
-               f"{sum(best)} (of {total} conflicting)"
+            print(f"row: {name}, seed {seed}: {rows[name][-1][0]:.1f} / {rows[name][-1][1]:.1f} (all / conflicting)"
+                  f", {time.time() - t0:.0f} s", flush=True)
 
     if "plain" in methods:
         add("plain PyTorch vanilla", lambda s: evaluate(plain_train(x, y, xv, yv, s, epochs=args.epochs),
                                                          test, xt, yt, conflicting))
         add("plain PyTorch LfF", lambda s: evaluate(plain_train(x, y, xv, yv, s, lff=True, epochs=args.epochs),
                                                      test, xt, yt, conflicting))
-    if methods & {"slices_dro", "cells"}:
-        discover(train, args, work)
-        notes.append(slice_purity("slice"))
-    if "george_dro" in methods:
-        fb.discover_slices(train, "ground_truth", method="george", classifier=os.path.join(work, "gce")
-                           if methods & {"slices_dro", "cells"} else None,
-                           epochs=10 if methods & {"slices_dro", "cells"} else args.discovery_epochs,
-                           slices_per_class=args.slices_per_class, run_key="george", slice_field="george",
-                           feature_sources=["model"],  # GEORGE as published: the penultimate layer alone
-                           exclude_name_fields=truth_fields(train),
-                           **({} if methods & {"slices_dro", "cells"} else {"output_dir": os.path.join(work, "gce")}))
-        notes.append(slice_purity("george"))
-        add("fairbalance GroupDRO on GEORGE groups", lambda s: evaluate(train_classifier(
-            train, method="group_dro", group_field="george", seed=s, **common), test, xt, yt, conflicting))
-    if "slices_dro" in methods:
-        add("fairbalance GroupDRO on discovered slices", lambda s: evaluate(train_classifier(
-            train, method="group_dro", group_field="slice", seed=s, **common), test, xt, yt, conflicting))
+    notes += corrupted_groups(train, val, methods, args, work)
+    if "class_dfr" in methods:  # the control: DFR's groups are the classes alone (one value for every sample)
+        train_val = ds.match_tags(["train", "val"])
+        writeback.set_values_by_id(train_val, {"one_group": {i: "all" for i in train_val.values("id")}})
+    print("\n".join(notes), flush=True)
+    for row, method, field, name in (
+            ("george_dro", "group_dro", "george", "GroupDRO on GEORGE groups"),
+            ("slices_dro", "group_dro", "slice", "GroupDRO on discovered slices"),
+            ("george_dfr", "dfr", "george_tv", "DFR on GEORGE groups (train + val clustered)"),
+            ("slices_dfr", "dfr", "slice_tv", "DFR on discovered slices (train + val clustered)"),
+            ("class_dfr", "dfr", "one_group", "DFR on the classes alone (control: no discovered group)")):
+        if row in methods:
+            add(f"fairbalance {name}", lambda s, m=method, f=field: group_robust_row(train, m, f, s, common, test,
+                                                                                     xt, yt, conflicting))
     if "cells" in methods:
         t0 = time.time()
-        model = attribute_generator(train, "slice", args, work)
+        truth = ("corruption.label", CORRUPTIONS)
+        field = cell_attribute(train, args, work, truth)[0] if args.features == "biased-prediction" else "slice"
+        model = attribute_generator(train, field, args, work)
+        t_train = time.time() - t0
         n_gen, t_gen = build_generator(train, model, args, work)
-        notes.append(f"generator on discovered slices: {n_gen} images; {time.time() - t0:.0f} s")
+        notes.append(f"cells: attribute {field}; generator {t_train:.0f} s ({getattr(model, 'model_dir', model)}), {n_gen} images generated in "
+                     f"{t_gen:.0f} s; edits: inversion {args.inversion}, keep background {args.keep_background}")
+        print(notes[-1], flush=True)
         with_gen = real_plus(ds, "generate_balanced")
-        add("fairbalance discovery -> cells -> two-stage", lambda s: evaluate(train_classifier(
+        add(f"fairbalance cells ({field}) -> two-stage", lambda s: evaluate(train_classifier(
             with_gen, method="two_stage", seed=s, **common), test, xt, yt, conflicting))
     print(f"\n## Corrupted MNIST, {ratio:.1%} conflicting: {len(train)} train, {len(val)} val, {len(test)} test; "
           f"seeds {args.seeds}; {args.epochs} epochs; {time.time() - t_start:.0f} s")
     for note in notes:
         print(note)
-    print("| method | unbiased test acc. | bias-conflicting acc. |")
-    print("|---|---|---|")
+    print("| method | unbiased test acc. | bias-conflicting acc. | per seed |")
+    print("|---|---|---|---|")
     for name, accs in rows.items():
         a = np.array(accs)
-        print(f"| {name} | {a[:, 0].mean():.1f} ± {a[:, 0].std():.1f} | {a[:, 1].mean():.1f} ± {a[:, 1].std():.1f} |")
+        print(f"| {name} | {a[:, 0].mean():.1f} ± {a[:, 0].std():.1f} | {a[:, 1].mean():.1f} ± {a[:, 1].std():.1f} "
+              f"| {', '.join(f'{v:.1f}' for v in a[:, 0])} |", flush=True)
     ds.delete()
     return rows
 
@@ -923,7 +991,8 @@ def main():
                     help="Colored MNIST cells' attribute: stand-in (X-means on the mean stroke colour, made from "
                          "the planted attribute), discovered (discover_slices: no colour feature, no bias label) or "
                          "biased-prediction (the class a GCE-biased model predicts: no bias label; "
-                         "--discovery-epochs)")
+                         "--discovery-epochs). Corrupted MNIST's cells: biased-prediction, else the discovered "
+                         "slice")
     ap.add_argument("--discovery-epochs", type=int, default=10)
     ap.add_argument("--slices-per-class", type=int, default=3)
     args = ap.parse_args()
