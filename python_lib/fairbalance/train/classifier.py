@@ -71,8 +71,9 @@ def train_classifier(
     ``head_epochs``, ``stage1_real``); generated samples marked in
     ``exclude_field`` (``filter_generated(action="exclude")``) are left out;
     ``group_dro`` / ``dfr`` train on the (class, ``group_field``) groups
-    (GroupDRO with step ``dro_step``; DFR retrains the last layer on
-    group-balanced subsets of ``val_samples``, a held-out split);
+    (GroupDRO with step ``dro_step``; DFR refits the last layer, L1 logistic
+    regression averaged over group-balanced draws of ``val_samples``, a
+    held-out split);
     see :mod:`fairbalance.train.training` for the recipe. The run (``run_key``; None trains without recording)
     holds the full config, the history, the selected epoch and the
     checkpoint folder (``output_dir``, default under

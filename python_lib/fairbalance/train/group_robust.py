@@ -10,11 +10,14 @@ bias attribute (``color``) and discovered slices (``slice`` of
   groups weigh most; batches are drawn group-balanced (with replacement), as
   in the paper's released runs.
 - ``dfr`` (Kirichenko et al. 2023): train the whole model with plain
-  cross-entropy on ``samples``, then freeze its features and retrain only the
-  last layer (reset) on group-balanced subsets of the held-out
-  ``val_samples`` (a new balanced draw, ``min group size`` per group, each
-  epoch), for ``head_epochs``. The validation view is then training data, so
-  no epoch is selected on it.
+  cross-entropy on ``samples``, then keep its features and refit only the
+  last layer on the held-out ``val_samples`` as the paper's code does: L1
+  logistic regression on standardised features, group-balanced draws
+  (``min group size`` per group), the weights averaged over ``DFR_DRAWS``
+  draws, the regularisation ``C`` chosen from ``DFR_C_GRID`` on one half of
+  the held-out samples by worst-group accuracy on the other half (no
+  ``head_epochs``: the regression is fitted to convergence). The validation
+  view is then training data, so no epoch is selected on it.
 
 Single process (not under ``accelerate launch``): both methods refuse a launcher.
 """
@@ -117,44 +120,97 @@ def fit_group_dro(net, config, x, y, w, val, dev, gen, progress, groups=None, nu
     return history, selector.finish(net)
 
 
+#: DFR's head (Kirichenko et al. 2023, their released code): L1 logistic regression on standardised features, the
+#: inverse regularisation C chosen on one half of the held-out split by worst-group accuracy on the other, then the
+#: weights averaged over this many group-balanced draws of the whole held-out split
+DFR_DRAWS = 10
+DFR_C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
+
+
+def _balanced_draw(groups: np.ndarray, rng) -> np.ndarray:
+    """Indices of ``min group size`` samples from every group (no replacement)."""
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    per_group = min(len(m) for m in members)
+    return np.concatenate([rng.choice(m, per_group, replace=False) for m in members])
+
+
+def _l1_logistic(c: float):
+    """A binary L1 logistic regression (liblinear, as DFR's code), in the spelling of the installed scikit-learn."""
+    import sklearn
+    from sklearn.linear_model import LogisticRegression
+
+    major, minor = (int(v) for v in sklearn.__version__.split(".")[:2])
+    l1 = {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
+    return LogisticRegression(C=c, solver="liblinear", **l1)
+
+
+def _fit_head(feats: np.ndarray, labels: np.ndarray, groups: np.ndarray, c: float, draws: int, classes: int,
+              seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weights and bias (``classes`` rows, one-vs-rest) of L1 logistic regressions averaged over balanced draws."""
+    rng = np.random.default_rng(seed)
+    coef, intercept = np.zeros((classes, feats.shape[1])), np.zeros(classes)
+    for _ in range(draws):
+        pick = _balanced_draw(groups, rng)
+        for k in np.unique(labels[pick]):
+            lr = _l1_logistic(c).fit(feats[pick], labels[pick] == k)
+            coef[k] += lr.coef_[0]
+            intercept[k] += lr.intercept_[0]
+    return coef / draws, intercept / draws
+
+
+def _worst_group_accuracy(feats, labels, groups, coef, intercept) -> float:
+    pred = (feats @ coef.T + intercept).argmax(1)
+    return min(float((pred[groups == g] == labels[groups == g]).mean()) for g in np.unique(groups))
+
+
+def choose_c(feats: np.ndarray, labels: np.ndarray, groups: np.ndarray, classes: int, seed: int
+             ) -> tuple[float, float | None]:
+    """DFR's C: fitted on a random half of the held-out samples, scored by worst-group accuracy on the other half.
+
+    Groups with a single sample cannot be in both halves; when a half would miss a group the first grid value
+    is kept (``None`` as its score).
+    """
+    rng = np.random.default_rng(seed)
+    half = np.zeros(len(labels), bool)
+    for g in np.unique(groups):
+        members = rng.permutation(np.flatnonzero(groups == g))
+        half[members[: len(members) // 2]] = True
+    if len(np.unique(groups[half])) < len(np.unique(groups)) or len(np.unique(groups[~half])) < len(np.unique(groups)):
+        return DFR_C_GRID[0], None
+    scores = {c: _worst_group_accuracy(feats[~half], labels[~half], groups[~half],
+                                       *_fit_head(feats[half], labels[half], groups[half], c, DFR_DRAWS, classes, seed))
+              for c in DFR_C_GRID}
+    best = max(DFR_C_GRID, key=lambda c: (scores[c], -DFR_C_GRID.index(c)))
+    return best, scores[best]
+
+
 def fit_dfr(net, config, x, y, w, val, dev, gen, progress, held_out=None, held_groups=None):
-    """ERM on the training samples, then the last layer alone on group-balanced held-out samples."""
+    """ERM on the training samples, then the last layer alone refitted on group-balanced held-out samples."""
     from fairbalance.train import training
 
     history, _ = training._fit_single(net, config, x, y, w, None, dev, gen, progress)
     xv, yv = held_out
     encoder, head = training.split_encoder_head(net)
     encoder.eval()
-    for p in encoder.parameters():
-        p.requires_grad_(False)
     with torch.no_grad():
-        feats = torch.cat([encoder(xv[b:b + 1024].to(dev)).float() for b in range(0, len(xv), 1024)])
-    head.reset_parameters()
-    opt = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    rng = np.random.default_rng(config.seed)
-    members = [np.flatnonzero(held_groups == g) for g in np.unique(held_groups)]
-    per_group = min(len(m) for m in members)
-    yv_dev = yv.to(dev)
-    for epoch in range(1, config.head_epochs + 1):
-        pick = torch.as_tensor(np.concatenate([rng.choice(m, per_group, replace=False) for m in members]))
-        head.train()
-        total = count = correct = 0
-        for fb_, yb, _, _ in training._loader(feats[pick.to(dev)], yv_dev[pick.to(dev)], torch.ones(len(pick)),
-                                     config.batch_size, gen):
-            logits = head(fb_).float()
-            per = F.cross_entropy(logits, yb, reduction="none")
-            opt.zero_grad(set_to_none=True)
-            per.mean().backward()
-            opt.step()
-            total += float(per.detach().sum())
-            count += len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-        history.append({"epoch": config.epochs + epoch, "stage": "dfr_head", "loss": total / count,
-                        "train_accuracy": correct / count, "num_samples": count, "per_group": per_group,
-                        "num_groups": len(members)})
-    for p in encoder.parameters():
-        p.requires_grad_(True)
-    return history, config.epochs + config.head_epochs
+        feats = torch.cat([encoder(xv[b:b + 1024].to(dev)).float().cpu() for b in range(0, len(xv), 1024)]).numpy()
+    labels = yv.numpy()
+    mean, std = feats.mean(0), feats.std(0) + 1e-8
+    z = (feats - mean) / std
+    classes = head.out_features
+    c, tuned = choose_c(z, labels, held_groups, classes, config.seed)
+    coef, intercept = _fit_head(z, labels, held_groups, c, DFR_DRAWS, classes, config.seed)
+    with torch.no_grad():  # the standardisation folded into the layer: w (f - mean) / std + b
+        weight = torch.as_tensor(coef / std, dtype=head.weight.dtype)
+        head.weight.copy_(weight.to(head.weight.device))
+        head.bias.copy_(torch.as_tensor(intercept - (coef / std) @ mean, dtype=head.bias.dtype).to(head.bias.device))
+    counts = np.unique(held_groups, return_counts=True)[1]
+    pred = (z @ coef.T + intercept).argmax(1)
+    history.append({"epoch": config.epochs + 1, "stage": "dfr_head", "C": c, "tuning_worst_group_accuracy": tuned,
+                    "draws": DFR_DRAWS, "per_group": int(counts.min()), "num_groups": len(counts),
+                    "num_samples": int(counts.min()) * len(counts),
+                    "train_accuracy": float((pred == labels).mean())})
+    return history, config.epochs + 1
 
 
 def loop_for(samples, data, config, val_samples, size, num_workers):
