@@ -40,7 +40,9 @@ fingerprint, else trained anew). ``--seeds``: discriminator seeds of the
 two-sample test (the median is reported).
 
 For each: ``measure_realism`` against the real training images (two-sample
-accuracy of a held-out MLP discriminator: 0.5 = indistinguishable; mean
+accuracy of a held-out MLP discriminator: 0.5 = indistinguishable; beside it
+the same test against the unbiased test split weighted to the generated set's
+digit x cluster cell mix, ``bench_repair.cell_reference``, measurement only; mean
 intensity ratio; TSTR on the unbiased test split beside TRTR, the same MLP on
 as many real training images) and fidelity (digit by a colour-blind CNN,
 colour by the nearest palette colour vs the cluster's majority). Nothing here

@@ -33,7 +33,11 @@ of originals / contents / results is saved (``--grid-dir``).
 Realism (issue #28): the generated cells against the real training images
 (``measure_realism``: held-out two-sample accuracy of a small discriminator,
 0.5 = indistinguishable; train-on-generated / test-on-real (the unbiased test
-split) beside the same MLP on as many real images; intensity ratio), and
+split) beside the same MLP on as many real images; intensity ratio), and, with the stand-in
+features, the same two-sample test against the unbiased *test* split weighted to the generated set's
+digit x cluster cell mix (``measure_realism(reference_samples=test, match_cells=True)``: each test image
+in the cluster whose majority true colour is its own; the split is only measured on, never trained or
+selected on), since the biased training images lack the very cells the repair fills; and
 ``--inversion`` / ``--keep-background`` / ``--match-tone`` for content-preserving edits. The generated
 cells are trained on twice: ``synthetic`` (real + generated) and ``two_stage`` (CE + SupCon on the
 generated cells, the head on real; ``--cell-methods``). Each row is printed as it finishes, and a failing
