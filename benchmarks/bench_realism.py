@@ -40,7 +40,9 @@ fingerprint, else trained anew). ``--seeds``: discriminator seeds of the
 two-sample test (the median is reported).
 
 For each: ``measure_realism`` against the real training images (two-sample
-accuracy of a held-out MLP discriminator: 0.5 = indistinguishable; mean
+accuracy of a held-out MLP discriminator: 0.5 = indistinguishable; beside it
+the same test against the unbiased test split weighted to the generated set's
+digit x cluster cell mix, ``bench_repair.cell_reference``, measurement only; mean
 intensity ratio; TSTR on the unbiased test split beside TRTR, the same MLP on
 as many real training images) and fidelity (digit by a colour-blind CNN,
 colour by the nearest palette colour vs the cluster's majority). Nothing here
@@ -128,14 +130,17 @@ def main():
         print(f"colour-blind digit judge: {100 * float((judge(x_test) == y_test).float().mean()):.1f}% on the real "
               "test digits", flush=True)
         gen_args = SimpleNamespace(base_model=args.base_model, diffusion_epochs=args.diffusion_epochs,
-                                   diffusion_lr=args.diffusion_lr)
+                                   diffusion_lr=args.diffusion_lr, features="stand-in")
         model, num_clusters, t_train = train_generator(train, gen_args, work, args.ratio)
+        reference = bench_repair.cell_reference(train, test)  # the unbiased test split, matched to the cells
         shown = {k: (v if k != "palette" else [n for n, _ in v]) for k, v in build.items()}
         print(f"\n## Realism of edited cells, Colored MNIST {args.ratio:.1%} conflicting (build {args.build}: {shown}): {num_clusters} X-means colour clusters (10 true colours); generator "
               f"{args.diffusion_epochs} epochs ({t_train:.0f} s); cells filled to {args.per_cell}; edit strength "
               f"{args.edit_strength}, contrast guidance {args.attribute_guidance}, {args.steps} DDIM steps",
               flush=True)
-        print(f"two-sample accuracy: median over discriminator seeds {args.seeds}")
+        print(f"two-sample accuracy: median over discriminator seeds {args.seeds}, against the real training images "
+              "and against the unbiased test split weighted to the generated set's digit x cluster cell mix (cells "
+              "matched / generated cells; measurement only)")
         val = ds.match_tags("val")
         common = dict(val_samples=val, run_key=None, epochs=args.downstream_epochs, seed=0)
 
@@ -156,10 +161,10 @@ def main():
                 plain = [100 * float((net(x_test).argmax(1) == y_test).float().mean()) for net in nets]
             print(f"plain PyTorch vanilla / LfF on real alone: {plain[0]:.1f} / {plain[1]:.1f}% (unbiased test, "
                   f"{args.downstream_epochs} epochs, seed 0; {time.time() - t0:.0f} s)", flush=True)
-        print("| setting | images | two-sample acc. | intensity gen/real | background gen / real | TSTR / TRTR "
+        print("| setting | images | two-sample acc. vs train | vs cell-matched unbiased test | intensity gen/real | background gen / real | TSTR / TRTR "
               "(unbiased test) | train-on-ideal (its two-sample acc.) | right digit | right colour | "
               "synthetic / two-stage acc. | time |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         made = {}  # generation options -> run key: the filter / weight settings reuse their base setting's images
         for name in args.settings:
             tag = name.strip("+").replace("-", "_").replace(".", "")
@@ -191,15 +196,23 @@ def main():
                                     tag=f"low_{tag}", score_field=f"score_{tag}")
                 train_kw = {"exclude_field": None, "weight_field": f"w_{tag}"}
             reals = [fb.measure_realism(train, gen, "ground_truth", test_samples=test, run_key=f"realism_{tag}",
-                                        overwrite=True, seed=s + 1) for s in args.seeds]  # +1: not the filter's
+                                        overwrite=True, seed=s + 1, **reference)
+                     for s in args.seeds]  # +1: not the filter's
             real = reals[int(np.argsort([r.two_sample_accuracy for r in reals])[len(reals) // 2])]  # the median
             fid = fidelity(ds, train, judge, key)  # of all the setting's images (the filter's excluded ones too)
             ideal = "-"
             if args.ideal:
                 ir = bench_repair.ideal_realism(ds, train, test, gen, os.path.join(work, f"ideal_{tag}"),
-                                                build["color_std"], seed=args.seeds[0] + 1, name=f"ideal_{tag}")
-                ideal = f"{100 * ir.tstr_accuracy:.1f} ({ir.two_sample_accuracy:.3f})"
-            print(f"| {name} | {len(gen)} | {real.two_sample_accuracy:.3f} | {real.intensity_ratio:.2f} | "
+                                                build["color_std"], seed=args.seeds[0] + 1, name=f"ideal_{tag}",
+                                                reference=reference)
+                ideal = (f"{100 * ir.tstr_accuracy:.1f} ({ir.two_sample_accuracy:.3f} vs train, "
+                         f"{bench_repair.reference_report(ir)} vs test)")
+            ref_txt = bench_repair.reference_report(real)
+            if len(reals) > 1:  # every seed's two figures, the median's first
+                ref_txt += " [per seed, train / test: " + ", ".join(
+                    f"{r.two_sample_accuracy:.3f} / {r.reference_two_sample_accuracy:.3f}" for r in reals) + "]"
+            print(f"| {name} | {len(gen)} | {real.two_sample_accuracy:.3f} | {ref_txt} | "
+                  f"{real.intensity_ratio:.2f} | "
                   f"{real.generated_statistics['background_intensity']:.3f} / "
                   f"{real.real_statistics['background_intensity']:.3f} | "
                   f"{100 * real.tstr_accuracy:.1f} / {100 * real.trtr_accuracy:.1f} | {ideal} | {fid['digit']:.1f} | "

@@ -33,7 +33,11 @@ of originals / contents / results is saved (``--grid-dir``).
 Realism (issue #28): the generated cells against the real training images
 (``measure_realism``: held-out two-sample accuracy of a small discriminator,
 0.5 = indistinguishable; train-on-generated / test-on-real (the unbiased test
-split) beside the same MLP on as many real images; intensity ratio), and
+split) beside the same MLP on as many real images; intensity ratio), and, with the stand-in
+features, the same two-sample test against the unbiased *test* split weighted to the generated set's
+digit x cluster cell mix (``measure_realism(reference_samples=test, match_cells=True)``: each test image
+in the cluster whose majority true colour is its own; the split is only measured on, never trained or
+selected on), since the biased training images lack the very cells the repair fills; and
 ``--inversion`` / ``--keep-background`` / ``--match-tone`` for content-preserving edits. The generated
 cells are trained on twice: ``synthetic`` (real + generated) and ``two_stage`` (CE + SupCon on the
 generated cells, the head on real; ``--cell-methods``). Each row is printed as it finishes, and a failing
@@ -346,16 +350,44 @@ def build_generator(train, model, args, work):
     return res.num_added, time.time() - t0
 
 
-def realism(ds, train, test, run_key="generate_balanced"):
-    """Two-sample accuracy, TSTR / TRTR on the unbiased test split, intensity ratio of a generation run."""
+def realism(ds, train, test, run_key="generate_balanced", reference=None):
+    """Two-sample accuracy, TSTR / TRTR on the unbiased test split, intensity ratio of a generation run;
+    ``reference`` (``cell_reference``'s keywords): the two-sample accuracy against it as well."""
     from fiftyone import ViewField as Fv
 
     res = fb.measure_realism(train, ds.match(Fv("generation.run_key") == run_key), "ground_truth",
-                             test_samples=test, run_key=f"realism_{run_key}", overwrite=True)
+                             test_samples=test, run_key=f"realism_{run_key}", overwrite=True, **(reference or {}))
     return res
 
 
-def ideal_realism(ds, train, test, gen, folder, color_std, seed=0, name="ideal"):
+def cell_reference(train, test, attr="sa_cluster") -> dict:
+    """The unbiased test split as a cell-matched realism reference (``measure_realism(reference_samples=...,
+    match_cells=True)``): each test image gets the cells' attribute value (``attr``) whose real training members'
+    majority true colour is its own true colour (the largest such cluster when several share one). Measurement
+    only: the test split is never trained or selected on, and the true colours are read only here."""
+    import fiftyone as fo
+
+    real_cl, real_col = train.match({"generated": {"$ne": True}}).values([f"{attr}.label", "color.label"])
+    members = {}
+    for c, col in zip(real_cl, real_col):
+        members.setdefault(c, []).append(col)
+    by_colour = {}
+    for c in sorted(members, key=lambda c: (-len(members[c]), str(c))):
+        by_colour.setdefault(max(set(members[c]), key=members[c].count), c)
+    test.set_values(attr, [fo.Classification(label=by_colour[col]) if col in by_colour else None
+                           for col in test.values("color.label")])
+    return dict(reference_samples=test, match_cells=True, attribute_field=attr)
+
+
+def reference_report(res) -> str:
+    """The two-sample figure against the cell-matched reference, with how many cells it covers."""
+    if res.reference_two_sample_accuracy is None:
+        return "not measured"
+    return (f"{res.reference_two_sample_accuracy:.3f} ({res.reference_cells_matched}/{res.reference_cells_total} "
+            f"cells, {res.reference_num_generated} gen vs {res.reference_num_real} real)")
+
+
+def ideal_realism(ds, train, test, gen, folder, color_std, seed=0, name="ideal", reference=None):
     """Train-on-ideal, a benchmark-only ceiling for TSTR: each generated image of ``gen`` replaced by its real
     source digit recoloured to its cluster's colour (the majority true colour of the cluster's real images, from
     the build's palette, plus the build's colour noise): the same count, the same labels, the same measurement
@@ -386,20 +418,21 @@ def ideal_realism(ds, train, test, gen, folder, color_std, seed=0, name="ideal")
     ideal = ds.match_tags(name)
     try:
         return fb.measure_realism(train, ideal, "ground_truth", test_samples=test, run_key=f"realism_{name}",
-                                  overwrite=True, seed=seed)
+                                  overwrite=True, seed=seed, **(reference or {}))
     finally:
         ds.delete_samples(ideal)
 
 
-def print_ideal(ds, train, test, real, work, build):
+def print_ideal(ds, train, test, real, work, build, reference=None):
     """``--ideal``: train-on-ideal beside train-on-generated (the generated cells of ``generate_balanced``)."""
     from fiftyone import ViewField as Fv
 
     gen = ds.match(Fv("generation.run_key") == "generate_balanced")
-    ideal = ideal_realism(ds, train, test, gen, os.path.join(work, "ideal"), build["color_std"])
+    ideal = ideal_realism(ds, train, test, gen, os.path.join(work, "ideal"), build["color_std"], reference=reference)
     print(f"train-on-ideal (real sources recoloured to the cluster's true colour, {ideal.num_generated} images): "
           f"TSTR {100 * ideal.tstr_accuracy:.1f}% vs train-on-generated {100 * real.tstr_accuracy:.1f}%; the ideal "
-          f"set's two-sample accuracy {ideal.two_sample_accuracy:.3f}", flush=True)
+          f"set's two-sample accuracy {ideal.two_sample_accuracy:.3f} vs the real training images, "
+          f"{reference_report(ideal)} vs the cell-matched unbiased test split", flush=True)
 
 
 def real_plus(ds, run_key):
@@ -574,12 +607,14 @@ def run_ratio(ratio, args, work):
             print(f"generated: {n_gen} images in {t_gen:.0f} s", flush=True)
             fid = fidelity(ds, train, judge, attr={"discovered": "slice", "biased-prediction": f"{PREDICTED}_prediction"}
                            .get(args.features, "sa_cluster.label"))
-            real = realism(ds, train, test)
+            reference = cell_reference(train, test) if args.features == "stand-in" else None
+            real = realism(ds, train, test, reference=reference)
             gen_info = (num_clusters, n_gen, t_train, t_gen)
-            print(f"realism: two-sample {real.two_sample_accuracy:.3f}, intensity {real.intensity_ratio:.2f}; "
-                  f"digit {fid['digit']:.1f}%, colour {fid['colour']:.1f}%", flush=True)
+            print(f"realism: two-sample {real.two_sample_accuracy:.3f} vs the real training images, "
+                  f"{reference_report(real)} vs the cell-matched unbiased test split; intensity "
+                  f"{real.intensity_ratio:.2f}; digit {fid['digit']:.1f}%, colour {fid['colour']:.1f}%", flush=True)
             if args.ideal:
-                print_ideal(ds, train, test, real, work, build)
+                print_ideal(ds, train, test, real, work, build, reference)
             with_gen = real_plus(ds, "generate_balanced")
             for seed in args.seeds:
                 for name, method in (("synthetic (real + generated cells)", "synthetic"),
@@ -621,7 +656,9 @@ def run_ratio(ratio, args, work):
         print(f"generated images: right digit {fid['digit']:.1f}% (colour-mismatched cells "
               f"{fid['digit_conflicting']:.1f}%, worst cell {fid['worst_cell_digit']:.1f}%), right colour "
               f"{fid['colour']:.1f}%")
-        print(f"realism: two-sample accuracy {real.two_sample_accuracy:.3f} (0.5 = indistinguishable), mean "
+        print(f"realism: two-sample accuracy {real.two_sample_accuracy:.3f} against the real training images, "
+              f"{reference_report(real)} against the unbiased test split matched to the generated cells "
+              f"(0.5 = indistinguishable), mean "
               f"intensity generated / real {real.intensity_ratio:.2f}, train on generated / test on real "
               f"(unbiased test) {100 * real.tstr_accuracy:.1f}% vs the same MLP on as many real train images "
               f"{100 * real.trtr_accuracy:.1f}%; edits: inversion {args.inversion}, keep background "

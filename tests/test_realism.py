@@ -99,6 +99,103 @@ def test_bad_input_is_refused_before_any_run(digits):
     assert not digits.has_run("bad")
 
 
+@pytest.fixture(scope="module")
+def two_colours(tmp_path_factory):
+    """Two digit classes in two colours: a biased train split (every 0 in one colour, every 1 in the other) and an
+    unbiased test split cut into a "generated" stand-in (its real bias-conflicting images: the cells a repair
+    fills) and a held-out reference. No image is made up: the known answer is that the stand-in is real."""
+    tmp = tmp_path_factory.mktemp("two_colours")
+    ds = fb.colored_digits(f"fb-realism-ref-{os.getpid()}", num_classes=2, train_per_class=150, test_per_class=150,
+                           conflict_ratio=0.01, image_size=16, persistent=False, overwrite=True,
+                           output_dir=str(tmp / "digits"))
+    ids, aligned = ds.match_tags("test").values(["id", "bias_aligned"])
+    conflicting = [i for i, a in zip(ids, aligned) if not a]
+    ds.select(conflicting[: len(conflicting) // 2]).tag_samples("as_generated")
+    ds.select(conflicting[len(conflicting) // 2:] + [i for i, a in zip(ids, aligned) if a]).tag_samples("reference")
+    yield ds
+    ds.delete()
+
+
+def test_real_conflicting_cells_pass_against_a_cell_matched_reference(two_colours):
+    """Real images of the bias-conflicting cells are told from the biased training images (what the README's
+    ideal sets showed), and pass for real against a reference of the same cells."""
+    ds = two_colours
+    train, gen, ref = ds.match_tags("train"), ds.match_tags("as_generated"), ds.match_tags("reference")
+    kw = dict(label_field="ground_truth", attribute_field="color", epochs=30)
+    res = fb.measure_realism(train, gen, reference_samples=ref, match_cells=True, run_key="ref_matched", **kw)
+    num_gen = len(gen)
+    ref_conflicting = len(ref.match({"bias_aligned": False}))
+    assert res.two_sample_accuracy >= 0.8, res.two_sample_accuracy  # against the biased training images
+    assert abs(res.reference_two_sample_accuracy - 0.5) <= 0.12, res.reference_two_sample_accuracy
+    assert res.reference_cells_matched == res.reference_cells_total == 2
+    assert res.reference_num_generated == num_gen and res.reference_num_real == ref_conflicting  # aligned weigh 0
+    assert 0.8 <= res.reference_intensity_ratio <= 1.25
+    cfg = runs.get_run_config(ds, "ref_matched")
+    assert cfg["match_cells"] is True and cfg["reference_dataset"] == ds.name and cfg["reference_view"]
+    stored = runs.load_run_results(ds, "ref_matched")
+    assert stored["reference_two_sample_accuracy"] == res.reference_two_sample_accuracy
+    # the same reference unmatched: its bias-aligned half gives the generated cells away
+    plain = fb.measure_realism(train, gen, reference_samples=ref, run_key="ref_plain", **kw)
+    assert plain.reference_two_sample_accuracy > res.reference_two_sample_accuracy + 0.1, \
+        (plain.reference_two_sample_accuracy, res.reference_two_sample_accuracy)
+    assert plain.reference_num_real == len(ref) and plain.reference_cells_matched is None
+    # the default is unchanged: no reference, no reference figure
+    old = fb.measure_realism(train, gen, run_key="ref_none", **kw)
+    assert old.reference_two_sample_accuracy is None and old.two_sample_accuracy == res.two_sample_accuracy
+    assert runs.get_run_config(ds, "ref_none")["reference_view"] is None
+
+
+def test_a_separable_set_is_separable_against_the_reference_too(digits):
+    _clear(digits, "ref_haze")
+    _clear(digits, "ref_haze_all")
+    half, gen, test = digits.match_tags("half_a"), digits.match_tags("generated"), digits.match_tags("test")
+    res = fb.measure_realism(half, gen, attribute_field="color", reference_samples=test, run_key="ref_haze_all")
+    assert res.reference_two_sample_accuracy >= 0.95 and res.two_sample_accuracy >= 0.95
+    assert any("reference samples too" in w for w in res.warnings) and res.reference_intensity_ratio > 1.5
+    # matched to the generated cells: 100 test images over the generated set's cells, a few per cell, still high
+    res = fb.measure_realism(half, gen, attribute_field="color", reference_samples=test, match_cells=True,
+                             run_key="ref_haze")
+    assert res.reference_two_sample_accuracy >= 0.8, res.reference_two_sample_accuracy
+    assert 0 < res.reference_cells_matched < res.reference_cells_total  # 95% aligned: some cells lack test images
+    assert res.reference_num_generated < res.num_generated
+
+
+def test_bad_references_are_refused_before_any_run(digits, tmp_path):
+    half, gen, test = digits.match_tags("half_a"), digits.match_tags("generated"), digits.match_tags("test")
+    kw = dict(attribute_field="color", run_key="bad_ref")
+    other = fo.Dataset()  # real images without the attribute field
+    other.add_samples([fo.Sample(filepath=p, ground_truth=fo.Classification(label=g))
+                       for p, g in zip(*test.values(["filepath", "ground_truth.label"]))])
+    unseen = fo.Dataset()  # cells the generated set does not have
+    path = str(tmp_path / "odd.png")
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(path)
+    unseen.add_samples([fo.Sample(filepath=path, ground_truth=fo.Classification(label="x"),
+                                  color=fo.Classification(label="y"))])
+    try:
+        for ref, extra, match in [
+                (test.limit(0), {}, "reference_samples is empty"),
+                (other, {"match_cells": True}, "not found"),
+                (gen.limit(3), {}, "generated == True"),
+                (half.limit(3), {}, "shares 3 image"),
+                (None, {"match_cells": True}, "pass reference_samples"),
+                (test, {"match_cells": True, "attribute_field": None}, "label_field and an attribute_field"),
+                (test, {"match_cells": "yes"}, "True or False"),
+                (unseen, {"match_cells": True}, "0 of"),
+                ("test", {}, "dataset or view")]:
+            with pytest.raises(FairBalanceError, match=match):
+                fb.measure_realism(half, gen, reference_samples=ref, **{**kw, **extra})
+        # a reference that is a copy of generated files (same paths) is refused too
+        gen_copy = fo.Dataset()
+        gen_copy.add_samples([fo.Sample(filepath=p) for p in gen.limit(2).values("filepath")])
+        with pytest.raises(FairBalanceError, match="generated samples"):
+            fb.measure_realism(half, gen, reference_samples=gen_copy, run_key="bad_ref")
+        gen_copy.delete()
+    finally:
+        other.delete()
+        unseen.delete()
+    assert not digits.has_run("bad_ref")
+
+
 @pytest.fixture
 def mixed(tmp_path):
     """Real train digits + generated ones: 40 exact copies of real images (pass for real) and 40 hazy ones."""

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from fairbalance.core import models, runs, validation
 from fairbalance.core.data import load_images, native_size
+from fairbalance.generate import realism_reference
 from fairbalance.train import training
 
 DISCRIMINATORS = ("mlp", "cnn")
@@ -78,16 +79,22 @@ def _probs(net, x: torch.Tensor, dev) -> torch.Tensor:
 
 
 def discriminator_scores(x_real: torch.Tensor, x_gen: torch.Tensor, folds: int = 5, epochs: int = 10,
-                         backbone: str = "mlp", seed: int = 0, device=None) -> tuple[np.ndarray, np.ndarray]:
+                         backbone: str = "mlp", seed: int = 0, device=None,
+                         real_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold p(real | x) of every real and every generated image (class-balanced loss: prior 0.5 each).
 
     Each image is scored by a discriminator trained on the other folds, so
     the scores are held-out; with the balanced loss, ``p / (1 - p)``
     estimates the density ratio p_real(x) / p_generated(x).
+    ``real_weights``: importance weights of the real images (e.g. to give a
+    reference the generated set's cell mix); each side still weighs half.
     """
     dev = models.resolve_device(device)
     x = torch.cat([x_real, x_gen])
     y = torch.cat([torch.ones(len(x_real), dtype=torch.long), torch.zeros(len(x_gen), dtype=torch.long)])
+    base = torch.ones(len(y), dtype=torch.float32)
+    if real_weights is not None:
+        base[:len(x_real)] = torch.as_tensor(np.asarray(real_weights, dtype=np.float32))
     rng = np.random.default_rng(seed)
     fold = np.empty(len(y), dtype=int)
     for side in (np.arange(len(x_real)), len(x_real) + np.arange(len(x_gen))):  # stratified folds
@@ -95,17 +102,20 @@ def discriminator_scores(x_real: torch.Tensor, x_gen: torch.Tensor, folds: int =
     p_real = np.empty(len(y))
     for k in range(folds):
         train, test = np.flatnonzero(fold != k), np.flatnonzero(fold == k)
-        yt = y[train]
-        counts = torch.bincount(yt, minlength=2).clamp_min(1).float()
-        w = (len(yt) / (2 * counts))[yt]
+        yt, bt = y[train], base[train]
+        side = torch.zeros(2).index_add_(0, yt, bt).clamp_min(1e-12)  # each side's total weight
+        w = bt * (len(yt) / (2 * side))[yt]
         net = _fit(x[train], yt, w, 2, backbone, epochs, seed * 1009 + k, dev)
         p_real[test] = _probs(net, x[test], dev)[:, 1].numpy()
     return p_real[:len(x_real)], p_real[len(x_real):]
 
 
-def two_sample_accuracy(p_real_of_real: np.ndarray, p_real_of_gen: np.ndarray) -> float:
-    """Balanced held-out accuracy of the discriminator (0.5 = indistinguishable, 1.0 = separable)."""
-    return float(0.5 * (np.mean(p_real_of_real > 0.5) + np.mean(p_real_of_gen <= 0.5)))
+def two_sample_accuracy(p_real_of_real: np.ndarray, p_real_of_gen: np.ndarray,
+                        real_weights: np.ndarray | None = None) -> float:
+    """Balanced held-out accuracy of the discriminator (0.5 = indistinguishable, 1.0 = separable); the real
+    side's accuracy weighted by ``real_weights`` when given."""
+    real_hit = np.average(np.asarray(p_real_of_real) > 0.5, weights=real_weights)
+    return float(0.5 * (real_hit + np.mean(p_real_of_gen <= 0.5)))
 
 
 def image_statistics(x: torch.Tensor) -> dict[str, np.ndarray]:
@@ -188,6 +198,13 @@ class RealismResult:
     cell_statistics: dict = field(default_factory=dict)  # cell -> {"real": {...}, "generated": {...}}
     intensity_ratio: float | None = None  # generated mean intensity / real mean intensity
     warnings: list = field(default_factory=list)
+    # against ``reference_samples`` (None without one): the same test, the real side being the reference
+    reference_two_sample_accuracy: float | None = None
+    reference_num_real: int | None = None  # reference images with a weight (in a generated cell, if matched)
+    reference_num_generated: int | None = None  # generated images measured (those of matched cells, if matched)
+    reference_cells_matched: int | None = None  # match_cells: generated cells the reference has images of
+    reference_cells_total: int | None = None  # match_cells: class x attribute cells of the generated set
+    reference_intensity_ratio: float | None = None  # generated mean intensity / the (weighted) reference's
 
     @property
     def separable(self) -> bool:
@@ -238,6 +255,8 @@ def measure_realism(
     device: str | None = None,
     run_key: str = "realism",
     overwrite: bool = False,
+    reference_samples=None,
+    match_cells: bool = False,
 ) -> RealismResult:
     """Measure how well a generated set passes for real: two-sample test, TSTR, image statistics; record a run.
 
@@ -251,6 +270,17 @@ def measure_realism(
     statistics per class x attribute cell as well. At most ``max_samples``
     images per set (a seeded sample). The two-sample accuracy is balanced
     and cross-fitted over ``folds``; at or above 0.9 the result warns.
+
+    ``reference_samples``: real samples held out from both sets (e.g. an
+    unbiased split) for a second two-sample figure,
+    ``reference_two_sample_accuracy``, beside the one against
+    ``real_samples``: a biased training set lacks the bias-conflicting cells
+    a repair generates, so against it even real images of those cells are
+    told apart. ``match_cells=True`` (needs ``label_field`` and
+    ``attribute_field`` on all three) weights the reference so that each
+    class x attribute cell has its share of the generated set; generated
+    images of cells the reference lacks are left out of that figure
+    (``reference_cells_matched`` of ``reference_cells_total``).
     """
     from fiftyone import ViewField as Fv
 
@@ -268,13 +298,7 @@ def measure_realism(
         real_samples = real_samples.match(Fv("generated") != True)  # noqa: E712
         validation.require_nonempty(real_samples)
     validation.require_nonempty(generated_samples)
-    fields = [f for f in (label_field, attribute_field) if f]
-    for view in (real_samples, generated_samples) + ((test_samples,) if test_samples is not None else ()):
-        validation.require_fields(view, fields)
-    if test_samples is not None:
-        validation.require_nonempty(test_samples)
-        if label_field is None:
-            raise validation.FairBalanceError("test_samples is for the TSTR accuracy: it needs a label_field")
+    fields = _check_views(real_samples, generated_samples, test_samples, label_field, attribute_field)
     paths = [f"{f}.label" for f in fields]
     (rp, *rl), size = _load(real_samples, paths, max_samples, seed)
     (gp, *gl), _ = _load(generated_samples, paths, max_samples, seed + 1, size)
@@ -283,13 +307,17 @@ def measure_realism(
             raise validation.FairBalanceError(f"{n} {name} image(s): the two-sample test needs at least {folds}")
     if set(rp) & set(gp):
         raise validation.FairBalanceError("The real and generated views share images: pass two disjoint sets")
+    realism_reference.check(reference_samples, real_samples, generated_samples, label_field, attribute_field,
+                            match_cells)
+    reference = None if reference_samples is None else _reference_plan(
+        reference_samples, gl, len(gp), paths if match_cells else [], max_samples, seed, size, folds)
     run = runs.prepare(real_samples, run_key, "realism", {
         "label_field": label_field, "attribute_field": attribute_field, "max_samples": max_samples,
         "discriminator": discriminator, "folds": folds, "epochs": epochs, "tstr_epochs": tstr_epochs, "seed": seed,
         "real_view": real_samples._pipeline(), "generated_dataset": generated_samples._root_dataset.name,
         "generated_view": generated_samples._pipeline(),
-        "test_view": None if test_samples is None else test_samples._pipeline(), "image_size": size},
-        [], overwrite)
+        "test_view": None if test_samples is None else test_samples._pipeline(), "image_size": size,
+        **_where("reference", reference_samples), "match_cells": match_cells}, [], overwrite)
     xr, xg = (load_images(p, size, progress=False) for p in (rp, gp))
     pr, pg = discriminator_scores(xr, xg, folds, epochs, discriminator, seed, device)
     acc = two_sample_accuracy(pr, pg)
@@ -302,14 +330,39 @@ def measure_realism(
         result.cell_statistics.update(_cell_statistics(rl, gl, attribute_field, sr, sg))
         _tstr_figures(result, xr, xg, rl[0], gl[0], test_samples, label_field, max_samples, seed, size, tstr_epochs,
                       device)
-    warning = _warning(acc)
+    _add_warnings(result)
+    if reference is not None:
+        _reference_figures(result, reference, xg, discriminator, folds, epochs, seed, device)
+    run.write(lambda: None)
+    run.save_results(result.to_dict())
+    return result
+
+
+def _check_views(real_samples, generated_samples, test_samples, label_field, attribute_field) -> list[str]:
+    """The label / attribute fields every view must carry (returned), and a usable test split."""
+    fields = [f for f in (label_field, attribute_field) if f]
+    for view in (real_samples, generated_samples) + ((test_samples,) if test_samples is not None else ()):
+        validation.require_fields(view, fields)
+    if test_samples is not None:
+        validation.require_nonempty(test_samples)
+        if label_field is None:
+            raise validation.FairBalanceError("test_samples is for the TSTR accuracy: it needs a label_field")
+    return fields
+
+
+def _where(name: str, view) -> dict:
+    """A view's dataset and stages, for the run config (None for no view)."""
+    return {f"{name}_dataset": None if view is None else view._root_dataset.name,
+            f"{name}_view": None if view is None else view._pipeline()}
+
+
+def _add_warnings(result) -> None:
+    """Trivially separable (against ``real_samples``), or not as bright as the real images."""
+    warning = _warning(result.two_sample_accuracy)
     if warning:
         result.warnings.append(warning)
     if result.intensity_ratio is not None and not 0.8 <= result.intensity_ratio <= 1.25:
         result.warnings.append(f"Generated images are {result.intensity_ratio:.2f}x as bright as real ones on average")
-    run.write(lambda: None)
-    run.save_results(result.to_dict())
-    return result
 
 
 def _cell_statistics(rl, gl, attribute_field, sr, sg) -> dict:
@@ -348,3 +401,40 @@ def _tstr_figures(result, xr, xg, yr, yg, test_samples, label_field, max_samples
             xg[gidx], [yg[j] for j in gidx], xr[train_real], [yr[j] for j in train_real], xt, yt, tstr_epochs,
             seed, models.resolve_device(device))
         result.num_tstr_test = len(yt)
+
+
+def _reference_plan(reference_samples, gl, num_gen, paths, max_samples, seed, size, folds) -> dict:
+    """Which reference images count and with which weight (``match_cells``: ``paths`` are the label and
+    attribute fields), which generated images are measured; refused when too few are left."""
+    (fp, *fl), _ = _load(reference_samples, paths, max_samples, seed + 3, size)
+    plan = {"paths": fp, "weights": np.ones(len(fp)), "gen_keep": np.ones(num_gen, dtype=bool), "matched": None,
+            "total": None, "size": size}
+    note = ""
+    if paths:
+        w, keep, matched, total = realism_reference.cell_weights(_cells(fl[0], fl[1]), _cells(gl[0], gl[1]))
+        plan.update(weights=w, gen_keep=keep, matched=matched, total=total)
+        note = f" ({matched} of {total} generated cells have reference images)"
+    n_ref, n_gen = int((plan["weights"] > 0).sum()), int(plan["gen_keep"].sum())
+    if min(n_ref, n_gen) < folds:
+        raise validation.FairBalanceError(
+            f"{n_ref} reference and {n_gen} generated image(s) can be compared{note}: the two-sample test "
+            f"needs at least {folds} on each side")
+    return plan
+
+
+def _reference_figures(result, plan, xg, discriminator, folds, epochs, seed, device) -> None:
+    """The two-sample test of the generated images against the (weighted) reference, into ``result``."""
+    use = plan["weights"] > 0
+    w = plan["weights"][use]
+    xf = load_images([p for p, u in zip(plan["paths"], use) if u], plan["size"], progress=False)
+    xk = xg[torch.as_tensor(plan["gen_keep"])]
+    pr, pg = discriminator_scores(xf, xk, folds, epochs, discriminator, seed, device, real_weights=w)
+    result.reference_two_sample_accuracy = two_sample_accuracy(pr, pg, real_weights=w)
+    result.reference_num_real, result.reference_num_generated = int(use.sum()), len(xk)
+    result.reference_cells_matched, result.reference_cells_total = plan["matched"], plan["total"]
+    ref_mean = float(np.average(image_statistics(xf)["mean_intensity"], weights=w))
+    gen_mean = float(image_statistics(xk)["mean_intensity"].mean())
+    result.reference_intensity_ratio = gen_mean / ref_mean if ref_mean > 0 else None
+    if result.reference_two_sample_accuracy >= SEPARABLE_ACCURACY:
+        result.warnings.append(f"Against the reference samples too, a discriminator tells the generated images "
+                               f"apart ({result.reference_two_sample_accuracy:.1%} accuracy)")
