@@ -55,9 +55,9 @@ def test_dfr_refits_the_last_layer_on_group_balanced_held_out_samples(digits_cop
                               epochs=3, run_key="dfr")
     counts = collections.Counter(zip(*held.values(["ground_truth.label", "color.label"])))
     last = clf.history[-1]
-    assert last["stage"] == "dfr_head" and last["per_group"] == min(counts.values())
-    assert last["num_groups"] == len(counts) and last["num_samples"] == len(counts) * min(counts.values())
-    assert last["C"] in group_robust.DFR_C_GRID and last["draws"] == group_robust.DFR_DRAWS
+    assert last["stage"] == "dfr_head" and last["smallest_group"] == min(counts.values())
+    assert last["num_groups"] == len(counts) and last["num_samples"] == sum(counts.values())
+    assert last["C"] in group_robust.DFR_C_GRID
     assert len(clf.history) == 3 + 1 and clf.config.model_selection.startswith("last_epoch")
 
 
@@ -96,6 +96,13 @@ def test_dfr_head_undoes_a_shortcut_the_features_carry(one_thread):
     erm, _ = conflicting_accuracy(training._fit_single)
     dfr, history = conflicting_accuracy(group_robust.fit_dfr, held_out=(xh, yh), held_groups=yh.numpy() * 2 + ah)
     assert history[-1]["stage"] == "dfr_head" and erm < 0.5 and dfr > 0.8
+
+
+def test_dfr_weights_make_every_group_weigh_the_same():
+    import numpy as np
+
+    w = group_robust.balanced_weights(np.array(["a", "a", "a", "b", "c", "c"]))
+    assert np.isclose(w.mean(), 1) and np.isclose(w[:3].sum(), w[3]) and np.isclose(w[4:].sum(), w[3])
 
 
 def test_group_dro_on_discovered_slices(digits_copy, one_thread):
