@@ -743,7 +743,7 @@ def val_groups(val, field):
     for y, g in zip(*val.values(["ground_truth.label", field])):
         pairs[(y, g)] = pairs.get((y, g), 0) + 1
     return f"{field} on val: {len(val)} samples in {len(pairs)} (class, group) pairs, the smallest " \
-           f"{min(pairs.values())} (each of DFR's balanced draws takes that many of each)"
+           f"{min(pairs.values())} (DFR weighs every group the same)"
 
 
 def group_robust_row(train, method, field, seed, common, test, xt, yt, conflicting):
@@ -752,8 +752,8 @@ def group_robust_row(train, method, field, seed, common, test, xt, yt, conflicti
     clf = train_classifier(train, method=method, group_field=field, seed=seed, **common)
     last = clf.history[-1]
     if last.get("stage") == "dfr_head":
-        print(f"  DFR head: C={last['C']} over {last['draws']} draws of {last['num_samples']} samples "
-              f"({last['per_group']} per group, {last['num_groups']} groups), accuracy on the held-out samples "
+        print(f"  DFR head: C={last["C"]} on {last["num_samples"]} held-out samples "
+              f"(smallest group {last["smallest_group"]}, {last["num_groups"]} groups), accuracy on them "
               f"{100 * last['train_accuracy']:.1f}%", flush=True)
     return evaluate(clf, test, xt, yt, conflicting)
 
