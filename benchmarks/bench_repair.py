@@ -752,8 +752,8 @@ def group_robust_row(train, method, field, seed, common, test, xt, yt, conflicti
     clf = train_classifier(train, method=method, group_field=field, seed=seed, **common)
     last = clf.history[-1]
     if last.get("stage") == "dfr_head":
-        print(f"  DFR head: C={last["C"]} on {last["num_samples"]} held-out samples "
-              f"(smallest group {last["smallest_group"]}, {last["num_groups"]} groups), accuracy on them "
+        print(f"  DFR head: C={last['C']} on {last['num_samples']} held-out samples "
+              f"(smallest group {last['smallest_group']}, {last['num_groups']} groups), accuracy on them "
               f"{100 * last['train_accuracy']:.1f}%", flush=True)
     return evaluate(clf, test, xt, yt, conflicting)
 
