@@ -153,6 +153,20 @@ def tiny_clip(model_dir):
     return tiny_models.build_open_clip(str(model_dir / "clip"))
 
 
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """One App server (``fiftyone.server.main`` on loopback, the plugin on its path) for the whole session: its URL.
+
+    Shared by the modules that drive the App (HTTP, progress stream, the browser modules): each opens its own
+    dataset by its URL, so a server that has served another module's dataset serves the same pages, and its
+    process has torch, the models' libraries and the plugin already imported. A module that needs a server of
+    its own (one that has opened no dataset yet, or other settings) defines an ``app_server`` of module scope.
+    """
+    from test_app_server import serve_app
+
+    yield from serve_app(tmp_path_factory)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on a shared 2-core machine: one thread is ~10x faster than two fighting other jobs."""

@@ -17,7 +17,7 @@ import fiftyone as fo
 import pytest
 from fiftyone.operators.executor import ExecutionContext, Executor
 
-from test_app_server import PLUGIN, app_server  # noqa: F401  (fixture: App server on loopback)
+from test_app_server import PLUGIN
 
 STEPS = re.compile(r"^[A-Z][\w ]+: [\d,]+ of [\d,]+ \(\d+%\)")
 
@@ -137,7 +137,7 @@ def test_sdk_call_still_returns_the_result(digits_copy):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_app_server_streams_progress_before_the_result(app_server, digits_copy):  # noqa: F811
+def test_app_server_streams_progress_before_the_result(app_server, digits_copy):
     """The App's own endpoint: set_progress lines with steps arrive while the run goes on, the result last."""
     payload = {"operator_uri": f"{PLUGIN}/train_classifier", "dataset_name": digits_copy.name, "view": [],
                "params": {"label_field": "ground_truth", "epochs": 60, "seed": 0, "run_key": "streamed"}}
