@@ -148,8 +148,8 @@ def test_app_server_streams_progress_before_the_result(app_server, digits_copy):
     """The App's own endpoint: set_progress lines with steps arrive while the run goes on, the result last."""
     payload = {"operator_uri": f"{PLUGIN}/train_classifier", "dataset_name": digits_copy.name, "view": [],
                "params": {"label_field": "ground_truth", "epochs": 600, "seed": 0, "run_key": "streamed"}}
-    # 600 epochs (~3 s of training): with 60, the test run alone (no other test), the run's labels came within 0.1 s of each other,
-    # too close to tell streaming from a batch at the end, and the check below failed (at efc2dbd too)
+    # 600 epochs (~3 s of training): with 60, this test run alone, its two labels came within 0.1 s of each
+    # other, too close to tell streaming from a batch at the end, and the check below failed (at efc2dbd too)
     req = urllib.request.Request(f"{app_server}/operators/execute/generator", data=json.dumps(payload).encode(),
                                  headers={"Content-Type": "application/json"})
     start, seen = time.time(), []
