@@ -64,12 +64,6 @@ def _start_private_mongod():
     raise RuntimeError(f"mongod did not start on port {port} within 60 s; see {log}")
 
 
-if not os.environ.get("FIFTYONE_DATABASE_URI"):
-    _uri = _start_private_mongod()
-    if _uri:
-        os.environ["FIFTYONE_DATABASE_URI"] = _uri
-    else:
-        os.environ["FIFTYONE_DATABASE_DIR"] = os.path.join(_TMP, "db")
 os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"
 os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
 os.environ["FIFTYONE_SHOW_PROGRESS_BARS"] = "false"
@@ -99,15 +93,38 @@ os.symlink(REPO_ROOT, os.path.join(_PLUGINS, "fairbalance"))
 os.environ["FIFTYONE_PLUGINS_DIR"] = _PLUGINS
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import fiftyone as fo  # noqa: E402
 import pytest  # noqa: E402
 
-import tiny_models  # noqa: E402
+_OURS = "FAIRBALANCE_TESTS_MONGOD"  # the URI of the mongod a conftest started, to tell it from a user's
+
+
+def pytest_configure(config):
+    """The database, before any test module imports FiftyOne (which reads its URI at import).
+
+    pytest-xdist's controller (``-n 2``) runs no test: it starts no mongod. Each of its workers starts
+    its own, so no worker sees another's datasets; a worker that inherits the URI of a mongod that a
+    conftest started (not a user's ``FIFTYONE_DATABASE_URI``) starts its own all the same.
+    """
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    uri = os.environ.get("FIFTYONE_DATABASE_URI")
+    if uri and not (os.environ.get("PYTEST_XDIST_WORKER") and uri == os.environ.get(_OURS)):
+        return  # the user's database
+    if "fiftyone" in sys.modules:
+        raise RuntimeError("fiftyone was imported before tests/conftest.py chose the tests' database")
+    os.environ.pop("FIFTYONE_DATABASE_URI", None)
+    uri = _start_private_mongod()
+    if uri:
+        os.environ["FIFTYONE_DATABASE_URI"] = os.environ[_OURS] = uri
+    else:
+        os.environ["FIFTYONE_DATABASE_DIR"] = os.path.join(_TMP, "db")
 
 
 @pytest.fixture
 def make_dataset(request):
     """Factory for non-persistent datasets that are deleted after the test."""
+    import fiftyone as fo
+
     created = []
 
     def make(name=None):
@@ -124,6 +141,8 @@ def make_dataset(request):
 @pytest.fixture(scope="session")
 def digits_dataset():
     """A small Colored Digits dataset shared by read-only tests."""
+    import fiftyone as fo
+
     from fairbalance.datasets import colored_digits as datasets
 
     ds = datasets.colored_digits(
@@ -150,7 +169,23 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_clip(model_dir):
+    import tiny_models
+
     return tiny_models.build_open_clip(str(model_dir / "clip"))
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """One App server (``fiftyone.server.main`` on loopback, the plugin on its path) for the whole session: its URL.
+
+    Shared by the modules that drive the App (HTTP, progress stream, the browser modules): each opens its own
+    dataset by its URL, so a server that has served another module's dataset serves the same pages, and its
+    process has torch, the models' libraries and the plugin already imported. A module that needs a server of
+    its own (one that has opened no dataset yet, or other settings) defines an ``app_server`` of module scope.
+    """
+    from test_app_server import serve_app
+
+    yield from serve_app(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

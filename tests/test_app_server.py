@@ -28,11 +28,6 @@ def _request(url, payload=None, timeout=30):
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
-def app_server(tmp_path_factory):
-    yield from serve_app(tmp_path_factory)
-
-
 def serve_app(tmp_path_factory, **extra_env):
     """Run ``fiftyone.server.main`` on a free loopback port (``extra_env`` added to its environment); yield its URL."""
     import fiftyone.core.odm.database as fodb

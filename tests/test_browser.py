@@ -28,7 +28,6 @@ import pytest
 
 import fairbalance as fb
 import tiny_models
-from test_app_server import app_server  # noqa: F401  (fixture: App server on loopback)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -342,7 +341,7 @@ def browser_dataset():
 
 
 @pytest.fixture(scope="module")
-def app(app_server, browser_dataset):  # noqa: F811
+def app(app_server, browser_dataset):
     with open_app(app_server, "last.png") as page:
         try:
             yield page

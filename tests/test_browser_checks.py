@@ -15,7 +15,6 @@ import time
 import fiftyone as fo
 import pytest
 
-from test_app_server import app_server  # noqa: F401  (fixture: App server on loopback)
 from test_browser import MODAL, _wait, open_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a real browser against a real App
@@ -51,7 +50,7 @@ def checks_dataset(tiny_clip, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(app_server):  # noqa: F811
+def app(app_server):
     with open_app(app_server, "checks-last.png") as page:
         yield page
 

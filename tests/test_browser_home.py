@@ -10,11 +10,17 @@ import time
 import fiftyone as fo
 import pytest
 
-from test_app_server import app_server  # noqa: F401  (fixture: App server on loopback)
+from test_app_server import serve_app
 from test_browser import _wait  # noqa: F401
 from test_browser_place import app  # noqa: F401  (fixture: a browser on this module's App server)
 
 HOME_MADE = "fb-browser-home-made"
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory):
+    """A server of this module's own, not the session's (tests/conftest.py): it has opened no dataset yet."""
+    yield from serve_app(tmp_path_factory)
 
 
 @pytest.mark.slow

@@ -10,7 +10,6 @@ import time
 import fiftyone as fo
 import pytest
 
-from test_app_server import app_server  # noqa: F401  (fixture: App server on loopback)
 from test_browser import _wait, open_app  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a real browser against a real App
@@ -30,7 +29,7 @@ def place_dataset():
 
 
 @pytest.fixture(scope="module")
-def app(app_server):  # noqa: F811
+def app(app_server):
     with open_app(app_server, "place-last.png") as page:
         yield page
 

@@ -14,7 +14,6 @@ import time
 import fiftyone as fo
 import pytest
 
-from test_app_server import app_server  # noqa: F401  (fixture: App server on loopback)
 from test_browser import MODAL, _wait, open_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a real browser against a real App
@@ -35,7 +34,7 @@ def progress_dataset():
         fo.delete_dataset(NAME)
 
 
-def test_immediate_run_shows_steps_and_time_left(app_server, progress_dataset):  # noqa: F811
+def test_immediate_run_shows_steps_and_time_left(app_server, progress_dataset):
     with open_app(app_server, "progress-last.png") as app:
         app.open_dataset(NAME)
         app.open_operator("train a classifier", "Train classifier")
