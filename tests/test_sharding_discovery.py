@@ -13,31 +13,10 @@ import pytest
 import fairbalance
 from fairbalance.core import runs, sharding
 from fairbalance.core.validation import FairBalanceError
-from fairbalance.train import training
+from biased_model import FAST, biased_folder, by_id, with_generated_and_unlabelled  # noqa: F401 (a fixture)
 
 FIFTYONE_CLI = os.path.join(os.path.dirname(sys.executable), "fiftyone")
-FAST = dict(backbone="mlp", image_size=16, epochs=3, batch_size=64, seed=0)
 SETTINGS = dict(slices_per_class=3, seed=0)
-
-
-@pytest.fixture(scope="module")
-def biased_folder(digits_dataset, tmp_path_factory):
-    """A GCE-biased classifier trained once on the train split and saved: what every shard loads."""
-    clf = training.train_classifier(digits_dataset.match_tags("train"), training.TrainConfig(method="biased", **FAST))
-    return clf.save(str(tmp_path_factory.mktemp("biased") / "clf"))
-
-
-def _with_generated_and_unlabelled(ds):
-    """3 samples lose their label, 4 generated copies join: neither kind gets a slice."""
-    paths, labels = ds.match_tags("train").limit(4).values(["filepath", "ground_truth.label"])
-    ds.take(3, seed=1).set_field("ground_truth", None).save()
-    ds.add_samples([fo.Sample(filepath=p, ground_truth=fo.Classification(label=lab), generated=True)
-                    for p, lab in zip(paths, labels)])
-    return ds
-
-
-def _by_id(ds, field):
-    return dict(zip(*ds.values(["id", field])))
 
 
 def _normalised(ds, key, slice_field):
@@ -52,7 +31,7 @@ def _normalised(ds, key, slice_field):
 
 @pytest.mark.timeout(600)
 def test_shards_in_any_order_give_the_slices_of_one_call(digits_copy, biased_folder, one_thread):
-    ds = _with_generated_and_unlabelled(digits_copy)
+    ds = with_generated_and_unlabelled(digits_copy)
     single = fairbalance.discover_slices(ds, classifier=biased_folder, slice_field="sa", run_key="single",
                                          **SETTINGS)
     sharded = dict(classifier=biased_folder, slice_field="sb", run_key="sharded", num_shards=3, chunk_size=16,
@@ -82,8 +61,8 @@ def test_shards_in_any_order_give_the_slices_of_one_call(digits_copy, biased_fol
     for field in ("sa", "sb", "sb_features"):  # generated and unlabelled samples get nothing
         assert len(ds.exists(field)) == len(real_labelled) and not len(ds.match({"generated": True}).exists(field))
     # the same slices, scores and records as one call with the same classifier, settings and seed
-    assert _by_id(ds, "sa") == _by_id(ds, "sb") and single.num_slices == 30
-    a, b = _by_id(ds, "sa_score"), _by_id(ds, "sb_score")
+    assert by_id(ds, "sa") == by_id(ds, "sb") and single.num_slices == 30
+    a, b = by_id(ds, "sa_score"), by_id(ds, "sb_score")
     assert all((a[i] is None) == (b[i] is None) for i in a)
     assert np.allclose([a[i] for i in a if a[i] is not None], [b[i] for i in a if a[i] is not None], atol=1e-5)
     res_a, cfg_a = _normalised(ds, "single", "sa")
@@ -156,7 +135,7 @@ def test_discovery_form_with_shards_queues_them_and_a_worker_runs_them(digits_co
     # the same slices as one call with the same classifier and settings
     single = fairbalance.discover_slices(view, classifier=biased_folder, slice_field="one", run_key="one",
                                          slices_per_class=2, exclude_name_fields=["bias_aligned"])
-    assert _by_id(view, "one") == _by_id(view, "sl") and single.num_slices == 20
+    assert by_id(view, "one") == by_id(view, "sl") and single.num_slices == 20
 
 
 @pytest.mark.timeout(600)
@@ -186,7 +165,7 @@ def test_the_command_line_queues_discovery_shards_and_names_only_the_chosen_fiel
                      "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["name_fields"] == ["color"] and runs.get_run_config(digits_copy, "one")["name_fields"] == ["color"]
-    assert _by_id(view, "one") == _by_id(view, "slice")  # one call, the same slices as the shards'
+    assert by_id(view, "one") == by_id(view, "slice")  # one call, the same slices as the shards'
 
 
 def test_shards_with_a_features_field_store_no_penultimate_layer_and_give_the_same_slices(digits_copy, biased_folder,
@@ -199,7 +178,7 @@ def test_shards_with_a_features_field_store_no_penultimate_layer_and_give_the_sa
     fairbalance.discover_slices(view, slice_field="one", run_key="one", **kw)
     for shard in (1, 0):
         fairbalance.discover_slices(view, slice_field="two", run_key="two", shard=shard, num_shards=2, **kw)
-    assert _by_id(view, "one") == _by_id(view, "two")
+    assert by_id(view, "one") == by_id(view, "two")
     job = sharding.get_job(view, "two")
     assert job["shared"]["layout"] == {"logits": 10, "pixels": 23}  # no penultimate layer: the field stands for it
     assert len(view.first()["two_features"]) == 33
@@ -236,7 +215,7 @@ def test_queued_shards_run_by_a_real_worker_give_the_slices_of_one_call(digits_c
             worker.wait()
     ds.reload()
     assert fairbalance.sharded_status(ds, "job")["num_done"] == len(ds)
-    assert _by_id(ds, "one") == _by_id(ds, "two")
+    assert by_id(ds, "one") == by_id(ds, "two")
     res_a, cfg_a = _normalised(ds, "one", "one")
     res_b, cfg_b = _normalised(ds, "job", "two")
     assert cfg_a == cfg_b and single.num_slices == 30

@@ -15,31 +15,9 @@ from fairbalance.core import runs, sharding
 from fairbalance.train import training
 from fairbalance.tag.hardness import compute_hardness
 from fairbalance.core.validation import FairBalanceError
+from biased_model import FAST, biased_folder, by_id, with_generated_and_unlabelled  # noqa: F401 (a fixture)
 
 FIFTYONE_CLI = os.path.join(os.path.dirname(sys.executable), "fiftyone")
-FAST = dict(backbone="mlp", image_size=16, epochs=3, batch_size=64, seed=0)
-
-
-@pytest.fixture(scope="module")
-def biased_folder(digits_dataset, tmp_path_factory):
-    """A GCE-biased classifier trained once on the train split and saved: what every shard loads."""
-    clf = training.train_classifier(digits_dataset.match_tags("train"), training.TrainConfig(method="biased", **FAST))
-    return clf.save(str(tmp_path_factory.mktemp("biased") / "clf"))
-
-
-def _with_generated_and_unlabelled(ds):
-    """3 samples lose their label, 4 generated copies join: neither kind gets a loss."""
-    # Copy the labelled samples before unlabelling: ``take`` draws by a per-sample random field, so the
-    # three it picks may include the four copied (that overlap made this test fail on CI).
-    paths, labels = ds.match_tags("train").limit(4).values(["filepath", "ground_truth.label"])
-    ds.take(3, seed=1).set_field("ground_truth", None).save()
-    ds.add_samples([fo.Sample(filepath=p, ground_truth=fo.Classification(label=lab), generated=True)
-                    for p, lab in zip(paths, labels)])
-    return ds
-
-
-def _by_id(ds, field):
-    return dict(zip(*ds.values(["id", field])))
 
 
 def _same_run(ds, single_key, sharded_key, single_fields, sharded_fields):
@@ -58,7 +36,7 @@ def _same_run(ds, single_key, sharded_key, single_fields, sharded_fields):
 
 @pytest.mark.parametrize("top_k, per_class", [(None, True), (0.1, True), (25, False)])
 def test_shards_in_any_order_equal_one_call_with_the_same_classifier(digits_copy, biased_folder, top_k, per_class):
-    ds = _with_generated_and_unlabelled(digits_copy)
+    ds = with_generated_and_unlabelled(digits_copy)
     kw = dict(classifier=biased_folder, top_k=top_k, per_class=per_class)
     single = compute_hardness(ds, loss_field="loss_a", tag="hard_a", run_key="single", **kw)
     sharded = dict(loss_field="loss_b", tag="hard_b", run_key="sharded", num_shards=3, chunk_size=16, **kw)
@@ -88,11 +66,11 @@ def test_shards_in_any_order_equal_one_call_with_the_same_classifier(digits_copy
     assert single.num_samples == len(real_labelled) == len(ds) - 7 and single.num_skipped == 3
     for field in ("loss_a", "loss_b"):  # generated and unlabelled samples get no loss
         assert len(ds.exists(field)) == len(real_labelled) and not len(ds.match({"generated": True}).exists(field))
-    a, b = _by_id(ds, "loss_a"), _by_id(ds, "loss_b")
+    a, b = by_id(ds, "loss_a"), by_id(ds, "loss_b")
     assert a.keys() == b.keys() and all((a[i] is None) == (b[i] is None) for i in a)
     assert np.allclose([a[i] for i in a if a[i] is not None], [b[i] for i in a if a[i] is not None], atol=1e-5)
-    assert _by_id(ds, "loss_a_rank") == _by_id(ds, "loss_b_rank")
-    assert _by_id(ds, "loss_a_prediction") == _by_id(ds, "loss_b_prediction")
+    assert by_id(ds, "loss_a_rank") == by_id(ds, "loss_b_rank")
+    assert by_id(ds, "loss_a_prediction") == by_id(ds, "loss_b_prediction")
     tagged_a, tagged_b = set(ds.match_tags("hard_a").values("id")), set(ds.match_tags("hard_b").values("id"))
     assert tagged_a == tagged_b and len(tagged_a) == single.num_tagged > 0
     merged = results[-1].results
@@ -196,7 +174,7 @@ def test_queued_shards_run_by_a_worker_replace_the_previous_run_and_its_tags(dig
     ds.reload()
     status = fairbalance.sharded_status(ds, "job")
     assert status["shards_done"] == 2 and status["num_done"] == len(ds)
-    assert _by_id(ds, "loss_a_rank") == _by_id(ds, "loss_b_rank")
+    assert by_id(ds, "loss_a_rank") == by_id(ds, "loss_b_rank")
     assert set(ds.match_tags("hard_a").values("id")) == set(ds.match_tags("hard_b").values("id"))
     assert runs.load_run_results(ds, "job")["num_tagged"] == single.num_tagged
     assert _same_run(ds, "single", "job", ["loss_a", "loss_a_rank", "loss_a_prediction", "hard_a"],
@@ -237,7 +215,7 @@ def test_shards_use_the_views_labels_not_the_datasets(digits_copy, biased_folder
     for shard in (1, 0):
         compute_hardness(view, classifier=biased_folder, loss_field="loss_n", tag="hard_n", run_key="m2",
                          shard=shard, num_shards=2, chunk_size=64)
-    a, b = _by_id(digits_copy, "loss_m"), _by_id(digits_copy, "loss_n")
+    a, b = by_id(digits_copy, "loss_m"), by_id(digits_copy, "loss_n")
     assert a.keys() == b.keys() and all(abs(a[i] - b[i]) < 1e-5 for i in a)
     assert runs.load_run_results(digits_copy, "m2")["tagged_ids"] == runs.load_run_results(
         digits_copy, "m1")["tagged_ids"] and single.num_tagged == len(digits_copy.match_tags("hard_n"))
