@@ -28,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a private mongod, data folder and plugin path, as the tests have (tests/conftest.py): the workers started
 # here must not pick up anybody else's queued operations
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-import conftest  # noqa: E402,F401
+import conftest  # noqa: E402
+conftest.private_database()
 
 os.environ["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "python_lib")] +
                                            [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])

@@ -28,7 +28,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-import conftest  # noqa: E402,F401  (private mongod and data folder, as the tests have)
+import conftest  # noqa: E402  (private mongod and data folder, as the tests have)
+conftest.private_database()
 
 sys.path.insert(0, os.path.join(ROOT, "python_lib"))
 

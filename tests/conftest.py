@@ -107,6 +107,12 @@ def pytest_configure(config):
     """
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
         return
+    private_database()
+
+
+def private_database():
+    """Point FiftyOne at a mongod of our own (started here) unless the user set a database; also what the
+    benchmarks that ``import conftest`` call before they import FiftyOne."""
     uri = os.environ.get("FIFTYONE_DATABASE_URI")
     if uri and not (os.environ.get("PYTEST_XDIST_WORKER") and uri == os.environ.get(_OURS)):
         return  # the user's database
