@@ -134,4 +134,8 @@ def test_samples_without_a_group_and_overlapping_held_out_are_refused(digits_cop
     with pytest.raises(fb.FairBalanceError, match="disjoint"):
         fb.train_classifier(digits_copy.match_tags("test"), "ground_truth", method="dfr", group_field="color",
                             val_samples=digits_copy.match_tags("test"), epochs=1, run_key=None)
+    held_without_a_class = digits_copy.match_tags("test").match(fo.ViewField("ground_truth.label") != "3")
+    with pytest.raises(fb.FairBalanceError, match=r"no sample of class\(es\) \['3'\]"):
+        fb.train_classifier(train, "ground_truth", method="dfr", group_field="color", val_samples=held_without_a_class,
+                            epochs=1, run_key=None)
     assert fo.dataset_exists(digits_copy.name)

@@ -225,6 +225,11 @@ def loop_for(samples, data, config, val_samples, size, num_workers):
             raise validation.FairBalanceError(
                 f"{len(overlap)} sample(s) are in both the training view and val_samples: DFR's held-out split "
                 "must be disjoint from the training samples")
+        missing = sorted(set(data.classes) - {data.classes[k] for k in set(np.asarray(vdata.labels).tolist())})
+        if missing:
+            raise validation.FairBalanceError(
+                f"DFR refits the last layer on val_samples, which have no sample of class(es) {missing}: "
+                "the held-out split needs every class the model predicts")
         values = group_values(val_samples, vdata.ids, config.group_field, "held-out samples")
         groups, names = group_index(vdata.labels, values, data.classes)
         config.groups = names
