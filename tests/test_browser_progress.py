@@ -27,7 +27,7 @@ STEPS = re.compile(r"Training: (\d+) of (\d+) \(\d+%\)(, about \d+ (s|min) left)
 def progress_dataset():
     from fairbalance.datasets import colored_digits as datasets
 
-    ds = datasets.colored_digits(NAME, num_classes=3, train_per_class=40, test_per_class=2, image_size=16,
+    ds = datasets.colored_digits(NAME, num_classes=3, train_per_class=160, test_per_class=2, image_size=16,
                                  persistent=False, overwrite=True)
     yield ds
     if fo.dataset_exists(NAME):
@@ -38,7 +38,7 @@ def test_immediate_run_shows_steps_and_time_left(app_server, progress_dataset):
     with open_app(app_server, "progress-last.png") as app:
         app.open_dataset(NAME)
         app.open_operator("train a classifier", "Train classifier")
-        app.type("Epochs", 600)  # several seconds: long enough to be watched
+        app.type("Epochs", 600)  # with 480 images, ~10 s: several labels (120 images took ~3 s and once showed one)
         execute = _wait(lambda: [b for b in app.find(f"{MODAL}//button[normalize-space(.)='Execute']")
                                  if b.is_enabled()], 30)
         assert execute, app.modal_text()
