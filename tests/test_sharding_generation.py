@@ -61,12 +61,19 @@ def _generated(ds):
 
 
 def _assert_same_runs(one, other, run_key):
-    """Two datasets hold the same generated samples (same pixels) and the same run record."""
+    """Two datasets hold the same generated samples and the same run record.
+
+    Pixels are compared up to the rounding of batched float math: a shard batches other images together than one
+    run does, and a pixel near a rounding edge can land a level or two off (text-to-image failed exact equality
+    once, on a clean clone with 2 xdist workers); another seed or prompt per image changes most pixels by far more.
+    """
     a, b = _generated(one), _generated(other)
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         assert a[name][0] == b[name][0], name
-        assert np.array_equal(a[name][1], b[name][1]), name
+        diff = np.abs(a[name][1].astype(int) - b[name][1].astype(int))
+        assert a[name][1].shape == b[name][1].shape and diff.max() <= 2 and (diff > 0).mean() < 0.01, \
+            (name, int(diff.max()), float((diff > 0).mean()))
     skip = {"output_dir", "target_dataset", "started_at", "completed_at", "num_shards"}
     ca, cb = runs.get_run_config(one, run_key), runs.get_run_config(other, run_key)
     assert {k: v for k, v in ca.items() if k not in skip} == {k: v for k, v in cb.items() if k not in skip}
