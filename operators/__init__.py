@@ -15,6 +15,7 @@ from .diffusion import FilterGenerated, GenerateBalanced, TrainConditionalDiffus
 from .lora import FinetunePerGroup, GeneratePerGroup
 from .pipeline import RunPipeline
 from .pseudo_labels import ComputePseudoLabels
+from .realism import MeasureRealism
 from .sa_features import ComputeSAFeatures
 from .sharding import ComputeShard
 
@@ -37,6 +38,7 @@ _CLASSES = {
     "filter_captions": FilterCaptions,
     "generate_from_captions": GenerateFromCaptions,
     "filter_generated": FilterGenerated,
+    "measure_realism": MeasureRealism,
     "train_classifier": TrainClassifier,
     "apply_classifier": ApplyClassifier,
     "run_pipeline": RunPipeline,

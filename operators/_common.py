@@ -12,6 +12,8 @@ from fairbalance.core import runs, sharding  # noqa: F401
 from fairbalance.core.fields import categorical_fields  # noqa: F401
 from fairbalance.core.folders import pipeline_file  # noqa: F401
 from fairbalance.core.validation import LIMITS
+from fairbalance.generate.realism import check_realism  # noqa: F401  (the realism form's checks, before Execute)
+from fairbalance.ops.commands import load_view
 
 from ._progress import progress_callback, progress_label, streams_progress  # noqa: F401  (one progress adapter)
 
@@ -41,6 +43,30 @@ def field_dropdown(inputs, name, choices, label, description, required=True, def
     dropdown = types.Dropdown(label=label, description=description)
     for choice in choices:
         dropdown.add_choice(choice, label=choice)
+    inputs.enum(name, dropdown.values(), required=required, default=default, view=dropdown)
+
+
+def named_views(dataset):
+    """The sets of samples a form offers by name: the dataset's saved views and tags, name -> "saved view" or
+    "tag" (a name that is both is the saved view, as on the command line and in pipeline files)."""
+    if dataset is None:
+        return {}
+    return {**{t: "tag" for t in sorted(dataset.distinct("tags"))},
+            **{v: "saved view" for v in dataset.list_saved_views()}}
+
+
+def named_view(dataset, name):
+    """The samples of a saved view or tag of ``dataset`` (:func:`named_views`); a clear error for anything else."""
+    return load_view(dataset.name, name)
+
+
+def set_dropdown(inputs, name, own, names, label, description, required=True, default=None):
+    """A dropdown of sets of samples: ``own`` choices (value -> label) first, then the saved views and tags."""
+    dropdown = types.Dropdown(label=label, description=description)
+    for value, text in own.items():
+        dropdown.add_choice(value, label=text)
+    for value, kind in names.items():
+        dropdown.add_choice(value, label=f"{value} ({kind})")
     inputs.enum(name, dropdown.values(), required=required, default=default, view=dropdown)
 
 

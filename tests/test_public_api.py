@@ -25,5 +25,5 @@ def test_capabilities_are_exported_documented_and_explicit():
 def test_long_functions_take_progress():
     for name in ("colored_mnist", "compute_hardness_tags", "train_conditional_diffusion", "generate_balanced",
                  "filter_generated", "train_classifier", "inject_bias_conflicting", "compute_captions",
-                 "generate_from_captions", "finetune_per_group", "generate_per_group"):
+                 "generate_from_captions", "finetune_per_group", "generate_per_group", "measure_realism"):
         assert "progress" in inspect.signature(getattr(fb, name)).parameters, name

@@ -24,6 +24,7 @@ exclusions or density-ratio weights.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -80,7 +81,7 @@ def _probs(net, x: torch.Tensor, dev) -> torch.Tensor:
 
 def discriminator_scores(x_real: torch.Tensor, x_gen: torch.Tensor, folds: int = 5, epochs: int = 10,
                          backbone: str = "mlp", seed: int = 0, device=None,
-                         real_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                         real_weights: np.ndarray | None = None, step=None) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold p(real | x) of every real and every generated image (class-balanced loss: prior 0.5 each).
 
     Each image is scored by a discriminator trained on the other folds, so
@@ -88,6 +89,7 @@ def discriminator_scores(x_real: torch.Tensor, x_gen: torch.Tensor, folds: int =
     estimates the density ratio p_real(x) / p_generated(x).
     ``real_weights``: importance weights of the real images (e.g. to give a
     reference the generated set's cell mix); each side still weighs half.
+    ``step``: called after each fold (a progress bar's ``update``).
     """
     dev = models.resolve_device(device)
     x = torch.cat([x_real, x_gen])
@@ -107,6 +109,8 @@ def discriminator_scores(x_real: torch.Tensor, x_gen: torch.Tensor, folds: int =
         w = bt * (len(yt) / (2 * side))[yt]
         net = _fit(x[train], yt, w, 2, backbone, epochs, seed * 1009 + k, dev)
         p_real[test] = _probs(net, x[test], dev)[:, 1].numpy()
+        if step is not None:
+            step()
     return p_real[:len(x_real)], p_real[len(x_real):]
 
 
@@ -223,7 +227,7 @@ def _cells(labels: list, attrs: list | None) -> list:
     return [None if c is None or a is None else f"{c}|{a}" for c, a in zip(labels, attrs)]
 
 
-def _tstr(xg, yg, xr, yr, xt, yt, epochs, seed, dev) -> tuple[float, float, int]:
+def _tstr(xg, yg, xr, yr, xt, yt, epochs, seed, dev, step=None) -> tuple[float, float, int]:
     """Accuracy on (xt, yt) of an MLP trained on the generated images, and on as many real ones."""
     classes = sorted({*yg, *yt, *yr})
     index = {c: j for j, c in enumerate(classes)}
@@ -236,6 +240,8 @@ def _tstr(xg, yg, xr, yr, xt, yt, epochs, seed, dev) -> tuple[float, float, int]
         net = _fit(x[keep], yy, torch.ones(len(yy)), len(classes), "mlp", epochs, seed, dev)
         pred = _probs(net, xt, dev).argmax(1).numpy()
         out.append(float(np.mean(pred == np.array([index[c] for c in yt]))))
+        if step is not None:
+            step()
     return out[0], out[1], n
 
 
@@ -257,6 +263,7 @@ def measure_realism(
     overwrite: bool = False,
     reference_samples=None,
     match_cells: bool = False,
+    progress=None,
 ) -> RealismResult:
     """Measure how well a generated set passes for real: two-sample test, TSTR, image statistics; record a run.
 
@@ -281,7 +288,72 @@ def measure_realism(
     class x attribute cell has its share of the generated set; generated
     images of cells the reference lacks are left out of that figure
     (``reference_cells_matched`` of ``reference_cells_total``).
+
+    Every refusal comes before any run is written or image read
+    (:func:`check_realism` gives them without running). ``progress``: a
+    FiftyOne progress callback, one step per discriminator fold and per
+    TSTR / TRTR classifier.
     """
+    import fiftyone.core.utils as fou
+
+    plan = _plan(real_samples, generated_samples, label_field, attribute_field, test_samples, max_samples,
+                 discriminator, folds, epochs, tstr_epochs, seed, reference_samples, match_cells)
+    real_samples, generated_samples, size, reference = (plan[k] for k in ("real", "generated", "size", "reference"))
+    (rp, rl), (gp, gl) = plan["real_rows"], plan["generated_rows"]
+    folds, epochs, tstr_epochs, max_samples = (plan[k] for k in ("folds", "epochs", "tstr_epochs", "max_samples"))
+    run = runs.prepare(real_samples, run_key, "realism", {
+        "label_field": label_field, "attribute_field": attribute_field, "max_samples": max_samples,
+        "discriminator": discriminator, "folds": folds, "epochs": epochs, "tstr_epochs": tstr_epochs, "seed": seed,
+        "real_view": real_samples._pipeline(), "generated_dataset": generated_samples._root_dataset.name,
+        "generated_view": generated_samples._pipeline(),
+        "test_view": None if test_samples is None else test_samples._pipeline(), "image_size": size,
+        **_where("reference", reference_samples), "match_cells": match_cells}, [], overwrite)
+    steps = folds * (1 if reference is None else 2) + (2 if label_field else 0)
+    with fou.ProgressBar(total=steps, progress=progress) as pb:
+        xr, xg = (load_images(p, size, progress=False) for p in (rp, gp))
+        pr, pg = discriminator_scores(xr, xg, folds, epochs, discriminator, seed, device, step=pb.update)
+        acc = two_sample_accuracy(pr, pg)
+        sr, sg = image_statistics(xr), image_statistics(xg)
+        result = RealismResult(run_key, acc, len(rp), len(gp), discriminator, real_statistics=_summary(sr),
+                               generated_statistics=_summary(sg))
+        real_mean = result.real_statistics["mean_intensity"]
+        result.intensity_ratio = (float(result.generated_statistics["mean_intensity"] / real_mean) if real_mean > 0
+                                  else None)
+        if label_field:
+            result.cell_statistics.update(_cell_statistics(rl, gl, attribute_field, sr, sg))
+            _tstr_figures(result, xr, xg, rl[0], gl[0], test_samples, label_field, max_samples, seed, size,
+                          tstr_epochs, device, pb.update)
+        _add_warnings(result)
+        if reference is not None:
+            _reference_figures(result, reference, xg, discriminator, folds, epochs, seed, device, pb.update)
+    run.write(lambda: None)
+    run.save_results(result.to_dict())
+    return result
+
+
+def check_realism(real_samples, generated_samples=None, **kwargs) -> dict:
+    """What :func:`measure_realism` with these arguments would compare, or its refusal (``FairBalanceError``):
+    the same checks, reading no image and writing nothing (the App's form runs them before Execute).
+
+    Returns the numbers of real and generated images compared (after the
+    ``max_samples`` cap) and, with a reference, of reference images that
+    count and of generated cells matched. The run key is not checked here.
+    """
+    bound = inspect.signature(measure_realism).bind(real_samples, generated_samples, **kwargs)
+    bound.apply_defaults()
+    p = _plan(*(bound.arguments[n] for n in inspect.signature(_plan).parameters))
+    out = {"num_real": len(p["real_rows"][0]), "num_generated": len(p["generated_rows"][0])}
+    ref = p["reference"]
+    if ref is not None:
+        out.update(reference_num_real=int((ref["weights"] > 0).sum()), reference_num_generated=int(
+            ref["gen_keep"].sum()), reference_cells_matched=ref["matched"], reference_cells_total=ref["total"])
+    return out
+
+
+def _plan(real_samples, generated_samples, label_field, attribute_field, test_samples, max_samples, discriminator,
+          folds, epochs, tstr_epochs, seed, reference_samples, match_cells) -> dict:
+    """Every refusal of :func:`measure_realism`, in its order: the checked settings, both sets' files and labels
+    (their values, no image read), the reference's plan."""
     from fiftyone import ViewField as Fv
 
     if discriminator not in DISCRIMINATORS:
@@ -296,8 +368,9 @@ def measure_realism(
         validation.require_fields(real_samples, ["generated"])
         generated_samples = real_samples.match(Fv("generated") == True)  # noqa: E712
         real_samples = real_samples.match(Fv("generated") != True)  # noqa: E712
-        validation.require_nonempty(real_samples)
-    validation.require_nonempty(generated_samples)
+        _require_some(real_samples, "real", "the view has only generated samples (generated == True)")
+        _require_some(generated_samples, "generated", "the view has no sample with generated == True")
+    _require_some(generated_samples, "generated", "select the generated samples to measure")
     fields = _check_views(real_samples, generated_samples, test_samples, label_field, attribute_field)
     paths = [f"{f}.label" for f in fields]
     (rp, *rl), size = _load(real_samples, paths, max_samples, seed)
@@ -311,31 +384,14 @@ def measure_realism(
                             match_cells)
     reference = None if reference_samples is None else _reference_plan(
         reference_samples, gl, len(gp), paths if match_cells else [], max_samples, seed, size, folds)
-    run = runs.prepare(real_samples, run_key, "realism", {
-        "label_field": label_field, "attribute_field": attribute_field, "max_samples": max_samples,
-        "discriminator": discriminator, "folds": folds, "epochs": epochs, "tstr_epochs": tstr_epochs, "seed": seed,
-        "real_view": real_samples._pipeline(), "generated_dataset": generated_samples._root_dataset.name,
-        "generated_view": generated_samples._pipeline(),
-        "test_view": None if test_samples is None else test_samples._pipeline(), "image_size": size,
-        **_where("reference", reference_samples), "match_cells": match_cells}, [], overwrite)
-    xr, xg = (load_images(p, size, progress=False) for p in (rp, gp))
-    pr, pg = discriminator_scores(xr, xg, folds, epochs, discriminator, seed, device)
-    acc = two_sample_accuracy(pr, pg)
-    sr, sg = image_statistics(xr), image_statistics(xg)
-    result = RealismResult(run_key, acc, len(rp), len(gp), discriminator, real_statistics=_summary(sr),
-                           generated_statistics=_summary(sg))
-    real_mean = result.real_statistics["mean_intensity"]
-    result.intensity_ratio = float(result.generated_statistics["mean_intensity"] / real_mean) if real_mean > 0 else None
-    if label_field:
-        result.cell_statistics.update(_cell_statistics(rl, gl, attribute_field, sr, sg))
-        _tstr_figures(result, xr, xg, rl[0], gl[0], test_samples, label_field, max_samples, seed, size, tstr_epochs,
-                      device)
-    _add_warnings(result)
-    if reference is not None:
-        _reference_figures(result, reference, xg, discriminator, folds, epochs, seed, device)
-    run.write(lambda: None)
-    run.save_results(result.to_dict())
-    return result
+    return {"real": real_samples, "generated": generated_samples, "folds": folds, "epochs": epochs,
+            "tstr_epochs": tstr_epochs, "max_samples": max_samples, "real_rows": (rp, rl),
+            "generated_rows": (gp, gl), "size": size, "reference": reference}
+
+
+def _require_some(samples, side: str, hint: str) -> None:
+    if not len(samples.limit(1)):
+        raise validation.FairBalanceError(f"No {side} samples to compare: {hint}")
 
 
 def _check_views(real_samples, generated_samples, test_samples, label_field, attribute_field) -> list[str]:
@@ -381,7 +437,7 @@ def _cell_statistics(rl, gl, attribute_field, sr, sg) -> dict:
 
 
 def _tstr_figures(result, xr, xg, yr, yg, test_samples, label_field, max_samples, seed, size, tstr_epochs,
-                  device) -> None:
+                  device, step=None) -> None:
     """TSTR and TRTR accuracies into ``result``: on ``test_samples``, or on a held-out half of the labelled real
     images."""
     rlab = np.array([c is not None for c in yr])
@@ -399,7 +455,7 @@ def _tstr_figures(result, xr, xg, yr, yg, test_samples, label_field, max_samples
     if len(yt) and len(gidx) and len(train_real):
         result.tstr_accuracy, result.trtr_accuracy, result.num_tstr_train = _tstr(
             xg[gidx], [yg[j] for j in gidx], xr[train_real], [yr[j] for j in train_real], xt, yt, tstr_epochs,
-            seed, models.resolve_device(device))
+            seed, models.resolve_device(device), step)
         result.num_tstr_test = len(yt)
 
 
@@ -422,13 +478,13 @@ def _reference_plan(reference_samples, gl, num_gen, paths, max_samples, seed, si
     return plan
 
 
-def _reference_figures(result, plan, xg, discriminator, folds, epochs, seed, device) -> None:
+def _reference_figures(result, plan, xg, discriminator, folds, epochs, seed, device, step=None) -> None:
     """The two-sample test of the generated images against the (weighted) reference, into ``result``."""
     use = plan["weights"] > 0
     w = plan["weights"][use]
     xf = load_images([p for p, u in zip(plan["paths"], use) if u], plan["size"], progress=False)
     xk = xg[torch.as_tensor(plan["gen_keep"])]
-    pr, pg = discriminator_scores(xf, xk, folds, epochs, discriminator, seed, device, real_weights=w)
+    pr, pg = discriminator_scores(xf, xk, folds, epochs, discriminator, seed, device, real_weights=w, step=step)
     result.reference_two_sample_accuracy = two_sample_accuracy(pr, pg, real_weights=w)
     result.reference_num_real, result.reference_num_generated = int(use.sum()), len(xk)
     result.reference_cells_matched, result.reference_cells_total = plan["matched"], plan["total"]
