@@ -61,12 +61,13 @@ def named_view(dataset, name):
 
 
 def set_dropdown(inputs, name, own, names, label, description, required=True, default=None):
-    """A dropdown of sets of samples: ``own`` choices (value -> label) first, then the saved views and tags."""
+    """A dropdown of sets of samples: ``own`` choices (value -> label) first, then the saved views and tags
+    (``names``: :func:`named_views`)."""
     dropdown = types.Dropdown(label=label, description=description)
     for value, text in own.items():
         dropdown.add_choice(value, label=text)
-    for value, kind in names.items():
-        dropdown.add_choice(value, label=f"{value} ({kind})")
+    for value in names:  # by name only: the App's dropdown shows (and its input holds) the chosen label
+        dropdown.add_choice(value, label=value)
     inputs.enum(name, dropdown.values(), required=required, default=default, view=dropdown)
 
 

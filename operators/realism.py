@@ -84,6 +84,7 @@ class MeasureRealism(foo.Operator):
                         label="Match the reference to the generated cells",
                         description="Weight the reference so that each class x attribute cell has its share of the "
                                     "generated set (needs the label and attribute fields)")
+        _check(ctx, inputs)  # here, under the sets it is about, not below the settings
         disc = types.RadioGroup()
         disc.add_choice("mlp", label="3x100 MLP (LfF's Colored MNIST model)")
         disc.add_choice("cnn", label="Small CNN")
@@ -98,7 +99,6 @@ class MeasureRealism(foo.Operator):
                    label="At most this many images per set", description="A seeded sample of larger sets")
         inputs.int("seed", default=default_of(measure_realism, "seed"), min=0, label="Seed")
         run_key_input(ctx, inputs, measure_realism)
-        _check(ctx, inputs)
         return types.Property(inputs, view=types.View(label="Measure realism"))
 
     @streams_progress
@@ -118,7 +118,7 @@ class MeasureRealism(foo.Operator):
             ("trtr", "str", "The same classifier trained on as many real images (TRTR)"),
             ("intensity_ratio", "float", "Brightness, generated / real"),
             ("reference_intensity_ratio", "float", "Brightness, generated / reference"),
-            ("warnings_text", "str", "Warnings"),
+            ("warnings_text", "text", "Warnings"),
             ("cell_table", "table", "Per class (x attribute) cell, worst brightness ratio first", CELL_COLUMNS),
             ("run_key", "str", "Run key"),
         )
@@ -152,7 +152,7 @@ def readings(res):
                f"pass for real, 100% = trivially separable)")
     if res.reference_two_sample_accuracy is not None:
         reading += f"; against the reference, {res.reference_two_sample_accuracy:.1%}"
-    out = {"reading": reading, "warnings_text": "\n".join(res.warnings) or None,
+    out = {"reading": reading, "warnings_text": "\n".join(f"- {w}" for w in res.warnings) or None,
            "reference_cells": None if res.reference_cells_total is None else
            f"{res.reference_cells_matched} of {res.reference_cells_total} generated cells have reference images",
            "cell_table": _cell_rows(res.cell_statistics) or None}

@@ -95,7 +95,7 @@ def test_operator_and_sdk_record_the_same_run(hazy):
     assert out["trtr"].startswith(f"{sdk.trtr_accuracy:.1%}")
     assert out["reference_cells"] == (f"{sdk.reference_cells_matched} of {sdk.reference_cells_total} generated "
                                       "cells have reference images")
-    assert "bright" in out["warnings_text"] and out["warnings_text"] == "\n".join(sdk.warnings)
+    assert "bright" in out["warnings_text"] and out["warnings_text"] == "\n".join(f"- {w}" for w in sdk.warnings)
     assert f"{sdk.two_sample_accuracy:.1%}" in out["reading"]
     assert len(out["cell_table"]) == len(sdk.cell_statistics) and out["cell_table"][0]["ratio"] > 1.2
 
