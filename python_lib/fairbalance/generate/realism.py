@@ -289,7 +289,7 @@ def measure_realism(
     images of cells the reference lacks are left out of that figure
     (``reference_cells_matched`` of ``reference_cells_total``).
 
-    Every refusal comes before any run is written or image read
+    Every refusal comes before any run is written or any image loaded
     (:func:`check_realism` gives them without running). ``progress``: a
     FiftyOne progress callback, one step per discriminator fold and per
     TSTR / TRTR classifier.
@@ -333,7 +333,7 @@ def measure_realism(
 
 def check_realism(real_samples, generated_samples=None, **kwargs) -> dict:
     """What :func:`measure_realism` with these arguments would compare, or its refusal (``FairBalanceError``):
-    the same checks, reading no image and writing nothing (the App's form runs them before Execute).
+    the same checks, loading no image and writing nothing (the App's form runs them before Execute).
 
     Returns the numbers of real and generated images compared (after the
     ``max_samples`` cap) and, with a reference, of reference images that
