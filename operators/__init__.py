@@ -7,7 +7,7 @@ from .audit import AuditBalance
 from .balance_report import BalanceReport
 from .captions import ComputeCaptions, FilterCaptions, GenerateFromCaptions
 from .classifier import ApplyClassifier, ComputeHardnessTags, TrainClassifier
-from .colored_digits import CreateColoredDigits, CreateColoredMnist
+from .colored_digits import CreateColoredDigits, CreateColoredMnist, ShowCreatedNotice
 from .delete_run import DeleteRun
 from .discovery import DiscoverSlices
 from .diffinject import InjectBiasConflicting
@@ -43,4 +43,5 @@ _CLASSES = {
     "apply_classifier": ApplyClassifier,
     "run_pipeline": RunPipeline,
 }
-OPERATORS = [_CLASSES[c.name] for c in fairbalance.capabilities() if c.operator] + [ComputeShard, DeleteRun]
+OPERATORS = [_CLASSES[c.name] for c in fairbalance.capabilities() if c.operator] + [ComputeShard, DeleteRun,
+                                                                                        ShowCreatedNotice]

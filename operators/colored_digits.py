@@ -2,6 +2,7 @@
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
+from fiftyone.operators.store import ExecutionStore
 
 from fairbalance import create_colored_digits, create_colored_mnist
 
@@ -50,8 +51,11 @@ class CreateColoredDigits(foo.Operator):
                         "overwrite")))
         train = dataset.match_tags("train")
         conflicting = len(train.match({"bias_aligned": False}))
-        opened = show_new_dataset(ctx, dataset.name, f"Colored Digits '{dataset.name}' created: {len(train)} train "
-                                                     f"and {len(dataset) - len(train)} test samples")
+        note = _ratio_note(p.get("conflict_ratio", default_of(create_colored_digits, "conflict_ratio")),
+                           conflicting, len(train))
+        made = (f"Colored Digits '{dataset.name}' created: {len(train)} train and {len(dataset) - len(train)} test "
+                "samples")
+        opened = show_new_dataset(ctx, dataset, made + (f". {note}" if note else ""))
         return {
             "opened": opened,
             "dataset": dataset.name,
@@ -59,8 +63,7 @@ class CreateColoredDigits(foo.Operator):
             "num_train": len(train),
             "num_test": len(dataset.match_tags("test")),
             "train_bias_conflicting": conflicting,
-            "note": _ratio_note(p.get("conflict_ratio", default_of(create_colored_digits, "conflict_ratio")),
-                                conflicting, len(train)),
+            "note": note,
         }
 
     def resolve_output(self, ctx):
@@ -117,8 +120,7 @@ class CreateColoredMnist(foo.Operator):
         dataset = create_colored_mnist(name=p["name"], persistent=True, progress=progress_callback(ctx, "Writing images"),
                                 **given(p, ("conflict_ratio", "num_val", "num_test", "seed", "overwrite")))
         train = dataset.match_tags("train")
-        opened = show_new_dataset(ctx, dataset.name, f"Colored MNIST '{dataset.name}' created: {len(train)} train "
-                                                     f"samples")
+        opened = show_new_dataset(ctx, dataset, f"Colored MNIST '{dataset.name}' created: {len(train)} train samples")
         return {
             "opened": opened,
             "dataset": dataset.name,
@@ -141,16 +143,45 @@ class CreateColoredMnist(foo.Operator):
         )
 
 
-def show_new_dataset(ctx, name, summary):
+#: The execution store (FiftyOne's key-value store of plugins, scoped to a dataset) where a dataset created from the
+#: home page keeps what was made until its page is up: :class:`ShowCreatedNotice` says it there.
+NOTICES = "fairbalance_notices"
+NOTICE_TTL = 600  # seconds a notice waits for its dataset's page (e.g. the tab was closed meanwhile)
+
+
+def show_new_dataset(ctx, dataset, summary):
     """Created from the home page (no dataset open): open the new dataset, since the home page's list is not
-    refreshed by the App ("No datasets yet" until a reload), and say what was made in a notification (the
-    result dialog would come back as the form once the page changes). With a dataset open the user's place is
-    kept and the result dialog shows."""
+    refreshed by the App ("No datasets yet" until a reload), and say what was made once its page is up (the result
+    dialog would come back as the form once the page changes). With a dataset open the user's place is kept and
+    the result dialog shows.
+
+    A notification sent along with the open would show on the page being left and go with it: the App mounts the
+    dataset's page ~1 s later and the notification vanishes then (measured in Chromium: shown 0.9 s, before the
+    new dataset was on screen), so a person missed it. It waits in the new dataset's execution store instead, and
+    :class:`ShowCreatedNotice`, which the App runs once the dataset's page is up, shows it there (its usual 3 s)."""
     if ctx.dataset_name is None:
-        ctx.ops.notify(summary, variant="success")
-        ctx.ops.open_dataset(name)
+        ExecutionStore.create(NOTICES, dataset._doc.id).set("created", summary, ttl=NOTICE_TTL)
+        ctx.ops.open_dataset(dataset.name)
         return True
     return False
+
+
+class ShowCreatedNotice(foo.Operator):
+    """Run by the App whenever a dataset's page is up (``on_dataset_open``): the notice of what was made, when
+    the dataset was just created from the home page (:func:`show_new_dataset`); otherwise nothing (one read)."""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(name="show_created_notice", label="fairbalance: what was created",
+                                  unlisted=True, on_dataset_open=True)
+
+    def execute(self, ctx):
+        if ctx.dataset is None:
+            return
+        store = ctx.store(NOTICES)
+        summary = store.get("created")
+        if summary and store.delete("created"):  # said once, even with the dataset open in two tabs
+            ctx.ops.notify(summary, variant="success")
 
 
 def on_home_page(ctx):

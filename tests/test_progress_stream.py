@@ -14,6 +14,7 @@ import time
 import urllib.request
 
 import fiftyone as fo
+import fiftyone.operators as foo
 import pytest
 from fiftyone.operators.executor import ExecutionContext, Executor
 
@@ -84,13 +85,41 @@ def test_immediate_run_yields_steps_then_triggers_then_result(monkeypatch):
         progress = _triggered(lines, "set_progress")
         assert progress and all(STEPS.match(p["label"]) for p in progress), progress
         assert progress[-1]["label"].startswith("Writing images: 24 of 24 (100%)") and progress[-1]["progress"] == 1
-        # then what the run triggered (from the home page: the notification and the new dataset), then the result
-        # (no result dialog from the home page: the usual result message, which the App does not show)
-        assert _triggered(lines)[len(progress):] == ["notify", "open_dataset"]
+        # then what the run triggered (from the home page: the new dataset opened), then the result (no result
+        # dialog from the home page: the usual result message, which the App does not show)
+        assert _triggered(lines)[len(progress):] == ["open_dataset"]
+        assert _triggered(lines, "open_dataset") == [{"dataset": name}]
         assert lines[-1]["cls"] == "ExecutionResult" and lines[-1]["body"]["num_samples"] == 24
+        # what was made is said once the dataset's page is up (the App runs show_created_notice on opening it):
+        # a notification sent with the open went with the home page before the dataset showed
+        said = f"Colored Digits '{name}' created: 18 train and 6 test samples"
+        notice = _notice(name)
+        assert len(notice) == 1 and notice[0]["message"].startswith(said) and notice[0]["variant"] == "success"
+        assert _notice(name) == []  # once
     finally:
         if fo.dataset_exists(name):
             fo.delete_dataset(name)
+
+
+def _notice(dataset_name):
+    """The notifications the App gets when it opens ``dataset_name`` (FiftyOne runs the plugin's operators marked
+    ``on_dataset_open`` then)."""
+    from fiftyone.operators.registry import OperatorRegistry
+
+    opening = [op for op in OperatorRegistry().list_operators()
+               if op.plugin_name == PLUGIN and op.config.on_dataset_open]
+    assert [op.name for op in opening] == ["show_created_notice"]
+    res = foo.execute_operator(opening[0].uri, ctx={"dataset": dataset_name, "params": {}})
+    assert res.error is None, res.error
+    return [m.params for m in res.executor._requests if m.operator_uri == "notify"] if res.executor else []
+
+
+def test_a_dataset_opened_in_the_app_is_told_nothing_and_gets_no_store(digits_copy):
+    """Opening any other dataset: no notification, no execution store left on it (one read)."""
+    from fiftyone.operators.store import ExecutionStoreService
+
+    assert _notice(digits_copy.name) == []
+    assert not ExecutionStoreService(dataset_id=digits_copy._doc.id).has_store("fairbalance_notices")
 
 
 def test_progress_dialog_then_shows_the_result(digits_copy, monkeypatch):

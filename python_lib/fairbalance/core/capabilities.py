@@ -139,8 +139,9 @@ TABLE: tuple[Capability, ...] = (
     Capability("export_samples", f"{_O}.export:export_samples", "5 verify", "export", "own", operator=False),
     Capability("run_pipeline", f"{_O}.pipeline:run_pipeline", "6 all steps", "run", "own"),
 )
-# the App operators that are plumbing, not capabilities: a shard of a queued job, deleting a run
-PLUMBING_OPERATORS = ("compute_shard", "delete_run")
+# the App operators that are plumbing, not capabilities: a shard of a queued job, deleting a run, the notice of a
+# dataset created from the App's home page (shown once its page is up)
+PLUMBING_OPERATORS = ("compute_shard", "delete_run", "show_created_notice")
 
 BY_NAME: dict[str, Capability] = {c.name: c for c in TABLE}
 SHARDABLE: dict[str, Shardable] = {c.name: c.shard for c in TABLE if c.shard is not None}
