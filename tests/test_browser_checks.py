@@ -166,7 +166,12 @@ def test_sharded_run_queued_and_the_panel_heat_map_click(app, checks_dataset, ti
     panel = d.find_element(By.CSS_SELECTOR, content).text  # item 7: the newest evaluation, not the alphabetical last
     assert "Worst groups of the last evaluation (pred_jtt_eval" in panel and "pred_vanilla_eval" not in panel, panel
     d.save_screenshot(os.path.join(app.shots, "checks-06-panel-sharded-and-heat-maps.png"))
-    heat = d.find_elements(By.CSS_SELECTOR, f"{content} .js-plotly-plot")[1]
+    def drawn_for_the_choice():  # the panel first draws the default fields' maps; hovering those read another cell
+        plots = d.find_elements(By.CSS_SELECTOR, f"{content} .js-plotly-plot")
+        return len(plots) >= 2 and "ground_truth" in plots[1].text and "color" in plots[1].text and plots[1]
+
+    heat = _wait(drawn_for_the_choice, 30)
+    assert heat, [p.text for p in d.find_elements(By.CSS_SELECTOR, f"{content} .js-plotly-plot")]
     d.execute_script("arguments[0].scrollIntoView({block: 'center'})", heat)
     drag = heat.find_elements(By.CSS_SELECTOR, ".nsewdrag")
     assert drag, "no heat map to click"
