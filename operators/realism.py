@@ -6,7 +6,7 @@ from fiftyone import ViewField as F
 
 from fairbalance import FairBalanceError, measure_realism
 
-from ._common import streams_progress
+from ._common import LIMITS, streams_progress
 from ._common import (categorical_fields, check_realism, default_of, field_dropdown, given, named_view, named_views,
                       operator_config, progress_callback, refuse, result_view, rounded, run_key_input, set_dropdown)
 
@@ -92,12 +92,13 @@ class MeasureRealism(foo.Operator):
                     label="Discriminator")
         inputs.int("folds", default=default_of(measure_realism, "folds"), min=2, label="Folds",
                    description="Every image is scored by a discriminator trained on the other folds")
-        inputs.int("epochs", default=default_of(measure_realism, "epochs"), min=1, label="Discriminator epochs")
+        inputs.int("epochs", default=default_of(measure_realism, "epochs"), min=1, max=LIMITS["epochs"],
+                   label="Discriminator epochs")
         inputs.int("tstr_epochs", default=default_of(measure_realism, "tstr_epochs"), min=1,
                    label="TSTR classifier epochs")
         inputs.int("max_samples", default=default_of(measure_realism, "max_samples"), min=1,
                    label="At most this many images per set", description="A seeded sample of larger sets")
-        inputs.int("seed", default=default_of(measure_realism, "seed"), min=0, label="Seed")
+        inputs.int("seed", default=default_of(measure_realism, "seed"), min=0, max=LIMITS["seed"], label="Seed")
         run_key_input(ctx, inputs, measure_realism)
         return types.Property(inputs, view=types.View(label="Measure realism"))
 

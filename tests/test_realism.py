@@ -96,6 +96,9 @@ def test_bad_input_is_refused_before_any_run(digits):
         fb.measure_realism(half, digits.match_tags("half_b"), label_field="nope", run_key="bad")
     with pytest.raises(FairBalanceError, match="folds"):
         fb.measure_realism(half, digits.match_tags("half_b"), folds=1, run_key="bad")
+    for seed in (-1, 2**32, 1.5):  # a seed the discriminators' generators cannot take
+        with pytest.raises(FairBalanceError, match="seed"):
+            fb.measure_realism(half, digits.match_tags("half_b"), seed=seed, run_key="bad")
     assert not digits.has_run("bad")
 
 

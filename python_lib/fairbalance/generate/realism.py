@@ -361,6 +361,7 @@ def _plan(real_samples, generated_samples, label_field, attribute_field, test_sa
     folds = validation.require_positive_int("folds", folds, 2)
     epochs = validation.require_positive_int("epochs", epochs)
     tstr_epochs = validation.require_positive_int("tstr_epochs", tstr_epochs)
+    validation.require_seed(seed)
     if max_samples is not None:
         max_samples = validation.require_positive_int("max_samples", max_samples, 2 * folds)
     validation.require_nonempty(real_samples)
