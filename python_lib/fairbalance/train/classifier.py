@@ -56,6 +56,7 @@ def train_classifier(
     exclude_field: str | None = TrainConfig.exclude_field,
     group_field: str | None = TrainConfig.group_field,
     dro_step: float = TrainConfig.dro_step,
+    refit_head: bool = TrainConfig.refit_head,
     run_key: str | None = "classifier",
     output_dir: str | None = None,
     overwrite: bool = False,
@@ -73,7 +74,10 @@ def train_classifier(
     ``group_dro`` / ``dfr`` train on the (class, ``group_field``) groups
     (GroupDRO with step ``dro_step``; DFR refits the last layer, L1 logistic
     regression averaged over group-balanced draws of ``val_samples``, a
-    held-out split);
+    held-out split); ``refit_head=True`` (any other method but ``biased``)
+    trains the method (last epoch kept), then refits the last layer as DFR
+    does on ``val_samples``, balanced over the classes, or over the (class,
+    ``group_field``) groups when given: e.g. ``method="lff", refit_head=True``;
     see :mod:`fairbalance.train.training` for the recipe. The run (``run_key``; None trains without recording)
     holds the full config, the history, the selected epoch and the
     checkpoint folder (``output_dir``, default under
@@ -87,9 +91,9 @@ def train_classifier(
     dataset = samples._root_dataset
     # the run records the settings (not num_workers); group_field and dro_step only where used, as older runs did
     params = {k: v for k, v in config.settings().items() if k != "num_workers"}
-    if group_field is not None or method in group_robust.METHODS:
-        group_robust.check(method, group_field, dro_step, val_samples)  # before the run is prepared
-    else:
+    if group_field is not None or method in group_robust.METHODS or refit_head is not False:
+        group_robust.check(method, group_field, dro_step, val_samples, refit_head)  # before the run is prepared
+    if group_field is None and method not in group_robust.METHODS:
         del params["group_field"], params["dro_step"]
     run = folder = None
     distributed.setup(device)

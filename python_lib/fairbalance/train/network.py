@@ -71,6 +71,7 @@ class TrainConfig:
     exclude_field: str | None = "filtered_out"
     group_field: str | None = None  # group_dro / dfr: groups are (class, this field's value)
     dro_step: float = 0.01
+    refit_head: bool = False  # after training, the last layer refitted on val_samples as DFR's (train.group_robust)
     groups: list[str] | None = None  # the group names trained on (set while training)
 
     def validate(self) -> None:
@@ -119,6 +120,12 @@ class TrainConfig:
             raise validation.FairBalanceError(f"stage1_real must be True or False, got {self.stage1_real!r}")
         if self.exclude_field is not None:
             validation.require_field_name(self.exclude_field)
+        if not isinstance(self.refit_head, bool):
+            raise validation.FairBalanceError(f"refit_head must be True or False, got {self.refit_head!r}")
+        if self.refit_head and self.method in ("dfr", "biased"):
+            raise validation.FairBalanceError(
+                "refit_head=True refits the last layer after a debiasing method; "
+                + ("method='dfr' always does" if self.method == "dfr" else "method='biased' learns the bias on purpose"))
 
     @classmethod
     def from_arguments(cls, arguments: dict, **overrides) -> "TrainConfig":

@@ -23,6 +23,11 @@ Methods (``method=``):
 - ``group_dro`` / ``dfr``: GroupDRO and Deep Feature Reweighting on the
   (class, ``group_field``) groups, real or discovered (:mod:`fairbalance.train.group_robust`).
 
+``refit_head=True`` (any method but ``biased`` and ``dfr``): after the method's
+training (last epoch), DFR's last-layer refit on ``val_samples``, class-balanced
+or (class, ``group_field``)-balanced: e.g. LfF's or two-stage's features with a
+head fitted on a small unbiased labelled split.
+
 Only ``synthetic`` and ``two_stage`` train on generated samples; the other
 methods leave them out (counted in ``num_generated_excluded``), so every
 method can be compared on the same view. Generated samples marked ``True``
@@ -176,8 +181,9 @@ def train_classifier(samples, config: TrainConfig, val_samples=None, device: str
                      mean=None, std=None, pretrained_weights=None, groups=None)
     config.validate()
     method, seed = config.method, config.seed
-    if config.method in ("group_dro", "dfr") and make_loop is None:
-        raise validation.FairBalanceError(f"method='{config.method}' is trained through fairbalance.train_classifier")
+    if (config.method in ("group_dro", "dfr") or config.refit_head) and make_loop is None:
+        what = "refit_head=True" if config.refit_head else f"method='{config.method}'"
+        raise validation.FairBalanceError(f"{what} is trained through fairbalance.train_classifier")
     if config.pretrained and config.backbone == "resnet18":
         resnet18_weights()  # before any work
     gen = seed_everything(seed)
@@ -202,12 +208,13 @@ def train_classifier(samples, config: TrainConfig, val_samples=None, device: str
     progress = distributed.progress_for(progress)
     net, config.pretrained_weights = build_model(config)
     loop = _fit_lff if method == "lff" else _fit_single
-    if make_loop is not None:  # recipes defined in their own module (train.group_robust), which imports this one
-        loop = make_loop(samples, data, config, val_samples, size, num_workers) or loop
-    if method == "dfr":  # the validation view trains the last layer: nothing is selected on it
-        val, config.model_selection = None, "last_epoch (val_samples train DFR's last layer)"
     if method == "two_stage":
         loop = functools.partial(_fit_two_stage, generated=torch.as_tensor(data.generated))
+    if make_loop is not None:  # recipes defined in their own module (train.group_robust), which imports this one;
+        # they get this method's loop to wrap (refit_head: the loop, then DFR's last layer on val_samples)
+        loop = make_loop(samples, data, config, val_samples, size, num_workers, loop)
+    if method == "dfr" or config.refit_head:  # the validation view trains the last layer: nothing is selected on it
+        val, config.model_selection = None, "last_epoch (val_samples train DFR's last layer)"
     history, best_epoch = loop(net, config, x, torch.as_tensor(data.labels), torch.as_tensor(weights).float(), val,
                                dev, gen, progress)
     return TrainedClassifier(net.eval().cpu(), config, history, data.num_unlabelled,
