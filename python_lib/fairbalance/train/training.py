@@ -28,8 +28,9 @@ training (last epoch), DFR's last-layer refit on ``val_samples``, class-balanced
 or (class, ``group_field``)-balanced: e.g. LfF's or two-stage's features with a
 head fitted on a small unbiased labelled split.
 
-Only ``synthetic`` and ``two_stage`` train on generated samples; the other
-methods leave them out (counted in ``num_generated_excluded``), so every
+Only ``synthetic`` and ``two_stage`` train on generated samples (and ``lff`` /
+``jtt`` with ``use_generated=True``: LfF's weights then cover the generated
+samples too, JTT's upweighting stays on its tag); the other methods leave them out (counted in ``num_generated_excluded``), so every
 method can be compared on the same view. Generated samples marked ``True``
 in ``exclude_field`` (``filter_generated(action="exclude")``) are left out
 of those two as well (``num_filtered_out``).
@@ -67,9 +68,9 @@ from torch import nn
 from fairbalance.core import distributed, validation
 from fairbalance.core.data import (  # noqa: F401  (also training.<name>: the recipes' data helpers)
     LabelledSamples, class_order, image_transform, labelled_samples, load_images, native_size, seed_everything)
-from fairbalance.train.network import (GENERATED_METHODS, IMAGENET_MEAN, IMAGENET_STD, TrainConfig, TrainedClassifier,
+from fairbalance.train.network import (IMAGENET_MEAN, IMAGENET_STD, TrainConfig, TrainedClassifier,
                                        build_model, channel_stats, resnet18_weights, resolve_backbone,
-                                       split_encoder_head)
+                                       split_encoder_head, trains_on_generated)
 from .network import (AUTO_MLP_MAX_SIDE, BACKBONES, METHODS, NORMALIZATIONS, TORCHVISION_RESNET18_FILE,  # noqa: F401
                       Normalize, _channel_stats, build_backbone, load_classifier, predict)
 
@@ -97,7 +98,7 @@ def _sample_weights(samples, data: LabelledSamples, config: TrainConfig) -> np.n
             raise validation.FairBalanceError(
                 f"No labelled sample of the view is tagged '{config.hard_tag}': run compute_hardness_tags first")
         w *= np.array([config.upweight if i in hard else 1.0 for i in data.ids])
-    if config.method in GENERATED_METHODS:
+    if trains_on_generated(config):
         w[data.generated] *= config.synthetic_weight
     return w
 
@@ -109,11 +110,11 @@ def select_training_samples(data: LabelledSamples, config: TrainConfig, rng: np.
     gen = np.flatnonzero(data.generated)
     if not len(real):
         raise validation.FairBalanceError("The view has no real (non-generated) labelled samples")
-    if config.method not in GENERATED_METHODS:
+    if not trains_on_generated(config):
         return data.subset(real), len(gen)
     if not len(gen):
         raise validation.FairBalanceError(
-            f"method='{config.method}' needs generated samples (generated=True) with a '{config.label_field}' label in "
+            f"method='{config.method}'{' with use_generated=True' if config.use_generated else ''} needs generated samples (generated=True) with a '{config.label_field}' label in "
             "the view; generate them with mode='cells' so they carry the class label")
     if config.max_synthetic_fraction is not None:
         cap = int(config.max_synthetic_fraction * len(real))
@@ -225,7 +226,7 @@ def train_classifier(samples, config: TrainConfig, val_samples=None, device: str
 def drop_filtered_out(samples, data: LabelledSamples, config: TrainConfig) -> tuple[LabelledSamples, int]:
     """The generated samples marked True in ``exclude_field`` left out (methods that use generated samples)."""
     mark = config.exclude_field
-    if config.method not in GENERATED_METHODS or not mark or not samples._root_dataset.has_sample_field(mark):
+    if not trains_on_generated(config) or not mark or not samples._root_dataset.has_sample_field(mark):
         return data, 0
     marked = set(samples.select([i for i, g in zip(data.ids, data.generated) if g]).match({mark: True}).values("id"))
     if not marked:
