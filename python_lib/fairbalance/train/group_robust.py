@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance.core import distributed, validation
+from fairbalance.train.network import check_refit_head
 
 METHODS = ("group_dro", "dfr")
 
@@ -56,12 +57,7 @@ def group_index(labels: np.ndarray, values: list[str], classes: list[str]) -> tu
 
 def check(method: str, group_field: str | None, dro_step: float, val_samples, refit_head: bool = False) -> None:
     """Up-front checks of the group-robust settings and ``refit_head`` (before the run is prepared)."""
-    if not isinstance(refit_head, bool):
-        raise validation.FairBalanceError(f"refit_head must be True or False, got {refit_head!r}")
-    if refit_head and method in ("dfr", "biased"):
-        raise validation.FairBalanceError(
-            "refit_head=True refits the last layer after a debiasing method; "
-            + ("method='dfr' always does" if method == "dfr" else "method='biased' learns the bias on purpose"))
+    check_refit_head(method, refit_head)
     if method in METHODS and not group_field:
         raise validation.FairBalanceError(f"method='{method}' needs group_field (e.g. 'slice' or a bias attribute)")
     if group_field and method not in METHODS and not refit_head:

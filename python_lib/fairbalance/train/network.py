@@ -22,7 +22,11 @@ from fairbalance.core.data import image_transform
 METHODS = ("vanilla", "biased", "jtt", "lff", "synthetic", "two_stage", "group_dro", "dfr")
 GENERATED_METHODS = ("synthetic", "two_stage")  # the methods that train on generated samples
 GENERATED_OPTION_METHODS = ("lff", "jtt")  # the methods that do with use_generated=True
-
+BACKBONES = ("auto", "resnet18", "cnn", "mlp")
+NORMALIZATIONS = ("none", "dataset", "imagenet")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TORCHVISION_RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ImageNet-1K checkpoint name
+AUTO_MLP_MAX_SIDE = 32  # backbone="auto": LfF's MLP up to this size (Colored MNIST), ResNet-18 above
 
 
 def check_use_generated(method: str, use_generated) -> None:
@@ -39,11 +43,16 @@ def check_use_generated(method: str, use_generated) -> None:
 def trains_on_generated(config) -> bool:
     """Whether ``config``'s method trains on the generated samples of the view."""
     return config.method in GENERATED_METHODS or bool(config.use_generated)
-BACKBONES = ("auto", "resnet18", "cnn", "mlp")
-NORMALIZATIONS = ("none", "dataset", "imagenet")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-TORCHVISION_RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ImageNet-1K checkpoint name
-AUTO_MLP_MAX_SIDE = 32  # backbone="auto": LfF's MLP up to this size (Colored MNIST), ResNet-18 above
+
+
+def check_refit_head(method: str, refit_head) -> None:
+    """``refit_head`` is a bool, and not for the methods that refit already or learn the bias on purpose."""
+    if not isinstance(refit_head, bool):
+        raise validation.FairBalanceError(f"refit_head must be True or False, got {refit_head!r}")
+    if refit_head and method in ("dfr", "biased"):
+        raise validation.FairBalanceError(
+            "refit_head=True refits the last layer after a debiasing method; "
+            + ("method='dfr' always does" if method == "dfr" else "method='biased' learns the bias on purpose"))
 
 
 @dataclass
@@ -140,12 +149,7 @@ class TrainConfig:
         if self.exclude_field is not None:
             validation.require_field_name(self.exclude_field)
         check_use_generated(self.method, self.use_generated)
-        if not isinstance(self.refit_head, bool):
-            raise validation.FairBalanceError(f"refit_head must be True or False, got {self.refit_head!r}")
-        if self.refit_head and self.method in ("dfr", "biased"):
-            raise validation.FairBalanceError(
-                "refit_head=True refits the last layer after a debiasing method; "
-                + ("method='dfr' always does" if self.method == "dfr" else "method='biased' learns the bias on purpose"))
+        check_refit_head(self.method, self.refit_head)
 
     @classmethod
     def from_arguments(cls, arguments: dict, **overrides) -> "TrainConfig":
