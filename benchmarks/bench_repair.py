@@ -65,7 +65,11 @@ unbiased val/test; discovery -> GroupDRO / DFR (``--corrupted-methods george_dro
 slices_dfr``; DFR's validation groups from clustering train + val together with the train-only GCE model),
 and discovery -> cells -> generation -> two-stage (``cells``; with ``--features biased-prediction`` the cells'
 attribute is the GCE model's predicted class, as on Colored MNIST, otherwise the discovered slice), against
-plain vanilla / LfF in the same process, with no hand-made feature (see ``run_corrupted``).
+plain vanilla / LfF in the same process, with no hand-made feature (see ``run_corrupted``). ``lff`` /
+``lff_refit`` / ``cells_refit``: fairbalance LfF as trained (epoch picked on val), and LfF or cells -> two-stage
+followed by DFR's last layer refitted on the 200 unbiased validation images (``train_classifier(refit_head=True)``,
+classes alone: no group; these rows train on the validation labels). ``lff_cells`` / ``lff_cells_refit``: LfF on
+the real images and the generated cells together (``use_generated=True``), without / with that refit.
 
 Usage: python benchmarks/bench_repair.py [--build a|b] [--ratios 0.01 0.05] [--seeds 0 1 2]
            [--methods plain vanilla jtt lff cells diffinject] [--diffusion-epochs 15]
@@ -690,7 +694,9 @@ def run_ratio(ratio, args, work):
 
 # ----------------------------------------------------------------------------- Corrupted MNIST, --dataset corrupted
 
-CORRUPTED_METHODS = ("plain", "george_dro", "slices_dro", "george_dfr", "slices_dfr", "class_dfr", "cells")
+CORRUPTED_METHODS = ("plain", "george_dro", "slices_dro", "george_dfr", "slices_dfr", "class_dfr", "cells", "lff",
+                     "lff_refit", "cells_refit", "lff_cells", "lff_cells_refit")
+CELL_ROWS = {"cells", "cells_refit", "lff_cells", "lff_cells_refit"}  # the rows that train on the generated cells
 
 
 def corrupted_groups(train, val, methods, args, work) -> list[str]:
@@ -705,7 +711,7 @@ def corrupted_groups(train, val, methods, args, work) -> list[str]:
     train_val = train._root_dataset.match(Fv("tags").contains("train") | Fv("tags").contains("val"))
     george = dict(method="george", feature_sources=["model"])  # GEORGE as published: the penultimate layer alone
     wanted = [("slice", "slices", train, {}, bool(methods & {"slices_dro"}) or
-               ("cells" in methods and args.features != "biased-prediction")),
+               (bool(methods & CELL_ROWS) and args.features != "biased-prediction")),
               ("george", "george", train, george, "george_dro" in methods),
               ("slice_tv", "slices_tv", train_val, {}, "slices_dfr" in methods),
               ("george_tv", "george_tv", train_val, george, "george_dfr" in methods)]
@@ -746,10 +752,10 @@ def val_groups(val, field):
            f"{min(pairs.values())} (DFR weighs every group the same)"
 
 
-def group_robust_row(train, method, field, seed, common, test, xt, yt, conflicting):
-    """One GroupDRO / DFR training and its test accuracy; for DFR, the refitted last layer's regularisation and
-    its accuracy on the held-out samples it was fitted on are printed."""
-    clf = train_classifier(train, method=method, group_field=field, seed=seed, **common)
+def group_robust_row(train, method, field, seed, common, test, xt, yt, conflicting, **kw):
+    """One GroupDRO / DFR (or ``refit_head=True``) training and its test accuracy; for a DFR head, its
+    regularisation and its accuracy on the held-out samples it was fitted on are printed."""
+    clf = train_classifier(train, method=method, group_field=field, seed=seed, **common, **kw)
     last = clf.history[-1]
     if last.get("stage") == "dfr_head":
         print(f"  DFR head: C={last['C']} on {last['num_samples']} held-out samples "
@@ -808,7 +814,13 @@ def run_corrupted(ratio, args, work):
         if row in methods:
             add(f"fairbalance {name}", lambda s, m=method, f=field: group_robust_row(train, m, f, s, common, test,
                                                                                      xt, yt, conflicting))
-    if "cells" in methods:
+    for row, name, kw in (("lff", "fairbalance LfF", {}),
+                          ("lff_refit", "fairbalance LfF + DFR head (refit_head: trains on the val labels)",
+                           dict(refit_head=True))):
+        if row in methods:
+            add(name, lambda s, kw=kw: group_robust_row(train, "lff", None, s, common, test, xt, yt, conflicting,
+                                                        **kw))
+    if methods & CELL_ROWS:
         t0 = time.time()
         truth = ("corruption.label", CORRUPTIONS)
         field = cell_attribute(train, args, work, truth)[0] if args.features == "biased-prediction" else "slice"
@@ -819,8 +831,19 @@ def run_corrupted(ratio, args, work):
                      f"{t_gen:.0f} s; edits: inversion {args.inversion}, keep background {args.keep_background}")
         print(notes[-1], flush=True)
         with_gen = real_plus(ds, "generate_balanced")
-        add(f"fairbalance cells ({field}) -> two-stage", lambda s: evaluate(train_classifier(
-            with_gen, method="two_stage", seed=s, **common), test, xt, yt, conflicting))
+        if "cells" in methods:
+            add(f"fairbalance cells ({field}) -> two-stage", lambda s: evaluate(train_classifier(
+                with_gen, method="two_stage", seed=s, **common), test, xt, yt, conflicting))
+        if "cells_refit" in methods:
+            add(f"fairbalance cells ({field}) -> two-stage + DFR head (refit_head: trains on the val labels)",
+                lambda s: group_robust_row(with_gen, "two_stage", None, s, common, test, xt, yt, conflicting,
+                                           refit_head=True))
+        for row, name, kw in (("lff_cells", "LfF on real + cells (use_generated)", {}),
+                              ("lff_cells_refit", "LfF on real + cells (use_generated) + DFR head (refit_head: trains "
+                                                  "on the val labels)", dict(refit_head=True))):
+            if row in methods:
+                add(f"fairbalance {name}", lambda s, kw=kw: group_robust_row(
+                    with_gen, "lff", None, s, common, test, xt, yt, conflicting, use_generated=True, **kw))
     print(f"\n## Corrupted MNIST, {ratio:.1%} conflicting: {len(train)} train, {len(val)} val, {len(test)} test; "
           f"seeds {args.seeds}; {args.epochs} epochs; {time.time() - t_start:.0f} s")
     for note in notes:

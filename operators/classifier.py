@@ -169,6 +169,11 @@ class TrainClassifier(foo.Operator):
         field_dropdown(inputs, "val_tag", tags, "Validation tag (optional)",
                        "Keep the epoch with the best accuracy on the samples with this tag (e.g. an unbiased "
                        "validation split)", required=False, default="val" if "val" in tags else None)
+        if ctx.params.get("val_tag") and ctx.params.get("method") != "biased":
+            inputs.bool("refit_head", default=default_of(train_classifier, "refit_head"),
+                        label="Refit the last layer on the validation samples (DFR)",
+                        description="After training, the last layer is refitted on the tagged samples, every "
+                                    "class weighing the same (they then train the model: no epoch is picked on them)")
         _training_inputs(inputs, train_classifier)
         run_key_input(ctx, inputs, train_classifier)
         return types.Property(inputs, view=types.View(label="Train classifier"))
@@ -180,7 +185,8 @@ class TrainClassifier(foo.Operator):
         clf = train_classifier(ctx.target_view(), label_field=p["label_field"], val_samples=val,
                                progress=progress_callback(ctx, "Training"),
                                **given(p, ("method", "hard_tag", "upweight", "run_key", "overwrite", "supcon_weight",
-                                           "supcon_temperature", "head_epochs", "stage1_real") + TRAINING_PARAMS))
+                                           "supcon_temperature", "head_epochs", "stage1_real", "refit_head")
+                                         + TRAINING_PARAMS))
         last = clf.history[-1]
         return rounded({"run_key": clf.run_key, "checkpoint": clf.checkpoint,
                         "final_train_accuracy": last["train_accuracy"], "best_epoch": clf.best_epoch,
@@ -271,7 +277,9 @@ class ApplyClassifier(foo.Operator):
 #: What ``TrainConfig.model_selection`` means, for people.
 MODEL_SELECTION = {"last_epoch": "the last epoch's weights (no validation set given)",
                    "best_val_accuracy": "the epoch with the best validation accuracy",
-                   "last_epoch (the validation view is empty)": "the last epoch's weights (the validation view is empty)"}
+                   "last_epoch (the validation view is empty)": "the last epoch's weights (the validation view is empty)",
+                   "last_epoch (val_samples train DFR's last layer)":
+                       "the last epoch's weights, the last layer refitted on the validation samples"}
 
 
 def _group_rows(view, label_field, attribute_field, group_accuracy):

@@ -118,10 +118,18 @@ def test_group_dro_on_discovered_slices(digits_copy, one_thread):
     ({"method": "vanilla", "group_field": "color"}, "group_field is used by"),
     ({"method": "dfr", "group_field": "color"}, "held-out split"),
     ({"method": "group_dro", "group_field": "color", "dro_step": 0.0}, "dro_step"),
+    ({"method": "lff", "refit_head": True}, "refit_head=True retrains the last layer on a held-out split"),
+    ({"method": "lff", "refit_head": "yes", "val": True}, "refit_head must be True or False"),
+    ({"method": "dfr", "group_field": "color", "refit_head": True, "val": True}, "method='dfr' always does"),
+    ({"method": "biased", "refit_head": True, "val": True}, "learns the bias on purpose"),
 ])
 def test_bad_group_settings_fail_before_training(digits_copy, kwargs, message):
+    kwargs = dict(kwargs)
+    if kwargs.pop("val", False):
+        kwargs["val_samples"] = digits_copy.match_tags("test")
     with pytest.raises(fb.FairBalanceError, match=message):
-        fb.train_classifier(digits_copy.match_tags("train"), "ground_truth", epochs=1, run_key=None, **kwargs)
+        fb.train_classifier(digits_copy.match_tags("train"), "ground_truth", epochs=1, run_key="bad", **kwargs)
+    assert not digits_copy.has_run("bad")  # refused before the run is prepared
 
 
 def test_samples_without_a_group_and_overlapping_held_out_are_refused(digits_copy):
@@ -139,3 +147,57 @@ def test_samples_without_a_group_and_overlapping_held_out_are_refused(digits_cop
         fb.train_classifier(train, "ground_truth", method="dfr", group_field="color", val_samples=held_without_a_class,
                             epochs=1, run_key=None)
     assert fo.dataset_exists(digits_copy.name)
+
+
+@pytest.fixture(scope="module")
+def colored_mnist_1pct(tmp_path_factory):
+    """Real Colored MNIST (LfF protocol, 1% bias-conflicting): colour is the planted shortcut of every class."""
+    ds = fb.colored_mnist("fb-test-refit-head", conflict_ratio=0.01, num_val=200, num_test=500,
+                          output_dir=str(tmp_path_factory.mktemp("cmnist")), overwrite=True)
+    yield ds
+    ds.delete()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_refit_head_after_lff_undoes_the_colour_shortcut(colored_mnist_1pct, one_thread):
+    """LfF trained briefly still follows the colour; the same training with ``refit_head=True`` (DFR's last layer
+    on the 200 unbiased validation digits, classes alone) reads the digit on the unbiased test split."""
+    ds = colored_mnist_1pct
+    train, val, test = ds.match_tags("train"), ds.match_tags("val"), ds.match_tags("test")
+
+    def conflicting_accuracy(clf):
+        fb.apply_classifier(test, clf, "refit_pred", store_logits=False, overwrite=True)
+        return fb.evaluate_classifier(test, "refit_pred", aligned_field="bias_aligned").conflicting_accuracy
+
+    as_trained = fb.train_classifier(train, method="lff", epochs=3, run_key=None)
+    refit = fb.train_classifier(train, method="lff", epochs=3, val_samples=val, refit_head=True, run_key="lff_refit")
+    before, after = conflicting_accuracy(as_trained), conflicting_accuracy(refit)
+    assert before < 0.45 and after > before + 0.2, (before, after)
+    last = refit.history[-1]
+    assert last["stage"] == "dfr_head" and last["num_groups"] == 10 and last["num_samples"] == len(val)
+    assert refit.config.model_selection.startswith("last_epoch") and refit.best_epoch == 3 + 1
+    cfg = runs.get_run_config(ds, "lff_refit")
+    assert cfg["training_method"] == "lff" and cfg["refit_head"] is True and cfg["train_config"]["refit_head"]
+    assert "group_field" not in cfg
+    # with a group field, the held-out samples are balanced over (class, group) pairs; rerun needs overwrite
+    grouped = fb.train_classifier(train, method="lff", epochs=1, val_samples=val, refit_head=True,
+                                  group_field="color", run_key="lff_refit", overwrite=True)
+    pairs = set(zip(*val.values(["ground_truth.label", "color.label"])))
+    assert grouped.history[-1]["num_groups"] == len(pairs) == len(grouped.config.groups) > 10
+    assert runs.get_run_config(ds, "lff_refit")["group_field"] == "color"
+
+
+
+def test_train_classifier_operator_refits_the_head_on_the_validation_tag(digits_copy, one_thread):
+    import fiftyone.operators as foo
+
+    res = foo.execute_operator("@fairbalance/fairbalance/train_classifier", ctx={
+        "dataset": digits_copy.name, "view": digits_copy.match_tags("train"),
+        "params": {"label_field": "ground_truth", "method": "lff", "epochs": 2, "val_tag": "test", "refit_head": True,
+                   "run_key": "op_refit", "view_target": "CURRENT_VIEW"}})
+    assert res.error is None, res.error
+    assert res.result["model_selection"].endswith("refitted on the validation samples")
+    cfg = runs.get_run_config(digits_copy, "op_refit")
+    assert cfg["training_method"] == "lff" and cfg["refit_head"] is True
+    assert runs.load_run_results(digits_copy, "op_refit")["history"][-1]["stage"] == "dfr_head"

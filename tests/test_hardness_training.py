@@ -181,6 +181,35 @@ def test_synthetic_uses_generated_samples_that_carry_the_label(digits_copy):
                                   training.TrainConfig(method="synthetic", **FAST))
 
 
+def test_lff_and_jtt_train_on_generated_samples_when_asked(digits_copy):
+    """use_generated=True: LfF and JTT take the generated samples that carry the label, as synthetic does; LfF's
+    weights cover them; every other method refuses the option before any run is prepared."""
+    train = digits_copy.match_tags("train")
+    fake = [fo.Sample(filepath=s.filepath, tags=["train", "generated"], generated=True,
+                      ground_truth=fo.Classification(label=s.ground_truth.label)) for s in train.limit(40)]
+    digits_copy.add_samples(fake)
+    view = digits_copy.match_tags("train")
+    plain = train_classifier(view, method="lff", seed=0, run_key=None, **FAST)
+    assert plain.num_generated_used == 0 and plain.num_generated_excluded == 40
+    lff = train_classifier(view, method="lff", use_generated=True, seed=0, run_key="lff_gen", **FAST)
+    assert lff.num_generated_used == 40 and lff.num_generated_excluded == 0
+    assert all(0 < h["mean_lff_weight"] < 1 for h in lff.history)
+    assert runs.get_run_config(digits_copy, "lff_gen")["use_generated"] is True
+    hard = view.match({"generated": {"$ne": True}}).limit(10)
+    hard.tag_samples("hard")
+    jtt = train_classifier(view, method="jtt", hard_tag="hard", use_generated=True, seed=0, run_key=None, **FAST)
+    assert jtt.num_generated_used == 40
+    for kwargs, message in ((dict(method="vanilla"), "use_generated is for method 'lff' or 'jtt'"),
+                            (dict(method="synthetic"), "always train on generated samples"),
+                            (dict(method="lff", use_generated="yes"), "use_generated must be True or False")):
+        with pytest.raises(FairBalanceError, match=message):
+            train_classifier(view, **{"use_generated": True, **kwargs}, run_key="refused", **FAST)
+        assert not digits_copy.has_run("refused")
+    with pytest.raises(FairBalanceError, match="with use_generated=True needs generated samples"):
+        train_classifier(train.match({"generated": {"$ne": True}}), method="lff", use_generated=True, run_key=None,
+                         **FAST)
+
+
 def test_input_handling_and_bad_input(digits_copy, tmp_path, monkeypatch):
     train = digits_copy.match_tags("train")
     clf = training.train_classifier(train, training.TrainConfig(backbone="auto", epochs=1, normalize="dataset"))

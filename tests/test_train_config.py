@@ -79,7 +79,7 @@ def test_records_without_newer_fields_still_load(digits_copy, tmp_path):
     path = os.path.join(folder, "config.json")
     with open(path) as f:
         saved = json.load(f)
-    newer = ("group_field", "dro_step", "groups", "exclude_field", "stage1_real", "head_epochs", "projection_dim",
+    newer = ("group_field", "dro_step", "refit_head", "use_generated", "groups", "exclude_field", "stage1_real", "head_epochs", "projection_dim",
              "supcon_weight", "supcon_temperature", "pretrained_weights", "num_workers", "model_selection")
     saved["config"] = {k: v for k, v in saved["config"].items() if k not in newer}
     with open(path, "w") as f:

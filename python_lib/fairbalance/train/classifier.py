@@ -19,7 +19,7 @@ import torch
 from fairbalance.core import distributed, folders, runs, validation, writeback
 from fairbalance.train import group_robust, training
 from fairbalance.core.fields import label_path
-from fairbalance.train.network import CLASSIFIER, TrainConfig, TrainedClassifier
+from fairbalance.train.network import CLASSIFIER, TrainConfig, TrainedClassifier, check_use_generated
 
 
 # the keyword defaults are TrainConfig's (its fields' defaults are the one source); the signature stays explicit
@@ -56,6 +56,8 @@ def train_classifier(
     exclude_field: str | None = TrainConfig.exclude_field,
     group_field: str | None = TrainConfig.group_field,
     dro_step: float = TrainConfig.dro_step,
+    refit_head: bool = TrainConfig.refit_head,
+    use_generated: bool = TrainConfig.use_generated,
     run_key: str | None = "classifier",
     output_dir: str | None = None,
     overwrite: bool = False,
@@ -63,33 +65,30 @@ def train_classifier(
 ) -> TrainedClassifier:
     """Train a classifier with a debiasing ``method``, save it and record a run.
 
-    ``method``: ``vanilla``, ``biased`` (GCE), ``jtt`` (upweight ``hard_tag``
-    by ``upweight``), ``lff`` (Learning from Failure) or ``synthetic`` (real +
-    generated samples that carry the label) or ``two_stage`` (CE + SupCon on
-    generated samples, then only the linear head on the real ones:
-    ``supcon_weight``, ``supcon_temperature``, ``projection_dim``,
-    ``head_epochs``, ``stage1_real``); generated samples marked in
-    ``exclude_field`` (``filter_generated(action="exclude")``) are left out;
-    ``group_dro`` / ``dfr`` train on the (class, ``group_field``) groups
-    (GroupDRO with step ``dro_step``; DFR refits the last layer, L1 logistic
-    regression averaged over group-balanced draws of ``val_samples``, a
-    held-out split);
-    see :mod:`fairbalance.train.training` for the recipe. The run (``run_key``; None trains without recording)
-    holds the full config, the history, the selected epoch and the
-    checkpoint folder (``output_dir``, default under
-    ``$FAIRBALANCE_DATA_DIR/checkpoints``), which is checked before training.
-    Under ``accelerate launch`` / ``torchrun`` every process trains its slice
-    of each global batch and the main process alone claims, saves and records
-    the run (:mod:`fairbalance.core.distributed`).
+    ``method``: ``vanilla``, ``biased`` (GCE), ``jtt`` (upweight ``hard_tag`` by ``upweight``), ``lff``
+    (Learning from Failure), ``synthetic`` (real + generated samples that carry the label), ``two_stage``
+    (CE + SupCon on generated samples, then the linear head on the real ones: ``supcon_weight``,
+    ``supcon_temperature``, ``projection_dim``, ``head_epochs``, ``stage1_real``), ``group_dro`` / ``dfr``
+    on the (class, ``group_field``) groups (``dro_step``; DFR refits the last layer on ``val_samples``, a
+    held-out split). ``refit_head=True`` (any other method but ``biased``): DFR's refit of the last layer on
+    ``val_samples`` after the method (last epoch), balanced over the classes or the (class, ``group_field``)
+    groups. ``use_generated=True`` (``lff``, ``jtt``): the generated samples train too, as in ``synthetic``.
+    Generated samples marked in ``exclude_field`` (``filter_generated(action="exclude")``) are left out.
+    See :mod:`fairbalance.train.training` for the recipes. The run (``run_key``; None trains without
+    recording) holds the full config, the history, the selected epoch and the checkpoint folder
+    (``output_dir``, default under ``$FAIRBALANCE_DATA_DIR/checkpoints``), checked before training.
+    Under ``accelerate launch`` / ``torchrun`` every process trains its slice of each global batch and the
+    main process alone claims, saves and records the run (:mod:`fairbalance.core.distributed`).
     """
     config = TrainConfig.from_arguments(locals())  # the keywords above that are TrainConfig's fields
     validation.require_seed(seed)  # before the run is prepared (the config's own checks come later)
+    check_use_generated(method, use_generated)
     dataset = samples._root_dataset
     # the run records the settings (not num_workers); group_field and dro_step only where used, as older runs did
     params = {k: v for k, v in config.settings().items() if k != "num_workers"}
-    if group_field is not None or method in group_robust.METHODS:
-        group_robust.check(method, group_field, dro_step, val_samples)  # before the run is prepared
-    else:
+    if group_field is not None or method in group_robust.METHODS or refit_head is not False:
+        group_robust.check(method, group_field, dro_step, val_samples, refit_head)  # before the run is prepared
+    if group_field is None and method not in group_robust.METHODS:
         del params["group_field"], params["dro_step"]
     run = folder = None
     distributed.setup(device)

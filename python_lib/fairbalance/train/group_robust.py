@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fairbalance.core import distributed, validation
+from fairbalance.train.network import check_refit_head
 
 METHODS = ("group_dro", "dfr")
 
@@ -54,23 +55,26 @@ def group_index(labels: np.ndarray, values: list[str], classes: list[str]) -> tu
     return np.array([index[f"{classes[c]}|{v}"] for c, v in zip(labels, values)], dtype=int), names
 
 
-def check(method: str, group_field: str | None, dro_step: float, val_samples) -> None:
-    """Up-front checks of the group-robust settings (before the run is prepared)."""
+def check(method: str, group_field: str | None, dro_step: float, val_samples, refit_head: bool = False) -> None:
+    """Up-front checks of the group-robust settings and ``refit_head`` (before the run is prepared)."""
+    check_refit_head(method, refit_head)
     if method in METHODS and not group_field:
         raise validation.FairBalanceError(f"method='{method}' needs group_field (e.g. 'slice' or a bias attribute)")
-    if group_field and method not in METHODS:
-        raise validation.FairBalanceError(f"group_field is used by method='group_dro' or 'dfr' only, not {method!r}")
+    if group_field and method not in METHODS and not refit_head:
+        raise validation.FairBalanceError(
+            f"group_field is used by method='group_dro' or 'dfr', or with refit_head=True, not by {method!r} alone")
     if group_field:
         validation.require_field_name(group_field)
     if isinstance(dro_step, bool) or not (isinstance(dro_step, (int, float)) and np.isfinite(dro_step)
                                           and dro_step > 0):
         raise validation.FairBalanceError(f"dro_step must be a finite number > 0, got {dro_step!r}")
-    if method == "dfr" and (val_samples is None or not len(val_samples)):
+    what = f"method='{method}'" if method == "dfr" or not refit_head else "refit_head=True"
+    if (method == "dfr" or refit_head) and (val_samples is None or not len(val_samples)):
         raise validation.FairBalanceError(
-            "method='dfr' retrains the last layer on a held-out split: pass val_samples (labelled, with "
-            "group_field), disjoint from the training samples")
-    if method in METHODS and distributed.world_size() > 1:
-        raise validation.FairBalanceError(f"method='{method}' runs in one process, not under a launcher")
+            f"{what} retrains the last layer on a held-out split: pass val_samples (labelled"
+            + (", with group_field" if group_field else "") + "), disjoint from the training samples")
+    if (method in METHODS or refit_head) and distributed.world_size() > 1:
+        raise validation.FairBalanceError(f"{what} runs in one process, not under a launcher")
 
 
 def fit_group_dro(net, config, x, y, w, val, dev, gen, progress, groups=None, num_groups=None):
@@ -179,11 +183,12 @@ def choose_c(feats: np.ndarray, labels: np.ndarray, groups: np.ndarray, classes:
     return best, scores[best]
 
 
-def fit_dfr(net, config, x, y, w, val, dev, gen, progress, held_out=None, held_groups=None):
-    """ERM on the training samples, then the last layer alone refitted on group-balanced held-out samples."""
+def fit_dfr(net, config, x, y, w, val, dev, gen, progress, held_out=None, held_groups=None, base=None):
+    """ERM (or ``base``, another method's loop: ``refit_head``) on the training samples, then the last layer alone
+    refitted on group-balanced held-out samples."""
     from fairbalance.train import training
 
-    history, _ = training._fit_single(net, config, x, y, w, None, dev, gen, progress)
+    history, _ = (base or training._fit_single)(net, config, x, y, w, None, dev, gen, progress)
     xv, yv = held_out
     encoder, head = training.split_encoder_head(net)
     encoder.eval()
@@ -207,32 +212,42 @@ def fit_dfr(net, config, x, y, w, val, dev, gen, progress, held_out=None, held_g
     return history, config.epochs + 1
 
 
-def loop_for(samples, data, config, val_samples, size, num_workers):
-    """The training loop of ``config.method`` with its groups bound; ``None`` for the other methods."""
+def loop_for(samples, data, config, val_samples, size, num_workers, loop=None):
+    """The training loop of ``config.method`` with its groups bound (``loop``, the method's own, for the others);
+    with ``refit_head``, that loop followed by DFR's last-layer refit on ``val_samples``."""
     import functools
-
-    from fairbalance.core.data import labelled_samples, load_images
 
     if config.method == "group_dro":
         values = group_values(samples, data.ids, config.group_field, "training samples")
         groups, names = group_index(data.labels, values, data.classes)
         config.groups = names
-        return functools.partial(fit_group_dro, groups=groups, num_groups=len(names))
-    if config.method == "dfr":
-        vdata = labelled_samples(val_samples, config.label_field, data.classes).real()
-        overlap = set(vdata.ids) & set(data.ids)
-        if overlap:
-            raise validation.FairBalanceError(
-                f"{len(overlap)} sample(s) are in both the training view and val_samples: DFR's held-out split "
-                "must be disjoint from the training samples")
-        missing = sorted(set(data.classes) - {data.classes[k] for k in set(np.asarray(vdata.labels).tolist())})
-        if missing:
-            raise validation.FairBalanceError(
-                f"DFR refits the last layer on val_samples, which have no sample of class(es) {missing}: "
-                "the held-out split needs every class the model predicts")
-        values = group_values(val_samples, vdata.ids, config.group_field, "held-out samples")
-        groups, names = group_index(vdata.labels, values, data.classes)
-        config.groups = names
-        held = (load_images(vdata.filepaths, size, num_workers=num_workers), torch.as_tensor(vdata.labels))
-        return functools.partial(fit_dfr, held_out=held, held_groups=groups)
-    return None
+        loop = functools.partial(fit_group_dro, groups=groups, num_groups=len(names))
+    if config.method == "dfr" or config.refit_head:
+        held, groups, names = _held_out(data, config, val_samples, size, num_workers)
+        if config.method != "group_dro":  # group_dro + refit_head records its training groups
+            config.groups = names
+        base = None if config.method == "dfr" else loop
+        return functools.partial(fit_dfr, held_out=held, held_groups=groups, base=base)
+    return loop
+
+
+def _held_out(data, config, val_samples, size, num_workers):
+    """DFR's held-out images and labels, their group index and group names (classes alone without a group field)."""
+    from fairbalance.core.data import labelled_samples, load_images
+
+    vdata = labelled_samples(val_samples, config.label_field, data.classes).real()
+    overlap = set(vdata.ids) & set(data.ids)
+    if overlap:
+        raise validation.FairBalanceError(
+            f"{len(overlap)} sample(s) are in both the training view and val_samples: DFR's held-out split "
+            "must be disjoint from the training samples")
+    missing = sorted(set(data.classes) - {data.classes[k] for k in set(np.asarray(vdata.labels).tolist())})
+    if missing:
+        raise validation.FairBalanceError(
+            f"DFR refits the last layer on val_samples, which have no sample of class(es) {missing}: "
+            "the held-out split needs every class the model predicts")
+    values = group_values(val_samples, vdata.ids, config.group_field, "held-out samples") if config.group_field \
+        else ["all"] * len(vdata.ids)
+    groups, names = group_index(vdata.labels, values, data.classes)
+    held = (load_images(vdata.filepaths, size, num_workers=num_workers), torch.as_tensor(vdata.labels))
+    return held, groups, names

@@ -21,11 +21,38 @@ from fairbalance.core.data import image_transform
 
 METHODS = ("vanilla", "biased", "jtt", "lff", "synthetic", "two_stage", "group_dro", "dfr")
 GENERATED_METHODS = ("synthetic", "two_stage")  # the methods that train on generated samples
+GENERATED_OPTION_METHODS = ("lff", "jtt")  # the methods that do with use_generated=True
 BACKBONES = ("auto", "resnet18", "cnn", "mlp")
 NORMALIZATIONS = ("none", "dataset", "imagenet")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TORCHVISION_RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ImageNet-1K checkpoint name
 AUTO_MLP_MAX_SIDE = 32  # backbone="auto": LfF's MLP up to this size (Colored MNIST), ResNet-18 above
+
+
+def check_use_generated(method: str, use_generated) -> None:
+    """``use_generated`` is a bool, and only for the methods that take it."""
+    if not isinstance(use_generated, bool):
+        raise validation.FairBalanceError(f"use_generated must be True or False, got {use_generated!r}")
+    if use_generated and method not in GENERATED_OPTION_METHODS:
+        raise validation.FairBalanceError(
+            f"use_generated is for method {' or '.join(map(repr, GENERATED_OPTION_METHODS))}, not {method!r} "
+            "('synthetic' and 'two_stage' always train on generated samples; 'synthetic' is vanilla on real + "
+            "generated)")
+
+
+def trains_on_generated(config) -> bool:
+    """Whether ``config``'s method trains on the generated samples of the view."""
+    return config.method in GENERATED_METHODS or bool(config.use_generated)
+
+
+def check_refit_head(method: str, refit_head) -> None:
+    """``refit_head`` is a bool, and not for the methods that refit already or learn the bias on purpose."""
+    if not isinstance(refit_head, bool):
+        raise validation.FairBalanceError(f"refit_head must be True or False, got {refit_head!r}")
+    if refit_head and method in ("dfr", "biased"):
+        raise validation.FairBalanceError(
+            "refit_head=True refits the last layer after a debiasing method; "
+            + ("method='dfr' always does" if method == "dfr" else "method='biased' learns the bias on purpose"))
 
 
 @dataclass
@@ -71,6 +98,8 @@ class TrainConfig:
     exclude_field: str | None = "filtered_out"
     group_field: str | None = None  # group_dro / dfr: groups are (class, this field's value)
     dro_step: float = 0.01
+    refit_head: bool = False  # after training, the last layer refitted on val_samples as DFR's (train.group_robust)
+    use_generated: bool = False  # lff / jtt: the generated samples that carry the label train too (as synthetic's)
     groups: list[str] | None = None  # the group names trained on (set while training)
 
     def validate(self) -> None:
@@ -119,6 +148,8 @@ class TrainConfig:
             raise validation.FairBalanceError(f"stage1_real must be True or False, got {self.stage1_real!r}")
         if self.exclude_field is not None:
             validation.require_field_name(self.exclude_field)
+        check_use_generated(self.method, self.use_generated)
+        check_refit_head(self.method, self.refit_head)
 
     @classmethod
     def from_arguments(cls, arguments: dict, **overrides) -> "TrainConfig":

@@ -23,8 +23,14 @@ Methods (``method=``):
 - ``group_dro`` / ``dfr``: GroupDRO and Deep Feature Reweighting on the
   (class, ``group_field``) groups, real or discovered (:mod:`fairbalance.train.group_robust`).
 
-Only ``synthetic`` and ``two_stage`` train on generated samples; the other
-methods leave them out (counted in ``num_generated_excluded``), so every
+``refit_head=True`` (any method but ``biased`` and ``dfr``): after the method's
+training (last epoch), DFR's last-layer refit on ``val_samples``, class-balanced
+or (class, ``group_field``)-balanced: e.g. LfF's or two-stage's features with a
+head fitted on a small unbiased labelled split.
+
+Only ``synthetic`` and ``two_stage`` train on generated samples (and ``lff`` /
+``jtt`` with ``use_generated=True``: LfF's weights then cover the generated
+samples too, JTT's upweighting stays on its tag); the other methods leave them out (counted in ``num_generated_excluded``), so every
 method can be compared on the same view. Generated samples marked ``True``
 in ``exclude_field`` (``filter_generated(action="exclude")``) are left out
 of those two as well (``num_filtered_out``).
@@ -62,9 +68,9 @@ from torch import nn
 from fairbalance.core import distributed, validation
 from fairbalance.core.data import (  # noqa: F401  (also training.<name>: the recipes' data helpers)
     LabelledSamples, class_order, image_transform, labelled_samples, load_images, native_size, seed_everything)
-from fairbalance.train.network import (GENERATED_METHODS, IMAGENET_MEAN, IMAGENET_STD, TrainConfig, TrainedClassifier,
+from fairbalance.train.network import (IMAGENET_MEAN, IMAGENET_STD, TrainConfig, TrainedClassifier,
                                        build_model, channel_stats, resnet18_weights, resolve_backbone,
-                                       split_encoder_head)
+                                       split_encoder_head, trains_on_generated)
 from .network import (AUTO_MLP_MAX_SIDE, BACKBONES, METHODS, NORMALIZATIONS, TORCHVISION_RESNET18_FILE,  # noqa: F401
                       Normalize, _channel_stats, build_backbone, load_classifier, predict)
 
@@ -92,7 +98,7 @@ def _sample_weights(samples, data: LabelledSamples, config: TrainConfig) -> np.n
             raise validation.FairBalanceError(
                 f"No labelled sample of the view is tagged '{config.hard_tag}': run compute_hardness_tags first")
         w *= np.array([config.upweight if i in hard else 1.0 for i in data.ids])
-    if config.method in GENERATED_METHODS:
+    if trains_on_generated(config):
         w[data.generated] *= config.synthetic_weight
     return w
 
@@ -104,11 +110,11 @@ def select_training_samples(data: LabelledSamples, config: TrainConfig, rng: np.
     gen = np.flatnonzero(data.generated)
     if not len(real):
         raise validation.FairBalanceError("The view has no real (non-generated) labelled samples")
-    if config.method not in GENERATED_METHODS:
+    if not trains_on_generated(config):
         return data.subset(real), len(gen)
     if not len(gen):
         raise validation.FairBalanceError(
-            f"method='{config.method}' needs generated samples (generated=True) with a '{config.label_field}' label in "
+            f"method='{config.method}'{' with use_generated=True' if config.use_generated else ''} needs generated samples (generated=True) with a '{config.label_field}' label in "
             "the view; generate them with mode='cells' so they carry the class label")
     if config.max_synthetic_fraction is not None:
         cap = int(config.max_synthetic_fraction * len(real))
@@ -176,8 +182,9 @@ def train_classifier(samples, config: TrainConfig, val_samples=None, device: str
                      mean=None, std=None, pretrained_weights=None, groups=None)
     config.validate()
     method, seed = config.method, config.seed
-    if config.method in ("group_dro", "dfr") and make_loop is None:
-        raise validation.FairBalanceError(f"method='{config.method}' is trained through fairbalance.train_classifier")
+    if (config.method in ("group_dro", "dfr") or config.refit_head) and make_loop is None:
+        what = "refit_head=True" if config.refit_head else f"method='{config.method}'"
+        raise validation.FairBalanceError(f"{what} is trained through fairbalance.train_classifier")
     if config.pretrained and config.backbone == "resnet18":
         resnet18_weights()  # before any work
     gen = seed_everything(seed)
@@ -202,12 +209,13 @@ def train_classifier(samples, config: TrainConfig, val_samples=None, device: str
     progress = distributed.progress_for(progress)
     net, config.pretrained_weights = build_model(config)
     loop = _fit_lff if method == "lff" else _fit_single
-    if make_loop is not None:  # recipes defined in their own module (train.group_robust), which imports this one
-        loop = make_loop(samples, data, config, val_samples, size, num_workers) or loop
-    if method == "dfr":  # the validation view trains the last layer: nothing is selected on it
-        val, config.model_selection = None, "last_epoch (val_samples train DFR's last layer)"
     if method == "two_stage":
         loop = functools.partial(_fit_two_stage, generated=torch.as_tensor(data.generated))
+    if make_loop is not None:  # recipes defined in their own module (train.group_robust), which imports this one;
+        # they get this method's loop to wrap (refit_head: the loop, then DFR's last layer on val_samples)
+        loop = make_loop(samples, data, config, val_samples, size, num_workers, loop)
+    if method == "dfr" or config.refit_head:  # the validation view trains the last layer: nothing is selected on it
+        val, config.model_selection = None, "last_epoch (val_samples train DFR's last layer)"
     history, best_epoch = loop(net, config, x, torch.as_tensor(data.labels), torch.as_tensor(weights).float(), val,
                                dev, gen, progress)
     return TrainedClassifier(net.eval().cpu(), config, history, data.num_unlabelled,
@@ -218,7 +226,7 @@ def train_classifier(samples, config: TrainConfig, val_samples=None, device: str
 def drop_filtered_out(samples, data: LabelledSamples, config: TrainConfig) -> tuple[LabelledSamples, int]:
     """The generated samples marked True in ``exclude_field`` left out (methods that use generated samples)."""
     mark = config.exclude_field
-    if config.method not in GENERATED_METHODS or not mark or not samples._root_dataset.has_sample_field(mark):
+    if not trains_on_generated(config) or not mark or not samples._root_dataset.has_sample_field(mark):
         return data, 0
     marked = set(samples.select([i for i, g in zip(data.ids, data.generated) if g]).match({mark: True}).values("id"))
     if not marked:
