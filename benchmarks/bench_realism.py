@@ -29,6 +29,16 @@ the class) generated with each edit setting:
   (``filter_generated(..., within="generation.cell")``), so training gets
   about as many generated images as ``+both`` at ``--per-cell``.
 
+- ``+both_g1`` / ``+both_g2`` / ``+both_g6`` / ``+both_g8``: both, contrast guidance 1 / 2 / 6 / 8 instead
+  of ``--attribute-guidance``; ``+both_s0.7``: both at edit strength 0.7; ``+both_g2_s0.7``,
+  ``+both_g2_50steps``, ``+both_g6_50steps``: the combinations (issue #28's sweep of sampling settings).
+
+``--reference val test``: the cell-matched unbiased split(s) the two-sample test also compares with (the
+first: the one settings are chosen on; ``val`` is measured without TSTR, median over ``--seeds``).
+``--diagnose``: what the discriminator uses (``realism_diagnosis.py``: two-sample tests on value-only and
+chroma-only images, hand features' AUCs) against the first reference; ``--grid-dir``: sources and edits
+as a PNG per setting. Generators of several epoch counts from one training: ``train_generator_stages.py``.
+
 ``--downstream-epochs N`` (> 0) adds the unbiased test accuracy of
 ``train_classifier(method="synthetic")`` (and ``two_stage``) on real +
 that setting's images, one training seed, beside vanilla on real alone.
@@ -78,6 +88,10 @@ SETTINGS = {"edit": {}, "+inversion": {"inversion": True}, "+keep_background": {
             # contrast guidance scale / edit strength / DDIM steps swept against realism and fidelity (issue #28)
             "+both_g2": {"inversion": True, "keep_background": True, "attribute_guidance_scale": 2.0},
             "+both_g1": {"inversion": True, "keep_background": True, "attribute_guidance_scale": 1.0},
+            "+both_g6": {"inversion": True, "keep_background": True, "attribute_guidance_scale": 6.0},
+            "+both_g8": {"inversion": True, "keep_background": True, "attribute_guidance_scale": 8.0},
+            "+both_g6_50steps": {"inversion": True, "keep_background": True, "attribute_guidance_scale": 6.0,
+                                 "num_inference_steps": 50},
             "+both_g2_s0.7": {"inversion": True, "keep_background": True, "attribute_guidance_scale": 2.0,
                               "edit_strength": 0.7},
             "+both_s0.7": {"inversion": True, "keep_background": True, "edit_strength": 0.7},
