@@ -29,6 +29,16 @@ the class) generated with each edit setting:
   (``filter_generated(..., within="generation.cell")``), so training gets
   about as many generated images as ``+both`` at ``--per-cell``.
 
+- ``+both_g1`` / ``+both_g2`` / ``+both_g6`` / ``+both_g8``: both, contrast guidance 1 / 2 / 6 / 8 instead
+  of ``--attribute-guidance``; ``+both_s0.7``: both at edit strength 0.7; ``+both_g2_s0.7``,
+  ``+both_g2_50steps``, ``+both_g6_50steps``: the combinations (issue #28's sweep of sampling settings).
+
+``--reference val test``: the cell-matched unbiased split(s) the two-sample test also compares with (the
+first: the one settings are chosen on; ``val`` is measured without TSTR, median over ``--seeds``).
+``--diagnose``: what the discriminator uses (``realism_diagnosis.py``: two-sample tests on value-only and
+chroma-only images, hand features' AUCs) against the first reference; ``--grid-dir``: sources and edits
+as a PNG per setting. Generators of several epoch counts from one training: ``train_generator_stages.py``.
+
 ``--downstream-epochs N`` (> 0) adds the unbiased test accuracy of
 ``train_classifier(method="synthetic")`` (and ``two_stage``) on real +
 that setting's images, one training seed, beside vanilla on real alone.
@@ -68,12 +78,25 @@ os.environ.setdefault("FIFTYONE_SHOW_PROGRESS_BARS", "false")
 import fairbalance as fb  # noqa: E402
 import bench_repair  # noqa: E402
 from bench_repair import BUILDS, arrays, digit_judge, fidelity, train_generator  # noqa: E402
+from realism_diagnosis import diagnose, report, save_edit_grid  # noqa: E402
 from fairbalance.generate.generation import generate_balanced  # noqa: E402
 
 SETTINGS = {"edit": {}, "+inversion": {"inversion": True}, "+keep_background": {"keep_background": True},
             "+both": {"inversion": True, "keep_background": True},
             "+both_s0.3": {"inversion": True, "keep_background": True, "edit_strength": 0.3},
             "+both_50steps": {"inversion": True, "keep_background": True, "num_inference_steps": 50},
+            # contrast guidance scale / edit strength / DDIM steps swept against realism and fidelity (issue #28)
+            "+both_g2": {"inversion": True, "keep_background": True, "attribute_guidance_scale": 2.0},
+            "+both_g1": {"inversion": True, "keep_background": True, "attribute_guidance_scale": 1.0},
+            "+both_g6": {"inversion": True, "keep_background": True, "attribute_guidance_scale": 6.0},
+            "+both_g8": {"inversion": True, "keep_background": True, "attribute_guidance_scale": 8.0},
+            "+both_g6_50steps": {"inversion": True, "keep_background": True, "attribute_guidance_scale": 6.0,
+                                 "num_inference_steps": 50},
+            "+both_g2_s0.7": {"inversion": True, "keep_background": True, "attribute_guidance_scale": 2.0,
+                              "edit_strength": 0.7},
+            "+both_s0.7": {"inversion": True, "keep_background": True, "edit_strength": 0.7},
+            "+both_g2_50steps": {"inversion": True, "keep_background": True, "attribute_guidance_scale": 2.0,
+                                 "num_inference_steps": 50},
             "+both_filter50": {"inversion": True, "keep_background": True},
             "+both_weight": {"inversion": True, "keep_background": True},
             "+both_tone_hist": {"inversion": True, "keep_background": True, "match_tone": "histogram"},
@@ -111,6 +134,13 @@ def main():
     ap.add_argument("--downstream-epochs", type=int, default=0,
                     help="> 0: train synthetic / two-stage classifiers on real + each setting's images")
     ap.add_argument("--filter-seed", type=int, default=0)
+    ap.add_argument("--reference", nargs="+", default=["test"], choices=["val", "test"],
+                    help="cell-matched unbiased split(s) the two-sample test also compares with (val: the one "
+                         "settings are chosen on; test: reported only)")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="what the discriminator uses: reduced-image two-sample tests and hand features "
+                         "(realism_diagnosis.py) against the first --reference")
+    ap.add_argument("--grid-dir", default=None, help="a PNG per setting: sources (top) and edits (bottom)")
     ap.add_argument("--ideal", action="store_true",
                     help="train-on-ideal beside TSTR: the kept images' real sources recoloured to their cluster's "
                          "true colour (a benchmark-only ceiling; bench_repair.ideal_realism)")
@@ -132,16 +162,18 @@ def main():
         gen_args = SimpleNamespace(base_model=args.base_model, diffusion_epochs=args.diffusion_epochs,
                                    diffusion_lr=args.diffusion_lr, features="stand-in")
         model, num_clusters, t_train = train_generator(train, gen_args, work, args.ratio)
-        reference = bench_repair.cell_reference(train, test)  # the unbiased test split, matched to the cells
+        val = ds.match_tags("val")
+        splits = {"val": val, "test": test}
+        refs = {r: bench_repair.cell_reference(train, splits[r]) for r in args.reference}  # matched to the cells
+        reference = refs.get("test")  # the figure of the earlier tables (TSTR run with it)
         shown = {k: (v if k != "palette" else [n for n, _ in v]) for k, v in build.items()}
         print(f"\n## Realism of edited cells, Colored MNIST {args.ratio:.1%} conflicting (build {args.build}: {shown}): {num_clusters} X-means colour clusters (10 true colours); generator "
               f"{args.diffusion_epochs} epochs ({t_train:.0f} s); cells filled to {args.per_cell}; edit strength "
               f"{args.edit_strength}, contrast guidance {args.attribute_guidance}, {args.steps} DDIM steps",
               flush=True)
         print(f"two-sample accuracy: median over discriminator seeds {args.seeds}, against the real training images "
-              "and against the unbiased test split weighted to the generated set's digit x cluster cell mix (cells "
-              "matched / generated cells; measurement only)")
-        val = ds.match_tags("val")
+              f"and against the unbiased {' / '.join(args.reference)} split(s) weighted to the generated set's digit "
+              "x cluster cell mix (cells matched / generated cells; measurement only)")
         common = dict(val_samples=val, run_key=None, epochs=args.downstream_epochs, seed=0)
 
         def downstream(view, **kw):
@@ -169,15 +201,15 @@ def main():
         for name in args.settings:
             tag = name.strip("+").replace("-", "_").replace(".", "")
             t0 = time.time()
-            opts = {"edit_strength": args.edit_strength, "num_inference_steps": args.steps, **SETTINGS[name]}
+            opts = {"edit_strength": args.edit_strength, "num_inference_steps": args.steps,
+                    "attribute_guidance_scale": args.attribute_guidance, **SETTINGS[name]}
             key = made.get(repr(sorted(opts.items())))
             if key is None:
                 key = made[repr(sorted(opts.items()))] = "gen_" + tag
                 over = opts.pop("oversample", 1)
                 generate_balanced(train, "ground_truth", model=model, mode="cells", per_cell=args.per_cell * over,
-                                  source="edit", guidance_scale=1.0, attribute_guidance_scale=args.attribute_guidance,
-                                  guidance_reference="source", output_dir=os.path.join(work, key), run_key=key,
-                                  overwrite=True, realism_sample=0, progress=False, **opts)
+                                  source="edit", guidance_scale=1.0, guidance_reference="source",
+                                  output_dir=os.path.join(work, key), run_key=key, overwrite=True, realism_sample=0, progress=False, **opts)
             t_gen = time.time() - t0
             from fiftyone import ViewField as Fv
 
@@ -196,7 +228,7 @@ def main():
                                     tag=f"low_{tag}", score_field=f"score_{tag}")
                 train_kw = {"exclude_field": None, "weight_field": f"w_{tag}"}
             reals = [fb.measure_realism(train, gen, "ground_truth", test_samples=test, run_key=f"realism_{tag}",
-                                        overwrite=True, seed=s + 1, **reference)
+                                        overwrite=True, seed=s + 1, **(reference or {}))
                      for s in args.seeds]  # +1: not the filter's
             real = reals[int(np.argsort([r.two_sample_accuracy for r in reals])[len(reals) // 2])]  # the median
             fid = fidelity(ds, train, judge, key)  # of all the setting's images (the filter's excluded ones too)
@@ -207,10 +239,27 @@ def main():
                                                 reference=reference)
                 ideal = (f"{100 * ir.tstr_accuracy:.1f} ({ir.two_sample_accuracy:.3f} vs train, "
                          f"{bench_repair.reference_report(ir)} vs test)")
-            ref_txt = bench_repair.reference_report(real)
-            if len(reals) > 1:  # every seed's two figures, the median's first
+                if "val" in refs:  # the ideal twin against the split settings are chosen on
+                    iv = bench_repair.ideal_realism(ds, train, test, gen, os.path.join(work, f"ideal_val_{tag}"),
+                                                    build["color_std"], seed=args.seeds[0] + 1,
+                                                    name=f"idealv_{tag}", reference=refs["val"])
+                    ideal += f" [{bench_repair.reference_report(iv)} vs val]"
+            ref_txt = bench_repair.reference_report(real) if reference else ""
+            if len(reals) > 1 and reference:  # every seed's two figures, the median's first
                 ref_txt += " [per seed, train / test: " + ", ".join(
                     f"{r.two_sample_accuracy:.3f} / {r.reference_two_sample_accuracy:.3f}" for r in reals) + "]"
+            if "val" in refs:  # the split settings are chosen on: median over the same seeds
+                vals = sorted(fb.measure_realism(train, gen, "ground_truth", run_key=f"realism_val_{tag}",
+                                                 overwrite=True, seed=s + 1, **refs["val"]).reference_two_sample_accuracy
+                              for s in args.seeds)
+                ref_txt = (f"val {vals[len(vals) // 2]:.3f} (" + ", ".join(f"{v:.3f}" for v in vals) + ")"
+                           + (f"; test {ref_txt}" if ref_txt else ""))
+            if args.diagnose:
+
+                print(f"diagnosis {name} (vs the cell-matched {args.reference[0]} split): "
+                      f"{report(diagnose(gen, splits[args.reference[0]]))}", flush=True)
+            if args.grid_dir:
+                save_edit_grid(gen, os.path.join(args.grid_dir, f"{args.build}_{tag}.png"))
             print(f"| {name} | {len(gen)} | {real.two_sample_accuracy:.3f} | {ref_txt} | "
                   f"{real.intensity_ratio:.2f} | "
                   f"{real.generated_statistics['background_intensity']:.3f} / "
