@@ -10,11 +10,10 @@ missing); screenshots to $FAIRBALANCE_SCREENSHOTS.
 import os
 
 import fiftyone as fo
-import numpy as np
 import pytest
-from PIL import Image
 
 from test_browser import open_app
+from test_realism_operator import add_hazy_copies
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a real browser against a real App
 
@@ -28,18 +27,8 @@ def realism_dataset(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("browser_realism")
     ds = datasets.colored_digits(NAME, num_classes=3, train_per_class=12, test_per_class=8, image_size=16,
                                  persistent=False, overwrite=True, output_dir=str(tmp / "digits"))
-    samples = []
-    for k, (path, gt, col) in enumerate(zip(*ds.match_tags("train").limit(20).values(
-            ["filepath", "ground_truth.label", "color.label"]))):
-        img = np.asarray(Image.open(path).convert("RGB"), dtype=float)
-        out = str(tmp / f"haze_{k:03d}.png")
-        Image.fromarray(np.clip(img * 1.3 + 30, 0, 255).astype(np.uint8)).save(out)
-        samples.append(fo.Sample(filepath=out, tags=["generated"], generated=True,
-                                 ground_truth=fo.Classification(label=gt), color=fo.Classification(label=col)))
-    ds.add_samples(samples)
-    ids = ds.match_tags("test").values("id")
-    ds.select(ids[::2]).tag_samples("reference")
-    ds.select(ids[1::2]).tag_samples("heldout")
+    add_hazy_copies(ds, list(zip(*ds.match_tags("train").limit(20).values(
+        ["filepath", "ground_truth.label", "color.label"]))), tmp)
     yield ds
     if fo.dataset_exists(NAME):
         fo.delete_dataset(NAME)

@@ -28,6 +28,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 FAST = {"folds": 2, "epochs": 3, "tstr_epochs": 3, "seed": 3}
 
 
+def add_hazy_copies(ds, rows, out_dir):
+    """Adds a hazy copy (1.3x + 30 levels) of each (filepath, class, colour) row, marked and tagged generated, and
+    cuts the test split into a "reference" and a "heldout" half: the known answer is separable and too bright."""
+    samples = []
+    for k, (path, gt, col) in enumerate(rows):
+        img = np.asarray(Image.open(path).convert("RGB"), dtype=float)
+        out = os.path.join(str(out_dir), f"haze_{k:03d}.png")
+        Image.fromarray(np.clip(img * 1.3 + 30, 0, 255).astype(np.uint8)).save(out)
+        samples.append(fo.Sample(filepath=out, tags=["generated"], generated=True,
+                                 ground_truth=fo.Classification(label=gt), color=fo.Classification(label=col)))
+    ds.add_samples(samples)
+    ids = ds.match_tags("test").values("id")
+    ds.select(ids[::2]).tag_samples("reference")
+    ds.select(ids[1::2]).tag_samples("heldout")
+
+
 @pytest.fixture(scope="module")
 def hazy(tmp_path_factory):
     """Colored Digits (16 px): train (real), 60 hazy copies of training digits (generated, with class and colour),
@@ -37,18 +53,7 @@ def hazy(tmp_path_factory):
                            conflict_ratio=0.1, image_size=16, persistent=False, overwrite=True,
                            output_dir=str(tmp / "digits"))
     rows = list(zip(*ds.match_tags("train").values(["filepath", "ground_truth.label", "color.label"])))
-    samples = []
-    for k, j in enumerate(np.random.default_rng(0).permutation(len(rows))[:60]):
-        path, gt, col = rows[j]
-        img = np.asarray(Image.open(path).convert("RGB"), dtype=float)
-        out = str(tmp / f"haze_{k:03d}.png")
-        Image.fromarray(np.clip(img * 1.3 + 30, 0, 255).astype(np.uint8)).save(out)
-        samples.append(fo.Sample(filepath=out, tags=["generated"], generated=True,
-                                 ground_truth=fo.Classification(label=gt), color=fo.Classification(label=col)))
-    ds.add_samples(samples)
-    ids = ds.match_tags("test").values("id")
-    ds.select(ids[::2]).tag_samples("reference")
-    ds.select(ids[1::2]).tag_samples("heldout")
+    add_hazy_copies(ds, [rows[j] for j in np.random.default_rng(0).permutation(len(rows))[:60]], tmp)
     ds.save_view("real_train", ds.match_tags("train"))
     ds.save_view("nothing", ds.limit(0))
     yield ds
