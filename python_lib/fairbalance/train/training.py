@@ -30,10 +30,11 @@ head fitted on a small unbiased labelled split.
 
 Only ``synthetic`` and ``two_stage`` train on generated samples (and ``lff`` /
 ``jtt`` with ``use_generated=True``: LfF's weights then cover the generated
-samples too, JTT's upweighting stays on its tag); the other methods leave them out (counted in ``num_generated_excluded``), so every
-method can be compared on the same view. Generated samples marked ``True``
-in ``exclude_field`` (``filter_generated(action="exclude")``) are left out
-of those two as well (``num_filtered_out``).
+samples too, JTT's upweighting stays on its tag); the other methods leave
+them out (counted in ``num_generated_excluded``), so every method can be
+compared on the same view. Generated samples marked ``True`` in
+``exclude_field`` (``filter_generated(action="exclude")``) are left out of
+every method that trains on them (``num_filtered_out``).
 
 Inputs are the images at their native size (all must share it; or pass
 ``image_size``) in [0, 1], optionally normalised with the training images'
@@ -114,7 +115,8 @@ def select_training_samples(data: LabelledSamples, config: TrainConfig, rng: np.
         return data.subset(real), len(gen)
     if not len(gen):
         raise validation.FairBalanceError(
-            f"method='{config.method}'{' with use_generated=True' if config.use_generated else ''} needs generated samples (generated=True) with a '{config.label_field}' label in "
+            f"method='{config.method}'{' with use_generated=True' if config.use_generated else ''} needs generated "
+            f"samples (generated=True) with a '{config.label_field}' label in "
             "the view; generate them with mode='cells' so they carry the class label")
     if config.max_synthetic_fraction is not None:
         cap = int(config.max_synthetic_fraction * len(real))
