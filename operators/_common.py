@@ -287,6 +287,19 @@ def shards_input(inputs, what="the work", finish="records the run"):
                            "with the same settings resumes")
 
 
+def classifier_and_shards_input(ctx, inputs, label, description, what, finish) -> bool:
+    """The "trained classifier" folder and the Shards option of a form that trains a GCE-biased model unless given
+    one; shards need it given (each shard would otherwise train its own). True when a folder is given."""
+    given_folder = bool((ctx.params.get("classifier") or "").strip())
+    clf = inputs.str("classifier", required=False, label=label, description=description)
+    shards_input(inputs, what, finish=finish)
+    if (ctx.params.get("num_shards") or 1) > 1 and not given_folder:
+        clf.invalid = True
+        clf.error_message = ("Shards need the biased classifier trained once first: train it with 'train "
+                             "classifier' (method 'biased') and give its folder here")
+    return given_folder
+
+
 def queue_shards(ctx, function, **kwargs):
     """With Shards > 1 on the form: queue ``function`` on the target view as that many delegated operations and
     return what the form shows; None when the form asks for one shard (the operator runs the function itself)."""

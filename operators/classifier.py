@@ -6,7 +6,7 @@ import fiftyone.operators.types as types
 from fairbalance import apply_classifier, compute_hardness_tags, evaluate_classifier, train_classifier
 
 from ._common import streams_progress
-from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, runs, shards_input
+from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, runs, classifier_and_shards_input
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, progress_callback,
                       result_view, rounded, run_key_input)
 
@@ -74,15 +74,10 @@ class ComputeHardnessTags(foo.Operator):
         inputs.str("tag", default=default_of(compute_hardness_tags, "tag"), required=False, label="Tag")
         inputs.str("loss_field", default=default_of(compute_hardness_tags, "loss_field"), required=False,
                    label="Loss field")
-        clf = inputs.str("classifier", required=False, label="Trained biased classifier (optional)",
-                         description="The folder of a classifier trained already (train classifier, method "
-                                     "'biased'): it is used as is, nothing is trained. Needed with Shards > 1")
-        shards_input(inputs, "the losses", finish="ranks, tags and records the run")
-        if (ctx.params.get("num_shards") or 1) > 1 and not (ctx.params.get("classifier") or "").strip():
-            clf.invalid = True
-            clf.error_message = ("Shards need the biased classifier trained once first: train it with 'train "
-                                 "classifier' (method 'biased') and give its folder here")
-        if not (ctx.params.get("classifier") or "").strip():
+        if not classifier_and_shards_input(
+                ctx, inputs, "Trained biased classifier (optional)",
+                "The folder of a classifier trained already (train classifier, method 'biased'): it is used as is, "
+                "nothing is trained. Needed with Shards > 1", "the losses", "ranks, tags and records the run"):
             inputs.float("q", default=default_of(compute_hardness_tags, "q"), min=0.01, max=1.0, label="GCE q",
                          description="Generalized cross-entropy exponent: higher = the model leans harder on easy "
                                      "(bias-aligned) samples; 0.7 as in LfF and the papers")

@@ -7,7 +7,7 @@ import fiftyone.operators.types as types
 from fairbalance import discover_slices
 
 from ._common import streams_progress
-from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, shards_input
+from ._common import LIMITS, SHARD_OUTPUTS, queue_shards, refresh_app, classifier_and_shards_input
 from ._common import (categorical_fields, default_of, field_dropdown, given, operator_config, output_field_input,
                       refuse, result_view, rounded, run_key_input)
 
@@ -88,15 +88,10 @@ class DiscoverSlices(foo.Operator):
                 exclude.add_choice(name, label=name)
             inputs.list("exclude_name_fields", types.String(), required=False, view=exclude,
                         label="Fields that may not name slices (optional)")
-        clf = inputs.str("classifier", required=False, label="Trained classifier (optional)",
-                         description="The folder of a trained classifier; empty: a GCE-biased one is trained here. "
-                                     "Needed with Shards > 1")
-        shards_input(inputs, "the model's outputs", finish="clusters, names and records the slices")
-        if (ctx.params.get("num_shards") or 1) > 1 and not (ctx.params.get("classifier") or "").strip():
-            clf.invalid = True
-            clf.error_message = ("Shards need the biased classifier trained once first: train it with 'train "
-                                 "classifier' (method 'biased') and give its folder here")
-        if not (ctx.params.get("classifier") or "").strip():
+        if not classifier_and_shards_input(
+                ctx, inputs, "Trained classifier (optional)",
+                "The folder of a trained classifier; empty: a GCE-biased one is trained here. Needed with Shards > 1",
+                "the model's outputs", "clusters, names and records the slices"):
             inputs.int("epochs", default=_default("epochs"), min=1, max=LIMITS["epochs"], label="Epochs")
         inputs.int("seed", default=_default("seed"), max=LIMITS["seed"], label="Seed")
         output_field_input(ctx, inputs, "slice_field", discover_slices, "Slice field to write")

@@ -510,3 +510,23 @@ def test_panel_entropy_pair_stays_on_one_line():
            "imbalance_ratio": 1.1}
     md = _numbers_markdown({"before": row, "after": row})
     assert md.count("1.608\u00a0/\u00a01.609") == 2 and "1.608 / 1.609" not in md
+
+
+def test_hardness_form_needs_a_trained_classifier_for_shards(digits_dataset):
+    """Shards of compute_hardness_tags would each train their own biased model: the form asks for one trained
+    first (the same check as discover_slices's form), and with a folder given it offers no GCE training settings."""
+    import asyncio
+
+    from fiftyone.operators.executor import resolve_type
+    from fiftyone.operators.registry import OperatorRegistry
+
+    def form(**params):
+        request = {"dataset_name": digits_dataset.name, "params": {"label_field": "ground_truth", **params},
+                   "target": "inputs"}
+        prop = asyncio.run(resolve_type(OperatorRegistry(), f"{PLUGIN}/compute_hardness_tags", request))
+        return prop.type.properties
+
+    assert not form()["classifier"].invalid and "q" in form()
+    assert "trained once first" in form(num_shards=2)["classifier"].error_message
+    given = form(num_shards=2, classifier="/some/folder")
+    assert not given["classifier"].invalid and "q" not in given
