@@ -8,6 +8,7 @@ resolution; no mocks.
 """
 
 import asyncio
+import json
 import os
 
 import fiftyone as fo
@@ -219,3 +220,35 @@ def test_check_realism_gives_the_sdks_refusals_and_writes_nothing(hazy):
             with pytest.raises(FairBalanceError, match=match):
                 fn(*args, **{**FAST, **kwargs, **({"run_key": "chk"} if fn is fb.measure_realism else {})})
     assert not ds.has_run("chk")
+
+
+def test_the_command_line_run_is_the_sdks_and_refuses_like_it(hazy, capsys):
+    """``fairbalance measure-realism``: the sets as saved views / tags, the same run as the SDK's; a refusal is
+    the SDK's words with exit code 2 and nothing recorded."""
+    from fairbalance.ops import cli
+
+    ds = hazy
+    ds.save_view("train_and_generated", ds.match_tags(["train", "generated"]))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()]
+    assert cli.main(["measure-realism", ds.name, "--view", "train_and_generated", "--attribute-field", "color",
+                     "--test-view", "heldout", "--reference-view", "reference", "--match-cells",
+                     "--run-key", "real_cli", "--json", *flags]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    sdk = fb.measure_realism(ds.load_saved_view("train_and_generated"), None, "ground_truth", attribute_field="color",
+                             test_samples=ds.match_tags("heldout"), reference_samples=ds.match_tags("reference"),
+                             match_cells=True, run_key="real_cli_sdk", **FAST)
+    _same_run(ds, "real_cli", "real_cli_sdk")
+    assert printed["two_sample_accuracy"] == sdk.two_sample_accuracy >= 0.9
+    assert printed["reference_two_sample_accuracy"] == sdk.reference_two_sample_accuracy
+    # the generated set named: a tag, the real side the view
+    assert cli.main(["measure-realism", ds.name, "--view", "real_train", "--generated-view", "generated",
+                     "--run-key", "named_cli", *flags]) == 0
+    assert "two_sample_accuracy:" in capsys.readouterr().out
+    assert runs.get_run_config(ds, "named_cli")["generated_view"]
+    # refused before any run: the reference shares images with the real set; an unknown view name
+    assert cli.main(["measure-realism", ds.name, "--view", "train_and_generated", "--reference-view", "train",
+                     "--run-key", "refused_cli", *flags]) == 2
+    assert "shares 120 image" in capsys.readouterr().err
+    assert cli.main(["measure-realism", ds.name, "--view", "train_and_generated", "--test-view", "nope",
+                     "--run-key", "refused_cli", *flags]) == 2
+    assert not ds.has_run("refused_cli")

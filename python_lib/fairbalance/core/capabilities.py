@@ -130,7 +130,7 @@ TABLE: tuple[Capability, ...] = (
                "generate-from-captions",
                shard=_generator(f"{_G}.text_to_image:generate_from_captions", "text_to_image")),
     Capability("filter_generated", f"{_G}.filtering:filter_generated", "3 generate", "filter-generated"),
-    Capability("measure_realism", f"{_G}.realism:measure_realism", "3 generate"),
+    Capability("measure_realism", f"{_G}.realism:measure_realism", "3 generate", "measure-realism"),
     Capability("train_classifier", f"{_R}.classifier:train_classifier", "4 train", "train-classifier"),
     Capability("apply_classifier", f"{_R}.classifier:apply_classifier", "5 verify", "apply-classifier"),
     Capability("evaluate_classifier", f"{_R}.classifier:evaluate_classifier", "5 verify", "evaluate-classifier",

@@ -15,8 +15,12 @@ from fairbalance.core import capabilities, validation
 _COMMANDS = {c.command: c.name for c in capabilities.TABLE if c.command and c.command_kind == "dataset"}
 # CLI name -> (module, SDK function)
 CAPABILITIES = {cmd: tuple(capabilities.BY_NAME[name].function.split(":")) for cmd, name in _COMMANDS.items()}
-VIEW_PARAMS = {"val_samples": "val_view"}  # SDK parameters that take a view: given as a view name or tag
-SKIPPED = {"samples", "progress"}
+# SDK parameters that take a view besides the one the command runs on: given as a saved view's name or a tag
+VIEW_PARAMS = {"val_samples": "val_view", "generated_samples": "generated_view", "test_samples": "test_view",
+               "reference_samples": "reference_view"}
+# not flags: the view the command runs on (DATASET / --view: the SDK's first parameter, ``samples``, or
+# ``real_samples`` for measure_realism) and the progress callback (the command's own)
+SKIPPED = {"samples", "real_samples", "progress"}
 
 
 class UsageError(validation.FairBalanceError):
