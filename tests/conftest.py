@@ -135,6 +135,16 @@ def pytest_configure(config):
     private_database()
 
 
+def pytest_collection_modifyitems(config, items):
+    """The browser modules' tests (``test_browser*.py``) are marked ``alone`` as well as ``slow``: they watch what
+    the App shows as it happens, so CI runs them in one process with nothing beside them, after the other slow tests
+    (which run on 2 xdist workers: see ``.ci/run``). By the module's name, so a new browser module is never missed."""
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.startswith("test_browser"):
+            item.add_marker(pytest.mark.alone)
+
+
 def private_database():
     """Point FiftyOne at a mongod of our own (started here) unless the user set a database; also what the
     benchmarks that ``import conftest`` call before they import FiftyOne."""
