@@ -232,6 +232,10 @@ def main():
                      for s in args.seeds]  # +1: not the filter's
             real = reals[int(np.argsort([r.two_sample_accuracy for r in reals])[len(reals) // 2])]  # the median
             fid = fidelity(ds, train, judge, key)  # of all the setting's images (the filter's excluded ones too)
+            if name in FILTERED:  # and of the kept ones: what training gets
+                kept = fidelity(ds, train, judge, key, exclude_field=f"out_{tag}")
+                print(f"fidelity {name}: kept {kept['n']} images: right digit {kept['digit']:.1f}%, right colour "
+                      f"{kept['colour']:.1f}% (all {fid['n']}: {fid['digit']:.1f}% / {fid['colour']:.1f}%)", flush=True)
             ideal = "-"
             if args.ideal:
                 ir = bench_repair.ideal_realism(ds, train, test, gen, os.path.join(work, f"ideal_{tag}"),

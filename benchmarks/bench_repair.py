@@ -462,12 +462,15 @@ def real_plus(ds, run_key):
     return ds.match(Fv("tags").contains("train") | (Fv("generation.run_key") == run_key))
 
 
-def fidelity(ds, train, judge, run_key="generate_balanced", attr="sa_cluster.label"):
+def fidelity(ds, train, judge, run_key="generate_balanced", attr="sa_cluster.label", exclude_field=None):
     """Share of generated images whose digit (colour-blind CNN) and colour (palette) match their condition
-    (``attr``: the cells' attribute; its colour is the majority true colour of its real members)."""
+    (``attr``: the cells' attribute; its colour is the majority true colour of its real members); with
+    ``exclude_field``, of the images a filter kept (those without ``exclude_field == True``)."""
     from fiftyone import ViewField as Fv
 
     gen = ds.match(Fv("generation.run_key") == run_key)
+    if exclude_field:
+        gen = gen.match(Fv(exclude_field) != True)  # noqa: E712
     x, y = arrays(gen)
     digit_ok = (judge(x) == y).numpy()
     clusters = gen.values(attr)
