@@ -71,6 +71,10 @@ plain vanilla / LfF in the same process, with no hand-made feature (see ``run_co
 followed by DFR's last layer refitted on the 200 unbiased validation images (``train_classifier(refit_head=True)``,
 classes alone: no group; these rows train on the validation labels). ``lff_cells`` / ``lff_cells_refit``: LfF on
 the real images and the generated cells together (``use_generated=True``), without / with that refit.
+``--source noise`` samples the cells from noise instead of editing real digits; ``--base-model`` reuses a generator
+an earlier run trained on the same images and attribute labels (checked by its data fingerprint, epochs, learning
+rate and UNet size), for Corrupted MNIST too; the kept epoch's validation accuracy of every row without a DFR head
+is printed (what a setting is chosen on).
 
 Usage: python benchmarks/bench_repair.py [--build a|b] [--ratios 0.01 0.05] [--seeds 0 1 2]
            [--methods plain vanilla jtt lff cells diffinject] [--diffusion-epochs 15]
@@ -324,24 +328,33 @@ def train_generator(train, args, work, ratio):
     reuses the model an earlier run trained on these very images and labels)."""
     t0 = time.time()
     field, num_values = cell_attribute(train, args, work)
-    if args.base_model:
-        import json
-
-        folder = args.base_model.format(ratio=ratio)
-        with open(os.path.join(folder, "fairbalance_labels.json")) as f:
-            saved = json.load(f)["config"]
-        original = os.path.join(os.path.dirname(folder.rstrip("/")), "data")
-        if saved["data_fingerprint"] == _lora_fingerprint(train, os.path.join(work, "data"), original, field) and \
-                saved["epochs"] == args.diffusion_epochs and saved["lr"] == args.diffusion_lr and \
-                all(saved.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in unet_size(args).items()):
-            print(f"generator: {folder}, trained by an earlier run on these very images and labels")
-            return folder, num_values, 0.0
-        print(f"base model {folder} was trained on other data or settings: training a new one")
-    return attribute_generator(train, field, args, work), num_values, time.time() - t0
+    return attribute_generator(train, field, args, work, ratio), num_values, time.time() - t0
 
 
-def attribute_generator(train, field, args, work):
-    """The digit x ``field`` diffusion model (the flags' settings)."""
+def reusable_generator(train, field, args, work, ratio):
+    """``--base-model`` (``{ratio}`` filled in) when it was trained on these very images and ``field`` labels with
+    the flags' epochs, learning rate and UNet size (its images in ``<its parent>/data``), else None."""
+    import json
+
+    folder = args.base_model.format(ratio=ratio)
+    with open(os.path.join(folder, "fairbalance_labels.json")) as f:
+        saved = json.load(f)["config"]
+    original = os.path.join(os.path.dirname(folder.rstrip("/")), "data")
+    if saved["data_fingerprint"] == _lora_fingerprint(train, os.path.join(work, "data"), original, field) and \
+            saved["epochs"] == args.diffusion_epochs and saved["lr"] == args.diffusion_lr and \
+            all(saved.get(k) == (list(v) if isinstance(v, tuple) else v) for k, v in unet_size(args).items()):
+        print(f"generator: {folder}, trained by an earlier run on these very images and labels", flush=True)
+        return folder
+    print(f"base model {folder} was trained on other data or settings: training a new one", flush=True)
+    return None
+
+
+def attribute_generator(train, field, args, work, ratio=None):
+    """The digit x ``field`` diffusion model (the flags' settings), or ``--base-model`` when it fits."""
+    if getattr(args, "base_model", None) and ratio is not None:
+        reused = reusable_generator(train, field, args, work, ratio)
+        if reused:
+            return reused
     return train_conditional_diffusion(
         train, "ground_truth", attribute_field=field, output_dir=os.path.join(work, "model"),
         epochs=args.diffusion_epochs, lr=args.diffusion_lr, batch_size=64, seed=0, progress=False, overwrite=True,
@@ -359,10 +372,11 @@ def unet_size(args) -> dict:
 
 
 def build_generator(train, model, args, work):
-    """Every digit x cluster cell filled by editing real digits of the class."""
+    """Every digit x cluster cell filled by editing real digits of the class (``--source noise``: sampled)."""
     t0 = time.time()
     res = generate_balanced(train, "ground_truth", model=model, mode="cells", per_cell=args.per_cell,
-                            source="edit", edit_strength=args.edit_strength, guidance_scale=args.guidance,
+                            source=getattr(args, "source", "edit"), edit_strength=args.edit_strength,
+                            guidance_scale=args.guidance,
                             attribute_guidance_scale=args.attribute_guidance, num_inference_steps=args.steps,
                             guidance_reference=args.guidance_reference, inversion=args.inversion,
                             keep_background=args.keep_background, match_tone=args.match_tone, realism_sample=0,
@@ -780,6 +794,9 @@ def group_robust_row(train, method, field, seed, common, test, xt, yt, conflicti
         print(f"  DFR head: C={last['C']} on {last['num_samples']} held-out samples "
               f"(smallest group {last['smallest_group']}, {last['num_groups']} groups), accuracy on them "
               f"{100 * last['train_accuracy']:.1f}%", flush=True)
+    elif any("val_accuracy" in h for h in clf.history):  # the epoch kept: what a setting is chosen on
+        print(f"  validation accuracy of the epoch kept: "
+              f"{100 * max(h.get('val_accuracy', -1) for h in clf.history):.1f}%", flush=True)
     return evaluate(clf, test, xt, yt, conflicting)
 
 
@@ -843,11 +860,13 @@ def run_corrupted(ratio, args, work):
         t0 = time.time()
         truth = ("corruption.label", CORRUPTIONS)
         field = cell_attribute(train, args, work, truth)[0] if args.features == "biased-prediction" else "slice"
-        model = attribute_generator(train, field, args, work)
+        model = attribute_generator(train, field, args, work, ratio)
         t_train = time.time() - t0
         n_gen, t_gen = build_generator(train, model, args, work)
         notes.append(f"cells: attribute {field}; generator {t_train:.0f} s ({getattr(model, 'model_dir', model)}), {n_gen} images generated in "
-                     f"{t_gen:.0f} s; edits: inversion {args.inversion}, keep background {args.keep_background}")
+                     f"{t_gen:.0f} s; source {args.source}, edit strength {args.edit_strength}, generator "
+                     f"{args.diffusion_epochs} epochs; edits: inversion {args.inversion}, keep background "
+                     f"{args.keep_background}")
         print(notes[-1], flush=True)
         with_gen = real_plus(ds, "generate_balanced")
         if "cells" in methods:
@@ -1023,6 +1042,9 @@ def main():
     ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--attribute-guidance", type=float, default=4.0)
     ap.add_argument("--guidance-reference", default="source", choices=["null", "source"])
+    ap.add_argument("--source", default="edit", choices=["edit", "noise"],
+                    help="the cells' images: edits of real digits of the class, or sampled from noise (then "
+                         "--guidance-reference null, no --inversion)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--build", default="a", choices=list(BUILDS), help="a: the README's; b: a second build")
     ap.add_argument("--inversion", action="store_true", help="edits start from the DDIM inversion of the source")
