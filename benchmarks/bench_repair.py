@@ -46,6 +46,10 @@ method leaves the table of the others; ``--unet-channels`` / ``--unet-layers`` /
 reduced run, ``--base-model`` reuses a generator trained by an earlier run (work dir kept with ``--work-dir``).
 ``--ideal`` adds train-on-ideal beside TSTR (the generated cells' real sources recoloured to their
 cluster's true colour, same count: a benchmark-only ceiling).
+``--realism-filter overall|cell`` (default off): after the cells are generated, the library's label-free
+``filter_generated(method="discriminator", action="exclude", bottom_fraction=--realism-fraction)`` leaves the
+most separable images out, overall or within each cell (as ``bench_realism.py``'s ``+both_over2_filter50`` /
+``+both_over2_cell50``), and the cell methods train without them; the kept count and their realism are printed.
 ``--build b`` is a second build fixed before any result was seen (the issue's):
 another palette of ten saturated colours (``colored_mnist.HUE_PALETTE``: ten
 hues 36 degrees apart), colour noise 0.03, 4,000 train / 200 val / 800 test,
@@ -476,6 +480,50 @@ def real_plus(ds, run_key):
     return ds.match(Fv("tags").contains("train") | (Fv("generation.run_key") == run_key))
 
 
+def realism_filter(ds, train, test, judge, args, attr="sa_cluster.label", reference=None,
+                   run_key="generate_balanced"):
+    """``--realism-filter overall|cell``: the library's label-free filter on the generated cells, as
+    ``bench_realism.py``'s ``+both_over2_filter50`` / ``+both_over2_cell50`` settings call it
+    (``filter_generated(method="discriminator", action="exclude", bottom_fraction=--realism-fraction, seed 0)``,
+    overall or ``within="generation.cell"``); prints how many images (and cells) were kept, their fidelity and the
+    realism of the kept set (two-sample accuracy median over discriminator seeds 1, 2, 3: bench_realism's
+    ``--seeds 0 1 2``). Returns the exclude field for ``train_classifier``, or None without the flag."""
+    from fiftyone import ViewField as Fv
+
+    if not getattr(args, "realism_filter", None):
+        return None
+    t0, field = time.time(), "realism_out"
+    fb.filter_generated(real_plus(ds, run_key), method="discriminator", action="exclude",
+                        bottom_fraction=args.realism_fraction, run_key="filter_realism", overwrite=True, seed=0,
+                        exclude_field=field, tag="realism_low", score_field="realism_score",
+                        within="generation.cell" if args.realism_filter == "cell" else None)
+    gen = ds.match(Fv("generation.run_key") == run_key)
+    kept = gen.match(Fv(field) != True)  # noqa: E712  (the kept ones)
+    reals = [fb.measure_realism(train, kept, "ground_truth", test_samples=test, run_key=f"realism_kept{s}",
+                                overwrite=True, seed=s, **(reference or {})) for s in (1, 2, 3)]
+    med = lambda vals: float(np.median(vals))  # noqa: E731
+    ref = [r.reference_two_sample_accuracy for r in reals] if reference else []
+    fid = fidelity(ds, train, judge, run_key, attr=attr, exclude_field=field)
+    print(f"realism filter ({args.realism_filter}, most separable {args.realism_fraction:.0%} left out): kept "
+          f"{len(kept)} of {len(gen)} images, {len(set(kept.values('generation.cell')))} of "
+          f"{len(set(gen.values('generation.cell')))} cells; kept set: two-sample "
+          f"{med([r.two_sample_accuracy for r in reals]):.3f} vs the real training images"
+          + (f", {med(ref):.3f} ({', '.join(f'{v:.3f}' for v in ref)}) vs the cell-matched unbiased test split"
+             if ref else "")
+          + f" (median of discriminator seeds 1 2 3); TSTR {100 * med([r.tstr_accuracy for r in reals]):.1f}%; "
+          f"right digit {fid['digit']:.1f}%, right colour {fid['colour']:.1f}%; {time.time() - t0:.0f} s", flush=True)
+    return field
+
+
+def cell_classifier(view, method, seed, common):
+    """``train_classifier`` on real + generated cells; with an ``exclude_field`` (``--realism-filter``) it prints
+    how many generated images training left out and used (``num_filtered_out``, ``num_generated_used``)."""
+    clf = train_classifier(view, method=method, seed=seed, **common)
+    if common.get("exclude_field") not in (None, "filtered_out"):
+        print(f"{method}, seed {seed}: {clf.num_filtered_out} generated images left out by "
+              f"{common['exclude_field']!r}, {clf.num_generated_used} used", flush=True)
+    return clf
+
 def fidelity(ds, train, judge, run_key="generate_balanced", attr="sa_cluster.label", exclude_field=None):
     """Share of generated images whose digit (colour-blind CNN) and colour (palette) match their condition
     (``attr``: the cells' attribute; its colour is the majority true colour of its real members); with
@@ -642,8 +690,9 @@ def run_ratio(ratio, args, work):
         if "cells" in methods:
             n_gen, t_gen = build_generator(train, model, args, work)
             print(f"generated: {n_gen} images in {t_gen:.0f} s", flush=True)
-            fid = fidelity(ds, train, judge, attr={"discovered": "slice", "biased-prediction": f"{PREDICTED}_prediction"}
-                           .get(args.features, "sa_cluster.label"))
+            fid_attr = {"discovered": "slice", "biased-prediction": f"{PREDICTED}_prediction"}.get(
+                args.features, "sa_cluster.label")
+            fid = fidelity(ds, train, judge, attr=fid_attr)
             reference = cell_reference(train, test) if args.features == "stand-in" else None
             real = realism(ds, train, test, reference=reference)
             gen_info = (num_clusters, n_gen, t_train, t_gen)
@@ -653,12 +702,14 @@ def run_ratio(ratio, args, work):
             if args.ideal:
                 print_ideal(ds, train, test, real, work, build, reference)
             with_gen = real_plus(ds, "generate_balanced")
+            excl = realism_filter(ds, train, test, judge, args, reference=reference, attr=fid_attr)
+            cell_common = {**common, "exclude_field": excl} if excl else common
             for seed in args.seeds:
                 for name, method in (("synthetic (real + generated cells)", "synthetic"),
                                      ("two-stage (generated cells, head on real)", "two_stage")):
                     if method in args.cell_methods:
                         add(f"fairbalance {name}", seed, lambda s, m=method: evaluate(
-                            train_classifier(with_gen, method=m, seed=s, **common), test, xt, yt, conflicting))
+                            cell_classifier(with_gen, m, s, cell_common), test, xt, yt, conflicting))
     except Exception as e:  # noqa: BLE001  (print the table of what finished)
         import traceback
 
@@ -1084,6 +1135,11 @@ def main():
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--lora-threads", type=int, default=max(1, os.cpu_count() or 1))
     ap.add_argument("--filter-fraction", type=float, default=0.2)
+    ap.add_argument("--realism-filter", default=None, choices=["overall", "cell"],
+                    help="after the cells are generated: filter_generated(method='discriminator', action='exclude') "
+                         "leaves the most separable --realism-fraction out (overall or within each cell) and the "
+                         "cell methods train without them (default: off)")
+    ap.add_argument("--realism-fraction", type=float, default=0.5)
     ap.add_argument("--ideal", action="store_true", help="train-on-ideal beside TSTR (benchmark-only ceiling)")
     ap.add_argument("--dataset", default="colored", choices=["colored", "corrupted"],
                     help="corrupted: Corrupted MNIST rows (run_corrupted), nothing else")
