@@ -91,6 +91,13 @@ def require_positive_int(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
+def require_bool(name: str, value) -> bool:
+    """``True`` or ``False`` (not 1, "yes" or None): an option that switches something on or off."""
+    if not isinstance(value, bool):
+        raise FairBalanceError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def require_at_most(name: str, value) -> None:
     """``value`` does not exceed the documented ceiling of ``name`` (:data:`LIMITS`)."""
     limit = LIMITS.get(name)

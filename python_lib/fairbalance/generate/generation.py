@@ -322,9 +322,7 @@ def _plan_balanced(samples, label_field="sa_cluster", model=None, model_run=None
     if guidance_reference == "source" and source != "edit":
         raise validation.FairBalanceError("guidance_reference='source' needs source='edit' (a source image)")
     for name, value in (("inversion", inversion), ("keep_background", keep_background)):
-        if not isinstance(value, bool):
-            raise validation.FairBalanceError(f"{name} must be True or False, not {value!r}")
-        if value and source != "edit":
+        if validation.require_bool(name, value) and source != "edit":
             raise validation.FairBalanceError(f"{name}=True edits a source image: it needs source='edit'")
     if match_tone is not None and match_tone not in TONE_MATCHES:
         raise validation.FairBalanceError(f"match_tone must be None or one of {TONE_MATCHES}, not {match_tone!r}")

@@ -31,9 +31,7 @@ AUTO_MLP_MAX_SIDE = 32  # backbone="auto": LfF's MLP up to this size (Colored MN
 
 def check_use_generated(method: str, use_generated) -> None:
     """``use_generated`` is a bool, and only for the methods that take it."""
-    if not isinstance(use_generated, bool):
-        raise validation.FairBalanceError(f"use_generated must be True or False, got {use_generated!r}")
-    if use_generated and method not in GENERATED_OPTION_METHODS:
+    if validation.require_bool("use_generated", use_generated) and method not in GENERATED_OPTION_METHODS:
         raise validation.FairBalanceError(
             f"use_generated is for method {' or '.join(map(repr, GENERATED_OPTION_METHODS))}, not {method!r} "
             "('synthetic' and 'two_stage' always train on generated samples; 'synthetic' is vanilla on real + "
@@ -47,9 +45,7 @@ def trains_on_generated(config) -> bool:
 
 def check_refit_head(method: str, refit_head) -> None:
     """``refit_head`` is a bool, and not for the methods that refit already or learn the bias on purpose."""
-    if not isinstance(refit_head, bool):
-        raise validation.FairBalanceError(f"refit_head must be True or False, got {refit_head!r}")
-    if refit_head and method in ("dfr", "biased"):
+    if validation.require_bool("refit_head", refit_head) and method in ("dfr", "biased"):
         raise validation.FairBalanceError(
             "refit_head=True refits the last layer after a debiasing method; "
             + ("method='dfr' always does" if method == "dfr" else "method='biased' learns the bias on purpose"))
@@ -144,8 +140,7 @@ class TrainConfig:
             raise validation.FairBalanceError(f"supcon_weight must be a finite number >= 0, got {self.supcon_weight!r}")
         for name in ("projection_dim", "head_epochs"):
             validation.require_positive_int(name, getattr(self, name))
-        if not isinstance(self.stage1_real, bool):
-            raise validation.FairBalanceError(f"stage1_real must be True or False, got {self.stage1_real!r}")
+        validation.require_bool("stage1_real", self.stage1_real)
         if self.exclude_field is not None:
             validation.require_field_name(self.exclude_field)
         check_use_generated(self.method, self.use_generated)
