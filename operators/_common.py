@@ -38,12 +38,17 @@ def refuse(inputs, name, message):
     return prop
 
 
+def _dropdown(inputs, name, choices, label, description, required, default):
+    """A dropdown of ``choices`` ((value, label) pairs, in order) as the enum input ``name``."""
+    dropdown = types.Dropdown(label=label, description=description)
+    for value, text in choices:
+        dropdown.add_choice(value, label=text)
+    inputs.enum(name, dropdown.values(), required=required, default=default, view=dropdown)
+
+
 def field_dropdown(inputs, name, choices, label, description, required=True, default=None):
     """A dropdown of field names, with a clear message when there is nothing to choose."""
-    dropdown = types.Dropdown(label=label, description=description)
-    for choice in choices:
-        dropdown.add_choice(choice, label=choice)
-    inputs.enum(name, dropdown.values(), required=required, default=default, view=dropdown)
+    _dropdown(inputs, name, [(c, c) for c in choices], label, description, required, default)
 
 
 def named_views(dataset):
@@ -63,12 +68,8 @@ def named_view(dataset, name):
 def set_dropdown(inputs, name, own, names, label, description, required=True, default=None):
     """A dropdown of sets of samples: ``own`` choices (value -> label) first, then the saved views and tags
     (``names``: :func:`named_views`)."""
-    dropdown = types.Dropdown(label=label, description=description)
-    for value, text in own.items():
-        dropdown.add_choice(value, label=text)
-    for value in names:  # by name only: the App's dropdown shows (and its input holds) the chosen label
-        dropdown.add_choice(value, label=value)
-    inputs.enum(name, dropdown.values(), required=required, default=default, view=dropdown)
+    # the names by name only: the App's dropdown shows (and its input holds) the chosen label
+    _dropdown(inputs, name, [*own.items(), *((n, n) for n in names)], label, description, required, default)
 
 
 def default_of(fn, name):
