@@ -524,6 +524,7 @@ def cell_classifier(view, method, seed, common):
               f"{common['exclude_field']!r}, {clf.num_generated_used} used", flush=True)
     return clf
 
+
 def fidelity(ds, train, judge, run_key="generate_balanced", attr="sa_cluster.label", exclude_field=None):
     """Share of generated images whose digit (colour-blind CNN) and colour (palette) match their condition
     (``attr``: the cells' attribute; its colour is the majority true colour of its real members); with

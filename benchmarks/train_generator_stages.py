@@ -26,8 +26,8 @@ import argparse
 import hashlib
 import json
 import os
-import tempfile
 import shutil
+import tempfile
 import time
 from types import SimpleNamespace
 
